@@ -1,0 +1,1 @@
+"""Benchmarks for STIP (not part of the installed package)."""

@@ -1,0 +1,88 @@
+"""The data owner's half of a protected model: key, embedding module, tokenizer, and the two local transforms.
+
+`embed` turns token ids into embeddings in the server's secret basis (`x[..., p]`); `plain_logits` and `plain_ids`
+undo the vocabulary permutation on what the server returns. These are all the client ever computes besides
+tokenizing and sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from stip.common.files import read_manifest
+from stip.common.keys import ClientKey
+from stip.developer.protect import CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, EMBEDDING_FILE
+from stip.errors import BundleError
+
+
+class ClientBundle:
+    def __init__(self, path: Path, manifest: dict, key: ClientKey, config: dict, embedding: dict[str, torch.Tensor]):
+        self.path, self.manifest, self.key, self.config = path, manifest, key, config
+        # Put the embedding module into the protected basis once, at load: per token the client then only gathers.
+        self.token_embedding = key.resid.apply(embedding["token"].float(), 1, "out").contiguous()
+        pos = embedding.get("position")
+        self.position_embedding = None if pos is None else key.resid.apply(pos.float(), 1, "out").contiguous()
+
+    @classmethod
+    def load(cls, path: str | Path, key: str | Path | None = None) -> "ClientBundle":
+        """Verify the bundle's manifest, then load it. `key` overrides the bundle's own key file (it must belong)."""
+        path = Path(path)
+        manifest = read_manifest(path, role="client")
+        client_key = ClientKey.load(Path(key) if key else path / CLIENT_KEY_FILE)
+        client_key.check_belongs_to(manifest["bundle_id"], f"client bundle {path}")
+        config = json.loads((path / CLIENT_CONFIG_FILE).read_text())
+        embedding = load_file(str(path / EMBEDDING_FILE))
+        if "token" not in embedding:
+            raise BundleError(f"{path / EMBEDDING_FILE} holds no token embedding")
+        return cls(path, manifest, client_key, config, embedding)
+
+    @property
+    def bundle_id(self) -> str:
+        return self.manifest["bundle_id"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.token_embedding.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.token_embedding.shape[0]
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if not (self.path / "tokenizer_config.json").is_file():
+            raise BundleError(f"client bundle {self.path} has no tokenizer; pass token ids instead of text")
+        return AutoTokenizer.from_pretrained(self.path)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self.config.get("eos_token_ids") or [])
+
+    def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Embeddings of `ids` ([..., T]) at positions start.., already in the server's basis."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+        x = self.token_embedding[ids]
+        if self.position_embedding is not None:
+            positions = torch.arange(start, start + ids.shape[-1])
+            if int(positions[-1]) >= self.position_embedding.shape[0]:
+                raise ValueError(f"position {int(positions[-1])} beyond the model's "
+                                 f"{self.position_embedding.shape[0]} learned positions")
+            x = x + self.position_embedding[positions]
+        return x
+
+    def plain_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits in vocabulary order, from the server's permuted order (last axis)."""
+        return self.key.vocab.invert(logits, logits.dim() - 1)
+
+    def plain_ids(self, permuted_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids from indices into the server's permuted vocabulary (what a top-k downlink returns)."""
+        return self.key.vocab.perm[torch.as_tensor(permuted_ids, dtype=torch.long)]

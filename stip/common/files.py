@@ -1,0 +1,126 @@
+"""Atomic, permission-aware file and directory writing, and bundle manifests (sha256 of every file).
+
+Every artefact STIP writes goes through here, so an interrupted run never leaves a half-written key or bundle, and
+every loader can refuse a bundle that was tampered with or mixed with another one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from stip.errors import BundleError
+
+MANIFEST_NAME = "stip-manifest.json"
+MANIFEST_FORMAT = "stip-bundle"
+MANIFEST_VERSION = 1
+
+
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, obj, mode: int = 0o644) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+@contextlib.contextmanager
+def staged_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden sibling folder to fill; on success rename it to `final`, on any error delete it."""
+    final = Path(final).absolute()
+    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
+        raise BundleError(f"output {final} already exists and is not empty (pass --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    try:
+        yield stage
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+            os.replace(final, trash / "old")
+            os.replace(stage, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(bundle: Path, role: str, bundle_id: str, extra: dict | None = None) -> dict:
+    """Hash every file of the bundle folder into its manifest. Call last, once the folder is complete."""
+    bundle = Path(bundle)
+    files = {
+        p.relative_to(bundle).as_posix(): sha256_file(p)
+        for p in sorted(bundle.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "role": role,
+        "bundle_id": bundle_id,
+        "files": files,
+        **(extra or {}),
+    }
+    write_json_atomic(bundle / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_manifest(bundle: Path, role: str | None = None, verify: bool = True) -> dict:
+    """Load a bundle's manifest and check it: format, role, and (if `verify`) every file's presence and sha256."""
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle} is not a folder")
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not a STIP bundle: {MANIFEST_NAME} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise BundleError(f"{path} is not a STIP manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise BundleError(f"{path} has manifest version {manifest.get('version')}, this STIP reads {MANIFEST_VERSION}")
+    if role is not None and manifest.get("role") != role:
+        raise BundleError(f"{bundle} is a {manifest.get('role')!r} bundle, expected a {role!r} bundle")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{path} lists no files")
+    if verify:
+        for name, digest in files.items():
+            target = (bundle / name).resolve()
+            if bundle.resolve() not in target.parents:
+                raise BundleError(f"{path} names a file outside the bundle: {name!r}")
+            if not target.is_file():
+                raise BundleError(f"{bundle} is incomplete: {name} is missing")
+            if sha256_file(target) != digest:
+                raise BundleError(f"{bundle} was modified: sha256 of {name} does not match the manifest")
+    return manifest

@@ -1,0 +1,284 @@
+"""Protection keys: what they hold, how they are drawn, and their file format.
+
+The key is split as in the paper. The client key (`p` for the residual stream, `pc` for the vocabulary) is all a data
+owner ever receives. The developer key adds the per-layer part (head order, in-head Q/K transform, in-head V
+permutation, FFN-neuron permutation) and never leaves the developer. Both are safetensors files with a format version,
+a fingerprint over their contents, and the id of the bundle they protect, written atomically and owner-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from stip.common.files import write_bytes_atomic
+from stip.common.transforms import KeyRng, SignedPermutation, rope_pair_rotation
+from stip.errors import BundleError, KeyMismatchError
+
+KEY_FORMAT = "stip-key"
+KEY_VERSION = 1
+_MAX_DRAWS = 64
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes a key must match; read from the model config."""
+
+    hidden: int
+    vocab: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    rope: bool
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (GQA); 1 for plain multi-head attention."""
+        return self.heads // self.kv_heads
+
+
+def _fingerprint(kind: str, bundle_id: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(f"{KEY_FORMAT}/{KEY_VERSION}/{kind}/{bundle_id}".encode())
+    for name in sorted(tensors):
+        h.update(name.encode() + b"\0" + tensors[name].contiguous().numpy().tobytes())
+    d = h.hexdigest()[:32]
+    return ":".join(d[i : i + 4] for i in range(0, 32, 4))
+
+
+def _perm_tensors(prefix: str, t: SignedPermutation) -> dict[str, torch.Tensor]:
+    out = {f"{prefix}.perm": t.perm}
+    if t.sign is not None:
+        out[f"{prefix}.sign"] = t.sign.to(torch.int8)
+    return out
+
+
+def _perm_from(tensors: dict[str, torch.Tensor], prefix: str) -> SignedPermutation:
+    return SignedPermutation(tensors[f"{prefix}.perm"].to(torch.int64), tensors.get(f"{prefix}.sign"))
+
+
+def _save_key(path: Path, kind: str, bundle_id: str, tensors: dict[str, torch.Tensor], extra: dict) -> str:
+    fp = _fingerprint(kind, bundle_id, tensors)
+    meta = {"format": KEY_FORMAT, "version": str(KEY_VERSION), "kind": kind, "bundle_id": bundle_id,
+            "fingerprint": fp, **extra}
+    write_bytes_atomic(Path(path), save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta), mode=0o600)
+    return fp
+
+
+def read_key_file(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Load and check a key file: format, version, kind, and that its contents match its fingerprint."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"key file {path} is missing")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{path} is not a STIP key file: {e}") from None
+    if meta.get("format") != KEY_FORMAT:
+        raise BundleError(f"{path} is not a STIP key file")
+    if meta.get("version") != str(KEY_VERSION):
+        raise BundleError(f"{path} has key format version {meta.get('version')}, this STIP reads {KEY_VERSION}")
+    if meta.get("kind") != kind:
+        raise BundleError(f"{path} is a {meta.get('kind')} key, expected a {kind} key")
+    if _fingerprint(kind, meta.get("bundle_id", ""), tensors) != meta.get("fingerprint"):
+        raise BundleError(f"{path} is corrupt or was modified: its contents do not match its fingerprint")
+    return meta, tensors
+
+
+@dataclass
+class ClientKey:
+    """`p` (residual stream) and `pc` (vocabulary): what the data owner needs to talk to the protected model."""
+
+    bundle_id: str
+    resid: SignedPermutation
+    vocab: SignedPermutation
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**_perm_tensors("resid", self.resid), **_perm_tensors("vocab", self.vocab)}
+
+    @property
+    def fingerprint(self) -> str:
+        return _fingerprint("client", self.bundle_id, self.tensors())
+
+    def save(self, path: Path) -> str:
+        return _save_key(path, "client", self.bundle_id, self.tensors(), {})
+
+    @classmethod
+    def load(cls, path: Path) -> "ClientKey":
+        meta, t = read_key_file(path, "client")
+        return cls(meta["bundle_id"], _perm_from(t, "resid"), _perm_from(t, "vocab"))
+
+    def check_belongs_to(self, bundle_id: str, what: str) -> None:
+        if self.bundle_id != bundle_id:
+            raise KeyMismatchError(
+                f"the client key (bundle {self.bundle_id}) does not belong to {what} (bundle {bundle_id})")
+
+
+@dataclass
+class LayerKey:
+    """One layer's secret: KV-group order, query order inside each group, in-head Q/K and V transforms, FFN order."""
+
+    kv_order: torch.Tensor  # [kv_heads]
+    q_order: torch.Tensor  # [kv_heads, group]: query heads inside each (original) group
+    qk: list[SignedPermutation]  # per original KV head, shared by its query heads
+    v: list[SignedPermutation]  # per original KV head
+    ffn: SignedPermutation
+
+    @classmethod
+    def draw(cls, g: Geometry, rng: KeyRng) -> "LayerKey":
+        if g.rope:
+            qk = [rope_pair_rotation(rng.integers(g.head_dim // 2, 4), g.head_dim) for _ in range(g.kv_heads)]
+        else:
+            qk = [SignedPermutation(rng.permutation(g.head_dim)) for _ in range(g.kv_heads)]
+        return cls(
+            kv_order=rng.permutation(g.kv_heads),
+            q_order=torch.stack([rng.permutation(g.group) for _ in range(g.kv_heads)]),
+            qk=qk,
+            v=[SignedPermutation(rng.permutation(g.head_dim)) for _ in range(g.kv_heads)],
+            ffn=SignedPermutation(rng.permutation(g.ffn)),
+        )
+
+    def spaces(self, g: Geometry) -> dict[str, SignedPermutation]:
+        """The full-axis transform of every per-layer activation space, built from the compact parts."""
+        kv = self.kv_order.tolist()
+        kv_heads = [(src, src) for src in kv]  # (original KV head, original head on this axis)
+        q_heads = [(src, src * g.group + r) for src in kv for r in self.q_order[src].tolist()]
+
+        def heads(order, inner):
+            return _gather_heads([(inner[src], h * g.head_dim) for src, h in order])
+
+        spaces = {
+            "attn_q": heads(q_heads, self.qk),
+            "attn_k": heads(kv_heads, self.qk),
+            "attn_v": heads(kv_heads, self.v),
+            "attn_o": heads(q_heads, self.v),
+            "ffn": self.ffn,
+        }
+        spaces["attn_qkv"] = SignedPermutation.concat([spaces["attn_q"], spaces["attn_k"], spaces["attn_v"]])
+        return spaces
+
+    def tensors(self, i: int) -> dict[str, torch.Tensor]:
+        out = {f"layers.{i}.kv_order": self.kv_order, f"layers.{i}.q_order": self.q_order}
+        out |= _stack_perms(f"layers.{i}.qk", self.qk)
+        out |= _stack_perms(f"layers.{i}.v", self.v)
+        out |= _perm_tensors(f"layers.{i}.ffn", self.ffn)
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], i: int) -> "LayerKey":
+        return cls(t[f"layers.{i}.kv_order"].long(), t[f"layers.{i}.q_order"].long(),
+                   _unstack_perms(t, f"layers.{i}.qk"), _unstack_perms(t, f"layers.{i}.v"),
+                   _perm_from(t, f"layers.{i}.ffn"))
+
+
+def _gather_heads(parts: list[tuple[SignedPermutation, int]]) -> SignedPermutation:
+    """Output head k takes the source head starting at offset_k, transformed inside by its in-head transform."""
+    perm = torch.cat([t.perm + offset for t, offset in parts])
+    signs = [torch.ones(len(t), dtype=torch.int8) if t.sign is None else t.sign.to(torch.int8) for t, _ in parts]
+    sign = torch.cat(signs)
+    return SignedPermutation(perm, None if bool((sign > 0).all()) else sign)
+
+
+def _stack_perms(prefix: str, perms: list[SignedPermutation]) -> dict[str, torch.Tensor]:
+    out = {f"{prefix}.perm": torch.stack([p.perm for p in perms])}
+    if any(p.sign is not None for p in perms):
+        out[f"{prefix}.sign"] = torch.stack(
+            [torch.ones(len(p), dtype=torch.int8) if p.sign is None else p.sign.to(torch.int8) for p in perms])
+    return out
+
+
+def _unstack_perms(t: dict[str, torch.Tensor], prefix: str) -> list[SignedPermutation]:
+    perms, signs = t[f"{prefix}.perm"].long(), t.get(f"{prefix}.sign")
+    return [SignedPermutation(perms[k], None if signs is None else signs[k]) for k in range(perms.shape[0])]
+
+
+@dataclass
+class DeveloperKey:
+    """The whole secret: the client key plus every layer's part. Stays with the model developer."""
+
+    geometry: Geometry
+    client: ClientKey
+    layers: list[LayerKey]
+
+    @classmethod
+    def generate(cls, g: Geometry, bundle_id: str, rng: KeyRng | None = None) -> "DeveloperKey":
+        """Draw a fresh key. Redraw any part that came out as the identity or repeats an earlier layer, so that
+        every layer is protected and no layer's transforms reveal another's."""
+        rng = rng or KeyRng()
+        client = ClientKey(bundle_id, _draw_nontrivial(rng, g.hidden), _draw_nontrivial(rng, g.vocab))
+        layers: list[LayerKey] = []
+        seen: list[dict[str, SignedPermutation]] = []
+        for _ in range(g.layers):
+            for _attempt in range(_MAX_DRAWS):
+                layer = LayerKey.draw(g, rng)
+                spaces = layer.spaces(g)
+                if _distinct(spaces, seen):
+                    break
+            else:
+                raise ValueError(f"model too small to draw {g.layers} distinct non-identity layer keys")
+            layers.append(layer)
+            seen.append(spaces)
+        return cls(g, client, layers)
+
+    def space(self, name: str, layer: int | None) -> SignedPermutation:
+        if name == "resid":
+            return self.client.resid
+        if name == "vocab":
+            return self.client.vocab
+        if layer is None or not 0 <= layer < len(self.layers):
+            raise ValueError(f"space {name!r} needs a layer index in [0, {len(self.layers)})")
+        return self.layers[layer].spaces(self.geometry)[name]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = self.client.tensors()
+        for i, layer in enumerate(self.layers):
+            out |= layer.tensors(i)
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        return _fingerprint("developer", self.client.bundle_id, self.tensors())
+
+    def save(self, path: Path) -> str:
+        return _save_key(path, "developer", self.client.bundle_id, self.tensors(),
+                         {"geometry": json.dumps(asdict(self.geometry))})
+
+    @classmethod
+    def load(cls, path: Path) -> "DeveloperKey":
+        meta, t = read_key_file(path, "developer")
+        g = Geometry(**json.loads(meta["geometry"]))
+        client = ClientKey(meta["bundle_id"], _perm_from(t, "resid"), _perm_from(t, "vocab"))
+        return cls(g, client, [LayerKey.from_tensors(t, i) for i in range(g.layers)])
+
+    def check_matches(self, g: Geometry) -> None:
+        if g != self.geometry:
+            raise KeyMismatchError(f"the developer key was drawn for a model of shape {self.geometry}, "
+                                   f"not for this model ({g})")
+
+
+def _draw_nontrivial(rng: KeyRng, n: int) -> SignedPermutation:
+    for _ in range(_MAX_DRAWS):
+        t = SignedPermutation(rng.permutation(n))
+        if n < 2 or not t.is_identity():
+            return t
+    raise AssertionError("unreachable: CSPRNG returned the identity 64 times")
+
+
+def _distinct(spaces: dict[str, SignedPermutation], seen: list[dict[str, SignedPermutation]]) -> bool:
+    for name, t in spaces.items():
+        if len(t) > 1 and t.is_identity():
+            return False
+        if any(t.same_as(prev[name]) for prev in seen):
+            return False
+    return True

@@ -1,0 +1,118 @@
+"""Read a Hugging Face checkpoint one tensor at a time: safetensors or PyTorch .bin, sharded or not, or a GGUF file.
+
+Safetensors shards are memory-mapped and read tensor by tensor; .bin shards are loaded with `mmap=True`, one shard at a
+time. GGUF files hold quantized blocks that transformers dequantizes as a whole, so a GGUF model is loaded at once
+(fine for the small models GGUF is used for here; big checkpoints come as safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from stip.errors import BundleError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+@dataclass
+class Checkpoint:
+    """A model on disk: its config, where its tokenizer comes from, and a one-tensor-at-a-time reader."""
+
+    path: Path
+    config: object
+    gguf_file: str | None = None
+
+    @classmethod
+    def open(cls, model: str | Path) -> "Checkpoint":
+        path = Path(model)
+        if not path.exists():
+            raise BundleError(f"model {path} does not exist")
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise BundleError(f"{path} is a file but not a .gguf file; pass a Hugging Face model folder or GGUF")
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            return cls(path.parent, config, path.name)
+        if not (path / "config.json").is_file():
+            raise BundleError(f"{path} is not a Hugging Face model folder: config.json is missing")
+        ck = cls(path, AutoConfig.from_pretrained(path))
+        if not ck._shards():
+            raise BundleError(f"{path} holds no weights (no *.safetensors or pytorch_model*.bin files)")
+        return ck
+
+    def _shards(self) -> list[Path]:
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index = self.path / index_name
+            if index.is_file():
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                missing = [n for n in names if not (self.path / n).is_file()]
+                if missing:
+                    raise BundleError(f"{self.path} is incomplete: shard {missing[0]} named by {index_name} is missing")
+                return [self.path / n for n in names]
+            if (self.path / single).is_file():
+                return [self.path / single]
+        return []
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one by one; only the current tensor (or .bin shard) is resident."""
+        if self.gguf_file:
+            yield from self._gguf_tensors()
+            return
+        for shard in self._shards():
+            if shard.suffix == ".safetensors":
+                with safe_open(str(shard), "pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            else:
+                state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+                for name in list(state):
+                    yield name, state.pop(name)
+                del state
+
+    def total_tensors(self) -> int | None:
+        if self.gguf_file:
+            return None
+        n = 0
+        for shard in self._shards():
+            if shard.suffix != ".safetensors":
+                return None
+            with safe_open(str(shard), "pt") as f:
+                n += len(list(f.keys()))
+        return n
+
+    def _gguf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.path, gguf_file=self.gguf_file, dtype=torch.float32)
+        state = model.state_dict()
+        del model
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        for name in list(state):
+            t = state.pop(name)
+            if tied and name == "lm_head.weight":
+                continue  # the same tensor as the embedding: the protection derives the LM head from it
+            yield name, t
+
+    def load_tokenizer(self):
+        """The model's tokenizer (with its chat template), or None for checkpoints that ship none."""
+        from transformers import AutoTokenizer
+
+        if self.gguf_file:
+            return AutoTokenizer.from_pretrained(self.path, gguf_file=self.gguf_file)
+        if not any((self.path / n).is_file() for n in _TOKENIZER_FILES):
+            return None
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def generation_config(self) -> dict | None:
+        p = self.path / "generation_config.json"
+        return json.loads(p.read_text()) if p.is_file() else None

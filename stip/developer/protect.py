@@ -1,0 +1,207 @@
+"""`stip protect`: a Hugging Face model in; a server bundle, a client bundle and the developer's key out.
+
+Streams: one input tensor is read, transformed by the rules of its architecture, and handed to a shard writer that
+flushes every `max_shard_bytes`; everything is written into a hidden staging folder that is renamed into place only
+when all three bundles and their manifests are complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import stip
+from stip.common.files import staged_directory, write_json_atomic, write_manifest
+from stip.common.keys import DeveloperKey
+from stip.common.transforms import KeyRng
+from stip.developer.architectures import CLIENT, DROP, SERVER, Architecture, architecture_for, geometry_of
+from stip.developer.checkpoint import Checkpoint
+
+SERVER_DIR, CLIENT_DIR, DEVELOPER_DIR = "server", "client", "developer"
+CLIENT_KEY_FILE = "client.stipkey"
+DEVELOPER_KEY_FILE = "developer.stipkey"
+EMBEDDING_FILE = "embedding.safetensors"
+CLIENT_CONFIG_FILE = "stip_client.json"
+DEFAULT_SHARD_BYTES = 512 * 1024**2
+
+
+def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: torch.Tensor,
+                   tied: bool) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """Yield (party, name, tensor) for one checkpoint tensor, following its architecture's rule.
+
+    Client tensors (the embedding module) are passed on unchanged: the client applies `p` to them when it loads its
+    bundle. A tied embedding also yields the server's LM head, transformed as the LM head's own rule says.
+    """
+    rule, layer = arch.rule_for(name)
+    if rule.party == DROP or (tied and name == arch.lm_head):
+        return
+    if rule.party == CLIENT:
+        yield CLIENT, rule.client_name, tensor
+        if tied and name == arch.tied_source:
+            lm_rule, _ = arch.rule_for(arch.lm_head)
+            yield SERVER, arch.lm_head, _transform(lm_rule.axes, key, None, tensor)
+        if name in arch.zeroed_on_server:
+            yield SERVER, name, torch.zeros_like(tensor)
+        return
+    yield SERVER, name, _transform(rule.axes, key, layer, tensor)
+
+
+def _transform(axes: dict, key: DeveloperKey, layer: int | None, t: torch.Tensor) -> torch.Tensor:
+    for axis, (space, role) in axes.items():
+        t = key.space(space, layer).apply(t, axis, role)
+    return t.contiguous()
+
+
+class ShardWriter:
+    """Buffers tensors and writes standard `model-XXXXX-of-YYYYY.safetensors` shards plus their index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder, self.max_bytes = folder, max_shard_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffered = 0
+        self.shards: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffered + size > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor
+        self.buffered += size
+        self.total += size
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        save_file(self.buffer, str(self.folder / f"shard-{len(self.shards):05d}.tmp"), metadata={"format": "pt"})
+        self.shards.append(list(self.buffer))
+        self.buffer, self.buffered = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.folder / f"shard-{i:05d}.tmp").rename(self.folder / final)
+            weight_map |= {name: final for name in names}
+        write_json_atomic(self.folder / "model.safetensors.index.json",
+                          {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+@dataclass
+class ProtectResult:
+    out: Path
+    bundle_id: str
+    client_fingerprint: str
+    developer_fingerprint: str
+    server_bytes: int
+
+    @property
+    def server(self) -> Path:
+        return self.out / SERVER_DIR
+
+    @property
+    def client(self) -> Path:
+        return self.out / CLIENT_DIR
+
+    @property
+    def developer_key(self) -> Path:
+        return self.out / DEVELOPER_DIR / DEVELOPER_KEY_FILE
+
+
+def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKey | None = None,
+            overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+            seed: bytes | None = None) -> ProtectResult:
+    """Protect `model` (HF folder or .gguf file) into `out/{server,client,developer}`.
+
+    `key`: reuse a developer key (it must match the model's shapes); by default a fresh one is drawn from the CSPRNG.
+    `seed`: 32 bytes seeding the CSPRNG instead of os.urandom, for reproducible tests only.
+    """
+    ck = Checkpoint.open(model)
+    arch = architecture_for(ck.config)
+    geometry = geometry_of(ck.config)
+    if isinstance(key, (str, Path)):
+        key = DeveloperKey.load(key)
+    if key is None:
+        key = DeveloperKey.generate(geometry, uuid.uuid4().hex, KeyRng(seed))
+    key.check_matches(geometry)
+    bundle_id = key.client.bundle_id
+    tied = bool(getattr(ck.config, "tie_word_embeddings", False))
+    tokenizer = ck.load_tokenizer()
+
+    with staged_directory(Path(out), overwrite=overwrite) as stage:
+        server, client, developer = (stage / d for d in (SERVER_DIR, CLIENT_DIR, DEVELOPER_DIR))
+        for d in (server, client, developer):
+            d.mkdir()
+        developer.chmod(0o700)
+        writer = ShardWriter(server, max_shard_bytes)
+        embedding: dict[str, torch.Tensor] = {}
+        bar = tqdm(total=ck.total_tensors(), unit="tensor", desc="protect", disable=not progress)
+        for name, tensor in ck.tensors():
+            for party, out_name, t in protect_tensor(arch, key, name, tensor, tied):
+                (embedding.__setitem__ if party == CLIENT else writer.add)(out_name, t)
+            bar.update(1)
+        bar.close()
+        writer.close()
+        if "token" not in embedding:
+            raise stip.errors.UnsupportedModelError(f"{model} has no token embedding tensor")
+
+        _write_server_config(ck, server)
+        save_file({k: v.contiguous() for k, v in embedding.items()}, str(client / EMBEDDING_FILE))
+        client_fp = key.client.save(client / CLIENT_KEY_FILE)
+        write_json_atomic(client / CLIENT_CONFIG_FILE, _client_config(ck, arch, embedding, bundle_id))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(client)
+        developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
+
+        common = {"stip_version": stip.__version__, "model_type": ck.config.model_type}
+        write_manifest(server, "server", bundle_id, common)
+        write_manifest(client, "client", bundle_id, {**common, "client_key_fingerprint": client_fp})
+        write_manifest(developer, "developer", bundle_id, {**common, "developer_key_fingerprint": developer_fp})
+    return ProtectResult(Path(out), bundle_id, client_fp, developer_fp, writer.total)
+
+
+def _write_server_config(ck: Checkpoint, folder: Path) -> None:
+    """The model's own config, untied (the server has the LM head, the client the embedding)."""
+    config = copy.deepcopy(ck.config)
+    config.tie_word_embeddings = False
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    if config.model_type == "gpt2":
+        config.architectures = ["GPT2LMHeadModel"]
+    config.save_pretrained(folder)
+    gen = ck.generation_config()
+    if gen is not None:
+        write_json_atomic(folder / "generation_config.json", gen)
+
+
+def _client_config(ck: Checkpoint, arch: Architecture, embedding: dict, bundle_id: str) -> dict:
+    c = ck.config
+    eos = getattr(c, "eos_token_id", None)
+    gen = ck.generation_config() or {}
+    eos = gen.get("eos_token_id", eos)
+    return {
+        "bundle_id": bundle_id,
+        "model_type": c.model_type,
+        "hidden_size": int(embedding["token"].shape[1]),
+        "vocab_size": int(embedding["token"].shape[0]),
+        "learned_positions": "position" in embedding,
+        "max_positions": int(embedding["position"].shape[0]) if "position" in embedding
+        else int(getattr(c, "max_position_embeddings", 0) or 0),
+        "eos_token_ids": [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]),
+        "bos_token_id": getattr(c, "bos_token_id", None),
+    }
+
+
+def read_client_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / CLIENT_CONFIG_FILE).read_text())

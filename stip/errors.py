@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their message and exits non-zero; the server maps them to 4xx."""
+
+
+class StipError(Exception):
+    """Base class: the message names the problem and, where possible, the fix."""
+
+
+class BundleError(StipError):
+    """A bundle or key file is missing, tampered with, or does not belong with another."""
+
+
+class KeyMismatchError(BundleError):
+    """A key does not belong to the bundle (or model) it is used with."""
+
+
+class UnsupportedModelError(StipError):
+    """The model's architecture or layout has no protection rules."""
