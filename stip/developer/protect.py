@@ -142,7 +142,6 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         server, client, developer = (stage / d for d in (SERVER_DIR, CLIENT_DIR, DEVELOPER_DIR))
         for d in (server, client, developer):
             d.mkdir()
-        developer.chmod(0o700)
         writer = ShardWriter(server, max_shard_bytes)
         embedding: dict[str, torch.Tensor] = {}
         bar = tqdm(total=ck.total_tensors(), unit="tensor", desc="protect", disable=not progress)
@@ -163,11 +162,21 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             tokenizer.save_pretrained(client)
         developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
 
+        _set_modes(stage, client, developer)
         common = {"stip_version": stip.__version__, "model_type": ck.config.model_type}
         write_manifest(server, "server", bundle_id, common)
         write_manifest(client, "client", bundle_id, {**common, "client_key_fingerprint": client_fp})
         write_manifest(developer, "developer", bundle_id, {**common, "developer_key_fingerprint": developer_fp})
     return ProtectResult(Path(out), bundle_id, client_fp, developer_fp, writer.total)
+
+
+def _set_modes(stage: Path, client: Path, developer: Path) -> None:
+    """Bundles are shareable (0644, folders 0755); keys and the developer folder are owner-only."""
+    for p in [stage, *stage.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    for p in (client / CLIENT_KEY_FILE, developer / DEVELOPER_KEY_FILE):
+        p.chmod(0o600)
+    developer.chmod(0o700)
 
 
 def _write_server_config(ck: Checkpoint, folder: Path) -> None:

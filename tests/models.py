@@ -1,0 +1,53 @@
+"""Tiny random models of every supported architecture, built in code (equivalence holds for any weights).
+
+Norm weights and biases are randomised too: left at their init (all ones / zeros) a permuted norm would equal the
+original, and the leak tests could not tell protected from unprotected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 97
+
+
+def _randomise(model, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if ("norm" in name or "ln_" in name) and name.endswith("weight") else 0.0
+            p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def tiny_configs() -> dict[str, tuple[type, object]]:
+    """name -> (model class, config). Covers GQA (3 query heads per KV head), MQA, RoPE, QKV bias, tied/untied."""
+    rope = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
+                max_position_embeddings=128)
+    return {
+        "llama-gqa-untied": (LlamaForCausalLM, LlamaConfig(**rope, num_attention_heads=6, num_key_value_heads=2,
+                                                           head_dim=8, tie_word_embeddings=False)),
+        "llama-mqa-tied": (LlamaForCausalLM, LlamaConfig(**rope, num_attention_heads=4, num_key_value_heads=1,
+                                                         tie_word_embeddings=True)),
+        "mistral-gqa": (MistralForCausalLM, MistralConfig(**rope, num_attention_heads=4, num_key_value_heads=2,
+                                                          head_dim=12, tie_word_embeddings=False)),
+        "qwen2-bias-tied": (Qwen2ForCausalLM, Qwen2Config(**rope, num_attention_heads=6, num_key_value_heads=2,
+                                                          tie_word_embeddings=True)),
+        "gpt2": (GPT2LMHeadModel, GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64)),
+    }
+
+
+def build_tiny(name: str, seed: int = 0):
+    cls, config = tiny_configs()[name]
+    torch.manual_seed(seed)
+    return _randomise(cls(config), seed)
+
+
+def save_tiny(name: str, folder: Path, seed: int = 0, **save_kw) -> Path:
+    model = build_tiny(name, seed)
+    model.save_pretrained(folder, **save_kw)
+    return Path(folder)
