@@ -72,18 +72,26 @@ def verify(
 @app.command()
 def serve(
     bundle: Path = typer.Argument(..., help="the server bundle folder"),
-    host: str = typer.Option("127.0.0.1"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs a token"),
     port: int = typer.Option(8000),
     token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN", help="bearer token clients must present"),
-    max_sessions: int = typer.Option(64),
-    max_seq_len: int = typer.Option(4096),
+    max_sessions: int = typer.Option(64, help="open sessions (KV caches) at most; more get 429"),
+    max_seq_len: int = typer.Option(4096, help="tokens per session at most (capped by the model's own limit)"),
     session_ttl: float = typer.Option(300.0, help="seconds an idle session keeps its KV cache"),
+    max_message_size: Optional[str] = typer.Option(None, help="largest request frame, e.g. 16MB "
+                                                   "(default: room for max_seq_len float32 embeddings)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads for the model (default: torch's choice)"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+    ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (serve https/wss)"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key"),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
 
     run_server(bundle, host=host, port=port, token=token, max_sessions=max_sessions, max_seq_len=max_seq_len,
-               session_ttl=session_ttl)
+               session_ttl=session_ttl, max_message_bytes=_size(max_message_size) if max_message_size else None,
+               threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+               ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
 
 
 # ---------------------------------------------------------------- data owner

@@ -54,6 +54,17 @@ def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: tor
     yield SERVER, name, _transform(rule.axes, key, layer, tensor)
 
 
+def protect_state_dict(arch: Architecture, key: DeveloperKey, state: dict[str, torch.Tensor],
+                       tied: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """In-memory protection of a whole state dict: (server tensors, client embedding tensors). For small models
+    and tests; `protect` streams the same per-tensor function over files."""
+    parts: dict[str, dict[str, torch.Tensor]] = {SERVER: {}, CLIENT: {}}
+    for name, tensor in state.items():
+        for party, out_name, t in protect_tensor(arch, key, name, tensor, tied):
+            parts[party][out_name] = t
+    return parts[SERVER], parts[CLIENT]
+
+
 def _transform(axes: dict, key: DeveloperKey, layer: int | None, t: torch.Tensor) -> torch.Tensor:
     for axis, (space, role) in axes.items():
         t = key.space(space, layer).apply(t, axis, role)

@@ -1,0 +1,55 @@
+"""`stip chat`: a terminal chat with a protected model. Text stays here; the server sees permuted embeddings only."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+
+def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str | None = None,
+             max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+             downlink: str = "topk", system: str | None = None) -> None:
+    from stip.client.sampling import SamplingParams
+    from stip.client.sdk import Client
+
+    err = Console(stderr=True, highlight=False)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
+    client = Client(bundle, server, token=token, downlink=downlink)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def answer(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        stream = client.stream(messages=history, params=params)
+        for delta in stream:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        g = stream.generation
+        history.append({"role": "assistant", "content": g.text})
+        t = g.timing
+        err.print(f"[dim]{len(g.token_ids)} tokens, {g.finish_reason}; {t.tokens_per_s:.1f} tok/s; per token: "
+                  f"client {t.client_ms_per_token:.2f} ms, server {t.server_ms_per_token:.1f} ms, "
+                  f"wire {t.wire_ms_per_token:.1f} ms, {t.bytes_sent_per_token:.0f} B up / "
+                  f"{t.bytes_received_per_token:.0f} B down[/dim]")
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    err.print(f"[bold]STIP chat[/bold] with {server} (bundle {client.bundle.bundle_id}). "
+              "Empty line or /exit quits, /reset clears the history.")
+    while True:
+        try:
+            text = Console(highlight=False).input("[bold green]you>[/bold green] ")
+        except EOFError:
+            break
+        text = text.strip()
+        if not text or text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            del history[1 if system else 0:]
+            continue
+        answer(text)

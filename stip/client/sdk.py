@@ -1,0 +1,319 @@
+"""`stip.Client`: the data owner's SDK. Text in, text out; the server only ever sees permuted embeddings.
+
+One generation = one server session: the client tokenizes, embeds (in the secret basis) and prefills the prompt,
+then per token it picks the next id from what the server returned (top-k pairs or all logits, in permuted
+vocabulary order, mapped back with the client key), embeds that token at its absolute position and sends it.
+
+Per token the client does O(k) work on the top-k downlink (k ids mapped through the key, never a V-sized tensor),
+one embedding row gather, and incremental detokenization of a few tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from stip.client.bundle import ClientBundle
+from stip.client.sampling import Sampler, SamplingParams
+from stip.errors import KeyMismatchError, StipError
+
+_CONTEXT_TOKENS = 5  # prompt tokens decoded with each delta, so tokenizers that strip a leading space stay right
+
+
+@dataclass
+class Timing:
+    """Totals over a generation; the `*_per_token` figures are over decode steps (one round trip per token)."""
+
+    prefill_ms: float = 0.0  # client-observed time to the first token, prompt embedding included
+    total_ms: float = 0.0
+    client_ms: float = 0.0  # client compute: embedding, un-permuting, sampling, detokenizing
+    server_ms: float = 0.0  # server compute, as reported by the server
+    wire_ms: float = 0.0  # round-trip time minus server compute: network, serialization
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    steps: int = 0  # decode round trips
+    decode_client_ms: float = 0.0
+    decode_server_ms: float = 0.0
+    decode_wire_ms: float = 0.0
+    decode_bytes_sent: int = 0
+    decode_bytes_received: int = 0
+
+    def _per(self, x: float) -> float:
+        return x / self.steps if self.steps else 0.0
+
+    @property
+    def client_ms_per_token(self) -> float:
+        return self._per(self.decode_client_ms)
+
+    @property
+    def server_ms_per_token(self) -> float:
+        return self._per(self.decode_server_ms)
+
+    @property
+    def wire_ms_per_token(self) -> float:
+        return self._per(self.decode_wire_ms)
+
+    @property
+    def bytes_sent_per_token(self) -> float:
+        return self._per(self.decode_bytes_sent)
+
+    @property
+    def bytes_received_per_token(self) -> float:
+        return self._per(self.decode_bytes_received)
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = self.steps + 1
+        return n / (self.total_ms / 1e3) if self.total_ms else 0.0
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated ids (an EOS id that ended the generation included; its text is not)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    usage: dict
+    timing: Timing
+    prompt_ids: list[int] = field(default_factory=list)
+    glimpse: dict = field(default_factory=dict)  # a few values of what the server saw and sent, for the demo
+
+
+class Detokenizer:
+    """Incremental detokenization: each new token decodes only a short window, and a delta is released only once it
+    no longer ends in an incomplete multi-byte character."""
+
+    def __init__(self, tokenizer, context: list[int]):
+        self.tok = tokenizer
+        self.ids = list(context[-_CONTEXT_TOKENS:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        before = self._decode(self.ids[self.prefix:self.read])
+        now = self._decode(self.ids[self.prefix:])
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+
+class StopMatcher:
+    """Holds back text that could begin a stop string; cuts the output before the first stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.longest = max((len(s) for s in stops), default=0)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        if not self.stops:
+            self.text += delta
+            self.emitted = len(self.text)
+            return delta
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self.text = self.text[:min(hits)]
+            return self._release(len(self.text))
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:n]):
+                    hold = n
+                    break
+        return self._release(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        out = self.text[self.emitted:upto]
+        self.emitted = max(self.emitted, upto)
+        return out
+
+
+class GenerationStream:
+    """Iterate for text deltas as tokens arrive; `.generation` holds the result once the iteration has ended."""
+
+    def __init__(self, it: Iterator[str]):
+        self._it = it
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.generation = yield from self._it
+
+    def text(self) -> str:
+        return "".join(self)
+
+
+class Client:
+    """`stip.Client(bundle_dir, server_url)`: generate text with a protected model served elsewhere."""
+
+    def __init__(self, bundle: str | Path | ClientBundle, server_url: str, token: str | None = None,
+                 downlink: str = "topk", k: int = 64, timeout: float = 60.0):
+        from stip.client.transport import Connection, Downlink
+
+        if downlink not in ("topk", "logits"):
+            raise ValueError(f"downlink must be 'topk' or 'logits', not {downlink!r}")
+        self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle)
+        self.downlink = Downlink(kind=downlink, k=min(int(k), self.bundle.vocab_size))
+        self.connection = Connection(server_url, token=token, timeout=timeout)
+        health = self.connection.health()
+        served = health.get("bundle_id")
+        if served != self.bundle.bundle_id:
+            raise KeyMismatchError(
+                f"the server at {server_url} serves bundle {served}, but this client bundle ({self.bundle.path}) "
+                f"belongs to bundle {self.bundle.bundle_id}: use the client bundle from the same `stip protect` run "
+                f"as the server's bundle")
+        self.max_positions = int(self.bundle.config.get("max_positions") or 0)
+
+    @property
+    def tokenizer(self):
+        return self.bundle.tokenizer
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               ids: list[int] | torch.Tensor | None = None) -> list[int]:
+        """Prompt token ids from exactly one of: raw text, chat messages (chat template + generation prompt), ids."""
+        if sum(x is not None for x in (prompt, messages, ids)) != 1:
+            raise ValueError("pass exactly one of prompt=, messages= or ids=")
+        if ids is not None:
+            out = torch.as_tensor(ids, dtype=torch.long).reshape(-1).tolist()
+        elif messages is not None:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            out = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            out = self.tokenizer(prompt)["input_ids"]
+        if not out:
+            raise ValueError("the prompt is empty")
+        return list(out)
+
+    def generate(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
+                 **sampling) -> Generation:
+        stream = self.stream(prompt=prompt, messages=messages, ids=ids, **sampling)
+        for _ in stream:
+            pass
+        return stream.generation
+
+    def stream(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
+               params: SamplingParams | None = None, **sampling) -> GenerationStream:
+        params = params or SamplingParams(**sampling)
+        prompt_ids = self.encode(prompt, messages, ids)
+        return GenerationStream(self._run(prompt_ids, params))
+
+    def close(self) -> None:
+        close = getattr(self.connection, "close", None)
+        if close:
+            close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self, prompt_ids: list[int], params: SamplingParams):
+        bundle, dl = self.bundle, self.downlink
+        eos = set(bundle.eos_token_ids)
+        tm = Timing()
+        t_start = time.perf_counter()
+        sampler = Sampler(params, prompt_ids)
+        decode_text = bundle.path.joinpath("tokenizer_config.json").is_file()
+        detok = Detokenizer(self.tokenizer, prompt_ids) if decode_text else None
+        stops = StopMatcher(params.stop)
+        out: list[int] = []
+        finish = "length"
+        pos = len(prompt_ids)
+        if self.max_positions and pos > self.max_positions:
+            raise StipError(f"the prompt has {pos} tokens; the model takes at most {self.max_positions}")
+        with self.connection.open_session() as session:
+            c0 = time.perf_counter()
+            x = bundle.embed(torch.tensor(prompt_ids), start=0)
+            tm.client_ms += (time.perf_counter() - c0) * 1e3
+            r = session.prefill(x, positions="last", downlink=dl)
+            self._account(tm, r, decode=False)
+            glimpse = self._glimpse(x, r)
+            tm.prefill_ms = (time.perf_counter() - t_start) * 1e3
+            while True:
+                c0 = time.perf_counter()
+                token = self._pick(sampler, r)
+                out.append(token)
+                sampler.observe(token)
+                delta = ""
+                if token in eos:
+                    finish = "stop"
+                elif detok is not None:
+                    delta = stops.push(detok.push(token))
+                    if stops.stopped:
+                        finish = "stop"
+                last = finish == "stop" or len(out) >= params.max_tokens or \
+                    bool(self.max_positions and pos >= self.max_positions)
+                if last and detok is not None and not stops.stopped:
+                    delta += stops.push(detok.flush())
+                    if stops.stopped:
+                        finish = "stop"
+                    else:
+                        delta += stops.flush()
+                if not last:
+                    x = bundle.embed(torch.tensor([token]), start=pos)
+                dt = (time.perf_counter() - c0) * 1e3
+                tm.client_ms += dt
+                if delta:
+                    yield delta
+                if last:
+                    break
+                tm.decode_client_ms += dt
+                r = session.decode(x, downlink=dl)
+                pos += 1
+                self._account(tm, r, decode=True)
+        tm.total_ms = (time.perf_counter() - t_start) * 1e3
+        text = stops.text if detok is not None else ""
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
+                 "total_tokens": len(prompt_ids) + len(out)}
+        return Generation(text, out, finish, usage, tm, prompt_ids, glimpse)
+
+    def _pick(self, sampler: Sampler, r) -> int:
+        if r.indices is not None:
+            return sampler.from_topk(self.bundle.plain_ids(r.indices[-1]), r.values[-1])
+        return sampler.from_logits(self.bundle.plain_logits(r.logits[-1]))
+
+    @staticmethod
+    def _account(tm: Timing, r, decode: bool) -> None:
+        wire = max(0.0, r.rtt_ms - r.server_ms)
+        tm.server_ms += r.server_ms
+        tm.wire_ms += wire
+        tm.bytes_sent += r.bytes_sent
+        tm.bytes_received += r.bytes_received
+        if decode:
+            tm.steps += 1
+            tm.decode_server_ms += r.server_ms
+            tm.decode_wire_ms += wire
+            tm.decode_bytes_sent += r.bytes_sent
+            tm.decode_bytes_received += r.bytes_received
+
+    def _glimpse(self, x: torch.Tensor, r) -> dict:
+        if r.indices is not None:
+            idx, vals = r.indices[-1, :5], r.values[-1, :5]
+        else:
+            vals, idx = torch.topk(r.logits[-1], 5)
+        return {"embedding": x[0, :6].tolist(), "permuted_top": idx.tolist(), "top_values": vals.tolist(),
+                "real_top": self.bundle.plain_ids(idx).tolist()}

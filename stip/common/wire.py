@@ -1,0 +1,123 @@
+"""The STIP wire format: one binary WebSocket frame per request or reply.
+
+    frame = uint32 big-endian header length N | N bytes UTF-8 JSON header | raw little-endian tensor bytes
+
+Request header (client -> server):
+    {"op": "prefill" | "decode" | "close",
+     "dtype": "float32" | "float16" | "bfloat16",
+     "shape": [T, d]            (decode: [1, d] or [d]),
+     "positions": "last" | "all"                  (prefill only; default "last"),
+     "downlink": {"kind": "logits"} | {"kind": "topk", "k": K}}
+    payload: the embeddings, C-contiguous, in `dtype`.
+
+Reply header (server -> client):
+    {"ok": true, "kind": "logits" | "topk" | "hello" | "closed", "shape": [n, V] or [n, K], "dtype": "float32",
+     "position": tokens now in the session's KV cache, "server_ms": server compute time}
+    payload: logits: float32 [n, V]; topk: int32 indices [n, K] then float32 values [n, K] (indices are in the
+    server's permuted vocabulary order).
+    The first frame on every new socket is a "hello" reply (no payload) naming the session:
+    {"ok": true, "kind": "hello", "session": id, "position": n, "bundle_id": ..., "hidden_size": d, "vocab_size": V,
+     "max_seq_len": ..., "max_message_bytes": ...}
+Error reply: {"ok": false, "status": 4xx/5xx, "error": "message"} (no payload). After an error with `"fatal": true`
+the server closes the socket; otherwise the session is unchanged and the socket stays usable.
+
+Tensors never travel as JSON: the header carries dtype and shape, the bytes follow. Nothing here imports the model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+
+import torch
+
+PROTOCOL_VERSION = 1
+SESSION_PATH = "/v1/session"
+HEADER_LEN = struct.Struct(">I")
+MAX_HEADER_BYTES = 64 * 1024
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+OPS = ("prefill", "decode", "close")
+POSITIONS = ("last", "all")
+DOWNLINKS = ("logits", "topk")
+
+_LITTLE = sys.byteorder == "little"
+
+
+class WireError(ValueError):
+    """A frame or header that breaks the protocol; `status` is the HTTP-like status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def encode_frame(header: dict, *payload: bytes | bytearray | memoryview) -> bytes:
+    """One frame: length-prefixed compact JSON header, then the payload parts as they are."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((HEADER_LEN.pack(len(head)), head, *payload))
+
+
+def decode_frame(data: bytes | bytearray | memoryview) -> tuple[dict, memoryview]:
+    """Split a frame into (header dict, payload view). Raises WireError(400) on anything malformed."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("expected a binary frame (4-byte length + JSON header + tensor bytes), got a text frame")
+    view = memoryview(data)
+    if len(view) < HEADER_LEN.size:
+        raise WireError(f"frame of {len(view)} bytes is shorter than the 4-byte header length prefix")
+    (n,) = HEADER_LEN.unpack_from(view, 0)
+    if n > MAX_HEADER_BYTES:
+        raise WireError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (is this a STIP frame?)")
+    if HEADER_LEN.size + n > len(view):
+        raise WireError(f"header length {n} runs past the end of the {len(view)}-byte frame")
+    try:
+        header = json.loads(bytes(view[HEADER_LEN.size:HEADER_LEN.size + n]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WireError(f"frame header is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise WireError("frame header must be a JSON object")
+    return header, view[HEADER_LEN.size + n:]
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of a tensor (any of DTYPES, int32, int64), C order."""
+    t = t.detach().contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    raw = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+    if not _LITTLE and t.element_size() > 1:
+        raw = raw.reshape(-1, t.element_size()).flip(-1)
+    return raw.numpy().tobytes()
+
+
+def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list[int] | tuple[int, ...]
+                      ) -> torch.Tensor:
+    """A fresh (writable, owned) tensor from little-endian bytes; the caller has checked the byte length."""
+    t = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+    size = torch.tensor([], dtype=dtype).element_size()
+    if not _LITTLE and size > 1:
+        t = t.reshape(-1, size).flip(-1).contiguous().reshape(-1)
+    return t.view(dtype).reshape(tuple(shape))
+
+
+def error_header(status: int, message: str, fatal: bool = False) -> dict:
+    h = {"ok": False, "status": int(status), "error": message}
+    if fatal:
+        h["fatal"] = True
+    return h
+
+
+def request_header(op: str, shape=None, dtype: torch.dtype | None = None, positions: str | None = None,
+                   downlink: dict | None = None) -> dict:
+    h: dict = {"op": op}
+    if shape is not None:
+        h["shape"] = [int(s) for s in shape]
+    if dtype is not None:
+        h["dtype"] = DTYPE_NAMES[dtype]
+    if positions is not None:
+        h["positions"] = positions
+    if downlink is not None:
+        h["downlink"] = downlink
+    return h

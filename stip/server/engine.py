@@ -1,0 +1,112 @@
+"""The server's compute engine: a small interface the network layer drives, and its transformers implementation.
+
+The network layer (`stip.server.app`) only ever calls the five methods of `Engine`, always from one worker thread,
+so an engine needs no locking. Another backend (a batched engine, vLLM, a GPU build) can replace
+`TransformersEngine` without touching the protocol.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class Engine(ABC):
+    """Per-session state in, logits out. Embeddings arrive already in the protected basis; logits leave permuted."""
+
+    hidden_size: int
+    vocab_size: int
+    model_type: str
+    max_positions: int | None  # the model's own limit on sequence length, if it has one
+    dtype: torch.dtype
+
+    @abstractmethod
+    def new_state(self) -> Any:
+        """Fresh per-session state (an empty KV cache)."""
+
+    @abstractmethod
+    def prefill(self, state: Any, embeds: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """Append `embeds` [T, d] to the session; logits [T, V] (all_positions) or [1, V] (last), float32."""
+
+    @abstractmethod
+    def decode(self, state: Any, embed: torch.Tensor) -> torch.Tensor:
+        """Append one embedding [1, d]; logits [1, V], float32."""
+
+    @abstractmethod
+    def length(self, state: Any) -> int:
+        """Tokens held in the session's KV cache."""
+
+    @abstractmethod
+    def free(self, state: Any) -> None:
+        """Release the session's KV cache (the state may not be used afterwards)."""
+
+
+@dataclass
+class _CacheState:
+    cache: Any = None
+    length: int = 0
+    freed: bool = field(default=False)
+
+
+class TransformersEngine(Engine):
+    """A stock transformers causal LM with one `DynamicCache` per session; steps run one at a time.
+
+    Concurrent sessions are served serially (one forward per step, in arrival order): batching sessions of different
+    lengths would need padding masks, which changes summation order and so would not be bit-identical to a solo run.
+    """
+
+    def __init__(self, model, manifest: dict | None = None):
+        self.model = model.eval()
+        cfg = model.config
+        self.config = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+        self.manifest = manifest or {}
+        self.model_type = str(getattr(cfg, "model_type", "unknown"))
+        self.hidden_size = int(self.config.hidden_size)
+        out = model.get_output_embeddings()
+        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(self.config.vocab_size)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        maxpos = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        self.max_positions = int(maxpos) if maxpos else None
+
+    @classmethod
+    def from_bundle(cls, bundle, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "TransformersEngine":
+        from stip.server.model import load_protected_model
+
+        model, manifest = load_protected_model(bundle, dtype=dtype, device=device)
+        return cls(model, manifest)
+
+    def new_state(self) -> _CacheState:
+        return _CacheState()
+
+    def length(self, state: _CacheState) -> int:
+        return state.length
+
+    def _forward(self, state: _CacheState, x: torch.Tensor, keep: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if state.freed:
+            raise RuntimeError("session state was freed")
+        if state.cache is None:
+            state.cache = DynamicCache(config=self.config)
+        t = x.shape[0]
+        pos = torch.arange(state.length, state.length + t, device=self.device).unsqueeze(0)
+        with torch.inference_mode():
+            out = self.model(inputs_embeds=x.to(device=self.device, dtype=self.dtype).unsqueeze(0),
+                             position_ids=pos, past_key_values=state.cache, use_cache=True, logits_to_keep=keep)
+        state.length += t
+        return out.logits[0].float()
+
+    def prefill(self, state: _CacheState, embeds: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        return self._forward(state, embeds, 0 if all_positions else 1)
+
+    def decode(self, state: _CacheState, embed: torch.Tensor) -> torch.Tensor:
+        return self._forward(state, embed.reshape(1, -1), 1)
+
+    def free(self, state: _CacheState) -> None:
+        state.cache = None
+        state.length = 0
+        state.freed = True

@@ -1,0 +1,39 @@
+"""Prometheus metrics of one server process (a private registry, so several apps in one process never collide).
+
+Only counts, sizes and timings: no tensor values, no session ids.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, sessions: Callable[[], int], kv_caches: Callable[[], int], kv_tokens: Callable[[], int]):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        Gauge("stip_sessions_active", "Open sessions (attached to a socket or waiting to be resumed)",
+              registry=r).set_function(sessions)
+        Gauge("stip_kv_caches_live", "Sessions currently holding a KV cache", registry=r).set_function(kv_caches)
+        Gauge("stip_kv_cache_tokens", "Tokens held in all KV caches", registry=r).set_function(kv_tokens)
+        self.tokens = Counter("stip_tokens_processed", "Tokens run through the model", ["phase"], registry=r)
+        self.steps = Histogram("stip_step_seconds", "Server compute time of one step (forward + downlink encoding)",
+                               ["op"], buckets=STEP_BUCKETS, registry=r)
+        self.errors = Counter("stip_errors", "Error replies, by status", ["status"], registry=r)
+        self.sessions_opened = Counter("stip_sessions_opened", "Sessions created", registry=r)
+        self.sessions_closed = Counter("stip_sessions_closed", "Sessions ended, by reason", ["reason"], registry=r)
+        self.bytes = Counter("stip_wire_bytes", "Frame bytes on the session sockets", ["direction"], registry=r)
+        for phase in ("prefill", "decode"):
+            self.tokens.labels(phase)
+            self.steps.labels(phase)
+        for direction in ("in", "out"):
+            self.bytes.labels(direction)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

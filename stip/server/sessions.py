@@ -1,0 +1,88 @@
+"""Session bookkeeping: random ids, limits, idle expiry. The engine state (KV cache) hangs off each session.
+
+All methods run on the event loop (no locks needed); freeing a KV cache is handed to the engine's worker thread by
+the caller-supplied `free` callback.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Session:
+    id: str
+    state: Any
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    position: int = 0  # tokens in the KV cache
+    attached: bool = False  # a socket is serving this session now
+    busy: bool = False  # a step is running in the worker
+    closed: bool = False  # freed (closed, expired, or broken): every later use answers 404
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+
+
+class SessionLimitError(Exception):
+    pass
+
+
+class SessionManager:
+    def __init__(self, new_state: Callable[[], Any], free: Callable[[Session], None], max_sessions: int,
+                 ttl: float):
+        self._new_state, self._free = new_state, free
+        self.max_sessions, self.ttl = max_sessions, ttl
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def kv_caches(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.position > 0)
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(s.position for s in self._sessions.values())
+
+    def create(self) -> Session:
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionLimitError(f"too many sessions: the server holds its limit of {self.max_sessions}; "
+                                    f"close idle sessions or retry later")
+        sid = secrets.token_urlsafe(24)
+        s = self._sessions[sid] = Session(sid, self._new_state())
+        return s
+
+    def get(self, sid: str) -> Session | None:
+        s = self._sessions.get(sid)
+        if s is not None and self._expired(s):
+            self.remove(s)
+            return None
+        return s
+
+    def remove(self, s: Session) -> None:
+        if self._sessions.get(s.id) is s:
+            del self._sessions[s.id]
+        if not s.closed:
+            s.closed = True
+            s.position = 0
+            self._free(s)
+
+    def _expired(self, s: Session, now: float | None = None) -> bool:
+        return not s.busy and (now or time.monotonic()) - s.last_used > self.ttl
+
+    def expire(self) -> int:
+        """Drop every idle session past its TTL; the number dropped."""
+        now = time.monotonic()
+        stale = [s for s in self._sessions.values() if self._expired(s, now)]
+        for s in stale:
+            self.remove(s)
+        return len(stale)
+
+    def clear(self) -> None:
+        for s in list(self._sessions.values()):
+            self.remove(s)
