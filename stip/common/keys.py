@@ -275,10 +275,15 @@ def _draw_nontrivial(rng: KeyRng, n: int) -> SignedPermutation:
     raise AssertionError("unreachable: CSPRNG returned the identity 64 times")
 
 
+_DISTINCT_FROM = 8  # spaces this large have >= 8! transforms: every layer can get its own
+
+
 def _distinct(spaces: dict[str, SignedPermutation], seen: list[dict[str, SignedPermutation]]) -> bool:
+    """No space is the identity; no space of real size repeats an earlier layer's (tiny test spaces of 2-7 elements
+    have too few permutations for that)."""
     for name, t in spaces.items():
         if len(t) > 1 and t.is_identity():
             return False
-        if any(t.same_as(prev[name]) for prev in seen):
+        if len(t) >= _DISTINCT_FROM and any(t.same_as(prev[name]) for prev in seen):
             return False
     return True

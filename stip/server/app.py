@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from starlette.websockets import WebSocketDisconnect
 
 from stip.common import wire
 from stip.errors import StipError
@@ -264,10 +267,6 @@ class StipService:
 
 
 def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
-    from fastapi import FastAPI, Request, WebSocket
-    from fastapi.responses import JSONResponse, Response
-    from starlette.websockets import WebSocketDisconnect
-
     service = StipService(engine, settings, bundle_id)
 
     @contextlib.asynccontextmanager

