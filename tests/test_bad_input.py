@@ -56,7 +56,7 @@ def test_tampered_shard_is_refused(bundle):
 def test_tampered_manifest_is_refused(bundle):
     manifest = bundle / "client" / "stip-manifest.json"
     m = json.loads(manifest.read_text())
-    m["files"]["embedding.safetensors"] = "0" * 64
+    m["files"]["embedding-token.safetensors"] = "0" * 64
     manifest.write_text(json.dumps(m))
     assert_fails(stip_cli("verify", bundle / "client"), "was modified")
     with pytest.raises(BundleError, match="was modified"):

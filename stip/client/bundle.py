@@ -36,9 +36,10 @@ class ClientBundle:
         client_key = ClientKey.load(Path(key) if key else path / CLIENT_KEY_FILE)
         client_key.check_belongs_to(manifest["bundle_id"], f"client bundle {path}")
         config = json.loads((path / CLIENT_CONFIG_FILE).read_text())
-        embedding = load_file(str(path / EMBEDDING_FILE))
+        embedding = {name: load_file(str(f))["weight"] for name in ("token", "position")
+                     if (f := path / EMBEDDING_FILE.format(name)).is_file()}
         if "token" not in embedding:
-            raise BundleError(f"{path / EMBEDDING_FILE} holds no token embedding")
+            raise BundleError(f"client bundle {path} holds no token embedding")
         return cls(path, manifest, client_key, config, embedding)
 
     @property

@@ -22,6 +22,37 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read a safetensors file tensor by tensor with plain reads, in file order.
+
+    `safe_open` memory-maps the file, and every page it touches stays in the process's resident set until the file
+    is closed: on a multi-GB shard that is the whole shard. Reading into a fresh buffer keeps only one tensor.
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path} is not a safetensors file: {e}") from None
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            if info["dtype"] not in _ST_DTYPES:
+                raise BundleError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            buf = bytearray(end - begin)
+            f.seek(8 + header_len + begin)
+            if f.readinto(buf) != len(buf):
+                raise BundleError(f"{path} is truncated (tensor {name})")
+            t = torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]) if buf else \
+                torch.empty(0, dtype=_ST_DTYPES[info["dtype"]])
+            yield name, t.reshape(info["shape"])
+
+
 @dataclass
 class Checkpoint:
     """A model on disk: its config, where its tokenizer comes from, and a one-tensor-at-a-time reader."""
@@ -70,9 +101,7 @@ class Checkpoint:
             return
         for shard in self._shards():
             if shard.suffix == ".safetensors":
-                with safe_open(str(shard), "pt") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
+                yield from read_safetensors(shard)
             else:
                 state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
                 for name in list(state):

@@ -28,7 +28,7 @@ from stip.developer.checkpoint import Checkpoint
 SERVER_DIR, CLIENT_DIR, DEVELOPER_DIR = "server", "client", "developer"
 CLIENT_KEY_FILE = "client.stipkey"
 DEVELOPER_KEY_FILE = "developer.stipkey"
-EMBEDDING_FILE = "embedding.safetensors"
+EMBEDDING_FILE = "embedding-{}.safetensors"  # one file per client tensor: "token", "position"
 CLIENT_CONFIG_FILE = "stip_client.json"
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 
@@ -154,11 +154,15 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         for d in (server, client, developer):
             d.mkdir()
         writer = ShardWriter(server, max_shard_bytes)
-        embedding: dict[str, torch.Tensor] = {}
+        embedding: dict[str, tuple[int, ...]] = {}  # client tensor -> shape; written as soon as it is read
         bar = tqdm(total=ck.total_tensors(), unit="tensor", desc="protect", disable=not progress)
         for name, tensor in ck.tensors():
             for party, out_name, t in protect_tensor(arch, key, name, tensor, tied):
-                (embedding.__setitem__ if party == CLIENT else writer.add)(out_name, t)
+                if party == SERVER:
+                    writer.add(out_name, t)
+                else:
+                    save_file({"weight": t.contiguous()}, str(client / EMBEDDING_FILE.format(out_name)))
+                    embedding[out_name] = tuple(t.shape)
             bar.update(1)
         bar.close()
         writer.close()
@@ -166,9 +170,8 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             raise stip.errors.UnsupportedModelError(f"{model} has no token embedding tensor")
 
         _write_server_config(ck, server)
-        save_file({k: v.contiguous() for k, v in embedding.items()}, str(client / EMBEDDING_FILE))
         client_fp = key.client.save(client / CLIENT_KEY_FILE)
-        write_json_atomic(client / CLIENT_CONFIG_FILE, _client_config(ck, arch, embedding, bundle_id))
+        write_json_atomic(client / CLIENT_CONFIG_FILE, _client_config(ck, embedding, bundle_id))
         if tokenizer is not None:
             tokenizer.save_pretrained(client)
         developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
@@ -205,7 +208,8 @@ def _write_server_config(ck: Checkpoint, folder: Path) -> None:
         write_json_atomic(folder / "generation_config.json", gen)
 
 
-def _client_config(ck: Checkpoint, arch: Architecture, embedding: dict, bundle_id: str) -> dict:
+def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
+                   bundle_id: str) -> dict:
     c = ck.config
     eos = getattr(c, "eos_token_id", None)
     gen = ck.generation_config() or {}
@@ -213,10 +217,10 @@ def _client_config(ck: Checkpoint, arch: Architecture, embedding: dict, bundle_i
     return {
         "bundle_id": bundle_id,
         "model_type": c.model_type,
-        "hidden_size": int(embedding["token"].shape[1]),
-        "vocab_size": int(embedding["token"].shape[0]),
+        "hidden_size": embedding["token"][1],
+        "vocab_size": embedding["token"][0],
         "learned_positions": "position" in embedding,
-        "max_positions": int(embedding["position"].shape[0]) if "position" in embedding
+        "max_positions": embedding["position"][0] if "position" in embedding
         else int(getattr(c, "max_position_embeddings", 0) or 0),
         "eos_token_ids": [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]),
         "bos_token_id": getattr(c, "bos_token_id", None),
