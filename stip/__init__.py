@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from stip.errors import BundleError, KeyMismatchError, StipError, UnsupportedModelError  # noqa: E402
 
 __all__ = ["__version__", "StipError", "BundleError", "KeyMismatchError", "UnsupportedModelError", "protect",
-           "ClientBundle"]
+           "ClientBundle", "Client"]
 
 
 def __getattr__(name):
@@ -22,4 +22,8 @@ def __getattr__(name):
         from stip.client.bundle import ClientBundle
 
         return ClientBundle
+    if name == "Client":
+        from stip.client.sdk import Client
+
+        return Client
     raise AttributeError(name)

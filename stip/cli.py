@@ -81,6 +81,8 @@ def serve(
     max_message_size: Optional[str] = typer.Option(None, help="largest request frame, e.g. 16MB "
                                                    "(default: room for max_seq_len float32 embeddings)"),
     threads: Optional[int] = typer.Option(None, help="torch threads for the model (default: torch's choice)"),
+    dtype: str = typer.Option("float32", help="model weights dtype: float32, bfloat16 or float16"),
+    device: str = typer.Option("cpu", help="torch device for the model, e.g. cpu or cuda"),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (serve https/wss)"),
     ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key"),
@@ -91,7 +93,7 @@ def serve(
     run_server(bundle, host=host, port=port, token=token, max_sessions=max_sessions, max_seq_len=max_seq_len,
                session_ttl=session_ttl, max_message_bytes=_size(max_message_size) if max_message_size else None,
                threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
-               ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
+               ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------- data owner
@@ -111,13 +113,14 @@ def chat(
     seed: Optional[int] = typer.Option(None),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     downlink: str = typer.Option("topk", help="'topk' (k pairs per token) or 'logits' (all V logits)"),
+    system: Optional[str] = typer.Option(None, help="a system message to start the conversation with"),
 ):
     """Chat with a protected model: tokenize, embed and permute locally; the server never sees text."""
     from stip.client.chat import run_chat
 
     run_chat(bundle, server=server, token=token, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-             downlink=downlink)
+             downlink=downlink, system=system)
 
 
 @app.command()
@@ -127,11 +130,13 @@ def proxy(
     port: int = typer.Option(8080),
     host: str = typer.Option("127.0.0.1"),
     token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN"),
+    downlink: str = typer.Option("topk", help="'topk' (k pairs per token) or 'logits' (all V logits)"),
+    model_name: Optional[str] = typer.Option(None, help="the model id /v1/models lists (default stip-<type>)"),
 ):
     """An OpenAI-compatible endpoint on localhost that talks STIP to the server."""
     from stip.client.proxy import run_proxy
 
-    run_proxy(bundle, server=server, host=host, port=port, token=token)
+    run_proxy(bundle, server=server, host=host, port=port, token=token, downlink=downlink, model_name=model_name)
 
 
 # ---------------------------------------------------------------- all three

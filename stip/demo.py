@@ -7,6 +7,9 @@ against plain transformers greedy generation, and the costs and what each party 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import socket
 import subprocess
@@ -22,15 +25,18 @@ BUNDLE_NAME = "smollm2"
 
 
 def _valid_bundle(out: Path) -> bool:
+    """Both bundles complete and untampered (every sha256 in their manifests), of the same protection, and the
+    client bundle loadable by this version of STIP."""
+    from stip.client.bundle import ClientBundle
     from stip.common.files import read_manifest
-    from stip.errors import BundleError
+    from stip.errors import StipError
 
     try:
         server = read_manifest(out / "server", role="server")
-        client = read_manifest(out / "client", role="client")
-    except BundleError:
+        client = ClientBundle.load(out / "client")
+    except (StipError, OSError, ValueError, KeyError):
         return False
-    return server["bundle_id"] == client["bundle_id"]
+    return server["bundle_id"] == client.bundle_id
 
 
 def ensure_bundle(cache: Path, console: Console) -> Path:
@@ -63,13 +69,15 @@ def start_server(server_bundle: Path, log_path: Path, port: int | None = None, e
     log = open(log_path, "wb")
     cmd = [sys.executable, "-m", "stip.cli", "serve", str(server_bundle), "--host", "127.0.0.1", "--port", str(port),
            *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={k: v for k, v in os.environ.items() if k != "STIP_TOKEN"})
+    env = {k: v for k, v in os.environ.items() if k != "STIP_TOKEN"}  # loopback: no token needed
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     return proc, f"http://127.0.0.1:{port}"
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 180.0) -> dict:
-    import httpx
+    import urllib.error
+    import urllib.request
 
     from stip.errors import StipError
 
@@ -79,10 +87,9 @@ def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: floa
             tail = log_path.read_text(errors="replace")[-3000:]
             raise StipError(f"the server exited with code {proc.returncode}:\n{tail}")
         try:
-            r = httpx.get(f"{url}/health", timeout=2.0)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
+            with urllib.request.urlopen(f"{url}/health", timeout=2.0) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
     raise StipError(f"the server at {url} did not become healthy within {timeout:.0f} s")
@@ -103,6 +110,10 @@ def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bo
     from stip.developer.verify import plain_greedy
     from stip.models import load_plain_model
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bars, in the server process
     console = Console(highlight=False)
     cache = Path(cache) if cache else Path.home() / ".cache" / "stip"
     out = ensure_bundle(cache, console)
@@ -111,7 +122,8 @@ def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bo
     try:
         console.print(f"[green]2. server[/green]     `stip serve` (pid {proc.pid}) on {url}: "
                       "protected weights, no key, no embedding table")
-        plain_model, tokenizer = load_plain_model("smollm2")  # while the server loads
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
+            plain_model, tokenizer = load_plain_model("smollm2")  # while the server loads
         wait_healthy(proc, url, log_path)
         client = Client(out / "client", url)
         messages = [{"role": "user", "content": prompt}]

@@ -15,7 +15,7 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
     from stip.client.sampling import SamplingParams
     from stip.client.sdk import Client
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
     client = Client(bundle, server, token=token, downlink=downlink)

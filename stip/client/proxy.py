@@ -98,6 +98,8 @@ def create_app(client, model_name: str | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON")
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         return _error(400, f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid request')}",
                       loc[0] if loc else None)
@@ -120,6 +122,11 @@ def create_app(client, model_name: str | None = None) -> FastAPI:
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
+    def check_length(ids: list[int], param: str) -> None:
+        if client.max_positions and len(ids) > client.max_positions:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this model takes at most "
+                                f"{client.max_positions}", param, "context_length_exceeded")
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
@@ -137,6 +144,7 @@ def create_app(client, model_name: str | None = None) -> FastAPI:
             ids = client.encode(messages=messages)
         except Exception as e:  # a template that rejects the roles, say
             raise ApiError(400, f"could not apply the chat template: {e}", "messages") from None
+        check_length(ids, "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": req.model or model_name}
         if req.stream:
@@ -169,6 +177,7 @@ def create_app(client, model_name: str | None = None) -> FastAPI:
             raise ApiError(400, str(e), "prompt") from None
         if isinstance(prompt, list) and (min(ids) < 0 or max(ids) >= client.bundle.vocab_size):
             raise ApiError(400, f"token ids must be in [0, {client.bundle.vocab_size})", "prompt")
+        check_length(ids, "prompt")
         echo = (prompt if isinstance(prompt, str) else client.tokenizer.decode(ids)) if req.echo else ""
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": req.model or model_name}

@@ -183,7 +183,8 @@ class Client:
                 f"the server at {server_url} serves bundle {served}, but this client bundle ({self.bundle.path}) "
                 f"belongs to bundle {self.bundle.bundle_id}: use the client bundle from the same `stip protect` run "
                 f"as the server's bundle")
-        self.max_positions = int(self.bundle.config.get("max_positions") or 0)
+        limits = [int(x) for x in (self.bundle.config.get("max_positions"), health.get("max_seq_len")) if x]
+        self.max_positions = min(limits) if limits else 0  # the model's positions or the server's cap
 
     @property
     def tokenizer(self):
@@ -244,7 +245,7 @@ class Client:
         finish = "length"
         pos = len(prompt_ids)
         if self.max_positions and pos > self.max_positions:
-            raise StipError(f"the prompt has {pos} tokens; the model takes at most {self.max_positions}")
+            raise StipError(f"the prompt has {pos} tokens; this model and server take at most {self.max_positions}")
         with self.connection.open_session() as session:
             c0 = time.perf_counter()
             x = bundle.embed(torch.tensor(prompt_ids), start=0)

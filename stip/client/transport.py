@@ -83,11 +83,18 @@ def _http_url(url: str, path: str) -> str:
     return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
 
 
+def _legacy_kw(connect) -> dict:
+    """websockets >= 16 warns unless a directly-returned connection is asked for explicitly."""
+    import inspect
+
+    return {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
 def _server_error(header: dict) -> StipServerError:
     status = int(header.get("status", 500))
     message = str(header.get("error", "unknown server error"))
     cls = StipAuthError if status in (401, 403) else StipServerError
-    return cls(f"server error {status}: {message}", status)
+    return cls(message, status)
 
 
 class Connection:
@@ -125,7 +132,16 @@ class Connection:
         return self._get("/metrics").decode()
 
     def open_session(self, resume: str | None = None) -> "RemoteSession":
-        return RemoteSession(self, resume)
+        """A new session, or (`resume=id`) a session whose socket was detached or dropped, with its KV cache."""
+        deadline = time.monotonic() + min(1.0, self.timeout)
+        while True:
+            try:
+                return RemoteSession(self, resume)
+            except StipServerError as e:
+                # A dropped socket may still look attached to the server for a moment: retry briefly.
+                if e.status != 409 or resume is None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __repr__(self) -> str:
         return f"Connection({self.url!r})"
@@ -156,7 +172,7 @@ class RemoteSession:
         try:
             self._ws = connect(url, additional_headers=conn._headers(), compression=None, max_size=None,
                                open_timeout=conn.timeout, close_timeout=min(5.0, conn.timeout),
-                               user_agent_header="stip-client")
+                               user_agent_header="stip-client", **_legacy_kw(connect))
         except InvalidStatus as e:
             status = e.response.status_code
             try:
@@ -209,9 +225,9 @@ class RemoteSession:
             self._ws = None
             rcvd = e.rcvd
             if rcvd is not None and rcvd.code == 1009:
-                raise StipServerError("server error 413: message too large for the server", 413) from None
+                raise StipServerError("message too large for the server (connection closed)", 413) from None
             if rcvd is not None and 4400 <= rcvd.code < 4600:
-                raise StipServerError(f"server error {rcvd.code - 4000}: {rcvd.reason or 'connection closed'}",
+                raise StipServerError(rcvd.reason or f"connection closed by the server ({rcvd.code})",
                                       rcvd.code - 4000) from None
             raise StipConnectionError(f"the connection to {self.connection.url} closed"
                                       f"{f' ({rcvd.code} {rcvd.reason})' if rcvd else ''}") from None
@@ -278,14 +294,33 @@ class RemoteSession:
 
     def prefill(self, embeds: torch.Tensor, positions: str = "last", downlink: Downlink = Downlink(),
                 dtype: torch.dtype = torch.float32) -> StepResult:
-        """Append embeddings [T, d] (server basis) to the session; logits of the last (or every) position."""
+        """Append embeddings [T, d] (server basis) to the session; logits of the last (or every) position.
+
+        A prompt larger than the server's message limit goes as several prefill steps (same result, same cache).
+        """
         if embeds.dim() == 3 and embeds.shape[0] == 1:
             embeds = embeds[0]
         if embeds.dim() != 2:
             raise ValueError(f"prefill takes embeddings of shape [T, d], got {list(embeds.shape)}")
         if positions not in wire.POSITIONS:
             raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
-        return self._step("prefill", embeds, dtype, downlink, positions)
+        limit = int(self.info.get("max_message_bytes") or 0)
+        row = embeds.shape[1] * torch.tensor([], dtype=dtype).element_size()
+        rows = max(1, (limit - 4096) // row) if limit else embeds.shape[0]
+        if embeds.shape[0] <= rows:
+            return self._step("prefill", embeds, dtype, downlink, positions)
+        # Longer than one message may carry: several prefill steps on the same KV cache.
+        parts = [self._step("prefill", chunk, dtype, downlink, positions) for chunk in embeds.split(rows)]
+        last = parts[-1]
+        if positions == "all":
+            cat = (lambda name: torch.cat([getattr(p, name) for p in parts])
+                   if getattr(last, name) is not None else None)
+            logits, indices, values = cat("logits"), cat("indices"), cat("values")
+        else:
+            logits, indices, values = last.logits, last.indices, last.values
+        return StepResult(logits, indices, values, last.position, sum(p.server_ms for p in parts),
+                          sum(p.rtt_ms for p in parts), sum(p.bytes_sent for p in parts),
+                          sum(p.bytes_received for p in parts))
 
     def decode(self, embed: torch.Tensor, downlink: Downlink = Downlink(), dtype: torch.dtype = torch.float32
                ) -> StepResult:

@@ -252,7 +252,11 @@ class StipService:
                 s.touch()
             s.position = header["position"]
             return wire.encode_frame(header, *parts), None
-        except StepError as e:
+        except Exception as e:
+            if not isinstance(e, StepError):
+                log.exception("unexpected error while serving a request (session dropped)")
+                e = StepError(500, f"internal server error ({type(e).__name__}); the session was dropped",
+                              fatal=True)
             self.metrics.errors.labels(str(e.status)).inc()
             if e.fatal and not s.closed:
                 self.sessions.remove(s)
@@ -342,7 +346,7 @@ def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
                 if close is not None:
                     await websocket.close(close)
                     break
-        except (WebSocketDisconnect, RuntimeError):
+        except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the client went away: the session stays resumable until its TTL
         finally:
             s.attached = False
@@ -354,7 +358,8 @@ def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
 def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                max_sessions: int = 64, max_seq_len: int = 4096, session_ttl: float = 300.0,
                max_message_bytes: int | None = None, threads: int | None = None, log_level: str = "info",
-               ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+               ssl_certfile: str | None = None, ssl_keyfile: str | None = None, dtype: str = "float32",
+               device: str = "cpu") -> None:
     """Load the server bundle and serve it until interrupted."""
     import uvicorn
 
@@ -371,19 +376,21 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
             raise StipError(f"{name} must be at least 1, got {value}")
     if not (session_ttl > 0 and math.isfinite(session_ttl)):
         raise StipError(f"session_ttl must be a positive number of seconds, got {session_ttl}")
+    if dtype not in wire.DTYPES:
+        raise StipError(f"dtype must be one of {', '.join(wire.DTYPES)}, got {dtype!r}")
     if threads:
         torch.set_num_threads(threads)
 
     from stip.server.engine import TransformersEngine
 
-    engine = TransformersEngine.from_bundle(bundle)
+    engine = TransformersEngine.from_bundle(bundle, dtype=wire.DTYPES[dtype], device=device)
     settings = Settings(token=token, max_sessions=max_sessions, max_seq_len=max_seq_len, session_ttl=session_ttl,
                         max_message_bytes=max_message_bytes)
     app = create_app(engine, settings, bundle_id=engine.manifest.get("bundle_id", ""))
     service: StipService = app.state.service
-    log.info("STIP server: %s model (d=%d, V=%d), bundle %s, max %d sessions, max_seq_len %d, ttl %.0fs, "
-             "torch threads %d", engine.model_type, engine.hidden_size, engine.vocab_size, service.bundle_id,
-             max_sessions, service.max_seq_len, session_ttl, torch.get_num_threads())
+    log.info("STIP server: %s model (d=%d, V=%d, %s on %s), bundle %s, max %d sessions, max_seq_len %d, ttl %.0fs, "
+             "torch threads %d", engine.model_type, engine.hidden_size, engine.vocab_size, dtype, device,
+             service.bundle_id, max_sessions, service.max_seq_len, session_ttl, torch.get_num_threads())
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
         # Larger messages than our limit still reach the app (which answers 413 and keeps the socket); only

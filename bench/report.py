@@ -1,0 +1,447 @@
+"""Summaries, machine details, and the written results: results.json, results.md (Markdown tables) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PLOTS = {
+    "latency": "latency_breakdown.png",
+    "ratio": "server_throughput_ratio.png",
+    "throughput": "server_throughput.png",
+    "mpc": "mpc_vs_plain.png",
+}
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def summarize(xs) -> dict:
+    """Median with its spread: quartiles (inclusive method) and range."""
+    xs = [float(x) for x in xs]
+    if not xs:
+        return {"median": float("nan"), "p25": float("nan"), "p75": float("nan"), "min": float("nan"),
+                "max": float("nan"), "n": 0}
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def paired(a, b) -> dict:
+    """Summary of the paired ratios a[i] / b[i]."""
+    return summarize([x / y for x, y in zip(a, b)])
+
+
+# ------------------------------------------------------------------------------------------------ machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent.parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict:
+    import torch
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        mem = None
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain")
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+        simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    except (OSError, IndexError):
+        simd = []
+    return {
+        "cpu": _cpu_model(),
+        "cpu_simd": simd,
+        "cores": os.cpu_count(),
+        "cores_available": affinity,
+        "memory_gb": round(mem / 2**30, 1) if mem else None,
+        "torch_threads": torch.get_num_threads(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {n: _version(n) for n in ("stip", "torch", "transformers", "crypten", "websockets", "uvicorn",
+                                              "numpy", "matplotlib")},
+        "git_commit": (commit[:12] + ("+dirty" if dirty else "")) if commit else None,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def command_line() -> str:
+    """The command that ran, as a user would type it."""
+    import shlex
+
+    argv = sys.argv
+    if argv and (Path(argv[0]).name in ("stip", "cli.py") or argv[0].endswith("stip/cli.py")):
+        return shlex.join(["stip", *argv[1:]])
+    if argv and Path(argv[0]).name == "__main__.py":
+        return shlex.join(["python", "-m", "stip.cli", *argv[1:]])
+    return shlex.join([Path(sys.executable).name, *argv])
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def _f(x, nd=2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if x != x:
+        return "nan"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    if abs(x) >= 100:
+        return f"{x:.1f}" if nd else f"{x:.0f}"
+    return f"{x:.{nd}f}"
+
+
+def _mid(s: dict, nd=2) -> str:
+    """median [p25-p75]"""
+    return f"{_f(s['median'], nd)} [{_f(s['p25'], nd)}-{_f(s['p75'], nd)}]"
+
+
+def _range(s: dict, nd=3) -> str:
+    return f"{_f(s['min'], nd)}-{_f(s['max'], nd)}"
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, size in (("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _row_label(r: dict) -> str:
+    if r["phase"] == "prefill":
+        return f"prefill B={r['batch']} T={r['tokens']}"
+    return f"decode B={r['batch']} (ctx {r['context']})"
+
+
+def headline(results: dict) -> list[tuple[str, str, str]]:
+    """(figure, value, target) rows."""
+    rows = []
+    sc = results.get("server_cost")
+    if sc:
+        rows.append(("Server side: protected / plain throughput, worst config (median of paired ratios)",
+                     _f(sc["ratio_min"], 3), ">= 0.98"))
+        rows.append(("Server side: protected / plain throughput, median over configs", _f(sc["ratio_median"], 3),
+                     ">= 0.98"))
+    e2e = results.get("end_to_end")
+    if e2e:
+        plain = next(r for r in e2e["rows"] if r["variant"] == "plain")
+        rows.append(("Plain transformers generate, per token (ms)", _mid(plain["per_token_ms"]), ""))
+        for r in e2e["rows"]:
+            if r["variant"] == "plain":
+                continue
+            where = r["network"]
+            rows.append((f"STIP {r['downlink']} downlink over {where}: per token (ms)",
+                         _mid(r["per_token_ms"]), ""))
+            if where == "loopback":
+                rows.append((f"STIP / plain per token, {r['downlink']} downlink, loopback",
+                             f"{_f(r['ratio_to_plain']['median'], 3)} (range {_range(r['ratio_to_plain'])})",
+                             "<= 1.15"))
+                rows.append((f"Bytes per token, {r['downlink']} downlink (up / down)",
+                             f"{_bytes(r['bytes_up_per_token'])} / {_bytes(r['bytes_down_per_token'])}", ""))
+    pb = results.get("protect")
+    if pb:
+        rows.append(("Protect throughput (MB/s) / peak RSS (GB)",
+                     f"{_f(pb['mb_per_s'], 1)} / {_f(pb['peak_rss_gb'], 3)} "
+                     f"({_f(pb['checkpoint_bytes'] / 1e9, 2)} GB checkpoint)",
+                     f"RSS < {_f(pb['rss_bound_gb'], 2)} GB"))
+    mpc = results.get("mpc")
+    if mpc:
+        rows.append(("STIP speedup over secure 2PC: one decoder block, CrypTen / plain time (loopback)",
+                     f"{_f(mpc['speedup'], 0)}x ({_f(mpc['mpc_seconds'] * 1e3, 1)} ms vs "
+                     f"{_f(mpc['plain_seconds'] * 1e3, 3)} ms)", ""))
+    return rows
+
+
+def markdown(results: dict) -> str:
+    m, meta = results["machine"], results["meta"]
+    lines = [f"# STIP benchmarks{' (quick smoke run)' if meta['quick'] else ''}", ""]
+    lines += [f"Command: `{meta['command']}`  ", f"Started {meta['started']}, took {meta['seconds']:.0f} s. "
+              f"Model: {meta['model']}.", ""]
+    if results.get("errors"):
+        lines += ["**Errors:**", ""] + [f"- {k}: `{v}`" for k, v in results["errors"].items()] + [""]
+    lines += ["## Machine", "", _table(["", ""], [
+        ["CPU", f"{m['cpu']} ({', '.join(m.get('cpu_simd') or [])})"], ["cores (available)", f"{m['cores']} ({m['cores_available']})"],
+        ["memory", f"{m['memory_gb']} GB"], ["torch threads", m["torch_threads"]], ["OS", m["os"]],
+        ["Python", m["python"]],
+        ["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)],
+        ["git", m["git_commit"]],
+        ["load average (1/5/15 min) at start / end",
+         f"{m['load_average_at_start']} / {m.get('load_average_at_end')}"],
+        ["other processes during the run", (lambda o: f"{o['cpu_seconds']} CPU-s ({o['share_of_capacity']:.1%} of "
+                                                      f"capacity), steal {o['steal_cpu_seconds']} CPU-s"
+                                            if o else "-")(m.get("other_processes_during_run"))],
+    ]), ""]
+    lines += ["## Headline figures", "", _table(["figure", "value: median [IQR]", "target"],
+                                                [list(r) for r in headline(results)]), ""]
+
+    sc = results.get("server_cost")
+    if sc:
+        lines += ["## 1. Server-side cost: protected vs plain model, same engine", "",
+                  f"Engine: {sc['engine']}. Inputs: {sc['inputs']}. Method: {sc['method']}. "
+                  f"torch threads: {sc['torch_threads']}. Max |logit difference| plain vs un-permuted protected "
+                  f"on one prompt: {sc['max_abs_logit_diff']:.2e}.", "",
+                  _table(["config", "plain tok/s", "protected tok/s", "ratio protected/plain", "ratio range", "n"],
+                         [[_row_label(r), _mid(r["plain_tokens_per_s"], 1), _mid(r["protected_tokens_per_s"], 1),
+                           _mid(r["ratio"], 3), _range(r["ratio"]), r["ratio"]["n"]] for r in sc["rows"]]), "",
+                  f"![server throughput ratio]({PLOTS['ratio']})  ![server throughput]({PLOTS['throughput']})", ""]
+
+    e2e = results.get("end_to_end")
+    if e2e:
+        lines += ["## 2. End to end: plain generate vs STIP (server process + client, one round trip per token)", "",
+                  f"{e2e['server']}. Prompt: {e2e['prompt_tokens']} tokens. Method: {e2e['method']}. "
+                  "Per token = one decode step as the client sees it; it splits into client compute, server "
+                  "compute (`server_ms` reported by the server) and wire (round trip - server: network, "
+                  "WebSocket framing, event loops); in brackets, what the simulated link alone accounts for "
+                  "(RTT + both messages at the link rate). Bytes: WebSocket message payloads of one decode step.", ""]
+        rows = []
+        for r in e2e["rows"]:
+            stip = r["variant"] != "plain"
+            rows.append([r["variant"], r["network"], _mid(r["per_token_ms"]), _range(r["per_token_ms"], 2),
+                         _f(r["client_ms"]["median"], 3) if stip else "-",
+                         _f(r["server_ms"]["median"]) if stip else "-",
+                         (_f(r["wire_ms"]["median"], 3) + (f" ({_f(r['link_model_ms'], 2)})" if "link_model_ms" in r
+                                                             else "")) if stip else "-",
+                         _bytes(r["bytes_up_per_token"]) if stip else "-",
+                         _bytes(r["bytes_down_per_token"]) if stip else "-",
+                         f"{_f(r['ratio_to_plain']['median'], 3)} ({_range(r['ratio_to_plain'])})" if stip else "1",
+                         _mid(r["ttft_ms"], 1), _f(r.get("same_tokens_as_plain")) if stip else "-"])
+        lines += [_table(["variant", "network", "per token ms", "range", "client ms", "server ms",
+                          "wire ms (link model)",
+                          "up B/token", "down B/token", "ratio to plain (range)", "first token ms",
+                          "same tokens"], rows), ""]
+        lines += ["### Simulated networks", "",
+                  "A relay process (`bench/netsim.py`) between client and server adds half the RTT each way and "
+                  "serialises bytes at the link rate; 'measured' is what the relay delivered in a calibration "
+                  "(64-byte round trip, one-way bulk transfer).", "",
+                  _table(["network", "configured RTT ms", "configured Mbit/s", "measured RTT ms", "measured Mbit/s"],
+                         [[n["label"], _f(n["rtt_ms"]), _f(n["mbit"], 0), _f(n["measured"]["rtt_ms"], 3),
+                           _f(n["measured"]["mbit"], 1)]
+                          for k, n in e2e["networks"].items() if k != "loopback"]), "",
+                  f"![per-token latency breakdown]({PLOTS['latency']})", ""]
+
+    pb = results.get("protect")
+    if pb:
+        lines += ["## 3. Protect: throughput and peak memory", "",
+                  f"`{pb['command']}` on a synthetic LLaMA-shaped fp32 checkpoint ({pb['layers']} layers, "
+                  f"{pb['tensors']} tensors, {pb['shards']} shard(s)).", "",
+                  _table(["checkpoint", "seconds", "MB/s", "peak RSS", "bound (3 x largest tensor + 1.5 GB)",
+                          "within bound"],
+                         [[_bytes(pb["checkpoint_bytes"]), _f(pb["seconds"]), _f(pb["mb_per_s"], 1),
+                           f"{_f(pb['peak_rss_gb'], 3)} GB", f"{_f(pb['rss_bound_gb'], 3)} GB",
+                           _f(pb["within_bound"])]]), ""]
+
+    mpc = results.get("mpc")
+    if mpc:
+        s = mpc["shape"]
+        lines += ["## 4. Secure two-party computation baseline (CrypTen)", "",
+                  f"One LLaMA decoder block (d={s['d']}, {s['n_heads']} heads / {s['n_kv_heads']} KV heads, "
+                  f"ffn {s['m']}, T={s['T']} tokens) under {mpc['protocol']}, two processes, "
+                  f"{mpc['threads']['mpc_per_party']} thread per party; plain torch block with "
+                  f"{mpc['threads']['plain']} threads. STIP's server runs the plain block (section 1: the same "
+                  f"cost as the unprotected model).", "",
+                  _table(["CrypTen block (median)", "all runs", "plain block", "CrypTen / plain",
+                          "communication", "rounds", "max abs error"],
+                         [[f"{_f(mpc['mpc_seconds'] * 1e3, 1)} ms",
+                           ", ".join(f"{x * 1e3:.0f}" for x in mpc["mpc_seconds_all"]) + " ms",
+                           f"{_f(mpc['plain_seconds'] * 1e3, 3)} ms", f"{_f(mpc['speedup'], 0)}x",
+                           _bytes(mpc["comm_bytes"]), mpc["rounds"], f"{mpc['max_abs_error']:.2e}"]]), ""]
+        est = mpc.get("over_network_estimate")
+        if est:
+            lines += ["Over the simulated networks (an estimate, not a measurement: loopback time + rounds x RTT + "
+                      "bytes / rate; both parties' traffic is counted once):", "",
+                      _table(["network", "CrypTen block", f"all blocks of the model ({s['T']} tokens)",
+                              "vs plain block"],
+                             [[e["label"], f"{_f(e['block_s'], 3)} s", f"{_f(e['model_forward_s'], 1)} s "
+                               f"({e['layers']} blocks)", f"{_f(e['vs_plain'], 0)}x"] for e in est]), ""]
+        lines += [f"![MPC vs plain]({PLOTS['mpc']})", ""]
+
+    lines += ["## Notes", "", *[f"- {n}" for n in results.get("notes", [])], ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    title_tail = "\n(quick smoke run: tiny model, few repeats)" if results["meta"]["quick"] else ""
+
+    e2e = results.get("end_to_end")
+    if e2e:
+        rows = e2e["rows"]
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
+        labels, xs = [], range(len(rows))
+        colors = {"client": "#4c72b0", "server": "#dd8452", "wire": "#55a868", "plain": "#8c8c8c"}
+        for x, r in zip(xs, rows):
+            labels.append("plain\ngenerate" if r["variant"] == "plain" else
+                          f"{r['downlink']}\n{r['network']}")
+            if r["variant"] == "plain":
+                ax.bar(x, r["per_token_ms"]["median"], color=colors["plain"],
+                       label="plain model (all compute)" if x == 0 else None)
+            else:
+                bottom = 0.0
+                for part in ("client", "server", "wire"):
+                    v = max(0.0, r[f"{part}_ms"]["median"])
+                    ax.bar(x, v, bottom=bottom, color=colors[part],
+                           label=f"{part}" if r is rows[1] else None)
+                    bottom += v
+            s = r["per_token_ms"]
+            ax.errorbar(x, s["median"], yerr=[[s["median"] - s["p25"]], [s["p75"] - s["median"]]], fmt="o",
+                        color="black", ms=3, capsize=3, label="total: median, IQR" if x == 0 else None)
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_ylabel("ms per generated token")
+        ax.set_title("Per-token latency and where it goes" + title_tail)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / PLOTS["latency"], dpi=120)
+        plt.close(fig)
+        written.append(PLOTS["latency"])
+
+    sc = results.get("server_cost")
+    if sc:
+        rows = sc["rows"]
+        labels = [_row_label(r).replace(" (", "\n(").replace(" T=", "\nT=") for r in rows]
+        fig, ax = plt.subplots(figsize=(max(7.0, 1.0 * len(rows) + 2), 4.5))
+        med = [r["ratio"]["median"] for r in rows]
+        err = [[m - r["ratio"]["p25"] for m, r in zip(med, rows)], [r["ratio"]["p75"] - m for m, r in zip(med, rows)]]
+        ax.bar(range(len(rows)), med, yerr=err, capsize=4, color="#4c72b0")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(0.98, color="#c44e52", ls="--", lw=1, label="target 0.98")
+        lo = min([0.9] + [r["ratio"]["p25"] for r in rows])
+        hi = max([1.05] + [r["ratio"]["p75"] for r in rows])
+        ax.set_ylim(lo - 0.02, hi + 0.02)
+        ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_ylabel("protected / plain throughput")
+        ax.set_title("Server side: protected vs plain model (median, IQR)" + title_tail)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / PLOTS["ratio"], dpi=120)
+        plt.close(fig)
+        written.append(PLOTS["ratio"])
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+        for ax, phase in zip(axes, ("prefill", "decode")):
+            sub = [r for r in rows if r["phase"] == phase]
+            w = 0.38
+            for j, (key, name, color) in enumerate((("plain_tokens_per_s", "plain (token ids)", "#8c8c8c"),
+                                                     ("protected_tokens_per_s", "protected (embeddings)",
+                                                      "#4c72b0"))):
+                vals = [r[key]["median"] for r in sub]
+                err = [[v - r[key]["p25"] for v, r in zip(vals, sub)], [r[key]["p75"] - v for v, r in zip(vals, sub)]]
+                ax.bar([i + (j - 0.5) * w for i in range(len(sub))], vals, w, yerr=err, capsize=3, color=color,
+                       label=name)
+            ax.set_xticks(range(len(sub)), [_row_label(r).split(" ", 1)[1] for r in sub], fontsize=8)
+            ax.set_title(f"{phase} tokens/s")
+            ax.legend(fontsize=8)
+        fig.suptitle("Server-side throughput, same engine" + title_tail)
+        fig.tight_layout()
+        fig.savefig(out / PLOTS["throughput"], dpi=120)
+        plt.close(fig)
+        written.append(PLOTS["throughput"])
+
+    mpc = results.get("mpc")
+    if mpc:
+        names = ["plain block\n(STIP server)", "CrypTen 2PC\n(loopback)"]
+        vals = [mpc["plain_seconds"] * 1e3, mpc["mpc_seconds"] * 1e3]
+        for e in mpc.get("over_network_estimate", []):
+            names.append(f"CrypTen 2PC\n{e['name']} (est.)")
+            vals.append(e["block_s"] * 1e3)
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(vals) + 1), 4.5))
+        ax.bar(range(len(vals)), vals, color=["#4c72b0"] + ["#c44e52"] * (len(vals) - 1))
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(vals)), names, fontsize=8)
+        ax.set_ylabel("ms per decoder block (log)")
+        ax.set_title("One decoder block: plain vs secure 2PC" + title_tail)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / PLOTS["mpc"], dpi=120)
+        plt.close(fig)
+        written.append(PLOTS["mpc"])
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        return None if x != x else round(x, 6)
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def write(results: dict, out: Path, log=print) -> dict:
+    """results.json, PNG plots, then results.md (which links the plots)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        results["plots"] = plots(results, out)
+    except ImportError as e:
+        results["plots"] = []
+        results.setdefault("errors", {})["plots"] = f"{e} (pip install matplotlib)"
+    results = _jsonable(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    log(f"wrote {out / 'results.md'}, {out / 'results.json'} and {len(results['plots'])} plots")
+    return results

@@ -1,0 +1,47 @@
+"""`stip demo` end to end, as a user runs it: protect into an empty cache, serve, chat, check against plain."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.parties import _env
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stip.cli", "demo", "--cache", str(cache), "--max-tokens", "16"],
+                          capture_output=True, text=True, timeout=600, env={**_env(None, None), "COLUMNS": "200"},
+                          cwd=Path(__file__).parent.parent)
+
+
+def test_demo_from_an_empty_cache_matches_plain(tmp_path):
+    r = _demo(tmp_path / "cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "protecting SmolLM2" in out
+    assert "MATCH" in out and "MISMATCH" not in out
+    assert "Paris" in out
+    for row in ("tokens/s, plain", "tokens/s, STIP", "client compute", "bytes sent / received", "top permuted"):
+        assert row in out, out
+    assert (tmp_path / "cache" / "smollm2" / "server" / "stip-manifest.json").is_file()
+
+
+def test_cached_bundle_is_checked_before_reuse(smollm2_protected, tmp_path):
+    import shutil
+
+    from stip.demo import _valid_bundle
+
+    cached = tmp_path / "smollm2"
+    for part in ("server", "client"):
+        shutil.copytree(smollm2_protected / part, cached / part)
+    assert _valid_bundle(cached)
+    cfg = cached / "client" / "stip_client.json"
+    cfg.write_text(cfg.read_text().replace("bundle_id", "bundle_id "))
+    assert not _valid_bundle(cached)
+    shutil.rmtree(cached / "client")
+    assert not _valid_bundle(cached)

@@ -1,0 +1,135 @@
+"""`stip proxy` as a subprocess in front of a `stip serve` subprocess; the official `openai` client talks to it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from stip.developer.verify import plain_greedy
+from tests.parties import _env, _stop, free_port, serve
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "user", "content": "Explain how photosynthesis works, step by step."}]
+PROMPT = "The three most important inventions in history are"
+N = 32
+
+
+@pytest.fixture(scope="module")
+def proxy_url(smollm2_protected):
+    with serve(smollm2_protected) as server:
+        port = free_port()
+        cmd = [sys.executable, "-m", "stip.cli", "proxy", str(smollm2_protected / "client"), "--server", server.url,
+               "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(None, None),
+                                cwd=Path(__file__).parent.parent)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+                try:
+                    httpx.get(url + "/v1/models", timeout=2).raise_for_status()
+                    break
+                except httpx.HTTPError:
+                    assert time.monotonic() < deadline, "stip proxy did not start"
+                    time.sleep(0.2)
+            yield url
+        finally:
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def oai(proxy_url):
+    return openai.OpenAI(base_url=proxy_url + "/v1", api_key="anything", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def expected(smollm2_plain):
+    model, tok = smollm2_plain
+    eos = [tok.convert_tokens_to_ids("<|im_end|>")]
+    chat_ids = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+    chat = plain_greedy(model, chat_ids, N, eos)
+    comp = plain_greedy(model, tok(PROMPT)["input_ids"], N, eos)
+    return {"chat": tok.decode(chat, skip_special_tokens=True), "chat_tokens": len(chat),
+            "completion": tok.decode(comp, skip_special_tokens=True), "prompt_tokens": len(chat_ids)}
+
+
+def test_models(oai):
+    models = oai.models.list().data
+    assert len(models) == 1 and models[0].id
+
+
+def test_chat_non_streaming(oai, expected):
+    r = oai.chat.completions.create(model="anything", messages=CHAT, temperature=0, max_tokens=N)
+    assert r.choices[0].message.content == expected["chat"]
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == expected["chat_tokens"]
+    assert r.usage.prompt_tokens == expected["prompt_tokens"]
+
+
+def test_chat_streaming(oai, expected):
+    chunks = list(oai.chat.completions.create(model="m", messages=CHAT, temperature=0, max_tokens=N, stream=True,
+                                              stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected["chat"]
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 10  # really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == expected["chat_tokens"]
+
+
+def test_completions(oai, expected):
+    r = oai.completions.create(model="m", prompt=PROMPT, temperature=0, max_tokens=N)
+    assert r.choices[0].text == expected["completion"]
+    stream = oai.completions.create(model="m", prompt=PROMPT, temperature=0, max_tokens=N, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == expected["completion"]
+
+
+def test_stop_seed_and_unknown_fields(oai, expected):
+    text = expected["chat"]
+    stop = text[len(text) // 2:len(text) // 2 + 5]
+    r = oai.chat.completions.create(model="m", messages=CHAT, temperature=0, max_tokens=N, stop=[stop],
+                                    frequency_penalty=0.0, user="u", extra_body={"some_future_field": 1})
+    assert r.choices[0].message.content == text[:text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+    kw = dict(model="m", messages=[{"role": "user", "content": "Tell me a joke."}], max_tokens=12, temperature=1.0,
+              top_p=0.9, seed=3)
+    a = oai.chat.completions.create(**kw).choices[0].message.content
+    assert a == oai.chat.completions.create(**kw).choices[0].message.content
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": CHAT, "n": 2},
+    {"messages": CHAT, "temperature": 3.5},
+    {"messages": CHAT, "top_p": 0},
+    {"messages": CHAT, "max_tokens": 0},
+    {"messages": []},
+    {},
+    {"messages": "hello"},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+])
+def test_bad_chat_requests_get_400(proxy_url, body):
+    r = httpx.post(proxy_url + "/v1/chat/completions", json={"model": "m", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"]
+
+
+def test_bad_requests_via_openai_client_and_raw(oai, proxy_url):
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        oai.chat.completions.create(model="m", messages=CHAT, n=2)
+    with pytest.raises(openai.BadRequestError):
+        oai.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+    r = httpx.post(proxy_url + "/v1/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(proxy_url + "/v1/completions", json={"prompt": [10**9]}, timeout=30)
+    assert r.status_code == 400
+    assert httpx.get(proxy_url + "/v1/nothing", timeout=30).status_code == 404

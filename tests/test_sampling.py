@@ -1,0 +1,103 @@
+"""The client's sampler against transformers' own logits processors, on random logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from stip.client.sampling import Sampler, SamplingParams
+
+V = 500
+
+
+def _reference(logits, history, temperature, top_k, top_p, penalty):
+    procs = LogitsProcessorList()
+    if penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(penalty=penalty))
+    procs.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        procs.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        procs.append(TopPLogitsWarper(top_p=top_p))
+    return procs(torch.tensor([history]), logits[None].clone())[0]
+
+
+CASES = [(1.0, 0, 1.0, 1.0), (0.7, 0, 0.9, 1.0), (1.3, 40, 1.0, 1.0), (0.8, 50, 0.8, 1.3), (1.0, 0, 0.5, 0.7),
+         (2.0, 10, 0.95, 1.2), (0.5, 0, 0.3, 1.0)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty", CASES)
+def test_processed_scores_match_transformers(temperature, top_k, top_p, penalty):
+    g = torch.Generator().manual_seed(hash((temperature, top_k, top_p, penalty)) % 1000)
+    for trial in range(5):
+        logits = torch.randn(V, generator=g) * 3
+        history = torch.randint(0, V, (30,), generator=g).tolist()
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+        ours = Sampler(params, history).processed(logits)
+        ref = _reference(logits, history, temperature, top_k, top_p, penalty)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        finite = ~torch.isinf(ref)
+        torch.testing.assert_close(ours[finite], ref[finite])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty", CASES)
+def test_draws_stay_in_kept_set_and_follow_the_distribution(temperature, top_k, top_p, penalty):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(40, generator=g) * 2
+    history = [1, 2, 3, 5, 8, 13]
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=3)
+    sampler = Sampler(params, history)
+    probs = _reference(logits, history, temperature, top_k, top_p, penalty).softmax(-1)
+    n = 4000
+    counts = torch.bincount(torch.tensor([sampler.from_logits(logits) for _ in range(n)]), minlength=40).float()
+    assert bool((counts[probs == 0] == 0).all())
+    # every token's frequency within 5 standard deviations of its probability
+    sd = (probs * (1 - probs) / n).sqrt()
+    assert bool(((counts / n - probs).abs() <= 5 * sd + 1e-3).all())
+
+
+def test_greedy_is_argmax_after_penalty():
+    logits = torch.tensor([1.0, 5.0, 4.9, -2.0])
+    assert Sampler(SamplingParams()).from_logits(logits) == 1
+    # 5.0 / 1.1 < 4.9: a seen token loses its lead
+    assert Sampler(SamplingParams(repetition_penalty=1.1), [1]).from_logits(logits) == 2
+    ids, vals = torch.tensor([7, 3]), torch.tensor([5.0, 4.9])
+    assert Sampler(SamplingParams(repetition_penalty=1.1), [7]).from_topk(ids, vals) == 3
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty", [(1.0, 20, 1.0, 1.0), (0.7, 64, 0.9, 1.2),
+                                                             (1.2, 8, 0.5, 1.0)])
+def test_topk_pairs_and_full_logits_sample_the_same_tokens(temperature, top_k, top_p, penalty):
+    """With top_k <= the downlink's k, both inputs give the same seeded sequence of tokens."""
+    g = torch.Generator().manual_seed(11)
+    perm = torch.randperm(V, generator=g)  # stand-in for the vocabulary permutation
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=5)
+    a, b = Sampler(params, [4, 9]), Sampler(params, [4, 9])
+    for _ in range(50):
+        logits = torch.randn(V, generator=g) * 3
+        permuted = logits[perm]
+        values, indices = torch.topk(permuted, 64)
+        x, y = a.from_logits(logits), b.from_topk(perm[indices], values)
+        assert x == y
+        a.observe(x)
+        b.observe(y)
+
+
+def test_seed_reproducible():
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, seed=42)
+    draws = [Sampler(params).from_logits(logits) for _ in range(3)]
+    assert len(set(draws)) == 1
+    s = Sampler(params)
+    seq = [s.from_logits(logits) for _ in range(20)]
+    assert len(set(seq)) > 1
+
+
+def test_invalid_params():
+    for bad in [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0),
+                dict(repetition_penalty=0)]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="x").stop == ["x"]
