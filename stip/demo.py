@@ -70,6 +70,7 @@ def start_server(server_bundle: Path, log_path: Path, port: int | None = None, e
     cmd = [sys.executable, "-m", "stip.cli", "serve", str(server_bundle), "--host", "127.0.0.1", "--port", str(port),
            *(extra or [])]
     env = {k: v for k, v in os.environ.items() if k != "STIP_TOKEN"}  # loopback: no token needed
+    env.setdefault("TQDM_DISABLE", "1")  # no progress bars in the log
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     return proc, f"http://127.0.0.1:{port}"
@@ -106,22 +107,21 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bool:
+    from transformers.utils import logging as hf_logging
+
     from stip.client.sdk import Client
     from stip.developer.verify import plain_greedy
     from stip.models import load_plain_model
 
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bars, in the server process
     console = Console(highlight=False)
     cache = Path(cache) if cache else Path.home() / ".cache" / "stip"
     out = ensure_bundle(cache, console)
     log_path = Path(tempfile.mkstemp(prefix="stip-demo-server-", suffix=".log")[1])
     proc, url = start_server(out / "server", log_path)
     try:
-        console.print(f"[green]2. server[/green]     `stip serve` (pid {proc.pid}) on {url}: "
-                      "protected weights, no key, no embedding table")
+        console.print(f"[green]2. server[/green]     `stip serve` (pid {proc.pid}) on {url}")
+        console.print("   it holds the protected weights only: no key, no embedding table, no tokenizer")
         with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
             plain_model, tokenizer = load_plain_model("smollm2")  # while the server loads
         wait_healthy(proc, url, log_path)

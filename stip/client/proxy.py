@@ -3,7 +3,9 @@
 Any OpenAI client (base_url=http://127.0.0.1:PORT/v1, any api_key) gets private inference unchanged: the proxy
 tokenizes, embeds and permutes on this machine, and the server never sees text. `GET /v1/models`,
 `POST /v1/chat/completions`, `POST /v1/completions`, streaming (SSE) or not. Each generation runs in its own
-thread (the SDK is blocking) and stops when the HTTP client goes away.
+thread (the SDK is blocking) and stops when the HTTP client goes away. A chat request without max_tokens gets at
+most 256 tokens; frequency/presence penalties are accepted and not applied (`repetition_penalty` and `top_k` are
+taken as extensions, as vLLM does).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
