@@ -1,5 +1,8 @@
 """Real parties for tests: `stip serve` as a subprocess on a free loopback port, given only the server bundle.
 
+The server gets a private folder holding hard links to the server bundle's files and nothing else, so it has no path
+to the client bundle beside it: whatever it computes, it computes without client files.
+
     with serve(protected_dir / "server", token="t") as server:
         conn = Connection(server.url, token=server.token)
 
@@ -67,6 +70,19 @@ def server_bundle(path: str | Path) -> Path:
     return path / "server" if (path / "server" / "stip-manifest.json").is_file() else path
 
 
+@contextlib.contextmanager
+def isolated_server_bundle(bundle: str | Path) -> Iterator[Path]:
+    """A temporary folder with only the server bundle's files (hard links: instant, no copy)."""
+    src = server_bundle(bundle)
+    with tempfile.TemporaryDirectory(prefix="stip-server-only-") as tmp:
+        dst = Path(tmp) / "server"
+        dst.mkdir()
+        for f in src.iterdir():
+            if f.is_file():
+                os.link(f, dst / f.name)
+        yield dst
+
+
 def serve_command(bundle: str | Path, *args: str, host: str = "127.0.0.1", port: int | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "stip.cli", "serve", str(server_bundle(bundle)), "--host", host]
     if port is not None:
@@ -102,6 +118,12 @@ def serve(bundle: str | Path, *args: str, token: str | None = None, env: dict | 
           timeout: float = STARTUP_TIMEOUT, threads: int | None = None) -> Iterator[ServerProcess]:
     """Start `stip serve BUNDLE ARGS` on a free loopback port (token via STIP_TOKEN), yield once /health answers."""
     extra = list(args) + (["--threads", str(threads)] if threads else [])
+    with isolated_server_bundle(bundle) as only_server:
+        yield from _serve(only_server, extra, token, env, timeout)
+
+
+def _serve(bundle: Path, extra: list[str], token: str | None, env: dict | None,
+           timeout: float) -> Iterator[ServerProcess]:
     for attempt in range(3):
         port = free_port()
         log_file = tempfile.NamedTemporaryFile(prefix="stip-serve-", suffix=".log", delete=False)
