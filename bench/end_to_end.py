@@ -20,69 +20,21 @@ Bytes per token are the WebSocket message payloads of one decode step, each way.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def stip_server(server_dir: Path, threads: int, timeout: float = 180.0):
-    """`stip serve` as its own process on a free loopback port; yields (url, port)."""
-    env = {k: v for k, v in os.environ.items() if k != "STIP_TOKEN"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    for attempt in range(3):
-        port = _free_port()
-        log = tempfile.NamedTemporaryFile(prefix="stip-bench-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "stip.cli", "serve", str(server_dir), "--host", "127.0.0.1", "--port", str(port),
-               "--threads", str(threads)]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        log.close()
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        try:
-            while proc.poll() is None:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=5):
-                        break
-                except (urllib.error.URLError, OSError):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"stip serve gave no /health in {timeout} s:\n"
-                                           f"{Path(log.name).read_text(errors='replace')}")
-                    time.sleep(0.1)
-            if proc.poll() is not None:
-                text = Path(log.name).read_text(errors="replace")
-                if "address already in use" in text.lower() and attempt < 2:
-                    continue
-                raise RuntimeError(f"stip serve exited with code {proc.returncode}:\n{text}")
-            yield url, port
-            return
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            with contextlib.suppress(OSError):
-                os.unlink(log.name)
+    """`stip serve` as its own process on a free loopback port (`stip.server.launch`); yields (url, port)."""
+    from stip.server.launch import local_server
+
+    with local_server(server_dir, "--threads", str(threads), timeout=timeout) as server:
+        yield server.url, server.port
 
 
 # ------------------------------------------------------------------------------------------------ one generation

@@ -170,6 +170,9 @@ def headline(results: dict) -> list[tuple[str, str, str]]:
                      _f(sc["ratio_min"], 3), ">= 0.98"))
         rows.append(("Server side: protected / plain throughput, median over configs", _f(sc["ratio_median"], 3),
                      ">= 0.98"))
+        if "ratio_copied_min" in sc:
+            rows.append(("Server side, both models' weights copied into process memory: worst config / median",
+                         f"{_f(sc['ratio_copied_min'], 3)} / {_f(sc['ratio_copied_median'], 3)}", ">= 0.98"))
     e2e = results.get("end_to_end")
     if e2e:
         plain = next(r for r in e2e["rows"] if r["variant"] == "plain")
@@ -208,7 +211,8 @@ def markdown(results: dict) -> str:
     if results.get("errors"):
         lines += ["**Errors:**", ""] + [f"- {k}: `{v}`" for k, v in results["errors"].items()] + [""]
     lines += ["## Machine", "", _table(["", ""], [
-        ["CPU", f"{m['cpu']} ({', '.join(m.get('cpu_simd') or [])})"], ["cores (available)", f"{m['cores']} ({m['cores_available']})"],
+        ["CPU", f"{m['cpu']} ({', '.join(m.get('cpu_simd') or [])})"],
+        ["cores (available)", f"{m['cores']} ({m['cores_available']})"],
         ["memory", f"{m['memory_gb']} GB"], ["torch threads", m["torch_threads"]], ["OS", m["os"]],
         ["Python", m["python"]],
         ["versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)],
@@ -224,13 +228,17 @@ def markdown(results: dict) -> str:
 
     sc = results.get("server_cost")
     if sc:
+        copied = "ratio_copied_min" in sc
         lines += ["## 1. Server-side cost: protected vs plain model, same engine", "",
-                  f"Engine: {sc['engine']}. Inputs: {sc['inputs']}. Method: {sc['method']}. "
+                  f"Engine: {sc['engine']}. Inputs: {sc['inputs']}. Loading: {sc['loading']}. Method: {sc['method']}. "
                   f"torch threads: {sc['torch_threads']}. Max |logit difference| plain vs un-permuted protected "
                   f"on one prompt: {sc['max_abs_logit_diff']:.2e}.", "",
-                  _table(["config", "plain tok/s", "protected tok/s", "ratio protected/plain", "ratio range", "n"],
+                  _table(["config", "plain tok/s", "protected tok/s", "ratio protected/plain", "ratio range", "n"]
+                         + (["ratio, both with weights copied", "copied / as loaded, protected"] if copied else []),
                          [[_row_label(r), _mid(r["plain_tokens_per_s"], 1), _mid(r["protected_tokens_per_s"], 1),
-                           _mid(r["ratio"], 3), _range(r["ratio"]), r["ratio"]["n"]] for r in sc["rows"]]), "",
+                           _mid(r["ratio"], 3), _range(r["ratio"]), r["ratio"]["n"]]
+                          + ([_mid(r["ratio_copied"], 3), _mid(r["protected_copied_vs_protected"], 3)] if copied
+                             else []) for r in sc["rows"]]), "",
                   f"![server throughput ratio]({PLOTS['ratio']})  ![server throughput]({PLOTS['throughput']})", ""]
 
     e2e = results.get("end_to_end")
@@ -240,7 +248,9 @@ def markdown(results: dict) -> str:
                   "Per token = one decode step as the client sees it; it splits into client compute, server "
                   "compute (`server_ms` reported by the server) and wire (round trip - server: network, "
                   "WebSocket framing, event loops); in brackets, what the simulated link alone accounts for "
-                  "(RTT + both messages at the link rate). Bytes: WebSocket message payloads of one decode step.", ""]
+                  "(RTT + both messages at the link rate): the wire time over a simulated link is that plus the "
+                  "loopback row's wire time (the software's own share). Bytes: WebSocket message payloads of one "
+                  "decode step.", ""]
         rows = []
         for r in e2e["rows"]:
             stip = r["variant"] != "plain"
@@ -354,14 +364,20 @@ def plots(results: dict, out: Path) -> list[str]:
     if sc:
         rows = sc["rows"]
         labels = [_row_label(r).replace(" (", "\n(").replace(" T=", "\nT=") for r in rows]
-        fig, ax = plt.subplots(figsize=(max(7.0, 1.0 * len(rows) + 2), 4.5))
-        med = [r["ratio"]["median"] for r in rows]
-        err = [[m - r["ratio"]["p25"] for m, r in zip(med, rows)], [r["ratio"]["p75"] - m for m, r in zip(med, rows)]]
-        ax.bar(range(len(rows)), med, yerr=err, capsize=4, color="#4c72b0")
+        fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(rows) + 2), 4.5))
+        series = [("ratio", "as served (load_protected_model vs load_plain_model)", "#4c72b0")]
+        if "ratio_copied" in rows[0]:
+            series.append(("ratio_copied", "both with weights copied into process memory", "#55a868"))
+        w = 0.8 / len(series)
+        for j, (key, name, color) in enumerate(series):
+            med = [r[key]["median"] for r in rows]
+            err = [[m - r[key]["p25"] for m, r in zip(med, rows)], [r[key]["p75"] - m for m, r in zip(med, rows)]]
+            ax.bar([i + (j - (len(series) - 1) / 2) * w for i in range(len(rows))], med, w, yerr=err, capsize=3,
+                   color=color, label=name)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(0.98, color="#c44e52", ls="--", lw=1, label="target 0.98")
-        lo = min([0.9] + [r["ratio"]["p25"] for r in rows])
-        hi = max([1.05] + [r["ratio"]["p75"] for r in rows])
+        lo = min([0.9] + [r[k]["p25"] for r in rows for k, _, _ in series])
+        hi = max([1.05] + [r[k]["p75"] for r in rows for k, _, _ in series])
         ax.set_ylim(lo - 0.02, hi + 0.02)
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_ylabel("protected / plain throughput")
@@ -406,7 +422,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_ylabel("ms per decoder block (log)")
         ax.set_title("One decoder block: plain vs secure 2PC" + title_tail)
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3g} ms", ha="center", va="bottom", fontsize=8)
+            ax.text(i, v, f"{v:,.0f} ms" if v >= 100 else f"{v:.3g} ms", ha="center", va="bottom", fontsize=8)
         fig.tight_layout()
         fig.savefig(out / PLOTS["mpc"], dpi=120)
         plt.close(fig)

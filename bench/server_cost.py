@@ -10,10 +10,15 @@ the same token ids, the same threads.
 * decode: after an untimed prefill of `context` tokens, `steps` forwards of one token per sequence with the KV cache;
   tokens/s = B * steps / seconds (the sum of the timed forwards).
 
-Variants are interleaved so that a drift in machine speed hits both alike: prefill forwards alternate plain/protected
-with the order flipped every repeat (ABBA); decode runs both KV caches side by side and alternates every step (ABBA
-per step). Each repeat gives one paired ratio protected/plain, and the figure is the median of those ratios (with
-its IQR and range). Target: >= 0.98.
+Variants are interleaved so that a drift in machine speed hits all alike: prefill forwards alternate between the
+variants, the order rotating and reversing every repeat (ABBA for two); decode keeps every variant's KV cache live
+side by side and alternates the order every step. Each repeat gives one paired ratio protected/plain, and the figure
+is the median of those ratios (with its IQR and range). Target: >= 0.98.
+
+Optionally (the full run) the same two models are measured again with their weights copied into freshly allocated
+memory: `load_protected_model` leaves transformers' safetensors weights in a copy-on-write mapping of the file, and
+decode at batch 1 is bound by memory bandwidth, so where the weights live shows at the percent level; the copied
+pair separates that from the cost of the protection itself.
 """
 
 from __future__ import annotations
@@ -43,23 +48,43 @@ def time_prefill(model, inp, is_embeds: bool) -> float:
         return time.perf_counter() - t0
 
 
-def time_decode_pair(models: dict, inputs: dict, first: str) -> dict:
-    """Decode both variants side by side, step by step (each step ABBA-ordered), after an untimed prefill of the
-    context: {variant: seconds summed over the timed steps}. Interleaving per step keeps the pair within
-    milliseconds of each other, so a slow spell on the machine hits both."""
-    names = [first, *(v for v in models if v != first)]
+def _order(names: list[str], k: int) -> list[str]:
+    """The k-th order of the variants: rotated by k // 2, reversed when k is odd (ABBA for two variants)."""
+    r = (k // 2) % len(names)
+    out = names[r:] + names[:r]
+    return out[::-1] if k % 2 else out
+
+
+def time_prefill_round(models: dict, inputs: dict, k: int) -> dict:
+    """One prefill forward per variant, in the k-th order: {variant: seconds}."""
+    return {v: time_prefill(models[v][0], inputs[v], models[v][1]) for v in _order(list(models), k)}
+
+
+def time_decode_round(models: dict, inputs: dict, k: int) -> dict:
+    """Decode every variant side by side, step by step (the order alternating every step), after an untimed prefill
+    of the context: {variant: seconds summed over the timed steps}. Interleaving per step keeps the variants within
+    milliseconds of each other, so a slow spell on the machine hits all of them."""
+    names = list(models)
     total = dict.fromkeys(names, 0.0)
     with torch.inference_mode():
         caches = {v: _cache(models[v][0]) for v in names}
         for v in names:
             _forward(models[v][0], inputs[v][0], models[v][1], caches[v])
-        for j in range(len(inputs[first][1])):
-            for v in (names if j % 2 == 0 else names[::-1]):
+        for j in range(len(inputs[names[0]][1])):
+            for v in _order(names, k + j):
                 model, is_embeds = models[v]
                 t0 = time.perf_counter()
                 _forward(model, inputs[v][1][j], is_embeds, caches[v])
                 total[v] += time.perf_counter() - t0
     return total
+
+
+def copy_weights(model):
+    """A copy of the model with every weight in freshly allocated process memory (a diagnostic: transformers leaves
+    safetensors weights in a copy-on-write mapping of the file). Tied weights stay tied."""
+    import copy
+
+    return copy.deepcopy(model)
 
 
 def _check_equivalence(plain, protected, embed, plain_logits, ids: torch.Tensor) -> float:
@@ -70,13 +95,19 @@ def _check_equivalence(plain, protected, embed, plain_logits, ids: torch.Tensor)
     return float((a - b).abs().max())
 
 
-def run(plain, protected, embed, plain_logits, settings: dict, vocab_size: int, log=print) -> dict:
+def run(plain, protected, embed, plain_logits, settings: dict, vocab_size: int, log=print,
+        copied: tuple | None = None) -> dict:
     """`embed(ids[B, T]) -> [B, T, d]` is the client's embedding (in the protected basis); `plain_logits` undoes the
-    vocabulary permutation (only for the equivalence check). Returns a JSON-serialisable dict."""
+    vocabulary permutation (only for the equivalence check). `copied`, optional: (plain, protected) again with their
+    weights copied into process memory (`copy_weights`), measured as two more interleaved variants to tell the cost
+    of the protection from that of where the weights live. Returns a JSON-serialisable dict."""
     from bench.report import paired, summarize
 
     g = torch.Generator().manual_seed(0)
     repeats = settings["repeats"]
+    models = {"plain": (plain, False), "protected": (protected, True)}
+    if copied:
+        models |= {"plain_copied": (copied[0], False), "protected_copied": (copied[1], True)}
     configs = []
     for b, t in settings["prefill"]:
         ids = torch.randint(0, vocab_size, (b, t), generator=g)
@@ -88,48 +119,51 @@ def run(plain, protected, embed, plain_logits, settings: dict, vocab_size: int, 
                         "context": settings["decode_context"], "ids": (ctx, step_ids),
                         "embeds": (embed(ctx), [embed(s) for s in step_ids])})
 
-    models = {"plain": (plain, False), "protected": (protected, True)}
+    def one_round(cfg, k: int) -> dict:
+        inputs = {v: cfg["embeds"] if is_embeds else cfg["ids"] for v, (_, is_embeds) in models.items()}
+        fn = time_decode_round if cfg["phase"] == "decode" else time_prefill_round
+        return fn(models, inputs, k)
 
-    def pair(cfg, first: str) -> dict:
-        inputs = {"plain": cfg["ids"], "protected": cfg["embeds"]}
-        if cfg["phase"] == "decode":
-            return time_decode_pair(models, inputs, first)
-        order = (first, "protected" if first == "plain" else "plain")
-        return {v: time_prefill(models[v][0], inputs[v], models[v][1]) for v in order}
-
-    max_diff = _check_equivalence(plain, protected, lambda i: embed(i), plain_logits,
+    max_diff = _check_equivalence(plain, protected, embed, plain_logits,
                                   torch.randint(0, vocab_size, (1, 16), generator=g))
-    for cfg in configs:  # warm-up: first-call allocations, lazy init
-        pair(cfg, "plain")
+    for cfg in configs:  # warm-up: first-call allocations, lazy init, page faults
+        one_round(cfg, 0)
 
-    times = {i: {"plain": [], "protected": []} for i in range(len(configs))}
+    times = {i: {v: [] for v in models} for i in range(len(configs))}
     t_start = time.perf_counter()
     for r in range(repeats):
         for i, cfg in enumerate(configs):
-            t = pair(cfg, "plain" if (r + i) % 2 == 0 else "protected")
-            for variant in ("plain", "protected"):
-                times[i][variant].append(t[variant])
+            for v, seconds in one_round(cfg, r + i).items():
+                times[i][v].append(seconds)
         log(f"  server cost: repeat {r + 1}/{repeats} ({time.perf_counter() - t_start:.0f} s)")
 
     rows = []
     for i, cfg in enumerate(configs):
         n_tokens = cfg["batch"] * cfg["tokens"]
-        tps = {v: [n_tokens / s for s in times[i][v]] for v in ("plain", "protected")}
-        rows.append({
-            "phase": cfg["phase"], "batch": cfg["batch"], "tokens": cfg["tokens"],
-            **({"context": cfg["context"]} if cfg["phase"] == "decode" else {}),
-            "plain_tokens_per_s": summarize(tps["plain"]),
-            "protected_tokens_per_s": summarize(tps["protected"]),
-            "ratio": paired(tps["protected"], tps["plain"]),
-        })
+        tps = {v: [n_tokens / s for s in times[i][v]] for v in models}
+        row = {"phase": cfg["phase"], "batch": cfg["batch"], "tokens": cfg["tokens"],
+               **({"context": cfg["context"]} if cfg["phase"] == "decode" else {}),
+               "plain_tokens_per_s": summarize(tps["plain"]),
+               "protected_tokens_per_s": summarize(tps["protected"]),
+               "ratio": paired(tps["protected"], tps["plain"])}
+        if copied:
+            row["plain_copied_tokens_per_s"] = summarize(tps["plain_copied"])
+            row["protected_copied_tokens_per_s"] = summarize(tps["protected_copied"])
+            row["ratio_copied"] = paired(tps["protected_copied"], tps["plain_copied"])
+            row["protected_copied_vs_protected"] = paired(tps["protected_copied"], tps["protected"])
+        rows.append(row)
     ratios = [r["ratio"]["median"] for r in rows]
-    return {
+    out = {
         "engine": "transformers (in-process), fp32, DynamicCache, logits_to_keep=1",
         "inputs": "plain model: input_ids (its embedding lookup inside the forward); protected model: "
                   "inputs_embeds from the client bundle (the lookup is client-side in STIP, outside the timer)",
-        "method": f"{repeats} repeats; prefill forwards alternate plain/protected (ABBA over repeats), decode "
-                  f"alternates every step between two live KV caches (ABBA); ratio = median of the repeats' paired "
-                  f"protected/plain throughput ratios",
+        "loading": "plain: stip.models.load_plain_model; protected: stip.server.model.load_protected_model (what "
+                   "`stip serve` runs)" + ("; *_copied: the same models with every weight copied into freshly "
+                                           "allocated memory" if copied else ""),
+        "method": f"{repeats} repeats; prefill: one forward per variant, the order rotating and reversing every "
+                  f"repeat (ABBA); decode: every variant's KV cache live side by side, the order alternating every "
+                  f"step; ratio = median of the repeats' paired protected/plain throughput ratios",
+        "variants": list(models),
         "settings": {k: v for k, v in settings.items()},
         "torch_threads": torch.get_num_threads(),
         "max_abs_logit_diff": max_diff,
@@ -137,5 +171,9 @@ def run(plain, protected, embed, plain_logits, settings: dict, vocab_size: int, 
         "ratio_min": min(ratios),
         "ratio_median": statistics.median(ratios),
         "target_ratio": 0.98,
-        "seconds": round(time.perf_counter() - t_start, 1),
     }
+    if copied:
+        rc = [r["ratio_copied"]["median"] for r in rows]
+        out["ratio_copied_min"], out["ratio_copied_median"] = min(rc), statistics.median(rc)
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    return out

@@ -11,6 +11,7 @@ A thin entry over the scripts in the repository's top-level `bench/` folder (not
 
 The full run uses SmolLM2-135M-Instruct (packaged); `--quick` (CI smoke test, well under 2 minutes) uses a tiny random
 LLaMA with SmolLM2's vocabulary size, so bytes per token stay realistic, and the smallest settings of each part.
+`STIP_BENCH_THREADS` sets the torch threads of the models and of the server (default: every core).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import gc
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -29,12 +32,13 @@ from pathlib import Path
 from stip.errors import StipError
 
 log = logging.getLogger("stip.bench")
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: transformers' GGUF loader draws progress bars
 
 FULL = {
     "model": "smollm2",
-    "server_cost": {"prefill": [[1, 64], [1, 128], [4, 128]], "decode_batches": [1, 4, 8], "decode_context": 64,
-                    "decode_steps": 16, "repeats": 9},
-    "end_to_end": {"tokens": 33, "rounds": 6, "topk": 64},
+    "server_cost": {"prefill": [[1, 64], [1, 128], [4, 128], [8, 64]], "decode_batches": [1, 4, 8],
+                    "decode_context": 64, "decode_steps": 16, "repeats": 12, "copied_variants": True},
+    "end_to_end": {"tokens": 33, "rounds": 8, "topk": 64},
     "networks": ["lan", "wifi"],
     "protect_gb": 2.1,
     "mpc": {"quick": False, "repeats": 5},
@@ -42,7 +46,7 @@ FULL = {
 QUICK = {
     "model": "tiny",
     "server_cost": {"prefill": [[1, 16], [2, 16]], "decode_batches": [1, 2], "decode_context": 8, "decode_steps": 4,
-                    "repeats": 3},
+                    "repeats": 3, "copied_variants": True},
     "end_to_end": {"tokens": 5, "rounds": 2, "topk": 16},
     "networks": ["lan", "wifi"],
     "protect_gb": 0.05,
@@ -146,18 +150,19 @@ def run_bench(quick: bool = False, out: Path = Path("bench/results")) -> dict:
 
     from bench import end_to_end, mpc_crypten, netsim, protect_bench, report, server_cost
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws progress bars
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                              else os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, int(os.environ.get("STIP_BENCH_THREADS") or cores)))  # the server gets as many
 
     cfg = QUICK if quick else FULL
     cpu0 = _cpu_counters()
+    if threading.current_thread() is threading.main_thread():  # on SIGTERM, still stop the server and relays
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(out)
     t_start = time.perf_counter()
     results: dict = {
@@ -167,8 +172,8 @@ def run_bench(quick: bool = False, out: Path = Path("bench/results")) -> dict:
         "errors": {},
         "notes": [
             "Every figure is a median with its spread (IQR in brackets, or min-max) over repeats taken in this one "
-            "run, variants interleaved (server side: ABBA over repeats, decode alternating every step; end to end: order "
-            "rotated every round).",
+            "run, variants interleaved (server side: ABBA over repeats, decode alternating every step; end to end: "
+            "order rotated every round).",
             "Server side: the plain model gets token ids, the protected model gets embeddings: in STIP the embedding "
             "lookup and permutation are the client's, so they are computed outside the server's timer.",
             "End to end: the plain baseline is transformers `generate` in one process (no network); STIP is a real "
@@ -200,9 +205,13 @@ def run_bench(quick: bool = False, out: Path = Path("bench/results")) -> dict:
                 from stip.server.model import load_protected_model
 
                 protected, _ = load_protected_model(protected_dir / "server")
+                copied = None
+                if cfg["server_cost"].get("copied_variants"):
+                    copied = (server_cost.copy_weights(plain), server_cost.copy_weights(protected))
                 results["server_cost"] = server_cost.run(plain, protected, bundle.embed, bundle.plain_logits,
-                                                         cfg["server_cost"], bundle.vocab_size, log=_say)
-                del protected
+                                                         cfg["server_cost"], bundle.vocab_size, log=_say,
+                                                         copied=copied)
+                del protected, copied
                 gc.collect()
             except Exception as e:
                 results["errors"]["server_cost"] = f"{type(e).__name__}: {e}"

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,76 +51,24 @@ def ensure_bundle(cache: Path, console: Console) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(server_bundle: Path, log_path: Path, port: int | None = None, extra: list[str] | None = None
-                 ) -> tuple[subprocess.Popen, str]:
-    """`stip serve` as a separate process on a free loopback port; (process, URL)."""
-    port = port or free_port()
-    log = open(log_path, "wb")
-    cmd = [sys.executable, "-m", "stip.cli", "serve", str(server_bundle), "--host", "127.0.0.1", "--port", str(port),
-           *(extra or [])]
-    env = {k: v for k, v in os.environ.items() if k != "STIP_TOKEN"}  # loopback: no token needed
-    env.setdefault("TQDM_DISABLE", "1")  # no progress bars in the log
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    log.close()
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 180.0) -> dict:
-    import urllib.error
-    import urllib.request
-
-    from stip.errors import StipError
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise StipError(f"the server exited with code {proc.returncode}:\n{tail}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2.0) as r:
-                return json.loads(r.read())
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.2)
-    raise StipError(f"the server at {url} did not become healthy within {timeout:.0f} s")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bool:
     from transformers.utils import logging as hf_logging
 
     from stip.client.sdk import Client
     from stip.developer.verify import plain_greedy
     from stip.models import load_plain_model
+    from stip.server.launch import local_server
 
     hf_logging.disable_progress_bar()
     console = Console(highlight=False)
     cache = Path(cache) if cache else Path.home() / ".cache" / "stip"
     out = ensure_bundle(cache, console)
-    log_path = Path(tempfile.mkstemp(prefix="stip-demo-server-", suffix=".log")[1])
-    proc, url = start_server(out / "server", log_path)
-    try:
-        console.print(f"[green]2. server[/green]     `stip serve` (pid {proc.pid}) on {url}")
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
+        plain_model, tokenizer = load_plain_model("smollm2")  # the reference for step 4
+    with local_server(out / "server") as server:
+        console.print(f"[green]2. server[/green]     `stip serve` (pid {server.proc.pid}) on {server.url}")
         console.print("   it holds the protected weights only: no key, no embedding table, no tokenizer")
-        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
-            plain_model, tokenizer = load_plain_model("smollm2")  # while the server loads
-        wait_healthy(proc, url, log_path)
-        client = Client(out / "client", url)
+        client = Client(out / "client", server.url)
         messages = [{"role": "user", "content": prompt}]
         client.generate(ids=[1, 2], max_tokens=2)  # warm both ends (first-call allocations) before timing
         console.print(f"[green]3. client[/green]     [bold]you:[/bold] {prompt}")
@@ -153,9 +96,6 @@ def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bo
                           f"{tokenizer.decode(ref)!r} vs STIP {g.text!r}")
         _report(console, g, len(ref) / plain_s, client)
         return ok
-    finally:
-        stop_process(proc)
-        log_path.unlink(missing_ok=True)
 
 
 def _report(console: Console, g, plain_tps: float, client) -> None:

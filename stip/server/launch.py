@@ -1,0 +1,126 @@
+"""Start `stip serve` as its own process on a free loopback port and wait until it answers /health.
+
+One launcher for everything that runs the server beside a client on one machine: `stip demo`, the benchmarks and
+the test harness. The process gets only the server bundle's path; it is stopped (SIGINT, then SIGKILL) on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from stip.errors import StipError
+
+STARTUP_TIMEOUT = 180.0
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    port: int
+    token: str | None
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+            return json.loads(r.read())
+
+    def metrics(self) -> str:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        with urllib.request.urlopen(urllib.request.Request(self.url + "/metrics", headers=headers), timeout=10) as r:
+            return r.read().decode()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(bundle: str | Path, *args: str, host: str = "127.0.0.1", port: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "stip.cli", "serve", str(bundle), "--host", host]
+    if port is not None:
+        cmd += ["--port", str(port)]
+    return cmd + [str(a) for a in args]
+
+
+def server_env(token: str | None, env: dict | None = None) -> dict:
+    """The parent's environment, offline, with STIP_TOKEN set to `token` (or removed)."""
+    e = {k: v for k, v in os.environ.items() if k != "STIP_TOKEN"}
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e.setdefault("TRANSFORMERS_OFFLINE", "1")
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    e.setdefault("TQDM_DISABLE", "1")
+    if token:
+        e["STIP_TOKEN"] = token
+    e.update(env or {})
+    return e
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def local_server(bundle: str | Path, *args: str, token: str | None = None, env: dict | None = None,
+                 timeout: float = STARTUP_TIMEOUT) -> Iterator[ServerProcess]:
+    """`stip serve BUNDLE ARGS` on a free loopback port; yields once /health answers, stops the process on exit."""
+    for attempt in range(3):
+        port = free_port()
+        log_fd, log_name = tempfile.mkstemp(prefix="stip-serve-", suffix=".log")
+        proc = subprocess.Popen(serve_command(bundle, *args, port=port), stdout=log_fd, stderr=subprocess.STDOUT,
+                                env=server_env(token, env))
+        os.close(log_fd)
+        server = ServerProcess(f"http://127.0.0.1:{port}", port, token, proc, Path(log_name))
+        try:
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None:
+                try:
+                    server.health()
+                    break
+                except (urllib.error.URLError, OSError):
+                    if time.monotonic() > deadline:
+                        raise StipError(f"stip serve did not answer /health within {timeout:.0f} s:\n"
+                                        f"{server.log()[-3000:]}") from None
+                    time.sleep(0.1)
+            if proc.poll() is not None:
+                text = server.log()
+                if "address already in use" in text.lower() and attempt < 2:
+                    continue  # lost the race for the port: try another
+                raise StipError(f"stip serve exited with code {proc.returncode}:\n{text[-3000:]}")
+            yield server
+            return
+        finally:
+            stop(proc)
+            with contextlib.suppress(OSError):
+                os.unlink(log_name)
