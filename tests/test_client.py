@@ -199,3 +199,18 @@ def test_stop_matcher():
     assert run(["\n\n", "Q:"], ["a\n", "\nb"]) == (["a", ""], True)
     assert run([], ["a", "b"]) == (["a", "b", ""], False)
     assert run(["xy"], ["axyb"]) == (["a"], True)
+
+
+@pytest.mark.slow
+def test_chat_cli_one_shot_prints_the_plain_answer(smollm2_protected, smol_server, reference, smollm2_plain):
+    """`stip chat --prompt` as its own process: the streamed answer is plain transformers' greedy answer."""
+    import subprocess
+    import sys
+
+    _, tok = smollm2_plain
+    r = subprocess.run([sys.executable, "-m", "stip.cli", "chat", str(smollm2_protected / "client"), "--server",
+                        smol_server.url, "--prompt", PROMPTS[1], "--max-tokens", str(N)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert tok.decode(reference(PROMPTS[1]), skip_special_tokens=True).strip() in r.stdout
+    assert "tok/s" in r.stderr  # the statistics line goes to stderr, the answer alone to stdout
