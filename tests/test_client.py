@@ -214,3 +214,19 @@ def test_chat_cli_one_shot_prints_the_plain_answer(smollm2_protected, smol_serve
     assert r.returncode == 0, r.stderr
     assert tok.decode(reference(PROMPTS[1]), skip_special_tokens=True).strip() in r.stdout
     assert "tok/s" in r.stderr  # the statistics line goes to stderr, the answer alone to stdout
+
+
+@pytest.mark.slow
+def test_expired_session_is_replayed_without_changing_the_output(smollm2_protected, reference):
+    """A reader slower than the server's session TTL: the server frees the KV cache mid-generation, the client
+    replays the context on a fresh session, and the text is still plain transformers' greedy text."""
+    import time
+
+    with serve(smollm2_protected, "--session-ttl", "0.5") as server:
+        client = Client(smollm2_protected / "client", server.url)
+        stream = client.stream(messages=_messages(PROMPTS[2]), max_tokens=12)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                time.sleep(1.5)  # the generator is paused between two decode steps: the session expires
+        assert stream.generation.token_ids == reference(PROMPTS[2], 12)
+        assert "stip_sessions_closed_total{reason=\"expired\"} 1.0" in server.metrics()

@@ -10,6 +10,7 @@ one embedding row gather, and incremental detokenization of a few tokens.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 
 from stip.client.bundle import ClientBundle
 from stip.client.sampling import Sampler, SamplingParams
+from stip.client.transport import StipServerError
 from stip.errors import KeyMismatchError, StipError
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded with each delta, so tokenizers that strip a leading space stay right
@@ -246,7 +248,8 @@ class Client:
         pos = len(prompt_ids)
         if self.max_positions and pos > self.max_positions:
             raise StipError(f"the prompt has {pos} tokens; this model and server take at most {self.max_positions}")
-        with self.connection.open_session() as session:
+        with contextlib.ExitStack() as stack:
+            session = stack.enter_context(self.connection.open_session())
             c0 = time.perf_counter()
             x = bundle.embed(torch.tensor(prompt_ids), start=0)
             tm.client_ms += (time.perf_counter() - c0) * 1e3
@@ -283,7 +286,16 @@ class Client:
                 if last:
                     break
                 tm.decode_client_ms += dt
-                r = session.decode(x, downlink=dl)
+                try:
+                    r = session.decode(x, downlink=dl)
+                except StipServerError as e:
+                    if e.status != 404:
+                        raise
+                    # The server expired the session (idle past its TTL, e.g. a slow reader of the stream): replay
+                    # the context on a fresh session. The logits are the same, so the generation does not change.
+                    session = stack.enter_context(self.connection.open_session())
+                    ctx = torch.tensor(prompt_ids + out)
+                    r = session.prefill(bundle.embed(ctx, start=0), positions="last", downlink=dl)
                 pos += 1
                 self._account(tm, r, decode=True)
         tm.total_ms = (time.perf_counter() - t_start) * 1e3
