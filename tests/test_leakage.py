@@ -103,3 +103,17 @@ def test_two_protections_draw_unrelated_keys(tmp_path):
     assert a.bundle_id != b.bundle_id
     assert not ka.client.resid.same_as(kb.client.resid)
     assert not ka.layers[0].ffn.same_as(kb.layers[0].ffn)
+
+
+@pytest.mark.slow
+def test_smollm2_layer_transforms_are_distinct_secrets(smollm2_protected):
+    """The real model's 30 layers: every per-layer transform is a real secret of its own, and the server bundle
+    holds no key file and no client file."""
+    key = DeveloperKey.load(smollm2_protected / "developer" / DEVELOPER_KEY_FILE)
+    assert key.geometry.layers == 30 and key.geometry.rope and key.geometry.group == 3
+    spaces = [layer.spaces(key.geometry) for layer in key.layers]
+    for a, b in itertools.combinations(spaces, 2):
+        for space in a:
+            assert not a[space].is_identity() and not a[space].same_as(b[space]), space
+    names = {p.name for p in (smollm2_protected / "server").iterdir()}
+    assert not names & {"client.stipkey", "developer.stipkey", "embedding-token.safetensors", "tokenizer.json"}
