@@ -73,10 +73,10 @@ def plain_generation(model, prompt_ids: list[int], n_tokens: int) -> dict:
 def stip_generation(url: str, bundle, prompt_ids: list[int], n_tokens: int, downlink) -> dict:
     """The client's loop (as in `stip.Client`), recording every decode step."""
     from stip.client.sampling import Sampler, SamplingParams
-    from stip.client.sdk import Detokenizer
+    from stip.client.sdk import Detokenizer, pick_token
     from stip.client.transport import Connection
 
-    tokenizer = bundle.tokenizer if (bundle.path / "tokenizer_config.json").is_file() else None
+    tokenizer = bundle.tokenizer if bundle.has_tokenizer else None
     sampler = Sampler(SamplingParams(max_tokens=n_tokens), prompt_ids)
     detok = Detokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
     out: list[int] = []
@@ -91,10 +91,7 @@ def stip_generation(url: str, bundle, prompt_ids: list[int], n_tokens: int, down
         pos = len(prompt_ids)
         for i in range(n_tokens):
             c0 = time.perf_counter()
-            if r.indices is not None:
-                token = sampler.from_topk(bundle.plain_ids(r.indices[-1]), r.values[-1])
-            else:
-                token = sampler.from_logits(bundle.plain_logits(r.logits[-1]))
+            token = pick_token(bundle, sampler, r)
             out.append(token)
             sampler.observe(token)
             if detok is not None:

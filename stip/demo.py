@@ -19,9 +19,9 @@ from rich.table import Table
 BUNDLE_NAME = "smollm2"
 
 
-def _valid_bundle(out: Path) -> bool:
-    """Both bundles complete and untampered (every sha256 in their manifests), of the same protection, and the
-    client bundle loadable by this version of STIP."""
+def _cached_bundle(out: Path):
+    """The cached client bundle if the cache holds a complete, untampered protection: both manifests verify (every
+    sha256), the client bundle loads, and the two bundles belong together. Otherwise None: protect again."""
     from stip.client.bundle import ClientBundle
     from stip.common.files import read_manifest
     from stip.errors import StipError
@@ -30,25 +30,27 @@ def _valid_bundle(out: Path) -> bool:
         server = read_manifest(out / "server", role="server")
         client = ClientBundle.load(out / "client")
     except (StipError, OSError, ValueError, KeyError):
-        return False
-    return server["bundle_id"] == client.bundle_id
+        return None
+    return client if server["bundle_id"] == client.bundle_id else None
 
 
-def ensure_bundle(cache: Path, console: Console) -> Path:
-    """The protected SmolLM2 under `cache`, protected now unless a cached copy passes its manifest checks."""
+def ensure_bundle(cache: Path, console: Console):
+    """(output folder, client bundle) of the protected SmolLM2 under `cache`, protected now unless cached."""
+    from stip.client.bundle import ClientBundle
     from stip.developer.protect import protect
     from stip.models import smollm2_gguf
 
     out = Path(cache) / BUNDLE_NAME
-    if out.exists() and _valid_bundle(out):
+    client = _cached_bundle(out) if out.exists() else None
+    if client is not None:
         console.print(f"[green]1. developer[/green]  cached protected bundle {out} (manifests verified)")
-        return out
+        return out, client
     console.print(f"[green]1. developer[/green]  protecting SmolLM2-135M-Instruct into {out} ...")
     t = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     protect(smollm2_gguf(), out, overwrite=True, progress=False)
     console.print(f"   done in {time.perf_counter() - t:.0f} s")
-    return out
+    return out, ClientBundle.load(out / "client")
 
 
 def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bool:
@@ -62,13 +64,13 @@ def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bo
     hf_logging.disable_progress_bar()
     console = Console(highlight=False)
     cache = Path(cache) if cache else Path.home() / ".cache" / "stip"
-    out = ensure_bundle(cache, console)
+    out, bundle = ensure_bundle(cache, console)
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
         plain_model, tokenizer = load_plain_model("smollm2")  # the reference for step 4
     with local_server(out / "server") as server:
         console.print(f"[green]2. server[/green]     `stip serve` (pid {server.proc.pid}) on {server.url}")
         console.print("   it holds the protected weights only: no key, no embedding table, no tokenizer")
-        client = Client(out / "client", server.url)
+        client = Client(bundle, server.url)
         messages = [{"role": "user", "content": prompt}]
         client.generate(ids=[1, 2], max_tokens=2)  # warm both ends (first-call allocations) before timing
         console.print(f"[green]3. client[/green]     [bold]you:[/bold] {prompt}")

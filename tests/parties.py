@@ -17,12 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from stip.server.launch import ServerProcess, free_port, local_server, serve_command, server_env, stop
+from stip.server.launch import ServerProcess, free_port, local_server, serve_command, server_env
 
-__all__ = ["ServerProcess", "free_port", "serve", "run_serve_expect_exit", "_env", "_stop"]
-
-_env = server_env
-_stop = stop
+__all__ = ["ServerProcess", "free_port", "serve", "run_serve_expect_exit"]
 
 
 def server_bundle(path: str | Path) -> Path:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.parties import _env
+from stip.server.launch import server_env
 
 pytestmark = pytest.mark.slow
 
 
 def _demo(cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stip.cli", "demo", "--cache", str(cache), "--max-tokens", "16"],
-                          capture_output=True, text=True, timeout=600, env={**_env(None, None), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=600, env={**server_env(None), "COLUMNS": "200"},
                           cwd=Path(__file__).parent.parent)
 
 
@@ -34,14 +34,19 @@ def test_demo_from_an_empty_cache_matches_plain(tmp_path):
 def test_cached_bundle_is_checked_before_reuse(smollm2_protected, tmp_path):
     import shutil
 
-    from stip.demo import _valid_bundle
+    from stip.demo import _cached_bundle
 
     cached = tmp_path / "smollm2"
     for part in ("server", "client"):
         shutil.copytree(smollm2_protected / part, cached / part)
-    assert _valid_bundle(cached)
+    assert _cached_bundle(cached) is not None
+    index = cached / "server" / "model.safetensors.index.json"
+    original = index.read_text()
+    index.write_text(original.replace("{", "{ ", 1))
+    assert _cached_bundle(cached) is None
+    index.write_text(original)
     cfg = cached / "client" / "stip_client.json"
     cfg.write_text(cfg.read_text().replace("bundle_id", "bundle_id "))
-    assert not _valid_bundle(cached)
+    assert _cached_bundle(cached) is None
     shutil.rmtree(cached / "client")
-    assert not _valid_bundle(cached)
+    assert _cached_bundle(cached) is None

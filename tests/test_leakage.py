@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from stip.common.keys import ClientKey, DeveloperKey
-from stip.developer.protect import CLIENT_KEY_FILE, DEVELOPER_KEY_FILE
+from stip.common.layout import CLIENT_KEY_FILE, DEVELOPER_KEY_FILE
 from tests.models import tiny_configs
 
 TINY = list(tiny_configs())

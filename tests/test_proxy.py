@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from stip.developer.verify import plain_greedy
-from tests.parties import _env, _stop, free_port, serve
+from stip.server.launch import local_process
+from tests.parties import serve
 
 pytestmark = pytest.mark.slow
 
@@ -23,26 +21,10 @@ N = 32
 
 @pytest.fixture(scope="module")
 def proxy_url(smollm2_protected):
-    with serve(smollm2_protected) as server:
-        port = free_port()
-        cmd = [sys.executable, "-m", "stip.cli", "proxy", str(smollm2_protected / "client"), "--server", server.url,
-               "--port", str(port)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(None, None),
-                                cwd=Path(__file__).parent.parent)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
-                try:
-                    httpx.get(url + "/v1/models", timeout=2).raise_for_status()
-                    break
-                except httpx.HTTPError:
-                    assert time.monotonic() < deadline, "stip proxy did not start"
-                    time.sleep(0.2)
-            yield url
-        finally:
-            _stop(proc)
+    with serve(smollm2_protected) as server, local_process(
+            lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(smollm2_protected / "client"), "--server",
+                          server.url, "--port", str(port)], ready_path="/v1/models") as proxy:
+        yield proxy.url
 
 
 @pytest.fixture(scope="module")

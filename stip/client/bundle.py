@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from stip.common.files import read_manifest
 from stip.common.keys import ClientKey
-from stip.developer.protect import CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, EMBEDDING_FILE
+from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, EMBEDDING_FILE, TOKENIZER_CONFIG_FILE
 from stip.errors import BundleError
 
 
@@ -54,11 +54,16 @@ class ClientBundle:
     def vocab_size(self) -> int:
         return self.token_embedding.shape[0]
 
+    @property
+    def has_tokenizer(self) -> bool:
+        """Bundles of models shipped without a tokenizer take token ids only."""
+        return (self.path / TOKENIZER_CONFIG_FILE).is_file()
+
     @cached_property
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        if not (self.path / "tokenizer_config.json").is_file():
+        if not self.has_tokenizer:
             raise BundleError(f"client bundle {self.path} has no tokenizer; pass token ids instead of text")
         return AutoTokenizer.from_pretrained(self.path)
 

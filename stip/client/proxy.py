@@ -199,7 +199,9 @@ def create_app(client, model_name: str | None = None) -> FastAPI:
 
 
 class _Worker:
-    """Runs one blocking generation in its own thread and hands deltas to the event loop through a queue."""
+    """Runs one blocking generation in its own thread and hands deltas to the event loop through a queue. The thread
+    starts when `deltas()` is first consumed: a streaming response whose client left before its body started never
+    opens a server session."""
 
     _END = object()
 
@@ -209,8 +211,8 @@ class _Worker:
         self.cancelled = threading.Event()
         self.generation = None
         self.error: BaseException | None = None
-        self.stream = client.stream(ids=ids, params=params)
-        threading.Thread(target=self._run, daemon=True).start()
+        self.stream = client.stream(ids=ids, params=params)  # bad parameters raise here, before any output
+
 
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -230,6 +232,8 @@ class _Worker:
             self._put(self._END)
 
     async def deltas(self):
+        """Start the generation (only once someone consumes it) and yield its text deltas."""
+        threading.Thread(target=self._run, daemon=True).start()
         while True:
             item = await self.queue.get()
             if item is self._END:
@@ -240,16 +244,30 @@ class _Worker:
 
 
 def _upstream(e: BaseException) -> ApiError:
+    """A STIP failure as the OpenAI client should see it: the server's session limit is a retryable 429, an auth
+    failure is the proxy's misconfiguration (502), any other refusal is the request's fault (400)."""
     status = getattr(e, "status", None)
-    if isinstance(e, StipError) and isinstance(status, int) and 400 <= status < 500 and status != 401:
+    if isinstance(e, StipError) and status == 429:
+        return ApiError(429, f"the STIP server is at its session limit, retry later: {e}", kind="rate_limit_error")
+    if isinstance(e, StipError) and isinstance(status, int) and 400 <= status < 500 and status not in (401, 403):
         return ApiError(400, f"the STIP server refused the request: {e}")
     if isinstance(e, (StipError, OSError)):
         return ApiError(502, f"STIP server error: {e}", kind="server_error")
     return ApiError(500, f"internal error: {e}", kind="server_error")
 
 
+async def _cancel_on_disconnect(request: Request, w: "_Worker") -> None:
+    """Stop the generation (and so its server session) when the HTTP client goes away mid-request."""
+    while not w.cancelled.is_set():
+        if await request.is_disconnected():
+            w.cancelled.set()
+            return
+        await asyncio.sleep(0.25)
+
+
 async def _generate(client, ids, params, request: Request):
     w = _Worker(client, ids, params)
+    watch = asyncio.create_task(_cancel_on_disconnect(request, w))
     try:
         async for _ in w.deltas():
             pass
@@ -257,6 +275,7 @@ async def _generate(client, ids, params, request: Request):
         raise _upstream(e) from None
     finally:
         w.cancelled.set()
+        watch.cancel()
     return w.generation
 
 

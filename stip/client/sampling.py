@@ -104,7 +104,7 @@ class Sampler:
     def from_logits(self, logits: torch.Tensor) -> int:
         """Next token id from plain logits [V] (vocabulary order)."""
         p = self.params
-        scores = apply_repetition_penalty(logits.float(), None, self.seen, p.repetition_penalty)
+        scores = self._penalize(logits.float(), None)
         if p.greedy:
             return int(scores.argmax())
         k = p.top_k if 0 < p.top_k < scores.numel() else scores.numel()
@@ -114,7 +114,7 @@ class Sampler:
     def from_topk(self, ids: torch.Tensor, values: torch.Tensor) -> int:
         """Next token id from the server's top-k pairs, `ids` already mapped to plain token ids."""
         p = self.params
-        values = apply_repetition_penalty(values.float(), ids, self.seen, p.repetition_penalty)
+        values = self._penalize(values.float(), ids)
         if p.greedy:
             return int(ids[int(values.argmax())])
         values, order = torch.sort(values, descending=True, stable=True)
@@ -122,6 +122,12 @@ class Sampler:
         if 0 < p.top_k < values.numel():
             ids, values = ids[:p.top_k], values[:p.top_k]
         return self._draw(ids, values)
+
+    def _penalize(self, scores: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """The repetition penalty; without one, the seen-token tensor is never built (nothing per token)."""
+        if self.params.repetition_penalty == 1.0:
+            return scores
+        return apply_repetition_penalty(scores, ids, self.seen, self.params.repetition_penalty)
 
     def _draw(self, ids: torch.Tensor, values: torch.Tensor) -> int:
         """Temperature, top-p, then one uniform draw over candidates sorted highest first."""
@@ -135,7 +141,7 @@ class Sampler:
     def processed(self, logits: torch.Tensor) -> torch.Tensor:
         """The full processed score vector (-inf where removed), as transformers would build it: for tests."""
         p = self.params
-        scores = apply_repetition_penalty(logits.float(), None, self.seen, p.repetition_penalty)
+        scores = self._penalize(logits.float(), None)
         if p.greedy:
             return scores
         scores = scores / p.temperature

@@ -93,6 +93,7 @@ class Detokenizer:
         self.ids = list(context[-_CONTEXT_TOKENS:])
         self.prefix = 0
         self.read = len(self.ids)
+        self._before: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -105,11 +106,13 @@ class Detokenizer:
         return self._delta(final=True)
 
     def _delta(self, final: bool) -> str:
-        before = self._decode(self.ids[self.prefix:self.read])
+        if self._before is None:  # the released window's text changes only when a delta is released
+            self._before = self._decode(self.ids[self.prefix:self.read])
         now = self._decode(self.ids[self.prefix:])
-        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
-            self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
+        if len(now) > len(self._before) and (final or not now.endswith("\ufffd")):
+            delta = now[len(self._before):]
+            self.prefix, self.read, self._before = self.read, len(self.ids), None
+            return delta
         return ""
 
 
@@ -150,6 +153,13 @@ class StopMatcher:
         out = self.text[self.emitted:upto]
         self.emitted = max(self.emitted, upto)
         return out
+
+
+def pick_token(bundle: ClientBundle, sampler: Sampler, r) -> int:
+    """The next real token id from a step's reply: top-k pairs (k ids mapped through the key) or all logits."""
+    if r.indices is not None:
+        return sampler.from_topk(bundle.plain_ids(r.indices[-1]), r.values[-1])
+    return sampler.from_logits(bundle.plain_logits(r.logits[-1]))
 
 
 class GenerationStream:
@@ -221,17 +231,6 @@ class Client:
         prompt_ids = self.encode(prompt, messages, ids)
         return GenerationStream(self._run(prompt_ids, params))
 
-    def close(self) -> None:
-        close = getattr(self.connection, "close", None)
-        if close:
-            close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     # ------------------------------------------------------------------ the loop
 
     def _run(self, prompt_ids: list[int], params: SamplingParams):
@@ -240,7 +239,7 @@ class Client:
         tm = Timing()
         t_start = time.perf_counter()
         sampler = Sampler(params, prompt_ids)
-        decode_text = bundle.path.joinpath("tokenizer_config.json").is_file()
+        decode_text = bundle.has_tokenizer
         detok = Detokenizer(self.tokenizer, prompt_ids) if decode_text else None
         stops = StopMatcher(params.stop)
         out: list[int] = []
@@ -259,7 +258,7 @@ class Client:
             tm.prefill_ms = (time.perf_counter() - t_start) * 1e3
             while True:
                 c0 = time.perf_counter()
-                token = self._pick(sampler, r)
+                token = pick_token(bundle, sampler, r)
                 out.append(token)
                 sampler.observe(token)
                 delta = ""
@@ -303,11 +302,6 @@ class Client:
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
                  "total_tokens": len(prompt_ids) + len(out)}
         return Generation(text, out, finish, usage, tm, prompt_ids, glimpse)
-
-    def _pick(self, sampler: Sampler, r) -> int:
-        if r.indices is not None:
-            return sampler.from_topk(self.bundle.plain_ids(r.indices[-1]), r.values[-1])
-        return sampler.from_logits(self.bundle.plain_logits(r.logits[-1]))
 
     @staticmethod
     def _account(tm: Timing, r, decode: bool) -> None:

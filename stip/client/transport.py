@@ -305,7 +305,7 @@ class RemoteSession:
         if positions not in wire.POSITIONS:
             raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
         limit = int(self.info.get("max_message_bytes") or 0)
-        row = embeds.shape[1] * torch.tensor([], dtype=dtype).element_size()
+        row = embeds.shape[1] * dtype.itemsize
         rows = max(1, (limit - 4096) // row) if limit else embeds.shape[0]
         if embeds.shape[0] <= rows:
             return self._step("prefill", embeds, dtype, downlink, positions)

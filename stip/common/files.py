@@ -115,9 +115,10 @@ def read_manifest(bundle: Path, role: str | None = None, verify: bool = True) ->
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path} lists no files")
     if verify:
+        root = bundle.resolve()
         for name, digest in files.items():
             target = (bundle / name).resolve()
-            if bundle.resolve() not in target.parents:
+            if root not in target.parents:
                 raise BundleError(f"{path} names a file outside the bundle: {name!r}")
             if not target.is_file():
                 raise BundleError(f"{bundle} is incomplete: {name} is missing")

@@ -96,7 +96,7 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: torch.dtype, s
                       ) -> torch.Tensor:
     """A fresh (writable, owned) tensor from little-endian bytes; the caller has checked the byte length."""
     t = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     if not _LITTLE and size > 1:
         t = t.reshape(-1, size).flip(-1).contiguous().reshape(-1)
     return t.view(dtype).reshape(tuple(shape))

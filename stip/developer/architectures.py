@@ -38,8 +38,7 @@ class Architecture:
     lm_head: str  # server name of the LM head
     tied_source: str  # the embedding tensor the LM head is tied to, when the checkpoint ties them
     zeroed_on_server: tuple[str, ...] = ()  # client-side tensors the server model still adds: give it zeros
-    learned_positions: bool = False
-    rope: bool = True
+    rope: bool = True  # RoPE: Q/K get quarter-turn pair rotations instead of in-head permutations
 
     def rule_for(self, name: str) -> tuple[TensorRule, int | None]:
         for rule in self.rules:
@@ -115,7 +114,6 @@ GPT2 = Architecture(
     lm_head="lm_head.weight",
     tied_source="transformer.wte.weight",
     zeroed_on_server=("transformer.wpe.weight",),
-    learned_positions=True,
     rope=False,
 )
 
@@ -139,7 +137,7 @@ def geometry_of(config) -> Geometry:
         heads = config.n_head
         return Geometry(hidden=config.n_embd, vocab=config.vocab_size, layers=config.n_layer, heads=heads,
                         kv_heads=heads, head_dim=config.n_embd // heads,
-                        ffn=config.n_inner or 4 * config.n_embd, rope=False)
+                        ffn=config.n_inner or 4 * config.n_embd, rope=arch.rope)
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -149,4 +147,4 @@ def geometry_of(config) -> Geometry:
     if heads % kv:
         raise UnsupportedModelError(f"{heads} query heads do not split into {kv} KV groups")
     return Geometry(hidden=config.hidden_size, vocab=config.vocab_size, layers=config.num_hidden_layers,
-                    heads=heads, kv_heads=kv, head_dim=head_dim, ffn=config.intermediate_size, rope=True)
+                    heads=heads, kv_heads=kv, head_dim=head_dim, ffn=config.intermediate_size, rope=arch.rope)

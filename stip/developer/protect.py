@@ -21,15 +21,12 @@ from tqdm import tqdm
 import stip
 from stip.common.files import staged_directory, write_json_atomic, write_manifest
 from stip.common.keys import DeveloperKey
+from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE,
+                                EMBEDDING_FILE, SERVER_DIR)
 from stip.common.transforms import KeyRng
 from stip.developer.architectures import CLIENT, DROP, SERVER, Architecture, architecture_for, geometry_of
 from stip.developer.checkpoint import Checkpoint
 
-SERVER_DIR, CLIENT_DIR, DEVELOPER_DIR = "server", "client", "developer"
-CLIENT_KEY_FILE = "client.stipkey"
-DEVELOPER_KEY_FILE = "developer.stipkey"
-EMBEDDING_FILE = "embedding-{}.safetensors"  # one file per client tensor: "token", "position"
-CLIENT_CONFIG_FILE = "stip_client.json"
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 
 
@@ -186,11 +183,13 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
 
 def _set_modes(stage: Path, client: Path, developer: Path) -> None:
     """Bundles are shareable (0644, folders 0755); keys and the developer folder are owner-only."""
-    for p in [stage, *stage.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    for p in (client / CLIENT_KEY_FILE, developer / DEVELOPER_KEY_FILE):
-        p.chmod(0o600)
     developer.chmod(0o700)
+    secret = {client / CLIENT_KEY_FILE, developer / DEVELOPER_KEY_FILE}
+    for p in [stage, *stage.rglob("*")]:
+        if p.is_dir() and p != developer:
+            p.chmod(0o755)
+        elif p.is_file():
+            p.chmod(0o600 if p in secret else 0o644)
 
 
 def _write_server_config(ck: Checkpoint, folder: Path) -> None:
@@ -225,7 +224,3 @@ def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
         "eos_token_ids": [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]),
         "bos_token_id": getattr(c, "bos_token_id", None),
     }
-
-
-def read_client_config(folder: Path) -> dict:
-    return json.loads((Path(folder) / CLIENT_CONFIG_FILE).read_text())

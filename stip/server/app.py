@@ -170,7 +170,7 @@ class StipService:
             t = shape[0]
             if t < 1:
                 raise StepError(422, "prefill needs at least one embedding (T >= 1)")
-        expected = t * d * (2 if dtype != torch.float32 else 4)
+        expected = t * d * dtype.itemsize
         if len(payload) != expected:
             raise StepError(422, f"payload is {len(payload)} bytes but shape {shape} in {dtype_name} needs "
                                  f"{expected} bytes")
@@ -257,17 +257,15 @@ class StipService:
                 log.exception("unexpected error while serving a request (session dropped)")
                 e = StepError(500, f"internal server error ({type(e).__name__}); the session was dropped",
                               fatal=True)
-            self.metrics.errors.labels(str(e.status)).inc()
             if e.fatal and not s.closed:
                 self.sessions.remove(s)
                 self.metrics.sessions_closed.labels("error").inc()
             log.info("%s error %d: %s", "fatal" if e.fatal else "request", e.status, e)
-            return wire.encode_frame(wire.error_header(e.status, str(e), e.fatal)), (4000 + e.status if e.fatal
-                                                                                      else None)
+            return self.error_frame(e.status, str(e), e.fatal), (4000 + e.status if e.fatal else None)
 
-    def error_frame(self, status: int, message: str) -> bytes:
+    def error_frame(self, status: int, message: str, fatal: bool = True) -> bytes:
         self.metrics.errors.labels(str(status)).inc()
-        return wire.encode_frame(wire.error_header(status, message, fatal=True))
+        return wire.encode_frame(wire.error_header(status, message, fatal))
 
 
 def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):

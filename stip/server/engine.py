@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 
 class Engine(ABC):
@@ -86,8 +87,6 @@ class TransformersEngine(Engine):
         return state.length
 
     def _forward(self, state: _CacheState, x: torch.Tensor, keep: int) -> torch.Tensor:
-        from transformers import DynamicCache
-
         if state.freed:
             raise RuntimeError("session state was freed")
         if state.cache is None:

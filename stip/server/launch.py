@@ -1,7 +1,7 @@
-"""Start `stip serve` as its own process on a free loopback port and wait until it answers /health.
+"""Start `stip serve` (or `stip proxy`) as its own process on a free loopback port and wait until it answers.
 
-One launcher for everything that runs the server beside a client on one machine: `stip demo`, the benchmarks and
-the test harness. The process gets only the server bundle's path; it is stopped (SIGINT, then SIGKILL) on exit.
+One launcher for everything that runs the parties side by side on one machine: `stip demo`, the benchmarks and
+the test harness. The server gets only the server bundle's path; processes are stopped (SIGINT, then SIGKILL) on exit.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from stip.errors import StipError
 
@@ -92,35 +92,49 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def local_server(bundle: str | Path, *args: str, token: str | None = None, env: dict | None = None,
-                 timeout: float = STARTUP_TIMEOUT) -> Iterator[ServerProcess]:
-    """`stip serve BUNDLE ARGS` on a free loopback port; yields once /health answers, stops the process on exit."""
+def local_process(command: Callable[[int], list[str]], ready_path: str = "/health", token: str | None = None,
+                  env: dict | None = None, timeout: float = STARTUP_TIMEOUT) -> Iterator[ServerProcess]:
+    """Run `command(port)` on a free loopback port; yield once GET `ready_path` answers, stop the process on exit.
+    Its output goes to a log file (`ServerProcess.log()`), never to an undrained pipe."""
     for attempt in range(3):
         port = free_port()
-        log_fd, log_name = tempfile.mkstemp(prefix="stip-serve-", suffix=".log")
-        proc = subprocess.Popen(serve_command(bundle, *args, port=port), stdout=log_fd, stderr=subprocess.STDOUT,
-                                env=server_env(token, env))
-        os.close(log_fd)
+        log_fd, log_name = tempfile.mkstemp(prefix="stip-process-", suffix=".log")
+        cmd = command(port)
+        what = " ".join(cmd[2:4]).replace("stip.cli", "stip")  # e.g. "stip serve"
+        try:
+            proc = subprocess.Popen(cmd, stdout=log_fd, stderr=subprocess.STDOUT,
+                                    env=server_env(token, env))
+        except BaseException:
+            os.unlink(log_name)
+            raise
+        finally:
+            os.close(log_fd)
         server = ServerProcess(f"http://127.0.0.1:{port}", port, token, proc, Path(log_name))
         try:
             deadline = time.monotonic() + timeout
             while proc.poll() is None:
                 try:
-                    server.health()
+                    urllib.request.urlopen(server.url + ready_path, timeout=10).close()
                     break
                 except (urllib.error.URLError, OSError):
                     if time.monotonic() > deadline:
-                        raise StipError(f"stip serve did not answer /health within {timeout:.0f} s:\n"
+                        raise StipError(f"{what} did not answer {ready_path} within {timeout:.0f} s:\n"
                                         f"{server.log()[-3000:]}") from None
                     time.sleep(0.1)
             if proc.poll() is not None:
                 text = server.log()
                 if "address already in use" in text.lower() and attempt < 2:
                     continue  # lost the race for the port: try another
-                raise StipError(f"stip serve exited with code {proc.returncode}:\n{text[-3000:]}")
+                raise StipError(f"{what} exited with code {proc.returncode}:\n{text[-3000:]}")
             yield server
             return
         finally:
             stop(proc)
             with contextlib.suppress(OSError):
                 os.unlink(log_name)
+
+
+def local_server(bundle: str | Path, *args: str, token: str | None = None, env: dict | None = None,
+                 timeout: float = STARTUP_TIMEOUT) -> contextlib.AbstractContextManager[ServerProcess]:
+    """`stip serve BUNDLE ARGS` on a free loopback port, ready once /health answers."""
+    return local_process(lambda port: serve_command(bundle, *args, port=port), "/health", token, env, timeout)
