@@ -155,6 +155,16 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _grouped_bars(ax, rows: list[dict], series: list[tuple[str, str, str]]) -> None:
+    """One group of bars per row, one bar per (key, label, colour) series: the median, with the IQR as error bar."""
+    w = 0.8 / len(series)
+    for j, (key, name, color) in enumerate(series):
+        med = [r[key]["median"] for r in rows]
+        err = [[m - r[key]["p25"] for m, r in zip(med, rows)], [r[key]["p75"] - m for m, r in zip(med, rows)]]
+        ax.bar([i + (j - (len(series) - 1) / 2) * w for i in range(len(rows))], med, w, yerr=err, capsize=3,
+               color=color, label=name)
+
+
 def _row_label(r: dict) -> str:
     if r["phase"] == "prefill":
         return f"prefill B={r['batch']} T={r['tokens']}"
@@ -368,12 +378,7 @@ def plots(results: dict, out: Path) -> list[str]:
         series = [("ratio", "as served (load_protected_model vs load_plain_model)", "#4c72b0")]
         if "ratio_copied" in rows[0]:
             series.append(("ratio_copied", "both with weights copied into process memory", "#55a868"))
-        w = 0.8 / len(series)
-        for j, (key, name, color) in enumerate(series):
-            med = [r[key]["median"] for r in rows]
-            err = [[m - r[key]["p25"] for m, r in zip(med, rows)], [r[key]["p75"] - m for m, r in zip(med, rows)]]
-            ax.bar([i + (j - (len(series) - 1) / 2) * w for i in range(len(rows))], med, w, yerr=err, capsize=3,
-                   color=color, label=name)
+        _grouped_bars(ax, rows, series)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(0.98, color="#c44e52", ls="--", lw=1, label="target 0.98")
         lo = min([0.9] + [r[k]["p25"] for r in rows for k, _, _ in series])
@@ -391,14 +396,8 @@ def plots(results: dict, out: Path) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
         for ax, phase in zip(axes, ("prefill", "decode")):
             sub = [r for r in rows if r["phase"] == phase]
-            w = 0.38
-            for j, (key, name, color) in enumerate((("plain_tokens_per_s", "plain (token ids)", "#8c8c8c"),
-                                                     ("protected_tokens_per_s", "protected (embeddings)",
-                                                      "#4c72b0"))):
-                vals = [r[key]["median"] for r in sub]
-                err = [[v - r[key]["p25"] for v, r in zip(vals, sub)], [r[key]["p75"] - v for v, r in zip(vals, sub)]]
-                ax.bar([i + (j - 0.5) * w for i in range(len(sub))], vals, w, yerr=err, capsize=3, color=color,
-                       label=name)
+            _grouped_bars(ax, sub, [("plain_tokens_per_s", "plain (token ids)", "#8c8c8c"),
+                                    ("protected_tokens_per_s", "protected (embeddings)", "#4c72b0")])
             ax.set_xticks(range(len(sub)), [_row_label(r).split(" ", 1)[1] for r in sub], fontsize=8)
             ax.set_title(f"{phase} tokens/s")
             ax.legend(fontsize=8)
