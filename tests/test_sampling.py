@@ -97,7 +97,62 @@ def test_seed_reproducible():
 
 def test_invalid_params():
     for bad in [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(max_tokens=0),
-                dict(repetition_penalty=0)]:
+                dict(repetition_penalty=0), dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+                dict(logprobs=21), dict(logprobs=-1)]:
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ["x"]
+
+
+# ------------------------------------------------------------------ OpenAI's presence and frequency penalties
+
+
+def _direct_penalties(logits, generated, presence, frequency):
+    """OpenAI's definition, token by token: mu[j] -= presence * [c[j] > 0] + frequency * c[j]."""
+    out = logits.clone()
+    for j in range(out.numel()):
+        c = generated.count(j)
+        out[j] -= presence * (1.0 if c > 0 else 0.0) + frequency * c
+    return out
+
+
+@pytest.mark.parametrize("presence,frequency,penalty", [(0.5, 0.0, 1.0), (0.0, 0.8, 1.0), (1.5, -0.4, 1.0),
+                                                        (-2.0, 2.0, 1.0), (0.6, 0.3, 1.3)])
+def test_presence_and_frequency_penalties_match_the_direct_computation(presence, frequency, penalty):
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        logits = torch.randn(V, generator=g) * 3
+        prompt = torch.randint(0, V, (20,), generator=g).tolist()
+        generated = torch.randint(0, 40, (25,), generator=g).tolist()  # repeats, so counts above 1
+        params = SamplingParams(temperature=0.8, top_p=0.9, presence_penalty=presence, frequency_penalty=frequency,
+                                repetition_penalty=penalty)
+        s = Sampler(params, prompt)
+        for t in generated:
+            s.observe(t)
+        # the repetition penalty (transformers', over prompt and output) first, then OpenAI's (output only)
+        rep = _reference(logits, prompt + generated, 1.0, 0, 1.0, penalty) if penalty != 1.0 else logits
+        direct = _direct_penalties(rep, generated, presence, frequency)
+        ref = TopPLogitsWarper(top_p=0.9)(None, (direct / 0.8)[None])[0]
+        ours = s.processed(logits)
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+        torch.testing.assert_close(ours[~torch.isinf(ref)], ref[~torch.isinf(ref)])
+        # greedy: the argmax of the penalised logits, from full logits and from top-k pairs alike
+        greedy = Sampler(SamplingParams(presence_penalty=presence, frequency_penalty=frequency,
+                                        repetition_penalty=penalty), prompt)
+        for t in generated:
+            greedy.observe(t)
+        assert greedy.from_logits(logits) == int(direct.argmax())
+        ids = torch.randperm(V, generator=g)[:64]
+        assert greedy.from_topk(ids, logits[ids]) == int(ids[direct[ids].argmax()])
+
+
+def test_penalties_count_generated_tokens_not_the_prompt():
+    logits = torch.tensor([0.0, 3.0, 2.5, 1.0])
+    s = Sampler(SamplingParams(presence_penalty=1.0), [1, 1, 1])  # the prompt repeats 1: no penalty
+    assert s.from_logits(logits) == 1
+    s.observe(1)
+    assert s.from_logits(logits) == 2  # 3.0 - 1.0 < 2.5
+    s = Sampler(SamplingParams(frequency_penalty=0.3))
+    for _ in range(2):
+        s.observe(1)
+    assert s.from_logits(logits) == 2  # 3.0 - 2 * 0.3 = 2.4 < 2.5

@@ -1,12 +1,16 @@
 """Choosing the next token on the client, from full plain logits or from the server's top-k (id, value) pairs.
 
 Semantics follow transformers' `generate` (in its order): RepetitionPenaltyLogitsProcessor (over every token seen,
-prompt included), then TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper. temperature 0 is greedy.
+prompt included), then OpenAI's presence and frequency penalties (over the generated tokens only:
+`logit -= presence * [count > 0] + frequency * count`, as vLLM applies them after the repetition penalty), then
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper. temperature 0 is greedy (penalties still apply).
 
 Both inputs are reduced to candidates sorted by value (highest first) and one seeded uniform draw picks among them,
 so the two downlinks sample the same token whenever the kept set is the same (e.g. top_k <= the downlink's k).
 With the top-k downlink the distribution is the one truncated to the k tokens the server sent (the tail mass is
 unknown to the client): greedy is exact, sampling is exact when top_k <= k, otherwise a close approximation.
+Penalties on the top-k downlink apply to the k tokens the server sent: a penalised token can fall below a token
+outside those k, which the client cannot see, so with penalties the choice is exact only while it stays inside them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Iterable
 
 import torch
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
 
 @dataclass
 class SamplingParams:
@@ -24,8 +30,11 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens; 0: off
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # record each token's logprob and this many top alternatives; None: off
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -41,6 +50,11 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs (top alternatives per token) must be in [0, {MAX_TOP_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +77,22 @@ def apply_repetition_penalty(scores: torch.Tensor, ids: torch.Tensor | None, see
     return scores
 
 
+def apply_presence_frequency(scores: torch.Tensor, ids: torch.Tensor | None, counts: dict[int, int],
+                             presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: `score -= presence * [count > 0] + frequency * count`, counts over generated tokens.
+    `scores` in vocabulary order if `ids` is None, else the scores of `ids` (only those can be penalised)."""
+    if not counts or (presence == 0 and frequency == 0):
+        return scores
+    if ids is None:
+        where = torch.tensor(list(counts), dtype=torch.long)
+        c = torch.tensor(list(counts.values()), dtype=scores.dtype)
+        scores = scores.clone()
+        scores[where] -= presence + frequency * c
+        return scores
+    c = torch.tensor([counts.get(i, 0) for i in ids.tolist()], dtype=scores.dtype)
+    return scores - (presence * (c > 0).to(scores.dtype) + frequency * c)
+
+
 def top_p_keep(sorted_desc: torch.Tensor, top_p: float) -> int:
     """How many of the (descending) scores TopPLogitsWarper keeps: those not in the low tail of mass <= 1 - top_p."""
     if top_p >= 1.0:
@@ -74,7 +104,8 @@ def top_p_keep(sorted_desc: torch.Tensor, top_p: float) -> int:
 
 
 class Sampler:
-    """Stateful per generation: the tokens seen so far (for the repetition penalty) and the seeded generator."""
+    """Stateful per generation: the tokens seen so far (for the repetition penalty), how often each generated token
+    occurred (for the presence and frequency penalties) and the seeded generator. `history` is the prompt."""
 
     def __init__(self, params: SamplingParams, history: Iterable[int] = ()):
         self.params = params
@@ -86,10 +117,16 @@ class Sampler:
         self._seen: list[int] = []
         self._seen_set: set[int] = set()
         self._seen_tensor: torch.Tensor | None = None
+        self.counts: dict[int, int] = {}  # generated tokens only
         for t in history:
-            self.observe(t)
+            self._see(t)
 
     def observe(self, token_id: int) -> None:
+        """A generated token."""
+        self.counts[token_id] = self.counts.get(token_id, 0) + 1
+        self._see(token_id)
+
+    def _see(self, token_id: int) -> None:
         if token_id not in self._seen_set:
             self._seen_set.add(token_id)
             self._seen.append(token_id)
@@ -124,10 +161,11 @@ class Sampler:
         return self._draw(ids, values)
 
     def _penalize(self, scores: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """The repetition penalty; without one, the seen-token tensor is never built (nothing per token)."""
-        if self.params.repetition_penalty == 1.0:
-            return scores
-        return apply_repetition_penalty(scores, ids, self.seen, self.params.repetition_penalty)
+        """The repetition penalty, then presence and frequency; a penalty that is off costs nothing per token."""
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(scores, ids, self.seen, p.repetition_penalty)
+        return apply_presence_frequency(scores, ids, self.counts, p.presence_penalty, p.frequency_penalty)
 
     def _draw(self, ids: torch.Tensor, values: torch.Tensor) -> int:
         """Temperature, top-p, then one uniform draw over candidates sorted highest first."""
