@@ -75,8 +75,17 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs a token"),
     port: int = typer.Option(8000),
     token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN", help="bearer token clients must present"),
-    max_sessions: int = typer.Option(64, help="open sessions (KV caches) at most; more get 429"),
+    api_keys: Optional[Path] = typer.Option(None, help="per-client API key file (`stip apikey create`); re-read "
+                                            "when it changes, so revocation needs no restart"),
+    max_sessions: int = typer.Option(64, help="open sessions (KV caches) at most; more get 503"),
     max_seq_len: int = typer.Option(4096, help="tokens per session at most (capped by the model's own limit)"),
+    kv_budget: Optional[str] = typer.Option(None, help="memory for all KV caches together, e.g. 2GB (default: half "
+                                            "the memory available after loading the model)"),
+    kv_budget_tokens: Optional[int] = typer.Option(None, help="the KV budget in tokens (overrides --kv-budget)"),
+    max_all_logits: int = typer.Option(1 << 24, help="T x V logits one positions='all' prefill may compute"),
+    client_max_sessions: Optional[int] = typer.Option(None, help="sessions per client (the token, and keys that "
+                                                      "set no quota)"),
+    client_max_tokens: Optional[int] = typer.Option(None, help="KV tokens held per client (likewise)"),
     session_ttl: float = typer.Option(300.0, help="seconds an idle session keeps its KV cache"),
     max_message_size: Optional[str] = typer.Option(None, help="largest request frame, e.g. 16MB "
                                                    "(default: room for max_seq_len float32 embeddings)"),
@@ -89,11 +98,55 @@ def serve(
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
+    from stip.server.budget import Quota
 
     run_server(bundle, host=host, port=port, token=token, max_sessions=max_sessions, max_seq_len=max_seq_len,
+               api_keys=api_keys, kv_budget_bytes=_size(kv_budget) if kv_budget else None,
+               kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits,
+               client_quota=Quota(client_max_sessions, client_max_tokens),
                session_ttl=session_ttl, max_message_bytes=_size(max_message_size) if max_message_size else None,
                threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device)
+
+
+apikey_app = typer.Typer(no_args_is_help=True, help="Manage a server's per-client API key file (hashes only).")
+app.add_typer(apikey_app, name="apikey")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    file: Path = typer.Argument(..., help="the API key file (created if missing, owner-only)"),
+    name: str = typer.Argument(..., help="the client's name (letters, digits, . _ - @)"),
+    max_sessions: Optional[int] = typer.Option(None, help="sessions this client may hold at once"),
+    max_tokens: Optional[int] = typer.Option(None, help="KV tokens this client's sessions may hold at once"),
+    max_tokens_per_minute: Optional[int] = typer.Option(None, help="tokens this client may send per minute"),
+    metrics: bool = typer.Option(False, help="may read /metrics (server-wide counts)"),
+):
+    """Add a client and print its new key, once: only its hash is stored."""
+    from stip.server.auth import create_key
+
+    key = create_key(file, name, max_sessions=max_sessions, max_tokens=max_tokens,
+                     max_tokens_per_minute=max_tokens_per_minute, metrics=metrics)
+    typer.echo(key)
+    typer.echo(f"added client {name!r} to {file}; the key above is shown only now (the server keeps its hash)",
+               err=True)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(file: Path = typer.Argument(...), name: str = typer.Argument(...)):
+    """Revoke a client's key: a running server refuses it within about a second and closes its sessions."""
+    from stip.server.auth import revoke_key
+
+    revoke_key(file, name)
+    typer.echo(f"revoked {name!r} in {file}")
+
+
+@apikey_app.command("list")
+def apikey_list(file: Path = typer.Argument(...)):
+    """Clients, quotas and state (never keys or hashes)."""
+    from stip.server.auth import list_keys
+
+    typer.echo(json.dumps(list_keys(file), indent=2))
 
 
 # ---------------------------------------------------------------- data owner

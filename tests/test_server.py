@@ -253,7 +253,7 @@ def test_bad_requests_get_clear_4xx_and_the_socket_stays_usable(gpt2):
         "huge header length": (struct.pack(">I", 1 << 30) + b"{}", 400, "limit"),
         "header not an object": (struct.pack(">I", 2) + b"[]", 400, "object"),
         "bad UTF-8": (struct.pack(">I", 2) + b"\xff\xfe", 400, "UTF-8"),
-        "oversized message": (b"\x00" * (gpt2.server.health()["max_message_bytes"] + 1), 413, "limit"),
+        "oversized message": (b"\x00" * (gpt2.server.info()["max_message_bytes"] + 1), 413, "limit"),
         "sequence past max_seq_len": (wire.encode_frame({"op": "prefill", "shape": [65, d]},
                                                         wire.tensor_bytes(torch.randn(65, d))), 413, "max_seq_len"),
     }
@@ -282,7 +282,7 @@ def test_bad_requests_get_clear_4xx_and_the_socket_stays_usable(gpt2):
 
 def test_sequence_limit_counts_the_cache(gpt2):
     c = gpt2.client
-    limit = gpt2.server.health()["max_seq_len"]  # gpt2 tiny: 64 learned positions
+    limit = gpt2.server.info()["max_seq_len"]  # gpt2 tiny: 64 learned positions
     assert limit == 64
     with gpt2.conn.open_session() as s:
         s.prefill(torch.randn(limit - 1, c.hidden_size))
@@ -295,7 +295,7 @@ def test_sequence_limit_counts_the_cache(gpt2):
 
 def test_message_beyond_protocol_limit_closes_only_that_socket(gpt2):
     raw = Raw(gpt2)
-    raw.ws.send(b"\x00" * (3 * gpt2.server.health()["max_message_bytes"]))
+    raw.ws.send(b"\x00" * (3 * gpt2.server.info()["max_message_bytes"]))
     with pytest.raises(Exception):
         raw.recv()
     with gpt2.conn.open_session() as s:
@@ -344,11 +344,15 @@ def test_token_required(gpt2):
     with pytest.raises(StipAuthError) as e:
         Connection(url, token="wrong").open_session()
     assert e.value.status == 403
-    for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 403), ({"Authorization": "Basic x"}, 401)):
-        with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers=headers), timeout=10)
-        assert e.value.code == status
-    assert Connection(url, token="").health()["status"] == "ok"  # /health is open
+    for path in ("/metrics", "/v1/info"):
+        for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 403),
+                                ({"Authorization": "Basic x"}, 401)):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=10)
+            assert e.value.code == status, (path, headers)
+    assert Connection(url, token="").health() == {"status": "ok"}  # /health is open, and says only that
+    with pytest.raises(StipAuthError):
+        Connection(url, token="").info()
     with pytest.raises(StipAuthError):
         Connection(url, token="wrong").metrics()
     assert "stip_sessions_active" in Connection(url, token=TOKEN).metrics()
@@ -388,7 +392,7 @@ def test_limits_and_expiry(tiny_protected):
         a, b = conn.open_session(), conn.open_session()
         with pytest.raises(StipServerError) as e:
             conn.open_session()
-        assert e.value.status == 429 and "too many sessions" in str(e.value)
+        assert e.value.status == 503 and "server full" in str(e.value)  # the server's limit: retry later
         a.close()
         c = conn.open_session()  # room again
         a.close()  # idempotent
@@ -405,7 +409,7 @@ def test_limits_and_expiry(tiny_protected):
         assert _metric(m, "stip_kv_caches_live") == 0 and _metric(m, "stip_sessions_active") == 0
         assert _metric(m, "stip_kv_cache_tokens") == 0
         assert _metric(m, 'stip_sessions_closed_total{reason="expired"}') == 2
-        assert server.health()["sessions"] == 0
+        assert server.info()["sessions"] == 0
         with pytest.raises(StipServerError) as e:  # the attached but idle socket learns on its next step
             b.decode(client.embed(torch.tensor([1]), start=b.position))
         assert e.value.status == 404 and "expired" in str(e.value)
@@ -417,15 +421,16 @@ def test_limits_and_expiry(tiny_protected):
 
 
 def test_health_and_metrics_format(gpt2):
-    h = gpt2.server.health()
+    assert gpt2.server.health() == {"status": "ok"}  # open to anyone: nothing but "up"
+    h = gpt2.server.info()
     c = gpt2.client
     assert h["status"] == "ok" and h["bundle_id"] == c.bundle_id and h["model_type"] == "gpt2"
     assert h["hidden_size"] == c.hidden_size and h["vocab_size"] == c.vocab_size
-    assert isinstance(h["sessions"], int)
+    assert isinstance(h["sessions"], int) and h["client"] == "token"
     with gpt2.conn.open_session() as s:
         s.prefill(c.embed(torch.tensor(PROMPTS[0])))
         s.decode(c.embed(torch.tensor([1]), start=s.position))
-        assert gpt2.server.health()["sessions"] >= 1
+        assert gpt2.server.info()["sessions"] >= 1
     text = gpt2.server.metrics()
     for name in ("stip_sessions_active", "stip_kv_caches_live", "stip_kv_cache_tokens"):
         assert re.search(rf"^# TYPE {name} gauge$", text, re.M), name

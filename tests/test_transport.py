@@ -95,10 +95,10 @@ def party(tiny_protected):
 
 def test_session_basics(party):
     server, client, plain, conn = party
-    assert conn.health()["sessions"] == 0
+    assert conn.info()["sessions"] == 0
     prompt = [3, 14, 15, 92, 65]
     with conn.open_session() as s:
-        assert s.id and s.position == 0 and conn.health()["sessions"] == 1
+        assert s.id and s.position == 0 and conn.info()["sessions"] == 1
         r = s.prefill(client.embed(torch.tensor(prompt)), downlink=Downlink("topk", 4))
         assert isinstance(r, StepResult) and r.position == s.position == 5
         assert r.indices.shape == (1, 4) and r.values.shape == (1, 4) and r.logits is None
@@ -109,7 +109,7 @@ def test_session_basics(party):
         assert s.bytes_sent == r.bytes_sent + r2.bytes_sent
         ref = plain_greedy(plain, prompt, 2)
         assert [int(client.plain_ids(r.indices[0, 0])), int(client.plain_ids(r2.indices[0, 0]))] == ref
-    assert conn.health()["sessions"] == 0 and not s.connected
+    assert conn.info()["sessions"] == 0 and not s.connected
     s.close()  # idempotent
     with pytest.raises(StipConnectionError, match="not connected"):
         s.decode(torch.zeros(client.hidden_size))
@@ -136,7 +136,7 @@ def test_client_side_argument_checks(party):
 
 def test_long_prompt_is_chunked_transparently(party):
     server, client, plain, conn = party
-    limit = server.health()["max_message_bytes"]
+    limit = server.info()["max_message_bytes"]
     prompt = [(7 * i + 3) % client.vocab_size for i in range(40)]
     x = client.embed(torch.tensor(prompt))
     assert x.numel() * 4 > limit  # does not fit one message

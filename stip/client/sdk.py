@@ -188,7 +188,7 @@ class Client:
         self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle)
         self.downlink = Downlink(kind=downlink, k=min(int(k), self.bundle.vocab_size))
         self.connection = Connection(server_url, token=token, timeout=timeout)
-        health = self.connection.health()
+        health = self.connection.info()  # GET /v1/info (needs the token): bundle id, signer, limits
         served = health.get("bundle_id")
         if served != self.bundle.bundle_id:
             raise KeyMismatchError(

@@ -128,6 +128,10 @@ class Connection:
     def health(self) -> dict:
         return json.loads(self._get("/health"))
 
+    def info(self) -> dict:
+        """GET /v1/info (needs the token): the served bundle, its signer, the limits, this client's usage."""
+        return json.loads(self._get("/v1/info"))
+
     def metrics(self) -> str:
         return self._get("/metrics").decode()
 

@@ -36,6 +36,7 @@ PROTOCOL_VERSION = 1
 SESSION_PATH = "/v1/session"
 HEADER_LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_DEPTH = 16  # nesting of JSON objects/arrays in a header (deeper ones are refused before parsing)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
@@ -60,6 +61,31 @@ def encode_frame(header: dict, *payload: bytes | bytearray | memoryview) -> byte
     return b"".join((HEADER_LEN.pack(len(head)), head, *payload))
 
 
+def _nesting(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, strings skipped. Cheap: real headers have a handful of brackets, so
+    the character scan runs only when there are more brackets than the depth allowed."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_HEADER_DEPTH:
+        return 0
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def decode_frame(data: bytes | bytearray | memoryview) -> tuple[dict, memoryview]:
     """Split a frame into (header dict, payload view). Raises WireError(400) on anything malformed."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -72,9 +98,12 @@ def decode_frame(data: bytes | bytearray | memoryview) -> tuple[dict, memoryview
         raise WireError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (is this a STIP frame?)")
     if HEADER_LEN.size + n > len(view):
         raise WireError(f"header length {n} runs past the end of the {len(view)}-byte frame")
+    raw = bytes(view[HEADER_LEN.size:HEADER_LEN.size + n])
+    if _nesting(raw) > MAX_HEADER_DEPTH:
+        raise WireError(f"frame header nests deeper than {MAX_HEADER_DEPTH} levels (a STIP header needs 2)")
     try:
-        header = json.loads(bytes(view[HEADER_LEN.size:HEADER_LEN.size + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise WireError(f"frame header is not valid UTF-8 JSON: {e}") from None
     if not isinstance(header, dict):
         raise WireError("frame header must be a JSON object")

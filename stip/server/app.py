@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import ipaddress
 import logging
 import math
@@ -28,9 +27,11 @@ from starlette.websockets import WebSocketDisconnect
 
 from stip.common import wire
 from stip.errors import StipError
+from stip.server.auth import Authenticator, AuthError, Principal, load_key_file
+from stip.server.budget import Admission, AdmissionError, Quota, default_budget_tokens
 from stip.server.engine import Engine
 from stip.server.metrics import Metrics
-from stip.server.sessions import Session, SessionLimitError, SessionManager
+from stip.server.sessions import Session, SessionManager
 
 log = logging.getLogger("stip.server")
 
@@ -40,11 +41,15 @@ HEADER_SLACK = 64 * 1024
 @dataclass
 class Settings:
     token: str | None = None
+    api_keys: str | None = None  # path of a stip-apikeys file (stip.server.auth)
     max_sessions: int = 64
     max_seq_len: int = 4096
     session_ttl: float = 300.0
     max_message_bytes: int | None = None  # None: room for max_seq_len float32 embeddings
     max_reply_bytes: int = 512 * 1024 * 1024
+    kv_budget_tokens: int | None = None  # None: max_sessions x max_seq_len (run_server derives it from memory)
+    max_all_logits: int = 1 << 24  # T x V logits one positions="all" prefill may compute (64 MB of float32)
+    client_quota: Quota = Quota()  # quotas of the single token, and of keys that set none
 
 
 class StepError(Exception):
@@ -62,6 +67,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _short(value, limit: int = 80) -> str:
+    """repr for error messages, cut short: a hostile header must not come back to its sender a thousand times."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class StipService:
     """Everything one server process holds: engine, worker thread, sessions, metrics."""
 
@@ -73,15 +84,20 @@ class StipService:
         self.max_seq_len = limit
         self.max_message_bytes = settings.max_message_bytes or (limit * engine.hidden_size * 4 + HEADER_SLACK)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stip-engine")
-        self.sessions = SessionManager(engine.new_state, self._free_state, settings.max_sessions,
-                                       settings.session_ttl)
+        self.auth = Authenticator(settings.token, settings.api_keys, settings.client_quota)
+        self.admission = Admission(settings.kv_budget_tokens or settings.max_sessions * limit,
+                                   settings.max_sessions, engine.kv_bytes_per_token)
+        self.sessions = SessionManager(engine.new_state, self._free_state, settings.session_ttl)
         self.metrics = Metrics(lambda: len(self.sessions), lambda: self.sessions.kv_caches,
-                               lambda: self.sessions.kv_tokens)
+                               lambda: self.sessions.kv_tokens, lambda: self.admission.used,
+                               lambda: self.admission.total)
         self._expiry_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def _free_state(self, s: Session) -> None:
+        self.admission.close_session(s.owner, s.reserved)
+        s.reserved = 0
         self.worker.submit(self.engine.free, s.state)
 
     async def start(self) -> None:
@@ -99,6 +115,7 @@ class StipService:
         period = max(0.05, min(1.0, self.settings.session_ttl / 4))
         while True:
             await asyncio.sleep(period)
+            self.drop_revoked()
             n = self.sessions.expire()
             if n:
                 self.metrics.sessions_closed.labels("expired").inc(n)
@@ -107,12 +124,22 @@ class StipService:
     # ------------------------------------------------------------ info
 
     def health(self) -> dict:
-        e = self.engine
+        """Open to anyone, so it says only that the server is up."""
+        return {"status": "ok"}
+
+    def info(self, who: Principal) -> dict:
+        """The model, the limits, and the caller's own usage (never other clients'); needs auth."""
+        e, q, u = self.engine, who.quota, self.admission.usage(who.name)
         return {"status": "ok", "bundle_id": self.bundle_id, "model_type": e.model_type,
-                "hidden_size": e.hidden_size, "vocab_size": e.vocab_size, "sessions": len(self.sessions),
-                "max_sessions": self.settings.max_sessions, "max_seq_len": self.max_seq_len,
-                "max_message_bytes": self.max_message_bytes, "session_ttl": self.settings.session_ttl,
-                "protocol": wire.PROTOCOL_VERSION}
+                "hidden_size": e.hidden_size, "vocab_size": e.vocab_size,
+                "signer": (getattr(e, "manifest", None) or {}).get("signer", {}).get("fingerprint"),
+                "protocol": wire.PROTOCOL_VERSION, "max_seq_len": self.max_seq_len,
+                "max_message_bytes": self.max_message_bytes, "max_all_logits": self.settings.max_all_logits,
+                "session_ttl": self.settings.session_ttl, "kv_budget_tokens": self.admission.total,
+                "client": who.name, "sessions": u.sessions, "kv_tokens": u.tokens,
+                "max_sessions": min(q.max_sessions or self.settings.max_sessions, self.settings.max_sessions),
+                "max_tokens": min(q.max_tokens or self.admission.total, self.admission.total),
+                "max_tokens_per_minute": q.max_tokens_per_minute}
 
     def hello(self, s: Session) -> dict:
         return {"ok": True, "kind": "hello", "session": s.id, "position": s.position, "bundle_id": self.bundle_id,
@@ -120,16 +147,16 @@ class StipService:
                 "max_seq_len": self.max_seq_len, "max_message_bytes": self.max_message_bytes,
                 "protocol": wire.PROTOCOL_VERSION}
 
-    def check_token(self, authorization: str | None) -> int:
-        """0 if allowed, else the HTTP status to refuse with (401 missing, 403 wrong)."""
-        if not self.settings.token:
-            return 0
-        if not authorization:
-            return 401
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not value:
-            return 401
-        return 0 if hmac.compare_digest(value.strip().encode(), self.settings.token.encode()) else 403
+    def drop_revoked(self) -> None:
+        """Re-read the key file if it changed and free the sessions of clients that lost their key."""
+        if self.auth.refresh():
+            for owner in self.sessions.owners():
+                if not self.auth.is_active(owner):
+                    gone = self.sessions.owned_by(owner)
+                    for s in gone:
+                        self.sessions.remove(s)
+                    self.metrics.sessions_closed.labels("revoked").inc(len(gone))
+                    log.info("closed %d session(s) of a revoked client", len(gone))
 
     # ------------------------------------------------------------ steps
 
@@ -146,17 +173,17 @@ class StipService:
             raise StepError(e.status, str(e)) from None
         op = header.get("op")
         if op not in wire.OPS:
-            raise StepError(400, f"unknown op {op!r}; expected one of {', '.join(wire.OPS)}")
+            raise StepError(400, f"unknown op {_short(op)}; expected one of {', '.join(wire.OPS)}")
         if op == "close":
             return op, {}, payload
         dtype_name = header.get("dtype", "float32")
-        if dtype_name not in wire.DTYPES:
-            raise StepError(422, f"unsupported dtype {dtype_name!r}; expected one of {', '.join(wire.DTYPES)}")
+        if not isinstance(dtype_name, str) or dtype_name not in wire.DTYPES:
+            raise StepError(422, f"unsupported dtype {_short(dtype_name)}; expected one of {', '.join(wire.DTYPES)}")
         dtype = wire.DTYPES[dtype_name]
         shape = header.get("shape")
         if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                                   for n in shape):
-            raise StepError(422, f"shape must be a list of non-negative integers, got {shape!r}")
+            raise StepError(422, f"shape must be a list of non-negative integers, got {_short(shape)}")
         d = self.engine.hidden_size
         if op == "decode":
             if shape not in ([1, d], [d]):
@@ -176,16 +203,16 @@ class StipService:
                                  f"{expected} bytes")
         positions = header.get("positions", "last")
         if op == "prefill" and positions not in wire.POSITIONS:
-            raise StepError(422, f"positions must be 'last' or 'all', got {positions!r}")
+            raise StepError(422, f"positions must be 'last' or 'all', got {_short(positions)}")
         downlink = header.get("downlink", {"kind": "topk", "k": 64})
         if not isinstance(downlink, dict) or downlink.get("kind") not in wire.DOWNLINKS:
             raise StepError(422, f"downlink must be {{'kind': 'logits'}} or {{'kind': 'topk', 'k': K}}, "
-                                 f"got {downlink!r}")
+                                 f"got {_short(downlink)}")
         k = 0
         if downlink["kind"] == "topk":
             k = downlink.get("k", 64)
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                raise StepError(422, f"top-k downlink needs an integer k >= 1, got {k!r}")
+                raise StepError(422, f"top-k downlink needs an integer k >= 1, got {_short(k)}")
             k = min(k, self.engine.vocab_size)
         if op == "decode" and s.position == 0:
             raise StepError(409, "decode before prefill: the session's KV cache is empty; send a prefill first")
@@ -193,11 +220,17 @@ class StipService:
             raise StepError(413, f"sequence would reach {s.position + t} tokens; this server's max_seq_len is "
                                  f"{self.max_seq_len}")
         n = t if (op == "prefill" and positions == "all") else 1
+        if n * self.engine.vocab_size > self.settings.max_all_logits:
+            limit = self.settings.max_all_logits // self.engine.vocab_size
+            raise StepError(413, f"positions='all' over {t} tokens would compute {t} x {self.engine.vocab_size} "
+                                 f"logits, over this server's max_all_logits of {self.settings.max_all_logits} "
+                                 f"(at most {limit} tokens per all-positions prefill); send fewer tokens per "
+                                 f"request or positions='last'")
         reply = n * (self.engine.vocab_size * 4 if k == 0 else k * 8)
         if reply > self.settings.max_reply_bytes:
             raise StepError(413, f"the reply would be {reply} bytes (over {self.settings.max_reply_bytes}); use a "
                                  f"top-k downlink or positions='last'")
-        return op, {"dtype": dtype, "shape": shape, "all": positions == "all", "k": k}, payload
+        return op, {"dtype": dtype, "shape": shape, "all": positions == "all", "k": k, "tokens": t}, payload
 
     def run_step(self, s: Session, op: str, req: dict, payload: memoryview) -> tuple[dict, list[bytes]]:
         """On the worker thread: payload -> tensor -> forward -> downlink bytes."""
@@ -233,24 +266,51 @@ class StipService:
         return {"ok": True, "kind": kind, "shape": shape, "dtype": "float32",
                 "position": self.engine.length(s.state), "server_ms": round(ms, 3)}, parts
 
-    async def handle(self, s: Session, data) -> tuple[bytes, int | None]:
+    def authorize(self, authorization: str | None) -> Principal:
+        """The caller of a step: a key revoked since the socket opened ends the session (403, fatal); an unreadable
+        key file (503) only refuses the step."""
+        try:
+            return self.auth.authenticate(authorization)
+        except AuthError as e:
+            raise StepError(e.status, str(e), fatal=e.status in (401, 403)) from None
+
+    def admit(self, s: Session, who: Principal, tokens: int) -> None:
+        """Reserve the step's KV tokens before it runs (on the loop, so concurrent steps cannot overshoot)."""
+        try:
+            self.admission.reserve(s.owner, who.quota, tokens)
+        except AdmissionError as e:
+            self.metrics.refused.labels(e.reason).inc()
+            raise StepError(e.status, str(e)) from None
+        s.reserved += tokens
+
+    async def handle(self, s: Session, data, authorization: str | None = None) -> tuple[bytes, int | None]:
         """One request frame -> (reply frame, WebSocket close code if the socket must close afterwards)."""
         try:
+            who = self.authorize(authorization)
             if s.closed:
                 raise StepError(404, "session expired or was closed; open a new session", fatal=True)
-            op, req, payload = self.parse_request(s, data)
+            try:
+                op, req, payload = self.parse_request(s, data)
+            except StepError:
+                raise
+            except Exception as e:  # a header of the wrong shape the checks above did not foresee: still its fault
+                raise StepError(400, f"malformed request header ({type(e).__name__}: {_short(str(e))})") from None
             if op == "close":
                 self.sessions.remove(s)
                 self.metrics.sessions_closed.labels("closed").inc()
                 return wire.encode_frame({"ok": True, "kind": "closed", "position": 0}), 1000
+            self.admit(s, who, req["tokens"])
             s.busy = True
             try:
                 header, parts = await asyncio.get_running_loop().run_in_executor(
                     self.worker, self.run_step, s, op, req, payload)
+                s.position = header["position"]
             finally:
                 s.busy = False
                 s.touch()
-            s.position = header["position"]
+                if not s.closed:  # keep what the cache holds now, return the rest of the reservation
+                    self.admission.release(s.owner, s.reserved - s.position)
+                    s.reserved = s.position
             return wire.encode_frame(header, *parts), None
         except Exception as e:
             if not isinstance(e, StepError):
@@ -268,62 +328,71 @@ class StipService:
         return wire.encode_frame(wire.error_header(status, message, fatal))
 
 
-def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
-    service = StipService(engine, settings, bundle_id)
+def refused(status: int, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status in (401, 403) else {"Retry-After": "5"}
+    return JSONResponse({"ok": False, "status": status, "error": message}, status_code=status, headers=headers)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        await service.start()
-        try:
-            yield
-        finally:
-            await service.stop()
 
-    app = FastAPI(title="STIP model server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
+def add_http_routes(app: FastAPI, service: StipService) -> None:
+    """/health for anyone (up or not, nothing else); /v1/info and /metrics behind a key."""
 
-    def refused(status: int) -> JSONResponse:
-        msg = "missing bearer token" if status == 401 else "invalid bearer token"
-        return JSONResponse({"ok": False, "status": status, "error": msg}, status_code=status,
-                            headers={"WWW-Authenticate": "Bearer"})
+    def caller(request: Request) -> Principal:
+        return service.auth.authenticate(request.headers.get("authorization"))
 
     @app.get("/health")
     async def health():
         return service.health()
 
+    @app.get("/v1/info")
+    async def info(request: Request):
+        try:
+            return service.info(caller(request))
+        except AuthError as e:
+            return refused(e.status, str(e))
+
     @app.get("/metrics")
     async def metrics(request: Request):
-        status = service.check_token(request.headers.get("authorization"))
-        if status:
-            return refused(status)
+        try:
+            who = caller(request)
+        except AuthError as e:
+            return refused(e.status, str(e))
+        if not who.metrics:
+            return refused(403, "this API key may not read /metrics (server-wide counts); see `stip apikey create "
+                                "--metrics`")
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+
+def add_session_route(app: FastAPI, service: StipService) -> None:
+    """The session WebSocket: authenticate, open or resume (own sessions only), then one reply per frame."""
+
+    async def refuse_frame(websocket: WebSocket, status: int, message: str) -> None:
+        await websocket.send_bytes(service.error_frame(status, message))
+        await websocket.close(4000 + status)
 
     @app.websocket(wire.SESSION_PATH)
     async def session_socket(websocket: WebSocket):
-        status = service.check_token(websocket.headers.get("authorization"))
-        if status:
-            service.metrics.errors.labels(str(status)).inc()
-            await websocket.send_denial_response(refused(status))
+        authorization = websocket.headers.get("authorization")
+        try:
+            who = service.auth.authenticate(authorization)
+        except AuthError as e:
+            service.metrics.errors.labels(str(e.status)).inc()
+            await websocket.send_denial_response(refused(e.status, str(e)))
             return
         await websocket.accept()
         sid = websocket.query_params.get("session")
         if sid is not None:
-            s = service.sessions.get(sid)
+            s = service.sessions.get(sid, owner=who.name)  # another client's session is as unknown as none
             if s is None:
-                await websocket.send_bytes(service.error_frame(404, "unknown or expired session"))
-                await websocket.close(4404)
-                return
+                return await refuse_frame(websocket, 404, "unknown or expired session")
             if s.attached:
-                await websocket.send_bytes(service.error_frame(409, "session is in use by another connection"))
-                await websocket.close(4409)
-                return
+                return await refuse_frame(websocket, 409, "session is in use by another connection")
         else:
             try:
-                s = service.sessions.create()
-            except SessionLimitError as e:
-                await websocket.send_bytes(service.error_frame(429, str(e)))
-                await websocket.close(4429)
-                return
+                service.admission.open_session(who.name, who.quota)
+            except AdmissionError as e:
+                service.metrics.refused.labels(e.reason).inc()
+                return await refuse_frame(websocket, e.status, str(e))
+            s = service.sessions.create(who.name)
             service.metrics.sessions_opened.inc()
         s.attached = True
         s.touch()
@@ -338,7 +407,7 @@ def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
                 data = msg.get("bytes")
                 if data is not None:
                     bytes_in.inc(len(data))
-                reply, close = await service.handle(s, data)
+                reply, close = await service.handle(s, data, authorization)
                 bytes_out.inc(len(reply))
                 await websocket.send_bytes(reply)
                 if close is not None:
@@ -350,6 +419,23 @@ def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
             s.attached = False
             s.touch()
 
+
+def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
+    service = StipService(engine, settings, bundle_id)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="STIP model server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    add_http_routes(app, service)
+    add_session_route(app, service)
     return app
 
 
@@ -357,38 +443,54 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
                max_sessions: int = 64, max_seq_len: int = 4096, session_ttl: float = 300.0,
                max_message_bytes: int | None = None, threads: int | None = None, log_level: str = "info",
                ssl_certfile: str | None = None, ssl_keyfile: str | None = None, dtype: str = "float32",
-               device: str = "cpu") -> None:
+               device: str = "cpu", api_keys: str | Path | None = None,
+               kv_budget_bytes: int | None = None, kv_budget_tokens: int | None = None,
+               max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota()) -> None:
     """Load the server bundle and serve it until interrupted."""
     import uvicorn
 
     token = token or os.environ.get("STIP_TOKEN") or None
-    if not token and not is_loopback(host):
+    if not token and not api_keys and not is_loopback(host):
         raise StipError(f"refusing to listen on {host} without a token: anyone who can reach it could use the "
-                        f"model. Pass --token (or set STIP_TOKEN), or bind to 127.0.0.1")
-    if not token:
+                        f"model. Pass --token (or set STIP_TOKEN) or --api-keys FILE, or bind to 127.0.0.1")
+    if not token and not api_keys:
         log.warning("no token set: serving on loopback %s only, without authentication", host)
     elif not ssl_certfile and not is_loopback(host):
         log.warning("serving on %s without TLS: put a TLS-terminating proxy in front, or pass --ssl-certfile", host)
-    for name, value in (("max_sessions", max_sessions), ("max_seq_len", max_seq_len)):
+    for name, value in (("max_sessions", max_sessions), ("max_seq_len", max_seq_len),
+                        ("kv_budget_bytes", kv_budget_bytes or 1), ("kv_budget_tokens", kv_budget_tokens or 1),
+                        ("max_all_logits", max_all_logits)):
         if value < 1:
             raise StipError(f"{name} must be at least 1, got {value}")
     if not (session_ttl > 0 and math.isfinite(session_ttl)):
         raise StipError(f"session_ttl must be a positive number of seconds, got {session_ttl}")
     if dtype not in wire.DTYPES:
         raise StipError(f"dtype must be one of {', '.join(wire.DTYPES)}, got {dtype!r}")
+    if api_keys:
+        load_key_file(api_keys)  # a bad key file stops here, before the model loads
     if threads:
         torch.set_num_threads(threads)
 
     from stip.server.engine import TransformersEngine
 
     engine = TransformersEngine.from_bundle(bundle, dtype=wire.DTYPES[dtype], device=device)
-    settings = Settings(token=token, max_sessions=max_sessions, max_seq_len=max_seq_len, session_ttl=session_ttl,
-                        max_message_bytes=max_message_bytes)
+    seq_len = min(max_seq_len, engine.max_positions or max_seq_len)
+    if kv_budget_tokens is None and kv_budget_bytes is not None:
+        kv_budget_tokens = max(1, kv_budget_bytes // engine.kv_bytes_per_token)
+    if kv_budget_tokens is None:
+        kv_budget_tokens = default_budget_tokens(engine.kv_bytes_per_token, max_sessions * seq_len, device)
+    settings = Settings(token=token, api_keys=str(api_keys) if api_keys else None, max_sessions=max_sessions,
+                        max_seq_len=max_seq_len, session_ttl=session_ttl, max_message_bytes=max_message_bytes,
+                        kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits, client_quota=client_quota)
     app = create_app(engine, settings, bundle_id=engine.manifest.get("bundle_id", ""))
     service: StipService = app.state.service
     log.info("STIP server: %s model (d=%d, V=%d, %s on %s), bundle %s, max %d sessions, max_seq_len %d, ttl %.0fs, "
              "torch threads %d", engine.model_type, engine.hidden_size, engine.vocab_size, dtype, device,
              service.bundle_id, max_sessions, service.max_seq_len, session_ttl, torch.get_num_threads())
+    log.info("KV budget %d tokens (%.1f MB at %d bytes/token); clients: %s", kv_budget_tokens,
+             kv_budget_tokens * engine.kv_bytes_per_token / 1e6, engine.kv_bytes_per_token,
+             "API key file" + (" and the token" if token else "") if api_keys else
+             ("one token" if token else "anyone on loopback"))
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
         # Larger messages than our limit still reach the app (which answers 413 and keeps the socket); only

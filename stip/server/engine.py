@@ -23,6 +23,7 @@ class Engine(ABC):
     model_type: str
     max_positions: int | None  # the model's own limit on sequence length, if it has one
     dtype: torch.dtype
+    kv_bytes_per_token: int  # memory one cached token costs a session (the server's KV budget counts in these)
 
     @abstractmethod
     def new_state(self) -> Any:
@@ -43,6 +44,14 @@ class Engine(ABC):
     @abstractmethod
     def free(self, state: Any) -> None:
         """Release the session's KV cache (the state may not be used afterwards)."""
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Keys and values of every layer: 2 x layers x kv_heads x head_dim x dtype size (a transformers config)."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
 
 
 @dataclass
@@ -72,6 +81,7 @@ class TransformersEngine(Engine):
         self.device = next(model.parameters()).device
         maxpos = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
         self.max_positions = int(maxpos) if maxpos else None
+        self.kv_bytes_per_token = kv_bytes_per_token(self.config, self.dtype)
 
     @classmethod
     def from_bundle(cls, bundle, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "TransformersEngine":

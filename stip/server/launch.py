@@ -44,10 +44,18 @@ class ServerProcess:
         with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
             return json.loads(r.read())
 
-    def metrics(self) -> str:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        with urllib.request.urlopen(urllib.request.Request(self.url + "/metrics", headers=headers), timeout=10) as r:
-            return r.read().decode()
+    def info(self, token: str | None = None) -> dict:
+        """GET /v1/info with `token` (default: the server's own token)."""
+        return json.loads(self._get("/v1/info", token))
+
+    def metrics(self, token: str | None = None) -> str:
+        return self._get("/metrics", token).decode()
+
+    def _get(self, path: str, token: str | None = None) -> bytes:
+        token = token or self.token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10) as r:
+            return r.read()
 
     @property
     def alive(self) -> bool:

@@ -9,6 +9,8 @@ from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from stip.server.budget import REFUSALS
+
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0)
 
@@ -16,12 +18,18 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.0
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, sessions: Callable[[], int], kv_caches: Callable[[], int], kv_tokens: Callable[[], int]):
+    def __init__(self, sessions: Callable[[], int], kv_caches: Callable[[], int], kv_tokens: Callable[[], int],
+                 kv_reserved: Callable[[], int] = lambda: 0, kv_budget: Callable[[], int] = lambda: 0):
         r = self.registry = CollectorRegistry(auto_describe=True)
         Gauge("stip_sessions_active", "Open sessions (attached to a socket or waiting to be resumed)",
               registry=r).set_function(sessions)
         Gauge("stip_kv_caches_live", "Sessions currently holding a KV cache", registry=r).set_function(kv_caches)
         Gauge("stip_kv_cache_tokens", "Tokens held in all KV caches", registry=r).set_function(kv_tokens)
+        Gauge("stip_kv_budget_used_tokens", "KV tokens reserved against the budget (held, plus steps in flight)",
+              registry=r).set_function(kv_reserved)
+        Gauge("stip_kv_budget_tokens", "The server's KV-token budget", registry=r).set_function(kv_budget)
+        self.refused = Counter("stip_admission_refused", "Requests refused by admission control, by reason",
+                               ["reason"], registry=r)
         self.tokens = Counter("stip_tokens_processed", "Tokens run through the model", ["phase"], registry=r)
         self.steps = Histogram("stip_step_seconds", "Server compute time of one step (forward + downlink encoding)",
                                ["op"], buckets=STEP_BUCKETS, registry=r)
@@ -34,6 +42,8 @@ class Metrics:
             self.steps.labels(phase)
         for direction in ("in", "out"):
             self.bytes.labels(direction)
+        for reason in REFUSALS:
+            self.refused.labels(reason)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

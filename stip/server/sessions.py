@@ -1,7 +1,8 @@
-"""Session bookkeeping: random ids, limits, idle expiry. The engine state (KV cache) hangs off each session.
+"""Session bookkeeping: random ids, owners, idle expiry. The engine state (KV cache) hangs off each session.
 
-All methods run on the event loop (no locks needed); freeing a KV cache is handed to the engine's worker thread by
-the caller-supplied `free` callback.
+All methods run on the event loop (no locks needed); freeing a KV cache (and returning its reserved tokens to the
+budget, `stip.server.budget`) is the caller-supplied `free` callback's job. Limits on how many sessions may exist
+are admission control's (`Admission.open_session`), checked before `create`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any, Callable
 class Session:
     id: str
     state: Any
+    owner: str = ""  # the client (API key name) that created it; only it may resume or use it
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     position: int = 0  # tokens in the KV cache
+    reserved: int = 0  # KV tokens reserved in the budget: position, plus those of a step in flight
     attached: bool = False  # a socket is serving this session now
     busy: bool = False  # a step is running in the worker
     closed: bool = False  # freed (closed, expired, or broken): every later use answers 404
@@ -27,15 +30,10 @@ class Session:
         self.last_used = time.monotonic()
 
 
-class SessionLimitError(Exception):
-    pass
-
-
 class SessionManager:
-    def __init__(self, new_state: Callable[[], Any], free: Callable[[Session], None], max_sessions: int,
-                 ttl: float):
+    def __init__(self, new_state: Callable[[], Any], free: Callable[[Session], None], ttl: float):
         self._new_state, self._free = new_state, free
-        self.max_sessions, self.ttl = max_sessions, ttl
+        self.ttl = ttl
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -49,16 +47,22 @@ class SessionManager:
     def kv_tokens(self) -> int:
         return sum(s.position for s in self._sessions.values())
 
-    def create(self) -> Session:
-        if len(self._sessions) >= self.max_sessions:
-            raise SessionLimitError(f"too many sessions: the server holds its limit of {self.max_sessions}; "
-                                    f"close idle sessions or retry later")
+    def owners(self) -> set[str]:
+        return {s.owner for s in self._sessions.values()}
+
+    def owned_by(self, owner: str) -> list[Session]:
+        return [s for s in self._sessions.values() if s.owner == owner]
+
+    def create(self, owner: str = "") -> Session:
         sid = secrets.token_urlsafe(24)
-        s = self._sessions[sid] = Session(sid, self._new_state())
+        s = self._sessions[sid] = Session(sid, self._new_state(), owner)
         return s
 
-    def get(self, sid: str) -> Session | None:
+    def get(self, sid: str, owner: str | None = None) -> Session | None:
+        """The live session `sid`; None if unknown, expired, or (with `owner`) created by another client."""
         s = self._sessions.get(sid)
+        if s is not None and owner is not None and s.owner != owner:
+            return None
         if s is not None and self._expired(s):
             self.remove(s)
             return None
