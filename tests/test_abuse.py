@@ -208,3 +208,45 @@ def test_concurrent_prefills_cannot_overshoot_the_budget(party):
     assert sorted(outcomes) == [40, 40, 40, 503, 503, 503]  # 3 x 40 = 120 <= 150 < 160
     for s in sessions:
         s.close()
+
+
+def test_admission_rules():
+    """The bookkeeping alone: a refusal reserves nothing, closing returns everything, the rate window slides."""
+    from stip.server.budget import Admission, AdmissionError, Quota, default_budget_tokens
+
+    adm = Admission(budget_tokens=100, max_sessions=3)
+    q = Quota(max_sessions=2, max_tokens=60, max_tokens_per_minute=80)
+    adm.open_session("a", q)
+    adm.open_session("a", q)
+    with pytest.raises(AdmissionError) as e:
+        adm.open_session("a", q)
+    assert (e.value.status, e.value.reason) == (429, "client_sessions")
+    adm.open_session("b", Quota())
+    with pytest.raises(AdmissionError) as e:
+        adm.open_session("c", Quota())
+    assert (e.value.status, e.value.reason) == (503, "server_sessions")
+    adm.reserve("a", q, 50, now=0.0)
+    with pytest.raises(AdmissionError) as e:
+        adm.reserve("a", q, 11, now=1.0)
+    assert e.value.reason == "client_tokens" and adm.used == 50
+    adm.release("a", 50)
+    adm.reserve("a", q, 30, now=2.0)  # 80 tokens in this minute: the rate quota is spent
+    with pytest.raises(AdmissionError) as e:
+        adm.reserve("a", q, 1, now=30.0)
+    assert e.value.reason == "client_rate" and "retry in 30 s" in str(e.value)
+    adm.reserve("a", q, 1, now=61.0)  # the first 50 left the window
+    with pytest.raises(AdmissionError) as e:
+        adm.reserve("b", Quota(), 70, now=61.0)
+    assert (e.value.status, e.value.reason) == (503, "kv_budget") and adm.used == 31
+    adm.close_session("a", 31)
+    adm.close_session("a", 0)
+    assert adm.used == 0 and adm.sessions == 1 and adm.usage("a").tokens == 0
+    assert 1 <= default_budget_tokens(46080, ceiling_tokens=64 * 4096) <= 64 * 4096
+    rate = Admission(budget_tokens=1000, max_sessions=5)
+    q = Quota(max_tokens_per_minute=100)
+    rate.reserve("r", q, 60, now=0.0)
+    rate.reserve("r", q, 40, now=10.0)
+    for n, wait in ((50, 40), (70, 50)):  # until enough of the minute's tokens have left the window
+        with pytest.raises(AdmissionError) as e:
+            rate.reserve("r", q, n, now=20.0)
+        assert f"retry in {wait} s" in str(e.value)

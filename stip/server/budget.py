@@ -108,7 +108,12 @@ class Admission:
                 u.recent.popleft()
             spent = sum(k for _, k in u.recent)
             if spent + n > quota.max_tokens_per_minute:
-                wait = RATE_WINDOW - (now - u.recent[0][0]) if u.recent else RATE_WINDOW
+                wait, left = RATE_WINDOW, spent  # until enough of the minute's tokens leave the window
+                for t, k in u.recent:
+                    left -= k
+                    if left + n <= quota.max_tokens_per_minute:
+                        wait = RATE_WINDOW - (now - t)
+                        break
                 raise AdmissionError("client_rate", f"rate limit: this client sent {spent} tokens in the last "
                                                     f"minute; {n} more would pass its quota of "
                                                     f"{quota.max_tokens_per_minute} per minute; retry in "
