@@ -85,6 +85,7 @@ class StipService:
         self.max_message_bytes = settings.max_message_bytes or (limit * engine.hidden_size * 4 + HEADER_SLACK)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stip-engine")
         self.auth = Authenticator(settings.token, settings.api_keys, settings.client_quota)
+        self._auth_generation = self.auth.generation
         self.admission = Admission(settings.kv_budget_tokens or settings.max_sessions * limit,
                                    settings.max_sessions, engine.kv_bytes_per_token)
         self.sessions = SessionManager(engine.new_state, self._free_state, settings.session_ttl)
@@ -148,8 +149,11 @@ class StipService:
                 "protocol": wire.PROTOCOL_VERSION}
 
     def drop_revoked(self) -> None:
-        """Re-read the key file if it changed and free the sessions of clients that lost their key."""
-        if self.auth.refresh():
+        """Re-read the key file if it changed and free the sessions of clients that lost their key (whichever
+        request or timer saw the change first)."""
+        self.auth.refresh()
+        if self.auth.generation != self._auth_generation:
+            self._auth_generation = self.auth.generation
             for owner in self.sessions.owners():
                 if not self.auth.is_active(owner):
                     gone = self.sessions.owned_by(owner)
@@ -319,7 +323,7 @@ class StipService:
                               fatal=True)
             if e.fatal and not s.closed:
                 self.sessions.remove(s)
-                self.metrics.sessions_closed.labels("error").inc()
+                self.metrics.sessions_closed.labels("revoked" if e.status == 403 else "error").inc()
             log.info("%s error %d: %s", "fatal" if e.fatal else "request", e.status, e)
             return self.error_frame(e.status, str(e), e.fatal), (4000 + e.status if e.fatal else None)
 

@@ -158,6 +158,7 @@ class Authenticator:
         self._broken: str | None = None
         self._stamp: tuple | None = None
         self._checked = 0.0
+        self.generation = 0  # bumped on every reload, so any caller can tell that the key set changed
         if self.path:
             self._entries = list(load_key_file(self.path).keys)  # a bad file at startup is a CLI error
             self._stamp = self._file_stamp()
@@ -186,6 +187,7 @@ class Authenticator:
         if stamp == self._stamp and not force:
             return False
         self._stamp = stamp
+        self.generation += 1
         try:
             self._entries = list(load_key_file(self.path).keys)
             self._broken = None
