@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 
 
 def llama_shape(target_bytes: float, dtype_bytes: int = 4) -> dict:
-    """A LLaMA-1B-like config with as many layers as it takes to reach `target_bytes`."""
-    d, ffn, vocab, heads, kv = 2048, 5632, 32000, 16, 4
+    """A LLaMA-1B-like config with as many layers as it takes to reach `target_bytes` (below 0.5 GB, a smaller
+    width and vocabulary, so that a smoke run's checkpoint is as small as asked)."""
+    d, ffn, vocab, heads, kv = (2048, 5632, 32000, 16, 4) if target_bytes >= 5e8 else (512, 1408, 8000, 8, 2)
     hd = d // heads
     per_layer = (2 * d * d + 2 * kv * hd * d + 3 * d * ffn + 2 * d) * dtype_bytes
     fixed = (2 * vocab * d + d) * dtype_bytes

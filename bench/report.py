@@ -16,6 +16,7 @@ PLOTS = {
     "ratio": "server_throughput_ratio.png",
     "throughput": "server_throughput.png",
     "mpc": "mpc_vs_plain.png",
+    "concurrent": "concurrent_users.png",
 }
 
 
@@ -57,7 +58,7 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _git(*args: str) -> str | None:
+def git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
                               cwd=Path(__file__).resolve().parent.parent).stdout.strip() or None
@@ -76,8 +77,8 @@ def machine_info() -> dict:
         mem = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
     except (OSError, IndexError, ValueError):
         mem = None
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain")
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain")
     try:
         flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
         simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
@@ -174,15 +175,14 @@ def _row_label(r: dict) -> str:
 def headline(results: dict) -> list[tuple[str, str, str]]:
     """(figure, value, target) rows."""
     rows = []
-    sc = results.get("server_cost")
-    if sc:
-        rows.append(("Server side: protected / plain throughput, worst config (median of paired ratios)",
-                     _f(sc["ratio_min"], 3), ">= 0.98"))
-        rows.append(("Server side: protected / plain throughput, median over configs", _f(sc["ratio_median"], 3),
-                     ">= 0.98"))
-        if "ratio_copied_min" in sc:
-            rows.append(("Server side, both models' weights copied into process memory: worst config / median",
-                         f"{_f(sc['ratio_copied_min'], 3)} / {_f(sc['ratio_copied_median'], 3)}", ">= 0.98"))
+    cc = results.get("concurrent")
+    if cc:
+        for r in cc["rows"]:
+            for label, v in r["servers"].items():
+                rows.append((f"{r['clients']} concurrent user(s) through `{label}` (stip.Client processes): "
+                             f"aggregate tokens/s, vs plain generate at batch {r['clients']}",
+                             f"{_mid(v['tokens_per_s'], 1)} vs {_mid(r['plain_batch_tokens_per_s'], 1)} "
+                             f"({_f(v['ratio_to_plain']['median'], 2)}x)", ""))
     e2e = results.get("end_to_end")
     if e2e:
         plain = next(r for r in e2e["rows"] if r["variant"] == "plain")
@@ -191,7 +191,7 @@ def headline(results: dict) -> list[tuple[str, str, str]]:
             if r["variant"] == "plain":
                 continue
             where = r["network"]
-            rows.append((f"STIP {r['downlink']} downlink over {where}: per token (ms)",
+            rows.append((f"stip.Client, {r['downlink']} downlink over {where}: per token (ms)",
                          _mid(r["per_token_ms"]), ""))
             if where == "loopback":
                 rows.append((f"STIP / plain per token, {r['downlink']} downlink, loopback",
@@ -199,6 +199,14 @@ def headline(results: dict) -> list[tuple[str, str, str]]:
                              "<= 1.15"))
                 rows.append((f"Bytes per token, {r['downlink']} downlink (up / down)",
                              f"{_bytes(r['bytes_up_per_token'])} / {_bytes(r['bytes_down_per_token'])}", ""))
+    sc = results.get("server_cost")
+    if sc:
+        wp = sc["worst_config_ratio_per_process"]
+        rows.append(("Engine level (in-process batched forward, not what `stip serve` does today): protected / plain "
+                     "throughput, worst config / median over configs",
+                     f"{_f(sc['ratio_min'], 3)} / {_f(sc['ratio_median'], 3)}", ">= 0.98"))
+        rows.append((f"Run to run: worst config's ratio in each of {wp['n']} fresh processes",
+                     f"{_f(wp['median'], 3)} (range {_range(wp)})", ""))
     pb = results.get("protect")
     if pb:
         rows.append(("Protect throughput (MB/s) / peak RSS (GB)",
@@ -207,19 +215,34 @@ def headline(results: dict) -> list[tuple[str, str, str]]:
                      f"RSS < {_f(pb['rss_bound_gb'], 2)} GB"))
     mpc = results.get("mpc")
     if mpc:
-        rows.append(("STIP speedup over secure 2PC: one decoder block, CrypTen / plain time (loopback)",
-                     f"{_f(mpc['speedup'], 0)}x ({_f(mpc['mpc_seconds'] * 1e3, 1)} ms vs "
-                     f"{_f(mpc['plain_seconds'] * 1e3, 3)} ms)", ""))
+        d, x = mpc["decode"], mpc["extrapolated"]
+        rows.append((f"Secure 2PC (CrypTen), per decoded token: one decoder block, CrypTen / plain (loopback, "
+                     f"context {d['context']})",
+                     f"{_f(d['speedup'], 0)}x ({_f(d['mpc_seconds'] * 1e3, 1)} ms vs "
+                     f"{_f(d['plain_seconds'] * 1e3, 3)} ms)", ""))
+        rows.append((f"Secure 2PC per decoded token, all {x['layers']} blocks (extrapolated: one block x "
+                     f"{x['layers']})",
+                     f"{_f(x['mpc_seconds_per_token'], 2)} s vs {_f(x['plain_seconds_per_token'] * 1e3, 2)} ms plain",
+                     ""))
     return rows
 
 
 def markdown(results: dict) -> str:
     m, meta = results["machine"], results["meta"]
+    tree = meta.get("git") or {}
     lines = [f"# STIP benchmarks{' (quick smoke run)' if meta['quick'] else ''}", ""]
-    lines += [f"Command: `{meta['command']}`  ", f"Started {meta['started']}, took {meta['seconds']:.0f} s. "
-              f"Model: {meta['model']}.", ""]
+    if not tree.get("clean"):
+        lines += [f"**DIRTY TREE - not for committing**: run with {tree.get('changes', '?')} uncommitted change(s) "
+                  f"on top of commit `{tree.get('commit') or 'unknown'}`; these figures describe no commit.", ""]
+    lines += [f"Command: `{meta['command']}`  ",
+              f"Commit: `{tree.get('commit') or 'unknown'}`, tree {'clean' if tree.get('clean') else 'DIRTY'}.  ",
+              f"Started {meta['started']}, took {meta['seconds']:.0f} s. Model: {meta['model']}."
+              + ("" if meta.get("all_parts", True) else f" Parts run: {', '.join(meta['parts'])} (not all)."), ""]
     if results.get("errors"):
         lines += ["**Errors:**", ""] + [f"- {k}: `{v}`" for k, v in results["errors"].items()] + [""]
+    if results.get("skipped"):
+        lines += ["**Skipped (optional package missing):**", ""] + [f"- {k}: {v}" for k, v in
+                                                                    results["skipped"].items()] + [""]
     lines += ["## Machine", "", _table(["", ""], [
         ["CPU", f"{m['cpu']} ({', '.join(m.get('cpu_simd') or [])})"],
         ["cores (available)", f"{m['cores']} ({m['cores_available']})"],
@@ -238,25 +261,52 @@ def markdown(results: dict) -> str:
 
     sc = results.get("server_cost")
     if sc:
-        copied = "ratio_copied_min" in sc
-        lines += ["## 1. Server-side cost: protected vs plain model, same engine", "",
+        wp = sc["worst_config_ratio_per_process"]
+        lines += ["## 1. Server-side cost: protected vs plain model, same engine (engine-level, in-process batched "
+                  "forward; not what `stip serve` does today)", "",
                   f"Engine: {sc['engine']}. Inputs: {sc['inputs']}. Loading: {sc['loading']}. Method: {sc['method']}. "
                   f"torch threads: {sc['torch_threads']}. Max |logit difference| plain vs un-permuted protected "
                   f"on one prompt: {sc['max_abs_logit_diff']:.2e}.", "",
-                  _table(["config", "plain tok/s", "protected tok/s", "ratio protected/plain", "ratio range", "n"]
-                         + (["ratio, both with weights copied", "copied / as loaded, protected"] if copied else []),
+                  _table(["config", "plain tok/s", "protected tok/s", "ratio protected/plain", "ratio range", "n",
+                          "ratio per process: median (range)"],
                          [[_row_label(r), _mid(r["plain_tokens_per_s"], 1), _mid(r["protected_tokens_per_s"], 1),
-                           _mid(r["ratio"], 3), _range(r["ratio"]), r["ratio"]["n"]]
-                          + ([_mid(r["ratio_copied"], 3), _mid(r["protected_copied_vs_protected"], 3)] if copied
-                             else []) for r in sc["rows"]]), "",
+                           _mid(r["ratio"], 3), _range(r["ratio"]), r["ratio"]["n"],
+                           f"{_f(r['ratio_per_process']['median'], 3)} ({_range(r['ratio_per_process'])})"]
+                          for r in sc["rows"]]), "",
+                  f"Run to run: the worst config's ratio in each of {wp['n']} fresh processes spans {_range(wp)} "
+                  f"(median {_f(wp['median'], 3)}). "
+                  + ("Every config's pooled ratio is within the target. " if sc["ratio_min"] >= sc["target_ratio"]
+                     else f"The worst pooled ratio, {_f(sc['ratio_min'], 3)}, misses the {sc['target_ratio']} target"
+                          + (" inside the spread of single processes' worst ratios, which reach "
+                             f"{_f(wp['max'], 3)}: noise of this machine at this precision, not a measured cost of "
+                             f"the protection. " if wp["max"] >= sc["target_ratio"]
+                             else " in every process: a consistent cost, not noise. ")), "",
                   f"![server throughput ratio]({PLOTS['ratio']})  ![server throughput]({PLOTS['throughput']})", ""]
+
+    cc = results.get("concurrent")
+    if cc:
+        labels = list(cc["servers"])
+        lines += ["## 2. Concurrent users through the server: what `stip serve` gives N users at once", "",
+                  f"Method: {cc['method']}. Prompt: {cc['prompt_tokens']} tokens. Servers: "
+                  + "; ".join(f"`{k}` ({' '.join(v['args'])})" for k, v in cc["servers"].items())
+                  + ". Same greedy tokens as plain: "
+                  + ", ".join(f"{k}: {_f(v)}" for k, v in cc["same_tokens_as_plain"].items()) + ".", "",
+                  _table(["users N", "plain generate, batch N: tok/s"]
+                         + [h for lab in labels for h in (f"`{lab}`: tok/s", "/ plain", "per user ms/token")],
+                         [[r["clients"], _mid(r["plain_batch_tokens_per_s"], 1)]
+                          + [c for lab in labels for c in (_mid(r["servers"][lab]["tokens_per_s"], 1),
+                                                            _f(r["servers"][lab]["ratio_to_plain"]["median"], 2),
+                                                            _mid(r["servers"][lab]["per_client_ms_per_token"], 1))]
+                          for r in cc["rows"]]), "",
+                  f"![concurrent users]({PLOTS['concurrent']})", ""]
 
     e2e = results.get("end_to_end")
     if e2e:
-        lines += ["## 2. End to end: plain generate vs STIP (server process + client, one round trip per token)", "",
+        lines += ["## 3. End to end: plain generate vs `stip.Client` (server process + client, one round trip per "
+                  "token)", "",
                   f"{e2e['server']}. Prompt: {e2e['prompt_tokens']} tokens. Method: {e2e['method']}. "
-                  "Per token = one decode step as the client sees it; it splits into client compute, server "
-                  "compute (`server_ms` reported by the server) and wire (round trip - server: network, "
+                  "Per token = one decode step as the client sees it; the client's `Timing` splits it into client "
+                  "compute, server compute (`server_ms` reported by the server) and wire (round trip - server: network, "
                   "WebSocket framing, event loops); in brackets, what the simulated link alone accounts for "
                   "(RTT + both messages at the link rate): the wire time over a simulated link is that plus the "
                   "loopback row's wire time (the software's own share). Bytes: WebSocket message payloads of one "
@@ -289,7 +339,7 @@ def markdown(results: dict) -> str:
 
     pb = results.get("protect")
     if pb:
-        lines += ["## 3. Protect: throughput and peak memory", "",
+        lines += ["## 4. Protect: throughput and peak memory", "",
                   f"`{pb['command']}` on a synthetic LLaMA-shaped fp32 checkpoint ({pb['layers']} layers, "
                   f"{pb['tensors']} tensors, {pb['shards']} shard(s)).", "",
                   _table(["checkpoint", "seconds", "MB/s", "peak RSS", "bound (3 x largest tensor + 1.5 GB)",
@@ -300,27 +350,36 @@ def markdown(results: dict) -> str:
 
     mpc = results.get("mpc")
     if mpc:
-        s = mpc["shape"]
-        lines += ["## 4. Secure two-party computation baseline (CrypTen)", "",
+        s, d, x = mpc["shape"], mpc["decode"], mpc["extrapolated"]
+
+        def step_row(name: str, r: dict) -> list:
+            return [name, f"{_f(r['mpc_seconds'] * 1e3, 1)} ms", ", ".join(f"{t * 1e3:.0f}" for t in
+                                                                           r["mpc_seconds_all"]) + " ms",
+                    f"{_f(r['plain_seconds'] * 1e3, 3)} ms", f"{_f(r['speedup'], 0)}x", _bytes(r["comm_bytes"]),
+                    r["rounds"], f"{r['max_abs_error']:.2e}"]
+
+        lines += ["## 5. Secure two-party computation baseline (CrypTen), per decoded token", "",
                   f"One LLaMA decoder block (d={s['d']}, {s['n_heads']} heads / {s['n_kv_heads']} KV heads, "
-                  f"ffn {s['m']}, T={s['T']} tokens) under {mpc['protocol']}, two processes, "
-                  f"{mpc['threads']['mpc_per_party']} thread per party; plain torch block with "
-                  f"{mpc['threads']['plain']} threads. STIP's server runs the plain block (section 1: the same "
-                  f"cost as the unprotected model).", "",
-                  _table(["CrypTen block (median)", "all runs", "plain block", "CrypTen / plain",
+                  f"ffn {s['m']}) under {mpc['protocol']}, two processes, {mpc['threads']['mpc_per_party']} thread "
+                  f"per party; the same block in plain torch with {mpc['threads']['plain']} threads. Decode (the "
+                  f"headline, per token as in section 3): one new token attending to a secret-shared KV cache of "
+                  f"{d['context']} tokens. Prefill (secondary): {s['T']} tokens at once. STIP's server runs the "
+                  f"plain block (section 1: the same cost as the unprotected model).", "",
+                  _table(["step", "CrypTen block (median)", "all runs", "plain block", "CrypTen / plain",
                           "communication", "rounds", "max abs error"],
-                         [[f"{_f(mpc['mpc_seconds'] * 1e3, 1)} ms",
-                           ", ".join(f"{x * 1e3:.0f}" for x in mpc["mpc_seconds_all"]) + " ms",
-                           f"{_f(mpc['plain_seconds'] * 1e3, 3)} ms", f"{_f(mpc['speedup'], 0)}x",
-                           _bytes(mpc["comm_bytes"]), mpc["rounds"], f"{mpc['max_abs_error']:.2e}"]]), ""]
+                         [step_row(f"decode: 1 token, context {d['context']}", d),
+                          step_row(f"prefill: {mpc['prefill']['tokens']} tokens", mpc["prefill"])]), "",
+                  f"Whole model per decoded token, **extrapolated** ({x['note']}): CrypTen "
+                  f"{_f(x['mpc_seconds_per_token'], 2)} s, {_bytes(x['comm_bytes_per_token'])} and "
+                  f"{x['rounds_per_token']:,} rounds, vs {_f(x['plain_seconds_per_token'] * 1e3, 2)} ms plain.", ""]
         est = mpc.get("over_network_estimate")
         if est:
-            lines += ["Over the simulated networks (an estimate, not a measurement: loopback time + rounds x RTT + "
-                      "bytes / rate; both parties' traffic is counted once):", "",
-                      _table(["network", "CrypTen block", f"all blocks of the model ({s['T']} tokens)",
-                              "vs plain block"],
-                             [[e["label"], f"{_f(e['block_s'], 3)} s", f"{_f(e['model_forward_s'], 1)} s "
-                               f"({e['layers']} blocks)", f"{_f(e['vs_plain'], 0)}x"] for e in est]), ""]
+            lines += ["Decode over the simulated networks (an estimate, not a measurement: loopback time + rounds x "
+                      "RTT + bytes / rate; both parties' traffic is counted once):", "",
+                      _table(["network", "CrypTen block, per token", f"all {x['layers']} blocks, per token "
+                              "(extrapolated)", "vs plain block"],
+                             [[e["label"], f"{_f(e['block_s'], 3)} s", f"{_f(e['per_token_s'], 1)} s",
+                               f"{_f(e['vs_plain'], 0)}x"] for e in est]), ""]
         lines += [f"![MPC vs plain]({PLOTS['mpc']})", ""]
 
     lines += ["## Notes", "", *[f"- {n}" for n in results.get("notes", [])], ""]
@@ -375,9 +434,8 @@ def plots(results: dict, out: Path) -> list[str]:
         rows = sc["rows"]
         labels = [_row_label(r).replace(" (", "\n(").replace(" T=", "\nT=") for r in rows]
         fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(rows) + 2), 4.5))
-        series = [("ratio", "as served (load_protected_model vs load_plain_model)", "#4c72b0")]
-        if "ratio_copied" in rows[0]:
-            series.append(("ratio_copied", "both with weights copied into process memory", "#55a868"))
+        series = [("ratio", "all repeats of all processes", "#4c72b0"),
+                  ("ratio_per_process", "per-process medians", "#55a868")]
         _grouped_bars(ax, rows, series)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.axhline(0.98, color="#c44e52", ls="--", lw=1, label="target 0.98")
@@ -386,7 +444,7 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.set_ylim(lo - 0.02, hi + 0.02)
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
         ax.set_ylabel("protected / plain throughput")
-        ax.set_title("Server side: protected vs plain model (median, IQR)" + title_tail)
+        ax.set_title("Engine level, in-process batched forward: protected vs plain (median, IQR)" + title_tail)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / PLOTS["ratio"], dpi=120)
@@ -401,16 +459,38 @@ def plots(results: dict, out: Path) -> list[str]:
             ax.set_xticks(range(len(sub)), [_row_label(r).split(" ", 1)[1] for r in sub], fontsize=8)
             ax.set_title(f"{phase} tokens/s")
             ax.legend(fontsize=8)
-        fig.suptitle("Server-side throughput, same engine" + title_tail)
+        fig.suptitle("Engine-level throughput, in-process batched forward (not what stip serve does today)"
+                     + title_tail)
         fig.tight_layout()
         fig.savefig(out / PLOTS["throughput"], dpi=120)
         plt.close(fig)
         written.append(PLOTS["throughput"])
 
+    cc = results.get("concurrent")
+    if cc:
+        fig, ax = plt.subplots(figsize=(7.0, 4.5))
+        ns = [r["clients"] for r in cc["rows"]]
+        ax.plot(ns, [r["plain_batch_tokens_per_s"]["median"] for r in cc["rows"]], "o-", color="#8c8c8c",
+                label="plain generate at batch N (in-process)")
+        for label, color in zip(cc["servers"], ("#4c72b0", "#dd8452", "#55a868")):
+            ax.plot(ns, [r["servers"][label]["tokens_per_s"]["median"] for r in cc["rows"]], "o-", color=color,
+                    label=f"N stip.Client users through `{label}`")
+        ax.set_xticks(ns)
+        ax.set_xlabel("concurrent users N")
+        ax.set_ylabel("aggregate tokens/s (median)")
+        ax.set_ylim(bottom=0)
+        ax.set_title("Concurrent users: what the server gives vs plain batched generate" + title_tail)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / PLOTS["concurrent"], dpi=120)
+        plt.close(fig)
+        written.append(PLOTS["concurrent"])
+
     mpc = results.get("mpc")
     if mpc:
+        d, layers = mpc["decode"], mpc["extrapolated"]["layers"]
         names = ["plain block\n(STIP server)", "CrypTen 2PC\n(loopback)"]
-        vals = [mpc["plain_seconds"] * 1e3, mpc["mpc_seconds"] * 1e3]
+        vals = [d["plain_seconds"] * 1e3, d["mpc_seconds"] * 1e3]
         for e in mpc.get("over_network_estimate", []):
             names.append(f"CrypTen 2PC\n{e['name']} (est.)")
             vals.append(e["block_s"] * 1e3)
@@ -418,8 +498,9 @@ def plots(results: dict, out: Path) -> list[str]:
         ax.bar(range(len(vals)), vals, color=["#4c72b0"] + ["#c44e52"] * (len(vals) - 1))
         ax.set_yscale("log")
         ax.set_xticks(range(len(vals)), names, fontsize=8)
-        ax.set_ylabel("ms per decoder block (log)")
-        ax.set_title("One decoder block: plain vs secure 2PC" + title_tail)
+        ax.set_ylabel(f"ms per decoded token, one block of {layers} (log)")
+        ax.set_title(f"One decoder block, one decoded token (context {d['context']}): plain vs secure 2PC"
+                     + title_tail)
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:,.0f} ms" if v >= 100 else f"{v:.3g} ms", ha="center", va="bottom", fontsize=8)
         fig.tight_layout()
@@ -450,13 +531,16 @@ def write(results: dict, out: Path, log=print) -> dict:
     """results.json, PNG plots, then results.md (which links the plots)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        results["plots"] = plots(results, out)
-    except ImportError as e:
-        results["plots"] = []
-        results.setdefault("errors", {})["plots"] = f"{e} (pip install matplotlib)"
+    results["plots"] = []
+    if "plots" not in results.get("skipped", {}):
+        try:
+            results["plots"] = plots(results, out)
+        except ImportError as e:
+            results.setdefault("skipped", {})["plots"] = f"{e}: pip install -e '.[bench]' (matplotlib)"
     results = _jsonable(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    for name, text in (("results.json", json.dumps(results, indent=2) + "\n"), ("results.md", markdown(results))):
+        tmp = out / f".{name}.tmp"  # never a half-written file under the real name
+        tmp.write_text(text)
+        tmp.replace(out / name)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'} and {len(results['plots'])} plots")
     return results

@@ -1,5 +1,8 @@
 """Server-side cost: the protected model against the plain model on the same engine (transformers, in-process, fp32).
 
+Engine-level, in-process batched forwards: batch B > 1 here is B sequences in one forward, which `stip serve` does not
+do today (it runs its sessions one at a time); what several users get through the server is `bench.concurrent`.
+
 The plain model is fed token ids (its own embedding lookup runs inside its forward); the protected model is fed
 `inputs_embeds`, because in STIP the embedding lookup (and the secret permutation of the embeddings) happens on the
 client: the embeddings are computed before the timer starts, as the server receives them ready-made. Everything
@@ -15,16 +18,22 @@ variants, the order rotating and reversing every repeat (ABBA for two); decode k
 side by side and alternates the order every step. Each repeat gives one paired ratio protected/plain, and the figure
 is the median of those ratios (with its IQR and range). Target: >= 0.98.
 
-Optionally (the full run) the same two models are measured again with their weights copied into freshly allocated
-memory: `load_protected_model` leaves transformers' safetensors weights in a copy-on-write mapping of the file, and
-decode at batch 1 is bound by memory bandwidth, so where the weights live shows at the percent level; the copied
-pair separates that from the cost of the protection itself.
+Run to run: `run_processes` repeats the whole measurement in several fresh processes, each loading both models
+anew (`python -m bench.server_cost`), and reports the spread of the per-process ratios beside the pooled one: a miss
+of the target that this spread covers is noise of the machine, not a cost of the protection.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -79,14 +88,6 @@ def time_decode_round(models: dict, inputs: dict, k: int) -> dict:
     return total
 
 
-def copy_weights(model):
-    """A copy of the model with every weight in freshly allocated process memory (a diagnostic: transformers leaves
-    safetensors weights in a copy-on-write mapping of the file). Tied weights stay tied."""
-    import copy
-
-    return copy.deepcopy(model)
-
-
 def _check_equivalence(plain, protected, embed, plain_logits, ids: torch.Tensor) -> float:
     """Max |logit difference| between the plain model and the un-permuted protected model on one prompt."""
     with torch.inference_mode():
@@ -95,19 +96,13 @@ def _check_equivalence(plain, protected, embed, plain_logits, ids: torch.Tensor)
     return float((a - b).abs().max())
 
 
-def run(plain, protected, embed, plain_logits, settings: dict, vocab_size: int, log=print,
-        copied: tuple | None = None) -> dict:
-    """`embed(ids[B, T]) -> [B, T, d]` is the client's embedding (in the protected basis); `plain_logits` undoes the
-    vocabulary permutation (only for the equivalence check). `copied`, optional: (plain, protected) again with their
-    weights copied into process memory (`copy_weights`), measured as two more interleaved variants to tell the cost
-    of the protection from that of where the weights live. Returns a JSON-serialisable dict."""
-    from bench.report import paired, summarize
-
+def run(plain, protected, embed, plain_logits, settings: dict, vocab_size: int, log=print) -> dict:
+    """One process's measurement. `embed(ids[B, T]) -> [B, T, d]` is the client's embedding (in the protected basis);
+    `plain_logits` undoes the vocabulary permutation (only for the equivalence check). Returns a JSON-serialisable
+    dict with every repeat's tokens/s per config and variant."""
     g = torch.Generator().manual_seed(0)
     repeats = settings["repeats"]
     models = {"plain": (plain, False), "protected": (protected, True)}
-    if copied:
-        models |= {"plain_copied": (copied[0], False), "protected_copied": (copied[1], True)}
     configs = []
     for b, t in settings["prefill"]:
         ids = torch.randint(0, vocab_size, (b, t), generator=g)
@@ -136,44 +131,100 @@ def run(plain, protected, embed, plain_logits, settings: dict, vocab_size: int, 
             for v, seconds in one_round(cfg, r + i).items():
                 times[i][v].append(seconds)
         log(f"  server cost: repeat {r + 1}/{repeats} ({time.perf_counter() - t_start:.0f} s)")
-
     rows = []
     for i, cfg in enumerate(configs):
         n_tokens = cfg["batch"] * cfg["tokens"]
-        tps = {v: [n_tokens / s for s in times[i][v]] for v in models}
-        row = {"phase": cfg["phase"], "batch": cfg["batch"], "tokens": cfg["tokens"],
-               **({"context": cfg["context"]} if cfg["phase"] == "decode" else {}),
-               "plain_tokens_per_s": summarize(tps["plain"]),
-               "protected_tokens_per_s": summarize(tps["protected"]),
-               "ratio": paired(tps["protected"], tps["plain"])}
-        if copied:
-            row["plain_copied_tokens_per_s"] = summarize(tps["plain_copied"])
-            row["protected_copied_tokens_per_s"] = summarize(tps["protected_copied"])
-            row["ratio_copied"] = paired(tps["protected_copied"], tps["plain_copied"])
-            row["protected_copied_vs_protected"] = paired(tps["protected_copied"], tps["protected"])
-        rows.append(row)
+        rows.append({"phase": cfg["phase"], "batch": cfg["batch"], "tokens": cfg["tokens"],
+                     **({"context": cfg["context"]} if cfg["phase"] == "decode" else {}),
+                     **{f"{v}_tps": [n_tokens / s for s in times[i][v]] for v in models}})
+    return {"rows": rows, "max_abs_logit_diff": max_diff, "torch_threads": torch.get_num_threads(),
+            "seconds": time.perf_counter() - t_start}
+
+
+def measure_in_process(plain_model: str, protected_dir: Path, settings: dict, threads: int) -> dict:
+    """Load both models in this (fresh) process, as `stip serve` and the plain baseline do, and measure."""
+    from stip.client.bundle import ClientBundle
+    from stip.models import load_plain_model
+    from stip.server.model import load_protected_model
+
+    torch.set_num_threads(threads)
+    plain, _ = load_plain_model(plain_model)
+    protected, _ = load_protected_model(Path(protected_dir) / "server")
+    bundle = ClientBundle.load(Path(protected_dir) / "client")
+    return run(plain, protected, bundle.embed, bundle.plain_logits, settings, bundle.vocab_size,
+               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def run_processes(plain_model: str, protected_dir: Path, settings: dict, log=print) -> dict:
+    """`settings["processes"]` fresh processes, one after another, each measuring `settings["repeats"]` repeats;
+    the figures pool every repeat, and the per-process medians give the run-to-run spread."""
+    from bench.report import paired, summarize
+
+    threads = torch.get_num_threads()
+    runs = []
+    t_start = time.perf_counter()
+    for i in range(settings["processes"]):
+        with tempfile.TemporaryDirectory(prefix="stip-server-cost-") as tmp:
+            out = Path(tmp) / "run.json"
+            cmd = [sys.executable, "-m", "bench.server_cost", "--plain", str(plain_model), "--protected",
+                   str(protected_dir), "--settings", json.dumps(settings), "--threads", str(threads), "--out", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"server cost process {i + 1} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            runs.append(json.loads(out.read_text()))
+        log(f"  server cost: process {i + 1}/{settings['processes']} done ({time.perf_counter() - t_start:.0f} s)")
+
+    rows = []
+    for j, first in enumerate(runs[0]["rows"]):
+        plain_tps = [x for r in runs for x in r["rows"][j]["plain_tps"]]
+        prot_tps = [x for r in runs for x in r["rows"][j]["protected_tps"]]
+        per_process = [paired(r["rows"][j]["protected_tps"], r["rows"][j]["plain_tps"])["median"] for r in runs]
+        rows.append({k: first[k] for k in ("phase", "batch", "tokens", "context") if k in first}
+                    | {"plain_tokens_per_s": summarize(plain_tps), "protected_tokens_per_s": summarize(prot_tps),
+                       "ratio": paired(prot_tps, plain_tps), "ratio_per_process": summarize(per_process)})
     ratios = [r["ratio"]["median"] for r in rows]
-    out = {
-        "engine": "transformers (in-process), fp32, DynamicCache, logits_to_keep=1",
+    worst_per_process = [min(paired(r["rows"][j]["protected_tps"], r["rows"][j]["plain_tps"])["median"]
+                             for j in range(len(rows))) for r in runs]
+    repeats, n = settings["repeats"], settings["processes"]
+    return {
+        "engine": "transformers (in-process), fp32, DynamicCache, logits_to_keep=1; engine-level, in-process "
+                  "batched forward (B sequences in one forward): not what `stip serve` does today (one session at "
+                  "a time)",
         "inputs": "plain model: input_ids (its embedding lookup inside the forward); protected model: "
                   "inputs_embeds from the client bundle (the lookup is client-side in STIP, outside the timer)",
         "loading": "plain: stip.models.load_plain_model; protected: stip.server.model.load_protected_model (what "
-                   "`stip serve` runs)" + ("; *_copied: the same models with every weight copied into freshly "
-                                           "allocated memory" if copied else ""),
-        "method": f"{repeats} repeats; prefill: one forward per variant, the order rotating and reversing every "
-                  f"repeat (ABBA); decode: every variant's KV cache live side by side, the order alternating every "
-                  f"step; ratio = median of the repeats' paired protected/plain throughput ratios",
-        "variants": list(models),
-        "settings": {k: v for k, v in settings.items()},
-        "torch_threads": torch.get_num_threads(),
-        "max_abs_logit_diff": max_diff,
+                   "`stip serve` runs: weights copied out of the shard memory map)",
+        "method": f"{n} fresh processes x {repeats} repeats; prefill: one forward per variant, the order rotating "
+                  f"and reversing every repeat (ABBA); decode: both variants' KV caches live side by side, the order "
+                  f"alternating every step; ratio = median of the paired protected/plain throughput ratios of all "
+                  f"{n * repeats} repeats; per process: the median of that process's repeats",
+        "settings": dict(settings),
+        "torch_threads": threads,
+        "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in runs),
         "rows": rows,
         "ratio_min": min(ratios),
         "ratio_median": statistics.median(ratios),
+        "worst_config_ratio_per_process": summarize(worst_per_process),
         "target_ratio": 0.98,
+        "seconds": round(time.perf_counter() - t_start, 1),
     }
-    if copied:
-        rc = [r["ratio_copied"]["median"] for r in rows]
-        out["ratio_copied_min"], out["ratio_copied_median"] = min(rc), statistics.median(rc)
-    out["seconds"] = round(time.perf_counter() - t_start, 1)
-    return out
+
+
+def main(argv=None) -> None:
+    """One fresh measuring process (`run_processes` starts these): writes `run`'s result as JSON to --out."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plain", required=True, help="the plain model: a folder, a .gguf file or 'smollm2'")
+    ap.add_argument("--protected", required=True, type=Path, help="the `stip protect` output folder")
+    ap.add_argument("--settings", required=True, help="JSON: prefill, decode_batches, decode_context, ...")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    result = measure_in_process(args.plain, args.protected, json.loads(args.settings), args.threads)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

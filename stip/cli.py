@@ -212,11 +212,13 @@ def demo(
 def bench(
     quick: bool = typer.Option(False, help="a small smoke run (CI)"),
     out: Path = typer.Option(Path("bench/results"), help="where results.md, results.json and plots go"),
+    part: Optional[list[str]] = typer.Option(None, "--part", help="run only this part (repeat it): server_cost, "
+                                             "concurrent, end_to_end, protect, mpc"),
 ):
     """Measure STIP against the plain model and against secure two-party computation."""
     from stip.bench import run_bench
 
-    run_bench(quick=quick, out=out)
+    run_bench(quick=quick, out=out, parts=part or None)
 
 
 def main() -> None:

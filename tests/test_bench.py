@@ -1,4 +1,6 @@
-"""`stip bench --quick` (the CI smoke run) writes well-formed results. No figure is checked: CI machines are noisy."""
+"""`stip bench --quick` (the CI smoke run) writes well-formed results; parts whose optional packages are missing are
+skipped with a note; results say which commit and whether the tree was clean. No figure is checked: CI machines are
+noisy."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def quick_run(tmp_path_factory):
 def test_quick_bench_writes_every_file(quick_run):
     out, seconds, _ = quick_run
     for name in ("results.md", "results.json", "latency_breakdown.png", "server_throughput_ratio.png",
-                 "server_throughput.png", "mpc_vs_plain.png"):
+                 "server_throughput.png", "mpc_vs_plain.png", "concurrent_users.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC, png
@@ -60,14 +62,33 @@ def test_quick_bench_json_sections(quick_run):
     assert m["cpu"] and _number(m["cores"]) and _number(m["torch_threads"]) and m["versions"]["torch"]
     assert sorted(r["plots"]) == sorted(p.name for p in out.glob("*.png"))
 
+    assert r["meta"]["all_parts"] is True and "skipped" not in r
+    commit = r["meta"]["git"]["commit"]  # a commit of this repository (HEAD may have moved on since)
+    assert len(commit) == 40 and subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO).returncode == 0
+
     sc = r["server_cost"]
     assert {row["phase"] for row in sc["rows"]} == {"prefill", "decode"}
+    processes, repeats = r["meta"]["settings"]["server_cost"]["processes"], r["meta"]["settings"]["server_cost"]["repeats"]
     for row in sc["rows"]:
-        for key in ("plain_tokens_per_s", "protected_tokens_per_s", "ratio", "ratio_copied"):
+        for key in ("plain_tokens_per_s", "protected_tokens_per_s", "ratio", "ratio_per_process"):
             _summary(row[key])
+        assert row["ratio"]["n"] == processes * repeats and row["ratio_per_process"]["n"] == processes
+    _summary(sc["worst_config_ratio_per_process"])
     assert _number(sc["ratio_min"]) and _number(sc["ratio_median"]) and _number(sc["max_abs_logit_diff"])
+    assert "not what `stip serve` does today" in sc["engine"]
+
+    cc = r["concurrent"]
+    assert [row["clients"] for row in cc["rows"]] == r["meta"]["settings"]["concurrent"]["clients"]
+    assert "stip serve" in cc["servers"] and all(cc["same_tokens_as_plain"].values())
+    for row in cc["rows"]:
+        _summary(row["plain_batch_tokens_per_s"])
+        for v in row["servers"].values():
+            for key in ("tokens_per_s", "ratio_to_plain", "per_client_ms_per_token"):
+                _summary(v[key])
+            assert v["per_client_ms_per_token"]["n"] == row["clients"]  # one generation per user per round
 
     e2e = r["end_to_end"]
+    assert "stip.Client.generate" in e2e["method"]
     variants = {(row["variant"], row["network"]) for row in e2e["rows"]}
     assert ("plain", "in-process") in variants
     for net in ("loopback", "lan", "wifi"):
@@ -89,17 +110,26 @@ def test_quick_bench_json_sections(quick_run):
     p = r["protect"]
     assert _number(p["mb_per_s"]) and _number(p["peak_rss_gb"]) and p["checkpoint_bytes"] > 0
     mpc = r["mpc"]
-    assert _number(mpc["speedup"]) and _number(mpc["mpc_seconds"]) and _number(mpc["plain_seconds"])
+    for step in ("decode", "prefill"):
+        assert _number(mpc[step]["speedup"]) and _number(mpc[step]["mpc_seconds"])
+        assert _number(mpc[step]["plain_seconds"]) and mpc[step]["comm_bytes"] > 0
+        assert mpc[step]["max_abs_error"] < 0.05  # CrypTen's fixed point computes the same block
+    assert mpc["decode"]["tokens"] == 1 and mpc["decode"]["context"] == mpc["shape"]["T"]
+    x = mpc["extrapolated"]
+    assert x["mpc_seconds_per_token"] == pytest.approx(mpc["decode"]["mpc_seconds"] * x["layers"], rel=1e-3)
+    assert "extrapolation" in x["note"]
 
 
 def test_quick_bench_markdown_tables(quick_run):
     out, _, _ = quick_run
     md = (out / "results.md").read_text()
-    for heading in ("## Machine", "## Headline figures", "## 1. Server-side cost", "## 2. End to end",
-                    "### Simulated networks", "## 3. Protect", "## 4. Secure two-party computation"):
+    for heading in ("## Machine", "## Headline figures", "## 1. Server-side cost", "## 2. Concurrent users",
+                    "## 3. End to end", "### Simulated networks", "## 4. Protect",
+                    "## 5. Secure two-party computation"):
         assert heading in md, heading
+    assert "not what `stip serve` does today" in md and "**extrapolated**" in md
     assert "Command: `stip bench --quick" in md
-    assert md.count("|---|") >= 7  # one separator row per table
+    assert md.count("|---|") >= 8  # one separator row per table
     for png in out.glob("*.png"):
         assert f"]({png.name})" in md, png.name
 
@@ -111,3 +141,84 @@ def test_bench_needs_the_repository(monkeypatch, tmp_path):
     monkeypatch.setattr(stip.bench, "__file__", str(tmp_path / "stip" / "bench.py"))
     with pytest.raises(StipError, match="bench/ folder"):
         stip.bench.bench_root()
+
+
+def test_tree_state_matches_git():
+    from stip.bench import tree_state
+
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+    state = tree_state()
+    assert state["clean"] is (status.strip() == "")
+    assert state["changes"] == len(status.splitlines())
+
+
+def test_dirty_tree_is_marked_loudly():
+    from bench.report import markdown
+
+    results = {"meta": {"quick": True, "command": "stip bench", "started": "now", "seconds": 1.0, "model": "m",
+                        "git": {"commit": "abc123", "clean": False, "changes": 3}},
+               "machine": {k: None for k in ("cpu", "cores", "cores_available", "memory_gb", "torch_threads", "os",
+                                             "python", "git_commit", "load_average_at_start")} | {"versions": {}}}
+    dirty = markdown(results)
+    assert dirty.splitlines()[2].startswith("**DIRTY TREE - not for committing**") and "abc123" in dirty
+    results["meta"]["git"] = {"commit": "abc123", "clean": True, "changes": 0}
+    clean = markdown(results)
+    assert "DIRTY" not in clean and "Commit: `abc123`, tree clean." in clean
+
+
+# Makes the named packages unimportable, as on a plain install without the extras, then runs the CLI.
+BLOCKED_CLI = """
+import sys
+
+class Missing:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"crypten", "matplotlib"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+sys.argv = ["stip", *sys.argv[1:]]
+from stip.cli import main
+main()
+"""
+
+
+def test_bench_skips_parts_whose_packages_are_missing(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_CLI, "bench", "--quick", "--part", "protect", "--part", "mpc",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    r = json.loads((out / "results.json").read_text())
+    assert "errors" not in r and "mpc" not in r and _number(r["protect"]["mb_per_s"])
+    assert "crypten" in r["skipped"]["mpc"] and "scripts/install.sh --test" in r["skipped"]["mpc"]
+    assert "--no-deps" in r["skipped"]["mpc"]
+    assert "matplotlib" in r["skipped"]["plots"] and ".[bench]" in r["skipped"]["plots"]
+    assert r["plots"] == [] and not list(out.glob("*.png"))
+    assert "skipped mpc: needs crypten" in proc.stdout and "skipped plots: needs matplotlib" in proc.stdout
+    md = (out / "results.md").read_text()
+    assert "**Skipped (optional package missing):**" in md and "- mpc: needs crypten" in md
+    assert r["meta"]["parts"] == ["protect", "mpc"] and "not all" in md
+
+
+def test_mpc_decode_step_is_the_last_row_of_a_longer_prefill():
+    """The CrypTen baseline's decode step (plain torch path) computes what the block computes for the next token."""
+    import torch
+
+    from bench import mpc_crypten as m
+
+    shape = m.SHAPES["quick"]
+    w, x, pub = m.make_inputs(shape)
+    t = shape["T"]
+    k, v = m.kv_cache(x[:t], w, pub, shape)
+    step = m.block_decode(x[t:], k, v, w, pub, shape)
+    longer = dict(shape, T=t + 1)
+    full = m.block_forward(x, w, m._public_constants(longer), longer)
+    torch.testing.assert_close(step, full[-1:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(step, m.block_forward(x[:t], w, pub, shape)[-1:])
+
+
+def test_bench_rejects_an_unknown_part():
+    proc = subprocess.run([sys.executable, "-m", "stip.cli", "bench", "--quick", "--part", "nope"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown benchmark part(s) nope" in proc.stderr and "Traceback" not in proc.stderr
