@@ -18,8 +18,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.strip().lower().rstrip("b")
-    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    t = text.strip().lower().rstrip("b")
+    try:
+        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise StipError(f"not a size: {text!r} (expected e.g. 4096, 16MB or 2GB)") from None
+    if n < 1:
+        raise StipError(f"a size must be positive, got {text!r}")
+    return n
 
 
 # ---------------------------------------------------------------- model developer

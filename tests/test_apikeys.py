@@ -60,6 +60,10 @@ def test_bad_key_file_stops_serve_before_loading(tiny_protected, tmp_path):
     bad.write_text("{not json")
     r = run_serve_expect_exit(protected, "--api-keys", str(bad))
     assert r.returncode != 0 and "not readable JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for args, words in ((("--kv-budget", "lots"), "not a size"), (("--kv-budget-tokens", "0"), "at least 1"),
+                        (("--max-all-logits", "0"), "at least 1")):
+        r = run_serve_expect_exit(protected, *args)
+        assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 def wait_until(predicate, timeout: float = 5.0) -> float:

@@ -462,7 +462,8 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
     elif not ssl_certfile and not is_loopback(host):
         log.warning("serving on %s without TLS: put a TLS-terminating proxy in front, or pass --ssl-certfile", host)
     for name, value in (("max_sessions", max_sessions), ("max_seq_len", max_seq_len),
-                        ("kv_budget_bytes", kv_budget_bytes or 1), ("kv_budget_tokens", kv_budget_tokens or 1),
+                        ("kv_budget_bytes", 1 if kv_budget_bytes is None else kv_budget_bytes),
+                        ("kv_budget_tokens", 1 if kv_budget_tokens is None else kv_budget_tokens),
                         ("max_all_logits", max_all_logits)):
         if value < 1:
             raise StipError(f"{name} must be at least 1, got {value}")
