@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,7 @@ class ServerProcess:
     token: str | None
     proc: subprocess.Popen
     log_path: Path
+    ssl_context: ssl.SSLContext | None = None  # https servers: verifies their certificate against the given CA
 
     def log(self) -> str:
         try:
@@ -41,7 +43,7 @@ class ServerProcess:
             return ""
 
     def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+        with urllib.request.urlopen(self.url + "/health", timeout=10, context=self.ssl_context) as r:
             return json.loads(r.read())
 
     def info(self, token: str | None = None) -> dict:
@@ -54,7 +56,8 @@ class ServerProcess:
     def _get(self, path: str, token: str | None = None) -> bytes:
         token = token or self.token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10) as r:
+        with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers), timeout=10,
+                                    context=self.ssl_context) as r:
             return r.read()
 
     @property
@@ -101,9 +104,12 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def local_process(command: Callable[[int], list[str]], ready_path: str = "/health", token: str | None = None,
-                  env: dict | None = None, timeout: float = STARTUP_TIMEOUT) -> Iterator[ServerProcess]:
+                  env: dict | None = None, timeout: float = STARTUP_TIMEOUT, ca_file: str | Path | None = None
+                  ) -> Iterator[ServerProcess]:
     """Run `command(port)` on a free loopback port; yield once GET `ready_path` answers, stop the process on exit.
-    Its output goes to a log file (`ServerProcess.log()`), never to an undrained pipe."""
+    Its output goes to a log file (`ServerProcess.log()`), never to an undrained pipe. With `ca_file` the process
+    serves https (its certificate must verify against that CA for 127.0.0.1)."""
+    tls = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
     for attempt in range(3):
         port = free_port()
         log_fd, log_name = tempfile.mkstemp(prefix="stip-process-", suffix=".log")
@@ -117,14 +123,17 @@ def local_process(command: Callable[[int], list[str]], ready_path: str = "/healt
             raise
         finally:
             os.close(log_fd)
-        server = ServerProcess(f"http://127.0.0.1:{port}", port, token, proc, Path(log_name))
+        server = ServerProcess(f"{'https' if tls else 'http'}://127.0.0.1:{port}", port, token, proc, Path(log_name),
+                               tls)
         try:
             deadline = time.monotonic() + timeout
             while proc.poll() is None:
                 try:
-                    urllib.request.urlopen(server.url + ready_path, timeout=10).close()
+                    urllib.request.urlopen(server.url + ready_path, timeout=10, context=tls).close()
                     break
-                except (urllib.error.URLError, OSError):
+                except (urllib.error.URLError, OSError) as e:
+                    if isinstance(getattr(e, "reason", e), ssl.SSLCertVerificationError):
+                        raise StipError(f"{what}'s certificate does not verify against {ca_file}: {e}") from None
                     if time.monotonic() > deadline:
                         raise StipError(f"{what} did not answer {ready_path} within {timeout:.0f} s:\n"
                                         f"{server.log()[-3000:]}") from None
@@ -143,6 +152,8 @@ def local_process(command: Callable[[int], list[str]], ready_path: str = "/healt
 
 
 def local_server(bundle: str | Path, *args: str, token: str | None = None, env: dict | None = None,
-                 timeout: float = STARTUP_TIMEOUT) -> contextlib.AbstractContextManager[ServerProcess]:
-    """`stip serve BUNDLE ARGS` on a free loopback port, ready once /health answers."""
-    return local_process(lambda port: serve_command(bundle, *args, port=port), "/health", token, env, timeout)
+                 timeout: float = STARTUP_TIMEOUT, ca_file: str | Path | None = None
+                 ) -> contextlib.AbstractContextManager[ServerProcess]:
+    """`stip serve BUNDLE ARGS` on a free loopback port, ready once /health answers (over https with `ca_file`)."""
+    return local_process(lambda port: serve_command(bundle, *args, port=port), "/health", token, env, timeout,
+                         ca_file)
