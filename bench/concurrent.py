@@ -21,7 +21,6 @@ import inspect
 import json
 import multiprocessing as mp
 import os
-import statistics
 import time
 from pathlib import Path
 

@@ -361,7 +361,7 @@ def markdown(results: dict) -> str:
         lines += ["## 5. Secure two-party computation baseline (CrypTen), per decoded token", "",
                   f"One LLaMA decoder block (d={s['d']}, {s['n_heads']} heads / {s['n_kv_heads']} KV heads, "
                   f"ffn {s['m']}) under {mpc['protocol']}, two processes, {mpc['threads']['mpc_per_party']} thread "
-                  f"per party; the same block in plain torch with {mpc['threads']['plain']} threads. Decode (the "
+                  f"per party; the same block in plain torch on {mpc['threads']['plain']} thread(s). Decode (the "
                   f"headline, per token as in section 3): one new token attending to a secret-shared KV cache of "
                   f"{d['context']} tokens. Prefill (secondary): {s['T']} tokens at once. STIP's server runs the "
                   f"plain block (section 1: the same cost as the unprotected model).", "",

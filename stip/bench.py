@@ -13,7 +13,7 @@ parts are data (`PARTS`), each a function of the shared `Run`:
 5. `bench.mpc_crypten`  one decoder block under CrypTen 2PC vs plain torch, per decoded token (and a prefill).
 `bench.report` writes results.json, results.md and PNG plots in `out`.
 
-The full run uses SmolLM2-135M-Instruct (packaged); `--quick` (CI smoke test, about a minute) uses a tiny random
+The full run uses SmolLM2-135M-Instruct (packaged); `--quick` (CI smoke test, 1-2 minutes) uses a tiny random
 LLaMA with SmolLM2's vocabulary size, so bytes per token stay realistic, and the smallest settings of each part.
 A part whose optional package is missing (CrypTen; matplotlib for the plots) is skipped with a note naming the
 install that adds it. `STIP_BENCH_THREADS` sets the torch threads of the models and of the server (default: every
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import logging
 import os
 import shutil
 import signal
@@ -40,7 +39,6 @@ from typing import Any, Callable
 
 from stip.errors import StipError
 
-log = logging.getLogger("stip.bench")
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: transformers' GGUF loader draws progress bars
 
 FULL = {
@@ -277,7 +275,7 @@ def _setup_torch() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("STIP_BENCH_THREADS") or cores)))  # the server gets as many
 
 
-def _notes(quick: bool) -> list[str]:
+def _notes() -> list[str]:
     return [
         "Every figure is a median with its spread (IQR in brackets, or min-max) over repeats taken in this one "
         "run, variants interleaved (server side: ABBA over repeats, decode alternating every step; concurrent and "
@@ -324,7 +322,7 @@ def run_bench(quick: bool = False, out: Path = Path("bench/results"), parts: lis
         "machine": report.machine_info(),
         "errors": {},
         "skipped": {},
-        "notes": _notes(quick),
+        "notes": _notes(),
     }
     run = Run(cfg, quick, Path(tempfile.mkdtemp(prefix="stip-bench-")), [netsim.PROFILES[n] for n in cfg["networks"]])
     try:
