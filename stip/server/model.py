@@ -27,8 +27,8 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
         model = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype).to(device).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
-    # from_pretrained leaves the weights in a private memory map of the shards; decode at batch 1 is bound by memory
-    # bandwidth and measured ~3% slower from there than from ordinary memory (bench/results: "weights copied").
+    # from_pretrained leaves the weights in a private memory map of the shards: copy them into ordinary process
+    # memory. (A 0.972 decode ratio once blamed on the map was within run-to-run noise: docs/benchmarks.md.)
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()
