@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+PROCESS_TIMEOUT_S = 1800
+
 
 def _cache(model):
     from transformers import DynamicCache
@@ -168,8 +170,11 @@ def run_processes(plain_model: str, protected_dir: Path, settings: dict, log=pri
             out = Path(tmp) / "run.json"
             cmd = [sys.executable, "-m", "bench.server_cost", "--plain", str(plain_model), "--protected",
                    str(protected_dir), "--settings", json.dumps(settings), "--threads", str(threads), "--out", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
-                                  env={**os.environ, "TQDM_DISABLE": "1"})
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                                      env={**os.environ, "TQDM_DISABLE": "1"}, timeout=PROCESS_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"server cost process {i + 1} gave no result in {PROCESS_TIMEOUT_S} s") from None
             if proc.returncode != 0:
                 raise RuntimeError(f"server cost process {i + 1} failed ({proc.returncode}): {proc.stderr[-2000:]}")
             runs.append(json.loads(out.read_text()))
