@@ -1,0 +1,136 @@
+"""The proxy's generation workers: the n choices of one request, each a blocking SDK generation (its own server
+session) in its own thread, feeding one asyncio queue on the event loop.
+
+`opened()` waits until every choice has its session open, its prompt prefilled and its first output back (or one
+failed), so a streaming response sends its 200 only after that and an upstream refusal (the server's session limit:
+429) reaches the HTTP client as a status the `openai` SDK retries, not as an error inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from stip.client.proxy_requests import ApiError
+from stip.errors import StipError
+
+_END = object()
+RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait
+
+
+def upstream_error(e: BaseException) -> ApiError:
+    """A STIP failure as the OpenAI client should see it: the server's session limit is a retryable 429 and its
+    "busy" a retryable 503; an auth failure is the proxy's misconfiguration (502); any other refusal is the
+    request's fault (400)."""
+    status = getattr(e, "status", None)
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(e, StipError) and status == 429:
+        return ApiError(429, f"the STIP server is at its session limit, retry later: {e}", kind="rate_limit_error",
+                        headers=retry)
+    if isinstance(e, StipError) and status == 503:
+        return ApiError(503, f"the STIP server is busy, retry later: {e}", kind="server_error", headers=retry)
+    if isinstance(e, StipError) and isinstance(status, int) and 400 <= status < 500 and status not in (401, 403):
+        return ApiError(400, f"the STIP server refused the request: {e}")
+    if isinstance(e, (StipError, OSError)):
+        return ApiError(502, f"STIP server error: {e}", kind="server_error")
+    return ApiError(500, f"internal error: {e}", kind="server_error")
+
+
+class Generations:
+    """The n choices of one request. Events are (index, text delta) and, once choice `index` has ended,
+    (index, None) with its `Generation` in `results[index]`; a choice's failure raises from `opened()`/`events()`
+    and stops the others."""
+
+    def __init__(self, client, ids: list[int], params: list):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.streams = [client.stream(ids=ids, params=p) for p in params]  # bad parameters raise here
+        self.results: list = [None] * len(params)
+        self._buffer: list[tuple[int, object]] = []
+        self._started = False
+
+    @property
+    def n(self) -> int:
+        return len(self.streams)
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _run(self, i: int) -> None:
+        stream = self.streams[i]
+        it = iter(stream)
+        try:
+            for delta in it:
+                if self.cancelled.is_set():
+                    it.close()  # ends the server session
+                    break
+                self._put((i, delta))
+            self.results[i] = stream.generation
+            self._put((i, _END))
+        except BaseException as e:  # reported to the HTTP client
+            self._put((i, e))
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            for i in range(self.n):
+                threading.Thread(target=self._run, args=(i,), daemon=True, name=f"stip-proxy-choice-{i}").start()
+
+    async def _next(self) -> tuple[int, object]:
+        i, x = await self.queue.get()
+        if isinstance(x, BaseException):
+            self.cancelled.set()
+            raise x
+        return i, x
+
+    async def opened(self) -> None:
+        """Start the choices; return once each has produced its first output (so its session is open and its prompt
+        prefilled) or raise the first failure."""
+        self._start()
+        pending = set(range(self.n))
+        while pending:
+            i, x = await self._next()
+            self._buffer.append((i, x))
+            pending.discard(i)
+
+    async def events(self) -> AsyncIterator[tuple[int, str | None]]:
+        self._start()
+        live = self.n
+        while live:
+            i, x = self._buffer.pop(0) if self._buffer else await self._next()
+            if x is _END:
+                live -= 1
+                yield i, None
+            else:
+                yield i, x
+
+    async def run(self, request: Request) -> list:
+        """Every choice to its end (stopped if the HTTP client leaves); the Generations, in choice order."""
+        watch = asyncio.create_task(cancel_on_disconnect(request, self))
+        try:
+            async for _ in self.events():
+                pass
+        except Exception as e:
+            raise upstream_error(e) from None
+        finally:
+            self.cancelled.set()
+            watch.cancel()
+        if any(g is None for g in self.results):  # stopped: the HTTP client has gone
+            raise ApiError(499, "the client closed the request")
+        return self.results
+
+    def stop(self) -> None:
+        self.cancelled.set()
+
+
+async def cancel_on_disconnect(request: Request, gens: Generations) -> None:
+    """Stop the generations (and so their server sessions) when the HTTP client goes away mid-request."""
+    while not gens.cancelled.is_set():
+        if await request.is_disconnected():
+            gens.cancelled.set()
+            return
+        await asyncio.sleep(0.25)

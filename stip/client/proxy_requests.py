@@ -1,0 +1,198 @@
+"""The OpenAI request bodies `stip proxy` accepts: an explicit allow-list; any other field is refused by name.
+
+A parameter the proxy cannot honour is never silently ignored (a client asking for JSON mode or tools would get an
+answer that looks right and is not). Known OpenAI parameters without support are listed in UNSUPPORTED with the
+reason the 400 gives; a field nobody knows gets a 400 too. Sent as null (or an empty list or object, or a value in
+NEUTRAL), a listed parameter means "not used" and is accepted, since some clients send every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from stip.client.sampling import MAX_TOP_LOGPROBS, SamplingParams
+
+MAX_N = 16  # choices per request; each is its own server session
+MAX_STOP = 4  # OpenAI's limit
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions endpoint
+CHAT_DEFAULT_MAX_TOKENS = 256
+
+UNSUPPORTED = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "response_format": "structured output (JSON mode, JSON schema) is not supported",
+    "logit_bias": "logit_bias is not supported",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "this model has no reasoning settings",
+    "verbosity": "verbosity is not supported",
+    "web_search_options": "web search is not supported",
+    "service_tier": "service tiers are not supported",
+    "prompt_cache_key": "prompt caching is not supported",
+    "safety_identifier": "safety identifiers are not supported",
+    "suffix": "insertion (suffix) is not supported",
+    "best_of": "best_of is not supported (use n)",
+    # fields of a chat message
+    "tool_calls": "tool calling is not supported",
+    "tool_call_id": "tool calling is not supported",
+    "refusal": "refusal messages are not supported",
+}
+NEUTRAL = {"tool_choice": ("none",), "best_of": (1,), "suffix": ("",), "modalities": (["text"],)}
+
+
+def _drop_neutral(data: Any) -> Any:
+    """Remove listed-but-unsupported fields that were sent with a value meaning "not used"."""
+    if not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items()
+            if not (k in UNSUPPORTED and (v is None or v == [] or v == {} or v in NEUTRAL.get(k, ())))}
+
+
+class ApiError(Exception):
+    """An error the HTTP client gets as OpenAI's error body, with this status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _neutral(cls, data: Any) -> Any:
+        return _drop_neutral(data)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    include_obfuscation: bool = False  # accepted; there is nothing to obfuscate on loopback
+
+
+class _Common(_Strict):
+    model: str = "stip"
+    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(None, ge=-2.0, le=2.0)
+    user: Optional[str] = None  # accepted, not used (there is no abuse monitoring to tag)
+    top_k: int = Field(0, ge=0)  # extensions, as vLLM takes them (extra_body)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self, max_tokens: Optional[int], logprobs: Optional[int]) -> list[SamplingParams]:
+        """One SamplingParams per choice: with a seed, choice i draws with seed + i."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > MAX_STOP:
+            raise ApiError(400, f"at most {MAX_STOP} stop sequences", "stop")
+        try:
+            return self._sampling(max_tokens, logprobs, stop)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    def _sampling(self, max_tokens, logprobs, stop) -> list[SamplingParams]:
+        return [SamplingParams(max_tokens=max_tokens or CHAT_DEFAULT_MAX_TOKENS,
+                               temperature=1.0 if self.temperature is None else self.temperature,
+                               top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k,
+                               repetition_penalty=self.repetition_penalty,
+                               presence_penalty=self.presence_penalty or 0.0,
+                               frequency_penalty=self.frequency_penalty or 0.0,
+                               seed=None if self.seed is None else self.seed + i, stop=stop, logprobs=logprobs)
+                for i in range(self.n)]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None  # accepted, not passed to the chat template
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    metadata: Optional[dict[str, str]] = None  # accepted, not used: the proxy stores nothing
+    store: Optional[bool] = None  # accepted: the proxy stores nothing either way
+
+    @property
+    def top(self) -> Optional[int]:
+        """Alternatives per token, or None when logprobs are off."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], list[int]]
+    max_tokens: Optional[int] = Field(16, ge=1)  # the OpenAI default for completions
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    @property
+    def top(self) -> Optional[int]:
+        if self.echo and self.logprobs is not None:
+            raise ApiError(400, "logprobs of the echoed prompt are not supported: use echo or logprobs, not both",
+                           "logprobs")
+        return self.logprobs
+
+
+def message_text(m: ChatMessage) -> dict:
+    """A chat message as the chat template takes it (text parts joined); text parts only."""
+    content = m.content
+    if isinstance(content, list):
+        parts = []
+        for p in content:
+            if p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise ApiError(400, f"message content part of type {p.get('type')!r} is not supported (text only)",
+                               "messages")
+            parts.append(p["text"])
+        content = "".join(parts)
+    role = "system" if m.role == "developer" else m.role
+    return {"role": role, "content": content or ""}
+
+
+def validation_error(errors: list[dict]) -> ApiError:
+    """A body that failed validation, as a 400 naming the `param`: every unknown or unsupported field at once, else
+    the first invalid value."""
+    def where(loc) -> str:
+        out = ""
+        for x in loc:
+            if x == "body":
+                continue
+            out += f"[{x}]" if isinstance(x, int) else (f".{x}" if out else str(x))
+        return out
+
+    extra = [e for e in errors if e.get("type") == "extra_forbidden"]
+    if extra:
+        names = [where(e["loc"]) for e in extra]
+        parts = []
+        for name in names:
+            field = name.rsplit(".", 1)[-1]
+            parts.append(f"{name} ({UNSUPPORTED[field]})" if field in UNSUPPORTED else f"{name} (unknown parameter)")
+        return ApiError(400, f"unsupported parameter{'s' if len(parts) > 1 else ''}: {', '.join(parts)}", names[0])
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "the request body is not valid JSON")
+    name = where(first.get("loc", ()))
+    return ApiError(400, f"{name or 'request'}: {first.get('msg', 'invalid request')}", name or None)
