@@ -16,6 +16,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="STIP: private inference on a protected Transformer, for three parties.")
 
 
+TRUST_HELP = ("the developer's signing key to require, as `stip inspect` shows it (ed25519:FP); repeatable. "
+              "Default: $STIP_TRUSTED_SIGNERS; without either the bundle's signature shows only self-consistency")
+
+
+def _trust(values: list[str]) -> list[str] | None:
+    """None when no --trust was given, so the loaders fall back to $STIP_TRUSTED_SIGNERS."""
+    return list(values) or None
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().rstrip("b")
@@ -36,6 +45,8 @@ def protect(
     model: str = typer.Argument(..., help="Hugging Face model folder, a .gguf file, or 'smollm2' (packaged)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: gets server/, client/ and developer/"),
     key: Optional[Path] = typer.Option(None, help="reuse this developer key instead of drawing a fresh one"),
+    signing_key: Optional[Path] = typer.Option(None, help="sign with this Ed25519 key (a developer/signing.key "
+                                               "from an earlier run) instead of a new one, so users pin it once"),
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     shard_size: str = typer.Option("512MB", help="largest server shard (bounds memory)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
@@ -44,18 +55,24 @@ def protect(
     from stip.developer.protect import protect as run_protect
     from stip.models import resolve_model
 
+    from stip.common.signing import pin
+
     r = run_protect(resolve_model(model), out, key=key, overwrite=overwrite, max_shard_bytes=_size(shard_size),
-                    progress=not quiet)
+                    progress=not quiet, signing_key=signing_key)
     typer.echo(f"protected {model} -> {out}\n"
                f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB; give to the model server)\n"
                f"  client bundle    {r.client}  (client key {r.client_fingerprint}; give to data owners)\n"
                f"  developer key    {r.developer_key}  ({r.developer_fingerprint}; keep secret)\n"
+               f"  signing key      {r.signing_key}  ({'new' if r.new_signing_key else 'reused'}; keep secret; "
+               f"reuse with --signing-key)\n"
+               f"  signer           {pin(r.signer)}  (publish it: users and servers pin it with --trust)\n"
                f"  bundle id        {r.bundle_id}")
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="a bundle folder or a .stipkey file")):
-    """Show what a bundle or key file is: role, bundle id, format version, fingerprint."""
+def inspect(path: Path = typer.Argument(..., help="a bundle folder, a .stipkey file or a signing.key")):
+    """Show what a bundle or key file is: role, bundle id, format version, fingerprint, and the signer's public key
+    (compare it with the developer's out of band before pinning it with --trust)."""
     from stip.common.inspect import describe
 
     typer.echo(json.dumps(describe(path), indent=2))
@@ -65,11 +82,13 @@ def inspect(path: Path = typer.Argument(..., help="a bundle folder or a .stipkey
 def verify(
     bundle: Path = typer.Argument(..., help="a bundle folder"),
     key: Optional[Path] = typer.Option(None, help="also check that this key file belongs to the bundle"),
+    trust: list[str] = typer.Option([], help=TRUST_HELP),
 ):
-    """Check a bundle's manifest (every file present, every sha256 matching) and, optionally, a key against it."""
+    """Check a bundle's signed manifest (signature, every file present, every sha256 matching) and, optionally, a
+    key against it."""
     from stip.common.inspect import verify_bundle
 
-    typer.echo(verify_bundle(bundle, key))
+    typer.echo(verify_bundle(bundle, key, trusted=_trust(trust)))
 
 
 # ---------------------------------------------------------------- model server
@@ -101,6 +120,7 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (serve https/wss)"),
     ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key"),
+    trust: list[str] = typer.Option([], help=TRUST_HELP),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
@@ -112,7 +132,8 @@ def serve(
                client_quota=Quota(client_max_sessions, client_max_tokens),
                session_ttl=session_ttl, max_message_bytes=_size(max_message_size) if max_message_size else None,
                threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
-               ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device)
+               ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
+               trusted=_trust(trust))
 
 
 apikey_app = typer.Typer(no_args_is_help=True, help="Manage a server's per-client API key file (hashes only).")
@@ -173,13 +194,14 @@ def chat(
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     downlink: str = typer.Option("topk", help="'topk' (k pairs per token) or 'logits' (all V logits)"),
     system: Optional[str] = typer.Option(None, help="a system message to start the conversation with"),
+    trust: list[str] = typer.Option([], help=TRUST_HELP),
 ):
     """Chat with a protected model: tokenize, embed and permute locally; the server never sees text."""
     from stip.client.chat import run_chat
 
     run_chat(bundle, server=server, token=token, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-             downlink=downlink, system=system)
+             downlink=downlink, system=system, trusted=_trust(trust))
 
 
 @app.command()
@@ -191,11 +213,13 @@ def proxy(
     token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN"),
     downlink: str = typer.Option("topk", help="'topk' (k pairs per token) or 'logits' (all V logits)"),
     model_name: Optional[str] = typer.Option(None, help="the model id /v1/models lists (default stip-<type>)"),
+    trust: list[str] = typer.Option([], help=TRUST_HELP),
 ):
     """An OpenAI-compatible endpoint on localhost that talks STIP to the server."""
     from stip.client.proxy import run_proxy
 
-    run_proxy(bundle, server=server, host=host, port=port, token=token, downlink=downlink, model_name=model_name)
+    run_proxy(bundle, server=server, host=host, port=port, token=token, downlink=downlink, model_name=model_name,
+              trusted=_trust(trust))
 
 
 # ---------------------------------------------------------------- all three

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM
 
 from stip.client.bundle import ClientBundle
+from stip.common import signing
 from stip.errors import BundleError, KeyMismatchError
 from stip.server.model import load_protected_model
 from tests.models import save_tiny
@@ -58,9 +59,14 @@ def test_tampered_manifest_is_refused(bundle):
     m = json.loads(manifest.read_text())
     m["files"]["embedding-token.safetensors"] = "0" * 64
     manifest.write_text(json.dumps(m))
-    assert_fails(stip_cli("verify", bundle / "client"), "was modified")
-    with pytest.raises(BundleError, match="was modified"):
+    assert_fails(stip_cli("verify", bundle / "client"), "was modified", "signature does not match")
+    with pytest.raises(BundleError, match="was modified: its signature"):
         ClientBundle.load(bundle / "client")
+    # signed again by the same developer (the signature is fine): the wrong sha256 itself is caught
+    m.pop("signature")
+    signed = signing.sign_manifest(m, signing.load_signing_key(bundle / "developer" / signing.SIGNING_KEY_FILE))
+    manifest.write_text(json.dumps(signed))
+    assert_fails(stip_cli("verify", bundle / "client"), "was modified", "sha256 of embedding-token.safetensors")
     manifest.write_text("{not json")
     assert_fails(stip_cli("verify", bundle / "client"), "not valid JSON")
 

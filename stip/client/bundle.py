@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from stip.common.files import read_manifest
+from stip.common.signing import Trusted
 from stip.common.keys import ClientKey
 from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, EMBEDDING_FILE, TOKENIZER_CONFIG_FILE
-from stip.errors import BundleError
+from stip.errors import BundleError, KeyMismatchError
 
 
 class ClientBundle:
@@ -29,12 +30,18 @@ class ClientBundle:
         self.position_embedding = None if pos is None else key.resid.apply(pos.float(), 1, "out").contiguous()
 
     @classmethod
-    def load(cls, path: str | Path, key: str | Path | None = None) -> "ClientBundle":
-        """Verify the bundle's manifest, then load it. `key` overrides the bundle's own key file (it must belong)."""
+    def load(cls, path: str | Path, key: str | Path | None = None, trusted: Trusted = None) -> "ClientBundle":
+        """Verify the bundle's signed manifest, then load it. `key` overrides the bundle's own key file (it must be
+        the key the manifest names). `trusted`: the developer's pinned signer(s), see `stip.common.signing`."""
         path = Path(path)
-        manifest = read_manifest(path, role="client")
-        client_key = ClientKey.load(Path(key) if key else path / CLIENT_KEY_FILE)
+        manifest = read_manifest(path, role="client", trusted=trusted)
+        key_path = Path(key) if key else path / CLIENT_KEY_FILE
+        client_key = ClientKey.load(key_path)
         client_key.check_belongs_to(manifest["bundle_id"], f"client bundle {path}")
+        if client_key.fingerprint != manifest.get("client_key_fingerprint"):
+            raise KeyMismatchError(f"client key {key_path} has fingerprint {client_key.fingerprint}, but the signed "
+                                   f"manifest of {path} names {manifest.get('client_key_fingerprint')}: the key "
+                                   f"file was swapped")
         config = json.loads((path / CLIENT_CONFIG_FILE).read_text())
         embedding = {name: load_file(str(f))["weight"] for name in ("token", "position")
                      if (f := path / EMBEDDING_FILE.format(name)).is_file()}
@@ -45,6 +52,11 @@ class ClientBundle:
     @property
     def bundle_id(self) -> str:
         return self.manifest["bundle_id"]
+
+    @property
+    def signer(self) -> str:
+        """Fingerprint of the developer key that signed this bundle (the server's bundle must have the same)."""
+        return self.manifest["signer"]["fingerprint"]
 
     @property
     def hidden_size(self) -> int:

@@ -305,12 +305,12 @@ def _sse(client, ids, params, request: Request, *, first, piece, last, usage: bo
 
 
 def run_proxy(bundle: Path, *, server: str, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
-              downlink: str = "topk", model_name: str | None = None) -> None:
+              downlink: str = "topk", model_name: str | None = None, trusted=None) -> None:
     import uvicorn
 
     from stip.client.sdk import Client
 
-    client = Client(bundle, server, token=token, downlink=downlink)
+    client = Client(bundle, server, token=token, downlink=downlink, trusted=trusted)
     app = create_app(client, model_name)
     print(f"STIP proxy: OpenAI-compatible API on http://{host}:{port}/v1 -> STIP server {server} "
           f"(bundle {client.bundle.bundle_id})", flush=True)

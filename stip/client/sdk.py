@@ -21,6 +21,7 @@ import torch
 from stip.client.bundle import ClientBundle
 from stip.client.sampling import Sampler, SamplingParams
 from stip.client.transport import StipServerError
+from stip.common.signing import Trusted, check_pinned
 from stip.errors import KeyMismatchError, StipError
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded with each delta, so tokenizers that strip a leading space stay right
@@ -180,12 +181,14 @@ class Client:
     """`stip.Client(bundle_dir, server_url)`: generate text with a protected model served elsewhere."""
 
     def __init__(self, bundle: str | Path | ClientBundle, server_url: str, token: str | None = None,
-                 downlink: str = "topk", k: int = 64, timeout: float = 60.0):
+                 downlink: str = "topk", k: int = 64, timeout: float = 60.0, trusted: Trusted = None):
         from stip.client.transport import Connection, Downlink
 
         if downlink not in ("topk", "logits"):
             raise ValueError(f"downlink must be 'topk' or 'logits', not {downlink!r}")
-        self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle)
+        self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle, trusted=trusted)
+        if trusted is not None:  # a bundle loaded earlier must come from the pinned signer too
+            check_pinned(self.bundle.signer, f"client bundle {self.bundle.path}", trusted)
         self.downlink = Downlink(kind=downlink, k=min(int(k), self.bundle.vocab_size))
         self.connection = Connection(server_url, token=token, timeout=timeout)
         health = self.connection.info()  # GET /v1/info (needs the token): bundle id, signer, limits
@@ -195,6 +198,11 @@ class Client:
                 f"the server at {server_url} serves bundle {served}, but this client bundle ({self.bundle.path}) "
                 f"belongs to bundle {self.bundle.bundle_id}: use the client bundle from the same `stip protect` run "
                 f"as the server's bundle")
+        if health.get("signer") != self.bundle.signer:  # the server's own claim: catches mix-ups, not a liar
+            raise KeyMismatchError(
+                f"the server at {server_url} serves a bundle signed by {health.get('signer') or 'an unknown key'}, "
+                f"but this client bundle ({self.bundle.path}) is signed by {self.bundle.signer}: both bundles must "
+                f"come from the same developer's `stip protect` run")
         limits = [int(x) for x in (self.bundle.config.get("max_positions"), health.get("max_seq_len")) if x]
         self.max_positions = min(limits) if limits else 0  # the model's positions or the server's cap
 

@@ -1,7 +1,7 @@
-"""Atomic, permission-aware file and directory writing, and bundle manifests (sha256 of every file).
+"""Atomic, permission-aware file and directory writing, and bundle manifests (sha256 of every file, signed).
 
-Every artefact STIP writes goes through here, so an interrupted run never leaves a half-written key or bundle, and
-every loader can refuse a bundle that was tampered with or mixed with another one.
+Every artefact STIP writes goes through here, so an interrupted run never leaves a half-written key or bundle. Every
+manifest is signed by the developer (`stip.common.signing`): loaders check the signature, then every file's sha256.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from stip.common import signing
 from stip.errors import BundleError
 
 MANIFEST_NAME = "stip-manifest.json"
 MANIFEST_FORMAT = "stip-bundle"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: signed (signer + signature fields)
 
 
 def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -73,8 +74,9 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_manifest(bundle: Path, role: str, bundle_id: str, extra: dict | None = None) -> dict:
-    """Hash every file of the bundle folder into its manifest. Call last, once the folder is complete."""
+def write_manifest(bundle: Path, role: str, bundle_id: str, extra: dict | None = None, *,
+                   signing_key: signing.Ed25519PrivateKey) -> dict:
+    """Hash every file of the bundle folder into its manifest and sign it. Call last, once the folder is complete."""
     bundle = Path(bundle)
     files = {
         p.relative_to(bundle).as_posix(): sha256_file(p)
@@ -89,12 +91,15 @@ def write_manifest(bundle: Path, role: str, bundle_id: str, extra: dict | None =
         "files": files,
         **(extra or {}),
     }
+    manifest = signing.sign_manifest(manifest, signing_key)
     write_json_atomic(bundle / MANIFEST_NAME, manifest)
     return manifest
 
 
-def read_manifest(bundle: Path, role: str | None = None, verify: bool = True) -> dict:
-    """Load a bundle's manifest and check it: format, role, and (if `verify`) every file's presence and sha256."""
+def read_manifest(bundle: Path, role: str | None = None, verify: bool = True, trusted: signing.Trusted = None,
+                  warn_unpinned: bool = True) -> dict:
+    """Load a bundle's manifest and check it: format, signature (against `trusted`, see `signing.check_manifest`),
+    role, and (if `verify`) every file's presence and sha256."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise BundleError(f"{bundle} is not a folder")
@@ -107,8 +112,11 @@ def read_manifest(bundle: Path, role: str | None = None, verify: bool = True) ->
         raise BundleError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise BundleError(f"{path} is not a STIP manifest")
+    if manifest.get("version") == 1:
+        raise BundleError(f"{path} is an unsigned manifest (version 1) from an older STIP; protect the model again")
     if manifest.get("version") != MANIFEST_VERSION:
         raise BundleError(f"{path} has manifest version {manifest.get('version')}, this STIP reads {MANIFEST_VERSION}")
+    signing.check_manifest(manifest, str(path), trusted, warn_unpinned)
     if role is not None and manifest.get("role") != role:
         raise BundleError(f"{bundle} is a {manifest.get('role')!r} bundle, expected a {role!r} bundle")
     files = manifest.get("files")

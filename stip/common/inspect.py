@@ -1,4 +1,4 @@
-"""`stip inspect` and `stip verify`: describe and check bundles and key files without loading any model."""
+"""`stip inspect` and `stip verify`: describe and check bundles, key files and signing keys without loading a model."""
 
 from __future__ import annotations
 
@@ -6,20 +6,24 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from stip.common import signing
 from stip.common.files import read_manifest
 from stip.common.keys import ClientKey, DeveloperKey, read_key_file
 from stip.errors import BundleError, KeyMismatchError
 
 
 def describe(path: Path) -> dict:
+    """A bundle (its signer too, for checking out of band), a key file, or the developer's signing key."""
     path = Path(path)
     if path.is_dir():
-        m = read_manifest(path, verify=False)
+        m = read_manifest(path, verify=False, trusted=[], warn_unpinned=False)  # the signature; no pin: it shows it
         return {"bundle": str(path), "role": m["role"], "bundle_id": m["bundle_id"], "format": m["format"],
                 "version": m["version"], "model_type": m.get("model_type"), "files": len(m["files"]),
-                **{k: v for k, v in m.items() if k.endswith("fingerprint")}}
+                **{k: v for k, v in m.items() if k.endswith("fingerprint")}, **_signer(m["signer"])}
     if not path.is_file():
         raise BundleError(f"{path} does not exist")
+    if signing.is_signing_key_file(path):
+        return {"signing_key": str(path), **_signer(signing.signer_info(signing.load_signing_key(path)))}
     try:
         with safe_open(str(path), "pt") as f:
             kind = (f.metadata() or {}).get("kind")
@@ -32,9 +36,16 @@ def describe(path: Path) -> dict:
             "bundle_id": meta["bundle_id"], "fingerprint": meta["fingerprint"]}
 
 
-def verify_bundle(bundle: Path, key: Path | None = None) -> str:
-    m = read_manifest(bundle, verify=True)
-    lines = [f"ok: {m['role']} bundle {bundle} ({len(m['files'])} files verified, bundle {m['bundle_id']})"]
+def _signer(info: dict) -> dict:
+    return {"signer": signing.pin(info), "signer_public_key": info["public_key"],
+            "trust": f"--trust {signing.pin(info)}"}
+
+
+def verify_bundle(bundle: Path, key: Path | None = None, trusted: signing.Trusted = None) -> str:
+    m = read_manifest(bundle, verify=True, trusted=trusted)
+    pinned = "pinned" if signing.trusted_fingerprints(trusted) else "NOT pinned: self-consistent only"
+    lines = [f"ok: {m['role']} bundle {bundle} ({len(m['files'])} files verified, bundle {m['bundle_id']}, "
+             f"signed by {signing.pin(m['signer'])}, {pinned})"]
     if key is not None:
         info = describe(key)
         if "kind" not in info:
@@ -43,8 +54,8 @@ def verify_bundle(bundle: Path, key: Path | None = None) -> str:
         if loaded.bundle_id != m["bundle_id"]:
             raise KeyMismatchError(f"key {key} (bundle {loaded.bundle_id}) does not belong to {bundle} "
                                    f"(bundle {m['bundle_id']})")
-        expected = m.get("client_key_fingerprint")
-        if info["kind"] == "client" and expected and expected != info["fingerprint"]:
+        expected = m.get(f"{info['kind']}_key_fingerprint")
+        if expected and expected != info["fingerprint"]:
             raise KeyMismatchError(f"key {key} has fingerprint {info['fingerprint']}, the bundle expects {expected}")
         lines.append(f"ok: {info['kind']} key {key} ({info['fingerprint']}) belongs to this bundle")
     return "\n".join(lines)

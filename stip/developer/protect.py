@@ -19,13 +19,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import stip
-from stip.common.files import staged_directory, write_json_atomic, write_manifest
+from stip.common import signing
+from stip.common.files import MANIFEST_NAME, read_manifest, staged_directory, write_json_atomic, write_manifest
 from stip.common.keys import DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE,
                                 EMBEDDING_FILE, SERVER_DIR)
 from stip.common.transforms import KeyRng
 from stip.developer.architectures import CLIENT, DROP, SERVER, Architecture, architecture_for, geometry_of
 from stip.developer.checkpoint import Checkpoint
+from stip.errors import KeyMismatchError
 
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 
@@ -112,6 +114,8 @@ class ProtectResult:
     client_fingerprint: str
     developer_fingerprint: str
     server_bytes: int
+    signer: dict  # signing.signer_info of the key that signed all three manifests
+    new_signing_key: bool = True
 
     @property
     def server(self) -> Path:
@@ -125,20 +129,31 @@ class ProtectResult:
     def developer_key(self) -> Path:
         return self.out / DEVELOPER_DIR / DEVELOPER_KEY_FILE
 
+    @property
+    def signing_key(self) -> Path:
+        return self.out / DEVELOPER_DIR / signing.SIGNING_KEY_FILE
+
 
 def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKey | None = None,
             overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
-            seed: bytes | None = None) -> ProtectResult:
+            seed: bytes | None = None,
+            signing_key: str | Path | signing.Ed25519PrivateKey | None = None) -> ProtectResult:
     """Protect `model` (HF folder or .gguf file) into `out/{server,client,developer}`.
 
     `key`: reuse a developer key (it must match the model's shapes); by default a fresh one is drawn from the CSPRNG.
     `seed`: 32 bytes seeding the CSPRNG instead of os.urandom, for reproducible tests only.
+    `signing_key`: the developer's Ed25519 key (a `signing.key` file) that signs every manifest; reuse one so users
+    pin it once. By default a fresh one is generated. Either way a copy goes to `developer/signing.key`.
     """
     ck = Checkpoint.open(model)
     arch = architecture_for(ck.config)
     geometry = geometry_of(ck.config)
     if isinstance(key, (str, Path)):
-        key = DeveloperKey.load(key)
+        key = _load_developer_key(Path(key))
+    new_signer = signing_key is None
+    if isinstance(signing_key, (str, Path)):
+        signing_key = signing.load_signing_key(signing_key)
+    signing_key = signing_key or signing.generate_signing_key()
     if key is None:
         key = DeveloperKey.generate(geometry, uuid.uuid4().hex, KeyRng(seed))
     key.check_matches(geometry)
@@ -172,19 +187,35 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         if tokenizer is not None:
             tokenizer.save_pretrained(client)
         developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
+        signing.save_signing_key(signing_key, developer / signing.SIGNING_KEY_FILE)
 
         _set_modes(stage, client, developer)
         common = {"stip_version": stip.__version__, "model_type": ck.config.model_type}
-        write_manifest(server, "server", bundle_id, common)
-        write_manifest(client, "client", bundle_id, {**common, "client_key_fingerprint": client_fp})
-        write_manifest(developer, "developer", bundle_id, {**common, "developer_key_fingerprint": developer_fp})
-    return ProtectResult(Path(out), bundle_id, client_fp, developer_fp, writer.total)
+        sign = {"signing_key": signing_key}
+        write_manifest(server, "server", bundle_id, common, **sign)
+        write_manifest(client, "client", bundle_id, {**common, "client_key_fingerprint": client_fp}, **sign)
+        write_manifest(developer, "developer", bundle_id, {**common, "developer_key_fingerprint": developer_fp},
+                       **sign)
+    return ProtectResult(Path(out), bundle_id, client_fp, developer_fp, writer.total,
+                         signing.signer_info(signing_key), new_signer)
+
+
+def _load_developer_key(path: Path) -> DeveloperKey:
+    """A developer key file; inside a developer bundle it must also be the key that bundle's manifest names."""
+    key = DeveloperKey.load(path)
+    if (path.parent / MANIFEST_NAME).is_file():
+        manifest = read_manifest(path.parent, role="developer", verify=False, trusted=[], warn_unpinned=False)
+        expected = manifest.get("developer_key_fingerprint")
+        if expected and expected != key.fingerprint:
+            raise KeyMismatchError(f"developer key {path} has fingerprint {key.fingerprint}, but the signed "
+                                   f"manifest beside it names {expected}: the key file was swapped")
+    return key
 
 
 def _set_modes(stage: Path, client: Path, developer: Path) -> None:
     """Bundles are shareable (0644, folders 0755); keys and the developer folder are owner-only."""
     developer.chmod(0o700)
-    secret = {client / CLIENT_KEY_FILE, developer / DEVELOPER_KEY_FILE}
+    secret = {client / CLIENT_KEY_FILE, developer / DEVELOPER_KEY_FILE, developer / signing.SIGNING_KEY_FILE}
     for p in [stage, *stage.rglob("*")]:
         if p.is_dir() and p != developer:
             p.chmod(0o755)

@@ -447,10 +447,11 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
                max_sessions: int = 64, max_seq_len: int = 4096, session_ttl: float = 300.0,
                max_message_bytes: int | None = None, threads: int | None = None, log_level: str = "info",
                ssl_certfile: str | None = None, ssl_keyfile: str | None = None, dtype: str = "float32",
-               device: str = "cpu", api_keys: str | Path | None = None,
+               device: str = "cpu", trusted=None, api_keys: str | Path | None = None,
                kv_budget_bytes: int | None = None, kv_budget_tokens: int | None = None,
                max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota()) -> None:
-    """Load the server bundle and serve it until interrupted."""
+    """Load the server bundle (its signature checked against `trusted`, the developer's pinned signer(s), default
+    $STIP_TRUSTED_SIGNERS) and serve it until interrupted."""
     import uvicorn
 
     token = token or os.environ.get("STIP_TOKEN") or None
@@ -478,7 +479,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
 
     from stip.server.engine import TransformersEngine
 
-    engine = TransformersEngine.from_bundle(bundle, dtype=wire.DTYPES[dtype], device=device)
+    engine = TransformersEngine.from_bundle(bundle, dtype=wire.DTYPES[dtype], device=device, trusted=trusted)
     seq_len = min(max_seq_len, engine.max_positions or max_seq_len)
     if kv_budget_tokens is None and kv_budget_bytes is not None:
         kv_budget_tokens = max(1, kv_budget_bytes // engine.kv_bytes_per_token)

@@ -84,10 +84,11 @@ class TransformersEngine(Engine):
         self.kv_bytes_per_token = kv_bytes_per_token(self.config, self.dtype)
 
     @classmethod
-    def from_bundle(cls, bundle, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "TransformersEngine":
+    def from_bundle(cls, bundle, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    trusted=None) -> "TransformersEngine":
         from stip.server.model import load_protected_model
 
-        model, manifest = load_protected_model(bundle, dtype=dtype, device=device)
+        model, manifest = load_protected_model(bundle, dtype=dtype, device=device, trusted=trusted)
         return cls(model, manifest)
 
     def new_state(self) -> _CacheState:

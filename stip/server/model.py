@@ -8,10 +8,13 @@ from pathlib import Path
 import torch
 
 from stip.common.files import read_manifest
+from stip.common.signing import Trusted
 
 
-def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Verify the server bundle's manifest, then load it with `AutoModelForCausalLM` (no custom code).
+def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                         trusted: Trusted = None):
+    """Verify the server bundle's signed manifest (against `trusted`, the developer's pinned signer(s); see
+    `stip.common.signing`), then load it with `AutoModelForCausalLM` (no custom code).
 
     The checkpoint has no real embedding table: transformers fills the input embedding with random values that are
     never used (every request brings its own embeddings), and we drop it to free the memory.
@@ -20,7 +23,7 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     from transformers.utils import logging as hf_logging
 
     bundle = Path(bundle)
-    manifest = read_manifest(bundle, role="server")
+    manifest = read_manifest(bundle, role="server", trusted=trusted)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "embedding was newly initialized" report is expected
     try:
