@@ -115,12 +115,14 @@ def test_step_results_and_downlinks_agree(gpt2):
     # top-k pairs are exactly the largest permuted logits, in order
     v, i = full.logits.topk(7, dim=-1)
     assert torch.equal(top.values, v) and torch.equal(top.indices, i)
+    # ... and carry each row's logsumexp over all V logits (exact log-probabilities: values - logsumexp)
+    assert full.logsumexp is None and torch.allclose(top.logsumexp, torch.logsumexp(full.logits, -1), atol=1e-5)
     # the full logits, un-permuted, equal the plain model's
     ref = gpt2.plain(input_ids=torch.tensor([PROMPTS[0]])).logits[0]
     assert torch.allclose(c.plain_logits(full.logits), ref, atol=1e-4)
     # accounting: sizes match the wire format
     assert 4 < full.bytes_received - t * c.vocab_size * 4 < 400  # length prefix + small JSON header
-    assert 4 < top.bytes_received - t * 7 * 8 < 400
+    assert 4 < top.bytes_received - t * (7 * 8 + 4) < 400
     assert full.bytes_sent > x.numel() * 4 and full.rtt_ms >= full.server_ms > 0
 
 
@@ -268,7 +270,7 @@ def test_bad_requests_get_clear_4xx_and_the_socket_stays_usable(gpt2):
     # the same socket still serves its session, from an empty cache: nothing above touched it
     header, payload = raw.step()
     assert header["ok"] and header["position"] == 3 and header["shape"] == [1, 2]
-    assert len(payload) == 2 * 8
+    assert len(payload) == 2 * 8 + 4  # indices, values, logsumexp
     header, _ = raw.step("decode", torch.randn(d))
     assert header["ok"] and header["position"] == 4
     raw.close()

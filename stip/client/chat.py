@@ -11,14 +11,16 @@ from rich.console import Console
 def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str | None = None,
              max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-             downlink: str = "topk", system: str | None = None, trusted=None) -> None:
+             downlink: str = "topk", system: str | None = None, trusted=None, ca_file: Path | None = None,
+             insecure: bool = False) -> None:
     from stip.client.sampling import SamplingParams
     from stip.client.sdk import Client
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
-    client = Client(bundle, server, token=token, downlink=downlink, trusted=trusted)
+    client = Client(bundle, server, token=token, downlink=downlink, trusted=trusted, ca_file=ca_file,
+                    insecure=insecure)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def answer(text: str) -> None:

@@ -19,12 +19,14 @@ from typing import Iterator
 import torch
 
 from stip.client.bundle import ClientBundle
+from stip.client.logprobs import TokenLogprob, step_logprob
 from stip.client.sampling import Sampler, SamplingParams
-from stip.client.transport import StipServerError
+from stip.client.transport import StipCertificateError, StipConnectionError, StipServerError
 from stip.common.signing import Trusted, check_pinned
 from stip.errors import KeyMismatchError, StipError
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded with each delta, so tokenizers that strip a leading space stay right
+RECONNECT_SECONDS = 30.0  # default bound on reconnecting to a server that went away mid-generation
 
 
 @dataclass
@@ -83,6 +85,14 @@ class Generation:
     timing: Timing
     prompt_ids: list[int] = field(default_factory=list)
     glimpse: dict = field(default_factory=dict)  # a few values of what the server saw and sent, for the demo
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams.logprobs is set
+
+
+class Delta(str):
+    """A streamed text delta; with `logprobs=` set, `.logprobs` holds the tokens that produced it (those whose text
+    was held back, e.g. an incomplete character, arrive with a later delta or only in `Generation.logprobs`)."""
+
+    logprobs: list[TokenLogprob] = []
 
 
 class Detokenizer:
@@ -181,7 +191,8 @@ class Client:
     """`stip.Client(bundle_dir, server_url)`: generate text with a protected model served elsewhere."""
 
     def __init__(self, bundle: str | Path | ClientBundle, server_url: str, token: str | None = None,
-                 downlink: str = "topk", k: int = 64, timeout: float = 60.0, trusted: Trusted = None):
+                 downlink: str = "topk", k: int = 64, timeout: float = 60.0, trusted: Trusted = None,
+                 ca_file: str | Path | None = None, insecure: bool = False):
         from stip.client.transport import Connection, Downlink
 
         if downlink not in ("topk", "logits"):
@@ -190,7 +201,7 @@ class Client:
         if trusted is not None:  # a bundle loaded earlier must come from the pinned signer too
             check_pinned(self.bundle.signer, f"client bundle {self.bundle.path}", trusted)
         self.downlink = Downlink(kind=downlink, k=min(int(k), self.bundle.vocab_size))
-        self.connection = Connection(server_url, token=token, timeout=timeout)
+        self.connection = Connection(server_url, token=token, timeout=timeout, ca_file=ca_file, insecure=insecure)
         health = self.connection.info()  # GET /v1/info (needs the token): bundle id, signer, limits
         served = health.get("bundle_id")
         if served != self.bundle.bundle_id:
@@ -205,6 +216,8 @@ class Client:
                 f"come from the same developer's `stip protect` run")
         limits = [int(x) for x in (self.bundle.config.get("max_positions"), health.get("max_seq_len")) if x]
         self.max_positions = min(limits) if limits else 0  # the model's positions or the server's cap
+        # A connection lost mid-generation is retried (same bundle only) for this long, then it is an error.
+        self.reconnect_timeout = min(float(timeout), RECONNECT_SECONDS)
 
     @property
     def tokenizer(self):
@@ -236,6 +249,9 @@ class Client:
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
                params: SamplingParams | None = None, **sampling) -> GenerationStream:
         params = params or SamplingParams(**sampling)
+        if params.logprobs is not None and self.downlink.kind == "topk" and params.logprobs > self.downlink.k:
+            raise ValueError(f"logprobs={params.logprobs} alternatives, but the top-k downlink carries only "
+                             f"k={self.downlink.k} per token")
         prompt_ids = self.encode(prompt, messages, ids)
         return GenerationStream(self._run(prompt_ids, params))
 
@@ -251,6 +267,8 @@ class Client:
         detok = Detokenizer(self.tokenizer, prompt_ids) if decode_text else None
         stops = StopMatcher(params.stop)
         out: list[int] = []
+        logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+        sent = 0  # logprobs already attached to a yielded delta
         finish = "length"
         pos = len(prompt_ids)
         if self.max_positions and pos > self.max_positions:
@@ -268,6 +286,8 @@ class Client:
                 c0 = time.perf_counter()
                 token = pick_token(bundle, sampler, r)
                 out.append(token)
+                if logprobs is not None:
+                    logprobs.append(step_logprob(bundle, r, token, params.logprobs))
                 sampler.observe(token)
                 delta = ""
                 if token in eos:
@@ -288,6 +308,9 @@ class Client:
                     x = bundle.embed(torch.tensor([token]), start=pos)
                 dt = (time.perf_counter() - c0) * 1e3
                 tm.client_ms += dt
+                if delta and logprobs is not None:
+                    delta = Delta(delta)
+                    delta.logprobs, sent = logprobs[sent:], len(logprobs)
                 if delta:
                     yield delta
                 if last:
@@ -303,13 +326,47 @@ class Client:
                     session = stack.enter_context(self.connection.open_session())
                     ctx = torch.tensor(prompt_ids + out)
                     r = session.prefill(bundle.embed(ctx, start=0), positions="last", downlink=dl)
+                except StipConnectionError as e:
+                    # The server went away (crashed, restarted): replay the context on a fresh session of the same
+                    # bundle once it is back, within a bounded time; otherwise the error says what happened.
+                    session, r = self._replay(stack, prompt_ids + out, e)
                 pos += 1
                 self._account(tm, r, decode=True)
         tm.total_ms = (time.perf_counter() - t_start) * 1e3
         text = stops.text if detok is not None else ""
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
                  "total_tokens": len(prompt_ids) + len(out)}
-        return Generation(text, out, finish, usage, tm, prompt_ids, glimpse)
+        return Generation(text, out, finish, usage, tm, prompt_ids, glimpse, logprobs)
+
+    def _replay(self, stack: contextlib.ExitStack, context: list[int], lost: StipConnectionError):
+        """(session, reply) from a fresh session prefilled with `context`, once the server answers again with the
+        same bundle; StipConnectionError naming the loss after `reconnect_timeout` seconds. The reply's logits are
+        those of the decode step that was lost, so the generation continues unchanged."""
+        url = self.connection.url
+        deadline = time.monotonic() + self.reconnect_timeout
+        tries, delay, last = 0, 0.1, lost
+        while tries == 0 or time.monotonic() < deadline:
+            tries += 1
+            try:
+                served = self.connection.info().get("bundle_id")
+                if served != self.bundle.bundle_id:
+                    raise KeyMismatchError(f"the connection to {url} dropped mid-generation and the server came back "
+                                           f"with bundle {served}, not {self.bundle.bundle_id}: not replaying")
+                session = stack.enter_context(self.connection.open_session())
+                x = self.bundle.embed(torch.tensor(context), start=0)
+                return session, session.prefill(x, positions="last", downlink=self.downlink)
+            except StipCertificateError:
+                raise
+            except StipConnectionError as e:
+                last = e
+            except StipServerError as e:
+                if e.status < 500 and e.status not in (404, 409, 429):
+                    raise
+                last = e
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 2.0)
+        raise StipConnectionError(f"lost the connection to {url} after {len(context)} tokens of context and could "
+                                  f"not resume within {self.reconnect_timeout:.0f} s ({tries} tries): {last}") from None
 
     @staticmethod
     def _account(tm: Timing, r, decode: bool) -> None:

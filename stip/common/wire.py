@@ -13,11 +13,13 @@ Request header (client -> server):
 Reply header (server -> client):
     {"ok": true, "kind": "logits" | "topk" | "hello" | "closed", "shape": [n, V] or [n, K], "dtype": "float32",
      "position": tokens now in the session's KV cache, "server_ms": server compute time}
-    payload: logits: float32 [n, V]; topk: int32 indices [n, K] then float32 values [n, K] (indices are in the
-    server's permuted vocabulary order).
+    payload: logits: float32 [n, V]; topk: int32 indices [n, K], then float32 values [n, K], then float32
+    logsumexp [n] of each row's full V logits (indices are in the server's permuted vocabulary order; the
+    logsumexp is permutation-invariant, so values - logsumexp are the exact log-probabilities of those K tokens).
     The first frame on every new socket is a "hello" reply (no payload) naming the session:
     {"ok": true, "kind": "hello", "session": id, "position": n, "bundle_id": ..., "hidden_size": d, "vocab_size": V,
-     "max_seq_len": ..., "max_message_bytes": ...}
+     "max_seq_len": ..., "max_message_bytes": ..., "protocol": PROTOCOL_VERSION}
+    A client refuses a hello whose "protocol" differs from its own PROTOCOL_VERSION.
 Error reply: {"ok": false, "status": 4xx/5xx, "error": "message"} (no payload). After an error with `"fatal": true`
 the server closes the socket; otherwise the session is unchanged and the socket stays usable.
 
@@ -32,7 +34,7 @@ import sys
 
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: top-k replies carry each row's logsumexp
 SESSION_PATH = "/v1/session"
 HEADER_LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 64 * 1024

@@ -230,7 +230,7 @@ class StipService:
                                  f"logits, over this server's max_all_logits of {self.settings.max_all_logits} "
                                  f"(at most {limit} tokens per all-positions prefill); send fewer tokens per "
                                  f"request or positions='last'")
-        reply = n * (self.engine.vocab_size * 4 if k == 0 else k * 8)
+        reply = n * (self.engine.vocab_size * 4 if k == 0 else k * 8 + 4)
         if reply > self.settings.max_reply_bytes:
             raise StepError(413, f"the reply would be {reply} bytes (over {self.settings.max_reply_bytes}); use a "
                                  f"top-k downlink or positions='last'")
@@ -259,7 +259,8 @@ class StipService:
         k = req["k"]
         if k:
             values, indices = torch.topk(logits, k, dim=-1)
-            parts = [wire.tensor_bytes(indices.to(torch.int32)), wire.tensor_bytes(values)]
+            parts = [wire.tensor_bytes(indices.to(torch.int32)), wire.tensor_bytes(values),
+                     wire.tensor_bytes(torch.logsumexp(logits.float(), dim=-1))]
             shape, kind = [int(logits.shape[0]), k], "topk"
         else:
             parts = [wire.tensor_bytes(logits)]
