@@ -15,3 +15,8 @@ class KeyMismatchError(BundleError):
 
 class UnsupportedModelError(StipError):
     """The model's architecture or layout has no protection rules."""
+
+
+class TensorSetError(BundleError):
+    """A checkpoint does not hold exactly the tensors its model class expects: one is missing, unexpected, or has
+    the wrong shape (transformers would fill or drop it silently)."""

@@ -7,6 +7,12 @@ protection with an error: nothing is ever passed to the server unprotected by ac
 
 Spaces: "resid" (p), "vocab" (pc), and per layer "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv" (GPT-2's fused
 Q|K|V output), "ffn".
+
+Naming: checkpoints name the tensors inside the base model with or without its prefix (hub `gpt2` has `h.0.…` where
+`GPT2LMHeadModel` has `transformer.h.0.…`; a `model.`-less LLaMA has `layers.0.…`). Rules therefore match the name
+inside the base model, the prefix optional, and every tensor is written under its canonical name (the model class's
+own state-dict key). The tensors with a part in the scheme (the token embedding, the LM head, tables the server gets
+as zeros) are found by their rule's `role` and flags, never by comparing names.
 """
 
 from __future__ import annotations
@@ -18,36 +24,84 @@ from stip.common.keys import Geometry
 from stip.errors import UnsupportedModelError
 
 SERVER, CLIENT, DROP = "server", "client", "drop"
+TOKEN_EMBEDDING, LM_HEAD = "token_embedding", "lm_head"  # roles: the LM head is tied to the token embedding
 
 
 @dataclass(frozen=True)
 class TensorRule:
-    pattern: str
+    pattern: str  # regex over the name inside the base model (prefix stripped), or the full name if not `in_base`
     axes: dict[int, tuple[str, str]] = field(default_factory=dict)  # axis -> (space, role)
     party: str = SERVER  # SERVER, CLIENT (the embedding module), or DROP (buffers that are rebuilt on load)
     client_name: str | None = None  # name in the client's embedding file
+    role: str | None = None  # TOKEN_EMBEDDING or LM_HEAD: the pair a tied checkpoint stores once
+    zeroed_on_server: bool = False  # a client tensor the server model still adds: the server gets zeros
+    in_base: bool = True  # lives inside the base model (its prefix is optional in checkpoints); False: the LM head
+    name: str | None = None  # the literal name, for a rule of one tensor (a tied LM head is written under it)
 
-    def match(self, name: str) -> re.Match | None:
-        return re.fullmatch(self.pattern, name)
+
+def _one(name: str, axes: dict[int, tuple[str, str]], **kw) -> TensorRule:
+    """A rule for exactly one tensor, named literally."""
+    return TensorRule(re.escape(name), axes, name=name, **kw)
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    rule: TensorRule
+    layer: int | None  # selects the per-layer key
+    canonical: str  # the name the model class uses: what the server checkpoint holds
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One output of one checkpoint tensor: where it goes, under which name, and how it is made."""
+
+    party: str  # SERVER or CLIENT
+    name: str  # canonical server name, or the client's embedding name
+    rule: TensorRule  # whose axes transform it (a tied LM head: the LM head's rule)
+    layer: int | None
+    zeros: bool = False  # the server's zeroed copy of a client tensor
 
 
 @dataclass(frozen=True)
 class Architecture:
     model_types: tuple[str, ...]
+    base_prefix: str  # "model." / "transformer.": the base model's prefix, which checkpoints may leave out
     rules: tuple[TensorRule, ...]
-    lm_head: str  # server name of the LM head
-    tied_source: str  # the embedding tensor the LM head is tied to, when the checkpoint ties them
-    zeroed_on_server: tuple[str, ...] = ()  # client-side tensors the server model still adds: give it zeros
     rope: bool = True  # RoPE: Q/K get quarter-turn pair rotations instead of in-head permutations
 
-    def rule_for(self, name: str) -> tuple[TensorRule, int | None]:
+    def match(self, name: str) -> RuleMatch:
+        """The rule for checkpoint tensor `name`, and its canonical name; refuses a tensor no rule covers."""
+        inner = name.removeprefix(self.base_prefix)
         for rule in self.rules:
-            m = rule.match(name)
+            local = inner if rule.in_base else name
+            m = re.fullmatch(rule.pattern, local)
             if m:
                 layer = m.groupdict().get("layer")
-                return rule, None if layer is None else int(layer)
+                return RuleMatch(rule, None if layer is None else int(layer),
+                                 self.base_prefix + local if rule.in_base else local)
         raise UnsupportedModelError(f"tensor {name!r} has no protection rule for {self.model_types[0]} models; "
                                     "refusing to pass it to the server unprotected")
+
+    def with_role(self, role: str) -> TensorRule:
+        return next(r for r in self.rules if r.role == role)
+
+    def placements(self, name: str, tied: bool) -> list[Placement]:
+        """Where checkpoint tensor `name` goes. Client tensors go to the client unchanged (it applies `p` on load);
+        a tied token embedding also makes the server's LM head; a zeroed table also goes to the server as zeros;
+        a tied checkpoint's own copy of the LM head is skipped (it is the embedding)."""
+        m = self.match(name)
+        rule = m.rule
+        if rule.party == DROP or (tied and rule.role == LM_HEAD):
+            return []
+        if rule.party == SERVER:
+            return [Placement(SERVER, m.canonical, rule, m.layer)]
+        out = [Placement(CLIENT, rule.client_name, rule, None)]
+        if tied and rule.role == TOKEN_EMBEDDING:
+            head = self.with_role(LM_HEAD)
+            out.append(Placement(SERVER, head.name, head, None))
+        if rule.zeroed_on_server:
+            out.append(Placement(SERVER, m.canonical, rule, None, zeros=True))
+        return out
 
 
 def _linear(space_out: str, space_in: str) -> dict[int, tuple[str, str]]:
@@ -64,12 +118,14 @@ def _vec(space: str) -> dict[int, tuple[str, str]]:
     return {0: (space, "out")}
 
 
-_L = r"model\.layers\.(?P<layer>\d+)\."
+_L = r"layers\.(?P<layer>\d+)\."
+_LM_HEAD = _one("lm_head.weight", _linear("vocab", "resid"), role=LM_HEAD, in_base=False)
 
 LLAMA = Architecture(
     model_types=("llama", "mistral", "qwen2"),
+    base_prefix="model.",
     rules=(
-        TensorRule(r"model\.embed_tokens\.weight", {1: ("resid", "out")}, CLIENT, "token"),
+        TensorRule(r"embed_tokens\.weight", {1: ("resid", "out")}, CLIENT, "token", role=TOKEN_EMBEDDING),
         TensorRule(_L + r"self_attn\.q_proj\.weight", _linear("attn_q", "resid")),
         TensorRule(_L + r"self_attn\.k_proj\.weight", _linear("attn_k", "resid")),
         TensorRule(_L + r"self_attn\.v_proj\.weight", _linear("attn_v", "resid")),
@@ -83,21 +139,20 @@ LLAMA = Architecture(
         TensorRule(_L + r"mlp\.down_proj\.weight", _linear("resid", "ffn")),
         TensorRule(_L + r"mlp\.down_proj\.bias", _vec("resid")),
         TensorRule(_L + r"(input|post_attention)_layernorm\.weight", _vec("resid")),
-        TensorRule(r"model\.norm\.weight", _vec("resid")),
-        TensorRule(r"lm_head\.weight", _linear("vocab", "resid")),
+        TensorRule(r"norm\.weight", _vec("resid")),
+        _LM_HEAD,
         TensorRule(_L + r"self_attn\.rotary_emb\.inv_freq", party=DROP),
     ),
-    lm_head="lm_head.weight",
-    tied_source="model.embed_tokens.weight",
 )
 
-_H = r"(?:transformer\.)?h\.(?P<layer>\d+)\."
+_H = r"h\.(?P<layer>\d+)\."
 
 GPT2 = Architecture(
     model_types=("gpt2",),
+    base_prefix="transformer.",
     rules=(
-        TensorRule(r"(?:transformer\.)?wte\.weight", {1: ("resid", "out")}, CLIENT, "token"),
-        TensorRule(r"(?:transformer\.)?wpe\.weight", {1: ("resid", "out")}, CLIENT, "position"),
+        TensorRule(r"wte\.weight", {1: ("resid", "out")}, CLIENT, "token", role=TOKEN_EMBEDDING),
+        TensorRule(r"wpe\.weight", {1: ("resid", "out")}, CLIENT, "position", zeroed_on_server=True),
         TensorRule(_H + r"ln_[12]\.(weight|bias)", _vec("resid")),
         TensorRule(_H + r"attn\.c_attn\.weight", _conv1d("attn_qkv", "resid")),
         TensorRule(_H + r"attn\.c_attn\.bias", _vec("attn_qkv")),
@@ -107,13 +162,10 @@ GPT2 = Architecture(
         TensorRule(_H + r"mlp\.c_fc\.bias", _vec("ffn")),
         TensorRule(_H + r"mlp\.c_proj\.weight", _conv1d("resid", "ffn")),
         TensorRule(_H + r"mlp\.c_proj\.bias", _vec("resid")),
-        TensorRule(r"(?:transformer\.)?ln_f\.(weight|bias)", _vec("resid")),
-        TensorRule(r"lm_head\.weight", _linear("vocab", "resid")),
+        TensorRule(r"ln_f\.(weight|bias)", _vec("resid")),
+        _LM_HEAD,
         TensorRule(_H + r"attn\.(masked_)?bias", party=DROP),
     ),
-    lm_head="lm_head.weight",
-    tied_source="transformer.wte.weight",
-    zeroed_on_server=("transformer.wpe.weight",),
     rope=False,
 )
 

@@ -8,7 +8,7 @@ time. GGUF files hold quantized blocks that transformers dequantizes as a whole,
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from stip.errors import BundleError
+from stip.errors import BundleError, TensorSetError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -60,6 +60,7 @@ class Checkpoint:
     path: Path
     config: object
     gguf_file: str | None = None
+    _gguf_cache: dict | None = field(default=None, init=False, repr=False)  # see _gguf_state
 
     @classmethod
     def open(cls, model: str | Path) -> "Checkpoint":
@@ -108,6 +109,23 @@ class Checkpoint:
                     yield name, state.pop(name)
                 del state
 
+    def shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """(name, shape) of every tensor `tensors()` yields, without reading the data: safetensors headers, .bin
+        shards memory-mapped. A GGUF model is loaded (it is loaded whole anyway) and kept for `tensors()`."""
+        if self.gguf_file:
+            for name, t in self._gguf_state().items():
+                yield name, tuple(t.shape)
+            return
+        for shard in self._shards():
+            if shard.suffix == ".safetensors":
+                with safe_open(str(shard), "pt") as f:
+                    for name in f.keys():
+                        yield name, tuple(f.get_slice(name).get_shape())
+            else:
+                state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+                yield from ((name, tuple(t.shape)) for name, t in state.items())
+                del state
+
     def total_tensors(self) -> int | None:
         if self.gguf_file:
             return None
@@ -119,18 +137,24 @@ class Checkpoint:
                 n += len(list(f.keys()))
         return n
 
-    def _gguf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from transformers import AutoModelForCausalLM
+    def _gguf_state(self) -> dict[str, torch.Tensor]:
+        """The dequantized GGUF model's tensors, loaded once; a tensor the GGUF file lacks is refused, not left at
+        transformers' random initialisation."""
+        if self._gguf_cache is None:
+            from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.path, gguf_file=self.gguf_file, dtype=torch.float32)
-        state = model.state_dict()
-        del model
-        tied = getattr(self.config, "tie_word_embeddings", False)
+            model, info = AutoModelForCausalLM.from_pretrained(self.path, gguf_file=self.gguf_file,
+                                                               dtype=torch.float32, output_loading_info=True)
+            if info["missing_keys"]:
+                raise TensorSetError(f"{self.path / self.gguf_file} lacks tensor {sorted(info['missing_keys'])[0]!r}")
+            self._gguf_cache = model.state_dict()  # a tied LM head is the embedding; protect skips it by its rule
+            del model
+        return self._gguf_cache
+
+    def _gguf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        state, self._gguf_cache = self._gguf_state(), None
         for name in list(state):
-            t = state.pop(name)
-            if tied and name == "lm_head.weight":
-                continue  # the same tensor as the embedding: the protection derives the LM head from it
-            yield name, t
+            yield name, state.pop(name)
 
     def load_tokenizer(self):
         """The model's tokenizer (with its chat template), or None for checkpoints that ship none."""

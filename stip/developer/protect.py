@@ -25,9 +25,10 @@ from stip.common.keys import DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE,
                                 EMBEDDING_FILE, SERVER_DIR)
 from stip.common.transforms import KeyRng
-from stip.developer.architectures import CLIENT, DROP, SERVER, Architecture, architecture_for, geometry_of
+from stip.developer.architectures import CLIENT, SERVER, Architecture, architecture_for, geometry_of
 from stip.developer.checkpoint import Checkpoint
-from stip.errors import KeyMismatchError
+from stip.developer.completeness import check_server_tensors
+from stip.errors import KeyMismatchError, TensorSetError
 
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 
@@ -39,18 +40,33 @@ def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: tor
     Client tensors (the embedding module) are passed on unchanged: the client applies `p` to them when it loads its
     bundle. A tied embedding also yields the server's LM head, transformed as the LM head's own rule says.
     """
-    rule, layer = arch.rule_for(name)
-    if rule.party == DROP or (tied and name == arch.lm_head):
-        return
-    if rule.party == CLIENT:
-        yield CLIENT, rule.client_name, tensor
-        if tied and name == arch.tied_source:
-            lm_rule, _ = arch.rule_for(arch.lm_head)
-            yield SERVER, arch.lm_head, _transform(lm_rule.axes, key, None, tensor)
-        if name in arch.zeroed_on_server:
-            yield SERVER, name, torch.zeros_like(tensor)
-        return
-    yield SERVER, name, _transform(rule.axes, key, layer, tensor)
+    for p in arch.placements(name, tied):
+        if p.party == CLIENT:
+            yield CLIENT, p.name, tensor
+        elif p.zeros:
+            yield SERVER, p.name, torch.zeros_like(tensor)
+        else:
+            yield SERVER, p.name, _transform(p.rule.axes, key, p.layer, tensor)
+
+
+def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool) -> None:
+    """Before anything is written: the server bundle this checkpoint makes (names and shapes, read from the
+    checkpoint's headers) must be exactly what the server's model class loads, and the client must get the token
+    embedding. Otherwise transformers would fill the gap with random weights on the server, silently."""
+    outputs: dict[tuple[str, str], str] = {}  # (party, output name) -> checkpoint name
+    server: dict[str, tuple[int, ...]] = {}
+    for name, shape in ck.shapes():
+        for p in arch.placements(name, tied):
+            if (p.party, p.name) in outputs:
+                raise TensorSetError(f"{ck.path}: tensors {outputs[p.party, p.name]!r} and {name!r} are the same "
+                                     f"tensor ({p.name!r}) named twice")
+            outputs[p.party, p.name] = name
+            if p.party == SERVER:
+                server[p.name] = shape
+    if (CLIENT, "token") not in outputs:
+        raise TensorSetError(f"{ck.path} has no token embedding tensor")
+    check_server_tensors(_server_config(ck), server, f"checkpoint {ck.path}",
+                         {out: src for (party, out), src in outputs.items() if party == SERVER})
 
 
 def protect_state_dict(arch: Architecture, key: DeveloperKey, state: dict[str, torch.Tensor],
@@ -159,6 +175,7 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
     key.check_matches(geometry)
     bundle_id = key.client.bundle_id
     tied = bool(getattr(ck.config, "tie_word_embeddings", False))
+    check_checkpoint(ck, arch, tied)
     tokenizer = ck.load_tokenizer()
 
     with staged_directory(Path(out), overwrite=overwrite) as stage:
@@ -224,6 +241,13 @@ def _set_modes(stage: Path, client: Path, developer: Path) -> None:
 
 
 def _write_server_config(ck: Checkpoint, folder: Path) -> None:
+    _server_config(ck).save_pretrained(folder)
+    gen = ck.generation_config()
+    if gen is not None:
+        write_json_atomic(folder / "generation_config.json", gen)
+
+
+def _server_config(ck: Checkpoint):
     """The model's own config, untied (the server has the LM head, the client the embedding)."""
     config = copy.deepcopy(ck.config)
     config.tie_word_embeddings = False
@@ -232,10 +256,7 @@ def _write_server_config(ck: Checkpoint, folder: Path) -> None:
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     if config.model_type == "gpt2":
         config.architectures = ["GPT2LMHeadModel"]
-    config.save_pretrained(folder)
-    gen = ck.generation_config()
-    if gen is not None:
-        write_json_atomic(folder / "generation_config.json", gen)
+    return config
 
 
 def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from stip.common.files import read_manifest
 from stip.common.signing import Trusted
+from stip.developer.completeness import check_server_tensors, client_only, zeroed
+from stip.errors import BundleError, TensorSetError
 
 
 def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -17,19 +21,30 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     `stip.common.signing`), then load it with `AutoModelForCausalLM` (no custom code).
 
     The checkpoint has no real embedding table: transformers fills the input embedding with random values that are
-    never used (every request brings its own embeddings), and we drop it to free the memory.
+    never used (every request brings its own embeddings), and we drop it to free the memory. Any other tensor
+    transformers would fill or drop is refused, before loading (the shard headers) and after (its loading report):
+    a model that loads with a random LM head serves garbage without an error.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle, role="server", trusted=trusted)
+    config = AutoConfig.from_pretrained(bundle)
+    check_server_tensors(config, shard_shapes(bundle, manifest["files"]), where=f"server bundle {bundle}")
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "embedding was newly initialized" report is expected
+    hf_logging.set_verbosity_error()  # its "embedding was newly initialized" report is expected; the rest is checked
     try:
-        model = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype).to(device).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
+    _check_loading_info(bundle, config, info)
+    state = model.state_dict()
+    for name in sorted(zeroed(config, state)):
+        if torch.count_nonzero(state[name]):
+            raise TensorSetError(f"server bundle {bundle}: tensor {name!r} must be all zeros (the client adds it), "
+                                 "but holds non-zero values")
+    model = model.to(device).eval()
     # from_pretrained leaves the weights in a private memory map of the shards: copy them into ordinary process
     # memory. (A 0.972 decode ratio once blamed on the map was within run-to-run noise: docs/benchmarks.md.)
     with torch.no_grad():
@@ -41,3 +56,43 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     logging.getLogger("stip.server").info("loaded protected %s model, bundle %s", manifest.get("model_type"),
                                           manifest["bundle_id"])
     return model, manifest
+
+
+def shard_shapes(bundle: Path, signed_files) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the bundle's safetensors shards, from their headers; the shard index must
+    name exactly those tensors, in shards the manifest covers."""
+    index = bundle / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise BundleError(f"{index} is not a shard index: {e}") from None
+        shards = sorted(set(weight_map.values()))
+    elif (bundle / "model.safetensors").is_file():
+        weight_map, shards = None, ["model.safetensors"]
+    else:
+        raise BundleError(f"server bundle {bundle} has no safetensors weights")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        if shard not in signed_files:
+            raise BundleError(f"server bundle {bundle}: shard {shard!r} is not listed in its manifest")
+        with safe_open(str(bundle / shard), "pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+                if weight_map is not None and weight_map.get(name) != shard:
+                    raise TensorSetError(f"server bundle {bundle}: tensor {name!r} in {shard} is not indexed there")
+    for name in weight_map or ():
+        if name not in shapes:
+            raise TensorSetError(f"server bundle {bundle} lacks tensor {name!r}, which its shard index names")
+    return shapes
+
+
+def _check_loading_info(bundle: Path, config, info: dict) -> None:
+    """transformers' own report: only the input embedding may be missing; nothing unexpected or mismatched."""
+    missing = set(info.get("missing_keys") or ()) - client_only(config, info.get("missing_keys") or ())
+    for kind, names in (("lacks tensor", missing), ("has unexpected tensor", info.get("unexpected_keys")),
+                        ("has a wrong-shaped tensor", info.get("mismatched_keys")),
+                        ("failed to load", info.get("error_msgs"))):
+        if names:
+            raise TensorSetError(f"server bundle {bundle} {kind} {sorted(map(str, names))[0]!r} "
+                                 "(transformers' loading report)")

@@ -1,0 +1,67 @@
+"""The server checkpoint must hold exactly the tensors its model class expects, or nothing is served.
+
+transformers fills any parameter a checkpoint lacks with random values (and drops tensors it does not know), so a
+checkpoint with a missing LM head, an unrenamed tensor or a wrong shape loads without error and serves garbage. The
+expected set comes from the model class itself, built from the config on the `meta` device (no memory); `protect`
+checks the names and shapes the server bundle will hold before writing anything, and the server checks its bundle
+again before and after loading it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from stip.developer.architectures import TOKEN_EMBEDDING, architecture_for
+from stip.errors import TensorSetError
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def expected_tensors(config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the model class for `config` loads (its state dict), built without memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def client_only(config, names) -> set[str]:
+    """The input embedding among `names`: the one tensor the server never gets (found by its rule's role)."""
+    arch = architecture_for(config)
+    return {n for n in names if arch.match(n).rule.role == TOKEN_EMBEDDING}
+
+
+def zeroed(config, names) -> set[str]:
+    """Tensors among `names` that the server holds as zeros (client-side tables its model class still adds)."""
+    arch = architecture_for(config)
+    return {n for n in names if arch.match(n).rule.zeroed_on_server}
+
+
+def check_server_tensors(config, got: Shapes, where: str, sources: Mapping[str, str] | None = None) -> None:
+    """Refuse unless `got` (name -> shape) is exactly what the server model needs: every tensor of the model class
+    but the input embedding, under the class's names, with its shapes. The error names the first offending tensor
+    (and, from `sources`, the checkpoint tensor it was made from where that name differs)."""
+    expected = expected_tensors(config)
+    skip = client_only(config, expected)
+    model_class = (getattr(config, "architectures", None) or [config.model_type])[0]
+
+    def label(name: str) -> str:
+        src = (sources or {}).get(name, name)
+        return repr(name) if src == name else f"{name!r} (from checkpoint tensor {src!r})"
+
+    for name in sorted(got):
+        if name in skip:
+            raise TensorSetError(f"{where} holds the input embedding {label(name)}, which must never reach the "
+                                 "server")
+        if name not in expected:
+            raise TensorSetError(f"{where} has unexpected tensor {label(name)} {list(got[name])}: {model_class} has "
+                                 "no such parameter for this config, so it would be silently dropped")
+        if tuple(got[name]) != expected[name]:
+            raise TensorSetError(f"{where}: tensor {label(name)} has shape {list(got[name])}, but {model_class} "
+                                 f"with this config expects {list(expected[name])}")
+    for name in sorted(set(expected) - set(got) - skip):
+        raise TensorSetError(f"{where} lacks tensor {name!r} {list(expected[name])}: transformers would fill it "
+                             "with random values and the model would serve garbage")
