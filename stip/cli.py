@@ -195,13 +195,17 @@ def chat(
     downlink: str = typer.Option("topk", help="'topk' (k pairs per token) or 'logits' (all V logits)"),
     system: Optional[str] = typer.Option(None, help="a system message to start the conversation with"),
     trust: list[str] = typer.Option([], help=TRUST_HELP),
+    ca_file: Optional[Path] = typer.Option(None, help="verify an https:// server against this CA certificate (PEM) "
+                                           "only, instead of the system trust store"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow sending the token over plain http:// to a "
+                                  "non-loopback host (certificates are still verified on https://)"),
 ):
     """Chat with a protected model: tokenize, embed and permute locally; the server never sees text."""
     from stip.client.chat import run_chat
 
     run_chat(bundle, server=server, token=token, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-             downlink=downlink, system=system, trusted=_trust(trust))
+             downlink=downlink, system=system, trusted=_trust(trust), ca_file=ca_file, insecure=insecure)
 
 
 @app.command()
@@ -209,17 +213,25 @@ def proxy(
     bundle: Path = typer.Argument(..., help="the client bundle folder"),
     server: str = typer.Option("http://127.0.0.1:8000", help="STIP server URL"),
     port: int = typer.Option(8080),
-    host: str = typer.Option("127.0.0.1"),
-    token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs --api-key"),
+    token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN", help="the STIP server's token"),
+    api_key: Optional[str] = typer.Option(None, envvar="STIP_PROXY_API_KEY",
+                                          help="the proxy's own key: /v1 requests must send it as a bearer token "
+                                          "(the OpenAI client's api_key)"),
     downlink: str = typer.Option("topk", help="'topk' (k pairs per token) or 'logits' (all V logits)"),
+    k: int = typer.Option(64, help="pairs per token on the top-k downlink (also the most top_logprobs served)"),
     model_name: Optional[str] = typer.Option(None, help="the model id /v1/models lists (default stip-<type>)"),
+    ca_file: Optional[Path] = typer.Option(None, help="verify an https:// server against this CA certificate (PEM) "
+                                           "only, instead of the system trust store"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow sending the token over plain http:// to a "
+                                  "non-loopback host (certificates are still verified on https://)"),
     trust: list[str] = typer.Option([], help=TRUST_HELP),
 ):
     """An OpenAI-compatible endpoint on localhost that talks STIP to the server."""
     from stip.client.proxy import run_proxy
 
-    run_proxy(bundle, server=server, host=host, port=port, token=token, downlink=downlink, model_name=model_name,
-              trusted=_trust(trust))
+    run_proxy(bundle, server=server, host=host, port=port, token=token, downlink=downlink, k=k,
+              model_name=model_name, trusted=_trust(trust), api_key=api_key, ca_file=ca_file, insecure=insecure)
 
 
 # ---------------------------------------------------------------- all three

@@ -75,11 +75,11 @@ def test_completions(oai, expected):
     assert "".join(c.choices[0].text for c in stream) == expected["completion"]
 
 
-def test_stop_seed_and_unknown_fields(oai, expected):
+def test_stop_seed_and_harmless_fields(oai, expected):
     text = expected["chat"]
     stop = text[len(text) // 2:len(text) // 2 + 5]
     r = oai.chat.completions.create(model="m", messages=CHAT, temperature=0, max_tokens=N, stop=[stop],
-                                    frequency_penalty=0.0, user="u", extra_body={"some_future_field": 1})
+                                    frequency_penalty=0.0, user="u", metadata={"k": "v"}, store=False)
     assert r.choices[0].message.content == text[:text.index(stop)]
     assert r.choices[0].finish_reason == "stop"
     kw = dict(model="m", messages=[{"role": "user", "content": "Tell me a joke."}], max_tokens=12, temperature=1.0,
@@ -89,7 +89,12 @@ def test_stop_seed_and_unknown_fields(oai, expected):
 
 
 @pytest.mark.parametrize("body", [
-    {"messages": CHAT, "n": 2},
+    {"messages": CHAT, "n": 17},
+    {"messages": CHAT, "some_future_field": 1},
+    {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"messages": CHAT, "top_logprobs": 2},
+    {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
+    {"messages": [{"role": "tool", "content": "x"}]},
     {"messages": CHAT, "temperature": 3.5},
     {"messages": CHAT, "top_p": 0},
     {"messages": CHAT, "max_tokens": 0},
@@ -105,8 +110,11 @@ def test_bad_chat_requests_get_400(proxy_url, body):
 
 
 def test_bad_requests_via_openai_client_and_raw(oai, proxy_url):
-    with pytest.raises(openai.BadRequestError, match="n must be 1"):
-        oai.chat.completions.create(model="m", messages=CHAT, n=2)
+    with pytest.raises(openai.BadRequestError, match="tool calling"):
+        oai.chat.completions.create(model="m", messages=CHAT, tools=[{"type": "function",
+                                                                       "function": {"name": "f"}}])
+    with pytest.raises(openai.BadRequestError, match="structured output"):
+        oai.chat.completions.create(model="m", messages=CHAT, response_format={"type": "json_object"})
     with pytest.raises(openai.BadRequestError):
         oai.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
     r = httpx.post(proxy_url + "/v1/completions", content=b"{not json", timeout=30,
@@ -115,3 +123,39 @@ def test_bad_requests_via_openai_client_and_raw(oai, proxy_url):
     r = httpx.post(proxy_url + "/v1/completions", json={"prompt": [10**9]}, timeout=30)
     assert r.status_code == 400
     assert httpx.get(proxy_url + "/v1/nothing", timeout=30).status_code == 404
+
+
+def test_chat_logprobs_are_the_models_log_softmax(oai, smollm2_plain):
+    model, tok = smollm2_plain
+    r = oai.chat.completions.create(model="m", messages=CHAT, temperature=0, max_tokens=12, logprobs=True,
+                                    top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert b"".join(bytes(c.bytes) for c in content).decode() == r.choices[0].message.content
+    prompt = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    ids = plain_greedy(model, prompt, 12, [tok.convert_tokens_to_ids("<|im_end|>")])
+    import torch
+
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float(), -1)
+    assert len(content) == len(ids)
+    for i, c in enumerate(content):
+        assert abs(c.logprob - float(ref[i, ids[i]])) < 1e-3
+        values, top = torch.topk(ref[i], 3)
+        assert [bytes(t.bytes) for t in c.top_logprobs] == [tok.decode([x]).encode() for x in top.tolist()]
+        assert max(abs(t.logprob - float(v)) for t, v in zip(c.top_logprobs, values)) < 1e-3
+
+
+def test_n_streamed_choices_interleave_and_match_the_whole_ones(oai):
+    kw = dict(model="m", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=1.0,
+              seed=11, n=2)
+    whole = oai.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert whole.usage.completion_tokens >= 2
+    texts, order = {0: "", 1: ""}, []
+    for chunk in oai.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            order.append(c.index)
+    assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
+    assert set(order) == {0, 1}

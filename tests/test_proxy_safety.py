@@ -1,0 +1,266 @@
+"""`stip proxy` safety and OpenAI parameters, as real processes on tiny models: `stip serve` and `stip proxy`
+subprocesses on loopback, driven by httpx and the official `openai` client.
+
+Tiny bundles have no tokenizer, so completions take token ids and logprobs show tokens as `token_id:N`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from stip.client.sdk import Client
+from stip.client.transport import Connection, StipServerError
+from stip.server.launch import local_process, server_env
+from tests.parties import serve
+
+KEY = "proxy-key-for-tests"
+PROMPT = [5, 17, 3, 88, 42, 9, 61, 23]
+K = 4  # the proxy's top-k downlink
+
+
+def _proxy(bundle, server_url: str, *args: str, api_key: str | None = None):
+    env = {"STIP_PROXY_API_KEY": api_key} if api_key else {}
+    return local_process(lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(bundle), "--server",
+                                       server_url, "--port", str(port), *args], ready_path="/health", env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_protected):
+    return tiny_protected("llama-gqa-untied")
+
+
+@pytest.fixture(scope="module")
+def stack(tiny):
+    """A tiny server and, in front of it, a proxy with an API key (from STIP_PROXY_API_KEY) and k=4."""
+    _, protected = tiny
+    with serve(protected) as server, _proxy(protected / "client", server.url, "--k", str(K),
+                                            api_key=KEY) as proxy:
+        yield server, proxy
+
+
+def _post(proxy, path: str, body: dict, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(proxy.url + path, json=body, headers=headers, timeout=60)
+
+
+def _token_ids(choice_logprobs: dict) -> list[int]:
+    return [int(t.removeprefix("token_id:")) for t in choice_logprobs["tokens"]]
+
+
+# ------------------------------------------------------------------ binding and the API key
+
+
+def _run_proxy_cli(bundle, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stip.cli", "proxy", str(bundle), *args], capture_output=True,
+                          text=True, timeout=120, env=server_env(None, {"STIP_PROXY_API_KEY": "", **(env or {})}))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.7", "proxy.example"])
+def test_non_loopback_bind_without_a_key_is_refused(tiny, host):
+    _, protected = tiny
+    r = _run_proxy_cli(protected / "client", "--host", host, "--server", "http://127.0.0.1:9")
+    assert r.returncode == 2, r.stderr
+    assert f"refusing to listen on {host}" in r.stderr and "--api-key" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_non_loopback_bind_with_a_key_gets_past_the_check(tiny):
+    """With a key the bind rule passes; the run then stops at the (absent) server, before binding anything."""
+    _, protected = tiny
+    r = _run_proxy_cli(protected / "client", "--host", "0.0.0.0", "--server", "http://127.0.0.1:9",
+                       env={"STIP_PROXY_API_KEY": KEY})
+    assert r.returncode == 2 and "refusing" not in r.stderr and "cannot reach" in r.stderr, r.stderr
+    assert KEY not in r.stderr + r.stdout
+
+
+def test_v1_needs_the_key(stack):
+    _, proxy = stack
+    for key, why in [(None, "no API key"), ("wrong", "incorrect API key"), (KEY + "x", "incorrect API key")]:
+        r = httpx.get(proxy.url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+        assert r.status_code == 401 and why in r.json()["error"]["message"], r.text
+        assert _post(proxy, "/v1/completions", {"prompt": PROMPT}, key).status_code == 401
+    assert httpx.get(proxy.url + "/health").json() == {"status": "ok"}  # no key, and nothing to learn
+    assert httpx.get(proxy.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=proxy.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0)
+    assert oai.models.list().data[0].id
+    assert KEY not in proxy.log()
+
+
+# ------------------------------------------------------------------ the parameter allow-list
+
+
+@pytest.mark.parametrize("extra,named,why", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "structured output"),
+    ({"logit_bias": {"5": 100}}, "logit_bias", "logit_bias is not supported"),
+    ({"suffix": "end"}, "suffix", "suffix"),
+    ({"best_of": 3}, "best_of", "use n"),
+    ({"some_future_field": 1}, "some_future_field", "unknown parameter"),
+])
+def test_unsupported_parameters_get_a_400_naming_them(stack, extra, named, why):
+    _, proxy = stack
+    r = _post(proxy, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == named and named in err["message"] and why in err["message"]
+
+
+def test_every_unsupported_parameter_is_named_and_null_means_absent(stack):
+    _, proxy = stack
+    r = _post(proxy, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                              "tools": [{"type": "function"}], "logit_bias": {"1": 2}, "foo": 1})
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert all(name in msg for name in ("tools", "logit_bias", "foo"))
+    r = _post(proxy, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi",
+                                                            "tool_calls": [{"id": "x"}]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].tool_calls"
+    # sent as null (or the neutral value), a listed parameter is "not used"; user/metadata-style fields are accepted
+    r = _post(proxy, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "tools": None, "logit_bias": None,
+                                         "suffix": None, "best_of": 1, "user": "u",
+                                         "stream_options": None})
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0).completions.create(
+            model="m", prompt=PROMPT, max_tokens=2, extra_body={"response_format": {"type": "json_object"}})
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"logprobs": 6}, "logprobs"),  # OpenAI's limit for completions is 5
+    ({"logprobs": 5}, "logprobs"),  # more than the proxy's k=4
+    ({"n": 17}, "n"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"echo": True, "logprobs": 1}, "logprobs"),
+])
+def test_bad_values_get_a_400_naming_them(stack, body, param):
+    _, proxy = stack
+    r = _post(proxy, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# ------------------------------------------------------------------ logprobs, n, penalties
+
+
+def test_completion_logprobs_are_the_models_log_softmax(stack, tiny):
+    from transformers import AutoModelForCausalLM
+
+    plain, _ = tiny
+    _, proxy = stack
+    r = _post(proxy, "/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    ids = _token_ids(lp)
+    model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT + ids])).logits[0, len(PROMPT) - 1:-1]
+    ref = torch.log_softmax(logits.float(), -1)
+    assert ids == ref.argmax(-1).tolist()  # greedy
+    for i, t in enumerate(ids):
+        assert abs(lp["token_logprobs"][i] - float(ref[i, t])) < 1e-4
+        values, top = torch.topk(ref[i], 3)
+        assert list(lp["top_logprobs"][i]) == [f"token_id:{x}" for x in top.tolist()]
+        torch.testing.assert_close(torch.tensor(list(lp["top_logprobs"][i].values())), values, atol=1e-4, rtol=0)
+
+
+def test_n_choices_use_seed_plus_i_and_stream_with_their_index(stack, tiny):
+    server, proxy = stack
+    _, protected = tiny
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 7, "n": 3, "logprobs": 0,
+            "presence_penalty": 0.7, "frequency_penalty": 0.4}
+    r = _post(proxy, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    client = Client(protected / "client", server.url, k=K)
+    expected = []
+    for i in range(3):
+        g = client.generate(ids=PROMPT, max_tokens=6, temperature=1.0, seed=7 + i, presence_penalty=0.7,
+                            frequency_penalty=0.4)
+        expected.append([t for t in g.token_ids if t not in client.bundle.eos_token_ids])
+    assert [_token_ids(c["logprobs"]) for c in choices] == expected
+    assert r.json()["usage"]["completion_tokens"] == sum(
+        len(client.generate(ids=PROMPT, max_tokens=6, temperature=1.0, seed=7 + i, presence_penalty=0.7,
+                            frequency_penalty=0.4).token_ids) for i in range(3))
+    # streamed: every choice's chunks carry its index and end with its finish_reason
+    oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0)
+    chunks = list(oai.completions.create(model="m", stream=True, **body))
+    streamed = {i: [] for i in range(3)}
+    for c in chunks:
+        for ch in c.choices:
+            if ch.logprobs:
+                streamed[ch.index] += [int(t.removeprefix("token_id:")) for t in ch.logprobs.tokens]
+    assert [streamed[i] for i in range(3)] == expected
+    assert sorted(ch.index for c in chunks for ch in c.choices if ch.finish_reason) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ upstream refusals keep their status
+
+
+@pytest.fixture(scope="module", params=["client-quota", "server-full"])
+def limited(tiny, tmp_path_factory, request):
+    """A server the proxy's STIP client can hold one session on, at most: a per-client quota of 1 (the server answers
+    429) or a server-wide limit of 1 (503). Yields (server, proxy, hold) where hold() opens that one session."""
+    _, protected = tiny
+    if request.param == "client-quota":
+        keys = tmp_path_factory.mktemp("keys") / "apikeys.json"
+        out = subprocess.run([sys.executable, "-m", "stip.cli", "apikey", "create", str(keys), "proxy",
+                              "--max-sessions", "1"], capture_output=True, text=True, check=True)
+        token, args = out.stdout.split()[0], ("--api-keys", str(keys))
+    else:
+        token, args = None, ("--max-sessions", "1")
+    with serve(protected, *args) as server, local_process(
+            lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(protected / "client"), "--server",
+                          server.url, "--port", str(port)], ready_path="/health", token=token) as proxy:
+        yield server, proxy, lambda: Connection(server.url, token=token).open_session(), request.param
+
+
+def test_a_streaming_request_gets_the_upstream_status_not_a_200(limited):
+    """The proxy opens the server session before its 200: the server's refusal is the HTTP status (429 for a client
+    over its quota, 503 for a full server), with OpenAI's error body and Retry-After, so the openai SDK can retry."""
+    server, proxy, hold, kind = limited
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+    held = hold()
+    try:
+        with pytest.raises(StipServerError) as upstream:
+            hold()
+        status = upstream.value.status
+        assert status == (429 if kind == "client-quota" else 503)
+        with httpx.stream("POST", proxy.url + "/v1/completions", json=body, timeout=60) as r:
+            r.read()
+        assert r.status_code == status, r.text
+        assert r.headers["content-type"].startswith("application/json") and r.headers["retry-after"]
+        assert r.json()["error"]["type"] == ("rate_limit_error" if status == 429 else "server_error")
+        oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+        error = openai.RateLimitError if status == 429 else openai.InternalServerError
+        with pytest.raises(error):
+            oai.completions.create(model="m", prompt=PROMPT, max_tokens=4, stream=True)
+        with pytest.raises(error):
+            oai.completions.create(model="m", prompt=PROMPT, max_tokens=4)
+    finally:
+        held.close()
+    # the session freed, the same request streams
+    with httpx.stream("POST", proxy.url + "/v1/completions", json=body, timeout=60) as r:
+        text = r.read().decode()
+    assert r.status_code == 200 and text.rstrip().endswith("data: [DONE]")
+
+
+def test_openai_client_retries_until_the_server_has_room(limited):
+    server, proxy, hold, _ = limited
+    held = hold()
+    threading.Timer(0.5, held.close).start()  # the holder finishes while the client waits out Retry-After
+    oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=3)
+    t0 = time.monotonic()
+    chunks = list(oai.completions.create(model="m", prompt=PROMPT, max_tokens=4, stream=True, logprobs=1))
+    assert time.monotonic() - t0 >= 0.5  # it did wait for the session
+    assert sum(len(ch.logprobs.tokens) for c in chunks for ch in c.choices if ch.logprobs) >= 1
