@@ -109,8 +109,9 @@ def serve(
     kv_budget_tokens: Optional[int] = typer.Option(None, help="the KV budget in tokens (overrides --kv-budget)"),
     max_all_logits: int = typer.Option(1 << 24, help="T x V logits one positions='all' prefill may compute"),
     client_max_sessions: Optional[int] = typer.Option(None, help="sessions per client (the token, and keys that "
-                                                      "set no quota)"),
-    client_max_tokens: Optional[int] = typer.Option(None, help="KV tokens held per client (likewise)"),
+                                                      "set no quota; keys default to 1/4 of --max-sessions)"),
+    client_max_tokens: Optional[int] = typer.Option(None, help="KV tokens held per client (likewise; keys "
+                                                    "default to 1/4 of the KV budget)"),
     session_ttl: float = typer.Option(300.0, help="seconds an idle session keeps its KV cache"),
     max_message_size: Optional[str] = typer.Option(None, help="largest request frame, e.g. 16MB "
                                                    "(default: room for max_seq_len float32 embeddings)"),

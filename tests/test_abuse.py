@@ -32,7 +32,7 @@ def party(tiny_protected, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "apikeys.json"
     k = {"honest": create_key(keys, "honest", metrics=True),
          "abuser": create_key(keys, "abuser", max_sessions=2, max_tokens=40),
-         "bulk": create_key(keys, "bulk")}
+         "bulk": create_key(keys, "bulk", max_sessions=64, max_tokens=10 * BUDGET)}  # may fill the server
     client = ClientBundle.load(protected / "client")
     with serve(protected, "--api-keys", str(keys), "--kv-budget-tokens", str(BUDGET), "--max-all-logits",
                str(ALL_LIMIT_TOKENS * client.vocab_size), threads=1) as server:

@@ -52,6 +52,16 @@ class Settings:
     client_quota: Quota = Quota()  # quotas of the single token, and of keys that set none
 
 
+KEY_SHARE = 4  # by default one API key may hold at most 1/KEY_SHARE of the session slots and of the KV budget
+
+
+def key_default_quota(client: Quota, max_sessions: int, budget_tokens: int) -> Quota:
+    """The quota of an API key whose entry sets none: the operator's --client-max-* values, else a fair share, so
+    that no single key can take every session slot or the whole KV budget for a TTL."""
+    return Quota(client.max_sessions or max(1, max_sessions // KEY_SHARE),
+                 client.max_tokens or max(1, budget_tokens // KEY_SHARE), client.max_tokens_per_minute)
+
+
 class StepError(Exception):
     def __init__(self, status: int, message: str, fatal: bool = False):
         super().__init__(message)
@@ -84,10 +94,12 @@ class StipService:
         self.max_seq_len = limit
         self.max_message_bytes = settings.max_message_bytes or (limit * engine.hidden_size * 4 + HEADER_SLACK)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stip-engine")
-        self.auth = Authenticator(settings.token, settings.api_keys, settings.client_quota)
-        self._auth_generation = self.auth.generation
         self.admission = Admission(settings.kv_budget_tokens or settings.max_sessions * limit,
                                    settings.max_sessions, engine.kv_bytes_per_token)
+        self.auth = Authenticator(settings.token, settings.api_keys, settings.client_quota,
+                                  key_default_quota(settings.client_quota, settings.max_sessions,
+                                                    self.admission.total))
+        self._auth_generation = self.auth.generation
         self.sessions = SessionManager(engine.new_state, self._free_state, settings.session_ttl)
         self.metrics = Metrics(lambda: len(self.sessions), lambda: self.sessions.kv_caches,
                                lambda: self.sessions.kv_tokens, lambda: self.admission.used,

@@ -151,8 +151,11 @@ class Authenticator:
     """Maps an Authorization header to a Principal: the single token, keys from a file, or nobody (loopback)."""
 
     def __init__(self, token: str | None = None, key_file: str | Path | None = None,
-                 default_quota: Quota = Quota()):
+                 default_quota: Quota = Quota(), key_default_quota: Quota | None = None):
+        """`default_quota` binds the single token (one principal, often shared by many users: by default only the
+        server's own limits); `key_default_quota` fills what a key file entry leaves unset (default: the same)."""
         self.token, self.default_quota = token, default_quota
+        self.key_default_quota = key_default_quota or default_quota
         self.path = Path(key_file) if key_file else None
         self._entries: list[KeyEntry] = []
         self._broken: str | None = None
@@ -231,7 +234,7 @@ class Authenticator:
                 if found.revoked:
                     raise AuthError(403, "this API key was revoked")
                 q = found.quota
-                d = self.default_quota
+                d = self.key_default_quota
                 return Principal(found.name, Quota(q.max_sessions or d.max_sessions, q.max_tokens or d.max_tokens,
                                                    q.max_tokens_per_minute or d.max_tokens_per_minute),
                                  metrics=found.metrics)
