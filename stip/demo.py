@@ -19,6 +19,15 @@ from rich.table import Table
 BUNDLE_NAME = "smollm2"
 
 
+def _signer_pin(out: Path) -> str | None:
+    """The developer's signer, as the developer would publish it: the demo plays all three parties, so it takes the
+    pin from the developer's own signing key and gives it to the client and the server (what `--trust` does)."""
+    from stip.common.signing import load_signing_key, pin, signer_info
+
+    key = out / "developer" / "signing.key"
+    return pin(signer_info(load_signing_key(key))) if key.is_file() else None
+
+
 def _cached_bundle(out: Path):
     """The cached client bundle if the cache holds a complete, untampered protection: both manifests verify (every
     sha256), the client bundle loads, and the two bundles belong together. Otherwise None: protect again."""
@@ -27,8 +36,11 @@ def _cached_bundle(out: Path):
     from stip.errors import StipError
 
     try:
-        server = read_manifest(out / "server", role="server")
-        client = ClientBundle.load(out / "client")
+        trusted = _signer_pin(out)
+        if trusted is None:
+            return None
+        server = read_manifest(out / "server", role="server", trusted=trusted)
+        client = ClientBundle.load(out / "client", trusted=trusted)
     except (StipError, OSError, ValueError, KeyError):
         return None
     return client if server["bundle_id"] == client.bundle_id else None
@@ -50,7 +62,7 @@ def ensure_bundle(cache: Path, console: Console):
     out.parent.mkdir(parents=True, exist_ok=True)
     protect(smollm2_gguf(), out, overwrite=True, progress=False)
     console.print(f"   done in {time.perf_counter() - t:.0f} s")
-    return out, ClientBundle.load(out / "client")
+    return out, ClientBundle.load(out / "client", trusted=_signer_pin(out))
 
 
 def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bool:
@@ -67,10 +79,12 @@ def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bo
     out, bundle = ensure_bundle(cache, console)
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
         plain_model, tokenizer = load_plain_model("smollm2")  # the reference for step 4
-    with local_server(out / "server") as server:
+    trusted = _signer_pin(out)
+    console.print(f"   signer {trusted}: pinned by the client and the server (`--trust`)")
+    with local_server(out / "server", "--trust", trusted) as server:
         console.print(f"[green]2. server[/green]     `stip serve` (pid {server.proc.pid}) on {server.url}")
         console.print("   it holds the protected weights only: no key, no embedding table, no tokenizer")
-        client = Client(bundle, server.url)
+        client = Client(bundle, server.url, trusted=trusted)
         messages = [{"role": "user", "content": prompt}]
         client.generate(ids=[1, 2], max_tokens=2)  # warm both ends (first-call allocations) before timing
         console.print(f"[green]3. client[/green]     [bold]you:[/bold] {prompt}")
