@@ -1,8 +1,10 @@
 """The server's compute engine: a small interface the network layer drives, and its transformers implementation.
 
-The network layer (`stip.server.app`) only ever calls the five methods of `Engine`, always from one worker thread,
-so an engine needs no locking. Another backend (a batched engine, vLLM, a GPU build) can replace
-`TransformersEngine` without touching the protocol.
+The network layer (`stip.server.app`) only ever calls the five methods of `Engine`, from as many threads as the
+engine's `concurrent_steps` allows (1 for a plain engine: it needs no locking). Another backend can replace
+`TransformersEngine` without touching the protocol: `stip.server.batching.BatchedEngine` runs many sessions' steps
+in one forward through `step_batch`, and `stip.server.scheduler.Scheduler` wraps any engine so that concurrent
+calls become such ticks (docs/batching.md).
 """
 
 from __future__ import annotations
@@ -44,6 +46,38 @@ class Engine(ABC):
     @abstractmethod
     def free(self, state: Any) -> None:
         """Release the session's KV cache (the state may not be used afterwards)."""
+
+    # How many threads may call prefill/decode at once. 1: the server calls them from one worker thread. An engine
+    # that merges concurrent calls into batched forwards (`stip.server.scheduler.Scheduler`) says more.
+    concurrent_steps: int = 1
+
+    def step_batch(self, steps: list["Step"]) -> list[torch.Tensor | None | BaseException]:
+        """Run several sessions' steps (at most one per session) as one tick; per step: its logits (float32, [T, V]
+        for "all", [1, V] for "last", None for "none") or the exception that failed that step alone.
+
+        This default runs them one after another through `prefill`, so every engine works under the scheduler; a
+        batched engine overrides it with one forward for all rows."""
+        out: list = []
+        for step in steps:
+            try:
+                logits = self.prefill(step.state, step.embeds, all_positions=step.logits == "all")
+                out.append(None if step.logits == "none" else logits)
+            except Exception as e:  # noqa: BLE001 - a failing row fails alone
+                out.append(e)
+        return out
+
+    def close(self) -> None:
+        """Stop any background work (the scheduler's tick thread); the serial engines have none."""
+
+
+@dataclass(eq=False)  # compared by identity: a step holds tensors
+class Step:
+    """One session's step in a tick: append `embeds` [T, d] to `state`; which logits come back: "last", "all"
+    (every position) or "none" (a chunk in the middle of a long prefill)."""
+
+    state: Any
+    embeds: torch.Tensor
+    logits: str = "last"
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
