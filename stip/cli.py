@@ -122,6 +122,10 @@ def serve(
     ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (serve https/wss)"),
     ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key"),
     trust: list[str] = typer.Option([], help=TRUST_HELP),
+    engine: str = typer.Option("serial", help="serial: one forward per session step; batched: concurrent sessions' "
+                               "steps in one forward per tick (continuous batching, docs/batching.md)"),
+    prefill_chunk: int = typer.Option(256, help="batched engine: prompt tokens per tick at most, so a long prompt "
+                                      "cannot stall other sessions' decodes"),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
@@ -134,7 +138,7 @@ def serve(
                session_ttl=session_ttl, max_message_bytes=_size(max_message_size) if max_message_size else None,
                threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
-               trusted=_trust(trust))
+               trusted=_trust(trust), engine_kind=engine, prefill_chunk=prefill_chunk)
 
 
 apikey_app = typer.Typer(no_args_is_help=True, help="Manage a server's per-client API key file (hashes only).")

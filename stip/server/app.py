@@ -2,7 +2,8 @@
 
 The event loop only authenticates, frames and validates; every tensor operation (decoding the payload, the forward,
 top-k, encoding the reply) runs on a single worker thread that owns the engine, so sessions interleave step by step
-and torch keeps all cores for the one forward in flight.
+and torch keeps all cores for the one forward in flight. With `--engine batched` each step in flight gets its own
+worker thread instead, and the engine (`stip.server.scheduler`) merges them into one forward per tick.
 
 The server process is given only the server bundle path and never opens client files.
 """
@@ -93,7 +94,9 @@ class StipService:
             limit = min(limit, engine.max_positions)
         self.max_seq_len = limit
         self.max_message_bytes = settings.max_message_bytes or (limit * engine.hidden_size * 4 + HEADER_SLACK)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stip-engine")
+        # One thread per step in flight where the engine batches concurrent steps (stip.server.scheduler), else one.
+        self.worker = ThreadPoolExecutor(max_workers=max(1, min(engine.concurrent_steps, settings.max_sessions + 1)),
+                                         thread_name_prefix="stip-engine")
         self.admission = Admission(settings.kv_budget_tokens or settings.max_sessions * limit,
                                    settings.max_sessions, engine.kv_bytes_per_token)
         self.auth = Authenticator(settings.token, settings.api_keys, settings.client_quota,
@@ -123,6 +126,7 @@ class StipService:
                 await self._expiry_task
         self.sessions.clear()
         self.worker.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
 
     async def _expiry_loop(self) -> None:
         period = max(0.05, min(1.0, self.settings.session_ttl / 4))
@@ -462,7 +466,8 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
                ssl_certfile: str | None = None, ssl_keyfile: str | None = None, dtype: str = "float32",
                device: str = "cpu", trusted=None, api_keys: str | Path | None = None,
                kv_budget_bytes: int | None = None, kv_budget_tokens: int | None = None,
-               max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota()) -> None:
+               max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota(),
+               engine_kind: str = "serial", prefill_chunk: int | None = None) -> None:
     """Load the server bundle (its signature checked against `trusted`, the developer's pinned signer(s), default
     $STIP_TRUSTED_SIGNERS) and serve it until interrupted."""
     import uvicorn
@@ -490,9 +495,10 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
     if threads:
         torch.set_num_threads(threads)
 
-    from stip.server.engine import TransformersEngine
+    from stip.server.engine import load_engine
 
-    engine = TransformersEngine.from_bundle(bundle, dtype=wire.DTYPES[dtype], device=device, trusted=trusted)
+    engine = load_engine(engine_kind, bundle, dtype=wire.DTYPES[dtype], device=device, chunk_tokens=prefill_chunk,
+                         trusted=trusted)
     seq_len = min(max_seq_len, engine.max_positions or max_seq_len)
     if kv_budget_tokens is None and kv_budget_bytes is not None:
         kv_budget_tokens = max(1, kv_budget_bytes // engine.kv_bytes_per_token)

@@ -154,3 +154,31 @@ class TransformersEngine(Engine):
         state.cache = None
         state.length = 0
         state.freed = True
+
+
+ENGINES = ("serial", "batched")
+
+
+def load_engine(kind: str, bundle, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                chunk_tokens: int | None = None, **load_kw) -> Engine:
+    """The engine `stip serve --engine KIND` runs: "serial" (one forward per step, in arrival order) or "batched"
+    (concurrent sessions' steps merged into one forward per tick, long prefills cut into `chunk_tokens` chunks)."""
+    import logging
+
+    from stip.errors import StipError
+
+    if kind not in ENGINES:
+        raise StipError(f"unknown engine {kind!r}; expected one of {', '.join(ENGINES)}")
+    log = logging.getLogger("stip.server")
+    if kind == "serial":
+        log.info("engine serial: one forward per session step")
+        return TransformersEngine.from_bundle(bundle, dtype=dtype, device=device, **load_kw)
+    from stip.server.batching import BatchedEngine
+    from stip.server.scheduler import DEFAULT_CHUNK_TOKENS, Scheduler
+
+    chunk = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    if chunk < 1:
+        raise StipError(f"the prefill chunk must be at least 1 token, got {chunk}")
+    engine = Scheduler(BatchedEngine.from_bundle(bundle, dtype=dtype, device=device, **load_kw), chunk_tokens=chunk)
+    log.info("engine batched: continuous batching, prefill chunks of %d tokens", chunk)
+    return engine
