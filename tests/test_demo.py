@@ -37,8 +37,15 @@ def test_cached_bundle_is_checked_before_reuse(smollm2_protected, tmp_path):
     from stip.demo import _cached_bundle
 
     cached = tmp_path / "smollm2"
-    for part in ("server", "client"):
+    for part in ("server", "client", "developer"):  # the demo pins the signer from the developer's signing key
         shutil.copytree(smollm2_protected / part, cached / part)
+    assert _cached_bundle(cached) is not None
+    from stip.common.signing import generate_signing_key, resign
+
+    original_manifest = (cached / "client" / "stip-manifest.json").read_text()
+    resign(cached / "client", generate_signing_key())  # re-signed by someone else: not the pinned signer
+    assert _cached_bundle(cached) is None
+    (cached / "client" / "stip-manifest.json").write_text(original_manifest)
     assert _cached_bundle(cached) is not None
     index = cached / "server" / "model.safetensors.index.json"
     original = index.read_text()

@@ -227,24 +227,21 @@ class Connection:
             raise StipConnectionError(f"cannot reach the STIP server at {self.url}: {reason} "
                                       f"(is `stip serve` running there?)") from None
 
-    def health(self) -> dict:
+    def _get_object(self, path: str) -> dict:
         try:
-            info = json.loads(self._get("/health"))
+            obj = json.loads(self._get(path))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            info = None
-        if not isinstance(info, dict):
-            raise StipProtocolError(f"{self.url}/health did not answer a JSON object (is this a STIP server?)")
-        return info
+            obj = None
+        if not isinstance(obj, dict):
+            raise StipProtocolError(f"{self.url}{path} did not answer a JSON object (is this a STIP server?)")
+        return obj
+
+    def health(self) -> dict:
+        return self._get_object("/health")
 
     def info(self) -> dict:
         """GET /v1/info (needs the token): the served bundle, its signer, the limits, this client's usage."""
-        try:
-            info = json.loads(self._get("/v1/info"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            info = None
-        if not isinstance(info, dict):
-            raise StipProtocolError(f"{self.url}/v1/info did not answer a JSON object (is this a STIP server?)")
-        return info
+        return self._get_object("/v1/info")
 
     def metrics(self) -> str:
         return self._get("/metrics").decode()
