@@ -27,7 +27,7 @@ from stip.client.proxy_requests import (ApiError, ChatRequest, CompletionRequest
                                         validation_error)
 from stip.client.proxy_responses import ChatFormat, CompletionFormat, TokenText
 from stip.client.proxy_sse import sse_response
-from stip.client.transport import is_loopback_host
+from stip.common.hosts import is_loopback_host
 from stip.errors import StipError
 
 API_KEY_ENV = "STIP_PROXY_API_KEY"

@@ -14,7 +14,6 @@ the caller sees it. Any violation raises `StipProtocolError` naming it.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from stip.common import wire
+from stip.common.hosts import is_loopback_host
 from stip.errors import StipError
 
 
@@ -99,18 +99,6 @@ def _http_url(url: str, path: str) -> str:
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
     return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, "", ""))
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """`localhost` or a loopback IP literal; names are not resolved (a name that resolves to loopback is not trusted)."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def tls_context(url: str, ca_file: str | os.PathLike | None = None) -> ssl.SSLContext | None:

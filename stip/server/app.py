@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
 from stip.common import wire
+from stip.common.hosts import is_loopback_host
 from stip.errors import StipError
 from stip.server.auth import Authenticator, AuthError, Principal, load_key_file
 from stip.server.budget import Admission, AdmissionError, Quota, default_budget_tokens
@@ -67,15 +67,6 @@ class StepError(Exception):
     def __init__(self, status: int, message: str, fatal: bool = False):
         super().__init__(message)
         self.status, self.fatal = status, fatal
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _short(value, limit: int = 80) -> str:
@@ -473,12 +464,12 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
     import uvicorn
 
     token = token or os.environ.get("STIP_TOKEN") or None
-    if not token and not api_keys and not is_loopback(host):
+    if not token and not api_keys and not is_loopback_host(host):
         raise StipError(f"refusing to listen on {host} without a token: anyone who can reach it could use the "
                         f"model. Pass --token (or set STIP_TOKEN) or --api-keys FILE, or bind to 127.0.0.1")
     if not token and not api_keys:
         log.warning("no token set: serving on loopback %s only, without authentication", host)
-    elif not ssl_certfile and not is_loopback(host):
+    elif not ssl_certfile and not is_loopback_host(host):
         log.warning("serving on %s without TLS: put a TLS-terminating proxy in front, or pass --ssl-certfile", host)
     for name, value in (("max_sessions", max_sessions), ("max_seq_len", max_seq_len),
                         ("kv_budget_bytes", 1 if kv_budget_bytes is None else kv_budget_bytes),
