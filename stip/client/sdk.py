@@ -323,9 +323,7 @@ class Client:
                         raise
                     # The server expired the session (idle past its TTL, e.g. a slow reader of the stream): replay
                     # the context on a fresh session. The logits are the same, so the generation does not change.
-                    session = stack.enter_context(self.connection.open_session())
-                    ctx = torch.tensor(prompt_ids + out)
-                    r = session.prefill(bundle.embed(ctx, start=0), positions="last", downlink=dl)
+                    session, r = self._resume(stack, prompt_ids + out)
                 except StipConnectionError as e:
                     # The server went away (crashed, restarted): replay the context on a fresh session of the same
                     # bundle once it is back, within a bounded time; otherwise the error says what happened.
@@ -337,6 +335,13 @@ class Client:
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
                  "total_tokens": len(prompt_ids) + len(out)}
         return Generation(text, out, finish, usage, tm, prompt_ids, glimpse, logprobs)
+
+    def _resume(self, stack: contextlib.ExitStack, context: list[int]):
+        """(session, reply): a fresh session prefilled with the whole context; its logits are those of the step that
+        was lost, so the generation continues unchanged."""
+        session = stack.enter_context(self.connection.open_session())
+        x = self.bundle.embed(torch.tensor(context), start=0)
+        return session, session.prefill(x, positions="last", downlink=self.downlink)
 
     def _replay(self, stack: contextlib.ExitStack, context: list[int], lost: StipConnectionError):
         """(session, reply) from a fresh session prefilled with `context`, once the server answers again with the
@@ -352,9 +357,7 @@ class Client:
                 if served != self.bundle.bundle_id:
                     raise KeyMismatchError(f"the connection to {url} dropped mid-generation and the server came back "
                                            f"with bundle {served}, not {self.bundle.bundle_id}: not replaying")
-                session = stack.enter_context(self.connection.open_session())
-                x = self.bundle.embed(torch.tensor(context), start=0)
-                return session, session.prefill(x, positions="last", downlink=self.downlink)
+                return self._resume(stack, context)
             except StipCertificateError:
                 raise
             except StipConnectionError as e:
