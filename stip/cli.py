@@ -122,8 +122,10 @@ def serve(
     ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (serve https/wss)"),
     ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key"),
     trust: list[str] = typer.Option([], help=TRUST_HELP),
-    engine: str = typer.Option("serial", help="serial: one forward per session step; batched: concurrent sessions' "
-                               "steps in one forward per tick (continuous batching, docs/batching.md)"),
+    engine: str = typer.Option("transformers", help="transformers: our own engine on the stock model; vllm: the "
+                               "bundle on vLLM (needs the vllm extra, docs/scale.md)"),
+    batching: bool = typer.Option(True, help="transformers engine: merge concurrent sessions' steps into one "
+                                  "forward per tick (continuous batching, docs/batching.md); off: one forward per step"),
     prefill_chunk: int = typer.Option(256, help="batched engine: prompt tokens per tick at most, so a long prompt "
                                       "cannot stall other sessions' decodes"),
 ):
@@ -138,7 +140,8 @@ def serve(
                session_ttl=session_ttl, max_message_bytes=_size(max_message_size) if max_message_size else None,
                threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
-               trusted=_trust(trust), engine_kind=engine, prefill_chunk=prefill_chunk)
+               trusted=_trust(trust), engine_kind=engine, prefill_chunk=prefill_chunk,
+               batching=batching)
 
 
 apikey_app = typer.Typer(no_args_is_help=True, help="Manage a server's per-client API key file (hashes only).")

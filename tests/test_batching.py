@@ -252,7 +252,7 @@ def test_server_batched_engine_four_concurrent_clients(tiny_protected, name):
             t.join(180)
         log = server.log()
     assert not errors, f"{errors}\n{log[-2000:]}"
-    assert "engine batched" in log
+    assert "engine transformers (batched)" in log
     for i, prompt in enumerate(prompts):
         assert results[i] == plain_greedy(model, prompt, 12), f"client {i}"
 
@@ -280,5 +280,5 @@ def test_unknown_engine_is_a_clear_cli_error(tiny_protected):
     _, protected_dir = tiny_protected("gpt2")
     r = run_serve_expect_exit(protected_dir, "--engine", "warp")
     assert r.returncode != 0
-    assert "unknown engine 'warp'; expected one of serial, batched" in r.stderr + r.stdout
+    assert "unknown engine 'warp'; expected one of transformers, vllm" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr + r.stdout

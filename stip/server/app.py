@@ -458,7 +458,8 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
                device: str = "cpu", trusted=None, api_keys: str | Path | None = None,
                kv_budget_bytes: int | None = None, kv_budget_tokens: int | None = None,
                max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota(),
-               engine_kind: str = "serial", prefill_chunk: int | None = None) -> None:
+               engine_kind: str = "transformers", prefill_chunk: int | None = None, batching: bool = True,
+               vllm_options: dict | None = None) -> None:
     """Load the server bundle (its signature checked against `trusted`, the developer's pinned signer(s), default
     $STIP_TRUSTED_SIGNERS) and serve it until interrupted."""
     import uvicorn
@@ -489,7 +490,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
     from stip.server.engine import load_engine
 
     engine = load_engine(engine_kind, bundle, dtype=wire.DTYPES[dtype], device=device, chunk_tokens=prefill_chunk,
-                         trusted=trusted)
+                         batching=batching, vllm_options=vllm_options, trusted=trusted)
     seq_len = min(max_seq_len, engine.max_positions or max_seq_len)
     if kv_budget_tokens is None and kv_budget_bytes is not None:
         kv_budget_tokens = max(1, kv_budget_bytes // engine.kv_bytes_per_token)

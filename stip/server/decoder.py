@@ -51,7 +51,7 @@ class PackedDecoder:
         self.family = str(getattr(cfg, "model_type", ""))
         if self.family not in FAMILIES:
             raise StipError(f"the batched engine supports {', '.join(FAMILIES)}, not {self.family!r}; "
-                            f"use --engine serial")
+                            f"use --no-batching")
         if self.family == "gpt2":
             base = model.transformer
             self.layers, self.final_norm = list(base.h), base.ln_f
@@ -60,7 +60,7 @@ class PackedDecoder:
             self.head_dim = attn.head_dim
             self.wpe = base.wpe
             if getattr(cfg, "add_cross_attention", False):
-                raise StipError("the batched engine does not run GPT-2 with cross-attention; use --engine serial")
+                raise StipError("the batched engine does not run GPT-2 with cross-attention; use --no-batching")
         else:
             base = model.model
             self.layers, self.final_norm = list(base.layers), base.norm
@@ -69,7 +69,7 @@ class PackedDecoder:
             rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
             if rope_type in LENGTH_DEPENDENT_ROPE:
                 raise StipError(f"the batched engine does not support {rope_type!r} RoPE scaling (its frequencies "
-                                f"depend on the batch's longest row); use --engine serial")
+                                f"depend on the batch's longest row); use --no-batching")
             attn = self.layers[0].self_attn
             self.head_dim = attn.head_dim
             self.q_heads = int(cfg.num_attention_heads)

@@ -80,6 +80,39 @@ class Step:
     logits: str = "last"
 
 
+@dataclass
+class TopK:
+    """What an engine that cannot return all V logits gives back for a step (vLLM returns k log-probabilities):
+    rows of the k largest, in the server's permuted vocabulary. `logsumexp` is each row's log-sum-exp over all V
+    (0 where `values` are already log-probabilities). The server answers a top-k downlink with k <= `values.shape[1]`
+    from it and refuses a full-logits downlink with a 400 naming the limit."""
+
+    values: torch.Tensor  # float32 [n, k], descending
+    indices: torch.Tensor  # int64 [n, k]
+    logsumexp: torch.Tensor  # float32 [n]
+
+
+class TokenEngine(ABC):
+    """A server-decode engine: token ids in, token ids out, all in the permuted vocabulary (stip.common.generate).
+
+    The server bundle is then a complete standard checkpoint (embedding and LM-head rows in `pc` order), so the
+    engine samples and continues by itself: `stip.server.decoding` on our own batched engine, or vLLM."""
+
+    vocab_size: int
+    model_type: str
+    max_positions: int | None
+    kv_bytes_per_token: int
+    manifest: dict
+
+    @abstractmethod
+    def generate(self, request, request_id: str):
+        """An async iterator of `stip.common.generate.GenerateChunk` for one `GenerateRequest`; the last chunk has a
+        finish_reason. Closing the iterator early (the client went away) aborts the request and frees its KV."""
+
+    def close(self) -> None:
+        """Stop background work."""
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Keys and values of every layer: 2 x layers x kv_heads x head_dim x dtype size (a transformers config)."""
     heads = int(config.num_attention_heads)
@@ -156,29 +189,56 @@ class TransformersEngine(Engine):
         state.freed = True
 
 
-ENGINES = ("serial", "batched")
+ENGINES = ("transformers", "vllm")
+ALIASES = {"batched": ("transformers", True), "serial": ("transformers", False)}  # the names of 0.2
 
 
 def load_engine(kind: str, bundle, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                chunk_tokens: int | None = None, **load_kw) -> Engine:
-    """The engine `stip serve --engine KIND` runs: "serial" (one forward per step, in arrival order) or "batched"
-    (concurrent sessions' steps merged into one forward per tick, long prefills cut into `chunk_tokens` chunks)."""
+                chunk_tokens: int | None = None, batching: bool = True, vllm_options: dict | None = None,
+                **load_kw) -> Engine:
+    """The engine `stip serve --engine KIND` runs.
+
+    "transformers": our own engine on the stock transformers model. With `batching` (the default) concurrent sessions'
+    steps merge into one forward per tick and long prefills are cut into `chunk_tokens` chunks (docs/batching.md);
+    without it, or for a family the packed decoder does not cover, one forward per step in arrival order.
+    "vllm": the bundle on vLLM (`stip.server.vllm_engine`, needs the `vllm` extra); `vllm_options` pass through.
+    "serial" and "batched" are the older names of transformers without and with batching."""
     import logging
 
     from stip.errors import StipError
 
+    if kind in ALIASES:
+        kind, batching = ALIASES[kind]
     if kind not in ENGINES:
         raise StipError(f"unknown engine {kind!r}; expected one of {', '.join(ENGINES)}")
     log = logging.getLogger("stip.server")
-    if kind == "serial":
-        log.info("engine serial: one forward per session step")
-        return TransformersEngine.from_bundle(bundle, dtype=dtype, device=device, **load_kw)
-    from stip.server.batching import BatchedEngine
-    from stip.server.scheduler import DEFAULT_CHUNK_TOKENS, Scheduler
+    if kind == "vllm":
+        from stip.server.vllm_engine import load_vllm_engine
 
-    chunk = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
-    if chunk < 1:
-        raise StipError(f"the prefill chunk must be at least 1 token, got {chunk}")
-    engine = Scheduler(BatchedEngine.from_bundle(bundle, dtype=dtype, device=device, **load_kw), chunk_tokens=chunk)
-    log.info("engine batched: continuous batching, prefill chunks of %d tokens", chunk)
-    return engine
+        return load_vllm_engine(bundle, dtype=dtype, device=device, options=vllm_options or {}, **load_kw)
+    chunk = None
+    if batching:
+        from stip.server.scheduler import DEFAULT_CHUNK_TOKENS
+
+        chunk = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+        if chunk < 1:
+            raise StipError(f"the prefill chunk must be at least 1 token, got {chunk}")
+    serial = TransformersEngine.from_bundle(bundle, dtype=dtype, device=device, **load_kw)
+    if batching:
+        from stip.server.batching import BatchedEngine
+        from stip.server.decoder import FAMILIES
+        from stip.server.scheduler import Scheduler
+
+        if serial.model_type in FAMILIES:
+            try:
+                engine = Scheduler(BatchedEngine(serial.model, serial.manifest), chunk_tokens=chunk)
+            except StipError as e:  # a variant the packed decoder refuses (e.g. length-dependent RoPE)
+                log.warning("engine transformers: no batching for this model (%s); one forward per step", e)
+            else:
+                log.info("engine transformers (batched): continuous batching, prefill chunks of %d tokens", chunk)
+                return engine
+        else:
+            log.warning("engine transformers: the batched decoder does not cover %r; one forward per step",
+                        serial.model_type)
+    log.info("engine transformers (serial): one forward per session step")
+    return serial
