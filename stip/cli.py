@@ -50,16 +50,22 @@ def protect(
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     shard_size: str = typer.Option("512MB", help="largest server shard (bounds memory)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    mode: str = typer.Option("round-trip", help="round-trip: clients embed and sample, the server gets no embedding "
+                             "table; server-decode: the server bundle is a complete checkpoint in the permuted "
+                             "vocabulary that samples by itself (docs/server-decode.md)"),
 ):
     """Protect MODEL: a server bundle for the cloud, a client bundle for data owners, a developer key to keep."""
-    from stip.developer.protect import protect as run_protect
+    from stip.developer.protect import MODES, protect as run_protect
+
+    if mode not in MODES:
+        raise typer.BadParameter(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param_hint="--mode")
     from stip.models import resolve_model
 
     from stip.common.signing import pin
 
     r = run_protect(resolve_model(model), out, key=key, overwrite=overwrite, max_shard_bytes=_size(shard_size),
-                    progress=not quiet, signing_key=signing_key)
-    typer.echo(f"protected {model} -> {out}\n"
+                    progress=not quiet, signing_key=signing_key, mode=mode)
+    typer.echo(f"protected {model} -> {out} ({mode})\n"
                f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB; give to the model server)\n"
                f"  client bundle    {r.client}  (client key {r.client_fingerprint}; give to data owners)\n"
                f"  developer key    {r.developer_key}  ({r.developer_fingerprint}; keep secret)\n"

@@ -2,7 +2,8 @@
 
 `embed` turns token ids into embeddings in the server's secret basis (`x[..., p]`); `plain_logits` and `plain_ids`
 undo the vocabulary permutation on what the server returns. These are all the client ever computes besides
-tokenizing and sampling.
+tokenizing and sampling. A server-decode bundle (`mode`) has no embedding table: the client only maps token ids
+to the server's permuted ids (`server_ids`) and back (`plain_ids`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, EMBEDDING_FI
 from stip.errors import BundleError, KeyMismatchError
 
 
+ROUND_TRIP, SERVER_DECODE = "round-trip", "server-decode"
+
+
 class ClientBundle:
     def __init__(self, path: Path, manifest: dict, key: ClientKey, config: dict, embedding: dict[str, torch.Tensor]):
         self.path, self.manifest, self.key, self.config = path, manifest, key, config
         # Put the embedding module into the protected basis once, at load: per token the client then only gathers.
-        self.token_embedding = key.resid.apply(embedding["token"].float(), 1, "out").contiguous()
+        token = embedding.get("token")
+        self.token_embedding = None if token is None else key.resid.apply(token.float(), 1, "out").contiguous()
         pos = embedding.get("position")
         self.position_embedding = None if pos is None else key.resid.apply(pos.float(), 1, "out").contiguous()
 
@@ -45,7 +50,7 @@ class ClientBundle:
         config = json.loads((path / CLIENT_CONFIG_FILE).read_text())
         embedding = {name: load_file(str(f))["weight"] for name in ("token", "position")
                      if (f := path / EMBEDDING_FILE.format(name)).is_file()}
-        if "token" not in embedding:
+        if "token" not in embedding and manifest.get("mode", ROUND_TRIP) == ROUND_TRIP:
             raise BundleError(f"client bundle {path} holds no token embedding")
         return cls(path, manifest, client_key, config, embedding)
 
@@ -59,12 +64,17 @@ class ClientBundle:
         return self.manifest["signer"]["fingerprint"]
 
     @property
+    def mode(self) -> str:
+        """"round-trip" (the client embeds and samples) or "server-decode" (the server samples; ids are mapped)."""
+        return self.manifest.get("mode", ROUND_TRIP)
+
+    @property
     def hidden_size(self) -> int:
-        return self.token_embedding.shape[1]
+        return int(self.config["hidden_size"]) if self.token_embedding is None else self.token_embedding.shape[1]
 
     @property
     def vocab_size(self) -> int:
-        return self.token_embedding.shape[0]
+        return len(self.key.vocab)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -85,6 +95,8 @@ class ClientBundle:
 
     def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Embeddings of `ids` ([..., T]) at positions start.., already in the server's basis."""
+        if self.token_embedding is None:
+            raise BundleError(f"client bundle {self.path} is a {self.mode} bundle: it has no embedding table")
         ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"token id out of range [0, {self.vocab_size})")
@@ -104,3 +116,14 @@ class ClientBundle:
     def plain_ids(self, permuted_ids: torch.Tensor) -> torch.Tensor:
         """Token ids from indices into the server's permuted vocabulary (what a top-k downlink returns)."""
         return self.key.vocab.perm[torch.as_tensor(permuted_ids, dtype=torch.long)]
+
+    @cached_property
+    def _to_server(self) -> torch.Tensor:
+        return self.key.vocab.inverse_perm
+
+    def server_ids(self, ids) -> torch.Tensor:
+        """The server's permuted ids of original token ids (server-decode prompts and stop ids): t -> pc^-1[t]."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.vocab_size})")
+        return self._to_server[ids]

@@ -19,33 +19,52 @@ from stip.errors import TensorSetError
 Shapes = Mapping[str, tuple[int, ...]]
 
 
+ROUND_TRIP, SERVER_DECODE = "round-trip", "server-decode"  # the bundle modes (stip.developer.protect)
+
+
 def expected_tensors(config) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor the model class for `config` loads (its state dict), built without memory."""
+    """Name -> shape of every tensor the model class for `config` loads (its state dict), built without memory.
+    A tied parameter is listed once, under its first name (the checkpoint stores it once)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    seen: set[int] = set()
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = tuple(t.shape)
+    return out
 
 
-def client_only(config, names) -> set[str]:
-    """The input embedding among `names`: the one tensor the server never gets (found by its rule's role)."""
+def client_only(config, names, mode: str = ROUND_TRIP) -> set[str]:
+    """The input embedding among `names`: the one tensor a round-trip server never gets (found by its rule's role).
+    A server-decode server gets every tensor."""
+    if mode == SERVER_DECODE:
+        return set()
     arch = architecture_for(config)
     return {n for n in names if arch.match(n).rule.role == TOKEN_EMBEDDING}
 
 
-def zeroed(config, names) -> set[str]:
-    """Tensors among `names` that the server holds as zeros (client-side tables its model class still adds)."""
+def zeroed(config, names, mode: str = ROUND_TRIP) -> set[str]:
+    """Tensors among `names` that the server holds as zeros (client-side tables its model class still adds). None
+    in server-decode mode, where the server holds those tables itself."""
+    if mode == SERVER_DECODE:
+        return set()
     arch = architecture_for(config)
     return {n for n in names if arch.match(n).rule.zeroed_on_server}
 
 
-def check_server_tensors(config, got: Shapes, where: str, sources: Mapping[str, str] | None = None) -> None:
+def check_server_tensors(config, got: Shapes, where: str, sources: Mapping[str, str] | None = None,
+                         mode: str = ROUND_TRIP) -> None:
     """Refuse unless `got` (name -> shape) is exactly what the server model needs: every tensor of the model class
-    but the input embedding, under the class's names, with its shapes. The error names the first offending tensor
-    (and, from `sources`, the checkpoint tensor it was made from where that name differs)."""
+    (but the input embedding, in round-trip mode), under the class's names, with its shapes. The error names the
+    first offending tensor (and, from `sources`, the checkpoint tensor it was made from where that name differs)."""
+    if mode not in (ROUND_TRIP, SERVER_DECODE):
+        raise TensorSetError(f"{where}: unknown bundle mode {mode!r}")
     expected = expected_tensors(config)
-    skip = client_only(config, expected)
+    skip = client_only(config, expected, mode)
     model_class = (getattr(config, "architectures", None) or [config.model_type])[0]
 
     def label(name: str) -> str:

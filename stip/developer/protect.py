@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -25,22 +25,54 @@ from stip.common.keys import DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE,
                                 EMBEDDING_FILE, SERVER_DIR)
 from stip.common.transforms import KeyRng
-from stip.developer.architectures import CLIENT, SERVER, Architecture, architecture_for, geometry_of
+from stip.developer.architectures import (CLIENT, DROP, LM_HEAD, SERVER, TOKEN_EMBEDDING, Architecture, Placement,
+                                          architecture_for, geometry_of)
 from stip.developer.checkpoint import Checkpoint
-from stip.developer.completeness import check_server_tensors
+from stip.developer.completeness import ROUND_TRIP, SERVER_DECODE, check_server_tensors
 from stip.errors import KeyMismatchError, TensorSetError
 
 DEFAULT_SHARD_BYTES = 512 * 1024**2
+MODES = (ROUND_TRIP, SERVER_DECODE)
+
+# Server-decode mode: the server also gets the client's tensors (transformed by their own rule's axes), and a
+# tensor with one of these roles gets its rows permuted into this space too (the token embedding: rows in `pc`).
+SERVER_DECODE_ROWS = {TOKEN_EMBEDDING: "vocab"}
+
+# Server-decode mode: config / generation-config fields that hold token ids (remapped to server ids), besides every
+# field named `*_token_id` or `*_token_ids`; and fields that hold ids in a form not remapped (refused if set).
+ID_FIELDS = ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids")
+UNMAPPED_ID_FIELDS = ("forced_decoder_ids", "force_words_ids", "sequence_bias", "forced_bos_token_id_map")
+
+
+def placements(arch: Architecture, name: str, tied: bool, mode: str = ROUND_TRIP) -> list[Placement]:
+    """Where checkpoint tensor `name` goes in `mode`. Round-trip: the architecture's own placements. Server-decode:
+    the server gets every tensor, the client none; client tensors go to the server under their canonical names,
+    transformed by their rule's axes plus `SERVER_DECODE_ROWS`; a tied LM head stays tied (the embedding is it)."""
+    if mode == ROUND_TRIP:
+        return arch.placements(name, tied)
+    if mode != SERVER_DECODE:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    m = arch.match(name)
+    rule = m.rule
+    if rule.party == DROP or (tied and rule.role == LM_HEAD):
+        return []
+    if rule.party == SERVER:
+        return [Placement(SERVER, m.canonical, rule, m.layer)]
+    axes = dict(rule.axes)
+    if rule.role in SERVER_DECODE_ROWS:
+        axes[0] = (SERVER_DECODE_ROWS[rule.role], "out")
+    return [Placement(SERVER, m.canonical, replace(rule, axes=axes, party=SERVER), m.layer)]
 
 
 def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: torch.Tensor,
-                   tied: bool) -> Iterator[tuple[str, str, torch.Tensor]]:
+                   tied: bool, mode: str = ROUND_TRIP) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield (party, name, tensor) for one checkpoint tensor, following its architecture's rule.
 
     Client tensors (the embedding module) are passed on unchanged: the client applies `p` to them when it loads its
-    bundle. A tied embedding also yields the server's LM head, transformed as the LM head's own rule says.
+    bundle. A tied embedding also yields the server's LM head, transformed as the LM head's own rule says. In
+    server-decode mode everything goes to the server (see `placements`).
     """
-    for p in arch.placements(name, tied):
+    for p in placements(arch, name, tied, mode):
         if p.party == CLIENT:
             yield CLIENT, p.name, tensor
         elif p.zeros:
@@ -49,33 +81,35 @@ def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: tor
             yield SERVER, p.name, _transform(p.rule.axes, key, p.layer, tensor)
 
 
-def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool) -> None:
+def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str = ROUND_TRIP) -> None:
     """Before anything is written: the server bundle this checkpoint makes (names and shapes, read from the
     checkpoint's headers) must be exactly what the server's model class loads, and the client must get the token
     embedding. Otherwise transformers would fill the gap with random weights on the server, silently."""
     outputs: dict[tuple[str, str], str] = {}  # (party, output name) -> checkpoint name
     server: dict[str, tuple[int, ...]] = {}
+    has_token = False
     for name, shape in ck.shapes():
-        for p in arch.placements(name, tied):
+        has_token |= arch.match(name).rule.role == TOKEN_EMBEDDING
+        for p in placements(arch, name, tied, mode):
             if (p.party, p.name) in outputs:
                 raise TensorSetError(f"{ck.path}: tensors {outputs[p.party, p.name]!r} and {name!r} are the same "
                                      f"tensor ({p.name!r}) named twice")
             outputs[p.party, p.name] = name
             if p.party == SERVER:
                 server[p.name] = shape
-    if (CLIENT, "token") not in outputs:
+    if not has_token:
         raise TensorSetError(f"{ck.path} has no token embedding tensor")
-    check_server_tensors(_server_config(ck), server, f"checkpoint {ck.path}",
-                         {out: src for (party, out), src in outputs.items() if party == SERVER})
+    check_server_tensors(_server_config(ck, mode), server, f"checkpoint {ck.path}",
+                         {out: src for (party, out), src in outputs.items() if party == SERVER}, mode=mode)
 
 
 def protect_state_dict(arch: Architecture, key: DeveloperKey, state: dict[str, torch.Tensor],
-                       tied: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                       tied: bool, mode: str = ROUND_TRIP) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """In-memory protection of a whole state dict: (server tensors, client embedding tensors). For small models
     and tests; `protect` streams the same per-tensor function over files."""
     parts: dict[str, dict[str, torch.Tensor]] = {SERVER: {}, CLIENT: {}}
     for name, tensor in state.items():
-        for party, out_name, t in protect_tensor(arch, key, name, tensor, tied):
+        for party, out_name, t in protect_tensor(arch, key, name, tensor, tied, mode):
             parts[party][out_name] = t
     return parts[SERVER], parts[CLIENT]
 
@@ -153,14 +187,21 @@ class ProtectResult:
 def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKey | None = None,
             overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
             seed: bytes | None = None,
-            signing_key: str | Path | signing.Ed25519PrivateKey | None = None) -> ProtectResult:
+            signing_key: str | Path | signing.Ed25519PrivateKey | None = None,
+            mode: str = ROUND_TRIP) -> ProtectResult:
     """Protect `model` (HF folder or .gguf file) into `out/{server,client,developer}`.
+
+    `mode`: "round-trip" (the server gets no embedding table; clients embed and sample) or "server-decode" (the
+    server bundle is a complete standard checkpoint in the permuted vocabulary that samples by itself; the client
+    bundle holds the key and the tokenizer, and maps ids both ways). See docs/server-decode.md.
 
     `key`: reuse a developer key (it must match the model's shapes); by default a fresh one is drawn from the CSPRNG.
     `seed`: 32 bytes seeding the CSPRNG instead of os.urandom, for reproducible tests only.
     `signing_key`: the developer's Ed25519 key (a `signing.key` file) that signs every manifest; reuse one so users
     pin it once. By default a fresh one is generated. Either way a copy goes to `developer/signing.key`.
     """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     ck = Checkpoint.open(model)
     arch = architecture_for(ck.config)
     geometry = geometry_of(ck.config)
@@ -175,7 +216,7 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
     key.check_matches(geometry)
     bundle_id = key.client.bundle_id
     tied = bool(getattr(ck.config, "tie_word_embeddings", False))
-    check_checkpoint(ck, arch, tied)
+    check_checkpoint(ck, arch, tied, mode)
     tokenizer = ck.load_tokenizer()
 
     with staged_directory(Path(out), overwrite=overwrite) as stage:
@@ -186,28 +227,30 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         embedding: dict[str, tuple[int, ...]] = {}  # client tensor -> shape; written as soon as it is read
         bar = tqdm(total=ck.total_tensors(), unit="tensor", desc="protect", disable=not progress)
         for name, tensor in ck.tensors():
-            for party, out_name, t in protect_tensor(arch, key, name, tensor, tied):
+            rule = arch.match(name).rule
+            if rule.party == CLIENT:
+                embedding[rule.client_name] = tuple(tensor.shape)
+            for party, out_name, t in protect_tensor(arch, key, name, tensor, tied, mode):
                 if party == SERVER:
                     writer.add(out_name, t)
                 else:
                     save_file({"weight": t.contiguous()}, str(client / EMBEDDING_FILE.format(out_name)))
-                    embedding[out_name] = tuple(t.shape)
             bar.update(1)
         bar.close()
         writer.close()
         if "token" not in embedding:
             raise stip.errors.UnsupportedModelError(f"{model} has no token embedding tensor")
 
-        _write_server_config(ck, server)
+        _write_server_config(ck, server, mode, key)
         client_fp = key.client.save(client / CLIENT_KEY_FILE)
-        write_json_atomic(client / CLIENT_CONFIG_FILE, _client_config(ck, embedding, bundle_id))
+        write_json_atomic(client / CLIENT_CONFIG_FILE, _client_config(ck, embedding, bundle_id, mode))
         if tokenizer is not None:
             tokenizer.save_pretrained(client)
         developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
         signing.save_signing_key(signing_key, developer / signing.SIGNING_KEY_FILE)
 
         _set_modes(stage, client, developer)
-        common = {"stip_version": stip.__version__, "model_type": ck.config.model_type}
+        common = {"stip_version": stip.__version__, "model_type": ck.config.model_type, "mode": mode}
         sign = {"signing_key": signing_key}
         write_manifest(server, "server", bundle_id, common, **sign)
         write_manifest(client, "client", bundle_id, {**common, "client_key_fingerprint": client_fp}, **sign)
@@ -240,17 +283,53 @@ def _set_modes(stage: Path, client: Path, developer: Path) -> None:
             p.chmod(0o600 if p in secret else 0o644)
 
 
-def _write_server_config(ck: Checkpoint, folder: Path) -> None:
-    _server_config(ck).save_pretrained(folder)
+def _write_server_config(ck: Checkpoint, folder: Path, mode: str = ROUND_TRIP, key: DeveloperKey | None = None) -> None:
+    config = _server_config(ck, mode)
     gen = ck.generation_config()
+    if mode == SERVER_DECODE:
+        to_server = key.client.vocab.inverse_perm.tolist()
+        _remap_ids(vars(config), to_server, "config.json")
+        if gen is None:  # vLLM without a tokenizer reads EOS from generation_config.json: always write one
+            gen = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                   "decoder_start_token_id") if getattr(config, k, None) is not None}
+        else:
+            gen = _remap_ids(dict(gen), to_server, "generation_config.json")
+    config.save_pretrained(folder)
     if gen is not None:
         write_json_atomic(folder / "generation_config.json", gen)
 
 
-def _server_config(ck: Checkpoint):
-    """The model's own config, untied (the server has the LM head, the client the embedding)."""
+def _is_id_field(name: str) -> bool:
+    return name.endswith(("_token_id", "_token_ids")) or name in ID_FIELDS
+
+
+def _remap_ids(fields: dict, to_server: list[int], where: str) -> dict:
+    """Replace every token id in `fields` (in place; ints, lists, nested lists) by its server id. Ids outside the
+    vocabulary (a -1 "none") stay as they are. Fields that hold ids in a form not remapped are refused."""
+    def remap(v):
+        if isinstance(v, bool) or v is None:
+            return v
+        if isinstance(v, int):
+            return to_server[v] if 0 <= v < len(to_server) else v
+        if isinstance(v, (list, tuple)):
+            return [remap(x) for x in v]
+        return v
+
+    for name in list(fields):
+        if name in UNMAPPED_ID_FIELDS and fields[name]:
+            raise stip.errors.UnsupportedModelError(f"{where}: {name!r} holds token ids that server-decode mode does "
+                                                    "not remap; remove it from the model's config to protect it")
+        if _is_id_field(name):
+            fields[name] = remap(fields[name])
+    return fields
+
+
+def _server_config(ck: Checkpoint, mode: str = ROUND_TRIP):
+    """The model's own config. Round-trip: untied (the server has the LM head, the client the embedding).
+    Server-decode: tied as the model is (the server has both); special ids are remapped by the caller."""
     config = copy.deepcopy(ck.config)
-    config.tie_word_embeddings = False
+    if mode == ROUND_TRIP:
+        config.tie_word_embeddings = False
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
@@ -260,17 +339,18 @@ def _server_config(ck: Checkpoint):
 
 
 def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
-                   bundle_id: str) -> dict:
+                   bundle_id: str, mode: str = ROUND_TRIP) -> dict:
     c = ck.config
     eos = getattr(c, "eos_token_id", None)
     gen = ck.generation_config() or {}
     eos = gen.get("eos_token_id", eos)
     return {
         "bundle_id": bundle_id,
+        "mode": mode,
         "model_type": c.model_type,
         "hidden_size": embedding["token"][1],
         "vocab_size": embedding["token"][0],
-        "learned_positions": "position" in embedding,
+        "learned_positions": "position" in embedding and mode == ROUND_TRIP,
         "max_positions": embedding["position"][0] if "position" in embedding
         else int(getattr(c, "max_position_embeddings", 0) or 0),
         "eos_token_ids": [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]),

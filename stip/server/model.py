@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from stip.common.files import read_manifest
 from stip.common.signing import Trusted
-from stip.developer.completeness import check_server_tensors, client_only, zeroed
+from stip.developer.completeness import ROUND_TRIP, check_server_tensors, client_only, zeroed
 from stip.errors import BundleError, TensorSetError
 
 
@@ -23,7 +23,8 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     The checkpoint has no real embedding table: transformers fills the input embedding with random values that are
     never used (every request brings its own embeddings), and we drop it to free the memory. Any other tensor
     transformers would fill or drop is refused, before loading (the shard headers) and after (its loading report):
-    a model that loads with a random LM head serves garbage without an error.
+    a model that loads with a random LM head serves garbage without an error. A server-decode bundle
+    (manifest "mode") holds its permuted input embedding and keeps it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -31,16 +32,17 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     bundle = Path(bundle)
     manifest = read_manifest(bundle, role="server", trusted=trusted)
     config = AutoConfig.from_pretrained(bundle)
-    check_server_tensors(config, shard_shapes(bundle, manifest["files"]), where=f"server bundle {bundle}")
+    mode = manifest.get("mode", ROUND_TRIP)
+    check_server_tensors(config, shard_shapes(bundle, manifest["files"]), where=f"server bundle {bundle}", mode=mode)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "embedding was newly initialized" report is expected; the rest is checked
     try:
         model, info = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    _check_loading_info(bundle, config, info)
+    _check_loading_info(bundle, config, info, mode)
     state = model.state_dict()
-    for name in sorted(zeroed(config, state)):
+    for name in sorted(zeroed(config, state, mode)):
         if torch.count_nonzero(state[name]):
             raise TensorSetError(f"server bundle {bundle}: tensor {name!r} must be all zeros (the client adds it), "
                                  "but holds non-zero values")
@@ -50,6 +52,10 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()
+    if mode != ROUND_TRIP:
+        logging.getLogger("stip.server").info("loaded protected %s model (%s), bundle %s",
+                                              manifest.get("model_type"), mode, manifest["bundle_id"])
+        return model, manifest
     emb = model.get_input_embeddings()
     emb.weight = torch.nn.Parameter(torch.empty(0, emb.embedding_dim, dtype=dtype, device=device),
                                     requires_grad=False)
@@ -87,9 +93,10 @@ def shard_shapes(bundle: Path, signed_files) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_loading_info(bundle: Path, config, info: dict) -> None:
-    """transformers' own report: only the input embedding may be missing; nothing unexpected or mismatched."""
-    missing = set(info.get("missing_keys") or ()) - client_only(config, info.get("missing_keys") or ())
+def _check_loading_info(bundle: Path, config, info: dict, mode: str = ROUND_TRIP) -> None:
+    """transformers' own report: only the input embedding may be missing (round-trip mode); nothing unexpected or
+    mismatched."""
+    missing = set(info.get("missing_keys") or ()) - client_only(config, info.get("missing_keys") or (), mode)
     for kind, names in (("lacks tensor", missing), ("has unexpected tensor", info.get("unexpected_keys")),
                         ("has a wrong-shaped tensor", info.get("mismatched_keys")),
                         ("failed to load", info.get("error_msgs"))):
