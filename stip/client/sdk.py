@@ -214,6 +214,10 @@ class Client:
                 f"the server at {server_url} serves a bundle signed by {health.get('signer') or 'an unknown key'}, "
                 f"but this client bundle ({self.bundle.path}) is signed by {self.bundle.signer}: both bundles must "
                 f"come from the same developer's `stip protect` run")
+        served_mode = health.get("mode", "round-trip")
+        if served_mode != self.bundle.mode:
+            raise KeyMismatchError(f"the server at {server_url} runs in {served_mode} mode, but this client bundle "
+                                   f"({self.bundle.path}) is a {self.bundle.mode} bundle")
         limits = [int(x) for x in (self.bundle.config.get("max_positions"), health.get("max_seq_len")) if x]
         self.max_positions = min(limits) if limits else 0  # the model's positions or the server's cap
         # A connection lost mid-generation is retried (same bundle only) for this long, then it is an error.
@@ -249,6 +253,11 @@ class Client:
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
                params: SamplingParams | None = None, **sampling) -> GenerationStream:
         params = params or SamplingParams(**sampling)
+        if self.bundle.mode == "server-decode":  # the server samples: one streamed request (no downlink)
+            from stip.client import server_decode
+
+            server_decode.check_params(params)
+            return GenerationStream(server_decode.run(self, self.encode(prompt, messages, ids), params))
         if params.logprobs is not None and self.downlink.kind == "topk" and params.logprobs > self.downlink.k:
             raise ValueError(f"logprobs={params.logprobs} alternatives, but the top-k downlink carries only "
                              f"k={self.downlink.k} per token")

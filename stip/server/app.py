@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -22,15 +23,17 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from stip.common import wire
+from stip.common.generate import GENERATE_PATH, GenerateRequest
 from stip.common.hosts import is_loopback_host
 from stip.errors import StipError
 from stip.server.auth import Authenticator, AuthError, Principal, load_key_file
 from stip.server.budget import Admission, AdmissionError, Quota, default_budget_tokens
-from stip.server.engine import Engine
+from stip.server.engine import Engine, TokenEngine
 from stip.server.metrics import Metrics
 from stip.server.sessions import Session, SessionManager
 
@@ -84,9 +87,12 @@ class StipService:
         if engine.max_positions:
             limit = min(limit, engine.max_positions)
         self.max_seq_len = limit
-        self.max_message_bytes = settings.max_message_bytes or (limit * engine.hidden_size * 4 + HEADER_SLACK)
+        self.mode = "server-decode" if isinstance(engine, TokenEngine) else "round-trip"
+        self.max_message_bytes = settings.max_message_bytes or (limit * (getattr(engine, "hidden_size", 0) or 1) * 4
+                                                                + HEADER_SLACK)
         # One thread per step in flight where the engine batches concurrent steps (stip.server.scheduler), else one.
-        self.worker = ThreadPoolExecutor(max_workers=max(1, min(engine.concurrent_steps, settings.max_sessions + 1)),
+        self.worker = ThreadPoolExecutor(max_workers=max(1, min(getattr(engine, "concurrent_steps", 1),
+                                                                settings.max_sessions + 1)),
                                          thread_name_prefix="stip-engine")
         self.admission = Admission(settings.kv_budget_tokens or settings.max_sessions * limit,
                                    settings.max_sessions, engine.kv_bytes_per_token)
@@ -94,7 +100,8 @@ class StipService:
                                   key_default_quota(settings.client_quota, settings.max_sessions,
                                                     self.admission.total))
         self._auth_generation = self.auth.generation
-        self.sessions = SessionManager(engine.new_state, self._free_state, settings.session_ttl)
+        self.sessions = SessionManager(getattr(engine, "new_state", lambda: None), self._free_state,
+                                       settings.session_ttl)
         self.metrics = Metrics(lambda: len(self.sessions), lambda: self.sessions.kv_caches,
                                lambda: self.sessions.kv_tokens, lambda: self.admission.used,
                                lambda: self.admission.total)
@@ -138,8 +145,8 @@ class StipService:
     def info(self, who: Principal) -> dict:
         """The model, the limits, and the caller's own usage (never other clients'); needs auth."""
         e, q, u = self.engine, who.quota, self.admission.usage(who.name)
-        return {"status": "ok", "bundle_id": self.bundle_id, "model_type": e.model_type,
-                "hidden_size": e.hidden_size, "vocab_size": e.vocab_size,
+        return {"status": "ok", "bundle_id": self.bundle_id, "model_type": e.model_type, "mode": self.mode,
+                "hidden_size": getattr(e, "hidden_size", None), "vocab_size": e.vocab_size,
                 "signer": (getattr(e, "manifest", None) or {}).get("signer", {}).get("fingerprint"),
                 "protocol": wire.PROTOCOL_VERSION, "max_seq_len": self.max_seq_len,
                 "max_message_bytes": self.max_message_bytes, "max_all_logits": self.settings.max_all_logits,
@@ -391,6 +398,11 @@ def add_session_route(app: FastAPI, service: StipService) -> None:
             await websocket.send_denial_response(refused(e.status, str(e)))
             return
         await websocket.accept()
+        if service.mode != "round-trip":
+            return await refuse_frame(websocket, 400, f"this server runs a {service.mode} bundle: it takes token ids "
+                                                      f"at POST {GENERATE_PATH}, not embedding sessions; use a "
+                                                      f"client bundle from the same `stip protect --mode "
+                                                      f"{service.mode}` run")
         sid = websocket.query_params.get("session")
         if sid is not None:
             s = service.sessions.get(sid, owner=who.name)  # another client's session is as unknown as none
@@ -432,6 +444,84 @@ def add_session_route(app: FastAPI, service: StipService) -> None:
             s.touch()
 
 
+def _validation_message(e: ValidationError) -> tuple[int, str]:
+    """(status, message) for a request body pydantic refused: malformed JSON 400, a bad field 422."""
+    errors = e.errors(include_url=False, include_input=False)
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return 400, f"malformed JSON body: {errors[0].get('msg')}"
+    where = lambda err: ".".join(map(str, err.get("loc") or ())) or "body"  # noqa: E731
+    return 422, "; ".join(f"{where(err)}: {err.get('msg')}" for err in errors[:5])
+
+
+def add_generate_route(app: FastAPI, service: StipService) -> None:
+    """POST /v1/generate (server-decode bundles, stip.common.generate): the sessions' auth, quotas and KV admission;
+    prompt + max_tokens are reserved before anything runs, and returned when the stream ends or the client leaves."""
+
+    @app.post(GENERATE_PATH)
+    async def generate(request: Request):
+        try:
+            who = service.auth.authenticate(request.headers.get("authorization"))
+        except AuthError as e:
+            service.metrics.errors.labels(str(e.status)).inc()
+            return refused(e.status, str(e))
+
+        def bad(status: int, message: str) -> JSONResponse:
+            service.metrics.errors.labels(str(status)).inc()
+            return JSONResponse({"ok": False, "status": status, "error": message}, status_code=status)
+
+        engine = service.engine
+        if not isinstance(engine, TokenEngine):
+            return bad(400, f"this server runs a round-trip bundle: it takes embedding sessions at "
+                            f"{wire.SESSION_PATH}, not token ids; protect the model with `stip protect --mode "
+                            f"server-decode` to serve {GENERATE_PATH}")
+        body = await request.body()
+        if len(body) > service.max_message_bytes:
+            return bad(413, f"request body of {len(body)} bytes exceeds the server's limit of "
+                            f"{service.max_message_bytes} bytes")
+        try:
+            req = GenerateRequest.model_validate_json(body)
+        except ValidationError as e:
+            return bad(*_validation_message(e))
+        v = engine.vocab_size
+        for field, ids in (("ids", req.ids), ("stop_ids", req.stop_ids)):
+            wrong = next((i for i in ids if not 0 <= i < v), None)
+            if wrong is not None:
+                return bad(422, f"{field}: token id {wrong} is out of range [0, {v})")
+        if len(req.ids) >= service.max_seq_len:
+            return bad(413, f"the prompt has {len(req.ids)} tokens; this server's max_seq_len is "
+                            f"{service.max_seq_len}, which must leave room for at least one new token")
+        tokens = min(len(req.ids) + req.max_tokens, service.max_seq_len)
+        try:
+            service.admission.open_session(who.name, who.quota)
+        except AdmissionError as e:
+            service.metrics.refused.labels(e.reason).inc()
+            return refused(e.status, str(e))
+        try:
+            service.admission.reserve(who.name, who.quota, tokens)
+        except AdmissionError as e:
+            service.admission.close_session(who.name, 0)
+            service.metrics.refused.labels(e.reason).inc()
+            return refused(e.status, str(e))
+        chunks = engine.generate(req, request_id=os.urandom(8).hex())
+
+        async def lines():
+            """NDJSON lines; an error after the stream started is its last line. However the stream ends (done,
+            failed, or the client went away and the generator is closed), the KV reservation is returned."""
+            try:
+                async for chunk in chunks:
+                    service.metrics.tokens.labels("generate").inc(len(chunk.ids))
+                    yield chunk.model_dump_json(exclude_none=True) + "\n"
+            except Exception as e:  # noqa: BLE001 - the stream has started: report on it, keep serving others
+                log.exception("engine failure in a generation")
+                yield json.dumps({"error": f"internal error in the model ({type(e).__name__})", "status": 500}) + "\n"
+            finally:
+                with contextlib.suppress(Exception):
+                    await chunks.aclose()
+                service.admission.close_session(who.name, tokens)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
 def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
     service = StipService(engine, settings, bundle_id)
 
@@ -448,6 +538,7 @@ def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
 
     add_http_routes(app, service)
     add_session_route(app, service)
+    add_generate_route(app, service)
     return app
 
 
@@ -501,8 +592,8 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
                         kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits, client_quota=client_quota)
     app = create_app(engine, settings, bundle_id=engine.manifest.get("bundle_id", ""))
     service: StipService = app.state.service
-    log.info("STIP server: %s model (d=%d, V=%d, %s on %s), bundle %s, max %d sessions, max_seq_len %d, ttl %.0fs, "
-             "torch threads %d", engine.model_type, engine.hidden_size, engine.vocab_size, dtype, device,
+    log.info("STIP server: %s model (d=%s, V=%d, %s on %s), bundle %s, max %d sessions, max_seq_len %d, ttl %.0fs, "
+             "torch threads %d", engine.model_type, getattr(engine, "hidden_size", "?"), engine.vocab_size, dtype, device,
              service.bundle_id, max_sessions, service.max_seq_len, session_ttl, torch.get_num_threads())
     log.info("KV budget %d tokens (%.1f MB at %d bytes/token); clients: %s", kv_budget_tokens,
              kv_budget_tokens * engine.kv_bytes_per_token / 1e6, engine.kv_bytes_per_token,

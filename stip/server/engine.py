@@ -202,6 +202,7 @@ def load_engine(kind: str, bundle, dtype: torch.dtype = torch.float32, device: s
     steps merge into one forward per tick and long prefills are cut into `chunk_tokens` chunks (docs/batching.md);
     without it, or for a family the packed decoder does not cover, one forward per step in arrival order.
     "vllm": the bundle on vLLM (`stip.server.vllm_engine`, needs the `vllm` extra); `vllm_options` pass through.
+    A server-decode bundle gives a `TokenEngine` (`stip.server.decoding` for "transformers").
     "serial" and "batched" are the older names of transformers without and with batching."""
     import logging
 
@@ -236,9 +237,18 @@ def load_engine(kind: str, bundle, dtype: torch.dtype = torch.float32, device: s
                 log.warning("engine transformers: no batching for this model (%s); one forward per step", e)
             else:
                 log.info("engine transformers (batched): continuous batching, prefill chunks of %d tokens", chunk)
-                return engine
+                return _for_mode(engine, serial)
         else:
             log.warning("engine transformers: the batched decoder does not cover %r; one forward per step",
                         serial.model_type)
     log.info("engine transformers (serial): one forward per session step")
-    return serial
+    return _for_mode(serial, serial)
+
+
+def _for_mode(engine: Engine, serial: TransformersEngine) -> Engine | TokenEngine:
+    """A server-decode bundle (manifest "mode") is served as a `TokenEngine` over the same engine."""
+    if serial.manifest.get("mode", "round-trip") == "round-trip":
+        return engine
+    from stip.server.decoding import DecodingEngine
+
+    return DecodingEngine(engine, serial.model)

@@ -1,0 +1,197 @@
+"""The client's server-decode path: map ids to the server's permuted vocabulary, stream POST /v1/generate, map back.
+
+In server-decode mode (`stip protect --mode server-decode`) the server samples by itself, so a generation is one HTTP
+request (stip.common.generate): the prompt and the EOS ids go out as server ids (`ClientBundle.server_ids`), tokens
+and their log-probabilities come back as server ids and are mapped back (`ClientBundle.plain_ids`). Stop strings
+need text, so they are matched here, and a match ends the stream (closing it aborts the generation on the server).
+Nothing from the server is trusted: every line must be a well-formed chunk with ids in range.
+
+Uses the round-trip transport's URL, token, TLS context and clear-text rule (`stip.client.transport.Connection`).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+
+import httpx
+from pydantic import ValidationError
+
+from stip.client.logprobs import TokenLogprob
+from stip.client.sampling import SamplingParams
+from stip.client.transport import (StipAuthError, StipCertificateError, StipConnectionError, StipProtocolError,
+                                   StipServerError, _http_url)
+from stip.common.generate import GENERATE_PATH, GenerateChunk, GenerateRequest
+from stip.errors import StipError
+
+MAX_LINE_BYTES = 1 << 20  # one chunk line: a token and at most 20 alternatives is far less
+
+
+def check_params(params: SamplingParams) -> None:
+    """Refuse, before anything is sent, what only client-side sampling supports."""
+    if params.repetition_penalty != 1.0:
+        raise ValueError("repetition_penalty is not supported in server-decode mode (the server samples); use "
+                         "presence_penalty / frequency_penalty")
+
+
+def build_request(bundle, prompt_ids: list[int], params: SamplingParams, max_tokens: int) -> GenerateRequest:
+    """The wire request: every id mapped to the server's vocabulary."""
+    check_params(params)
+    return GenerateRequest(
+        ids=bundle.server_ids(prompt_ids).tolist(), max_tokens=max_tokens,
+        stop_ids=bundle.server_ids(bundle.eos_token_ids).tolist() if bundle.eos_token_ids else [],
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty, seed=params.seed,
+        # logprobs=0 still wants each token's own logprob, which the server sends with its top alternatives
+        logprobs=0 if params.logprobs is None else max(1, params.logprobs))
+
+
+class GenerateStream:
+    """One streaming POST /v1/generate; iterate for validated `GenerateChunk`s; `close()` ends it early."""
+
+    def __init__(self, connection, request: GenerateRequest, vocab_size: int):
+        self.conn, self.vocab_size = connection, vocab_size
+        self.bytes_sent = self.bytes_received = 0
+        body = request.model_dump_json().encode()
+        self.bytes_sent = len(body)
+        self._http = httpx.Client(verify=connection.ssl if connection.ssl is not None else True,
+                                  timeout=connection.timeout, follow_redirects=False, trust_env=False)
+        url = _http_url(connection.url, GENERATE_PATH)
+        headers = {**connection._headers(), "Content-Type": "application/json"}
+        try:
+            self._response = self._http.send(self._http.build_request("POST", url, content=body, headers=headers),
+                                             stream=True)
+        except BaseException as e:
+            self._http.close()
+            raise self._connection_error(e) from None
+        if self._response.status_code != 200:
+            try:
+                detail = json.loads(self._response.read()[:65536]).get("error")
+            except Exception:  # noqa: BLE001 - not our JSON: report the status alone
+                detail = None
+            status = self._response.status_code
+            self.close()
+            cls = StipAuthError if status in (401, 403) else StipServerError
+            raise cls(f"server error {status} on {GENERATE_PATH}: {detail or 'no detail'}", status)
+
+    def _connection_error(self, e: BaseException) -> BaseException:
+        cause = e
+        while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            from stip.client.transport import _cert_error
+
+            return _cert_error(self.conn.url, cause, self.conn.ca_file)
+        if isinstance(e, httpx.HTTPError):
+            return StipConnectionError(f"cannot reach the STIP server at {self.conn.url}: {e} (is `stip serve` "
+                                       f"running there?)")
+        return e
+
+    def __iter__(self):
+        try:
+            for line in self._response.iter_lines():
+                self.bytes_received += len(line) + 1
+                if len(line) > MAX_LINE_BYTES:
+                    raise StipProtocolError(f"{GENERATE_PATH} sent a line of {len(line)} bytes")
+                if not line.strip():
+                    continue
+                yield self._chunk(line)
+        except httpx.HTTPError as e:
+            raise StipConnectionError(f"lost the connection to {self.conn.url} mid-generation: {e}") from None
+
+    def _chunk(self, line: str) -> GenerateChunk:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise StipProtocolError(f"{GENERATE_PATH} sent a line that is not JSON") from None
+        if isinstance(obj, dict) and "error" in obj:
+            raise StipServerError(f"server error during the generation: {obj.get('error')}",
+                                  int(obj.get("status") or 500))
+        try:
+            chunk = GenerateChunk.model_validate(obj)
+        except ValidationError as e:
+            raise StipProtocolError(f"{GENERATE_PATH} sent a malformed chunk: {e.errors()[0].get('msg')}") from None
+        ids = list(chunk.ids) + [i for lp in chunk.logprobs or () for i in lp.top_ids]
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise StipProtocolError(f"{GENERATE_PATH} sent a token id outside [0, {self.vocab_size})")
+        if chunk.logprobs is not None and len(chunk.logprobs) != len(chunk.ids):
+            raise StipProtocolError(f"{GENERATE_PATH} sent {len(chunk.logprobs)} logprobs for {len(chunk.ids)} ids")
+        return chunk
+
+    def close(self) -> None:
+        self._response.close()
+        self._http.close()
+
+
+def run(client, prompt_ids: list[int], params: SamplingParams):
+    """The generator behind `stip.Client.stream` for a server-decode bundle: text deltas, then a `Generation`."""
+    from stip.client.sdk import Delta, Detokenizer, Generation, StopMatcher, Timing
+
+    bundle = client.bundle
+    eos = set(bundle.eos_token_ids)
+    tm = Timing()
+    t_start = time.perf_counter()
+    pos = len(prompt_ids)
+    if client.max_positions and pos >= client.max_positions:
+        raise StipError(f"the prompt has {pos} tokens; this model and server take at most {client.max_positions} "
+                        f"(prompt and output together)")
+    room = params.max_tokens if not client.max_positions else min(params.max_tokens, client.max_positions - pos)
+    request = build_request(bundle, prompt_ids, params, room)
+    detok = Detokenizer(client.tokenizer, prompt_ids) if bundle.has_tokenizer else None
+    stops = StopMatcher(params.stop)
+    out: list[int] = []
+    logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
+    sent = 0
+    finish = None
+    stream = GenerateStream(client.connection, request, bundle.vocab_size)
+    try:
+        for chunk in stream:
+            c0 = time.perf_counter()
+            if not tm.prefill_ms:
+                tm.prefill_ms = (c0 - t_start) * 1e3
+            tokens = bundle.plain_ids(chunk.ids).tolist() if chunk.ids else []
+            delta = ""
+            for j, token in enumerate(tokens):
+                out.append(token)
+                if logprobs is not None:
+                    lp = chunk.logprobs[j] if chunk.logprobs else None
+                    if lp is None:
+                        raise StipProtocolError(f"{GENERATE_PATH} sent no logprobs, though they were asked for")
+                    top = list(zip(bundle.plain_ids(lp.top_ids).tolist() if lp.top_ids else [], lp.top_logprobs))
+                    logprobs.append(TokenLogprob(token, lp.logprob, top[:params.logprobs]))
+                if token in eos:
+                    finish = "stop"
+                    break
+                if detok is not None:
+                    delta += stops.push(detok.push(token))
+                    if stops.stopped:
+                        finish = "stop"
+                        break
+            if finish is None and chunk.finish_reason is not None:
+                finish = chunk.finish_reason
+            if finish is not None and detok is not None and not stops.stopped:
+                delta += stops.push(detok.flush())
+                if stops.stopped:
+                    finish = "stop"
+                else:
+                    delta += stops.flush()
+            tm.client_ms += (time.perf_counter() - c0) * 1e3
+            if delta and logprobs is not None:
+                delta = Delta(delta)
+                delta.logprobs, sent = logprobs[sent:], len(logprobs)
+            if delta:
+                yield delta
+            if finish is not None:
+                break
+    finally:
+        stream.close()  # ends the generation on the server if it was still running (a stop string matched)
+    if finish is None:
+        raise StipProtocolError(f"{GENERATE_PATH} ended without a finish reason after {len(out)} tokens")
+    tm.total_ms = (time.perf_counter() - t_start) * 1e3
+    tm.steps = max(0, len(out) - 1)
+    tm.bytes_sent, tm.bytes_received = stream.bytes_sent, stream.bytes_received
+    usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
+             "total_tokens": len(prompt_ids) + len(out)}
+    text = stops.text if detok is not None else ""
+    return Generation(text, out, finish, usage, tm, prompt_ids, {}, logprobs)
