@@ -134,6 +134,14 @@ def serve(
                                   "forward per tick (continuous batching, docs/batching.md); off: one forward per step"),
     prefill_chunk: int = typer.Option(256, help="batched engine: prompt tokens per tick at most, so a long prompt "
                                       "cannot stall other sessions' decodes"),
+    tensor_parallel_size: Optional[int] = typer.Option(None, help="vllm engine: GPUs to split each layer over"),
+    pipeline_parallel_size: Optional[int] = typer.Option(None, help="vllm engine: GPUs (or nodes) to split the "
+                                                         "layers over"),
+    max_num_seqs: Optional[int] = typer.Option(None, help="vllm engine: sequences in one batch at most"),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, help="vllm engine: fraction of GPU memory for "
+                                                           "weights and KV cache (vLLM's default 0.9)"),
+    vllm_arg: list[str] = typer.Option([], help="vllm engine: any other vLLM engine argument, KEY=VALUE "
+                                       "(e.g. max_model_len=2048); repeatable"),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
@@ -147,7 +155,22 @@ def serve(
                threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
                trusted=_trust(trust), engine_kind=engine, prefill_chunk=prefill_chunk,
-               batching=batching)
+               batching=batching,
+               vllm_options=_vllm_options(engine, vllm_arg, tensor_parallel_size=tensor_parallel_size,
+                                          pipeline_parallel_size=pipeline_parallel_size, max_num_seqs=max_num_seqs,
+                                          gpu_memory_utilization=gpu_memory_utilization))
+
+
+def _vllm_options(engine: str, args: list[str], **flags) -> dict | None:
+    """The vLLM engine arguments `stip serve` passes through; refused with any other engine."""
+    from stip.server.vllm_engine import parse_vllm_arg
+
+    options = dict(parse_vllm_arg(a) for a in args)
+    options.update({k: v for k, v in flags.items() if v is not None})
+    if options and engine != "vllm":
+        names = ", ".join("--" + k.replace("_", "-") if k in flags else "--vllm-arg" for k in options)
+        raise StipError(f"{names} apply to --engine vllm only (this server runs --engine {engine})")
+    return options or None
 
 
 apikey_app = typer.Typer(no_args_is_help=True, help="Manage a server's per-client API key file (hashes only).")
