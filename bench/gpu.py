@@ -1,0 +1,417 @@
+"""GPU benchmark: a LLaMA-2-7B-shaped model with random fp16 weights, protected and served on one GPU; per-token
+latency and aggregate throughput at batch 1 and 32, plain against round-trip against server-decode.
+
+    python -m bench.gpu                 # needs a CUDA GPU; writes bench/results/gpu.json and gpu.md
+    python -m bench.gpu --tiny --out /tmp/gpu-tiny   # a tiny LLaMA on CPU in fp32: the test suite's smoke run
+
+Variants (each at every `--batch` size; a variant that fails or whose package is missing is recorded with the
+reason, and the run goes on):
+
+| variant | what runs | how it is timed |
+|---|---|---|
+| plain / HF generate | the unprotected model, `generate` at batch B in this process | greedy, exactly `--tokens` new tokens |
+| plain / our engine | the unprotected model in `BatchedEngine` (the engine `stip serve` runs), B sessions, in process | one tick = B decode rows |
+| plain / vLLM | the unprotected checkpoint on vLLM, token ids in and out (only when vLLM imports) | `LLM.generate`, B prompts |
+| round-trip / ours, vLLM | `stip serve --engine transformers` (or `vllm`) on the protected bundle; B `stip.Client` processes released together | over loopback |
+| server-decode / ours, vLLM | the same on a `protect(..., mode="server-decode")` bundle | over loopback |
+
+Per-token latency: plain `generate` and vLLM, (time for N tokens - time for 1) / (N - 1); our engine, the median
+decode tick; served variants, each client's decode time per token (median over clients). Throughput: all tokens
+generated / wall time of the whole batch. The model has no EOS (its config sets none), so every sequence runs to
+`--tokens`. The paper's anchor: LLaMA-2-7B on an A100, 12 ms per token unprotected, 31.7 ms with STIP over a LAN.
+
+Kept under 10 minutes on one H100: one model build, two `protect` runs (13.5 GB each), at most four servers, one
+measurement per batch size after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # LlamaConfig arguments
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
+}
+NO_GPU = ("no GPU: bench.gpu needs a CUDA GPU (torch.cuda.is_available() is False here), so no GPU run was "
+          "possible; `python -m bench.gpu --tiny` runs the same benchmark on a tiny model on CPU")
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def build_model(shape: str, dtype: torch.dtype, device: str, folder: Path, seed: int = 0):
+    """A LLaMA of the given shape with random weights (transformers' own init), saved to `folder`; (model, ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(old)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    return model
+
+
+def prompt_ids(vocab: int, length: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (length,), generator=g).tolist()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------ plain variants
+
+
+def plain_generate(model, prompt: list[int], batch: int, tokens: int, device: str) -> dict:
+    """Plain HF `generate`, greedy, exactly `tokens` new tokens for `batch` copies of the prompt."""
+    ids = torch.tensor([prompt] * batch, device=device)
+
+    def run(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up
+    first, total = run(1), run(tokens)
+    return {"per_token_ms": (total - first) / max(1, tokens - 1) * 1e3, "tokens_per_s": batch * tokens / total,
+            "seconds": total}
+
+
+def plain_engine(model, prompt: list[int], batch: int, tokens: int, device: str) -> dict:
+    """The unprotected model in our `BatchedEngine`: `batch` sessions prefilled in one tick, then one decode tick per
+    token (greedy; embeddings from the plain table, as a client would send)."""
+    from stip.server.batching import BatchedEngine
+    from stip.server.engine import Step
+
+    engine = BatchedEngine(model)
+    table = model.get_input_embeddings().weight
+
+    def embed(ids) -> torch.Tensor:
+        return table[torch.as_tensor(ids, device=table.device)].detach()
+
+    def run(n: int) -> tuple[float, list[float]]:
+        states = [engine.new_state() for _ in range(batch)]
+        _sync(device)
+        t0 = time.perf_counter()
+        out = engine.step_batch([Step(s, embed(prompt)) for s in states])
+        ticks = []
+        for _ in range(n - 1):
+            nxt = [int(o[-1].argmax()) for o in out]
+            _sync(device)
+            t1 = time.perf_counter()
+            out = engine.step_batch([Step(s, embed([t])) for s, t in zip(states, nxt)])
+            _sync(device)
+            ticks.append(time.perf_counter() - t1)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        errors = [o for o in out if isinstance(o, BaseException)]
+        for s in states:
+            engine.free(s)
+        if errors:
+            raise errors[0]
+        return seconds, ticks
+
+    run(2)
+    total, ticks = run(tokens)
+    return {"per_token_ms": statistics.median(ticks) * 1e3 if ticks else None,
+            "tokens_per_s": batch * tokens / total, "seconds": total}
+
+
+VLLM_SCRIPT = r"""
+import json, sys, time
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+cfg = json.loads(sys.argv[1])
+llm = LLM(model=cfg["model"], dtype=cfg["dtype"], skip_tokenizer_init=True, enforce_eager=True,
+          max_model_len=cfg["max_model_len"], **cfg.get("options", {}))
+def run(batch, n):
+    sp = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
+    t0 = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=cfg["prompt"])] * batch, sp, use_tqdm=False)
+    return time.perf_counter() - t0
+out = {}
+for b in cfg["batches"]:
+    run(b, 2)
+    first, total = run(b, 1), run(b, cfg["tokens"])
+    out[b] = {"per_token_ms": (total - first) / max(1, cfg["tokens"] - 1) * 1e3,
+              "tokens_per_s": b * cfg["tokens"] / total, "seconds": total}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def plain_vllm(folder: Path, prompt: list[int], batches: list[int], tokens: int, dtype: str, device: str,
+               timeout: float) -> dict[int, dict]:
+    """vLLM's own offline engine on the unprotected checkpoint, in a process of its own (it takes the GPU)."""
+    cfg = {"model": str(folder), "dtype": dtype, "prompt": prompt, "batches": batches, "tokens": tokens,
+           "max_model_len": len(prompt) + tokens + 8}
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    if not device.startswith("cuda"):
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        cfg["options"] = {"distributed_executor_backend": "uni"}
+    p = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if p.returncode or line is None:
+        raise RuntimeError(f"vLLM exited with {p.returncode}: {(p.stderr or p.stdout)[-800:]}")
+    return {int(b): r for b, r in json.loads(line[7:]).items()}
+
+
+# ------------------------------------------------------------------------------------------------ served variants
+
+
+def served(protected: Path, serve_args: list[str], prompt: list[int], batches: list[int], tokens: int,
+           users) -> dict[int, dict]:
+    """`stip serve PROTECTED/server ARGS` and `users` (bench.concurrent.Users) released together per batch size."""
+    from stip.server.launch import local_server
+
+    out = {}
+    with local_server(protected / "server", *serve_args) as server:
+        users.generate(max(batches), server.url, 2)  # warm-up: every client's first session, the server's kernels
+        for b in batches:
+            seconds, res = users.generate(b, server.url, tokens)
+            per = [r["per_token_ms"] if r.get("per_token_ms") is not None else r["total_ms"] / max(1, r["tokens"])
+                   for r in res]
+            made = sum(r["tokens"] for r in res)
+            out[b] = {"per_token_ms": statistics.median(per), "tokens_per_s": made / seconds, "seconds": seconds,
+                      "tokens_per_client": sorted({r["tokens"] for r in res}),
+                      "outputs": [r["token_ids"] for r in res]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def vllm_available() -> bool:
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def protect_supports_mode() -> bool:
+    import inspect
+
+    from stip.developer.protect import protect
+
+    return "mode" in inspect.signature(protect).parameters
+
+
+def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int, log=print) -> dict:
+    import stip
+    from bench.concurrent import Users
+
+    shape = "tiny" if tiny else "llama2-7b"
+    device = "cpu" if tiny else "cuda"
+    dtype = torch.float32 if tiny else torch.float16
+    dtype_name = "float32" if tiny else "float16"
+    serve_base = ["--device", device, "--dtype", dtype_name, "--max-seq-len", str(prompt_len + tokens + 8)]
+    if tiny:
+        serve_base += ["--threads", "1"]
+    t_start = time.perf_counter()
+    results: dict = {"rows": [], "skipped": [], "timings_s": {}}
+
+    def stage(name: str, t0: float) -> None:
+        results["timings_s"][name] = round(time.perf_counter() - t0, 1)
+        log(f"gpu bench: {name} done in {results['timings_s'][name]:.0f} s "
+            f"({time.perf_counter() - t_start:.0f} s in all)")
+
+    def record(mode: str, engine: str, per_batch: dict[int, dict], note: str = "") -> None:
+        for b in batches:
+            r = per_batch[b]
+            results["rows"].append({"mode": mode, "engine": engine, "batch": b,
+                                    "per_token_ms": round(r["per_token_ms"], 2) if r["per_token_ms"] else None,
+                                    "tokens_per_s": round(r["tokens_per_s"], 1), "seconds": round(r["seconds"], 2),
+                                    **({"tokens_per_client": r["tokens_per_client"]} if "tokens_per_client" in r
+                                       else {}),
+                                    **({"same_as_plain": all(o == results["reference"] for o in r["outputs"])}
+                                       if "outputs" in r and results.get("reference") else {}),
+                                    **({"note": note} if note else {})})
+
+    def attempt(mode: str, engine: str, fn, note: str = "") -> None:
+        t0 = time.perf_counter()
+        try:
+            record(mode, engine, fn(), note)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+            results["skipped"].append({"mode": mode, "engine": engine, "reason": f"{type(e).__name__}: {e}"[:1000]})
+            log(f"gpu bench: {mode} / {engine} failed: {type(e).__name__}: {str(e)[:300]}")
+        stage(f"{mode} / {engine}", t0)
+
+    plain_dir, rt_dir, sd_dir = work / "plain", work / "round-trip", work / "server-decode"
+    t0 = time.perf_counter()
+    model = build_model(shape, dtype, device, plain_dir)
+    prompt = prompt_ids(SHAPES[shape]["vocab_size"], prompt_len)
+    with torch.inference_mode():  # plain greedy, for the served variants' `same_as_plain`
+        ref = model.generate(input_ids=torch.tensor([prompt], device=device), max_new_tokens=tokens,
+                             min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    results["reference"] = ref[0, len(prompt):].tolist()
+    stage("build and save the model", t0)
+
+    attempt("plain", "HF generate", lambda: {b: plain_generate(model, prompt, b, tokens, device) for b in batches})
+    attempt("plain", "ours (in process)",
+            lambda: {b: plain_engine(model, prompt, b, tokens, device) for b in batches},
+            "engine level: the unprotected model in BatchedEngine, no network")
+    del model
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    has_vllm = vllm_available()
+    if has_vllm:
+        attempt("plain", "vLLM", lambda: plain_vllm(plain_dir, prompt, batches, tokens, dtype_name, device, 300))
+    else:
+        results["skipped"].append({"mode": "all", "engine": "vLLM", "reason": "vllm is not importable here"})
+
+    engines = [("ours", ["--engine", "transformers"])] + ([("vLLM", ["--engine", "vllm"])] if has_vllm else [])
+    modes = [("round-trip", rt_dir, {})]
+    if protect_supports_mode():
+        modes.append(("server-decode", sd_dir, {"mode": "server-decode"}))
+    else:  # TODO(issue 8): add server-decode once `protect` takes mode=
+        results["skipped"].append({"mode": "server-decode", "engine": "all",
+                                   "reason": "this checkout's protect() has no mode= (server-decode) yet"})
+    for mode, folder, kw in modes:
+        t0 = time.perf_counter()
+        try:
+            stip.protect(plain_dir, folder, progress=False, **kw)
+        except Exception as e:  # noqa: BLE001
+            results["skipped"].append({"mode": mode, "engine": "all", "reason": f"protect failed: {e}"[:1000]})
+            continue
+        stage(f"protect ({mode})", t0)
+        users = Users(max(batches), folder / "client", prompt, k=64)
+        try:
+            for engine, args in engines:
+                attempt(mode, engine, lambda: served(folder, serve_base + args, prompt, batches, tokens, users))
+        finally:
+            users.close()
+        if not tiny:
+            shutil.rmtree(folder / "server", ignore_errors=True)  # 13.5 GB of disk back before the next protect
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    return results
+
+
+def environment(tiny: bool) -> dict:
+    from bench.report import machine_info
+
+    info = machine_info()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    info["versions"]["vllm"] = _version("vllm")
+    info["model"] = ("tiny LLaMA, random weights, float32, CPU" if tiny else
+                     "LLaMA-2-7B shape (hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000), random weights, "
+                     "float16, one GPU")
+    return info
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def markdown(doc: dict) -> str:
+    """One table: per-token ms and aggregate tokens/s per variant and batch size."""
+    batches = doc["settings"]["batches"]
+    head = ["mode", "engine"] + [f"B={b}: ms/token, tok/s" for b in batches]
+    rows: dict[tuple, dict] = {}
+    for r in doc["rows"]:
+        rows.setdefault((r["mode"], r["engine"]), {})[r["batch"]] = r
+    lines = [f"# GPU benchmark ({doc['environment']['model']})", "",
+             f"Command: `{doc['command']}`. Commit {doc['environment'].get('git_commit')}. "
+             f"Device: {doc['environment'].get('gpu', 'CPU')}. Prompt {doc['settings']['prompt_tokens']} tokens, "
+             f"{doc['settings']['tokens']} new tokens per sequence, greedy. Whole run: {doc['seconds']} s.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (mode, engine), per in rows.items():
+        cells = [f"{per[b]['per_token_ms']} ms, {per[b]['tokens_per_s']}" if b in per else "-" for b in batches]
+        lines.append(f"| {mode} | {engine} | " + " | ".join(cells) + " |")
+    same = [f"{r['mode']} / {r['engine']} at B={r['batch']}: {'yes' if r['same_as_plain'] else 'NO'}"
+            for r in doc["rows"] if "same_as_plain" in r]
+    if same:
+        lines += ["", "Every client's greedy tokens equal plain `generate` (random weights make near-ties likely, so a "
+                      "NO here is a flag to look at, not a verdict): " + "; ".join(same) + "."]
+    if doc["skipped"]:
+        lines += ["", "Not measured:", ""] + [f"- {s['mode']} / {s['engine']}: {s['reason']}" for s in doc["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a tiny LLaMA on CPU in float32 (seconds; no GPU needed)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for gpu.json and gpu.md (default: bench/results on a GPU; none with --tiny)")
+    ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 32; --tiny: 1 2)")
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens per sequence (default 64; --tiny: 8)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 64; --tiny: 16)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder for the checkpoints (default: a temp "
+                    "folder; the 7B run needs about 30 GB)")
+    args = ap.parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        print(NO_GPU, file=sys.stderr)
+        return 2
+    batches = args.batch or ([1, 2] if args.tiny else [1, 32])
+    tokens = args.tokens or (8 if args.tiny else 64)
+    prompt = args.prompt or (16 if args.tiny else 64)
+    if min(batches) < 1 or tokens < 2 or prompt < 1:
+        ap.error("batch sizes and --prompt must be at least 1, --tokens at least 2")
+    out = args.out or (None if args.tiny else Path(__file__).resolve().parent / "results")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.tiny:
+        torch.set_num_threads(1)
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stip-gpu-bench-")))
+        work.mkdir(parents=True, exist_ok=True)
+        results = run(args.tiny, work, batches, tokens, prompt, log=lambda m: print(m, file=sys.stderr))
+    doc = {"command": shlex.join(["python", "-m", "bench.gpu", *(sys.argv[1:] if argv is None else argv)]),
+           "environment": environment(args.tiny),
+           "settings": {"batches": batches, "tokens": tokens, "prompt_tokens": prompt, "tiny": args.tiny},
+           **results}
+    text = json.dumps(doc, indent=2)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "gpu.json", text + "\n")
+        write_atomic(out / "gpu.md", markdown(doc))
+        print(f"gpu bench: wrote {out / 'gpu.json'} and {out / 'gpu.md'}", file=sys.stderr)
+    print(text)
+    return 0 if doc["rows"] and not [s for s in doc["skipped"] if s["engine"] != "vLLM"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
