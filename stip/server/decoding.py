@@ -21,6 +21,12 @@ from stip.common.generate import GenerateChunk, GenerateRequest, TokenLogprobs
 from stip.server.engine import Engine, TokenEngine
 
 
+def _retrieve(f: asyncio.Future) -> None:
+    """Mark a step's outcome as seen: a step whose generation was abandoned may fail (its state freed) unheard."""
+    if not f.cancelled():
+        f.exception()
+
+
 class DecodingEngine(TokenEngine):
     """A `TokenEngine` over one of our round-trip engines (`Scheduler`, or the serial `TransformersEngine`)."""
 
@@ -46,7 +52,11 @@ class DecodingEngine(TokenEngine):
     async def _step(self, state, ids: list[int]) -> torch.Tensor:
         """Append `ids` to the sequence; the next token's logits [V] (float32, permuted order)."""
         if self._submit is not None:
-            logits = await asyncio.wrap_future(self._submit(state, self._embed(ids)))
+            # Shielded: a generation cancelled mid-step must not cancel the scheduler's future under a running tick
+            # (the tick would fail to hand over its result); the step finishes and the state is freed after it.
+            step = asyncio.wrap_future(self._submit(state, self._embed(ids)))
+            step.add_done_callback(_retrieve)
+            logits = await asyncio.shield(step)
         else:
             logits = await asyncio.get_running_loop().run_in_executor(
                 self._serial, lambda: self.engine.prefill(state, self._embed(ids)))
