@@ -219,15 +219,8 @@ def vllm_available() -> bool:
         return False
 
 
-def protect_supports_mode() -> bool:
-    import inspect
-
-    from stip.developer.protect import protect
-
-    return "mode" in inspect.signature(protect).parameters
-
-
-def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int, log=print) -> dict:
+def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int, budget_s: float | None = None,
+        log=print) -> dict:
     import stip
     from bench.concurrent import Users
 
@@ -258,7 +251,17 @@ def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int
                                        if "outputs" in r and results.get("reference") else {}),
                                     **({"note": note} if note else {})})
 
+    def over_budget(mode: str, engine: str) -> bool:
+        """Past `budget_s`, what is left is listed as not measured, so one run stays within its time."""
+        if budget_s is None or time.perf_counter() - t_start < budget_s:
+            return False
+        results["skipped"].append({"mode": mode, "engine": engine, "reason": f"time budget of {budget_s:.0f} s spent"})
+        log(f"gpu bench: {mode} / {engine} skipped: time budget of {budget_s:.0f} s spent")
+        return True
+
     def attempt(mode: str, engine: str, fn, note: str = "") -> None:
+        if over_budget(mode, engine):
+            return
         t0 = time.perf_counter()
         try:
             record(mode, engine, fn(), note)
@@ -281,7 +284,7 @@ def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int
     attempt("plain", "ours (in process)",
             lambda: {b: plain_engine(model, prompt, b, tokens, device) for b in batches},
             "engine level: the unprotected model in BatchedEngine, no network")
-    del model
+    model = ref = None  # free the device for the servers
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -292,13 +295,10 @@ def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int
         results["skipped"].append({"mode": "all", "engine": "vLLM", "reason": "vllm is not importable here"})
 
     engines = [("ours", ["--engine", "transformers"])] + ([("vLLM", ["--engine", "vllm"])] if has_vllm else [])
-    modes = [("round-trip", rt_dir, {})]
-    if protect_supports_mode():
-        modes.append(("server-decode", sd_dir, {"mode": "server-decode"}))
-    else:  # TODO(issue 8): add server-decode once `protect` takes mode=
-        results["skipped"].append({"mode": "server-decode", "engine": "all",
-                                   "reason": "this checkout's protect() has no mode= (server-decode) yet"})
+    modes = [("round-trip", rt_dir, {}), ("server-decode", sd_dir, {"mode": "server-decode"})]
     for mode, folder, kw in modes:
+        if over_budget(mode, "all"):
+            continue
         t0 = time.perf_counter()
         try:
             stip.protect(plain_dir, folder, progress=False, **kw)
@@ -380,6 +380,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 1 32; --tiny: 1 2)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per sequence (default 64; --tiny: 8)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 64; --tiny: 16)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds after which variants not yet started are "
+                    "skipped (default 540 on a GPU, so a run stays under 10 minutes; none with --tiny)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder for the checkpoints (default: a temp "
                     "folder; the 7B run needs about 30 GB)")
     args = ap.parse_args(argv)
@@ -398,7 +400,8 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stip-gpu-bench-")))
         work.mkdir(parents=True, exist_ok=True)
-        results = run(args.tiny, work, batches, tokens, prompt, log=lambda m: print(m, file=sys.stderr))
+        budget = args.budget if args.budget is not None else (None if args.tiny else 540.0)
+        results = run(args.tiny, work, batches, tokens, prompt, budget, log=lambda m: print(m, file=sys.stderr))
     doc = {"command": shlex.join(["python", "-m", "bench.gpu", *(sys.argv[1:] if argv is None else argv)]),
            "environment": environment(args.tiny),
            "settings": {"batches": batches, "tokens": tokens, "prompt_tokens": prompt, "tiny": args.tiny},

@@ -44,3 +44,15 @@ def test_gpu_bench_says_no_gpu(tmp_path):
     assert p.returncode == 2
     assert p.stderr.startswith("no GPU:") and "--tiny" in p.stderr and "Traceback" not in p.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_gpu_bench_time_budget_lists_what_it_skipped(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--budget", "0", "--out", str(tmp_path),
+                        "--work", str(tmp_path / "w"), "--tokens", "2", "--prompt", "4"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]  # nothing measured
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    assert doc["rows"] == []
+    reasons = {(s["mode"], s["engine"]): s["reason"] for s in doc["skipped"]}
+    assert reasons[("plain", "HF generate")] == "time budget of 0 s spent"
+    assert reasons[("round-trip", "all")] == reasons[("server-decode", "all")] == "time budget of 0 s spent"
