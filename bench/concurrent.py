@@ -8,16 +8,16 @@ reach on this machine. Client processes are started once (each with one torch th
 warm-up generation per server) and released together by the coordinator for every measurement.
 
 The server's arguments are data (`SERVERS`, or `--serve-arg` below), so the same part measures any engine `stip
-serve` offers: `servers()` adds `--engine batched` whenever `stip serve` has an `--engine` option.
+serve` offers. For each server it also reads the rows per tick from its /metrics (`stip_engine_tick_rows`): how
+full the batched forwards were.
 
-    python -m bench.concurrent PROTECTED_DIR [--clients 1 4 8] [--tokens 32] [--serve-arg=--engine --serve-arg=batched]
+    python -m bench.concurrent PROTECTED_DIR [--clients 1 4 8] [--tokens 32] [--serve-arg=--no-batching]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import multiprocessing as mp
 import os
@@ -29,14 +29,24 @@ import torch
 WORKER_TIMEOUT_S = 600.0
 
 
-def servers() -> dict[str, list[str]]:
-    """{label: extra `stip serve` arguments}: the default engine, and the batched one where `stip serve` has it."""
-    from stip import cli
+SERVERS = {"stip serve (default, batched)": [], "stip serve --no-batching": ["--no-batching"]}
 
-    out = {"stip serve": []}
-    if "engine" in inspect.signature(cli.serve).parameters:
-        out["stip serve --engine batched"] = ["--engine", "batched"]
-    return out
+
+def servers() -> dict[str, list[str]]:
+    """{label: extra `stip serve` arguments}: the default (continuous batching) and the serial server."""
+    return dict(SERVERS)
+
+
+def tick_rows(server) -> tuple[float, int]:
+    """(rows summed over all ticks, ticks) from the server's rows-per-tick histogram; (0, 0) if it has none."""
+    total = count = 0
+    with contextlib.suppress(Exception):
+        for line in server.metrics().splitlines():
+            if line.startswith("stip_engine_tick_rows_sum"):
+                total = float(line.split()[-1])
+            elif line.startswith("stip_engine_tick_rows_count"):
+                count = int(float(line.split()[-1]))
+    return total, count
 
 
 # ------------------------------------------------------------------------------------------------ client processes
@@ -129,10 +139,10 @@ def run(plain_model, protected_dir: Path, prompt: list[int], settings: dict, eos
     counts, tokens, rounds, k = settings["clients"], settings["tokens"], settings["rounds"], settings["topk"]
     threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
-        urls = {}
+        urls, procs = {}, {}
         for label, args in serve.items():
             server = stack.enter_context(local_server(protected_dir / "server", "--threads", str(threads), *args))
-            urls[label] = server.url
+            urls[label], procs[label] = server.url, server
         users = Users(max(counts), protected_dir / "client", prompt, k)
         stack.callback(users.close)
         for url in urls.values():  # warm-up: process start, client load, each server's first session
@@ -141,6 +151,7 @@ def run(plain_model, protected_dir: Path, prompt: list[int], settings: dict, eos
         _, ref = plain_batch(plain_model, prompt, 1, tokens)
         tps = {(n, v): [] for n in counts for v in ["plain", *urls]}
         per_token = {(n, v): [] for n in counts for v in urls}
+        rows_ticks = {(n, v): [0.0, 0] for n in counts for v in urls}
         same = {v: True for v in urls}
         t_start = time.perf_counter()
         for r in range(rounds):
@@ -152,7 +163,11 @@ def run(plain_model, protected_dir: Path, prompt: list[int], settings: dict, eos
                         seconds, _ = plain_batch(plain_model, prompt, n, tokens)
                         tps[(n, v)].append(n * tokens / seconds)
                         continue
+                    before = tick_rows(procs[v])
                     seconds, res = users.generate(n, urls[v], tokens)
+                    after = tick_rows(procs[v])
+                    rows_ticks[(n, v)][0] += after[0] - before[0]
+                    rows_ticks[(n, v)][1] += after[1] - before[1]
                     tps[(n, v)].append(sum(x["tokens"] for x in res) / seconds)
                     per_token[(n, v)] += [x["per_token_ms"] for x in res if x["per_token_ms"] is not None]
                     same[v] &= all(same_tokens(ref, x["token_ids"], eos) for x in res)
@@ -165,7 +180,9 @@ def run(plain_model, protected_dir: Path, prompt: list[int], settings: dict, eos
         for v in urls:
             row["servers"][v] = {"tokens_per_s": summarize(tps[(n, v)]),
                                  "ratio_to_plain": paired(tps[(n, v)], tps[(n, "plain")]),
-                                 "per_client_ms_per_token": summarize(per_token[(n, v)])}
+                                 "per_client_ms_per_token": summarize(per_token[(n, v)]),
+                                 "rows_per_tick": round(rows_ticks[(n, v)][0] / rows_ticks[(n, v)][1], 2)
+                                 if rows_ticks[(n, v)][1] else None}
         rows.append(row)
     return {
         "method": f"{rounds} round(s); per round and N: plain `generate` at batch N in this process, and N client "

@@ -1,4 +1,4 @@
-"""Continuous batching: the batched engine, the tick scheduler, and `stip serve --engine batched`.
+"""Continuous batching: the batched engine, the tick scheduler, and `stip serve` (batching by default).
 
 Lossless as vLLM's model tests define it: under batching, greedy output equals plain `generate`; where a near-tie
 flips a token, the plain token is in the batched top 5 (and the sequences are compared up to there). Each test also
@@ -195,6 +195,40 @@ def test_long_prefill_does_not_stall_decodes():
     assert logits.shape == want.shape and float((logits - want).abs().max()) < 1e-4
 
 
+def test_scheduler_gathers_the_sessions_of_the_last_tick():
+    """Round-trip clients send their next step a moment after their reply (here 5-15 ms apart): the tick thread
+    waits for the sessions of the last tick within its gather window, so 4 sessions share ticks instead of running
+    a tick each; stats() counts what ran."""
+    model = tiny("llama-gqa-untied")
+    sched = Scheduler(BatchedEngine(model), gather=100.0, gather_max_s=0.2)  # window: 0.2 s, whatever the tick costs
+    steps, rows = 6, []
+    sched.add_tick_observer(rows.append)
+    assert sched.stats() == {"engine": "transformers (batched)", "mode": "round-trip", "batch_size": 0, "queue": 0,
+                             "running": 0, "ticks": 0, "rows_per_tick_avg": 0.0}
+
+    def run(i):
+        s = sched.new_state()
+        tok = int(sched.prefill(s, embed(model, PLAN[i][0]))[-1].argmax())
+        for _ in range(steps):
+            time.sleep(0.005 * (i + 1))  # the client's round trip: each session comes back at its own time
+            tok = int(sched.decode(s, embed(model, [tok]))[-1].argmax())
+        sched.free(s)
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = sched.stats()
+    finally:
+        sched.close()
+    assert sum(rows) == 3 * (steps + 1) and stats["ticks"] == len(rows)
+    assert len(rows) <= steps + 3, f"ticks of {rows} rows for 3 sessions x {steps + 1} steps: not gathered"
+    assert stats["batch_size"] == rows[-1] and stats["queue"] == 0 and stats["running"] == 0
+    assert 1 < stats["rows_per_tick_avg"] <= 3
+
+
 def test_scheduler_failure_of_one_session_leaves_others():
     model = tiny("gpt2")
     sched = Scheduler(BatchedEngine(model))
@@ -228,15 +262,23 @@ def remote_greedy(conn, client: ClientBundle, prompt: list[int], n: int, downlin
             r = s.decode(client.embed(torch.tensor(out[-1:]), start=s.position), downlink=downlink)
 
 
+def metric(text: str, name: str) -> float:
+    """One sample's value from a Prometheus text page (the line that starts with `name`)."""
+    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+
+
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2"])
-def test_server_batched_engine_four_concurrent_clients(tiny_protected, name):
+def test_server_batches_by_default_four_concurrent_clients(tiny_protected, name):
+    """The default `stip serve`: four concurrent clients get plain greedy; /health shows the engine and its load
+    while they run, /metrics the rows per tick (more than one row in some tick), nothing per client."""
     plain_dir, protected_dir = tiny_protected(name)
     model = tiny(name)
     client = ClientBundle.load(protected_dir / "client")
     prompts = [p for p, _, _ in PLAN[:4]]
-    results, errors = {}, []
-    with serve(protected_dir, "--engine", "batched", token=TOKEN, threads=1) as server:
+    results, errors, seen = {}, [], []
+    with serve(protected_dir, token=TOKEN, threads=1) as server:
         conn = Connection(server.url, token=TOKEN)
+        idle = server.health()
 
         def run(i):
             try:
@@ -248,13 +290,40 @@ def test_server_batched_engine_four_concurrent_clients(tiny_protected, name):
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
+        while any(t.is_alive() for t in threads):
+            seen.append(server.health())
+            time.sleep(0.01)
         for t in threads:
             t.join(180)
-        log = server.log()
+        metrics, log = server.metrics(), server.log()
     assert not errors, f"{errors}\n{log[-2000:]}"
     assert "engine transformers (batched)" in log
     for i, prompt in enumerate(prompts):
         assert results[i] == plain_greedy(model, prompt, 12), f"client {i}"
+    assert idle == {"status": "ok", "engine": "transformers (batched)", "mode": "round-trip", "batch_size": 0,
+                    "queue": 0}
+    assert all(set(h) == set(idle) and h["engine"] == idle["engine"] for h in seen)
+    assert max(h["batch_size"] for h in seen) > 1, seen
+    ticks, rows = metric(metrics, "stip_engine_tick_rows_count"), metric(metrics, "stip_engine_tick_rows_sum")
+    assert rows == 4 * 12 and ticks < rows, f"{rows} rows in {ticks} ticks"
+    assert metric(metrics, 'stip_engine_tick_rows_bucket{le="1.0"}') < ticks  # some tick ran more than one row
+    assert 'stip_engine_info{engine="transformers (batched)",mode="round-trip"} 1.0' in metrics
+    for gauge in ("stip_engine_batch_size", "stip_engine_queue", "stip_engine_running"):
+        assert metric(metrics, gauge + " ") >= 0
+
+
+def test_server_no_batching_is_serial(tiny_protected):
+    _, protected_dir = tiny_protected("gpt2")
+    with serve(protected_dir, "--no-batching", token=TOKEN, threads=1) as server:
+        conn = Connection(server.url, token=TOKEN)
+        client = ClientBundle.load(protected_dir / "client")
+        assert remote_greedy(conn, client, PLAN[0][0], 3, Downlink("topk", 3)) == plain_greedy(tiny("gpt2"),
+                                                                                              PLAN[0][0], 3)
+        health, metrics = server.health(), server.metrics()
+    assert health == {"status": "ok", "engine": "transformers (serial)", "mode": "round-trip", "batch_size": 1,
+                      "queue": 0}
+    assert 'stip_engine_info{engine="transformers (serial)",mode="round-trip"} 1.0' in metrics
+    assert metric(metrics, "stip_engine_tick_rows_count") == 0  # no ticks: one forward per step
 
 
 # ------------------------------------------------------------------ SmolLM2

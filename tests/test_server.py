@@ -352,7 +352,8 @@ def test_token_required(gpt2):
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(urllib.request.Request(url + path, headers=headers), timeout=10)
             assert e.value.code == status, (path, headers)
-    assert Connection(url, token="").health() == {"status": "ok"}  # /health is open, and says only that
+    health = Connection(url, token="").health()  # /health is open: up, and the engine's load, nothing else
+    assert health["status"] == "ok" and set(health) == {"status", "engine", "mode", "batch_size", "queue"}
     with pytest.raises(StipAuthError):
         Connection(url, token="").info()
     with pytest.raises(StipAuthError):
@@ -423,7 +424,9 @@ def test_limits_and_expiry(tiny_protected):
 
 
 def test_health_and_metrics_format(gpt2):
-    assert gpt2.server.health() == {"status": "ok"}  # open to anyone: nothing but "up"
+    health = gpt2.server.health()  # open to anyone: "up" and the engine's load, nothing per client
+    assert health["status"] == "ok" and set(health) == {"status", "engine", "mode", "batch_size", "queue"}
+    assert health["mode"] == "round-trip" and health["engine"].startswith("transformers")
     h = gpt2.server.info()
     c = gpt2.client
     assert h["status"] == "ok" and h["bundle_id"] == c.bundle_id and h["model_type"] == "gpt2"

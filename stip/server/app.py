@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from stip.common.hosts import is_loopback_host
 from stip.errors import StipError
 from stip.server.auth import Authenticator, AuthError, Principal, load_key_file
 from stip.server.budget import Admission, AdmissionError, Quota, default_budget_tokens
-from stip.server.engine import Engine, TokenEngine
+from stip.server.engine import Engine, TokenEngine, TopK
 from stip.server.metrics import Metrics
 from stip.server.sessions import Session, SessionManager
 
@@ -102,9 +103,16 @@ class StipService:
         self._auth_generation = self.auth.generation
         self.sessions = SessionManager(getattr(engine, "new_state", lambda: None), self._free_state,
                                        settings.session_ttl)
+        self.waiting = 0  # steps handed to the worker pool that have not started (the serial engine's queue)
+        self._waiting_lock = threading.Lock()
         self.metrics = Metrics(lambda: len(self.sessions), lambda: self.sessions.kv_caches,
                                lambda: self.sessions.kv_tokens, lambda: self.admission.used,
-                               lambda: self.admission.total)
+                               lambda: self.admission.total, self.engine_stats)
+        inner = engine  # the scheduler, possibly under a server-decode engine, feeds the rows-per-tick histogram
+        while inner is not None and not hasattr(inner, "add_tick_observer"):
+            inner = getattr(inner, "engine", None)
+        if inner is not None:
+            inner.add_tick_observer(self.metrics.tick_rows.observe)
         self._expiry_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -138,9 +146,20 @@ class StipService:
 
     # ------------------------------------------------------------ info
 
+    def engine_stats(self) -> dict:
+        """The engine's own figures (`Engine.stats`), its queue counting the steps still waiting for a worker."""
+        stats = dict(self.engine.stats()) if hasattr(self.engine, "stats") else {}
+        stats.setdefault("engine", type(self.engine).__name__)
+        stats.setdefault("mode", "round-trip")
+        stats["queue"] = int(stats.get("queue", 0)) + self.waiting
+        return stats
+
     def health(self) -> dict:
-        """Open to anyone, so it says only that the server is up."""
-        return {"status": "ok"}
+        """Open to anyone: that the server is up, and the engine's load (name, mode, rows in the last tick, steps
+        waiting). Counts of the whole server only: nothing per client, nothing secret."""
+        st = self.engine_stats()
+        return {"status": "ok", "engine": st["engine"], "mode": st["mode"],
+                "batch_size": int(st.get("batch_size", 0)), "queue": st["queue"]}
 
     def info(self, who: Principal) -> dict:
         """The model, the limits, and the caller's own usage (never other clients'); needs auth."""
@@ -232,6 +251,12 @@ class StipService:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise StepError(422, f"top-k downlink needs an integer k >= 1, got {_short(k)}")
             k = min(k, self.engine.vocab_size)
+        top_limit = getattr(self.engine, "max_top_k", None)  # an engine that returns `TopK`, never all V logits
+        if top_limit is not None and (k == 0 or k > top_limit):
+            raise StepError(400, f"this server's engine returns the top {top_limit} logits per step only: use a "
+                                 f"top-k downlink with k <= {top_limit}" + ("" if k else ", not full logits"))
+        if top_limit is not None and op == "prefill" and positions == "all":
+            raise StepError(400, "this server's engine returns the last position's top-k only: use positions='last'")
         if op == "decode" and s.position == 0:
             raise StepError(409, "decode before prefill: the session's KV cache is empty; send a prefill first")
         if s.position + t > self.max_seq_len:
@@ -252,6 +277,8 @@ class StipService:
 
     def run_step(self, s: Session, op: str, req: dict, payload: memoryview) -> tuple[dict, list[bytes]]:
         """On the worker thread: payload -> tensor -> forward -> downlink bytes."""
+        with self._waiting_lock:
+            self.waiting -= 1
         t0 = time.perf_counter()
         x = wire.tensor_from_bytes(payload, req["dtype"], req["shape"])
         if not bool(torch.isfinite(x).all()):
@@ -271,7 +298,11 @@ class StipService:
                             fatal=True) from None
         t = self.engine.length(s.state) - before
         k = req["k"]
-        if k:
+        if isinstance(logits, TopK):  # parse_request allowed only top-k downlinks with k <= the engine's
+            parts = [wire.tensor_bytes(logits.indices[:, :k].to(torch.int32)),
+                     wire.tensor_bytes(logits.values[:, :k].contiguous()), wire.tensor_bytes(logits.logsumexp)]
+            shape, kind = [int(logits.values.shape[0]), k], "topk"
+        elif k:
             values, indices = torch.topk(logits, k, dim=-1)
             parts = [wire.tensor_bytes(indices.to(torch.int32)), wire.tensor_bytes(values),
                      wire.tensor_bytes(torch.logsumexp(logits.float(), dim=-1))]
@@ -321,6 +352,8 @@ class StipService:
             self.admit(s, who, req["tokens"])
             s.busy = True
             try:
+                with self._waiting_lock:
+                    self.waiting += 1
                 header, parts = await asyncio.get_running_loop().run_in_executor(
                     self.worker, self.run_step, s, op, req, payload)
                 s.position = header["position"]

@@ -32,6 +32,9 @@ class _Seq:
 class BatchedEngine(Engine):
     """Packed continuous batching over a stock transformers model (llama, mistral, qwen2, gpt2)."""
 
+    name = "transformers (batched)"
+    last_rows = 0  # rows in the last step_batch
+
     def __init__(self, model, manifest: dict | None = None):
         ref = TransformersEngine(model, manifest)  # same metadata as the serial engine
         self.model, self.manifest, self.config = ref.model, ref.manifest, ref.config
@@ -111,6 +114,7 @@ class BatchedEngine(Engine):
                 results[i] = e
         if not good:
             return results
+        self.last_rows, self._running = len(good), len(good)
         try:
             outs = self._forward([steps[i] for i in good])
         except Exception as e:  # noqa: BLE001
@@ -123,9 +127,13 @@ class BatchedEngine(Engine):
                     outs.append(self._forward([steps[i]])[0])
                 except Exception as e1:  # noqa: BLE001
                     outs.append(e1)
+        self._running = 0
         for i, out in zip(good, outs):
             results[i] = out
         return results
+
+    def stats(self) -> dict:
+        return {**super().stats(), "batch_size": self.last_rows}
 
     def _forward(self, steps: list[Step]) -> list[torch.Tensor | None]:
         rows, keep, spans = [], [], []

@@ -69,6 +69,17 @@ class Engine(ABC):
     def close(self) -> None:
         """Stop any background work (the scheduler's tick thread); the serial engines have none."""
 
+    name: str = "engine"  # what /health and /metrics call it, e.g. "transformers (serial)"
+    _running = 0  # steps being computed now (an engine that runs one at a time: 0 or 1)
+    _stepped = False  # whether any step has run (the default batch size: 0 before, 1 after)
+
+    def stats(self) -> dict:
+        """What /health and /metrics report: engine name, mode, rows in the last forward ("batch_size"), steps
+        waiting for the engine ("queue"), steps being computed ("running"). Counts only, nothing per session. This
+        default fits an engine that runs one step at a time; `Scheduler` reports its ticks."""
+        return {"engine": self.name, "mode": "round-trip", "batch_size": 1 if self._stepped else 0, "queue": 0,
+                "running": self._running}
+
 
 @dataclass(eq=False)  # compared by identity: a step holds tensors
 class Step:
@@ -112,6 +123,13 @@ class TokenEngine(ABC):
     def close(self) -> None:
         """Stop background work."""
 
+    name: str = "engine"
+
+    def stats(self) -> dict:
+        """As `Engine.stats`, for server-decode: "batch_size" counts sequences in the last step, "queue" requests
+        waiting, "running" requests being generated. An engine that knows these overrides this default."""
+        return {"engine": self.name, "mode": "server-decode", "batch_size": 0, "queue": 0, "running": 0}
+
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Keys and values of every layer: 2 x layers x kv_heads x head_dim x dtype size (a transformers config)."""
@@ -134,6 +152,8 @@ class TransformersEngine(Engine):
     Concurrent sessions are served serially (one forward per step, in arrival order): batching sessions of different
     lengths would need padding masks, which changes summation order and so would not be bit-identical to a solo run.
     """
+
+    name = "transformers (serial)"
 
     def __init__(self, model, manifest: dict | None = None):
         self.model = model.eval()
@@ -171,9 +191,13 @@ class TransformersEngine(Engine):
             state.cache = DynamicCache(config=self.config)
         t = x.shape[0]
         pos = torch.arange(state.length, state.length + t, device=self.device).unsqueeze(0)
-        with torch.inference_mode():
-            out = self.model(inputs_embeds=x.to(device=self.device, dtype=self.dtype).unsqueeze(0),
-                             position_ids=pos, past_key_values=state.cache, use_cache=True, logits_to_keep=keep)
+        self._running, self._stepped = 1, True
+        try:
+            with torch.inference_mode():
+                out = self.model(inputs_embeds=x.to(device=self.device, dtype=self.dtype).unsqueeze(0),
+                                 position_ids=pos, past_key_values=state.cache, use_cache=True, logits_to_keep=keep)
+        finally:
+            self._running = 0
         state.length += t
         return out.logits[0].float()
 

@@ -1,25 +1,29 @@
 """Prometheus metrics of one server process (a private registry, so several apps in one process never collide).
 
-Only counts, sizes and timings: no tensor values, no session ids.
+Only counts, sizes and timings: no tensor values, no session ids. The engine's figures (`Engine.stats`: rows per
+tick, steps waiting, steps running) are read when /metrics is scraped; the rows-per-tick histogram is fed by the
+scheduler after every tick.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from stip.server.budget import REFUSALS
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0)
+TICK_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, sessions: Callable[[], int], kv_caches: Callable[[], int], kv_tokens: Callable[[], int],
-                 kv_reserved: Callable[[], int] = lambda: 0, kv_budget: Callable[[], int] = lambda: 0):
+                 kv_reserved: Callable[[], int] = lambda: 0, kv_budget: Callable[[], int] = lambda: 0,
+                 engine_stats: Callable[[], dict] = dict):
         r = self.registry = CollectorRegistry(auto_describe=True)
         Gauge("stip_sessions_active", "Open sessions (attached to a socket or waiting to be resumed)",
               registry=r).set_function(sessions)
@@ -44,6 +48,15 @@ class Metrics:
             self.bytes.labels(direction)
         for reason in REFUSALS:
             self.refused.labels(reason)
+        first = engine_stats()
+        Info("stip_engine", "The engine serving this process and its mode", registry=r).info(
+            {"engine": str(first.get("engine", "unknown")), "mode": str(first.get("mode", "round-trip"))})
+        for key, doc in (("batch_size", "Rows (sessions or sequences) in the engine's last tick or step"),
+                         ("queue", "Steps or requests waiting for the engine"),
+                         ("running", "Steps or requests being computed now")):
+            Gauge(f"stip_engine_{key}", doc, registry=r).set_function(lambda key=key: engine_stats().get(key, 0))
+        self.tick_rows = Histogram("stip_engine_tick_rows", "Rows per engine tick (one batched forward)",
+                                   buckets=TICK_ROW_BUCKETS, registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,12 +10,20 @@ Tick rule: every pending single-token step (a decode) joins the next tick; multi
 long prompt delays the decodes of others by at most one chunk's worth of compute per tick, instead of stalling them
 for its whole length. A session has at most one step in flight (it waits for each reply), so order within a session
 is preserved; a failing step fails only its own session.
+
+Gathering: in round-trip mode a session's next step arrives one client round trip after its reply, and the replies
+of one tick reach the clients at slightly different times. A tick started as soon as the first step is back would
+run a few rows, and the rest a moment later in a second tick that costs nearly as much (the forward is bound by
+reading the weights). So the tick thread waits, after a tick, for the sessions of that tick to send their next step,
+but only until `gather` (a fraction of the last tick's compute time, at most `gather_max_s`) has passed; a session
+that closes, or does not come back in time, is not waited for again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -28,6 +36,11 @@ from stip.server.engine import Engine, Step
 log = logging.getLogger("stip.server")
 
 DEFAULT_CHUNK_TOKENS = 256
+# How long the tick thread waits for the sessions of the last tick to send their next step: this fraction of the
+# last tick's compute time, at most GATHER_MAX_S (see the module docstring).
+GATHER_FRACTION = 0.5
+GATHER_MAX_S = 0.05
+ROWS_EMA = 0.1  # weight of the newest tick in the moving average of rows per tick
 
 
 @dataclass(eq=False)  # compared by identity: a job holds tensors
@@ -47,10 +60,13 @@ class _Job:
 class Scheduler(Engine):
     """Merges concurrent steps on `engine` into ticks (see the module docstring)."""
 
-    def __init__(self, engine: Engine, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_concurrent: int = 1024):
+    def __init__(self, engine: Engine, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, max_concurrent: int = 1024,
+                 gather: float = GATHER_FRACTION, gather_max_s: float = GATHER_MAX_S):
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
         self.engine, self.chunk_tokens = engine, chunk_tokens
+        self.gather, self.gather_max_s = gather, gather_max_s
+        self.name = getattr(engine, "name", type(engine).__name__)
         for name in ("hidden_size", "vocab_size", "model_type", "max_positions", "dtype", "manifest",
                      "kv_bytes_per_token"):
             if hasattr(engine, name):
@@ -62,6 +78,11 @@ class Scheduler(Engine):
         self._closed = False
         self.ticks = 0  # ticks run so far (for tests and metrics)
         self.last_tick_rows = 0
+        self.rows_avg = 0.0  # moving average of rows per tick
+        self.running = 0  # rows of the tick being computed now (0 between ticks)
+        self._awaiting: set[int] = set()  # ids of the states of the last tick that have not sent their next step
+        self._gather_until = 0.0
+        self._observers: list = []
         self._thread = threading.Thread(target=self._loop, name="stip-ticks", daemon=True)
         self._thread.start()
 
@@ -77,6 +98,7 @@ class Scheduler(Engine):
         """Queued: the state is freed between ticks, never under a running forward."""
         with self._cv:
             self._frees.append(state)
+            self._awaiting.discard(id(state))
             self._cv.notify()
 
     def submit(self, state: Any, embeds: torch.Tensor, all_positions: bool = False) -> Future:
@@ -89,6 +111,7 @@ class Scheduler(Engine):
             if self._closed:
                 raise RuntimeError("the scheduler was closed")
             self._jobs.append(job)
+            self._awaiting.discard(id(state))
             self._cv.notify()
         return job.future
 
@@ -97,6 +120,19 @@ class Scheduler(Engine):
 
     def decode(self, state: Any, embed: torch.Tensor) -> torch.Tensor:
         return self.submit(state, embed.reshape(1, -1)).result()
+
+    def stats(self) -> dict:
+        """For /health and /metrics: rows in the last tick, steps waiting for a tick, rows being computed now, ticks
+        run, and the moving average of rows per tick. Counts only: nothing about any session."""
+        inner = self.engine.stats()
+        with self._cv:
+            queue = len(self._jobs) - self.running
+        return {**inner, "engine": self.name, "batch_size": self.last_tick_rows, "queue": max(0, queue),
+                "running": self.running, "ticks": self.ticks, "rows_per_tick_avg": round(self.rows_avg, 3)}
+
+    def add_tick_observer(self, observe) -> None:
+        """`observe(rows)` after every tick, on the tick thread (the server's rows-per-tick histogram)."""
+        self._observers.append(observe)
 
     def close(self) -> None:
         with self._cv:
@@ -123,6 +159,13 @@ class Scheduler(Engine):
             with self._cv:
                 while not (self._jobs or self._frees or self._closed):
                     self._cv.wait()
+                while self._jobs and self._awaiting and not self._closed:
+                    left = self._gather_until - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                if self._jobs:
+                    self._awaiting.clear()  # whoever did not come back in time is not waited for again
                 if self._closed:
                     for job in self._jobs:
                         job.future.set_exception(RuntimeError("the server is shutting down"))
@@ -136,11 +179,17 @@ class Scheduler(Engine):
                 except Exception:  # noqa: BLE001 - freeing must not stop the ticks
                     log.exception("freeing a session's state failed")
             if plan:
+                self.running = len(plan)
+                t0 = time.perf_counter()
                 try:
                     self._tick(plan)
                 except Exception as e:  # noqa: BLE001 - a bug here must fail these steps, not stop every session
                     log.exception("a tick failed")
                     self._finish([job for job, _ in plan], e)
+                finally:
+                    self.running = 0
+                end = time.perf_counter()
+                self._gather_until = end + min(self.gather_max_s, self.gather * (end - t0))
 
     def _tick(self, plan: list[tuple[_Job, int]]) -> None:
         steps = []
@@ -152,8 +201,15 @@ class Scheduler(Engine):
             results = self.engine.step_batch(steps)
         except Exception as e:  # noqa: BLE001 - an engine that raises for the whole tick fails every row
             results = [e] * len(steps)
+        self.running = 0  # before any reply, so whoever sees the reply sees the tick over
         self.ticks += 1
         self.last_tick_rows = len(steps)
+        self.rows_avg = len(steps) if self.ticks == 1 else (1 - ROWS_EMA) * self.rows_avg + ROWS_EMA * len(steps)
+        for observe in self._observers:
+            try:
+                observe(len(steps))
+            except Exception:  # noqa: BLE001 - metrics must not fail a tick
+                log.exception("a tick observer failed")
         finished = []
         for (job, n), out in zip(plan, results):
             if isinstance(out, BaseException):
@@ -177,3 +233,7 @@ class Scheduler(Engine):
                     job.future.set_exception(error)
                 if job in self._jobs:
                     self._jobs.remove(job)
+            pending = {id(job.state) for job in self._jobs}
+            for job in jobs:  # their next steps are one round trip away (unless already here)
+                if error is None and not job.future.exception() and id(job.state) not in pending:
+                    self._awaiting.add(id(job.state))
