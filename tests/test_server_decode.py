@@ -86,6 +86,29 @@ def sd(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def long_sd(tmp_path_factory) -> Path:
+    """A tiny llama with room for 4096 positions, protected in server-decode mode: raw requests without stop ids run
+    to max_tokens, long enough (seconds) that a test can hold a generation open or leave it mid-stream."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.models import _randomise
+
+    root = tmp_path_factory.mktemp("sd-long")
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    _randomise(LlamaForCausalLM(config), 0).save_pretrained(root / "plain")
+    stip.protect(root / "plain", root / "protected", progress=False, mode="server-decode")
+    return root / "protected"
+
+
+def _wait_kv_zero(server) -> int:
+    deadline = time.monotonic() + 30
+    while _kv_tokens(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _kv_tokens(server)
+
+
 def _plain(folder: Path):
     from transformers import AutoModelForCausalLM
 
@@ -252,22 +275,47 @@ def _kv_tokens(server) -> int:
     return httpx.get(server.url + "/v1/info", headers=AUTH, timeout=30).json()["kv_tokens"]
 
 
-def test_a_client_leaving_mid_stream_frees_its_kv(llama):
+def test_a_client_leaving_mid_stream_frees_its_kv(long_sd, llama):
     server, plain, out, eos = llama
-    body = {"ids": Client(out / "client", server.url, token=TOKEN).bundle.server_ids(PROMPT).tolist(),
-            "max_tokens": 100}
-    with httpx.Client(timeout=30) as h, h.stream("POST", server.url + "/v1/generate", json=body, headers=AUTH) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        first = json.loads(next(lines))
-        assert len(first["ids"]) == 1 and first.get("finish_reason") is None
-        assert _kv_tokens(server) == len(PROMPT) + 100  # prompt + max_tokens reserved before it started
-    deadline = time.monotonic() + 20
-    while _kv_tokens(server) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _kv_tokens(server) == 0
+    with serve(long_sd, token=TOKEN) as long_server:
+        body = {"ids": PROMPT, "max_tokens": 4000}
+        for lines_read in (0, 3):  # leave before the first token, and after a few
+            with httpx.Client(timeout=30) as h, h.stream("POST", long_server.url + "/v1/generate", json=body,
+                                                         headers=AUTH) as r:
+                assert r.status_code == 200
+                assert _kv_tokens(long_server) == len(PROMPT) + 4000  # reserved before it started
+                lines = r.iter_lines()
+                for _ in range(lines_read):
+                    assert json.loads(next(lines)).get("finish_reason") is None
+            assert _wait_kv_zero(long_server) == 0
+        r = httpx.post(long_server.url + "/v1/generate", json={"ids": PROMPT, "max_tokens": 5}, headers=AUTH,
+                       timeout=30)
+        assert r.status_code == 200 and json.loads(r.text.splitlines()[-1])["completion_tokens"] == 5
     client = Client(out / "client", server.url, token=TOKEN)
     assert client.generate(ids=PROMPT, max_tokens=30).token_ids == plain_greedy(plain, PROMPT, 30, [eos])
+
+
+def test_admission_reserves_prompt_plus_max_tokens(long_sd):
+    """A generation takes a session slot and prompt + max_tokens KV tokens before it starts: 503 when the server is
+    full, 429 over the client's quota, both before any compute; everything returns when the stream ends."""
+    url_of = lambda server: server.url + "/v1/generate"  # noqa: E731
+    with serve(long_sd, "--kv-budget-tokens", "3000", token=TOKEN) as server:
+        r = httpx.post(url_of(server), json={"ids": PROMPT, "max_tokens": 3000}, headers=AUTH, timeout=30)
+        assert r.status_code == 503 and "KV budget" in r.json()["error"] and r.headers["Retry-After"]
+        with httpx.Client(timeout=30) as h, h.stream("POST", url_of(server), json={"ids": PROMPT, "max_tokens": 2500},
+                                                     headers=AUTH) as held:
+            assert held.status_code == 200 and _kv_tokens(server) == len(PROMPT) + 2500
+            r = httpx.post(url_of(server), json={"ids": PROMPT, "max_tokens": 600}, headers=AUTH, timeout=30)
+            assert r.status_code == 503
+        assert _wait_kv_zero(server) == 0
+        r = httpx.post(url_of(server), json={"ids": PROMPT, "max_tokens": 600}, headers=AUTH, timeout=30)
+        assert r.status_code == 200
+    with serve(long_sd, "--client-max-sessions", "1", token=TOKEN) as server:
+        with httpx.Client(timeout=30) as h, h.stream("POST", url_of(server), json={"ids": PROMPT, "max_tokens": 4000},
+                                                     headers=AUTH) as held:
+            assert held.status_code == 200
+            r = httpx.post(url_of(server), json={"ids": PROMPT, "max_tokens": 5}, headers=AUTH, timeout=30)
+            assert r.status_code == 429 and "too many sessions" in r.json()["error"]
 
 
 def test_round_trip_and_server_decode_do_not_mix(llama, tiny_protected):
