@@ -281,8 +281,9 @@ def _notes() -> list[str]:
         "run, variants interleaved (server side: ABBA over repeats, decode alternating every step; concurrent and "
         "end to end: order rotated every round).",
         "Server side (section 1) is engine-level: in-process batched forwards, B sequences in one forward. The "
-        "default `stip serve --engine serial` runs its sessions one at a time; `--engine batched` packs them into one "
-        "forward per tick. What several users get through the server, with each engine, is section 2.",
+        "default `stip serve` packs the steps of all sessions in flight into one forward per tick (continuous "
+        "batching); `stip serve --no-batching` runs its sessions one at a time. What several users get through the "
+        "server, both ways, is section 2.",
         "Server side: the plain model gets token ids, the protected model gets embeddings: in STIP the embedding "
         "lookup and permutation are the client's, so they are computed outside the server's timer.",
         "End to end: the plain baseline is transformers `generate` in one process (no network); STIP is a real "
