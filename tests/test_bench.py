@@ -79,7 +79,8 @@ def test_quick_bench_json_sections(quick_run):
 
     cc = r["concurrent"]
     assert [row["clients"] for row in cc["rows"]] == r["meta"]["settings"]["concurrent"]["clients"]
-    assert "stip serve" in cc["servers"] and all(cc["same_tokens_as_plain"].values())
+    assert set(cc["servers"]) == {"stip serve (default, batched)", "stip serve --no-batching"}
+    assert all(cc["same_tokens_as_plain"].values())
     for row in cc["rows"]:
         _summary(row["plain_batch_tokens_per_s"])
         for v in row["servers"].values():

@@ -2,8 +2,9 @@
 
 The event loop only authenticates, frames and validates; every tensor operation (decoding the payload, the forward,
 top-k, encoding the reply) runs on a single worker thread that owns the engine, so sessions interleave step by step
-and torch keeps all cores for the one forward in flight. With `--engine batched` each step in flight gets its own
-worker thread instead, and the engine (`stip.server.scheduler`) merges them into one forward per tick.
+and torch keeps all cores for the one forward in flight (`--no-batching`). With batching (the default) each step in
+flight gets its own worker thread instead, and the engine (`stip.server.scheduler`) merges them into one forward per
+tick.
 
 The server process is given only the server bundle path and never opens client files.
 """
