@@ -74,14 +74,21 @@ def _import_vllm():
     return AsyncEngineArgs, AsyncLLM
 
 
+def _world_size(options: dict) -> int:
+    """Processes vLLM will run the model on: tensor x pipeline parallel size (checked: they come from the CLI)."""
+    try:
+        return int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
+    except (TypeError, ValueError):
+        raise StipError("tensor_parallel_size and pipeline_parallel_size must be whole numbers") from None
+
+
 def cpu_env_defaults(options: dict) -> None:
     """vLLM's CPU settings, only where the operator has not set them: a KV cache of CPU_KV_CACHE_GIB (unless
     --gpu-memory-utilization sizes it), and every core this process may use for the engine, none kept back for the
     front end (one process, tensor_parallel_size 1; otherwise vLLM's own binding)."""
     if "gpu_memory_utilization" not in options:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
-    world = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
-    if world == 1:
+    if _world_size(options) == 1:
         cpus = sorted(os.sched_getaffinity(0))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
@@ -111,8 +118,7 @@ def engine_args(model_dir: Path, dtype: torch.dtype, options: dict, defaults: di
                           "enable_log_requests": False, **defaults}
     if _on_cpu():
         kw["enforce_eager"] = True  # torch.compile costs ~90 s of start-up on CPU and was not faster
-        world = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
-        if world == 1:
+        if _world_size(options) == 1:
             kw["distributed_executor_backend"] = "uni"
     kw.update(options)
     kw.update(fixed)
