@@ -7,7 +7,7 @@ import torch
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from stip.client.sampling import Sampler, SamplingParams
+from stip.common.sampling import Sampler, SamplingParams
 
 V = 500
 

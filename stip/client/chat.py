@@ -13,7 +13,7 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
              repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
              downlink: str = "topk", system: str | None = None, trusted=None, ca_file: Path | None = None,
              insecure: bool = False) -> None:
-    from stip.client.sampling import SamplingParams
+    from stip.common.sampling import SamplingParams
     from stip.client.sdk import Client
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)

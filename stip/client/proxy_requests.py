@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stip.client.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from stip.common.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16  # choices per request; each is its own server session
 MAX_STOP = 4  # OpenAI's limit

@@ -20,7 +20,7 @@ import torch
 
 from stip.client.bundle import ClientBundle
 from stip.client.logprobs import TokenLogprob, step_logprob
-from stip.client.sampling import Sampler, SamplingParams
+from stip.common.sampling import Sampler, SamplingParams
 from stip.client.transport import StipCertificateError, StipConnectionError, StipServerError
 from stip.common.signing import Trusted, check_pinned
 from stip.errors import KeyMismatchError, StipError

@@ -19,7 +19,7 @@ import httpx
 from pydantic import ValidationError
 
 from stip.client.logprobs import TokenLogprob
-from stip.client.sampling import SamplingParams
+from stip.common.sampling import SamplingParams
 from stip.client.transport import (StipAuthError, StipCertificateError, StipConnectionError, StipProtocolError,
                                    StipServerError, _http_url)
 from stip.common.generate import GENERATE_PATH, GenerateChunk, GenerateRequest

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 import torch
 
-from stip.client.sampling import Sampler, SamplingParams
+from stip.common.sampling import Sampler, SamplingParams
 from stip.common.generate import GenerateChunk, GenerateRequest, TokenLogprobs
 from stip.server.engine import Engine, TokenEngine
 

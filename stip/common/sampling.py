@@ -1,4 +1,5 @@
-"""Choosing the next token on the client, from full plain logits or from the server's top-k (id, value) pairs.
+"""Choosing the next token from full logits or from top-k (id, value) pairs: on the client in round-trip mode, on
+the server (in permuted ids, where counts and values are the same) in server-decode mode.
 
 Semantics follow transformers' `generate` (in its order): RepetitionPenaltyLogitsProcessor (over every token seen,
 prompt included), then OpenAI's presence and frequency penalties (over the generated tokens only:
