@@ -172,6 +172,69 @@ def _row_label(r: dict) -> str:
     return f"decode B={r['batch']} (ctx {r['context']})"
 
 
+SCALE_TARGETS = {  # issue 8's must-shows: (row, its ratio key, target), at the largest client count
+    ("round-trip, transformers (default, batched)", "ratio_also"): 4.0,
+    ("round-trip, transformers (default, batched)", "ratio"): 0.9,
+    ("server-decode, vllm", "ratio"): 0.95,
+}
+
+
+def _scale_ratio(row: dict, cell: dict) -> str:
+    """'0.93x plain HF generate; 4.6x round-trip, transformers --no-batching' (medians)."""
+    out = [f"{_f(cell[key]['median'], 2)}x {row[name]}" for key, name in (("ratio", "baseline"),
+                                                                        ("ratio_also", "also")) if key in cell]
+    return "; ".join(out) or "-"
+
+
+def scale_headline(sc: dict | None) -> list[tuple[str, str, str]]:
+    """The serving-at-scale must-shows, at the largest client count: value and target."""
+    if not sc:
+        return []
+    out = []
+    for row in sc["rows"]:
+        cell = row["cells"][-1]
+        for (label, key), target in SCALE_TARGETS.items():
+            if row["label"] == label and key in cell:
+                other = row["baseline" if key == "ratio" else "also"]
+                out.append((f"{cell['clients']} clients, `{label}` / `{other}`: aggregate tokens/s "
+                             f"(ratio range over rounds)",
+                             f"{_f(cell[key]['median'], 2)}x ({_range(cell[key], 2)})", f">= {target}"))
+        if row["label"] == "server-decode, vllm" and "same_tokens" in cell:
+            out.append((f"{cell['clients']} clients, `server-decode, vllm`: greedy tokens equal plain vLLM's",
+                        _f(cell["same_tokens"]), "yes"))
+    return out
+
+
+def scale_markdown(sc: dict) -> list[str]:
+    """Section 6: one row per configuration, per client count ms/token, tokens/s, ratio and same tokens."""
+    counts = [c["clients"] for c in sc["rows"][0]["cells"]] if sc["rows"] else []
+    header = ["configuration"] + [h for n in counts for h in (f"N={n}: ms/token", f"N={n}: tok/s", f"N={n}: ratio",
+                                                               f"N={n}: same tokens")]
+    rows = []
+    for row in sc["rows"]:
+        cells = []
+        for c in row["cells"]:
+            ticks = f" ({_f(c['rows_per_tick'], 1)} rows/tick)" if c.get("rows_per_tick") else ""
+            cells += [_mid(c["per_token_ms"], 1), _mid(c["tokens_per_s"], 1) + ticks, _scale_ratio(row, c),
+                      _f(c.get("same_tokens")) if "same_tokens" in c else "-"]
+        rows.append([row["label"]] + cells)
+    for label in sc.get("skipped", {}):
+        rows.append([label] + ["skipped"] + ["-"] * (len(header) - 2))
+    lines = ["## 6. Serving at scale: plain HF and vLLM, round-trip and server-decode on each engine", "",
+             f"Method: {sc['method']}. Prompt: {sc['prompt_tokens']} tokens. Ratios: aggregate tokens/s over the "
+             f"row's plain baseline (our engine's rows over plain HF `generate`, the vLLM rows over plain vLLM on the "
+             f"unprotected checkpoint; the batched round-trip also over the serial one), median of the per-round "
+             f"ratios. Same tokens: every client's greedy tokens equal the baseline's (plain vLLM's: equal plain "
+             f"HF's).", "", _table(header, rows), ""]
+    if sc.get("vllm_python"):
+        lines += [f"vLLM: `{sc['vllm_python']}`, settings {sc['vllm_settings']}.", ""]
+    for label, why in sc.get("skipped", {}).items():
+        lines += [f"- {label}: skipped: {why}"]
+    if sc.get("skipped"):
+        lines.append("")
+    return lines
+
+
 def headline(results: dict) -> list[tuple[str, str, str]]:
     """(figure, value, target) rows."""
     rows = []
@@ -183,6 +246,7 @@ def headline(results: dict) -> list[tuple[str, str, str]]:
                              f"aggregate tokens/s, vs plain generate at batch {r['clients']}",
                              f"{_mid(v['tokens_per_s'], 1)} vs {_mid(r['plain_batch_tokens_per_s'], 1)} "
                              f"({_f(v['ratio_to_plain']['median'], 2)}x)", ""))
+    rows += scale_headline(results.get("scale"))
     e2e = results.get("end_to_end")
     if e2e:
         plain = next(r for r in e2e["rows"] if r["variant"] == "plain")
@@ -381,6 +445,9 @@ def markdown(results: dict) -> str:
                              [[e["label"], f"{_f(e['block_s'], 3)} s", f"{_f(e['per_token_s'], 1)} s",
                                f"{_f(e['vs_plain'], 0)}x"] for e in est]), ""]
         lines += [f"![MPC vs plain]({PLOTS['mpc']})", ""]
+
+    if results.get("scale"):
+        lines += scale_markdown(results["scale"])
 
     lines += ["## Notes", "", *[f"- {n}" for n in results.get("notes", [])], ""]
     return "\n".join(lines)

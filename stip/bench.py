@@ -11,6 +11,8 @@ parts are data (`PARTS`), each a function of the shared `Run`:
                         and over simulated networks (`bench.netsim`).
 4. `bench.protect_bench` protect throughput and peak memory on a synthetic checkpoint.
 5. `bench.mpc_crypten`  one decoder block under CrypTen 2PC vs plain torch, per decoded token (and a prefill).
+6. `bench.scale`        serving at scale, one table: per-token latency and aggregate tokens/s at 1 and 8 clients for
+                        plain HF, plain vLLM, round-trip and server-decode on each engine (vLLM rows need vLLM).
 `bench.report` writes results.json, results.md and PNG plots in `out`.
 
 The full run uses SmolLM2-135M-Instruct (packaged); `--quick` (CI smoke test, 1-2 minutes) uses a tiny random
@@ -50,6 +52,7 @@ FULL = {
     "networks": ["lan", "wifi"],
     "protect_gb": 2.1,
     "mpc": {"quick": False, "repeats": 5},
+    "scale": {"clients": [1, 8], "tokens": 32, "rounds": 3, "topk": 64, "vllm": True},
 }
 QUICK = {
     "model": "tiny",
@@ -60,6 +63,7 @@ QUICK = {
     "networks": ["lan", "wifi"],
     "protect_gb": 0.05,
     "mpc": {"quick": True, "repeats": 2},
+    "scale": {"clients": [1, 2], "tokens": 4, "rounds": 2, "topk": 16, "vllm": False},
 }
 CRYPTEN_INSTALL = ("bash scripts/install.sh --test, or pip install --no-deps crypten==0.4.1 omegaconf==2.4.0 "
                    "PyYAML==6.0.4 (CrypTen must be installed with --no-deps: its declared dependencies would "
@@ -209,6 +213,24 @@ def _mpc(run: Run) -> dict:
     return mpc
 
 
+def _scale(run: Run) -> dict:
+    import stip
+    from bench import scale
+    from stip.models import smollm2_gguf
+
+    settings = run.cfg["scale"]
+    sd = run.work / "protected-server-decode"
+    source = smollm2_gguf() if run.plain_spec == "smollm2" else run.plain_spec
+    t0 = time.perf_counter()
+    stip.protect(source, sd, progress=False, mode="server-decode")
+    _say(f"protected the model in server-decode mode in {time.perf_counter() - t0:.1f} s")
+    skip = "" if settings.get("vllm", True) else ("not run in --quick (the CI smoke run): vLLM takes minutes to start"
+                                                  if run.quick else "not run (--no-vllm)")
+    return scale.run(run.plain, {"round-trip": run.protected_dir, "server-decode": sd}, run.prompt,
+                     settings, list(run.bundle.eos_token_ids), run.work, None if skip else scale.find_vllm_python(),
+                     skip_vllm=skip, log=_say)
+
+
 @dataclass(frozen=True)
 class Part:
     name: str  # its key in results.json, and `stip bench --part NAME`
@@ -228,6 +250,8 @@ PARTS = [
     Part("protect", "protect: synthetic checkpoint", _protect),
     Part("mpc", "secure two-party computation: CrypTen, per decoded token", _mpc,
          needs=("crypten", "omegaconf", "yaml"), install=CRYPTEN_INSTALL),
+    Part("scale", "serving at scale: plain HF and vLLM, round-trip and server-decode on each engine, 1 and N clients",
+         _scale, needs_model=True),
 ]
 PLOTS_NEED = ("matplotlib",)
 
@@ -295,8 +319,10 @@ def _notes() -> list[str]:
     ]
 
 
-def run_bench(quick: bool = False, out: Path = Path("bench/results"), parts: list[str] | None = None) -> dict:
-    """Run the benchmark parts (all, or those named in `parts`), write results to `out`; return the results."""
+def run_bench(quick: bool = False, out: Path = Path("bench/results"), parts: list[str] | None = None,
+              settings: dict | None = None) -> dict:
+    """Run the benchmark parts (all, or those named in `parts`), write results to `out`; return the results.
+    `settings` replaces parts' settings by name (e.g. {"scale": {...}}, from `python -m bench.scale`)."""
     bench_root()
     from bench import netsim, report
 
@@ -306,7 +332,7 @@ def run_bench(quick: bool = False, out: Path = Path("bench/results"), parts: lis
         raise StipError(f"unknown benchmark part(s) {', '.join(unknown)}: choose from {', '.join(known)}")
     selected = [p for p in PARTS if not parts or p.name in parts]
     _setup_torch()
-    cfg = QUICK if quick else FULL
+    cfg = {**(QUICK if quick else FULL), **(settings or {})}
     tree = tree_state()
     if not tree["clean"]:
         _say(f"DIRTY TREE - not for committing: {tree['changes']} uncommitted change(s) at "
