@@ -245,6 +245,13 @@ def _start_all(stack: contextlib.ExitStack, launchers: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ the benchmark
 
 
+def skipped_rows(vllm_python: str | None, skip_vllm: str = "") -> dict[str, str]:
+    """{row: why} for the vLLM rows when they are not run: `skip_vllm` (e.g. --quick), or no vLLM to run them."""
+    if vllm_python is not None and not skip_vllm:
+        return {}
+    return {row.label: skip_vllm or VLLM_INSTALL for row in ROWS if row.group == "vllm"}
+
+
 def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict, eos: list[int],
         work: Path, vllm_python: str | None, skip_vllm: str = "", log=print) -> dict:
     """Measure every row of `ROWS` (the vLLM rows only with `vllm_python`; else skipped with `skip_vllm` or the
@@ -263,11 +270,7 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
         raise RuntimeError(f"the prompt's greedy continuation reaches EOS at new token {hit + 1} of {tokens}: every "
                            f"row must generate exactly {tokens} tokens, so pick a prompt that runs longer or fewer "
                            f"tokens")
-    skipped: dict[str, str] = {}
-    if vllm_python is None or skip_vllm:
-        for row in ROWS:
-            if row.group == "vllm":
-                skipped[row.label] = skip_vllm or VLLM_INSTALL
+    skipped = skipped_rows(vllm_python, skip_vllm)
     rows = [r for r in ROWS if r.label not in skipped]
     tps = {(r.label, n): [] for r in rows for n in counts}
     per_token = {(r.label, n): [] for r in rows for n in counts}
@@ -303,10 +306,18 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
                     elif r.kind == "vllm-plain":
                         targets[r.label] = ("vllm", str(work / "plain-checkpoint"), servers[r.label].url)
                 log(f"  scale: {group} servers up in {time.perf_counter() - t0:.0f} s")
-                for label, target in targets.items():  # warm-up: each client's first session on each server
-                    pool.generate(max(counts), target, 2)
+                def release(label: str, n: int, count: int):
+                    """`pool.generate` on the row's server; a failure carries the end of the server's log."""
+                    try:
+                        return pool.generate(n, targets[label], count)
+                    except Exception as e:
+                        raise RuntimeError(f"{label}, {n} client(s): {e}\n--- its server's log, last lines:\n"
+                                           f"{servers[label].log()[-2500:]}") from None
+
+                for label in targets:  # warm-up: each client's first session on each server
+                    release(label, max(counts), 2)
                 if VLLM in targets:  # the vLLM rows' token reference: plain vLLM, one client alone
-                    _, res = pool.generate(1, targets[VLLM], tokens)
+                    _, res = release(VLLM, 1, tokens)
                     refs[VLLM] = res[0]["token_ids"]
                 if group == "transformers":
                     plain_hf(plain_model, prompt, max(counts), 2)
@@ -324,7 +335,7 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
                                 continue
                             server = servers[label]
                             before = tick_rows(server)
-                            seconds, res = pool.generate(n, targets[label], tokens)
+                            seconds, res = release(label, n, tokens)
                             after = tick_rows(server)
                             ticks[(label, n)][0] += after[0] - before[0]
                             ticks[(label, n)][1] += after[1] - before[1]
@@ -385,7 +396,8 @@ def main(argv=None) -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=None, help="client counts (default 1 8)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per client (default 32)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per group (default 3)")
-    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows")
+    ap.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
+                    help="run the vLLM rows (default: yes, but not with --quick)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/stip-bench-scale"),
                     help="folder for results.json and results.md (default /tmp/stip-bench-scale)")
     args = ap.parse_args(argv)
@@ -395,8 +407,8 @@ def main(argv=None) -> None:
     for key in ("clients", "tokens", "rounds"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
-    if args.no_vllm:
-        scale["vllm"] = False
+    if args.vllm is not None:
+        scale["vllm"] = args.vllm
     if min(scale["clients"]) < 1 or scale["tokens"] < 2 or scale["rounds"] < 1:
         ap.error("--clients must be at least 1, --tokens at least 2, --rounds at least 1")
     run_bench(quick=args.quick, out=args.out, parts=["scale"], settings={"scale": scale})

