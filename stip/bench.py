@@ -6,7 +6,8 @@ parts are data (`PARTS`), each a function of the shared `Run`:
 1. `bench.server_cost`  protected vs plain model on the same engine, in fresh processes: prefill and decode tokens/s
                         (engine-level, in-process batched forwards) and the run-to-run spread of the ratio.
 2. `bench.concurrent`   N users (client processes running `stip.Client`) through one `stip serve`: aggregate
-                        tokens/s, against plain `generate` at batch N.
+                        tokens/s, against plain `generate` at batch N. Left out of the full run (`scale` has its
+                        rows at 1 and 8 users); `--part concurrent` runs it, `--quick` too.
 3. `bench.end_to_end`   plain `generate` vs `stip.Client.generate` per token, logits vs top-k downlink, over loopback
                         and over simulated networks (`bench.netsim`).
 4. `bench.protect_bench` protect throughput and peak memory on a synthetic checkpoint.
@@ -239,12 +240,13 @@ class Part:
     needs_model: bool = False
     needs: tuple[str, ...] = ()  # optional modules: without them the part is skipped, with `install` as the note
     install: str = ""
+    in_full: bool = True  # False: the full run leaves it out (`--part NAME` runs it; `--quick` runs every part)
 
 
 PARTS = [
     Part("server_cost", "server-side cost: protected vs plain model, fresh processes", _server_cost, needs_model=True),
     Part("concurrent", "concurrent users through stip serve vs plain generate at batch N", _concurrent,
-         needs_model=True),
+         needs_model=True, in_full=False),  # the scale table has its serial/batched/plain rows at 1 and 8 users
     Part("end_to_end", "end to end: plain generate vs stip.Client over loopback and simulated networks", _end_to_end,
          needs_model=True),
     Part("protect", "protect: synthetic checkpoint", _protect),
@@ -302,12 +304,12 @@ def _setup_torch() -> None:
 def _notes() -> list[str]:
     return [
         "Every figure is a median with its spread (IQR in brackets, or min-max) over repeats taken in this one "
-        "run, variants interleaved (server side: ABBA over repeats, decode alternating every step; concurrent and "
-        "end to end: order rotated every round).",
+        "run, variants interleaved (server side: ABBA over repeats, decode alternating every step; concurrent, "
+        "end to end and scale: order rotated every round).",
         "Server side (section 1) is engine-level: in-process batched forwards, B sequences in one forward. The "
         "default `stip serve` packs the steps of all sessions in flight into one forward per tick (continuous "
         "batching); `stip serve --no-batching` runs its sessions one at a time. What several users get through the "
-        "server, both ways, is section 2.",
+        "server, both ways, is section 6 (and section 2, with `--part concurrent` or `--quick`).",
         "Server side: the plain model gets token ids, the protected model gets embeddings: in STIP the embedding "
         "lookup and permutation are the client's, so they are computed outside the server's timer.",
         "End to end: the plain baseline is transformers `generate` in one process (no network); STIP is a real "
@@ -330,7 +332,8 @@ def run_bench(quick: bool = False, out: Path = Path("bench/results"), parts: lis
     unknown = [n for n in parts or [] if n not in known]
     if unknown:
         raise StipError(f"unknown benchmark part(s) {', '.join(unknown)}: choose from {', '.join(known)}")
-    selected = [p for p in PARTS if not parts or p.name in parts]
+    defaults = [p for p in PARTS if quick or p.in_full]
+    selected = [p for p in PARTS if p.name in parts] if parts else defaults
     _setup_torch()
     cfg = {**(QUICK if quick else FULL), **(settings or {})}
     tree = tree_state()
@@ -344,7 +347,7 @@ def run_bench(quick: bool = False, out: Path = Path("bench/results"), parts: lis
     t_start = time.perf_counter()
     results: dict = {
         "meta": {"command": report.command_line(), "quick": quick, "settings": cfg, "model": None,
-                 "parts": [p.name for p in selected], "all_parts": len(selected) == len(PARTS), "git": tree,
+                 "parts": [p.name for p in selected], "all_parts": selected == defaults, "git": tree,
                  "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "cwd": os.getcwd()},
         "machine": report.machine_info(),
         "errors": {},

@@ -272,3 +272,13 @@ def test_scale_without_vllm_skips_its_rows_with_the_install_note(monkeypatch, tm
     assert scale.skipped_rows("/some/python") == {}
     md = "\n".join(report.scale_markdown({"method": "m", "prompt_tokens": 3, "rows": [], "skipped": skipped}))
     assert "| plain vLLM | skipped |" in md and "- server-decode, vllm: skipped: no Python with vLLM" in md
+
+
+def test_full_run_has_the_scale_table_instead_of_concurrent():
+    """The full run's scale table has plain, batched and serial at 1 and 8 users, so it leaves `concurrent` out;
+    `--part concurrent` and `--quick` still run it."""
+    from stip.bench import FULL, PARTS
+
+    full = [p.name for p in PARTS if p.in_full]
+    assert "scale" in full and "concurrent" not in full and "concurrent" in {p.name for p in PARTS}
+    assert FULL["scale"]["clients"] == [1, 8] and FULL["scale"]["rounds"] >= 2 and FULL["scale"]["vllm"] is True
