@@ -226,6 +226,8 @@ def scale_markdown(sc: dict) -> list[str]:
              f"unprotected checkpoint; the batched round-trip also over the serial one), median of the per-round "
              f"ratios. Same tokens: every client's greedy tokens equal the baseline's (plain vLLM's: equal plain "
              f"HF's).", "", _table(header, rows), ""]
+    for group, error in (sc.get("errors") or {}).items():
+        lines += [f"**The {group} rows failed** and are not in the table: `{error[:1500]}`", ""]
     if sc.get("vllm_python"):
         lines += [f"vLLM: `{sc['vllm_python']}`, settings {sc['vllm_settings']}.", ""]
     for label, why in sc.get("skipped", {}).items():

@@ -202,6 +202,24 @@ def plain_hf(model, prompt: list[int], batch: int, tokens: int) -> tuple[float, 
 # ------------------------------------------------------------------------------------------------ servers
 
 
+def save_plain_checkpoint(model, folder: Path) -> Path:
+    """The unprotected model as a plain safetensors checkpoint for vLLM (a GGUF-loaded model refuses
+    `save_pretrained`: its config still names the GGUF quantization, though the weights are dequantized)."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]  # vLLM picks its model class by it; GGUF configs lack it
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
+    return folder
+
+
 def _plain_vllm_server(python: str, model_dir: Path):
     from stip.server.launch import local_process
 
@@ -279,72 +297,83 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
     refs = {HF: ref}
     t_start = time.perf_counter()
 
+    errors: dict[str, str] = {}
+    plain_dir = work / "plain-checkpoint"
+
+    def measure_group(group: str, members: list[Row]) -> None:
+        """Start the group's servers side by side, warm up, then `rounds` rounds of every row, order rotated."""
+        with contextlib.ExitStack() as stack:
+            t0 = time.perf_counter()
+            launchers = {}
+            for r in members:
+                if r.kind == "stip":
+                    vllm = "vllm" in r.args
+                    launchers[r.label] = _stip_server(vllm_python if vllm else sys.executable, bundles[r.bundle],
+                                                      r.args, threads, vllm)
+                elif r.kind == "vllm-plain":
+                    launchers[r.label] = _plain_vllm_server(vllm_python, plain_dir)
+            servers = _start_all(stack, launchers)
+            targets = {}
+            for r in members:
+                if r.kind == "stip":
+                    targets[r.label] = ("stip", str(bundles[r.bundle] / "client"), servers[r.label].url)
+                elif r.kind == "vllm-plain":
+                    targets[r.label] = ("vllm", str(plain_dir), servers[r.label].url)
+            log(f"  scale: {group} servers up in {time.perf_counter() - t0:.0f} s")
+
+            def release(label: str, n: int, count: int):
+                """`pool.generate` on the row's server; a failure carries the end of the server's log."""
+                try:
+                    return pool.generate(n, targets[label], count)
+                except Exception as e:
+                    raise RuntimeError(f"{label}, {n} client(s): {e}\n--- its server's log, last lines:\n"
+                                       f"{servers[label].log()[-2500:]}") from None
+
+            for label in targets:  # warm-up: each client's first session on each server
+                release(label, max(counts), 2)
+            if VLLM in targets:  # the vLLM rows' token reference: plain vLLM, one client alone
+                refs[VLLM] = release(VLLM, 1, tokens)[1][0]["token_ids"]
+            if group == "transformers":
+                plain_hf(plain_model, prompt, max(counts), 2)
+            for rnd in range(rounds):
+                for n in counts:
+                    order = [r.label for r in members]
+                    shift = (rnd + n) % len(order)
+                    for label in order[shift:] + order[:shift]:
+                        if label == HF:
+                            seconds, per, first = plain_hf(plain_model, prompt, n, tokens)
+                            tps[(label, n)].append(n * tokens / seconds)
+                            if per is not None:
+                                per_token[(label, n)].append(per)
+                            outputs[(label, n)].append(first)
+                            continue
+                        server = servers[label]
+                        before = tick_rows(server)
+                        seconds, res = release(label, n, tokens)
+                        after = tick_rows(server)
+                        ticks[(label, n)][0] += after[0] - before[0]
+                        ticks[(label, n)][1] += after[1] - before[1]
+                        tps[(label, n)].append(sum(x["tokens"] for x in res) / seconds)
+                        per_token[(label, n)] += [x["per_token_ms"] for x in res if x["per_token_ms"] is not None]
+                        outputs[(label, n)] += [x["token_ids"] for x in res]
+                log(f"  scale: {group} round {rnd + 1}/{rounds} ({time.perf_counter() - t_start:.0f} s)")
+
+    if any(r.kind == "vllm-plain" for r in rows):
+        save_plain_checkpoint(plain_model, plain_dir)
     pool = users(max(counts), prompt, k, eos)
     try:
         for group in ("transformers", "vllm"):
             members = [r for r in rows if r.group == group]
             if not members:
                 continue
-            with contextlib.ExitStack() as stack:
-                t0 = time.perf_counter()
-                launchers = {}
-                for r in members:
-                    if r.kind == "stip":
-                        vllm = "vllm" in r.args
-                        launchers[r.label] = _stip_server(vllm_python if vllm else sys.executable, bundles[r.bundle],
-                                                          r.args, threads, vllm)
-                    elif r.kind == "vllm-plain":
-                        folder = work / "plain-checkpoint"
-                        if not folder.is_dir():
-                            plain_model.save_pretrained(folder)
-                        launchers[r.label] = _plain_vllm_server(vllm_python, folder)
-                servers = _start_all(stack, launchers)
-                targets = {}
-                for r in members:
-                    if r.kind == "stip":
-                        targets[r.label] = ("stip", str(bundles[r.bundle] / "client"), servers[r.label].url)
-                    elif r.kind == "vllm-plain":
-                        targets[r.label] = ("vllm", str(work / "plain-checkpoint"), servers[r.label].url)
-                log(f"  scale: {group} servers up in {time.perf_counter() - t0:.0f} s")
-                def release(label: str, n: int, count: int):
-                    """`pool.generate` on the row's server; a failure carries the end of the server's log."""
-                    try:
-                        return pool.generate(n, targets[label], count)
-                    except Exception as e:
-                        raise RuntimeError(f"{label}, {n} client(s): {e}\n--- its server's log, last lines:\n"
-                                           f"{servers[label].log()[-2500:]}") from None
-
-                for label in targets:  # warm-up: each client's first session on each server
-                    release(label, max(counts), 2)
-                if VLLM in targets:  # the vLLM rows' token reference: plain vLLM, one client alone
-                    _, res = release(VLLM, 1, tokens)
-                    refs[VLLM] = res[0]["token_ids"]
-                if group == "transformers":
-                    plain_hf(plain_model, prompt, max(counts), 2)
-                for rnd in range(rounds):
-                    for n in counts:
-                        order = [r.label for r in members]
-                        shift = (rnd + n) % len(order)
-                        for label in order[shift:] + order[:shift]:
-                            if label == HF:
-                                seconds, per, first = plain_hf(plain_model, prompt, n, tokens)
-                                tps[(label, n)].append(n * tokens / seconds)
-                                if per is not None:
-                                    per_token[(label, n)].append(per)
-                                outputs[(label, n)].append(first)
-                                continue
-                            server = servers[label]
-                            before = tick_rows(server)
-                            seconds, res = release(label, n, tokens)
-                            after = tick_rows(server)
-                            ticks[(label, n)][0] += after[0] - before[0]
-                            ticks[(label, n)][1] += after[1] - before[1]
-                            tps[(label, n)].append(sum(x["tokens"] for x in res) / seconds)
-                            per_token[(label, n)] += [x["per_token_ms"] for x in res if x["per_token_ms"] is not None]
-                            outputs[(label, n)] += [x["token_ids"] for x in res]
-                    log(f"  scale: {group} round {rnd + 1}/{rounds} ({time.perf_counter() - t_start:.0f} s)")
+            try:
+                measure_group(group, members)
+            except Exception as e:  # noqa: BLE001 - the other group's rows are still worth reporting
+                errors[group] = f"{type(e).__name__}: {e}"
+                log(f"  scale: the {group} rows failed: {errors[group]}")
     finally:
         pool.close()
+    rows = [r for r in rows if r.group not in errors]
 
     table = []
     for r in rows:
@@ -385,6 +414,7 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
         "vllm_same_as_hf": refs.get(VLLM) == ref if VLLM in refs else None,
         "rows": table,
         "skipped": skipped,
+        "errors": errors,  # {group: error}: those rows failed and are left out; stip bench reports it as failed
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 

@@ -373,6 +373,9 @@ def run_bench(quick: bool = False, out: Path = Path("bench/results"), parts: lis
             _say(f"{i}/{len(selected)} {part.title}")
             try:
                 results[part.name] = part.measure(run)
+                partial = results[part.name].get("errors") if isinstance(results[part.name], dict) else None
+                if partial:  # some of the part failed; what it measured is kept
+                    results["errors"][part.name] = "; ".join(f"{k}: {v}" for k, v in partial.items())
             except Exception as e:
                 results["errors"][part.name] = f"{type(e).__name__}: {e}"
                 _say(traceback.format_exc())
