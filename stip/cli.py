@@ -292,7 +292,8 @@ def bench(
     quick: bool = typer.Option(False, help="a small smoke run (CI)"),
     out: Path = typer.Option(Path("bench/results"), help="where results.md, results.json and plots go"),
     part: Optional[list[str]] = typer.Option(None, "--part", help="run only this part (repeat it): server_cost, "
-                                             "concurrent, end_to_end, protect, mpc"),
+                                             "concurrent, end_to_end, protect, mpc, scale (the full run leaves "
+                                             "out concurrent: scale covers it)"),
 ):
     """Measure STIP against the plain model and against secure two-party computation."""
     from stip.bench import run_bench
