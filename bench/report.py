@@ -226,6 +226,15 @@ def scale_markdown(sc: dict) -> list[str]:
              f"unprotected checkpoint; the batched round-trip also over the serial one), median of the per-round "
              f"ratios. Same tokens: every client's greedy tokens equal the baseline's (plain vLLM's: equal plain "
              f"HF's).", "", _table(header, rows), ""]
+    for row in sc["rows"]:
+        for c in row["cells"]:
+            d = c.get("first_difference")
+            if d:
+                lines += [f"- `{row['label']}`, N={c['clients']}: {d['clients_differing']} of {d['of']} outputs "
+                          f"differ from the reference, the first at new token {d['token'] + 1}: {d['got']} instead "
+                          f"of {d['expected']}"]
+    if any(c.get("first_difference") for row in sc["rows"] for c in row["cells"]):
+        lines.append("")
     for group, error in (sc.get("errors") or {}).items():
         lines += [f"**The {group} rows failed** and are not in the table: `{error[:1500]}`", ""]
     if sc.get("vllm_python"):

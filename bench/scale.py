@@ -289,7 +289,8 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
                            f"row must generate exactly {tokens} tokens, so pick a prompt that runs longer or fewer "
                            f"tokens")
     skipped = skipped_rows(vllm_python, skip_vllm)
-    rows = [r for r in ROWS if r.label not in skipped]
+    groups = settings.get("groups") or ["transformers", "vllm"]
+    rows = [r for r in ROWS if r.label not in skipped and r.group in groups]
     tps = {(r.label, n): [] for r in rows for n in counts}
     per_token = {(r.label, n): [] for r in rows for n in counts}
     outputs = {(r.label, n): [] for r in rows for n in counts}
@@ -386,10 +387,15 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
                     "tokens_per_client": sorted({len(o) for o in got}),
                     "rows_per_tick": round(ticks[(r.label, n)][0] / ticks[(r.label, n)][1], 2)
                     if ticks[(r.label, n)][1] else None}
-            if r.kind in ("hf", "vllm-plain"):
-                cell["same_tokens"] = all(o == ref for o in got)  # plain HF's greedy tokens, alone
-            elif base:
-                cell["same_tokens"] = all(o == refs[base] for o in got)
+            against = ref if r.kind in ("hf", "vllm-plain") else refs[base] if base else None
+            if against is not None:  # plain HF's greedy tokens alone (plain rows), else the baseline's alone
+                cell["same_tokens"] = all(o == against for o in got)
+                if not cell["same_tokens"]:  # where the first client that differs leaves the reference, and how
+                    o = next(o for o in got if o != against)
+                    i = next((j for j, (a, b) in enumerate(zip(o, against)) if a != b), min(len(o), len(against)))
+                    cell["first_difference"] = {"token": i, "got": o[i:i + 4], "expected": against[i:i + 4],
+                                                "clients_differing": sum(o != against for o in got),
+                                                "of": len(got)}
             if r.baseline and (r.baseline, n) in tps:
                 cell["ratio"] = paired(tps[(r.label, n)], tps[(r.baseline, n)])
             if r.also and (r.also, n) in tps:
@@ -412,6 +418,7 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
         "vllm_python": vllm_python if not skip_vllm else None,
         "vllm_settings": {"max_model_len": MAX_MODEL_LEN, **VLLM_ENV} if vllm_python and not skip_vllm else None,
         "vllm_same_as_hf": refs.get(VLLM) == ref if VLLM in refs else None,
+        "reference_tokens": {k: v for k, v in refs.items()},
         "rows": table,
         "skipped": skipped,
         "errors": errors,  # {group: error}: those rows failed and are left out; stip bench reports it as failed
@@ -426,6 +433,8 @@ def main(argv=None) -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=None, help="client counts (default 1 8)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per client (default 32)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per group (default 3)")
+    ap.add_argument("--group", choices=["transformers", "vllm"], action="append", default=None,
+                    help="only this group of rows (repeat it; default both)")
     ap.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
                     help="run the vLLM rows (default: yes, but not with --quick)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/stip-bench-scale"),
@@ -439,6 +448,8 @@ def main(argv=None) -> None:
             scale[key] = getattr(args, key)
     if args.vllm is not None:
         scale["vllm"] = args.vllm
+    if args.group:
+        scale["groups"] = args.group
     if min(scale["clients"]) < 1 or scale["tokens"] < 2 or scale["rounds"] < 1:
         ap.error("--clients must be at least 1, --tokens at least 2, --rounds at least 1")
     run_bench(quick=args.quick, out=args.out, parts=["scale"], settings={"scale": scale})
