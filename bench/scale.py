@@ -207,7 +207,7 @@ def save_plain_checkpoint(model, folder: Path) -> Path:
     `save_pretrained`: its config still names the GGUF quantization, though the weights are dequantized)."""
     import copy
 
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
@@ -216,7 +216,11 @@ def save_plain_checkpoint(model, folder: Path) -> Path:
     config.architectures = [type(model).__name__]  # vLLM picks its model class by it; GGUF configs lack it
     config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):  # stored once, as the input embedding (what loaders read)
+        state.pop("lm_head.weight", None)
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
     return folder
 
 
