@@ -314,7 +314,7 @@ def _notes() -> list[str]:
         "lookup and permutation are the client's, so they are computed outside the server's timer.",
         "End to end: the plain baseline is transformers `generate` in one process (no network); STIP is a real "
         "`stip serve` process and the shipped `stip.Client`, one WebSocket round trip per generated token.",
-        "For scale (STIP.md section 7): the paper reports LLaMA2-7B on A100s at 12 ms/token unprotected and "
+        "For scale: the paper (Yuan et al., NDSS 2026) reports LLaMA2-7B on A100s at 12 ms/token unprotected and "
         "31.7 ms/token with STIP over a wired LAN (client 1.7 ms, cloud 11 ms, the rest communication).",
         "The MPC baseline (bench/mpc_crypten.py) times CrypTen then plain torch, not interleaved: the gap is "
         "two orders of magnitude or more, far beyond any drift.",

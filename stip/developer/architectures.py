@@ -2,7 +2,8 @@
 
 A rule matches tensor names by regex (the named group `layer` selects the per-layer key) and lists, for each axis,
 the activation space it is indexed by and its role: "out" if the tensor produces (or is) a vector of that space, "in"
-if it consumes one. `STIP.md` section 2 is the source of these tables. A tensor that no rule matches stops the
+if it consumes one. The rules follow the STIP paper (Yuan et al., NDSS 2026), plus what it does not cover: RoPE,
+grouped-query attention and tied embeddings (see the rules below). A tensor that no rule matches stops the
 protection with an error: nothing is ever passed to the server unprotected by accident.
 
 Spaces: "resid" (p), "vocab" (pc), and per layer "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv" (GPT-2's fused
