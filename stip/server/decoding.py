@@ -4,8 +4,9 @@ A `stip protect --mode server-decode` bundle is a complete checkpoint whose embe
 secret vocabulary order, so the server can continue a sequence by itself: it embeds ids with the model's own input
 embedding, runs them through the same engines as round-trip sessions (the `Scheduler` over the `BatchedEngine` for
 continuous batching, or the serial engine), and samples in the permuted id space. Ids are opaque codes here: nothing
-on the server knows the key. Sampling reuses the client's `Sampler`, so with the same seed a server-decode
-generation picks the same tokens as a round-trip one (the same scores in another order).
+on the server knows the key. Sampling uses the same `Sampler` as the client: greedy picks the same tokens as a
+round-trip run; a seeded random draw is reproducible, but it is not the round-trip run's draw (the same
+probabilities in another order).
 """
 
 from __future__ import annotations
