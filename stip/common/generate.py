@@ -31,7 +31,8 @@ class GenerateRequest(BaseModel):
 
     ids: list[int] = Field(min_length=1, description="the prompt, permuted ids")
     max_tokens: int = Field(ge=1, description="new tokens at most")
-    stop_ids: list[int] = Field(default_factory=list, description="permuted ids that end the generation (EOS)")
+    stop_ids: list[int] = Field(default_factory=list, description="permuted ids that end the generation: the whole "
+                                "stop list (the client sends the EOS ids; no engine adds its own)")
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0: greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0: off")

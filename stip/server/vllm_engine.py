@@ -308,7 +308,10 @@ class VllmTokenEngine(_VllmBase, TokenEngine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        # ignore_eos: the request's stop_ids are the whole stop list, as on our own engine. Otherwise vLLM would add
+        # generation_config.json's EOS, and an empty stop_ids would still stop there on vLLM alone.
         return SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                              ignore_eos=True,
                               top_k=request.top_k, seed=request.seed, presence_penalty=request.presence_penalty,
                               frequency_penalty=request.frequency_penalty, stop_token_ids=list(request.stop_ids),
                               logprobs=request.logprobs or None, detokenize=False, skip_special_tokens=False,
