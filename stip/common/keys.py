@@ -38,6 +38,8 @@ class Geometry:
     head_dim: int
     ffn: int
     rope: bool
+    labels: int = 0  # classifier outputs (sequence or image classification): the client key's label permutation
+    experts: int = 0  # MoE experts per layer: each layer's expert order and one FFN permutation per expert
 
     @property
     def group(self) -> int:
@@ -98,14 +100,19 @@ def read_key_file(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torc
 
 @dataclass
 class ClientKey:
-    """`p` (residual stream) and `pc` (vocabulary): what the data owner needs to talk to the protected model."""
+    """`p` (residual stream), `pc` (vocabulary) and, for classifiers, `pl` (labels): what the data owner needs to
+    talk to the protected model. A classifier's outputs are permuted by `pl` as an LM head's are by `pc`."""
 
     bundle_id: str
     resid: SignedPermutation
     vocab: SignedPermutation
+    labels: SignedPermutation | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {**_perm_tensors("resid", self.resid), **_perm_tensors("vocab", self.vocab)}
+        out = {**_perm_tensors("resid", self.resid), **_perm_tensors("vocab", self.vocab)}
+        if self.labels is not None:
+            out |= _perm_tensors("labels", self.labels)
+        return out
 
     @property
     def fingerprint(self) -> str:
@@ -117,7 +124,7 @@ class ClientKey:
     @classmethod
     def load(cls, path: Path) -> "ClientKey":
         meta, t = read_key_file(path, "client")
-        return cls(meta["bundle_id"], _perm_from(t, "resid"), _perm_from(t, "vocab"))
+        return cls(meta["bundle_id"], _perm_from(t, "resid"), _perm_from(t, "vocab"), _labels_from(t))
 
     def check_belongs_to(self, bundle_id: str, what: str) -> None:
         if self.bundle_id != bundle_id:
@@ -125,15 +132,22 @@ class ClientKey:
                 f"the client key (bundle {self.bundle_id}) does not belong to {what} (bundle {bundle_id})")
 
 
+def _labels_from(t: dict[str, torch.Tensor]) -> SignedPermutation | None:
+    return _perm_from(t, "labels") if "labels.perm" in t else None
+
+
 @dataclass
 class LayerKey:
-    """One layer's secret: KV-group order, query order inside each group, in-head Q/K and V transforms, FFN order."""
+    """One layer's secret: KV-group order, query order inside each group, in-head Q/K and V transforms, FFN order;
+    for MoE layers also the expert order and each expert's own FFN-neuron order."""
 
     kv_order: torch.Tensor  # [kv_heads]
     q_order: torch.Tensor  # [kv_heads, group]: query heads inside each (original) group
     qk: list[SignedPermutation]  # per original KV head, shared by its query heads
     v: list[SignedPermutation]  # per original KV head
     ffn: SignedPermutation
+    experts: SignedPermutation | None = None  # slot k of the protected layer holds original expert experts.perm[k]
+    expert_ffn: list[SignedPermutation] | None = None  # per original expert
 
     @classmethod
     def draw(cls, g: Geometry, rng: KeyRng) -> "LayerKey":
@@ -147,6 +161,8 @@ class LayerKey:
             qk=qk,
             v=[SignedPermutation(rng.permutation(g.head_dim)) for _ in range(g.kv_heads)],
             ffn=SignedPermutation(rng.permutation(g.ffn)),
+            experts=SignedPermutation(rng.permutation(g.experts)) if g.experts else None,
+            expert_ffn=[SignedPermutation(rng.permutation(g.ffn)) for _ in range(g.experts)] if g.experts else None,
         )
 
     def spaces(self, g: Geometry) -> dict[str, SignedPermutation]:
@@ -166,6 +182,8 @@ class LayerKey:
             "ffn": self.ffn,
         }
         spaces["attn_qkv"] = SignedPermutation.concat([spaces["attn_q"], spaces["attn_k"], spaces["attn_v"]])
+        if self.experts is not None:
+            spaces["expert"] = self.experts
         return spaces
 
     def tensors(self, i: int) -> dict[str, torch.Tensor]:
@@ -173,13 +191,19 @@ class LayerKey:
         out |= _stack_perms(f"layers.{i}.qk", self.qk)
         out |= _stack_perms(f"layers.{i}.v", self.v)
         out |= _perm_tensors(f"layers.{i}.ffn", self.ffn)
+        if self.experts is not None:
+            out |= _perm_tensors(f"layers.{i}.experts", self.experts)
+            out |= _stack_perms(f"layers.{i}.expert_ffn", self.expert_ffn)
         return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor], i: int) -> "LayerKey":
+        moe = f"layers.{i}.experts.perm" in t
         return cls(t[f"layers.{i}.kv_order"].long(), t[f"layers.{i}.q_order"].long(),
                    _unstack_perms(t, f"layers.{i}.qk"), _unstack_perms(t, f"layers.{i}.v"),
-                   _perm_from(t, f"layers.{i}.ffn"))
+                   _perm_from(t, f"layers.{i}.ffn"),
+                   _perm_from(t, f"layers.{i}.experts") if moe else None,
+                   _unstack_perms(t, f"layers.{i}.expert_ffn") if moe else None)
 
 
 def _gather_heads(parts: list[tuple[SignedPermutation, int]]) -> SignedPermutation:
@@ -216,7 +240,8 @@ class DeveloperKey:
         """Draw a fresh key. Redraw any part that came out as the identity or repeats an earlier layer, so that
         every layer is protected and no layer's transforms reveal another's."""
         rng = rng or KeyRng()
-        client = ClientKey(bundle_id, _draw_nontrivial(rng, g.hidden), _draw_nontrivial(rng, g.vocab))
+        client = ClientKey(bundle_id, _draw_nontrivial(rng, g.hidden), _draw_nontrivial(rng, g.vocab),
+                           _draw_nontrivial(rng, g.labels) if g.labels else None)
         layers: list[LayerKey] = []
         seen: list[dict[str, SignedPermutation]] = []
         for _ in range(g.layers):
@@ -231,13 +256,23 @@ class DeveloperKey:
             seen.append(spaces)
         return cls(g, client, layers)
 
-    def space(self, name: str, layer: int | None) -> SignedPermutation:
+    def space(self, name: str, layer: int | None, expert: int | None = None) -> SignedPermutation:
+        """The transform of activation space `name` ("resid", "vocab", "label", or a per-layer space); `expert`
+        (an original expert index) selects an MoE expert's own "ffn" space."""
         if name == "resid":
             return self.client.resid
         if name == "vocab":
             return self.client.vocab
+        if name == "label":
+            if self.client.labels is None:
+                raise ValueError("this key has no label permutation (the model has no classifier head)")
+            return self.client.labels
         if layer is None or not 0 <= layer < len(self.layers):
             raise ValueError(f"space {name!r} needs a layer index in [0, {len(self.layers)})")
+        if expert is not None:
+            if name != "ffn" or self.layers[layer].expert_ffn is None:
+                raise ValueError(f"space {name!r} of layer {layer} has no per-expert transform")
+            return self.layers[layer].expert_ffn[expert]
         return self.layers[layer].spaces(self.geometry)[name]
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -258,7 +293,7 @@ class DeveloperKey:
     def load(cls, path: Path) -> "DeveloperKey":
         meta, t = read_key_file(path, "developer")
         g = Geometry(**json.loads(meta["geometry"]))
-        client = ClientKey(meta["bundle_id"], _perm_from(t, "resid"), _perm_from(t, "vocab"))
+        client = ClientKey(meta["bundle_id"], _perm_from(t, "resid"), _perm_from(t, "vocab"), _labels_from(t))
         return cls(g, client, [LayerKey.from_tensors(t, i) for i in range(g.layers)])
 
     def check_matches(self, g: Geometry) -> None:

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from stip.developer.architectures import TOKEN_EMBEDDING, architecture_for
+from stip.developer.architectures import CLIENT, TOKEN_EMBEDDING, architecture_for
 from stip.errors import TensorSetError
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -25,10 +25,8 @@ ROUND_TRIP, SERVER_DECODE = "round-trip", "server-decode"  # the bundle modes (s
 def expected_tensors(config) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor the model class for `config` loads (its state dict), built without memory.
     A tied parameter is listed once, under its first name (the checkpoint stores it once)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config)(config)
     seen: set[int] = set()
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -38,13 +36,33 @@ def expected_tensors(config) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def model_class(config):
+    """The transformers class a server bundle is loaded as: the one its config names (`architectures`), which must
+    be a class transformers ships (no custom code); a config that names none is a causal LM."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    if not names:
+        return transformers.AutoModelForCausalLM.from_config
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        raise TensorSetError(f"config names model class {names[0]!r}, which transformers does not ship")
+    return cls
+
+
 def client_only(config, names, mode: str = ROUND_TRIP) -> set[str]:
-    """The input embedding among `names`: the one tensor a round-trip server never gets (found by its rule's role).
-    A server-decode server gets every tensor."""
+    """The client's tensors among `names` (the token embedding, and every tensor of a client-side module such as
+    BERT's embeddings or LLaVA's vision tower): what a round-trip server never gets, found by their rules. Tables the
+    server holds as zeros are not among them. A server-decode server gets every tensor."""
     if mode == SERVER_DECODE:
         return set()
     arch = architecture_for(config)
-    return {n for n in names if arch.match(n).rule.role == TOKEN_EMBEDDING}
+    out = set()
+    for n in names:
+        rule = arch.match(n).rule
+        if rule.role == TOKEN_EMBEDDING or (rule.party == CLIENT and not rule.zeroed_on_server):
+            out.add(n)
+    return out
 
 
 def zeroed(config, names, mode: str = ROUND_TRIP) -> set[str]:
@@ -65,7 +83,7 @@ def check_server_tensors(config, got: Shapes, where: str, sources: Mapping[str, 
         raise TensorSetError(f"{where}: unknown bundle mode {mode!r}")
     expected = expected_tensors(config)
     skip = client_only(config, expected, mode)
-    model_class = (getattr(config, "architectures", None) or [config.model_type])[0]
+    class_name = (getattr(config, "architectures", None) or [config.model_type])[0]
 
     def label(name: str) -> str:
         src = (sources or {}).get(name, name)
@@ -76,10 +94,10 @@ def check_server_tensors(config, got: Shapes, where: str, sources: Mapping[str, 
             raise TensorSetError(f"{where} holds the input embedding {label(name)}, which must never reach the "
                                  "server")
         if name not in expected:
-            raise TensorSetError(f"{where} has unexpected tensor {label(name)} {list(got[name])}: {model_class} has "
+            raise TensorSetError(f"{where} has unexpected tensor {label(name)} {list(got[name])}: {class_name} has "
                                  "no such parameter for this config, so it would be silently dropped")
         if tuple(got[name]) != expected[name]:
-            raise TensorSetError(f"{where}: tensor {label(name)} has shape {list(got[name])}, but {model_class} "
+            raise TensorSetError(f"{where}: tensor {label(name)} has shape {list(got[name])}, but {class_name} "
                                  f"with this config expects {list(expected[name])}")
     for name in sorted(set(expected) - set(got) - skip):
         raise TensorSetError(f"{where} lacks tensor {name!r} {list(expected[name])}: transformers would fill it "

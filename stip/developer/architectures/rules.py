@@ -1,4 +1,4 @@
-"""Per-architecture protection rules, as data: which tensor gets which transform on which axis, and who gets it.
+"""The shape of a protection rule table, as data: which tensor gets which transform on which axis, and who gets it.
 
 A rule matches tensor names by regex (the named group `layer` selects the per-layer key) and lists, for each axis,
 the activation space it is indexed by and its role: "out" if the tensor produces (or is) a vector of that space, "in"
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from stip.common.keys import Geometry
+from stip.common.tasks import TEXT_GENERATION
 from stip.errors import UnsupportedModelError
 
 SERVER, CLIENT, DROP = "server", "client", "drop"
@@ -40,7 +42,7 @@ class TensorRule:
     name: str | None = None  # the literal name, for a rule of one tensor (a tied LM head is written under it)
 
 
-def _one(name: str, axes: dict[int, tuple[str, str]], **kw) -> TensorRule:
+def one(name: str, axes: dict[int, tuple[str, str]], **kw) -> TensorRule:
     """A rule for exactly one tensor, named literally."""
     return TensorRule(re.escape(name), axes, name=name, **kw)
 
@@ -63,12 +65,21 @@ class Placement:
     zeros: bool = False  # the server's zeroed copy of a client tensor
 
 
+def decoder_task(config) -> str:
+    return TEXT_GENERATION
+
+
 @dataclass(frozen=True)
 class Architecture:
+    """One family: the model types it covers, its rule table, and how to read its key's shapes and its task from a
+    transformers config. Each family's table is its own module in this package."""
+
     model_types: tuple[str, ...]
     base_prefix: str  # "model." / "transformer.": the base model's prefix, which checkpoints may leave out
     rules: tuple[TensorRule, ...]
+    geometry: Callable[[Any], Geometry]  # config -> the shapes a key must match (refuses layouts the rules miss)
     rope: bool = True  # RoPE: Q/K get quarter-turn pair rotations instead of in-head permutations
+    task: Callable[[Any], str] = decoder_task  # config -> the Hugging Face pipeline task (stip.common.tasks)
 
     def match(self, name: str) -> RuleMatch:
         """The rule for checkpoint tensor `name`, and its canonical name; refuses a tensor no rule covers."""
@@ -105,99 +116,37 @@ class Architecture:
         return out
 
 
-def _linear(space_out: str, space_in: str) -> dict[int, tuple[str, str]]:
+def linear(space_out: str, space_in: str) -> dict[int, tuple[str, str]]:
     """nn.Linear weight, stored [out, in]."""
     return {0: (space_out, "out"), 1: (space_in, "in")}
 
 
-def _conv1d(space_out: str, space_in: str) -> dict[int, tuple[str, str]]:
+def conv1d(space_out: str, space_in: str) -> dict[int, tuple[str, str]]:
     """GPT-2's Conv1D weight, stored [in, out]."""
     return {0: (space_in, "in"), 1: (space_out, "out")}
 
 
-def _vec(space: str) -> dict[int, tuple[str, str]]:
+def vec(space: str) -> dict[int, tuple[str, str]]:
     return {0: (space, "out")}
 
 
-_L = r"layers\.(?P<layer>\d+)\."
-_LM_HEAD = _one("lm_head.weight", _linear("vocab", "resid"), role=LM_HEAD, in_base=False)
-
-LLAMA = Architecture(
-    model_types=("llama", "mistral", "qwen2"),
-    base_prefix="model.",
-    rules=(
-        TensorRule(r"embed_tokens\.weight", {1: ("resid", "out")}, CLIENT, "token", role=TOKEN_EMBEDDING),
-        TensorRule(_L + r"self_attn\.q_proj\.weight", _linear("attn_q", "resid")),
-        TensorRule(_L + r"self_attn\.k_proj\.weight", _linear("attn_k", "resid")),
-        TensorRule(_L + r"self_attn\.v_proj\.weight", _linear("attn_v", "resid")),
-        TensorRule(_L + r"self_attn\.q_proj\.bias", _vec("attn_q")),
-        TensorRule(_L + r"self_attn\.k_proj\.bias", _vec("attn_k")),
-        TensorRule(_L + r"self_attn\.v_proj\.bias", _vec("attn_v")),
-        TensorRule(_L + r"self_attn\.o_proj\.weight", _linear("resid", "attn_o")),
-        TensorRule(_L + r"self_attn\.o_proj\.bias", _vec("resid")),
-        TensorRule(_L + r"mlp\.(gate|up)_proj\.weight", _linear("ffn", "resid")),
-        TensorRule(_L + r"mlp\.(gate|up)_proj\.bias", _vec("ffn")),
-        TensorRule(_L + r"mlp\.down_proj\.weight", _linear("resid", "ffn")),
-        TensorRule(_L + r"mlp\.down_proj\.bias", _vec("resid")),
-        TensorRule(_L + r"(input|post_attention)_layernorm\.weight", _vec("resid")),
-        TensorRule(r"norm\.weight", _vec("resid")),
-        _LM_HEAD,
-        TensorRule(_L + r"self_attn\.rotary_emb\.inv_freq", party=DROP),
-    ),
-)
-
-_H = r"h\.(?P<layer>\d+)\."
-
-GPT2 = Architecture(
-    model_types=("gpt2",),
-    base_prefix="transformer.",
-    rules=(
-        TensorRule(r"wte\.weight", {1: ("resid", "out")}, CLIENT, "token", role=TOKEN_EMBEDDING),
-        TensorRule(r"wpe\.weight", {1: ("resid", "out")}, CLIENT, "position", zeroed_on_server=True),
-        TensorRule(_H + r"ln_[12]\.(weight|bias)", _vec("resid")),
-        TensorRule(_H + r"attn\.c_attn\.weight", _conv1d("attn_qkv", "resid")),
-        TensorRule(_H + r"attn\.c_attn\.bias", _vec("attn_qkv")),
-        TensorRule(_H + r"attn\.c_proj\.weight", _conv1d("resid", "attn_o")),
-        TensorRule(_H + r"attn\.c_proj\.bias", _vec("resid")),
-        TensorRule(_H + r"mlp\.c_fc\.weight", _conv1d("ffn", "resid")),
-        TensorRule(_H + r"mlp\.c_fc\.bias", _vec("ffn")),
-        TensorRule(_H + r"mlp\.c_proj\.weight", _conv1d("resid", "ffn")),
-        TensorRule(_H + r"mlp\.c_proj\.bias", _vec("resid")),
-        TensorRule(r"ln_f\.(weight|bias)", _vec("resid")),
-        _LM_HEAD,
-        TensorRule(_H + r"attn\.(masked_)?bias", party=DROP),
-    ),
-    rope=False,
-)
-
-ARCHITECTURES = (LLAMA, GPT2)
-SUPPORTED = tuple(t for a in ARCHITECTURES for t in a.model_types)
+LM_HEAD_RULE = one("lm_head.weight", linear("vocab", "resid"), role=LM_HEAD, in_base=False)
 
 
-def architecture_for(config) -> Architecture:
-    model_type = getattr(config, "model_type", None)
-    for arch in ARCHITECTURES:
-        if model_type in arch.model_types:
-            return arch
-    raise UnsupportedModelError(
-        f"model type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED)}")
-
-
-def geometry_of(config) -> Geometry:
-    """Read the shapes a key must match from a transformers config, refusing layouts the rules do not cover."""
-    arch = architecture_for(config)
-    if arch is GPT2:
-        heads = config.n_head
-        return Geometry(hidden=config.n_embd, vocab=config.vocab_size, layers=config.n_layer, heads=heads,
-                        kv_heads=heads, head_dim=config.n_embd // heads,
-                        ffn=config.n_inner or 4 * config.n_embd, rope=arch.rope)
+def attention_geometry(config, *, ffn: int | None = None, rope: bool = True, **extra) -> Geometry:
+    """The key shapes of a LLaMA-style config (hidden_size, num_attention_heads, num_key_value_heads, head_dim,
+    intermediate_size), refusing layouts the rules do not cover. `extra`: Geometry's optional fields (labels,
+    experts)."""
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedModelError("partial rotary embeddings are not supported yet")
+    if rope:
+        params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        if float(factor if factor is not None else 1.0) != 1.0:
+            raise UnsupportedModelError("partial rotary embeddings are not supported yet")
     if heads % kv:
         raise UnsupportedModelError(f"{heads} query heads do not split into {kv} KV groups")
     return Geometry(hidden=config.hidden_size, vocab=config.vocab_size, layers=config.num_hidden_layers,
-                    heads=heads, kv_heads=kv, head_dim=head_dim, ffn=config.intermediate_size, rope=arch.rope)
+                    heads=heads, kv_heads=kv, head_dim=head_dim,
+                    ffn=config.intermediate_size if ffn is None else ffn, rope=rope, **extra)

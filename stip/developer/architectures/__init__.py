@@ -1,0 +1,41 @@
+"""Per-architecture protection rules, as data: one small module per family, registered here.
+
+`rules` holds the shape of a table (which tensor gets which transform on which axis, and which party gets it); each
+family module holds one table plus how to read its key's shapes and its task from a transformers config. Adding a
+family means adding its module and one line in `ARCHITECTURES`; a model type no table covers is refused by name.
+"""
+
+from __future__ import annotations
+
+from stip.common.keys import Geometry
+from stip.developer.architectures.gpt2 import GPT2
+from stip.developer.architectures.llama import LLAMA
+from stip.developer.architectures.rules import (CLIENT, DROP, LM_HEAD, LM_HEAD_RULE, SERVER, TOKEN_EMBEDDING,
+                                                Architecture, Placement, RuleMatch, TensorRule)
+from stip.errors import UnsupportedModelError
+
+ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2)
+SUPPORTED = tuple(t for a in ARCHITECTURES for t in a.model_types)
+
+__all__ = ["ARCHITECTURES", "CLIENT", "DROP", "GPT2", "LLAMA", "LM_HEAD", "LM_HEAD_RULE", "SERVER", "SUPPORTED",
+           "TOKEN_EMBEDDING", "Architecture", "Placement", "RuleMatch", "TensorRule", "architecture_for",
+           "geometry_of", "task_of"]
+
+
+def architecture_for(config) -> Architecture:
+    model_type = getattr(config, "model_type", None)
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED)}")
+
+
+def geometry_of(config) -> Geometry:
+    """Read the shapes a key must match from a transformers config, refusing layouts the rules do not cover."""
+    return architecture_for(config).geometry(config)
+
+
+def task_of(config) -> str:
+    """The Hugging Face pipeline task the checkpoint serves (stip.common.tasks)."""
+    return architecture_for(config).task(config)
