@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from stip.common.files import read_manifest
 from stip.common.signing import Trusted
 from stip.common.keys import ClientKey
-from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, EMBEDDING_FILE, TOKENIZER_CONFIG_FILE
+from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, EMBEDDING_FILE,
+                                MODEL_CONFIG_FILE, TOKENIZER_CONFIG_FILE)
+from stip.common.tasks import TEXT_GENERATION
 from stip.errors import BundleError, KeyMismatchError
 
 
@@ -67,6 +69,27 @@ class ClientBundle:
     def mode(self) -> str:
         """"round-trip" (the client embeds and samples) or "server-decode" (the server samples; ids are mapped)."""
         return self.manifest.get("mode", ROUND_TRIP)
+
+    @property
+    def task(self) -> str:
+        """The Hugging Face pipeline task of the protected model (stip.common.tasks)."""
+        return self.config.get("task", TEXT_GENERATION)
+
+    @cached_property
+    def model_config(self):
+        """The model's transformers config (shapes, no weights): what builds a client-side module."""
+        from transformers import AutoConfig
+
+        d = json.loads((self.path / MODEL_CONFIG_FILE).read_text())
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+
+    def module_state(self) -> dict[str, torch.Tensor]:
+        """The plain tensors of the client-side module (BERT's embeddings, ViT's patch embedding, LLaVA's vision
+        tower and projector), named inside that module; empty for decoders, whose client part is a table."""
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted((self.path / CLIENT_MODULE_DIR).glob("*.safetensors")):
+            state |= load_file(str(shard))
+        return state
 
     @property
     def hidden_size(self) -> int:

@@ -22,11 +22,11 @@ import stip
 from stip.common import signing
 from stip.common.files import MANIFEST_NAME, read_manifest, staged_directory, write_json_atomic, write_manifest
 from stip.common.keys import DeveloperKey
-from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE,
-                                EMBEDDING_FILE, SERVER_DIR)
+from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, DEVELOPER_DIR,
+                                DEVELOPER_KEY_FILE, EMBEDDING_FILE, MODEL_CONFIG_FILE, SERVER_DIR)
 from stip.common.transforms import KeyRng
 from stip.developer.architectures import (CLIENT, DROP, LM_HEAD, SERVER, TOKEN_EMBEDDING, Architecture, Placement,
-                                          architecture_for, geometry_of)
+                                          architecture_for, geometry_of, task_of)
 from stip.developer.checkpoint import Checkpoint
 from stip.developer.completeness import ROUND_TRIP, SERVER_DECODE, check_server_tensors
 from stip.errors import KeyMismatchError, TensorSetError
@@ -224,26 +224,35 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         for d in (server, client, developer):
             d.mkdir()
         writer = ShardWriter(server, max_shard_bytes)
+        module_writer = None  # the client-side module's shards, opened at its first tensor
         embedding: dict[str, tuple[int, ...]] = {}  # client tensor -> shape; written as soon as it is read
         bar = tqdm(total=ck.total_tensors(), unit="tensor", desc="protect", disable=not progress)
         for name, tensor in ck.tensors():
             rule = arch.match(name).rule
-            if rule.party == CLIENT:
+            if rule.party == CLIENT and rule.client_name is not None:
                 embedding[rule.client_name] = tuple(tensor.shape)
             for party, out_name, t in protect_tensor(arch, key, name, tensor, tied, mode):
                 if party == SERVER:
                     writer.add(out_name, t)
+                elif rule.client_module is not None:
+                    if module_writer is None:
+                        (client / CLIENT_MODULE_DIR).mkdir()
+                        module_writer = ShardWriter(client / CLIENT_MODULE_DIR, max_shard_bytes)
+                    module_writer.add(out_name, t.contiguous())
                 else:
                     save_file({"weight": t.contiguous()}, str(client / EMBEDDING_FILE.format(out_name)))
             bar.update(1)
         bar.close()
         writer.close()
+        if module_writer is not None:
+            module_writer.close()
         if "token" not in embedding:
             raise stip.errors.UnsupportedModelError(f"{model} has no token embedding tensor")
 
         _write_server_config(ck, server, mode, key)
         client_fp = key.client.save(client / CLIENT_KEY_FILE)
         write_json_atomic(client / CLIENT_CONFIG_FILE, _client_config(ck, embedding, bundle_id, mode))
+        write_json_atomic(client / MODEL_CONFIG_FILE, ck.config.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(client)
         developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
@@ -347,6 +356,7 @@ def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
     return {
         "bundle_id": bundle_id,
         "mode": mode,
+        "task": task_of(c),
         "model_type": c.model_type,
         "hidden_size": embedding["token"][1],
         "vocab_size": embedding["token"][0],

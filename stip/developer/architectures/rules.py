@@ -35,7 +35,9 @@ class TensorRule:
     pattern: str  # regex over the name inside the base model (prefix stripped), or the full name if not `in_base`
     axes: dict[int, tuple[str, str]] = field(default_factory=dict)  # axis -> (space, role)
     party: str = SERVER  # SERVER, CLIENT (the embedding module), or DROP (buffers that are rebuilt on load)
-    client_name: str | None = None  # name in the client's embedding file
+    client_name: str | None = None  # name in the client's embedding file ("token", "position")
+    client_module: str | None = None  # or: a tensor of a client-side module (BERT's embeddings, LLaVA's vision
+    # tower): it goes to the client's module shards, named by its name inside the base model minus this prefix
     role: str | None = None  # TOKEN_EMBEDDING or LM_HEAD: the pair a tied checkpoint stores once
     zeroed_on_server: bool = False  # a client tensor the server model still adds: the server gets zeros
     in_base: bool = True  # lives inside the base model (its prefix is optional in checkpoints); False: the LM head
@@ -107,7 +109,11 @@ class Architecture:
             return []
         if rule.party == SERVER:
             return [Placement(SERVER, m.canonical, rule, m.layer)]
-        out = [Placement(CLIENT, rule.client_name, rule, None)]
+        if rule.client_module is not None:
+            local = m.canonical.removeprefix(self.base_prefix) if rule.in_base else m.canonical
+            out = [Placement(CLIENT, local.removeprefix(rule.client_module), rule, None)]
+        else:
+            out = [Placement(CLIENT, rule.client_name, rule, None)]
         if tied and rule.role == TOKEN_EMBEDDING:
             head = self.with_role(LM_HEAD)
             out.append(Placement(SERVER, head.name, head, None))
