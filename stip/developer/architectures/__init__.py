@@ -8,25 +8,29 @@ family means adding its module and one line in `ARCHITECTURES`; a model type no 
 from __future__ import annotations
 
 from stip.common.keys import Geometry
+from stip.developer.architectures.gemma import GEMMA3
 from stip.developer.architectures.gpt2 import GPT2
 from stip.developer.architectures.llama import LLAMA
+from stip.developer.architectures.phi3 import PHI3
+from stip.developer.architectures.qwen3 import QWEN3
 from stip.developer.architectures.rules import (CLIENT, DROP, LM_HEAD, LM_HEAD_RULE, SERVER, TOKEN_EMBEDDING,
                                                 Architecture, Placement, RuleMatch, TensorRule)
+from stip.developer.architectures.vit import VIT
 from stip.errors import UnsupportedModelError
 
-ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2)
+ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, QWEN3, PHI3, GEMMA3, VIT)
 SUPPORTED = tuple(t for a in ARCHITECTURES for t in a.model_types)
 
 __all__ = ["ARCHITECTURES", "CLIENT", "DROP", "GPT2", "LLAMA", "LM_HEAD", "LM_HEAD_RULE", "SERVER", "SUPPORTED",
            "TOKEN_EMBEDDING", "Architecture", "Placement", "RuleMatch", "TensorRule", "architecture_for",
-           "geometry_of", "task_of"]
+           "embedding_scale_of", "geometry_of", "task_of"]
 
 
 def architecture_for(config) -> Architecture:
     model_type = getattr(config, "model_type", None)
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:
-            return arch
+            return arch.for_config(config)
     raise UnsupportedModelError(
         f"model type {model_type!r} is not supported; supported model types: {', '.join(SUPPORTED)}")
 
@@ -39,3 +43,10 @@ def geometry_of(config) -> Geometry:
 def task_of(config) -> str:
     """The Hugging Face pipeline task the checkpoint serves (stip.common.tasks)."""
     return architecture_for(config).task(config)
+
+
+def embedding_scale_of(config) -> float:
+    """The factor the model's embedding module multiplies token embeddings by (1.0 for most; Gemma: sqrt(hidden)),
+    which the client applies since the server runs from embeddings."""
+    scale = architecture_for(config).embedding_scale
+    return 1.0 if scale is None else float(scale(config))

@@ -7,7 +7,14 @@ grouped-query attention and tied embeddings (see the rules below). A tensor that
 protection with an error: nothing is ever passed to the server unprotected by accident.
 
 Spaces: "resid" (p), "vocab" (pc), and per layer "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv" (GPT-2's fused
-Q|K|V output), "ffn".
+Q|K|V output), "ffn", "ffn_gate_up" (Phi-3's fused gate|up output:
+the FFN permutation on both halves), "attn_qk_head" (the dims of one Q/K head, for a Q/K norm weight shared by all
+heads), "expert" (an MoE router's outputs).
+
+Experts: a named group `expert` in a rule's pattern marks one MoE expert's tensor. Its "ffn" axes then take that
+expert's own FFN permutation (the ORIGINAL index, read from the name), and the tensor is written under the expert's
+slot in the layer's secret expert order: original expert e goes to slot k where `experts.perm[k] == e`, so the
+output name carries k (`Placement.name_in_slot`).
 
 Naming: checkpoints name the tensors inside the base model with or without its prefix (hub `gpt2` has `h.0.…` where
 `GPT2LMHeadModel` has `transformer.h.0.…`; a `model.`-less LLaMA has `layers.0.…`). Rules therefore match the name
@@ -42,6 +49,8 @@ class TensorRule:
     zeroed_on_server: bool = False  # a client tensor the server model still adds: the server gets zeros
     in_base: bool = True  # lives inside the base model (its prefix is optional in checkpoints); False: the LM head
     name: str | None = None  # the literal name, for a rule of one tensor (a tied LM head is written under it)
+    copies: tuple[str, ...] = ()  # full names the server class also holds this tensor under, untied (BERT's MLM
+    # decoder bias, which checkpoints store once as `cls.predictions.bias`)
 
 
 def one(name: str, axes: dict[int, tuple[str, str]], **kw) -> TensorRule:
@@ -54,6 +63,8 @@ class RuleMatch:
     rule: TensorRule
     layer: int | None  # selects the per-layer key
     canonical: str  # the name the model class uses: what the server checkpoint holds
+    expert: int | None = None  # an MoE expert's original index (the pattern's `expert` group)
+    expert_at: tuple[int, int] | None = None  # where that index sits in `canonical`
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,13 @@ class Placement:
     rule: TensorRule  # whose axes transform it (a tied LM head: the LM head's rule)
     layer: int | None
     zeros: bool = False  # the server's zeroed copy of a client tensor
+    expert: int | None = None  # an MoE expert's original index: selects its FFN permutation and output slot
+    expert_at: tuple[int, int] | None = None  # where that index sits in `name`
+
+    def name_in_slot(self, slot: int) -> str:
+        """The output name with the expert's original index replaced by its slot in the secret expert order."""
+        start, end = self.expert_at
+        return f"{self.name[:start]}{slot}{self.name[end:]}"
 
 
 def decoder_task(config) -> str:
@@ -82,17 +100,47 @@ class Architecture:
     geometry: Callable[[Any], Geometry]  # config -> the shapes a key must match (refuses layouts the rules miss)
     rope: bool = True  # RoPE: Q/K get quarter-turn pair rotations instead of in-head permutations
     task: Callable[[Any], str] = decoder_task  # config -> the Hugging Face pipeline task (stip.common.tasks)
+    # config -> the table for the class the config names, where it differs by class (a prefix-less BertModel vs
+    # BertForMaskedLM's `bert.`); None: this table serves every config of the family
+    variant: Callable[[Any], "Architecture"] | None = None
+    # config -> the transformers class the server bundle is loaded as; None: the family's ...ForCausalLM
+    server_class: Callable[[Any], str] | None = None
+    # config -> the factor the model's own embedding module multiplies token embeddings by (Gemma: sqrt(hidden)); the
+    # server runs from embeddings, so the client applies it (stip_client.json "embedding_scale")
+    embedding_scale: Callable[[Any], float] | None = None
+    # (regex, replacement) over the name inside the base model, applied in order before matching: checkpoint names
+    # the model class renames on load (transformers' conversion mapping, e.g. ViT's `encoder.layer.N.` ->
+    # `layers.N.`), so that rules and the server bundle use the class's own names
+    renames: tuple[tuple[str, str], ...] = ()
+    # the server bundle keeps the names `save_pretrained` writes where the class's own differ (Mixtral's per-expert
+    # tensors, which the class fuses on load): the completeness check expects those (stip.developer.completeness)
+    saved_names: bool = False
+    # config -> the config of the model the server runs, where that is not the whole model (LLaVA: its language
+    # model's text config); None: the model's own config
+    server_config: Callable[[Any], Any] | None = None
+
+    def for_config(self, config) -> "Architecture":
+        """The table for this config's model class (see `variant`)."""
+        return self if self.variant is None else self.variant(config)
 
     def match(self, name: str) -> RuleMatch:
         """The rule for checkpoint tensor `name`, and its canonical name; refuses a tensor no rule covers."""
         inner = name.removeprefix(self.base_prefix)
+        for pattern, replacement in self.renames:
+            inner = re.sub(pattern, replacement, inner)
         for rule in self.rules:
             local = inner if rule.in_base else name
             m = re.fullmatch(rule.pattern, local)
             if m:
-                layer = m.groupdict().get("layer")
-                return RuleMatch(rule, None if layer is None else int(layer),
-                                 self.base_prefix + local if rule.in_base else local)
+                groups = m.groupdict()
+                prefix = self.base_prefix if rule.in_base else ""
+                expert = groups.get("expert")
+                at = None if expert is None else tuple(len(prefix) + i for i in m.span("expert"))
+                # a rule outside the base model with a literal `name` writes under that name (LLaVA's LM head,
+                # saved as `language_model.lm_head.weight` by older transformers)
+                canonical = rule.name if rule.name and not rule.in_base else prefix + local
+                return RuleMatch(rule, None if groups.get("layer") is None else int(groups["layer"]), canonical,
+                                 None if expert is None else int(expert), at)
         raise UnsupportedModelError(f"tensor {name!r} has no protection rule for {self.model_types[0]} models; "
                                     "refusing to pass it to the server unprotected")
 
@@ -108,7 +156,8 @@ class Architecture:
         if rule.party == DROP or (tied and rule.role == LM_HEAD):
             return []
         if rule.party == SERVER:
-            return [Placement(SERVER, m.canonical, rule, m.layer)]
+            return [Placement(SERVER, m.canonical, rule, m.layer, expert=m.expert, expert_at=m.expert_at),
+                    *(Placement(SERVER, c, rule, m.layer) for c in rule.copies)]
         if rule.client_module is not None:
             local = m.canonical.removeprefix(self.base_prefix) if rule.in_base else m.canonical
             out = [Placement(CLIENT, local.removeprefix(rule.client_module), rule, None)]
