@@ -8,17 +8,14 @@ family means adding its module and one line in `ARCHITECTURES`; a model type no 
 from __future__ import annotations
 
 from stip.common.keys import Geometry
-from stip.developer.architectures.gemma import GEMMA3
 from stip.developer.architectures.gpt2 import GPT2
 from stip.developer.architectures.llama import LLAMA
-from stip.developer.architectures.phi3 import PHI3
-from stip.developer.architectures.qwen3 import QWEN3
 from stip.developer.architectures.rules import (CLIENT, DROP, LM_HEAD, LM_HEAD_RULE, SERVER, TOKEN_EMBEDDING,
                                                 Architecture, Placement, RuleMatch, TensorRule)
 from stip.developer.architectures.vit import VIT
 from stip.errors import UnsupportedModelError
 
-ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, QWEN3, PHI3, GEMMA3, VIT)
+ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, VIT)
 SUPPORTED = tuple(t for a in ARCHITECTURES for t in a.model_types)
 
 __all__ = ["ARCHITECTURES", "CLIENT", "DROP", "GPT2", "LLAMA", "LM_HEAD", "LM_HEAD_RULE", "SERVER", "SUPPORTED",
