@@ -24,6 +24,7 @@ from stip.common.files import MANIFEST_NAME, read_manifest, staged_directory, wr
 from stip.common.keys import DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, DEVELOPER_DIR,
                                 DEVELOPER_KEY_FILE, EMBEDDING_FILE, MODEL_CONFIG_FILE, SERVER_DIR)
+from stip.common.tasks import ONE_SHOT_TASKS
 from stip.common.transforms import KeyRng
 from stip.developer.architectures import (CLIENT, DROP, LM_HEAD, SERVER, TOKEN_EMBEDDING, Architecture, Placement,
                                           architecture_for, geometry_of, task_of)
@@ -204,6 +205,10 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     ck = Checkpoint.open(model)
     arch = architecture_for(ck.config)
+    if mode == SERVER_DECODE and task_of(ck.config) in ONE_SHOT_TASKS:
+        raise stip.errors.UnsupportedModelError(
+            f"{model}: server-decode mode generates tokens, but this is a {task_of(ck.config)} model, served one "
+            "request at a time; protect it in round-trip mode (the default)")
     geometry = geometry_of(ck.config)
     if isinstance(key, (str, Path)):
         key = _load_developer_key(Path(key))
@@ -215,7 +220,8 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         key = DeveloperKey.generate(geometry, uuid.uuid4().hex, KeyRng(seed))
     key.check_matches(geometry)
     bundle_id = key.client.bundle_id
-    tied = bool(getattr(ck.config, "tie_word_embeddings", False))
+    # tied: the checkpoint stores the LM head once, as the token embedding (a table without an LM head has no tie)
+    tied = bool(getattr(ck.config, "tie_word_embeddings", False)) and any(r.role == LM_HEAD for r in arch.rules)
     check_checkpoint(ck, arch, tied, mode)
     tokenizer = ck.load_tokenizer()
 
@@ -246,7 +252,7 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         writer.close()
         if module_writer is not None:
             module_writer.close()
-        if "token" not in embedding:
+        if "token" not in embedding and module_writer is None:
             raise stip.errors.UnsupportedModelError(f"{model} has no token embedding tensor")
 
         _write_server_config(ck, server, mode, key)
@@ -255,6 +261,7 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         write_json_atomic(client / MODEL_CONFIG_FILE, ck.config.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(client)
+        _copy_sentence_transformers(ck, client)
         developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
         signing.save_signing_key(signing_key, developer / signing.SIGNING_KEY_FILE)
 
@@ -344,7 +351,26 @@ def _server_config(ck: Checkpoint, mode: str = ROUND_TRIP):
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     if config.model_type == "gpt2":
         config.architectures = ["GPT2LMHeadModel"]
+    arch = architecture_for(ck.config)
+    if arch.server_class is not None:  # encoders and classifiers: the class the checkpoint names (BertModel, ...)
+        config.architectures = [arch.server_class(ck.config)]
     return config
+
+
+def _copy_sentence_transformers(ck: Checkpoint, client: Path) -> None:
+    """A sentence-transformers model's pipeline description (modules.json and each module's small JSON configs:
+    pooling, normalization), which the client follows to pool hidden states into sentence embeddings. Weights of
+    extra modules (a Dense layer) are not copied: the client refuses such a pipeline by name."""
+    if not (ck.path / "modules.json").is_file():
+        return
+    names = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"]
+    for module in json.loads((ck.path / "modules.json").read_text()):
+        if module.get("path"):
+            names += [f"{module['path']}/{f.name}" for f in (ck.path / module["path"]).glob("*.json")]
+    for name in names:
+        if (ck.path / name).is_file():
+            (client / name).parent.mkdir(parents=True, exist_ok=True)
+            (client / name).write_bytes((ck.path / name).read_bytes())
 
 
 def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
@@ -358,8 +384,8 @@ def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
         "mode": mode,
         "task": task_of(c),
         "model_type": c.model_type,
-        "hidden_size": embedding["token"][1],
-        "vocab_size": embedding["token"][0],
+        "hidden_size": embedding["token"][1] if "token" in embedding else int(c.hidden_size),
+        "vocab_size": embedding["token"][0] if "token" in embedding else int(getattr(c, "vocab_size", 0) or 0),
         "learned_positions": "position" in embedding and mode == ROUND_TRIP,
         "max_positions": embedding["position"][0] if "position" in embedding
         else int(getattr(c, "max_position_embeddings", 0) or 0),

@@ -8,14 +8,16 @@ family means adding its module and one line in `ARCHITECTURES`; a model type no 
 from __future__ import annotations
 
 from stip.common.keys import Geometry
+from stip.developer.architectures.bert import BERT
 from stip.developer.architectures.gpt2 import GPT2
 from stip.developer.architectures.llama import LLAMA
+from stip.developer.architectures.roberta import ROBERTA
 from stip.developer.architectures.rules import (CLIENT, DROP, LM_HEAD, LM_HEAD_RULE, SERVER, TOKEN_EMBEDDING,
                                                 Architecture, Placement, RuleMatch, TensorRule)
 from stip.developer.architectures.vit import VIT
 from stip.errors import UnsupportedModelError
 
-ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, VIT)
+ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, VIT, BERT, ROBERTA)
 SUPPORTED = tuple(t for a in ARCHITECTURES for t in a.model_types)
 
 __all__ = ["ARCHITECTURES", "CLIENT", "DROP", "GPT2", "LLAMA", "LM_HEAD", "LM_HEAD_RULE", "SERVER", "SUPPORTED",
