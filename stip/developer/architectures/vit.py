@@ -74,4 +74,5 @@ VIT = Architecture(
     geometry=_geometry,
     rope=False,
     task=_task,
+    server_class=lambda config: CLASSIFIER_CLASS,
 )

@@ -1,0 +1,154 @@
+"""The client's half of image classification (ViT): pixels in, labels out; the server sees neither.
+
+The client runs the model's own image processor (its `preprocessor_config.json`, copied into the client bundle) and
+the model's own embeddings module (patch projection, CLS token, position embeddings: plain tensors from the bundle's
+module shards), applies `p`, and sends the patch sequence to `/v1/encode` with no mask. The server returns the
+classifier's logits in the secret label order; the client un-permutes them and names the top labels from the
+config's `id2label`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import weakref
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from stip.client.bundle import ClientBundle
+from stip.common.layout import MODEL_CONFIG_FILE
+from stip.common.tasks import IMAGE_CLASSIFICATION
+from stip.errors import BundleError, StipError
+
+# model_type -> (transformers module, class) of the client-side embeddings module, built from the model's config
+EMBEDDINGS = {"vit": ("transformers.models.vit.modeling_vit", "ViTEmbeddings")}
+PROCESSOR_FILE = "preprocessor_config.json"
+
+ImageInput = Any  # a PIL image, a path to an image file, encoded image bytes, or a `data:image/...;base64,` URL
+
+
+class ImageError(StipError, ValueError):
+    """An input that is not an image the client can read."""
+
+
+def load_image(image: ImageInput, index: int = 0):
+    """One input as an RGB PIL image. Bytes are an encoded image file (PNG, JPEG, ...); a string is a data URL or
+    a path."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = f"image {index}"
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, str) and image.startswith("data:"):
+        header, _, data = image.partition(",")
+        if not header.endswith(";base64") or not header[5:].startswith("image/"):
+            raise ImageError(f"{where}: a data URL must be data:image/...;base64,...")
+        try:
+            image = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError(f"{where}: the data URL's base64 payload is malformed") from None
+        where += " (data URL)"
+    elif isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ImageError(f"{where}: no such image file {str(path)!r}")
+        where += f" ({path})"
+        image = path.read_bytes()
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        raise ImageError(f"{where}: expected a PIL image, a path, image bytes or a data URL, not "
+                         f"{type(image).__name__}")
+    try:
+        with Image.open(io.BytesIO(bytes(image))) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"{where} is not a readable image: {e}") from None
+
+
+class ImageEncoder:
+    """The image processor and the embeddings module of one client bundle, built once (`for_bundle`)."""
+
+    _cache: "weakref.WeakKeyDictionary[ClientBundle, ImageEncoder]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, bundle: ClientBundle):
+        import importlib
+
+        from transformers import AutoImageProcessor
+
+        if bundle.task != IMAGE_CLASSIFICATION:
+            raise BundleError(f"client bundle {bundle.path} serves {bundle.task}, not {IMAGE_CLASSIFICATION}: "
+                              "it takes no images")
+        config = bundle.model_config
+        if config.model_type not in EMBEDDINGS:
+            raise BundleError(f"no client-side image embeddings for model type {config.model_type!r}")
+        if not (bundle.path / PROCESSOR_FILE).is_file():
+            raise BundleError(f"client bundle {bundle.path} has no {PROCESSOR_FILE}: protect a model folder "
+                              "that ships its image processor")
+        module, name = EMBEDDINGS[config.model_type]
+        cls = getattr(importlib.import_module(module), name)
+        self.bundle = bundle
+        self.processor = AutoImageProcessor.from_pretrained(bundle.path)
+        self.embeddings = cls(config).eval()
+        state = bundle.module_state()
+        missing, unexpected = self.embeddings.load_state_dict(state, strict=False)
+        # the module's optional mask token is unused for classification; anything else missing is a broken bundle
+        missing = [m for m in missing if m != "mask_token"]
+        if missing or unexpected:
+            raise BundleError(f"client bundle {bundle.path}: the embeddings module's tensors do not match "
+                              f"{MODEL_CONFIG_FILE} (missing {missing}, unexpected {unexpected})")
+        names = getattr(config, "id2label", None) or {}
+        self.labels = [str(names.get(i, names.get(str(i), f"LABEL_{i}"))) for i in range(config.num_labels)]
+
+    @classmethod
+    def for_bundle(cls, bundle: ClientBundle) -> "ImageEncoder":
+        enc = cls._cache.get(bundle)
+        if enc is None:
+            enc = cls._cache[bundle] = cls(bundle)
+        return enc
+
+    def pixels(self, images: Iterable[ImageInput]) -> torch.Tensor:
+        """The model's own preprocessing: [B, C, H, W]."""
+        loaded = [load_image(im, i) for i, im in enumerate(images)]
+        if not loaded:
+            raise ImageError("no images given")
+        return self.processor(images=loaded, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def embed(self, images: Iterable[ImageInput]) -> torch.Tensor:
+        """The patch sequence (CLS first, positions added) in the server's basis: [B, 1 + patches, d]."""
+        pixels = self.pixels(images)
+        weight = next(self.embeddings.parameters())
+        try:
+            x = self.embeddings(pixels.to(weight.dtype))
+        except ValueError as e:  # the processor's size and the model's image_size disagree
+            raise BundleError(f"client bundle {self.bundle.path}: {e}") from None
+        return self.bundle.key.resid.apply(x.float(), -1, "out").contiguous()
+
+    def plain_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits in the model's label order, from the server's secret order (last axis)."""
+        if self.bundle.key.labels is None:
+            raise BundleError(f"client bundle {self.bundle.path} has no label permutation")
+        return self.bundle.key.labels.invert(logits.float(), -1)
+
+    def top_labels(self, logits: torch.Tensor, top_k: int = 1) -> list[list[dict]]:
+        """[{"label", "score"}] per image, best first; scores are softmax probabilities (as HF's pipeline)."""
+        probs = self.plain_logits(logits).softmax(-1)
+        k = max(1, min(int(top_k), probs.shape[-1]))
+        scores, ids = probs.topk(k, dim=-1)
+        return [[{"label": self.labels[int(i)], "score": float(s)} for s, i in zip(row_s, row_i)]
+                for row_s, row_i in zip(scores, ids)]
+
+
+def classify_images(bundle: ClientBundle, connection, images: Iterable[ImageInput], top_k: int = 1) -> list[list[dict]]:
+    """Classify `images` through the server at `connection` (a `stip.client.transport.Connection`)."""
+    enc = ImageEncoder.for_bundle(bundle)
+    x = enc.embed(images)
+    logits = connection.encode(x, None)
+    if tuple(logits.shape) != (x.shape[0], len(enc.labels)):
+        from stip.client.transport import StipProtocolError
+
+        raise StipProtocolError(f"the server returned logits of shape {list(logits.shape)}, expected "
+                                f"{[x.shape[0], len(enc.labels)]}")
+    return enc.top_labels(logits, top_k)
