@@ -13,13 +13,20 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
              repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
              downlink: str = "topk", system: str | None = None, trusted=None, ca_file: Path | None = None,
              insecure: bool = False) -> None:
+    from stip.client.bundle import ClientBundle
     from stip.common.sampling import SamplingParams
+    from stip.common.tasks import SESSION_TASKS
     from stip.client.sdk import Client
+    from stip.errors import StipError
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
-    client = Client(bundle, server, token=token, downlink=downlink, trusted=trusted, ca_file=ca_file,
+    loaded = ClientBundle.load(bundle, trusted=trusted)
+    if loaded.task not in SESSION_TASKS:  # before any server contact: an encoder or classifier has no chat
+        raise StipError(f"{bundle} is a {loaded.task} model, which does not generate text: `stip chat` needs a "
+                        f"text-generation bundle (use `stip embed` or `stip classify`)")
+    client = Client(loaded, server, token=token, downlink=downlink, trusted=trusted, ca_file=ca_file,
                     insecure=insecure)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 

@@ -2,7 +2,8 @@
 
 Any OpenAI client (base_url=http://127.0.0.1:PORT/v1) gets private inference unchanged: the proxy tokenizes, embeds
 and permutes on this machine, and the server never sees text. `GET /v1/models`, `POST /v1/chat/completions`,
-`POST /v1/completions`, streaming (SSE) or not, n choices, logprobs, presence and frequency penalties.
+`POST /v1/completions`, streaming (SSE) or not, n choices, logprobs, presence and frequency penalties; for an
+encoder (feature-extraction) bundle `POST /v1/embeddings` instead (`proxy_embeddings`).
 
 The proxy handles plaintext prompts and answers, so it listens on loopback only, unless it has an API key of its own
 (`--api-key` / STIP_PROXY_API_KEY); with a key, every /v1 request must carry `Authorization: Bearer KEY`. The parts:
@@ -12,6 +13,7 @@ in `proxy_responses`, SSE in `proxy_sse`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 import uuid
@@ -22,12 +24,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from stip.client import vision
+from stip.client.proxy_embeddings import embeddings_router
 from stip.client.proxy_generation import Generations
 from stip.client.proxy_requests import (ApiError, ChatRequest, CompletionRequest, message_text,
                                         validation_error)
 from stip.client.proxy_responses import ChatFormat, CompletionFormat, TokenText
 from stip.client.proxy_sse import sse_response
 from stip.common.hosts import is_loopback_host
+from stip.common.tasks import FEATURE_EXTRACTION, SESSION_TASKS
 from stip.errors import StipError
 
 API_KEY_ENV = "STIP_PROXY_API_KEY"
@@ -82,6 +87,14 @@ def create_app(client, model_name: str | None = None, api_key: str | None = None
         return _error(ApiError(e.status_code, str(e.detail),
                                kind="invalid_request_error" if e.status_code < 500 else "server_error"))
 
+    def check_generates() -> None:
+        """Chat and completions need a decoder bundle; an encoder's proxy says which endpoint it has instead."""
+        task = client.bundle.task
+        if task not in SESSION_TASKS:
+            use = "use /v1/embeddings" if task == FEATURE_EXTRACTION else "the proxy has no OpenAI endpoint for it"
+            raise ApiError(400, f"this proxy serves a {task} model ({model_name}), which does not generate text: "
+                                f"{use}")
+
     def check_length(ids: list[int], param: str) -> None:
         if client.max_positions and len(ids) > client.max_positions:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this model takes at most "
@@ -93,9 +106,9 @@ def create_app(client, model_name: str | None = None, api_key: str | None = None
             raise ApiError(400, f"{param}={top}, but this proxy's top-k downlink carries {dl.k} tokens per step "
                                 f"(run the proxy with a larger --k or --downlink logits)", param)
 
-    def generations(ids: list[int], params: list) -> Generations:
+    def generations(ids: list[int], params: list, image_features=None) -> Generations:
         try:
-            return Generations(client, ids, params)
+            return Generations(client, ids, params, image_features)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
@@ -115,21 +128,34 @@ def create_app(client, model_name: str | None = None, api_key: str | None = None
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
+        check_generates()
         top = req.top
         check_top(top, "top_logprobs")
         params = req.sampling(req.max_completion_tokens or req.max_tokens, top)
         messages = [message_text(m) for m in req.messages]
+        try:  # image parts (LLaVA): data URLs only, decoded here; a text-only model refuses them
+            messages, images = vision.extract_images(client.bundle, messages)
+        except vision.ImageInputError as e:
+            raise ApiError(400, str(e), "messages") from None
         try:
             ids = client.encode(messages=messages)
         except Exception as e:  # a template that rejects the roles, say
             raise ApiError(400, f"could not apply the chat template: {e}", "messages") from None
+        features = None
+        if images:  # the vision tower runs once for all choices, off the event loop
+            try:
+                prepared = await asyncio.to_thread(vision.prepare, client.bundle, ids, images)
+            except vision.ImageInputError as e:
+                raise ApiError(400, str(e), "messages") from None
+            ids, features = prepared.ids, prepared.features
         check_length(ids, "messages")
-        gens = generations(ids, params)
+        gens = generations(ids, params, features)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or model_name}
         return await respond(req, gens, ChatFormat(base, token_text, top), request)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
+        check_generates()
         top = req.top
         check_top(top, "logprobs")
         params = req.sampling(req.max_tokens, top)
@@ -151,6 +177,7 @@ def create_app(client, model_name: str | None = None, api_key: str | None = None
                 "model": req.model or model_name}
         return await respond(req, gens, CompletionFormat(base, token_text, top, echo), request)
 
+    v1.include_router(embeddings_router(client, model_name))
     app.include_router(v1)
     return app
 
