@@ -90,7 +90,8 @@ def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str =
     server: dict[str, tuple[int, ...]] = {}
     has_token = False
     for name, shape in ck.shapes():
-        has_token |= arch.match(name).rule.role == TOKEN_EMBEDDING
+        rule = arch.match(name).rule  # the client embeds the input: a token table or a client-side module
+        has_token |= rule.role == TOKEN_EMBEDDING or rule.client_module is not None
         for p in placements(arch, name, tied, mode):
             if (p.party, p.name) in outputs:
                 raise TensorSetError(f"{ck.path}: tensors {outputs[p.party, p.name]!r} and {name!r} are the same "
@@ -99,7 +100,7 @@ def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str =
             if p.party == SERVER:
                 server[p.name] = shape
     if not has_token:
-        raise TensorSetError(f"{ck.path} has no token embedding tensor")
+        raise TensorSetError(f"{ck.path} has no token embedding tensor (nor an input embeddings module)")
     check_server_tensors(_server_config(ck, mode), server, f"checkpoint {ck.path}",
                          {out: src for (party, out), src in outputs.items() if party == SERVER}, mode=mode)
 
