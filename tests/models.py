@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 97
 
@@ -38,6 +39,19 @@ def tiny_configs() -> dict[str, tuple[type, object]]:
         "qwen2-bias-tied": (Qwen2ForCausalLM, Qwen2Config(**rope, num_attention_heads=6, num_key_value_heads=2,
                                                           tie_word_embeddings=True)),
         "gpt2": (GPT2LMHeadModel, GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=3, n_head=4, n_positions=64)),
+        # Q/K norms over head dims, tied
+        "qwen3-qknorm-tied": (Qwen3ForCausalLM, Qwen3Config(**rope, num_attention_heads=4, num_key_value_heads=2,
+                                                            head_dim=8, tie_word_embeddings=True)),
+        # fused qkv_proj (GQA) and gate_up_proj
+        "phi3-fused": (Phi3ForCausalLM, Phi3Config(**rope, num_attention_heads=6, num_key_value_heads=2,
+                                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+        # embedding scale, (1 + w) norms, GeGLU, Q/K norms, 4 norms per layer, a 4-token sliding window beside a
+        # full-attention layer, soft-capping
+        "gemma3-text": (Gemma3ForCausalLM, Gemma3TextConfig(
+            **rope, num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+            sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            attn_logit_softcapping=20.0, final_logit_softcapping=15.0, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2)),
     }
 
 

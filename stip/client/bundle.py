@@ -32,6 +32,8 @@ class ClientBundle:
         self.path, self.manifest, self.key, self.config = path, manifest, key, config
         # Put the embedding module into the protected basis once, at load: per token the client then only gathers.
         token = embedding.get("token")
+        if token is not None:  # the scale the model's own embedding module applies (Gemma: sqrt(hidden)), as it does
+            token = token.float() * torch.tensor(float(config.get("embedding_scale", 1.0)), dtype=torch.float32)
         self.token_embedding = None if token is None else key.resid.apply(token.float(), 1, "out").contiguous()
         pos = embedding.get("position")
         self.position_embedding = None if pos is None else key.resid.apply(pos.float(), 1, "out").contiguous()
@@ -52,8 +54,7 @@ class ClientBundle:
         config = json.loads((path / CLIENT_CONFIG_FILE).read_text())
         embedding = {name: load_file(str(f))["weight"] for name in ("token", "position")
                      if (f := path / EMBEDDING_FILE.format(name)).is_file()}
-        if "token" not in embedding and manifest.get("mode", ROUND_TRIP) == ROUND_TRIP \
-                and not (path / CLIENT_MODULE_DIR).is_dir():  # encoders and ViT embed with a module instead
+        if "token" not in embedding and manifest.get("mode", ROUND_TRIP) == ROUND_TRIP:
             raise BundleError(f"client bundle {path} holds no token embedding")
         return cls(path, manifest, client_key, config, embedding)
 

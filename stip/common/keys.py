@@ -40,6 +40,8 @@ class Geometry:
     rope: bool
     labels: int = 0  # classifier outputs (sequence or image classification): the client key's label permutation
     experts: int = 0  # MoE experts per layer: each layer's expert order and one FFN permutation per expert
+    qk_norm: bool = False  # Q/K normed over head dims by one weight for all heads (Qwen3, Gemma): every head's
+    # in-head Q/K transform then moves dims the same way (signs may differ), and that weight is moved with it
 
     @property
     def group(self) -> int:
@@ -151,7 +153,14 @@ class LayerKey:
 
     @classmethod
     def draw(cls, g: Geometry, rng: KeyRng) -> "LayerKey":
-        if g.rope:
+        if g.rope and g.qk_norm:  # one swap pattern (odd quarter-turns) per layer, each head's own signs
+            turns = rng.integers(g.head_dim // 2, 4)
+            qk = [rope_pair_rotation((turns + 2 * rng.integers(g.head_dim // 2, 2)) % 4, g.head_dim)
+                  for _ in range(g.kv_heads)]
+        elif g.qk_norm:
+            shared = rng.permutation(g.head_dim)
+            qk = [SignedPermutation(shared) for _ in range(g.kv_heads)]
+        elif g.rope:
             qk = [rope_pair_rotation(rng.integers(g.head_dim // 2, 4), g.head_dim) for _ in range(g.kv_heads)]
         else:
             qk = [SignedPermutation(rng.permutation(g.head_dim)) for _ in range(g.kv_heads)]
@@ -182,6 +191,9 @@ class LayerKey:
             "ffn": self.ffn,
         }
         spaces["attn_qkv"] = SignedPermutation.concat([spaces["attn_q"], spaces["attn_k"], spaces["attn_v"]])
+        spaces["ffn_gate_up"] = SignedPermutation.concat([self.ffn, self.ffn])  # Phi-3's fused gate|up output
+        if g.qk_norm:  # the dims of one head (a Q/K norm weight): the shared move, without the per-head signs
+            spaces["attn_qk_head"] = SignedPermutation(self.qk[0].perm)
         if self.experts is not None:
             spaces["expert"] = self.experts
         return spaces

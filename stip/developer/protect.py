@@ -27,7 +27,7 @@ from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE,
 from stip.common.tasks import ONE_SHOT_TASKS
 from stip.common.transforms import KeyRng
 from stip.developer.architectures import (CLIENT, DROP, LM_HEAD, SERVER, TOKEN_EMBEDDING, Architecture, Placement,
-                                          architecture_for, geometry_of, task_of)
+                                          architecture_for, embedding_scale_of, geometry_of, task_of)
 from stip.developer.checkpoint import Checkpoint
 from stip.developer.completeness import ROUND_TRIP, SERVER_DECODE, check_server_tensors
 from stip.errors import KeyMismatchError, TensorSetError
@@ -90,8 +90,7 @@ def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str =
     server: dict[str, tuple[int, ...]] = {}
     has_token = False
     for name, shape in ck.shapes():
-        rule = arch.match(name).rule  # the client embeds the input: a token table or a client-side module
-        has_token |= rule.role == TOKEN_EMBEDDING or rule.client_module is not None
+        has_token |= arch.match(name).rule.role == TOKEN_EMBEDDING
         for p in placements(arch, name, tied, mode):
             if (p.party, p.name) in outputs:
                 raise TensorSetError(f"{ck.path}: tensors {outputs[p.party, p.name]!r} and {name!r} are the same "
@@ -100,7 +99,7 @@ def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str =
             if p.party == SERVER:
                 server[p.name] = shape
     if not has_token:
-        raise TensorSetError(f"{ck.path} has no token embedding tensor (nor an input embeddings module)")
+        raise TensorSetError(f"{ck.path} has no token embedding tensor")
     check_server_tensors(_server_config(ck, mode), server, f"checkpoint {ck.path}",
                          {out: src for (party, out), src in outputs.items() if party == SERVER}, mode=mode)
 
@@ -392,4 +391,5 @@ def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
         else int(getattr(c, "max_position_embeddings", 0) or 0),
         "eos_token_ids": [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]),
         "bos_token_id": getattr(c, "bos_token_id", None),
+        "embedding_scale": embedding_scale_of(c),  # the model's own scale inside its embedding module (Gemma)
     }
