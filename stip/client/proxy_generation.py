@@ -44,11 +44,12 @@ class Generations:
     (index, None) with its `Generation` in `results[index]`; a choice's failure raises from `opened()`/`events()`
     and stops the others."""
 
-    def __init__(self, client, ids: list[int], params: list):
+    def __init__(self, client, ids: list[int], params: list, image_features=None):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.streams = [client.stream(ids=ids, params=p) for p in params]  # bad parameters raise here
+        extra = {} if image_features is None else {"image_features": image_features}  # LLaVA: one vision pass
+        self.streams = [client.stream(ids=ids, params=p, **extra) for p in params]  # bad parameters raise here
         self.results: list = [None] * len(params)
         self._buffer: list[tuple[int, object]] = []
         self._started = False

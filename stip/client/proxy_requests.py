@@ -158,14 +158,17 @@ class CompletionRequest(_Common):
 
 
 def message_text(m: ChatMessage) -> dict:
-    """A chat message as the chat template takes it (text parts joined); text parts only."""
+    """A chat message as the chat template takes it (text parts joined); a message with image parts keeps its parts
+    (text and image_url only), which `stip.client.vision.extract_images` turns into image tokens and images."""
     content = m.content
     if isinstance(content, list):
         parts = []
         for p in content:
+            if p.get("type") == "image_url":
+                return {"role": "system" if m.role == "developer" else m.role, "content": content}
             if p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise ApiError(400, f"message content part of type {p.get('type')!r} is not supported (text only)",
-                               "messages")
+                raise ApiError(400, f"message content part of type {p.get('type')!r} is not supported (text and "
+                                    "image_url only)", "messages")
             parts.append(p["text"])
         content = "".join(parts)
     role = "system" if m.role == "developer" else m.role
