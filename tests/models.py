@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 97
 
@@ -52,6 +52,10 @@ def tiny_configs() -> dict[str, tuple[type, object]]:
             sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             attn_logit_softcapping=20.0, final_logit_softcapping=15.0, pad_token_id=0, bos_token_id=1,
             eos_token_id=2)),
+        # sparse MoE: 4 SwiGLU experts, top-2 routing, GQA
+        "mixtral-moe": (MixtralForCausalLM, MixtralConfig(
+            **{**rope, "num_hidden_layers": 2, "intermediate_size": 40}, num_attention_heads=6, num_key_value_heads=2,
+            head_dim=8, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     }
 
 

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 
 from stip.developer.architectures import CLIENT, TOKEN_EMBEDDING, architecture_for
-from stip.errors import TensorSetError
+from stip.errors import TensorSetError, UnsupportedModelError
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -24,16 +24,38 @@ ROUND_TRIP, SERVER_DECODE = "round-trip", "server-decode"  # the bundle modes (s
 
 def expected_tensors(config) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor the model class for `config` loads (its state dict), built without memory.
-    A tied parameter is listed once, under its first name (the checkpoint stores it once)."""
+    A tied parameter is listed once, under its first name (the checkpoint stores it once). For a family whose
+    bundle keeps the names `save_pretrained` writes (`Architecture.saved_names`: Mixtral's per-expert tensors, which
+    the class fuses), the names and shapes are those, from transformers' own conversion mapping run in reverse."""
     with torch.device("meta"):
         model = model_class(config)(config)
     seen: set[int] = set()
-    out = {}
+    state = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in seen:
             seen.add(id(t))
-            out[name] = tuple(t.shape)
-    return out
+            state[name] = t
+    if _saved_names(config):
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    return {name: tuple(t.shape) for name, t in state.items()}
+
+
+def _saved_names(config) -> bool:
+    try:
+        return architecture_for(config).saved_names
+    except UnsupportedModelError:
+        return False
+
+
+def _rule(arch, name: str):
+    """The rule for `name`, or None where no rule covers it (a class name that only exists after transformers'
+    conversion on load, such as a fused expert tensor): such a tensor is never the client's."""
+    try:
+        return arch.match(name).rule
+    except UnsupportedModelError:
+        return None
 
 
 def model_class(config):
@@ -59,7 +81,9 @@ def client_only(config, names, mode: str = ROUND_TRIP) -> set[str]:
     arch = architecture_for(config)
     out = set()
     for n in names:
-        rule = arch.match(n).rule
+        rule = _rule(arch, n)
+        if rule is None:
+            continue
         if rule.role == TOKEN_EMBEDDING or (rule.party == CLIENT and not rule.zeroed_on_server):
             out.add(n)
     return out
@@ -71,7 +95,7 @@ def zeroed(config, names, mode: str = ROUND_TRIP) -> set[str]:
     if mode == SERVER_DECODE:
         return set()
     arch = architecture_for(config)
-    return {n for n in names if arch.match(n).rule.zeroed_on_server}
+    return {n for n in names if getattr(_rule(arch, n), "zeroed_on_server", False)}
 
 
 def check_server_tensors(config, got: Shapes, where: str, sources: Mapping[str, str] | None = None,

@@ -58,7 +58,7 @@ def placements(arch: Architecture, name: str, tied: bool, mode: str = ROUND_TRIP
     if rule.party == DROP or (tied and rule.role == LM_HEAD):
         return []
     if rule.party == SERVER:
-        return [Placement(SERVER, m.canonical, rule, m.layer)]
+        return [Placement(SERVER, m.canonical, rule, m.layer, expert=m.expert, expert_at=m.expert_at)]
     axes = dict(rule.axes)
     if rule.role in SERVER_DECODE_ROWS:
         axes[0] = (SERVER_DECODE_ROWS[rule.role], "out")
@@ -78,6 +78,9 @@ def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: tor
             yield CLIENT, p.name, tensor
         elif p.zeros:
             yield SERVER, p.name, torch.zeros_like(tensor)
+        elif p.expert is not None:  # an MoE expert: its own FFN permutation, written under its secret slot
+            slot = int(key.space("expert", p.layer).inverse_perm[p.expert])
+            yield SERVER, p.name_in_slot(slot), _transform(p.rule.axes, key, p.layer, tensor, p.expert)
         else:
             yield SERVER, p.name, _transform(p.rule.axes, key, p.layer, tensor)
 
@@ -90,7 +93,8 @@ def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str =
     server: dict[str, tuple[int, ...]] = {}
     has_token = False
     for name, shape in ck.shapes():
-        has_token |= arch.match(name).rule.role == TOKEN_EMBEDDING
+        rule = arch.match(name).rule  # the client embeds the input: a token table or a client-side module
+        has_token |= rule.role == TOKEN_EMBEDDING or rule.client_module is not None
         for p in placements(arch, name, tied, mode):
             if (p.party, p.name) in outputs:
                 raise TensorSetError(f"{ck.path}: tensors {outputs[p.party, p.name]!r} and {name!r} are the same "
@@ -99,7 +103,7 @@ def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str =
             if p.party == SERVER:
                 server[p.name] = shape
     if not has_token:
-        raise TensorSetError(f"{ck.path} has no token embedding tensor")
+        raise TensorSetError(f"{ck.path} has no token embedding tensor (nor an input embeddings module)")
     check_server_tensors(_server_config(ck, mode), server, f"checkpoint {ck.path}",
                          {out: src for (party, out), src in outputs.items() if party == SERVER}, mode=mode)
 
@@ -115,9 +119,11 @@ def protect_state_dict(arch: Architecture, key: DeveloperKey, state: dict[str, t
     return parts[SERVER], parts[CLIENT]
 
 
-def _transform(axes: dict, key: DeveloperKey, layer: int | None, t: torch.Tensor) -> torch.Tensor:
+def _transform(axes: dict, key: DeveloperKey, layer: int | None, t: torch.Tensor,
+               expert: int | None = None) -> torch.Tensor:
+    """Apply each axis's transform; `expert` (an original MoE expert index) selects that expert's own "ffn"."""
     for axis, (space, role) in axes.items():
-        t = key.space(space, layer).apply(t, axis, role)
+        t = key.space(space, layer, expert if space == "ffn" else None).apply(t, axis, role)
     return t.contiguous()
 
 

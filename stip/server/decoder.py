@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from stip.errors import StipError
 
-ROPE_FAMILIES = ("llama", "mistral", "qwen2")
+ROPE_FAMILIES = ("llama", "mistral", "qwen2", "mixtral")  # mixtral: its MoE block routes each packed token alone
 FAMILIES = ROPE_FAMILIES + ("gpt2",)
 # RoPE variants whose frequencies depend on the longest position in the batch: packing rows would change them.
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
