@@ -24,8 +24,8 @@ from stip.common.files import MANIFEST_NAME, read_manifest, staged_directory, wr
 from stip.common.keys import DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, DEVELOPER_DIR,
                                 DEVELOPER_KEY_FILE, EMBEDDING_FILE, MODEL_CONFIG_FILE, SERVER_DIR)
-from stip.common.tasks import ONE_SHOT_TASKS
 from stip.common.transforms import KeyRng
+from stip.common.tasks import IMAGE_TEXT_TO_TEXT, ONE_SHOT_TASKS
 from stip.developer.architectures import (CLIENT, DROP, LM_HEAD, SERVER, TOKEN_EMBEDDING, Architecture, Placement,
                                           architecture_for, embedding_scale_of, geometry_of, task_of)
 from stip.developer.checkpoint import Checkpoint
@@ -34,6 +34,7 @@ from stip.errors import KeyMismatchError, TensorSetError
 
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 MODES = (ROUND_TRIP, SERVER_DECODE)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # copied into the client bundle
 
 # Server-decode mode: the server also gets the client's tensors (transformed by their own rule's axes), and a
 # tensor with one of these roles gets its rows permuted into this space too (the token embedding: rows in `pc`).
@@ -211,6 +212,10 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     ck = Checkpoint.open(model)
     arch = architecture_for(ck.config)
+    if mode == SERVER_DECODE and task_of(ck.config) == IMAGE_TEXT_TO_TEXT:
+        raise stip.errors.UnsupportedModelError(
+            f"{model}: server-decode mode takes token ids only, so it cannot carry the client's image features; "
+            "protect this vision-language model in round-trip mode")
     if mode == SERVER_DECODE and task_of(ck.config) in ONE_SHOT_TASKS:
         raise stip.errors.UnsupportedModelError(
             f"{model}: server-decode mode generates tokens, but this is a {task_of(ck.config)} model, served one "
@@ -267,6 +272,7 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         write_json_atomic(client / MODEL_CONFIG_FILE, ck.config.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(client)
+        _copy_processor(ck, client)
         _copy_sentence_transformers(ck, client)
         developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
         signing.save_signing_key(signing_key, developer / signing.SIGNING_KEY_FILE)
@@ -348,8 +354,9 @@ def _remap_ids(fields: dict, to_server: list[int], where: str) -> dict:
 
 def _server_config(ck: Checkpoint, mode: str = ROUND_TRIP):
     """The model's own config. Round-trip: untied (the server has the LM head, the client the embedding).
-    Server-decode: tied as the model is (the server has both); special ids are remapped by the caller."""
-    config = copy.deepcopy(ck.config)
+    Server-decode: tied as the model is (the server has both); special ids are remapped by the caller. A model whose
+    server runs only part of it (LLaVA: its language model) gets that part's config."""
+    config = copy.deepcopy(_language_config(ck))
     if mode == ROUND_TRIP:
         config.tie_word_embeddings = False
     if hasattr(config, "quantization_config"):
@@ -361,6 +368,19 @@ def _server_config(ck: Checkpoint, mode: str = ROUND_TRIP):
     if arch.server_class is not None:  # encoders and classifiers: the class the checkpoint names (BertModel, ...)
         config.architectures = [arch.server_class(ck.config)]
     return config
+
+
+def _language_config(ck: Checkpoint):
+    """The config of the model the server runs: the whole model's, or its language model's (LLaVA)."""
+    arch = architecture_for(ck.config)
+    return arch.server_config(ck.config) if arch.server_config else ck.config
+
+
+def _copy_processor(ck: Checkpoint, client: Path) -> None:
+    """The model's image processor and processor configs, which the client runs on images (ViT, LLaVA)."""
+    for name in PROCESSOR_FILES:
+        if (ck.path / name).is_file():
+            (client / name).write_bytes((ck.path / name).read_bytes())
 
 
 def _copy_sentence_transformers(ck: Checkpoint, client: Path) -> None:
@@ -382,7 +402,8 @@ def _copy_sentence_transformers(ck: Checkpoint, client: Path) -> None:
 def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
                    bundle_id: str, mode: str = ROUND_TRIP) -> dict:
     c = ck.config
-    eos = getattr(c, "eos_token_id", None)
+    lm = _language_config(ck)
+    eos = getattr(lm, "eos_token_id", None)
     gen = ck.generation_config() or {}
     eos = gen.get("eos_token_id", eos)
     return {
@@ -390,12 +411,12 @@ def _client_config(ck: Checkpoint, embedding: dict[str, tuple[int, ...]],
         "mode": mode,
         "task": task_of(c),
         "model_type": c.model_type,
-        "hidden_size": embedding["token"][1] if "token" in embedding else int(c.hidden_size),
-        "vocab_size": embedding["token"][0] if "token" in embedding else int(getattr(c, "vocab_size", 0) or 0),
+        "hidden_size": embedding["token"][1] if "token" in embedding else int(lm.hidden_size),
+        "vocab_size": embedding["token"][0] if "token" in embedding else int(getattr(lm, "vocab_size", 0) or 0),
         "learned_positions": "position" in embedding and mode == ROUND_TRIP,
         "max_positions": embedding["position"][0] if "position" in embedding
-        else int(getattr(c, "max_position_embeddings", 0) or 0),
+        else int(getattr(lm, "max_position_embeddings", 0) or 0),
         "eos_token_ids": [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]),
-        "bos_token_id": getattr(c, "bos_token_id", None),
+        "bos_token_id": getattr(lm, "bos_token_id", None),
         "embedding_scale": embedding_scale_of(c),  # the model's own scale inside its embedding module (Gemma)
     }
