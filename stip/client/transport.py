@@ -58,6 +58,8 @@ class StipCertificateError(StipConnectionError):
 
 HELLO_MAX_BYTES = wire.HEADER_LEN.size + wire.MAX_HEADER_BYTES  # hello, close and error replies: a header only
 HTTP_MAX_BYTES = 16 * 1024 * 1024  # /health and /metrics bodies
+ENCODE_PATH = wire.ENCODE_PATH
+ENCODE_MAX_BYTES = 1024**3  # an /v1/encode reply whose shape the caller did not state
 
 
 @dataclass
@@ -233,6 +235,65 @@ class Connection:
 
     def metrics(self) -> str:
         return self._get("/metrics").decode()
+
+    def encode(self, embeds: torch.Tensor, mask: torch.Tensor | None = None, *,
+               reply_shape: list[int] | None = None) -> torch.Tensor:
+        """POST /v1/encode (one-shot models): embeddings [B, T, d] already in the secret basis, and a padding mask
+        [B, T] (1 = token) or None -> the server's float32 output (hidden states in `p`, or permuted logits).
+        `reply_shape`: the shape the caller expects; the reply is refused (StipProtocolError) if it differs, and
+        never read past that size."""
+        x = embeds.detach().contiguous()
+        if x.dim() != 3 or x.dtype not in wire.DTYPE_NAMES:
+            raise ValueError(f"embeddings must be [batch, tokens, hidden] in {', '.join(wire.DTYPES)}")
+        header = {"op": "encode", "dtype": wire.DTYPE_NAMES[x.dtype], "shape": list(x.shape), "mask": mask is not None}
+        parts = [wire.tensor_bytes(x)]
+        if mask is not None:
+            if tuple(mask.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"mask shape {list(mask.shape)} does not match embeddings {list(x.shape[:2])}")
+            parts.append(wire.tensor_bytes(mask.to(torch.uint8)))
+        limit = ENCODE_MAX_BYTES if reply_shape is None else math.prod(reply_shape) * 4 + HELLO_MAX_BYTES
+        req = urllib.request.Request(_http_url(self.url, ENCODE_PATH), data=wire.encode_frame(header, *parts),
+                                     headers={**self._headers(), "Content-Type": "application/octet-stream"},
+                                     method="POST")
+        body = self._open(req, ENCODE_PATH, limit)
+        try:
+            h, payload = wire.decode_frame(body)
+        except wire.WireError as e:
+            raise StipProtocolError(f"{ENCODE_PATH} answered a malformed frame: {e}") from None
+        shape = h.get("shape")
+        if (h.get("ok") is not True or h.get("kind") not in ("hidden", "logits") or h.get("dtype") != "float32"
+                or not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape)):
+            raise StipProtocolError(f"malformed {ENCODE_PATH} reply header: {_clip(h)}")
+        if reply_shape is not None and shape != list(reply_shape):
+            raise StipProtocolError(f"{ENCODE_PATH} replied shape {shape}, expected {list(reply_shape)}")
+        if len(payload) != math.prod(shape) * 4:
+            raise StipProtocolError(f"{ENCODE_PATH} reply has {len(payload)} payload bytes for shape {shape}")
+        out = wire.tensor_from_bytes(payload, torch.float32, shape)
+        if not bool(torch.isfinite(out).all()):
+            raise StipProtocolError(f"{ENCODE_PATH} reply holds NaN or infinite values")
+        return out
+
+    def _open(self, req: urllib.request.Request, path: str, limit: int) -> bytes:
+        """Send `req`, read at most `limit` bytes of the answer; HTTP errors carry the server's message."""
+        try:
+            with self._opener.open(req, timeout=self.timeout) as r:
+                body = r.read(limit + 1)
+        except urllib.error.HTTPError as e:
+            try:
+                detail = json.loads(e.read(HTTP_MAX_BYTES)).get("error") or e.reason
+            except Exception:
+                detail = e.reason
+            cls = StipAuthError if e.code in (401, 403) else StipServerError
+            raise cls(f"server error {e.code} on {path}: {detail}", e.code) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise _cert_error(self.url, reason, self.ca_file) from None
+            raise StipConnectionError(f"cannot reach the STIP server at {self.url}: {reason} "
+                                      f"(is `stip serve` running there?)") from None
+        if len(body) > limit:
+            raise StipProtocolError(f"{self.url}{path} answered more than {limit} bytes")
+        return body
 
     def open_session(self, resume: str | None = None) -> "RemoteSession":
         """A new session, or (`resume=id`) a session whose socket was detached or dropped, with its KV cache."""

@@ -32,9 +32,11 @@ from starlette.websockets import WebSocketDisconnect
 from stip.common import wire
 from stip.common.generate import GENERATE_PATH, GenerateRequest
 from stip.common.hosts import is_loopback_host
+from stip.common.tasks import ONE_SHOT_TASKS, TEXT_GENERATION
 from stip.errors import StipError
 from stip.server.auth import Authenticator, AuthError, Principal, load_key_file
 from stip.server.budget import Admission, AdmissionError, Quota, default_budget_tokens
+from stip.server.encode_route import ENCODE_PATH, add_encode_route
 from stip.server.engine import Engine, TokenEngine, TopK
 from stip.server.metrics import Metrics
 from stip.server.sessions import Session, SessionManager
@@ -90,6 +92,7 @@ class StipService:
             limit = min(limit, engine.max_positions)
         self.max_seq_len = limit
         self.mode = "server-decode" if isinstance(engine, TokenEngine) else "round-trip"
+        self.task = getattr(engine, "task", TEXT_GENERATION)  # one-shot engines (stip.server.encoder) say theirs
         self.max_message_bytes = settings.max_message_bytes or (limit * (getattr(engine, "hidden_size", 0) or 1) * 4
                                                                 + HEADER_SLACK)
         # One thread per step in flight where the engine batches concurrent steps (stip.server.scheduler), else one.
@@ -166,6 +169,7 @@ class StipService:
         """The model, the limits, and the caller's own usage (never other clients'); needs auth."""
         e, q, u = self.engine, who.quota, self.admission.usage(who.name)
         return {"status": "ok", "bundle_id": self.bundle_id, "model_type": e.model_type, "mode": self.mode,
+                "task": self.task,
                 "hidden_size": getattr(e, "hidden_size", None), "vocab_size": e.vocab_size,
                 "signer": (getattr(e, "manifest", None) or {}).get("signer", {}).get("fingerprint"),
                 "protocol": wire.PROTOCOL_VERSION, "max_seq_len": self.max_seq_len,
@@ -432,6 +436,9 @@ def add_session_route(app: FastAPI, service: StipService) -> None:
             await websocket.send_denial_response(refused(e.status, str(e)))
             return
         await websocket.accept()
+        if service.task in ONE_SHOT_TASKS:
+            return await refuse_frame(websocket, 400, f"this server serves a {service.task} model: it takes "
+                                                      f"one-shot requests at POST {ENCODE_PATH}, not sessions")
         if service.mode != "round-trip":
             return await refuse_frame(websocket, 400, f"this server runs a {service.mode} bundle: it takes token ids "
                                                       f"at POST {GENERATE_PATH}, not embedding sessions; use a "
@@ -504,6 +511,9 @@ def add_generate_route(app: FastAPI, service: StipService) -> None:
             return JSONResponse({"ok": False, "status": status, "error": message}, status_code=status)
 
         engine = service.engine
+        if service.task in ONE_SHOT_TASKS:
+            return bad(400, f"this server serves a {service.task} model: it takes one-shot requests at POST "
+                            f"{ENCODE_PATH}, not {GENERATE_PATH}")
         if not isinstance(engine, TokenEngine):
             return bad(400, f"this server runs a round-trip bundle: it takes embedding sessions at "
                             f"{wire.SESSION_PATH}, not token ids; protect the model with `stip protect --mode "
@@ -573,6 +583,7 @@ def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
     add_http_routes(app, service)
     add_session_route(app, service)
     add_generate_route(app, service)
+    add_encode_route(app, service)
     return app
 
 

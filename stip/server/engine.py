@@ -237,6 +237,14 @@ def load_engine(kind: str, bundle, dtype: torch.dtype = torch.float32, device: s
     if kind not in ENGINES:
         raise StipError(f"unknown engine {kind!r}; expected one of {', '.join(ENGINES)}")
     log = logging.getLogger("stip.server")
+    from stip.server.encoder import EncoderEngine, is_one_shot
+
+    if is_one_shot(bundle):  # encoders and classifiers: one forward per request, no sessions
+        if kind == "vllm":
+            raise StipError("encoder and classifier bundles run on the transformers engine only (--engine "
+                            "transformers)")
+        log.info("engine transformers (one-shot): one forward per request")
+        return EncoderEngine.from_bundle(bundle, dtype=dtype, device=device, **load_kw)
     if kind == "vllm":
         from stip.server.vllm_engine import load_vllm_engine
 

@@ -37,7 +37,7 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "embedding was newly initialized" report is expected; the rest is checked
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(bundle, dtype=dtype, output_loading_info=True)
+        model, info = _model_class(config).from_pretrained(bundle, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     _check_loading_info(bundle, config, info, mode)
@@ -57,11 +57,22 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
                                               manifest.get("model_type"), mode, manifest["bundle_id"])
         return model, manifest
     emb = model.get_input_embeddings()
+    if not isinstance(emb, torch.nn.Embedding):  # a patch embedding (ViT): the one-shot engine drops its module
+        return model, manifest
     emb.weight = torch.nn.Parameter(torch.empty(0, emb.embedding_dim, dtype=dtype, device=device),
                                     requires_grad=False)
     logging.getLogger("stip.server").info("loaded protected %s model, bundle %s", manifest.get("model_type"),
                                           manifest["bundle_id"])
     return model, manifest
+
+
+def _model_class(config):
+    """The class the bundle's config names (a causal LM, or an encoder such as BertModel); transformers' own only."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModelForCausalLM
 
 
 def shard_shapes(bundle: Path, signed_files) -> dict[str, tuple[int, ...]]:
