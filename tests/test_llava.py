@@ -246,8 +246,9 @@ def test_proxy_image_content_part(llava, client, server):
     with local_process(lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(llava[4] / "client"),
                                      "--server", server.url, "--port", str(port)], ready_path="/v1/models") as proxy:
         oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=60)
-        r = oai.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=N)
-        assert r.choices[0].message.content == expected
+        r = oai.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=N, n=2)
+        assert [c.message.content for c in r.choices] == [expected, expected]  # one vision pass, two sessions
+        assert r.usage.prompt_tokens == client.generate(messages=messages, max_tokens=1).usage["prompt_tokens"]
         stream = oai.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=N, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
         remote = [{"role": "user", "content": [{"type": "image_url",

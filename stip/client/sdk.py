@@ -21,6 +21,7 @@ import torch
 from stip.client.bundle import ClientBundle
 from stip.client.encoder import TaskError
 from stip.common.tasks import ONE_SHOT_TASKS
+from stip.client import vision
 from stip.client.logprobs import TokenLogprob, step_logprob
 from stip.common.sampling import Sampler, SamplingParams
 from stip.client.transport import StipCertificateError, StipConnectionError, StipServerError
@@ -291,18 +292,30 @@ class Client:
         return list(out)
 
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
-                 **sampling) -> Generation:
-        stream = self.stream(prompt=prompt, messages=messages, ids=ids, **sampling)
+                 images: list | None = None, **sampling) -> Generation:
+        stream = self.stream(prompt=prompt, messages=messages, ids=ids, images=images, **sampling)
         for _ in stream:
             pass
         return stream.generation
 
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
-               params: SamplingParams | None = None, **sampling) -> GenerationStream:
+               params: SamplingParams | None = None, images: list | None = None,
+               image_features: torch.Tensor | None = None, **sampling) -> GenerationStream:
+        """`images` (LLaVA-style models): one per image token in the prompt, or given as image content parts of
+        `messages`; the client runs the vision tower and sends the image features in the secret basis.
+        `image_features`: those of a prompt already expanded by `stip.client.vision.prepare` (one vision pass
+        shared by several generations)."""
         if self.bundle.task in ONE_SHOT_TASKS:
             raise TaskError(f"client bundle {self.bundle.path} holds a {self.bundle.task} model, which does not "
                             f"generate text; use {ONE_SHOT_METHODS[self.bundle.task]}")
         params = params or SamplingParams(**sampling)
+        features = image_features
+        if images or vision.has_images(messages):
+            if images and vision.has_images(messages):
+                raise ValueError("pass images as content parts of messages or as images=, not both")
+            messages, found = vision.extract_images(self.bundle, messages)
+            vp = vision.prepare(self.bundle, self.encode(prompt, messages, ids), list(images or found))
+            prompt, messages, ids, features = None, None, vp.ids, vp.features
         if self.bundle.mode == "server-decode":  # the server samples: one streamed request (no downlink)
             from stip.client import server_decode
 
@@ -312,11 +325,11 @@ class Client:
             raise ValueError(f"logprobs={params.logprobs} alternatives, but the top-k downlink carries only "
                              f"k={self.downlink.k} per token")
         prompt_ids = self.encode(prompt, messages, ids)
-        return GenerationStream(self._run(prompt_ids, params))
+        return GenerationStream(self._run(prompt_ids, params, features))
 
     # ------------------------------------------------------------------ the loop
 
-    def _run(self, prompt_ids: list[int], params: SamplingParams):
+    def _run(self, prompt_ids: list[int], params: SamplingParams, features: torch.Tensor | None = None):
         bundle, dl = self.bundle, self.downlink
         eos = set(bundle.eos_token_ids)
         tm = Timing()
@@ -335,7 +348,7 @@ class Client:
         with contextlib.ExitStack() as stack:
             session = stack.enter_context(self.connection.open_session())
             c0 = time.perf_counter()
-            x = bundle.embed(torch.tensor(prompt_ids), start=0)
+            x = self._embed_context(prompt_ids, features)
             tm.client_ms += (time.perf_counter() - c0) * 1e3
             r = session.prefill(x, positions="last", downlink=dl)
             self._account(tm, r, decode=False)
@@ -382,11 +395,11 @@ class Client:
                         raise
                     # The server expired the session (idle past its TTL, e.g. a slow reader of the stream): replay
                     # the context on a fresh session. The logits are the same, so the generation does not change.
-                    session, r = self._resume(stack, prompt_ids + out)
+                    session, r = self._resume(stack, prompt_ids + out, features)
                 except StipConnectionError as e:
                     # The server went away (crashed, restarted): replay the context on a fresh session of the same
                     # bundle once it is back, within a bounded time; otherwise the error says what happened.
-                    session, r = self._replay(stack, prompt_ids + out, e)
+                    session, r = self._replay(stack, prompt_ids + out, e, features)
                 pos += 1
                 self._account(tm, r, decode=True)
         tm.total_ms = (time.perf_counter() - t_start) * 1e3
@@ -395,14 +408,21 @@ class Client:
                  "total_tokens": len(prompt_ids) + len(out)}
         return Generation(text, out, finish, usage, tm, prompt_ids, glimpse, logprobs)
 
-    def _resume(self, stack: contextlib.ExitStack, context: list[int]):
+    def _embed_context(self, ids: list[int], features: torch.Tensor | None) -> torch.Tensor:
+        """The context from position 0, in the secret basis; image features (LLaVA) at the prompt's image tokens."""
+        if features is None:
+            return self.bundle.embed(torch.tensor(ids), start=0)
+        return vision.embed(self.bundle, ids, features)
+
+    def _resume(self, stack: contextlib.ExitStack, context: list[int], features: torch.Tensor | None = None):
         """(session, reply): a fresh session prefilled with the whole context; its logits are those of the step that
         was lost, so the generation continues unchanged."""
         session = stack.enter_context(self.connection.open_session())
-        x = self.bundle.embed(torch.tensor(context), start=0)
+        x = self._embed_context(context, features)
         return session, session.prefill(x, positions="last", downlink=self.downlink)
 
-    def _replay(self, stack: contextlib.ExitStack, context: list[int], lost: StipConnectionError):
+    def _replay(self, stack: contextlib.ExitStack, context: list[int], lost: StipConnectionError,
+                features: torch.Tensor | None = None):
         """(session, reply) from a fresh session prefilled with `context`, once the server answers again with the
         same bundle; StipConnectionError naming the loss after `reconnect_timeout` seconds. The reply's logits are
         those of the decode step that was lost, so the generation continues unchanged."""
@@ -416,7 +436,7 @@ class Client:
                 if served != self.bundle.bundle_id:
                     raise KeyMismatchError(f"the connection to {url} dropped mid-generation and the server came back "
                                            f"with bundle {served}, not {self.bundle.bundle_id}: not replaying")
-                return self._resume(stack, context)
+                return self._resume(stack, context, features)
             except StipCertificateError:
                 raise
             except StipConnectionError as e:
