@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM,
                           Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 97
@@ -56,6 +57,11 @@ def tiny_configs() -> dict[str, tuple[type, object]]:
         "mixtral-moe": (MixtralForCausalLM, MixtralConfig(
             **{**rope, "num_hidden_layers": 2, "intermediate_size": 40}, num_attention_heads=6, num_key_value_heads=2,
             head_dim=8, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+        # Qwen3-MoE: Q/K norms, 4 experts top-2 without renormalizing the top-k weights, layer 1 dense
+        "qwen3-moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
+            **{**rope, "num_hidden_layers": 2, "intermediate_size": 24}, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[1],
+            tie_word_embeddings=False)),
     }
 
 

@@ -1,11 +1,13 @@
-"""Mixtral-style MoE: the router and every expert permuted, the expert order itself a secret, outputs unchanged.
+"""Sparse MoE (Mixtral, Qwen3-MoE): the router and every expert permuted, the expert order itself a secret, outputs
+unchanged.
 
-One tiny random Mixtral (4 SwiGLU experts, top-2 routing, 2 layers, GQA), saved with `save_pretrained` (per-expert
-tensor names, as hub checkpoints have them) and protected once for the module with a fixed seed. Must show: equal
-logits (max-abs difference printed), identical top-1 and greedy tokens, identical routing (the protected router picks
-the slots that hold the experts the plain router picks, with the same weights), an expert order that really moved,
-greedy generation through a real `stip serve`, and bundles with a missing, extra or wrong-shaped expert tensor
-refused by name.
+Tiny random models (4 SwiGLU experts, top-2 routing, 2 layers, GQA; Qwen3-MoE with Q/K norms, unnormalized top-k
+weights and one dense layer), saved with `save_pretrained` (per-expert tensor names, as hub checkpoints have them)
+and each protected once for the module with a fixed seed. Must show: equal logits (max-abs difference printed),
+identical top-1 and greedy tokens, identical routing (the protected router picks the slots that hold the experts the
+plain router picks, with the same weights), an expert order that really moved, greedy generation through a real
+`stip serve` (Mixtral here; every decoder type in tests/test_decoders.py), and bundles with a missing, extra or
+wrong-shaped expert tensor refused by name.
 """
 
 from __future__ import annotations
@@ -29,27 +31,49 @@ from tests.models import VOCAB, save_tiny, tiny_configs
 from tests.parties import serve
 
 NAME = "mixtral-moe"
-CONFIG = tiny_configs()[NAME][1]
-EXPERTS, TOP_K, LAYERS = CONFIG.num_local_experts, CONFIG.num_experts_per_tok, CONFIG.num_hidden_layers
+# per family: the router, one expert's tensor names ({e}: expert index, {w}: projection), its gate/up and down names
+FAMILIES = {
+    "mixtral-moe": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.{w}.weight", ("w1", "w3"), "w2"),
+    "qwen3-moe": ("mlp.gate.weight", "mlp.experts.{e}.{w}.weight", ("gate_proj", "up_proj"), "down_proj"),
+}
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 23]
 
 
+def _moe_layers(config) -> list[int]:
+    return [i for i in range(config.num_hidden_layers) if i not in (getattr(config, "mlp_only_layers", None) or [])]
+
+
 @pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    plain_dir = save_tiny(NAME, root / "plain")
-    result = stip.protect(plain_dir, root / "protected", progress=False, seed=bytes(range(32)))
-    plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
-    protected, _ = load_protected_model(result.server)
-    return dict(plain_dir=plain_dir, out=result.out, plain=plain, protected=protected,
-                client=ClientBundle.load(result.client), key=DeveloperKey.load(result.developer_key))
+def protected_moe(tmp_path_factory):
+    """name -> the plain and protected model, bundles and key; built on first use."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            plain_dir = save_tiny(name, root / "plain")
+            result = stip.protect(plain_dir, root / "protected", progress=False, seed=bytes(range(32)))
+            plain = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
+            protected, _ = load_protected_model(result.server)
+            config = tiny_configs()[name][1]
+            cache[name] = dict(plain_dir=plain_dir, out=result.out, plain=plain, protected=protected,
+                               client=ClientBundle.load(result.client), key=DeveloperKey.load(result.developer_key),
+                               layers=_moe_layers(config), experts=plain.config.num_experts_per_tok)
+        return cache[name]
+
+    return get
 
 
-def _routing(model, run) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(selected experts [tokens, k], their weights) of every layer's router during `run()`."""
+@pytest.fixture(scope="module")
+def moe(protected_moe):
+    return protected_moe(NAME)
+
+
+def _routing(model, layers, run) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(selected experts [tokens, k], their weights) of each MoE layer's router during `run()`."""
     seen: list = []
-    hooks = [layer.mlp.gate.register_forward_hook(lambda _m, _i, out: seen.append((out[2].clone(), out[1].clone())))
-             for layer in model.model.layers]
+    hooks = [model.model.layers[i].mlp.gate.register_forward_hook(
+        lambda _m, _i, out: seen.append((out[2].clone(), out[1].clone()))) for i in layers]
     try:
         with torch.no_grad():
             run()
@@ -59,65 +83,76 @@ def _routing(model, run) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return seen
 
 
-def test_checkpoint_and_bundle_use_per_expert_names(moe):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_checkpoint_and_bundle_use_per_expert_names(protected_moe, name):
     """The plain checkpoint is in save_pretrained's per-expert naming; the server bundle keeps that naming (which
-    transformers fuses on load and vLLM reads), and holds no fused or plain-named tensor."""
+    transformers fuses on load and vLLM reads), and holds no fused tensor."""
+    moe = protected_moe(name)
+    _, expert, _, down = FAMILIES[name]
     plain_names = set(load_file(str(moe["plain_dir"] / "model.safetensors")))
-    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in plain_names
+    assert f"model.layers.0.{expert.format(e=3, w=down)}" in plain_names
     server = json.loads((moe["out"] / "server" / "model.safetensors.index.json").read_text())["weight_map"]
     assert set(server) == plain_names - {"model.embed_tokens.weight"}
-    assert not any("gate_up_proj" in n for n in server)
+    assert not any("gate_up_proj" in n or n.endswith("experts.down_proj") for n in server)
 
 
-def test_logits_top1_and_routing_match_the_plain_model(moe):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_top1_and_routing_match_the_plain_model(protected_moe, name):
+    moe = protected_moe(name)
     plain, protected, client, key = moe["plain"], moe["protected"], moe["client"], moe["key"]
     ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
     eq = compare_logits(plain, protected, client, ids)
-    print(f"mixtral: max |logit diff| protected vs plain = {eq.max_abs_diff:.2e} (logit scale {eq.logit_scale:.2f})")
+    print(f"{name}: max |logit diff| protected vs plain = {eq.max_abs_diff:.2e} (logit scale {eq.logit_scale:.2f})")
     assert eq.top1_match == 1.0
     assert eq.max_abs_diff < 1e-5 * max(1.0, eq.logit_scale), eq
 
-    want = _routing(plain, lambda: plain(input_ids=ids))
-    got = _routing(protected, lambda: protected(inputs_embeds=client.embed(ids)))
-    assert len(want) == len(got) == LAYERS
-    for layer, ((p_idx, p_w), (s_idx, s_w)) in enumerate(zip(want, got)):
+    want = _routing(plain, moe["layers"], lambda: plain(input_ids=ids))
+    got = _routing(protected, moe["layers"], lambda: protected(inputs_embeds=client.embed(ids)))
+    assert len(want) == len(got) == len(moe["layers"]) > 0
+    for layer, (p_idx, p_w), (s_idx, s_w) in zip(moe["layers"], want, got):
         order = key.layers[layer].experts.perm
-        assert p_idx.shape == (ids.numel(), TOP_K)
+        assert p_idx.shape == (ids.numel(), moe["experts"])
         # slot k holds original expert order[k]: the protected selections, mapped back, are the plain ones
         assert torch.equal(order[s_idx], p_idx), f"layer {layer}: routing differs"
         assert torch.allclose(s_w, p_w, atol=1e-5), f"layer {layer}: routing weights differ"
 
 
-def test_expert_order_is_permuted_and_each_slot_holds_its_expert(moe):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_expert_order_is_permuted_and_each_slot_holds_its_expert(protected_moe, name):
     """Some slot holds another expert than the plain model's; slot k's tensors are expert order[k]'s, under its own
-    FFN permutation (rows of w1/w3, columns of w2) and `p`."""
+    FFN permutation (rows of gate/up, columns of down) and `p`."""
+    moe = protected_moe(name)
+    router, expert_name, ups, down = FAMILIES[name]
     key = moe["key"]
-    orders = [key.layers[i].experts.perm for i in range(LAYERS)]
-    assert any(not torch.equal(o, torch.arange(EXPERTS)) for o in orders), orders
+    orders = {i: key.layers[i].experts.perm for i in moe["layers"]}
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in orders.values()), orders
     plain = load_file(str(moe["plain_dir"] / "model.safetensors"))
     server = {}
     for shard in (moe["out"] / "server").glob("model-*.safetensors"):
         server |= load_file(str(shard))
     resid = key.client.resid
-    for layer, order in enumerate(orders):
-        base = f"model.layers.{layer}.block_sparse_moe."
-        assert torch.equal(server[base + "gate.weight"],
-                           resid.apply(plain[base + "gate.weight"], 1, "in")[order])
+    for layer, order in orders.items():
+        base = f"model.layers.{layer}."
+        assert torch.equal(server[base + router], resid.apply(plain[base + router], 1, "in")[order])
         for slot, expert in enumerate(order.tolist()):
             ffn = key.space("ffn", layer, expert=expert)
-            for w in ("w1", "w3"):
-                src = plain[f"{base}experts.{expert}.{w}.weight"]
-                assert torch.equal(server[f"{base}experts.{slot}.{w}.weight"],
+            for w in ups:
+                src = plain[base + expert_name.format(e=expert, w=w)]
+                assert torch.equal(server[base + expert_name.format(e=slot, w=w)],
                                    resid.apply(ffn.apply(src, 0, "out"), 1, "in"))
-            src = plain[f"{base}experts.{expert}.w2.weight"]
-            assert torch.equal(server[f"{base}experts.{slot}.w2.weight"],
+            src = plain[base + expert_name.format(e=expert, w=down)]
+            assert torch.equal(server[base + expert_name.format(e=slot, w=down)],
                                ffn.apply(resid.apply(src, 0, "out"), 1, "in"))
 
 
-def test_greedy_generation_matches_in_process_and_through_stip_serve(moe):
-    plain, protected, client = moe["plain"], moe["protected"], moe["client"]
-    want = plain_greedy(plain, PROMPT, 16)
-    assert protected_greedy(protected, client, PROMPT, 16) == want
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_greedy_generation_matches_in_process(protected_moe, name):
+    moe = protected_moe(name)
+    assert protected_greedy(moe["protected"], moe["client"], PROMPT, 16) == plain_greedy(moe["plain"], PROMPT, 16)
+
+
+def test_greedy_generation_through_stip_serve_matches(moe):
+    want = plain_greedy(moe["plain"], PROMPT, 16)
     with serve(moe["out"], threads=1) as server:
         got = stip.Client(moe["out"] / "client", server.url).generate(ids=PROMPT, max_tokens=16)
     assert got.token_ids == want

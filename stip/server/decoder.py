@@ -6,8 +6,9 @@ the causal mask shifted by the row's cached length, so no padding and no cross-r
 attention does exactly what a solo run does. The weights and the submodules (norms, MLP, rotary embedding, RoPE
 application) are the loaded transformers model's own, so variants (QKV bias, activations, RoPE scaling) follow it.
 
-Families: llama, mistral, qwen2 (RMSNorm, RoPE, GQA, optional QKV bias, sliding window) and gpt2 (LayerNorm,
-Conv1D, learned positions: the server's `wpe` is zero in a protected bundle, and it is added like transformers does).
+Families: llama, mistral, qwen2, mixtral (RMSNorm, RoPE, GQA, optional QKV bias, sliding window; Mixtral's MoE block
+routes each packed token on its own) and gpt2 (LayerNorm, Conv1D, learned positions: the server's `wpe` is zero in a
+protected bundle, and it is added like transformers does).
 """
 
 from __future__ import annotations

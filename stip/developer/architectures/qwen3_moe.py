@@ -1,0 +1,44 @@
+"""Qwen3-MoE: Qwen3's attention (Q/K RMSNorm over head dims) and, in each sparse layer, a router over
+`num_experts` SwiGLU experts of `moe_intermediate_size` neurons, top `num_experts_per_tok` per token (their weights
+renormalized or not, `norm_topk_prob`: either way a function of the selected experts' scores, so unchanged).
+
+As for Mixtral: the router's rows take the layer's secret expert order, each expert's gate/up rows and down columns
+its own FFN permutation, and expert e is written as the slot k where that order puts it; the bundle keeps the
+per-expert names `save_pretrained` writes (`mlp.experts.E.gate_proj.weight`), which transformers fuses on load.
+Dense layers (`mlp_only_layers`, `decoder_sparse_step`) take the layer's FFN permutation, so they must have the
+experts' width; a config where they do not is refused.
+"""
+
+from stip.developer.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
+                                                TOKEN_EMBEDDING_RULE)
+from stip.developer.architectures.qwen3 import QK_NORM_RULES
+from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, linear
+from stip.errors import UnsupportedModelError
+
+EXPERT = LAYER + r"mlp\.experts\.(?P<expert>\d+)\."
+
+MOE_RULES = (
+    TensorRule(LAYER + r"mlp\.gate\.weight", linear("expert", "resid")),  # router: one row per expert
+    TensorRule(EXPERT + r"(gate|up)_proj\.weight", linear("ffn", "resid")),
+    TensorRule(EXPERT + r"down_proj\.weight", linear("resid", "ffn")),
+)
+
+
+def _geometry(config):
+    dense = [i for i in range(config.num_hidden_layers)
+             if i in (config.mlp_only_layers or []) or (i + 1) % config.decoder_sparse_step]
+    if dense and config.intermediate_size != config.moe_intermediate_size:
+        raise UnsupportedModelError(
+            f"qwen3_moe with dense layers {dense} of intermediate_size {config.intermediate_size} beside experts of "
+            f"moe_intermediate_size {config.moe_intermediate_size} is not supported yet (one FFN width per layer key)")
+    return attention_geometry(config, ffn=config.moe_intermediate_size, experts=config.num_experts, qk_norm=True)
+
+
+QWEN3_MOE = Architecture(
+    model_types=("qwen3_moe",),
+    base_prefix="model.",
+    rules=(TOKEN_EMBEDDING_RULE, *ATTENTION_RULES, *QK_NORM_RULES, *MOE_RULES, *MLP_RULES, *NORM_RULES,
+           *TAIL_RULES),
+    geometry=_geometry,
+    saved_names=True,
+)
