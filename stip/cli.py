@@ -246,10 +246,15 @@ def chat(
              downlink=downlink, system=system, trusted=_trust(trust), ca_file=ca_file, insecure=insecure)
 
 
-def _one_shot_client(bundle: Path, server: str, token, trust, ca_file, insecure):
+def _one_shot_client(bundle: Path, task: str, doing: str, server: str, token, trust, ca_file, insecure):
+    """A client for a one-shot bundle of `task`; a bundle of another task is refused before contacting the server."""
+    from stip.client.bundle import ClientBundle
     from stip.client.sdk import Client
 
-    return Client(bundle, server, token=token, trusted=_trust(trust), ca_file=ca_file, insecure=insecure)
+    loaded = ClientBundle.load(bundle, trusted=_trust(trust))
+    if loaded.task != task:
+        raise StipError(f"{bundle} holds a {loaded.task} model; {doing} needs a model for {task}")
+    return Client(loaded, server, token=token, trusted=_trust(trust), ca_file=ca_file, insecure=insecure)
 
 
 @app.command()
@@ -266,9 +271,7 @@ def embed(
     """Sentence embeddings of TEXTS from a protected encoder: prints a JSON list, one vector per text."""
     from stip.common.tasks import FEATURE_EXTRACTION
 
-    c = _one_shot_client(client, server, token, trust, ca_file, insecure)
-    if c.task != FEATURE_EXTRACTION:
-        raise StipError(f"{client} holds a {c.task} model; `stip embed` needs a {FEATURE_EXTRACTION} model")
+    c = _one_shot_client(client, FEATURE_EXTRACTION, "`stip embed`", server, token, trust, ca_file, insecure)
     typer.echo(json.dumps(c.embed(list(texts)).tolist()))
 
 
@@ -291,15 +294,16 @@ def classify(
 
     if bool(texts) == bool(image):
         raise StipError("give texts or --image files to classify, one of them")
-    c = _one_shot_client(client, server, token, trust, ca_file, insecure)
-    wanted = IMAGE_CLASSIFICATION if image else TEXT_CLASSIFICATION
-    if c.task != wanted:
-        raise StipError(f"{client} holds a {c.task} model; classifying {'images' if image else 'texts'} needs a "
-                        f"model for {wanted}")
     for path in image:
         if not path.is_file():
             raise StipError(f"image file {path} does not exist")
-    result = c.classify(images=[str(p) for p in image], top_k=top_k) if image else c.classify(list(texts), top_k=top_k)
+    wanted = IMAGE_CLASSIFICATION if image else TEXT_CLASSIFICATION
+    c = _one_shot_client(client, wanted, f"classifying {'images' if image else 'texts'}", server, token, trust,
+                         ca_file, insecure)
+    if image:
+        result = c.classify(images=[str(p) for p in image], top_k=top_k)
+    else:
+        result = c.classify(list(texts), top_k=top_k)
     typer.echo(json.dumps(result))
 
 

@@ -280,9 +280,23 @@ def test_minilm_sentence_embeddings_through_server_and_cli(minilm):
         assert r.returncode == 0, r.stderr
         vectors = torch.tensor(json.loads(r.stdout))
         assert float(torch.nn.functional.cosine_similarity(vectors, want[:2], dim=-1).min()) >= 0.99999
-        r = subprocess.run(cli + ["classify", "--client", str(out / "client"), "--server", server.url, "hi"],
-                           capture_output=True, text=True, env={**server_env(), "STIP_TOKEN": "tok"}, timeout=120)
-        assert r.returncode == 2 and "feature-extraction" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_refuses_a_bundle_of_another_task_by_name(minilm, tiny_protected, capsys, monkeypatch):
+    """Before contacting any server (none listens on port 9): `stip classify` on an embedding model, `stip embed`
+    on a decoder."""
+    from stip import cli
+
+    _, encoder = minilm
+    _, decoder = tiny_protected("llama-mqa-tied")
+    for argv, words in ((["classify", "--client", str(encoder / "client"), "hi"], "feature-extraction model; "
+                                                                                 "classifying texts needs"),
+                        (["embed", "--client", str(decoder / "client"), "hi"], "text-generation model; `stip embed`")):
+        monkeypatch.setattr(sys, "argv", ["stip", *argv, "--server", "http://127.0.0.1:9"])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and "Traceback" not in err, err
 
 
 def server_env() -> dict:

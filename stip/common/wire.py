@@ -23,6 +23,12 @@ Reply header (server -> client):
 Error reply: {"ok": false, "status": 4xx/5xx, "error": "message"} (no payload). After an error with `"fatal": true`
 the server closes the socket; otherwise the session is unchanged and the socket stays usable.
 
+One-shot models (encoders, classifiers) take one HTTP request instead of a session: POST /v1/encode with one frame,
+    {"op": "encode", "dtype": ..., "shape": [B, T, d], "mask": true | false}
+    payload: the embeddings [B, T, d] in `dtype`, then (mask true) uint8 [B, T], 1 = token, 0 = padding;
+and the reply is one frame {"ok": true, "kind": "hidden" | "logits", "shape": [...], "dtype": "float32",
+"server_ms": ...} with float32 data (errors: the HTTP endpoints' JSON error). See stip.server.encode_route.
+
 Tensors never travel as JSON: the header carries dtype and shape, the bytes follow. Nothing here imports the model.
 """
 
