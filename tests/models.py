@@ -47,12 +47,13 @@ def tiny_configs() -> dict[str, tuple[type, object]]:
         "phi3-fused": (Phi3ForCausalLM, Phi3Config(**rope, num_attention_heads=6, num_key_value_heads=2,
                                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)),
         # embedding scale, (1 + w) norms, GeGLU, Q/K norms, 4 norms per layer, a 4-token sliding window beside a
-        # full-attention layer, soft-capping
+        # full-attention layer, soft-capping; untied (tied, this random model's greedy output is one repeated token;
+        # tests/test_decoders.py checks a tied one's logits)
         "gemma3-text": (Gemma3ForCausalLM, Gemma3TextConfig(
             **rope, num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
             sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            attn_logit_softcapping=20.0, final_logit_softcapping=15.0, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2)),
+            attn_logit_softcapping=20.0, final_logit_softcapping=15.0, tie_word_embeddings=False, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2)),
         # sparse MoE: 4 SwiGLU experts, top-2 routing, GQA
         "mixtral-moe": (MixtralForCausalLM, MixtralConfig(
             **{**rope, "num_hidden_layers": 2, "intermediate_size": 40}, num_attention_heads=6, num_key_value_heads=2,

@@ -17,12 +17,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, OlmoConfig, OlmoForCausalLM, Phi3Config
 
 import stip
+from stip.client.bundle import ClientBundle
 from stip.client.transport import Downlink
 from stip.common.tasks import TEXT_GENERATION
 from stip.developer.architectures import ARCHITECTURES, geometry_of, task_of
-from stip.developer.verify import plain_greedy
+from stip.developer.verify import compare_logits, plain_greedy
 from stip.errors import UnsupportedModelError
-from tests.models import VOCAB, build_tiny, tiny_configs
+from stip.server.model import load_protected_model
+from tests.models import VOCAB, _randomise, build_tiny, tiny_configs
 from tests.parties import serve
 
 TOKEN = "decoders-test-token"
@@ -105,3 +107,21 @@ def test_phi3_with_partial_rotary_embeddings_is_refused():
                         num_attention_heads=4, partial_rotary_factor=0.5, pad_token_id=0)
     with pytest.raises(UnsupportedModelError, match="partial rotary"):
         geometry_of(config)
+
+
+def test_gemma3_tied_scale_is_the_clients_alone(tmp_path):
+    """Tied Gemma: the client's embeddings carry the model's sqrt(hidden) scale, the server's LM head (the same table)
+    does not; full-sequence logits equal the plain model's."""
+    cls, config = tiny_configs()["gemma3-text"]
+    config = type(config).from_dict({**config.to_dict(), "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    plain = _randomise(cls(config), 0)
+    plain.save_pretrained(tmp_path / "plain")
+    stip.protect(tmp_path / "plain", tmp_path / "out", progress=False)
+    client = ClientBundle.load(tmp_path / "out" / "client")
+    assert client.config["embedding_scale"] == pytest.approx(config.hidden_size ** 0.5)
+    protected, _ = load_protected_model(tmp_path / "out" / "server")
+    eq = compare_logits(plain, protected, client, torch.randint(0, VOCAB, (2, 12), generator=torch.Generator()
+                                                                   .manual_seed(3)))
+    print(f"gemma3 tied: max-abs logit diff {eq.max_abs_diff:.2e}, top-1 {eq.top1_match:.0%}")
+    assert eq.top1_match == 1.0 and eq.max_abs_diff < 1e-4 * max(1.0, eq.logit_scale)
