@@ -54,7 +54,8 @@ class ClientBundle:
         config = json.loads((path / CLIENT_CONFIG_FILE).read_text())
         embedding = {name: load_file(str(f))["weight"] for name in ("token", "position")
                      if (f := path / EMBEDDING_FILE.format(name)).is_file()}
-        if "token" not in embedding and manifest.get("mode", ROUND_TRIP) == ROUND_TRIP:
+        if "token" not in embedding and manifest.get("mode", ROUND_TRIP) == ROUND_TRIP \
+                and not (path / CLIENT_MODULE_DIR).is_dir():  # encoders and ViT embed with a module instead
             raise BundleError(f"client bundle {path} holds no token embedding")
         return cls(path, manifest, client_key, config, embedding)
 

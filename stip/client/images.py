@@ -1,70 +1,31 @@
 """The client's half of image classification (ViT): pixels in, labels out; the server sees neither.
 
-The client runs the model's own image processor (its `preprocessor_config.json`, copied into the client bundle) and
-the model's own embeddings module (patch projection, CLS token, position embeddings: plain tensors from the bundle's
-module shards), applies `p`, and sends the patch sequence to `/v1/encode` with no mask. The server returns the
-classifier's logits in the secret label order; the client un-permutes them and names the top labels from the
-config's `id2label`.
+Images are read as for LLaVA (`stip.client.vision.load_image`: PIL images, files, bytes or base64 data URLs, within
+its size limits). The client runs the model's own image processor (its `preprocessor_config.json`, copied into the
+client bundle) and the model's own embeddings module (patch projection, CLS token, position embeddings: plain tensors
+from the bundle's module shards), applies `p`, and sends the patch sequence to `/v1/encode` with no mask. The server
+returns the classifier's logits in the secret label order; the client un-permutes them and names the top labels
+from the config's `id2label`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import weakref
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from stip.client.bundle import ClientBundle
+from stip.client.vision import ImageInputError, load_image
 from stip.common.layout import MODEL_CONFIG_FILE
 from stip.common.tasks import IMAGE_CLASSIFICATION
-from stip.errors import BundleError, StipError
+from stip.errors import BundleError
 
 # model_type -> (transformers module, class) of the client-side embeddings module, built from the model's config
 EMBEDDINGS = {"vit": ("transformers.models.vit.modeling_vit", "ViTEmbeddings")}
 PROCESSOR_FILE = "preprocessor_config.json"
 
 ImageInput = Any  # a PIL image, a path to an image file, encoded image bytes, or a `data:image/...;base64,` URL
-
-
-class ImageError(StipError, ValueError):
-    """An input that is not an image the client can read."""
-
-
-def load_image(image: ImageInput, index: int = 0):
-    """One input as an RGB PIL image. Bytes are an encoded image file (PNG, JPEG, ...); a string is a data URL or
-    a path."""
-    from PIL import Image, UnidentifiedImageError
-
-    where = f"image {index}"
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, str) and image.startswith("data:"):
-        header, _, data = image.partition(",")
-        if not header.endswith(";base64") or not header[5:].startswith("image/"):
-            raise ImageError(f"{where}: a data URL must be data:image/...;base64,...")
-        try:
-            image = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ImageError(f"{where}: the data URL's base64 payload is malformed") from None
-        where += " (data URL)"
-    elif isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"{where}: no such image file {str(path)!r}")
-        where += f" ({path})"
-        image = path.read_bytes()
-    if not isinstance(image, (bytes, bytearray, memoryview)):
-        raise ImageError(f"{where}: expected a PIL image, a path, image bytes or a data URL, not "
-                         f"{type(image).__name__}")
-    try:
-        with Image.open(io.BytesIO(bytes(image))) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"{where} is not a readable image: {e}") from None
 
 
 class ImageEncoder:
@@ -110,9 +71,14 @@ class ImageEncoder:
 
     def pixels(self, images: Iterable[ImageInput]) -> torch.Tensor:
         """The model's own preprocessing: [B, C, H, W]."""
-        loaded = [load_image(im, i) for i, im in enumerate(images)]
+        loaded = []
+        for i, im in enumerate(images):
+            try:
+                loaded.append(load_image(im))
+            except ImageInputError as e:
+                raise ImageInputError(f"image {i}: {e}") from None
         if not loaded:
-            raise ImageError("no images given")
+            raise ImageInputError("no images given")
         return self.processor(images=loaded, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
@@ -145,10 +111,6 @@ def classify_images(bundle: ClientBundle, connection, images: Iterable[ImageInpu
     """Classify `images` through the server at `connection` (a `stip.client.transport.Connection`)."""
     enc = ImageEncoder.for_bundle(bundle)
     x = enc.embed(images)
-    logits = connection.encode(x, None)
-    if tuple(logits.shape) != (x.shape[0], len(enc.labels)):
-        from stip.client.transport import StipProtocolError
-
-        raise StipProtocolError(f"the server returned logits of shape {list(logits.shape)}, expected "
-                                f"{[x.shape[0], len(enc.labels)]}")
+    # no mask: every image is the same number of patches; a reply of any other shape is refused unread
+    logits = connection.encode(x, None, reply_shape=[x.shape[0], len(enc.labels)])
     return enc.top_labels(logits, top_k)
