@@ -190,3 +190,21 @@ def test_images_need_an_image_classifier(tiny_protected):
     _, out = tiny_protected("gpt2")
     with pytest.raises(BundleError, match="serves text-generation, not image-classification"):
         ImageEncoder.for_bundle(ClientBundle.load(out / "client"))
+
+
+def test_class_names_and_other_heads(plain_vit, tmp_path):
+    """A checkpoint under the class's own names protects to the same server tensors as save_pretrained's names;
+    a ViT without the classification head is refused by name."""
+    from transformers import ViTModel
+
+    from stip.errors import UnsupportedModelError
+
+    model, folder = plain_vit
+    config = ViTConfig.from_pretrained(folder)
+    arch, key = architecture_for(config), DeveloperKey.generate(geometry_of(config), "test")
+    saved, _ = protect_state_dict(arch, key, load_file(str(folder / "model.safetensors")), tied=False)
+    own, _ = protect_state_dict(arch, key, model.state_dict(), tied=False)
+    assert saved.keys() == own.keys() and all(torch.equal(saved[n], own[n]) for n in saved)
+    ViTModel(config).save_pretrained(tmp_path / "base")
+    with pytest.raises(UnsupportedModelError, match="supported as ViTForImageClassification; this one is a ViTModel"):
+        stip.protect(tmp_path / "base", tmp_path / "out", progress=False)
