@@ -11,6 +11,7 @@ by `stip protect`; mean pooling where there is none).
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,6 +39,7 @@ MODULES = {
     # RoBERTa numbers positions from padding_idx + 1
     "roberta": Module("transformers.models.roberta.modeling_roberta:RobertaEmbeddings",
                       lambda c: int(c.max_position_embeddings) - int(c.pad_token_id) - 1),
+    "distilbert": Module("transformers.models.distilbert.modeling_distilbert:Embeddings"),  # no token types
 }
 
 POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")  # sentence-transformers' order
@@ -89,7 +91,7 @@ class TextEncoder:
     def protected_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The module's output for a tokenized batch, in the server's secret basis: all the server ever gets."""
         kw = {"input_ids": batch["input_ids"]}
-        if "token_type_ids" in batch:
+        if "token_type_ids" in batch and "token_type_ids" in inspect.signature(self.module.forward).parameters:
             kw["token_type_ids"] = batch["token_type_ids"]
         with torch.inference_mode():
             x = self.module(**kw)

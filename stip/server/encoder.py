@@ -34,6 +34,8 @@ class PassThrough(nn.Module):
     """Stands where the client-side module was: the request already holds its output."""
 
     def forward(self, *args, inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if inputs_embeds is None:  # passed by position (DistilBERT: embeddings(input_ids, inputs_embeds, ...))
+            inputs_embeds = next((a for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
         if inputs_embeds is None:
             raise ValueError("the protected model runs from the client's embeddings only (inputs_embeds)")
         return inputs_embeds
@@ -80,6 +82,7 @@ BODIES: dict[str, Body] = {
     "vit": Body("embeddings", run=_vit_body, max_tokens=_patches),
     # RoBERTa numbers positions from padding_idx + 1: two of its position rows are never a real token's
     "roberta": Body("embeddings", max_tokens=lambda c: int(c.max_position_embeddings) - int(c.pad_token_id) - 1),
+    "distilbert": Body("embeddings"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from stip.common.keys import Geometry
 from stip.developer.architectures.bert import BERT
+from stip.developer.architectures.distilbert import DISTILBERT
 from stip.developer.architectures.gemma import GEMMA3
 from stip.developer.architectures.gpt2 import GPT2
 from stip.developer.architectures.llama import LLAMA
@@ -24,7 +25,7 @@ from stip.developer.architectures.vit import VIT
 from stip.errors import UnsupportedModelError
 
 ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, QWEN3, PHI3, GEMMA3, VIT, MIXTRAL, QWEN3_MOE, LLAVA,
-                                          BERT, ROBERTA)
+                                          BERT, ROBERTA, DISTILBERT)
 SUPPORTED = tuple(t for a in ARCHITECTURES for t in a.model_types)
 
 __all__ = ["ARCHITECTURES", "CLIENT", "DROP", "GPT2", "LLAMA", "LM_HEAD", "LM_HEAD_RULE", "SERVER", "SUPPORTED",

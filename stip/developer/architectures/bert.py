@@ -13,6 +13,7 @@ bundle, in the class's own names.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, Callable
 
 from stip.common.tasks import FEATURE_EXTRACTION, FILL_MASK, TEXT_CLASSIFICATION
 from stip.developer.architectures.rules import (CLIENT, DROP, LM_HEAD, TOKEN_EMBEDDING, Architecture, TensorRule,
@@ -71,10 +72,11 @@ BERT_MLM = (
 
 def encoder_family(model_types: tuple[str, ...], prefix: str, base: str, heads: dict[str, tuple[str, tuple, bool]],
                    embedding_rules: tuple = EMBEDDING_RULES, encoder_rules: tuple = ENCODER_RULES,
-                   pooler_rules: tuple = POOLER_RULES) -> Architecture:
+                   pooler_rules: tuple = POOLER_RULES, ffn_size: Callable[[Any], int] | None = None) -> Architecture:
     """One encoder family: `base` (the base model class, e.g. "BertModel") plus `heads` (class name -> (task,
     head rules, whether that class keeps the base model's pooler)); the table for a config is picked by the class
-    its `architectures` names."""
+    its `architectures` names. `ffn_size(config)`: the FFN width where the config does not call it
+    intermediate_size."""
 
     def cls_name(config) -> str:
         names = getattr(config, "architectures", None) or [base]
@@ -90,10 +92,10 @@ def encoder_family(model_types: tuple[str, ...], prefix: str, base: str, heads: 
     def geometry(config):
         name = cls_name(config)
         if task(config) == FILL_MASK and not getattr(config, "tie_word_embeddings", True):
-            raise UnsupportedModelError(f"{name} with an untied decoder is not supported (its decoder bias and "
-                                        "`cls.predictions.bias` may differ)")
+            raise UnsupportedModelError(f"{name} with an untied decoder is not supported")
         labels = int(config.num_labels) if task(config) == TEXT_CLASSIFICATION else 0
-        return attention_geometry(config, rope=False, labels=labels)
+        return attention_geometry(config, rope=False, labels=labels,
+                                  ffn=None if ffn_size is None else ffn_size(config))
 
     def table(rules: tuple, base_prefix: str) -> Architecture:
         return Architecture(model_types=model_types, base_prefix=base_prefix, rules=rules, geometry=geometry,
