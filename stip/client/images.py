@@ -50,7 +50,8 @@ class ImageEncoder:
         module, name = EMBEDDINGS[config.model_type]
         cls = getattr(importlib.import_module(module), name)
         self.bundle = bundle
-        self.processor = AutoImageProcessor.from_pretrained(bundle.path)
+        # the model's config stands in for the config.json a hub folder has (a processor file may not name its class)
+        self.processor = AutoImageProcessor.from_pretrained(bundle.path, config=config)
         self.embeddings = cls(config).eval()
         state = bundle.module_state()
         missing, unexpected = self.embeddings.load_state_dict(state, strict=False)
