@@ -231,6 +231,23 @@ def test_bad_one_shot_requests_get_4xx_and_the_server_keeps_serving(roberta_serv
     assert header["kind"] == "logits" and header["shape"] == [2, model.config.num_labels]
 
 
+def test_fill_mask_through_the_server(protected):
+    """DistilBERT's masked-LM head through a real `stip serve`: the plain model's top tokens and probabilities."""
+    model, tok, out = protected("distilbert-mlm")
+    text = "the big [MASK] sat on the mat"
+    with serve(out, token="tok") as server:
+        got = Client(out / "client", server.url, token="tok").fill_mask(text, top_k=3)
+    batch = tok([text], return_tensors="pt")
+    where = int((batch["input_ids"][0] == tok.mask_token_id).nonzero())
+    probs = torch.softmax(plain_output(model, batch)[0, where], -1)
+    want = probs.topk(3)
+    assert [g["token"] for g in got] == want.indices.tolist()
+    assert max(abs(g["score"] - w) for g, w in zip(got, want.values.tolist())) < TOL
+    assert got[0]["sequence"] == tok.decode(batch["input_ids"][0].index_fill(0, torch.tensor(where),
+                                                                             got[0]["token"]),
+                                            skip_special_tokens=True)
+
+
 # ------------------------------------------------------------------ a decoder server refuses one-shot requests
 
 
