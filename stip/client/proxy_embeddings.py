@@ -17,9 +17,11 @@ import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from stip.client.encoder import Pooling
 from stip.client.proxy_generation import upstream_error
 from stip.client.proxy_requests import ApiError, _Strict
 from stip.common.tasks import FEATURE_EXTRACTION
+from stip.errors import StipError
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
 BATCH_INPUTS = 32  # inputs per server request
@@ -78,6 +80,11 @@ def embeddings_router(client, model_name: str) -> APIRouter:
         known = [int(x) for x in known if x and int(x) < 10 ** 9]  # tokenizers without a maximum say ~1e30
         return min(known) if known else 0
 
+    def dimensions() -> int:
+        """The size of one sentence embedding: the hidden size per pooling mode (sentence-transformers concatenates
+        the modes it is configured with)."""
+        return int(client.bundle.model_config.hidden_size) * len(Pooling.from_bundle(client.bundle).modes)
+
     def embed(texts: list[str], lengths: list[int]) -> np.ndarray:
         out = None
         for idx in batches(lengths):
@@ -95,7 +102,11 @@ def embeddings_router(client, model_name: str) -> APIRouter:
         fmt = req.encoding_format or "float"
         if fmt not in ("float", "base64"):
             raise ApiError(400, f"encoding_format must be 'float' or 'base64', not {fmt!r}", "encoding_format")
-        d = int(client.bundle.model_config.hidden_size)
+        try:
+            d = dimensions()
+        except StipError as e:  # a sentence-transformers pipeline the client cannot run (a Dense layer, say)
+            raise ApiError(500, f"the proxy's client bundle cannot make sentence embeddings: {e}",
+                           kind="server_error") from None
         if req.dimensions is not None and req.dimensions != d:
             raise ApiError(400, f"this model's embeddings have {d} dimensions; dimensions={req.dimensions} is not "
                                 f"supported (shortened embeddings are not offered)", "dimensions")
