@@ -211,3 +211,21 @@ def test_class_names_and_other_heads(plain_vit, tmp_path):
     ViTModel(config).save_pretrained(tmp_path / "base")
     with pytest.raises(UnsupportedModelError, match="supported as ViTForImageClassification; this one is a ViTModel"):
         stip.protect(tmp_path / "base", tmp_path / "out", progress=False)
+
+
+def test_server_bundle_check_refuses_embeddings(plain_vit):
+    """The server's tensor check: any tensor of the client's embeddings module in a server bundle is refused by
+    name, as is a missing block tensor (transformers would fill it with random values)."""
+    from stip.developer.completeness import check_server_tensors
+    from stip.errors import TensorSetError
+
+    model, folder = plain_vit
+    config = ViTConfig.from_pretrained(folder)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    server = {n: s for n, s in shapes.items() if not n.startswith("vit.embeddings.")}
+    check_server_tensors(config, server, "bundle")
+    for name in ("vit.embeddings.cls_token", "vit.embeddings.patch_embeddings.projection.weight"):
+        with pytest.raises(TensorSetError, match=f"{name}.*must never reach the server"):
+            check_server_tensors(config, {**server, name: shapes[name]}, "bundle")
+    with pytest.raises(TensorSetError, match="lacks tensor 'vit.layers.1.mlp.fc2.weight'"):
+        check_server_tensors(config, {n: s for n, s in server.items() if n != "vit.layers.1.mlp.fc2.weight"}, "b")
