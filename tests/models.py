@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
-                          Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
                           Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 97
@@ -58,11 +58,16 @@ def tiny_configs() -> dict[str, tuple[type, object]]:
         "mixtral-moe": (MixtralForCausalLM, MixtralConfig(
             **{**rope, "num_hidden_layers": 2, "intermediate_size": 40}, num_attention_heads=6, num_key_value_heads=2,
             head_dim=8, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
-        # Qwen3-MoE: Q/K norms, 4 experts top-2 without renormalizing the top-k weights, layer 1 dense
+        # Qwen3-MoE: Q/K norms, 4 experts top-2 without renormalizing the top-k weights, layer 1 dense and wider
         "qwen3-moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig(
-            **{**rope, "num_hidden_layers": 2, "intermediate_size": 24}, num_attention_heads=4, num_key_value_heads=2,
+            **{**rope, "num_hidden_layers": 2, "intermediate_size": 40}, num_attention_heads=4, num_key_value_heads=2,
             head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[1],
             tie_word_embeddings=False)),
+        # Qwen2-MoE: QKV biases, 4 routed experts top-2 (renormalized) plus a wider, sigmoid-gated shared expert
+        "qwen2-moe": (Qwen2MoeForCausalLM, Qwen2MoeConfig(
+            **{**rope, "num_hidden_layers": 2, "intermediate_size": 40}, num_attention_heads=6, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=40,
+            norm_topk_prob=True, tie_word_embeddings=False)),
     }
 
 

@@ -41,7 +41,9 @@ def test_no_server_tensor_is_an_original_or_a_row_or_column_copy(tiny_protected,
             assert not torch.equal(t, orig), n
             if t.dim() == 2:
                 assert not (_rows(t) & _rows(orig)), f"{n} shares a row with the original"
-                assert not (_rows(t.T) & _rows(orig.T)), f"{n} shares a column with the original"
+                if t.shape[0] > 1:  # a [1, d] weight (Qwen2-MoE's shared-expert gate) is a vector: its single-value
+                    # "columns" are moved, not hidden, as a norm weight's entries are
+                    assert not (_rows(t.T) & _rows(orig.T)), f"{n} shares a column with the original"
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -35,6 +35,7 @@ NAME = "mixtral-moe"
 FAMILIES = {
     "mixtral-moe": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.{w}.weight", ("w1", "w3"), "w2"),
     "qwen3-moe": ("mlp.gate.weight", "mlp.experts.{e}.{w}.weight", ("gate_proj", "up_proj"), "down_proj"),
+    "qwen2-moe": ("mlp.gate.weight", "mlp.experts.{e}.{w}.weight", ("gate_proj", "up_proj"), "down_proj"),
 }
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 23]
 

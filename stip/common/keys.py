@@ -40,6 +40,8 @@ class Geometry:
     rope: bool
     labels: int = 0  # classifier outputs (sequence or image classification): the client key's label permutation
     experts: int = 0  # MoE experts per layer: each layer's expert order and one FFN permutation per expert
+    expert_ffn: int = 0  # the experts' FFN width where it differs from `ffn` (Qwen-MoE's moe_intermediate_size; `ffn`
+    # is then its dense layers' or shared expert's width)
     qk_norm: bool = False  # Q/K normed over head dims by one weight for all heads (Qwen3, Gemma): every head's
     # in-head Q/K transform then moves dims the same way (signs may differ), and that weight is moved with it
 
@@ -171,7 +173,8 @@ class LayerKey:
             v=[SignedPermutation(rng.permutation(g.head_dim)) for _ in range(g.kv_heads)],
             ffn=SignedPermutation(rng.permutation(g.ffn)),
             experts=SignedPermutation(rng.permutation(g.experts)) if g.experts else None,
-            expert_ffn=[SignedPermutation(rng.permutation(g.ffn)) for _ in range(g.experts)] if g.experts else None,
+            expert_ffn=[SignedPermutation(rng.permutation(g.expert_ffn or g.ffn)) for _ in range(g.experts)]
+            if g.experts else None,
         )
 
     def spaces(self, g: Geometry) -> dict[str, SignedPermutation]:

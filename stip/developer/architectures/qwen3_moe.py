@@ -5,15 +5,14 @@ renormalized or not, `norm_topk_prob`: either way a function of the selected exp
 As for Mixtral: the router's rows take the layer's secret expert order, each expert's gate/up rows and down columns
 its own FFN permutation, and expert e is written as the slot k where that order puts it; the bundle keeps the
 per-expert names `save_pretrained` writes (`mlp.experts.E.gate_proj.weight`), which transformers fuses on load.
-Dense layers (`mlp_only_layers`, `decoder_sparse_step`) take the layer's FFN permutation, so they must have the
-experts' width; a config where they do not is refused.
+Dense layers (`mlp_only_layers`, `decoder_sparse_step`) take the layer's own FFN permutation, of `intermediate_size`;
+the experts' permutations have `moe_intermediate_size` (`Geometry.expert_ffn`).
 """
 
 from stip.developer.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
                                                 TOKEN_EMBEDDING_RULE)
 from stip.developer.architectures.qwen3 import QK_NORM_RULES
 from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, linear
-from stip.errors import UnsupportedModelError
 
 EXPERT = LAYER + r"mlp\.experts\.(?P<expert>\d+)\."
 
@@ -25,13 +24,8 @@ MOE_RULES = (
 
 
 def _geometry(config):
-    dense = [i for i in range(config.num_hidden_layers)
-             if i in (config.mlp_only_layers or []) or (i + 1) % config.decoder_sparse_step]
-    if dense and config.intermediate_size != config.moe_intermediate_size:
-        raise UnsupportedModelError(
-            f"qwen3_moe with dense layers {dense} of intermediate_size {config.intermediate_size} beside experts of "
-            f"moe_intermediate_size {config.moe_intermediate_size} is not supported yet (one FFN width per layer key)")
-    return attention_geometry(config, ffn=config.moe_intermediate_size, experts=config.num_experts, qk_norm=True)
+    return attention_geometry(config, experts=config.num_experts, expert_ffn=config.moe_intermediate_size,
+                              qk_norm=True)
 
 
 QWEN3_MOE = Architecture(
