@@ -229,6 +229,8 @@ def test_bad_one_shot_requests_get_4xx_and_the_server_keeps_serving(roberta_serv
     assert status == 200 and server.health()["status"] == "ok"
     header, payload = wire.decode_frame(reply)
     assert header["kind"] == "logits" and header["shape"] == [2, model.config.num_labels]
+    metrics = server.metrics()
+    assert 'stip_tokens_processed_total{phase="encode"}' in metrics and 'stip_errors_total{status="422"}' in metrics
 
 
 def test_fill_mask_through_the_server(protected):
@@ -300,6 +302,8 @@ def test_minilm_sentence_embeddings_through_server_and_cli(minilm):
         assert float(cos.min()) >= 0.99999, f"cosine {cos.tolist()}"
         assert torch.allclose(got.norm(dim=-1), torch.ones(len(SENTENCES)), atol=1e-5)
         print(f"MiniLM: min cosine {float(cos.min()):.7f}, max-abs {float((got - want).abs().max()):.2e}")
+        client._text.batch_size = 3  # two requests, each padded to its own longest text
+        assert torch.allclose(client.embed(SENTENCES), got, atol=1e-5)
         with pytest.raises(StipServerError, match="feature-extraction"):
             client.connection.open_session()
         cli = [sys.executable, "-m", "stip.cli"]
