@@ -232,6 +232,8 @@ def chat(
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     downlink: str = typer.Option("topk", help="'topk' (k pairs per token) or 'logits' (all V logits)"),
     system: Optional[str] = typer.Option(None, help="a system message to start the conversation with"),
+    image: list[Path] = typer.Option([], help="an image file for the first message (LLaVA-style models; "
+                                     "repeatable); the vision tower runs here"),
     trust: list[str] = typer.Option([], help=TRUST_HELP),
     ca_file: Optional[Path] = typer.Option(None, help="verify an https:// server against this CA certificate (PEM) "
                                            "only, instead of the system trust store"),
@@ -243,7 +245,8 @@ def chat(
 
     run_chat(bundle, server=server, token=token, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
-             downlink=downlink, system=system, trusted=_trust(trust), ca_file=ca_file, insecure=insecure)
+             downlink=downlink, system=system, trusted=_trust(trust), ca_file=ca_file, insecure=insecure,
+             images=image)
 
 
 def _one_shot_client(bundle: Path, task: str, doing: str, server: str, token, trust, ca_file, insecure):

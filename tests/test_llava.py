@@ -258,3 +258,29 @@ def test_proxy_image_content_part(llava, client, server):
         bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]
         r = httpx.post(proxy.url + "/v1/chat/completions", json={"messages": bad, "max_tokens": 2}, timeout=30)
         assert r.status_code == 400 and "base64" in r.json()["error"]["message"]
+
+
+def test_stip_chat_with_an_image(llava, client, server, tmp_path, tiny_protected):
+    """`stip chat --image FILE` attaches the image to the first message; a missing file or a text-only bundle is a
+    CLI error naming the problem, before any server contact."""
+    import subprocess
+
+    from stip.client.chat import run_chat
+
+    path = tmp_path / "cat.png"
+    _image(7).save(path)
+    messages = [{"role": "user", "content": [vision.image_part(path), {"type": "text", "text": "what is this"}]}]
+    expected = client.generate(messages=messages, max_tokens=N, temperature=0).text
+    cmd = [sys.executable, "-m", "stip.cli", "chat", str(llava[4] / "client"), "--server", server.url,
+           "--max-tokens", str(N)]
+    r = subprocess.run([*cmd, "-p", "what is this", "--image", str(path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected.strip()
+    # refusals come before any server contact (nothing listens on port 9); main() prints a StipError without a
+    # traceback
+    with pytest.raises(stip.errors.StipError, match="missing.png"):
+        run_chat(llava[4] / "client", server="http://127.0.0.1:9", prompt="hi", images=[tmp_path / "missing.png"])
+    with pytest.raises(stip.errors.StipError, match="takes no images"):
+        run_chat(tiny_protected("llama-gqa-untied")[1] / "client", server="http://127.0.0.1:9", prompt="hi",
+                 images=[path])

@@ -12,7 +12,8 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
              max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
              downlink: str = "topk", system: str | None = None, trusted=None, ca_file: Path | None = None,
-             insecure: bool = False) -> None:
+             insecure: bool = False, images: list[Path] | None = None) -> None:
+    """`images` (LLaVA-style bundles): files attached to the first message, as image content parts."""
     from stip.client.bundle import ClientBundle
     from stip.common.sampling import SamplingParams
     from stip.common.tasks import SESSION_TASKS
@@ -26,12 +27,20 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
     if loaded.task not in SESSION_TASKS:  # before any server contact: an encoder or classifier has no chat
         raise StipError(f"{bundle} is a {loaded.task} model, which does not generate text: `stip chat` needs a "
                         f"text-generation bundle (use `stip embed` or `stip classify`)")
+    if images:  # checked and read before any server contact
+        from stip.client import vision
+        from stip.common.tasks import IMAGE_TEXT_TO_TEXT
+
+        if loaded.task != IMAGE_TEXT_TO_TEXT:
+            raise StipError(f"{bundle} is a {loaded.task} model, which takes no images (--image)")
+        parts = [vision.image_part(p) for p in images]
     client = Client(loaded, server, token=token, downlink=downlink, trusted=trusted, ca_file=ca_file,
                     insecure=insecure)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def answer(text: str) -> None:
-        history.append({"role": "user", "content": text})
+        first = images and not any(m["role"] == "user" for m in history)
+        history.append({"role": "user", "content": [*parts, {"type": "text", "text": text}] if first else text})
         stream = client.stream(messages=history, params=params)
         for delta in stream:
             sys.stdout.write(delta)

@@ -70,6 +70,22 @@ def load_image(image):
         raise ImageInputError(f"could not decode the image: {e}") from None
 
 
+def image_part(image: str | Path | bytes) -> dict:
+    """An OpenAI-style image content part (a base64 data URL) from an image file or encoded bytes; an image that
+    does not decode is refused here, before any server contact."""
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise ImageInputError(f"image file {image} does not exist")
+        image = Path(image).read_bytes()
+    load_image(bytes(image))
+    with Image.open(io.BytesIO(image)) as im:
+        kind = (im.format or "png").lower()
+    return {"type": "image_url",
+            "image_url": {"url": f"data:image/{kind};base64,{base64.b64encode(image).decode()}"}}
+
+
 def split_messages(messages: list[dict], image_token: str) -> tuple[list[dict], list]:
     """Chat messages with content parts -> (messages whose content is a string, the images in order). Each image part
     becomes the model's image token on its own line, where it stood; text parts are joined as they come."""
@@ -127,7 +143,11 @@ class VisionTower:
 
         self.config = config = bundle.model_config
         self.image_token_id = int(config.image_token_id)
-        self.processor = AutoImageProcessor.from_pretrained(bundle.path)
+        if not (bundle.path / "preprocessor_config.json").is_file():
+            raise ImageInputError(f"client bundle {bundle.path} has no preprocessor_config.json: protect a model "
+                                  "folder that ships its image processor")
+        # the model's config stands in for a hub folder's config.json (a processor file may not name its class)
+        self.processor = AutoImageProcessor.from_pretrained(bundle.path, config=config)
         module = torch.nn.Module()
         module.vision_tower = AutoModel.from_config(config.vision_config)
         module.multi_modal_projector = LlavaMultiModalProjector(config)
