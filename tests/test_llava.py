@@ -136,6 +136,10 @@ def test_bundles_split_the_model(llava):
 def test_both_naming_conventions_map_to_the_same_names(llava):
     """The class's own names (`model.language_model.…`) and the names save_pretrained writes
     (`language_model.model.…`) go to the same server and client tensors."""
+    import copy
+
+    from transformers import GPT2Config
+
     from stip.common.keys import DeveloperKey
     from stip.common.transforms import KeyRng
     from stip.developer.architectures import architecture_for, geometry_of
@@ -153,6 +157,12 @@ def test_both_naming_conventions_map_to_the_same_names(llava):
     assert set(s1) == set(s2) and set(c1) == set(c2)
     assert all(torch.equal(s1[n], s2[n]) for n in s1)
     assert "token" in c1 and "vision_tower.embeddings.patch_embedding.weight" in c1
+    with pytest.raises(stip.errors.UnsupportedModelError, match="model.image_newline"):  # LLaVA-NeXT's extra
+        arch.match("model.image_newline")
+    other = copy.deepcopy(model.config)
+    other.text_config = GPT2Config(n_embd=48, n_layer=1, n_head=4)
+    with pytest.raises(stip.errors.UnsupportedModelError, match="'gpt2'"):
+        geometry_of(other)
 
 
 def test_image_prompt_generates_the_plain_tokens(llava, client):
