@@ -278,14 +278,16 @@ def minilm(tmp_path_factory):
 
 
 SENTENCES = ["A man is eating food.", "Private inference keeps prompts secret from the cloud.",
-             "The weather is lovely today, isn't it?", "Permutations hide weights."]
+             "The weather is lovely today, isn't it?", "Permutations hide weights.",
+             " ".join(["a long text past the model's 256-token cut"] * 40)]
 
 
 def plain_sentence_embeddings(folder: Path, texts: list[str]) -> torch.Tensor:
-    """The plain BertModel, mean pooling over real tokens, L2-normalized (its modules.json has Normalize)."""
+    """The plain BertModel, mean pooling over real tokens, L2-normalized (its modules.json has Normalize), texts
+    cut at 256 tokens (its sentence_bert_config.json max_seq_length), as sentence-transformers does."""
     tok = T.AutoTokenizer.from_pretrained(folder)
     model = T.BertModel.from_pretrained(folder).eval()
-    batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     m = batch["attention_mask"].unsqueeze(-1).float()

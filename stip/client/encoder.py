@@ -69,6 +69,11 @@ class TextEncoder:
                               f"{', '.join(MODULES)}")
         self.spec = spec
         self.max_tokens = spec.max_tokens(self.config)
+        sbert = bundle.path / "sentence_bert_config.json"  # sentence-transformers truncates at its max_seq_length
+        if sbert.is_file():
+            limit = json.loads(sbert.read_text()).get("max_seq_length")
+            if isinstance(limit, int) and limit > 0:
+                self.max_tokens = min(self.max_tokens, limit)
 
     @cached_property
     def module(self) -> torch.nn.Module:
