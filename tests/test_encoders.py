@@ -294,6 +294,7 @@ def plain_sentence_embeddings(folder: Path, texts: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
 
 
+@pytest.mark.slow
 def test_minilm_sentence_embeddings_through_server_and_cli(minilm):
     folder, out = minilm
     want = plain_sentence_embeddings(folder, SENTENCES)
