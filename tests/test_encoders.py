@@ -317,12 +317,12 @@ def test_minilm_sentence_embeddings_through_server_and_cli(minilm):
         assert float(torch.nn.functional.cosine_similarity(vectors, want[:2], dim=-1).min()) >= 0.99999
 
 
-def test_cli_refuses_a_bundle_of_another_task_by_name(minilm, tiny_protected, capsys, monkeypatch):
+def test_cli_refuses_a_bundle_of_another_task_by_name(protected, tiny_protected, capsys, monkeypatch):
     """Before contacting any server (none listens on port 9): `stip classify` on an embedding model, `stip embed`
     on a decoder."""
     from stip import cli
 
-    _, encoder = minilm
+    encoder = protected("bert-model")[2]
     _, decoder = tiny_protected("llama-mqa-tied")
     for argv, words in ((["classify", "--client", str(encoder / "client"), "hi"], "feature-extraction model; "
                                                                                  "classifying texts needs"),
