@@ -138,6 +138,28 @@ def test_protected_encoder_equals_plain_on_a_padded_batch(protected, name):
     print(f"{name}: max-abs difference {diff:.2e}")
 
 
+def test_base_model_names_with_or_without_the_prefix(protected, tmp_path):
+    """A BertModel checkpoint whose tensors carry `bert.` (saved from a head's base) gives the same server bundle."""
+    from safetensors.torch import load_file, save_file
+
+    _, _, out = protected("bert-model")
+    plain = out.parent / "plain"
+    prefixed = tmp_path / "prefixed"
+    prefixed.mkdir()
+    for f in plain.iterdir():
+        if f.suffix == ".safetensors":
+            save_file({f"bert.{k}": v for k, v in load_file(str(f)).items()}, str(prefixed / f.name),
+                      metadata={"format": "pt"})
+        else:
+            (prefixed / f.name).write_bytes(f.read_bytes())
+    key = out / "developer" / "developer.stipkey"
+    stip.protect(prefixed, tmp_path / "p", key=key, progress=False)
+    a = load_file(str(next((out / "server").glob("*.safetensors"))))
+    b = load_file(str(next((tmp_path / "p" / "server").glob("*.safetensors"))))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(k.startswith("bert.") for k in b)
+
+
 def test_server_decode_is_refused_for_encoders(protected, tmp_path):
     _, _, out = protected("bert-model")
     with pytest.raises(stip.errors.UnsupportedModelError, match="feature-extraction"):

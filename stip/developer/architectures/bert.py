@@ -12,6 +12,7 @@ bundle, in the class's own names.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -97,11 +98,12 @@ def encoder_family(model_types: tuple[str, ...], prefix: str, base: str, heads: 
         return attention_geometry(config, rope=False, labels=labels,
                                   ffn=None if ffn_size is None else ffn_size(config))
 
-    def table(rules: tuple, base_prefix: str) -> Architecture:
+    def table(rules: tuple, base_prefix: str, renames: tuple = ()) -> Architecture:
         return Architecture(model_types=model_types, base_prefix=base_prefix, rules=rules, geometry=geometry,
-                            rope=False, task=task, server_class=cls_name)
+                            rope=False, task=task, server_class=cls_name, renames=renames)
 
-    bare = table(embedding_rules + encoder_rules + pooler_rules, "")
+    # a base model saved under the heads' prefix (`bert.embeddings.…`) is read too; the bundle drops the prefix
+    bare = table(embedding_rules + encoder_rules + pooler_rules, "", ((f"^{re.escape(prefix)}", ""),))
     tables = {base: bare}
     for name, (_, head_rules, keeps_pooler) in heads.items():
         pooler = pooler_rules if keeps_pooler else tuple(replace(r, party=DROP, axes={}) for r in pooler_rules)
