@@ -234,6 +234,8 @@ def test_chat_messages_with_image_parts(llava, client):
         client.generate(prompt="<image> w1", images=[image, image], max_tokens=2)
     with pytest.raises(vision.ImageInputError, match="decode"):
         client.generate(prompt="<image> w1", images=[b"not an image"], max_tokens=2)
+    with pytest.raises(vision.ImageInputError, match="16 image feature rows for 1 image tokens"):
+        client.generate(prompt="<image> w1", image_features=torch.zeros(16, 48), max_tokens=2)
 
 
 def test_text_only_bundle_refuses_images(tiny_protected):

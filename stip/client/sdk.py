@@ -310,6 +310,8 @@ class Client:
                             f"generate text; use {ONE_SHOT_METHODS[self.bundle.task]}")
         params = params or SamplingParams(**sampling)
         features = image_features
+        if features is not None:
+            vision.vision_tower(self.bundle)  # a model that takes images, in round-trip mode
         if images or vision.has_images(messages):
             if images and vision.has_images(messages):
                 raise ValueError("pass images as content parts of messages or as images=, not both")
@@ -325,6 +327,8 @@ class Client:
             raise ValueError(f"logprobs={params.logprobs} alternatives, but the top-k downlink carries only "
                              f"k={self.downlink.k} per token")
         prompt_ids = self.encode(prompt, messages, ids)
+        if features is not None:
+            vision.image_slots(self.bundle, prompt_ids, features)
         return GenerationStream(self._run(prompt_ids, params, features))
 
     # ------------------------------------------------------------------ the loop

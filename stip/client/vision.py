@@ -224,7 +224,19 @@ def embed(bundle, ids: list[int], features: torch.Tensor | None) -> torch.Tensor
     x = bundle.embed(torch.tensor(ids), start=0)
     if features is None or not len(features):
         return x
-    slots = (torch.tensor(ids) == int(bundle.model_config.image_token_id)).nonzero().flatten()[:len(features)]
+    slots = image_slots(bundle, ids, features)
     x = x.clone()
     x[slots] = features.to(x.dtype)
     return x
+
+
+def image_slots(bundle, ids: list[int], features: torch.Tensor) -> torch.Tensor:
+    """The positions that take the feature rows: the first len(features) image tokens of `ids`; refuses ids with
+    fewer image tokens than rows (ids that `prepare` did not expand)."""
+    if features.dim() != 2 or features.shape[1] != bundle.hidden_size:
+        raise ImageInputError(f"image features must be [rows, {bundle.hidden_size}], not {list(features.shape)}")
+    slots = (torch.tensor(ids) == int(bundle.model_config.image_token_id)).nonzero().flatten()[:len(features)]
+    if len(slots) != len(features):
+        raise ImageInputError(f"{len(features)} image feature rows for {len(slots)} image tokens: pass the ids that "
+                              "vision.prepare expanded")
+    return slots
