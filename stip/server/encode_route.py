@@ -96,6 +96,7 @@ def add_encode_route(app: FastAPI, service) -> None:
 
     def bad(status: int, message: str) -> JSONResponse:
         service.metrics.errors.labels(str(status)).inc()
+        log.info("encode request error %d: %s", status, message)  # shapes and limits only, never values
         headers = {"WWW-Authenticate": "Bearer"} if status in (401, 403) else {}
         return JSONResponse({"ok": False, "status": status, "error": message}, status_code=status, headers=headers)
 
