@@ -128,8 +128,10 @@ class TextEncoder:
         parts = []
         for i in range(0, n, self.batch_size):
             sub = {k: v[i:i + self.batch_size] for k, v in batch.items()}
-            longest = int(sub["attention_mask"].sum(1).max())  # trim the padding this slice does not need
-            parts.append(self._run({k: v[:, :longest] for k, v in sub.items()}))
+            if self.bundle.tokenizer.padding_side == "right":  # trim the padding this slice does not need
+                longest = int(sub["attention_mask"].sum(1).max())
+                sub = {k: v[:, :longest] for k, v in sub.items()}
+            parts.append(self._run(sub))
         if parts and parts[0].dim() == 3:  # pad slices back to the batch's common length
             t = batch["input_ids"].shape[1]
             parts = [torch.nn.functional.pad(p, (0, 0, 0, t - p.shape[1])) for p in parts]
