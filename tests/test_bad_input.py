@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertForMaskedLM
+from transformers import ElectraConfig, ElectraForMaskedLM
 
 from stip.client.bundle import ClientBundle
 from stip.common import signing
@@ -122,10 +122,10 @@ def test_missing_shard_of_sharded_input(tmp_path):
 
 
 def test_unsupported_architecture_names_it_and_lists_supported(tmp_path):
-    BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(tmp_path / "bert")
-    r = stip_cli("protect", tmp_path / "bert", "--out", tmp_path / "out")
-    assert_fails(r, "'bert' is not supported", "llama", "mistral", "qwen2", "gpt2")
+    ElectraForMaskedLM(ElectraConfig(vocab_size=50, hidden_size=32, embedding_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "electra")
+    r = stip_cli("protect", tmp_path / "electra", "--out", tmp_path / "out")
+    assert_fails(r, "'electra' is not supported", "llama", "mistral", "qwen2", "gpt2", "bert")
     assert_nothing_written(tmp_path, "out")
 
 
