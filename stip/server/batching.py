@@ -30,7 +30,7 @@ class _Seq:
 
 
 class BatchedEngine(Engine):
-    """Packed continuous batching over a stock transformers model (llama, mistral, qwen2, mixtral, gpt2)."""
+    """Packed continuous batching over a stock transformers model (decoder.FAMILIES)."""
 
     name = "transformers (batched)"
     last_rows = 0  # rows in the last step_batch

@@ -6,9 +6,10 @@ the causal mask shifted by the row's cached length, so no padding and no cross-r
 attention does exactly what a solo run does. The weights and the submodules (norms, MLP, rotary embedding, RoPE
 application) are the loaded transformers model's own, so variants (QKV bias, activations, RoPE scaling) follow it.
 
-Families: llama, mistral, qwen2, mixtral (RMSNorm, RoPE, GQA, optional QKV bias, sliding window; Mixtral's MoE block
-routes each packed token on its own) and gpt2 (LayerNorm, Conv1D, learned positions: the server's `wpe` is zero in a
-protected bundle, and it is added like transformers does).
+Families: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe (RMSNorm, RoPE, GQA, optional QKV bias,
+sliding window; Qwen3's Q/K norms act per head and token; an MoE block routes each packed token on its own) and gpt2
+(LayerNorm, Conv1D, learned positions: the server's `wpe` is zero in a protected bundle, and it is added like
+transformers does).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 
 from stip.errors import StipError
 
-ROPE_FAMILIES = ("llama", "mistral", "qwen2", "mixtral")  # mixtral: its MoE block routes each packed token alone
+# MoE blocks route each packed token on its own; Qwen3's Q/K norms act per head, on each token alone
+ROPE_FAMILIES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe")
 FAMILIES = ROPE_FAMILIES + ("gpt2",)
 # RoPE variants whose frequencies depend on the longest position in the batch: packing rows would change them.
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -76,8 +78,13 @@ class PackedDecoder:
             self.q_heads = int(cfg.num_attention_heads)
             self.kv_heads = int(cfg.num_key_value_heads)
             self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-            self.windows = [getattr(layer.self_attn, "sliding_window", getattr(cfg, "sliding_window", None))
-                            for layer in self.layers]
+            # a layer's own window, else the config's where the layer slides (Qwen2-MoE's full-attention layers
+            # have no attribute, and a config window of 0 there); 0 or None: no window
+            types = getattr(cfg, "layer_types", None)
+            self.windows = [getattr(layer.self_attn, "sliding_window",
+                                    None if types and types[i] != "sliding_attention"
+                                    else getattr(cfg, "sliding_window", None)) or None
+                            for i, layer in enumerate(self.layers)]
         self.groups = self.q_heads // self.kv_heads
         self.lm_head = model.get_output_embeddings()
 
@@ -126,8 +133,11 @@ class PackedDecoder:
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         n = x.shape[1]
-        q = attn.q_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(1, n, -1, self.head_dim)
+        k = attn.k_proj(x).view(1, n, -1, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head's dims, before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).view(1, n, -1, self.head_dim).transpose(1, 2)
         q, k = self.apply_rope(q, k, cos, sin)
         h = h + attn.o_proj(self._attend(q, k, v, rows, i, attn.scaling, self.windows[i]))
