@@ -8,7 +8,7 @@ unchanged: the router scores the same experts, in slot numbering.
 
 Names: the bundle keeps the per-expert names checkpoints and `save_pretrained` use
 (`block_sparse_moe.experts.E.w1.weight`, `block_sparse_moe.gate.weight`); transformers fuses them into the class's
-`mlp.experts.gate_up_proj` / `down_proj` on load, and vLLM reads them as they are.
+`mlp.experts.gate_up_proj` / `down_proj` on load. Hub checkpoints hold the same names.
 """
 
 from stip.developer.architectures.llama import (ATTENTION_RULES, LAYER, NORM_RULES, TAIL_RULES,
