@@ -11,6 +11,8 @@ no rule covers, are refused by name before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,8 +21,11 @@ from transformers import AutoConfig, OlmoConfig, OlmoForCausalLM, Phi3Config
 import stip
 from stip.client.bundle import ClientBundle
 from stip.client.transport import Downlink
+from stip.common.keys import DeveloperKey
 from stip.common.tasks import TEXT_GENERATION
-from stip.developer.architectures import ARCHITECTURES, geometry_of, task_of
+from stip.common.transforms import KeyRng
+from stip.developer.architectures import ARCHITECTURES, architecture_for, geometry_of, task_of
+from stip.developer.protect import protect_state_dict
 from stip.developer.verify import compare_logits, plain_greedy
 from stip.errors import UnsupportedModelError
 from stip.server.model import load_protected_model
@@ -125,3 +130,33 @@ def test_gemma3_tied_scale_is_the_clients_alone(tmp_path):
                                                                    .manual_seed(3)))
     print(f"gemma3 tied: max-abs logit diff {eq.max_abs_diff:.2e}, top-1 {eq.top1_match:.0%}")
     assert eq.top1_match == 1.0 and eq.max_abs_diff < 1e-4 * max(1.0, eq.logit_scale)
+
+
+def test_qk_norm_weights_must_move_with_the_shared_head_transform():
+    """Qwen3's key: one in-head move per layer shared by every KV head (signs may differ), not the identity; its
+    q_norm/k_norm weights get that move. Protected with those weights left in place, the model diverges: the rule is
+    what keeps it exact, not an accident of the weights (they are random, not ones)."""
+    plain = build_tiny("qwen3-qknorm-tied")
+    geometry = geometry_of(plain.config)
+    assert geometry.qk_norm
+    key = DeveloperKey.generate(geometry, "qk-norm-test", KeyRng(bytes(32)))
+    for layer in key.layers:
+        assert all(torch.equal(t.perm, layer.qk[0].perm) for t in layer.qk)
+        assert not layer.spaces(geometry)["attn_qk_head"].is_identity()
+    arch = architecture_for(plain.config)
+    frozen = dataclasses.replace(arch, rules=tuple(
+        dataclasses.replace(r, axes={}) if "_norm" in r.pattern and "self_attn" in r.pattern else r
+        for r in arch.rules))
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    diffs = {}
+    for label, table in (("rule", arch), ("weights left in place", frozen)):
+        server, client = protect_state_dict(table, key, plain.state_dict(), tied=True)
+        config = type(plain.config).from_dict({**plain.config.to_dict(), "tie_word_embeddings": False})
+        protected = type(plain)(config).eval()
+        protected.load_state_dict(server, strict=False)
+        with torch.no_grad():
+            x = key.client.resid.apply(client["token"][ids], -1)
+            got = key.client.vocab.invert(protected(inputs_embeds=x).logits, -1)
+            diffs[label] = float((got - plain(input_ids=ids).logits).abs().max())
+    print(f"qwen3 max-abs logit diff: {diffs}")
+    assert diffs["rule"] < 1e-4 and diffs["weights left in place"] > 1e-2
