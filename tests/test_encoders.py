@@ -160,6 +160,33 @@ def test_base_model_names_with_or_without_the_prefix(protected, tmp_path):
     assert not any(k.startswith("bert.") for k in b)
 
 
+def test_pooling_follows_the_sentence_transformers_config(tmp_path):
+    """CLS + max pooling then Normalize, as a modules.json says; a Dense module is refused by name."""
+    from types import SimpleNamespace
+
+    from stip.client.encoder import Pooling
+
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": True, "pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": False}))
+    modules = [{"path": "", "type": "sentence_transformers.models.Transformer"},
+               {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    bundle = SimpleNamespace(path=tmp_path)
+    pooling = Pooling.from_bundle(bundle)
+    assert pooling == Pooling(("cls_token", "max_tokens"), normalize=True)
+    hidden = torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    maxed = torch.stack([hidden[0, :2].max(0).values, hidden[1].max(0).values])
+    want = torch.nn.functional.normalize(torch.cat([hidden[:, 0], maxed], -1), dim=-1)
+    assert torch.allclose(pooling.pool(hidden, mask), want)
+    (tmp_path / "modules.json").write_text(json.dumps(modules + [{"path": "3_Dense",
+                                                                  "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(stip.errors.BundleError, match="models.Dense"):
+        Pooling.from_bundle(bundle)
+
+
 def test_server_decode_is_refused_for_encoders(protected, tmp_path):
     _, _, out = protected("bert-model")
     with pytest.raises(stip.errors.UnsupportedModelError, match="feature-extraction"):
