@@ -18,7 +18,7 @@ from stip.errors import BundleError, TensorSetError
 def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                          trusted: Trusted = None):
     """Verify the server bundle's signed manifest (against `trusted`, the developer's pinned signer(s); see
-    `stip.common.signing`), then load it with `AutoModelForCausalLM` (no custom code).
+    `stip.common.signing`), then load it as the transformers class its config names (no custom code).
 
     The checkpoint has no real embedding table: transformers fills the input embedding with random values that are
     never used (every request brings its own embeddings), and we drop it to free the memory. Any other tensor
@@ -26,7 +26,7 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     a model that loads with a random LM head serves garbage without an error. A server-decode bundle
     (manifest "mode") holds its permuted input embedding and keeps it.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     bundle = Path(bundle)
