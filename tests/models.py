@@ -12,7 +12,8 @@ import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
                           Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM,
-                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Starcoder2Config, Starcoder2ForCausalLM)
 
 VOCAB = 97
 
@@ -68,6 +69,9 @@ def tiny_configs() -> dict[str, tuple[type, object]]:
             **{**rope, "num_hidden_layers": 2, "intermediate_size": 40}, num_attention_heads=6, num_key_value_heads=2,
             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=40,
             norm_topk_prob=True, tie_word_embeddings=False)),
+        # LayerNorm with biases, GELU MLP, biases on every projection, a 4-token sliding window
+        "starcoder2": (Starcoder2ForCausalLM, Starcoder2Config(
+            **rope, num_attention_heads=6, num_key_value_heads=2, sliding_window=4, bos_token_id=1, eos_token_id=2)),
     }
 
 

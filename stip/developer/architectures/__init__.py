@@ -20,13 +20,14 @@ from stip.developer.architectures.qwen2_moe import QWEN2_MOE
 from stip.developer.architectures.qwen3 import QWEN3
 from stip.developer.architectures.qwen3_moe import QWEN3_MOE
 from stip.developer.architectures.roberta import ROBERTA
+from stip.developer.architectures.starcoder2 import STARCODER2
 from stip.developer.architectures.rules import (CLIENT, DROP, LM_HEAD, LM_HEAD_RULE, SERVER, TOKEN_EMBEDDING,
                                                 Architecture, Placement, RuleMatch, TensorRule)
 from stip.developer.architectures.vit import VIT
 from stip.errors import UnsupportedModelError
 
 ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, QWEN3, PHI3, GEMMA3, VIT, MIXTRAL, QWEN3_MOE, QWEN2_MOE, LLAVA,
-                                           BERT, ROBERTA, DISTILBERT)
+                                           BERT, ROBERTA, DISTILBERT, STARCODER2)
 SUPPORTED = tuple(t for a in ARCHITECTURES for t in a.model_types)
 
 __all__ = ["ARCHITECTURES", "CLIENT", "DROP", "GPT2", "LLAMA", "LM_HEAD", "LM_HEAD_RULE", "SERVER", "SUPPORTED",
