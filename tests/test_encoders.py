@@ -316,16 +316,6 @@ def test_encode_on_a_decoder_server_is_refused(tiny_protected):
 # ------------------------------------------------------------------ real weights: all-MiniLM-L6-v2
 
 
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory):
-    from stip.models import minilm_folder
-
-    folder = minilm_folder()
-    out = tmp_path_factory.mktemp("minilm") / "protected"
-    stip.protect(folder, out, progress=False)
-    return folder, out
-
-
 SENTENCES = ["A man is eating food.", "Private inference keeps prompts secret from the cloud.",
              "The weather is lovely today, isn't it?", "Permutations hide weights.",
              " ".join(["a long text past the model's 256-token cut"] * 40)]

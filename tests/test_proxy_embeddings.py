@@ -18,7 +18,7 @@ import pytest
 from stip.client.proxy_embeddings import batches
 from stip.server.launch import local_process
 from tests.parties import serve
-from tests.test_encoders import minilm, plain_sentence_embeddings  # noqa: F401 - minilm is a fixture
+from tests.test_encoders import plain_sentence_embeddings
 
 SENTENCES = [
     "A man is eating food.",
