@@ -22,13 +22,13 @@ from transformers import AutoModelForCausalLM
 
 import stip
 from stip.client.bundle import ClientBundle
-from stip.common import signing
 from stip.common.keys import DeveloperKey
 from stip.developer.verify import compare_logits, plain_greedy, protected_greedy
 from stip.errors import TensorSetError
 from stip.server.model import load_protected_model
 from tests.models import VOCAB, save_tiny, tiny_configs
 from tests.parties import serve
+from tests.test_naming import damaged_copy
 
 NAME = "mixtral-moe"
 # per family: the router, one expert's tensor names ({e}: expert index, {w}: projection), its gate/up and down names
@@ -189,16 +189,7 @@ def _drop(name):
 ], ids=["missing-expert", "extra-expert", "wrong-shape", "fused-beside-per-expert"])
 def test_server_refuses_a_bundle_with_a_bad_expert_tensor(moe, tmp_path, edit, tensor, words):
     """The bundle edited and re-signed with its own developer key, so only the tensor check can object."""
-    copy = tmp_path / "protected"
-    shutil.copytree(moe["out"], copy)
-    server = copy / "server"
-    shard = next(server.glob("model-*.safetensors"))
-    state = edit(load_file(str(shard)))
-    save_file(state, str(shard), metadata={"format": "pt"})
-    index = json.loads((server / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {n: shard.name for n in state}
-    (server / "model.safetensors.index.json").write_text(json.dumps(index))
-    signing.resign(server, copy / "developer" / signing.SIGNING_KEY_FILE)
+    server = damaged_copy(moe["out"], tmp_path / "protected", edit)
     with pytest.raises(TensorSetError, match=words) as e:
         load_protected_model(server)
     assert tensor in str(e.value)

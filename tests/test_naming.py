@@ -162,23 +162,28 @@ def test_checkpoint_that_does_not_match_its_model_class_is_refused(tmp_path, cas
     assert_nothing_written(tmp_path, "out")
 
 
+def damaged_copy(out, copy, edit):
+    """A copy (at `copy`) of the protected output `out` whose server shard (and index) went through `edit`, its
+    manifest rewritten and re-signed with the bundle's own developer key, so only the tensor check can object; the
+    copy's server folder."""
+    shutil.copytree(out, copy)
+    server = copy / "server"
+    shard = next(server.glob("model-*.safetensors"))
+    state = edit(load_file(str(shard)))
+    save_file(state, str(shard), metadata={"format": "pt"})
+    index = json.loads((server / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {n: shard.name for n in state}
+    (server / "model.safetensors.index.json").write_text(json.dumps(index))
+    signing.resign(server, copy / "developer" / signing.SIGNING_KEY_FILE)
+    return server
+
+
 @pytest.fixture()
 def damaged(tiny_protected, tmp_path):
-    """`damaged(edit)`: a copy of the protected tiny GPT-2 whose server shard (and index) went through `edit`, its
-    manifest rewritten and re-signed with the bundle's own developer key, so only the tensor check can object."""
+    """`damaged(edit)`: `damaged_copy` of the protected tiny GPT-2."""
 
     def make(edit):
-        _, out = tiny_protected("gpt2")
-        copy = tmp_path / "protected"
-        shutil.copytree(out, copy)
-        server = copy / "server"
-        shard = next(server.glob("model-*.safetensors"))
-        state = edit(load_file(str(shard)))
-        save_file(state, str(shard), metadata={"format": "pt"})
-        index = json.loads((server / "model.safetensors.index.json").read_text())
-        index["weight_map"] = {n: shard.name for n in state}
-        (server / "model.safetensors.index.json").write_text(json.dumps(index))
-        signing.resign(server, copy / "developer" / signing.SIGNING_KEY_FILE)
+        server = damaged_copy(tiny_protected("gpt2")[1], tmp_path / "protected", edit)
         assert stip_cli("verify", server).returncode == 0  # a self-consistent bundle
         return server
 

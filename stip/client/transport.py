@@ -196,26 +196,8 @@ class Connection:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def _get(self, path: str) -> bytes:
-        req = urllib.request.Request(_http_url(self.url, path), headers=self._headers())
-        try:
-            with self._opener.open(req, timeout=self.timeout) as r:
-                body = r.read(HTTP_MAX_BYTES + 1)
-            if len(body) > HTTP_MAX_BYTES:
-                raise StipProtocolError(f"{self.url}{path} answered more than {HTTP_MAX_BYTES} bytes")
-            return body
-        except urllib.error.HTTPError as e:
-            try:
-                detail = json.loads(e.read()).get("error") or e.reason
-            except Exception:
-                detail = e.reason
-            cls = StipAuthError if e.code in (401, 403) else StipServerError
-            raise cls(f"server error {e.code} on {path}: {detail}", e.code) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            if isinstance(reason, ssl.SSLCertVerificationError):
-                raise _cert_error(self.url, reason, self.ca_file) from None
-            raise StipConnectionError(f"cannot reach the STIP server at {self.url}: {reason} "
-                                      f"(is `stip serve` running there?)") from None
+        return self._open(urllib.request.Request(_http_url(self.url, path), headers=self._headers()), path,
+                          HTTP_MAX_BYTES)
 
     def _get_object(self, path: str) -> dict:
         try:

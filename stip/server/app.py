@@ -338,6 +338,22 @@ class StipService:
             raise StepError(e.status, str(e)) from None
         s.reserved += tokens
 
+    def admit_request(self, who: Principal, tokens: int) -> None:
+        """A request that lives for one HTTP call (/v1/generate, /v1/encode): it takes one of the caller's session
+        slots and reserves all its tokens up front, or raises AdmissionError (counted in /metrics) holding nothing.
+        The caller returns both with `admission.close_session(who.name, tokens)`."""
+        try:
+            self.admission.open_session(who.name, who.quota)
+        except AdmissionError as e:
+            self.metrics.refused.labels(e.reason).inc()
+            raise
+        try:
+            self.admission.reserve(who.name, who.quota, tokens)
+        except AdmissionError as e:
+            self.admission.close_session(who.name, 0)
+            self.metrics.refused.labels(e.reason).inc()
+            raise
+
     async def handle(self, s: Session, data, authorization: str | None = None) -> tuple[bytes, int | None]:
         """One request frame -> (reply frame, WebSocket close code if the socket must close afterwards)."""
         try:
@@ -536,15 +552,8 @@ def add_generate_route(app: FastAPI, service: StipService) -> None:
                             f"{service.max_seq_len}, which must leave room for at least one new token")
         tokens = min(len(req.ids) + req.max_tokens, service.max_seq_len)
         try:
-            service.admission.open_session(who.name, who.quota)
+            service.admit_request(who, tokens)
         except AdmissionError as e:
-            service.metrics.refused.labels(e.reason).inc()
-            return refused(e.status, str(e))
-        try:
-            service.admission.reserve(who.name, who.quota, tokens)
-        except AdmissionError as e:
-            service.admission.close_session(who.name, 0)
-            service.metrics.refused.labels(e.reason).inc()
             return refused(e.status, str(e))
         chunks = engine.generate(req, request_id=os.urandom(8).hex())
 

@@ -126,15 +126,8 @@ def add_encode_route(app: FastAPI, service) -> None:
             return bad(e.status, str(e))
         tokens = x.shape[0] * x.shape[1]
         try:
-            service.admission.open_session(who.name, who.quota)
+            service.admit_request(who, tokens)
         except AdmissionError as e:
-            service.metrics.refused.labels(e.reason).inc()
-            return bad(e.status, str(e))
-        try:
-            service.admission.reserve(who.name, who.quota, tokens)
-        except AdmissionError as e:
-            service.admission.close_session(who.name, 0)
-            service.metrics.refused.labels(e.reason).inc()
             return bad(e.status, str(e))
         start = time.perf_counter()
         try:
