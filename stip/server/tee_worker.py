@@ -1,0 +1,160 @@
+"""The GPU worker of TEE mode: the UNCHANGED server bundle, split into what the enclave asks of it.
+
+`stip serve DIR/server --tee-worker` loads the server bundle as usual and keeps three things: block 0's linear maps
+and the LM head (its own permuted copies), which it applies to the padded rows the enclave sends (op "linear"); and
+blocks 1..L-1 with one KV cache per session (op "body"), returning the last hidden state before the final norm. The
+final norm and everything else of block 0 run in the enclave (stip.enclave.compute). The worker holds nothing
+secret: no `p`, no `pc`, no embedding table, no sealing key; it sees padded inputs, `h1 p` and the body's states.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stip.enclave.compute import (LM_HEAD, OFFLOAD_DTYPE, _weight_of, base_parts, linear64, offloadable,
+                                  trimmed_config)
+
+
+class TeeWorkerError(Exception):
+    """A request the worker refuses; `status` is the HTTP-like status of the error reply."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class BodySession:
+    cache: object
+    position: int = 0
+    touched: float = field(default_factory=time.monotonic)
+
+
+class TeeWorker:
+    """Block 0's linears + the LM head (padded rows in, float64 products out) and blocks 1..L-1 (per session)."""
+
+    def __init__(self, model: nn.Module, manifest: dict | None = None, max_sessions: int = 64,
+                 max_seq_len: int = 4096, session_ttl: float = 300.0):
+        self.manifest = manifest or {}
+        self.max_sessions, self.session_ttl = max_sessions, session_ttl
+        base, layers_attr, norm_attr = base_parts(model)
+        layers = list(getattr(base, layers_attr))
+        block0 = layers[0]
+        # float64 copies: the padded products must be exact to float32 once the enclave subtracts W r
+        self.linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for name in offloadable(block0):
+            w, b = _weight_of(block0.get_submodule(name))
+            self.linears[name] = (w.detach().to(OFFLOAD_DTYPE), None if b is None else b.detach().to(OFFLOAD_DTYPE))
+        head = model.get_output_embeddings()
+        self.linears[LM_HEAD] = (head.weight.detach().to(OFFLOAD_DTYPE),
+                                 None if head.bias is None else head.bias.detach().to(OFFLOAD_DTYPE))
+        # The body: the same base model with block 0 and the final norm taken out, the blocks renumbered for a cache
+        # of their own (a cache counts positions from its layer 0, which is now block 1).
+        body = layers[1:]
+        for i, layer in enumerate(body):
+            for m in layer.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = i
+        setattr(base, layers_attr, nn.ModuleList(body))
+        setattr(base, norm_attr, nn.Identity())
+        base.config = trimmed_config(base.config, 1, len(layers))
+        self.base = base.eval()
+        self.hidden_size = int(getattr(base.config, "hidden_size", 0) or base.config.n_embd)
+        limit = getattr(base.config, "max_position_embeddings", None)
+        self.max_seq_len = min(max_seq_len, limit) if limit else max_seq_len
+        self.sessions: dict[str, BodySession] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", trusted=None,
+                    **limits) -> "TeeWorker":
+        from stip.server.model import load_protected_model
+
+        model, manifest = load_protected_model(bundle, dtype=dtype, device=device, trusted=trusted)
+        return cls(model, manifest, **limits)
+
+    # ------------------------------------------------------------ ops
+
+    def shape_of(self, name: str) -> tuple[int, int]:
+        """(d_out, d_in) of a linear the enclave may ask for."""
+        if name not in self.linears:
+            raise TeeWorkerError(404, f"unknown linear {name[:80]!r}; this worker offers block 0's "
+                                      f"{', '.join(sorted(self.linears))}")
+        w = self.linears[name][0]
+        return int(w.shape[0]), int(w.shape[1])
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        d_out, d_in = self.shape_of(name)
+        if x.dim() != 2 or x.shape[1] != d_in:
+            raise TeeWorkerError(422, f"linear {name!r} takes rows [n, {d_in}], got {list(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise TeeWorkerError(422, "input contains NaN or Inf values")
+        w, b = self.linears[name]
+        return linear64(w, b, x)
+
+    @torch.no_grad()
+    def body(self, session: str, h: torch.Tensor, start: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if h.dim() != 2 or h.shape[1] != self.hidden_size or h.shape[0] < 1:
+            raise TeeWorkerError(422, f"body takes hidden states [T, {self.hidden_size}] with T >= 1, "
+                                      f"got {list(h.shape)}")
+        if not bool(torch.isfinite(h).all()):
+            raise TeeWorkerError(422, "hidden states contain NaN or Inf values")
+        with self._lock:
+            self._expire()
+            s = self.sessions.get(session)
+            if s is None:
+                if start != 0:
+                    raise TeeWorkerError(404, f"unknown or expired session {session[:40]!r}")
+                if len(self.sessions) >= self.max_sessions:
+                    raise TeeWorkerError(503, f"all {self.max_sessions} sessions are in use; retry later")
+                s = self.sessions[session] = BodySession(DynamicCache(config=self.base.config))
+        if start != s.position:
+            raise TeeWorkerError(409, f"session {session[:40]!r} holds {s.position} tokens, but the step starts at "
+                                      f"{start}")
+        if s.position + h.shape[0] > self.max_seq_len:
+            raise TeeWorkerError(413, f"sequence would reach {s.position + h.shape[0]} tokens; this worker's "
+                                      f"max_seq_len is {self.max_seq_len}")
+        p = self.base.dtype if hasattr(self.base, "dtype") else torch.float32
+        positions = torch.arange(start, start + h.shape[0], device=self.base.device)
+        try:
+            out = self.base(inputs_embeds=h.to(p)[None].to(self.base.device), past_key_values=s.cache,
+                            use_cache=True, position_ids=positions[None], cache_position=positions)
+        except Exception:
+            self.close(session)  # the cache may hold part of the step
+            raise
+        s.position += h.shape[0]
+        s.touched = time.monotonic()
+        return out.last_hidden_state[0].float().cpu()
+
+    def close(self, session: str) -> None:
+        with self._lock:
+            self.sessions.pop(session, None)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [k for k, s in self.sessions.items() if now - s.touched > self.session_ttl]:
+            del self.sessions[sid]
+
+
+class LocalWorkerLink:
+    """The enclave's `WorkerLink` to a worker in the same process (tests, benchmarks without the socket)."""
+
+    def __init__(self, worker: TeeWorker):
+        self.worker = worker
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.worker.linear(name, x)
+
+    def body(self, session: str, h: torch.Tensor, start: int) -> torch.Tensor:
+        return self.worker.body(session, h, start)
+
+    def close(self, session: str) -> None:
+        self.worker.close(session)
