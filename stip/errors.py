@@ -20,3 +20,8 @@ class UnsupportedModelError(StipError):
 class TensorSetError(BundleError):
     """A checkpoint does not hold exactly the tensors its model class expects: one is missing, unexpected, or has
     the wrong shape (transformers would fill or drop it silently)."""
+
+
+class TeeError(StipError):
+    """TEE mode: an attestation report, an enclave bundle's seal or a channel message was refused (the message says
+    which check failed)."""
