@@ -354,7 +354,7 @@ def baselines(model, data: Data, truth: torch.Tensor) -> dict:
 def run(st: Settings) -> dict:
     torch.set_grad_enabled(True)
     g = torch.Generator().manual_seed(st.seed)
-    model = load_model(st.model, st.seed).float().eval()
+    model = load_model(st.model, st.seed).eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
     cfg = model.config
