@@ -143,6 +143,9 @@ def serve(
                                                            "weights and KV cache (vLLM's default 0.9)"),
     vllm_arg: list[str] = typer.Option([], help="vllm engine: any other vLLM engine argument, KEY=VALUE "
                                        "(e.g. max_model_len=2048); repeatable"),
+    tee_worker: bool = typer.Option(False, "--tee-worker", help="TEE mode: serve the enclave's WebSocket "
+                                    "(block 0's padded linears, the LM head, blocks 1..L-1) instead of client "
+                                    "sessions (docs/tee.md)"),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
@@ -156,7 +159,7 @@ def serve(
                threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
                trusted=_trust(trust), engine_kind=engine, prefill_chunk=prefill_chunk,
-               batching=batching,
+               batching=batching, tee_worker=tee_worker,
                vllm_options=_vllm_options(engine, vllm_arg, tensor_parallel_size=tensor_parallel_size,
                                           pipeline_parallel_size=pipeline_parallel_size, max_num_seqs=max_num_seqs,
                                           gpu_memory_utilization=gpu_memory_utilization))

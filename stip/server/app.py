@@ -604,7 +604,7 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
                kv_budget_bytes: int | None = None, kv_budget_tokens: int | None = None,
                max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota(),
                engine_kind: str = "transformers", prefill_chunk: int | None = None, batching: bool = True,
-               vllm_options: dict | None = None) -> None:
+               vllm_options: dict | None = None, tee_worker: bool = False) -> None:
     """Load the server bundle (its signature checked against `trusted`, the developer's pinned signer(s), default
     $STIP_TRUSTED_SIGNERS) and serve it until interrupted."""
     import uvicorn
@@ -631,6 +631,13 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
         load_key_file(api_keys)  # a bad key file stops here, before the model loads
     if threads:
         torch.set_num_threads(threads)
+    if tee_worker:  # TEE mode: the enclave's WebSocket instead of client sessions (stip.server.tee_route)
+        if engine_kind != "transformers":
+            raise StipError("--tee-worker runs the transformers engine only")
+        from stip.server.tee_route import serve_tee_worker
+
+        return serve_tee_worker(bundle, host, port, token, api_keys, max_sessions, max_seq_len, session_ttl,
+                                wire.DTYPES[dtype], device, trusted, log_level, ssl_certfile, ssl_keyfile)
 
     from stip.server.engine import load_engine
 

@@ -1,0 +1,160 @@
+"""`stip serve --tee-worker`: the worker's HTTP face, /health and one WebSocket for the enclave.
+
+    WebSocket /v1/tee/worker (the server's auth: token or API keys), STIP frames (stip.common.wire):
+    {"op": "linear", "name": "<block-0 linear>" | "lm_head", "dtype": "float64", "shape": [n, d_in]} + rows
+        -> {"ok": true, "kind": "linear", "dtype": "float64", "shape": [n, d_out], "worker_ms"} + W x + b
+    {"op": "body", "session": id, "start": position, "dtype": "float32", "shape": [T, d]} + h1 p
+        -> {"ok": true, "kind": "hidden", "dtype": "float32", "shape": [T, d], "position", "worker_ms"} + states
+    {"op": "close", "session": id} -> {"ok": true, "kind": "closed"}
+    errors: {"ok": false, "status": 4xx/5xx, "error": "..."}; the socket stays usable.
+
+Compute runs on one worker thread; the event loop only authenticates and frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from fastapi import FastAPI, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from stip.common import wire
+from stip.server.auth import Authenticator, AuthError
+from stip.server.tee_worker import TeeWorker, TeeWorkerError
+
+log = logging.getLogger("stip.server")
+
+TEE_WORKER_PATH = "/v1/tee/worker"
+TEE_DTYPES = {**wire.DTYPES, "float64": torch.float64}  # the padded linears travel in float64 (exactness)
+TEE_OPS = ("linear", "body", "close")
+MAX_ROWS = 1 << 16  # rows of one linear request
+
+
+def _parse(worker: TeeWorker, data) -> tuple[str, dict, torch.Tensor | None]:
+    if data is None:
+        raise TeeWorkerError(400, "expected binary STIP frames, got text")
+    try:
+        header, payload = wire.decode_frame(data)
+    except wire.WireError as e:
+        raise TeeWorkerError(e.status, str(e)) from None
+    op = header.get("op")
+    if op not in TEE_OPS:
+        raise TeeWorkerError(400, f"unknown op {str(op)[:40]!r}; expected one of {', '.join(TEE_OPS)}")
+    if op == "close":
+        return op, header, None
+    dtype = TEE_DTYPES.get(header.get("dtype")) if isinstance(header.get("dtype"), str) else None
+    if dtype is None:
+        raise TeeWorkerError(422, f"unsupported dtype; expected one of {', '.join(TEE_DTYPES)}")
+    shape = header.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+        raise TeeWorkerError(422, f"shape must be [rows, columns] of positive integers, got {str(shape)[:80]}")
+    if op == "linear":
+        if not isinstance(header.get("name"), str):
+            raise TeeWorkerError(422, "linear needs the name of a block-0 linear or 'lm_head'")
+        d_in = worker.shape_of(header["name"])[1]
+        if shape[1] != d_in or shape[0] > MAX_ROWS:
+            raise TeeWorkerError(422, f"linear {header['name']!r} takes at most {MAX_ROWS} rows of {d_in}, "
+                                      f"got {shape}")
+    else:
+        if not isinstance(header.get("session"), str) or not 1 <= len(header["session"]) <= 64:
+            raise TeeWorkerError(422, "body needs a session id (a string of 1-64 characters)")
+        start = header.get("start")
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise TeeWorkerError(422, "body needs the start position (an integer >= 0)")
+        if shape[1] != worker.hidden_size or shape[0] > worker.max_seq_len:
+            raise TeeWorkerError(422, f"body takes at most {worker.max_seq_len} hidden states of size "
+                                      f"{worker.hidden_size}, got {shape}")
+    if len(payload) != shape[0] * shape[1] * dtype.itemsize:
+        raise TeeWorkerError(422, f"payload is {len(payload)} bytes, shape {shape} in {header['dtype']} needs "
+                                  f"{shape[0] * shape[1] * dtype.itemsize}")
+    return op, header, wire.tensor_from_bytes(payload, dtype, shape)
+
+
+def _run(worker: TeeWorker, op: str, header: dict, x: torch.Tensor | None) -> bytes:
+    t0 = time.perf_counter()
+    if op == "close":
+        worker.close(str(header.get("session", "")))
+        return wire.encode_frame({"ok": True, "kind": "closed"})
+    if op == "linear":
+        y = worker.linear(header["name"], x.to(torch.float64))
+        kind, extra = "linear", {}
+    else:
+        y = worker.body(header["session"], x.float(), header["start"])
+        kind, extra = "hidden", {"position": header["start"] + int(x.shape[0])}
+    ms = round((time.perf_counter() - t0) * 1000, 3)
+    return wire.encode_frame({"ok": True, "kind": kind, "dtype": wire.DTYPE_NAMES.get(y.dtype, "float64"),
+                              "shape": [int(n) for n in y.shape], "worker_ms": ms, **extra}, wire.tensor_bytes(y))
+
+
+def create_tee_app(worker: TeeWorker, auth: Authenticator) -> FastAPI:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stip-tee-worker")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="STIP TEE worker", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "engine": "TeeWorker", "mode": "tee-worker", "batch_size": 0, "queue": 0}
+
+    @app.websocket(TEE_WORKER_PATH)
+    async def tee_socket(websocket: WebSocket):
+        try:
+            auth.authenticate(websocket.headers.get("authorization"))
+        except AuthError as e:
+            from stip.server.app import refused
+
+            await websocket.send_denial_response(refused(e.status, str(e)))
+            return
+        await websocket.accept()
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                msg = await websocket.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                try:
+                    op, header, x = _parse(worker, msg.get("bytes"))
+                    reply = await loop.run_in_executor(pool, _run, worker, op, header, x)
+                except TeeWorkerError as e:
+                    log.info("tee-worker request error %d: %s", e.status, e)
+                    reply = wire.encode_frame(wire.error_header(e.status, str(e)))
+                except Exception as e:  # noqa: BLE001 - one bad step must not stop the worker
+                    log.exception("tee-worker failure")
+                    reply = wire.encode_frame(wire.error_header(500, f"internal error ({type(e).__name__})"))
+                await websocket.send_bytes(reply)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+
+    return app
+
+
+def serve_tee_worker(bundle, host: str, port: int, token: str | None, api_keys=None, max_sessions: int = 64,
+                     max_seq_len: int = 4096, session_ttl: float = 300.0, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu", trusted=None, log_level: str = "info", ssl_certfile: str | None = None,
+                     ssl_keyfile: str | None = None) -> None:
+    """Load the server bundle as a TEE worker and serve the enclave's WebSocket until interrupted."""
+    import uvicorn
+
+    worker = TeeWorker.from_bundle(bundle, dtype=dtype, device=device, trusted=trusted, max_sessions=max_sessions,
+                                   max_seq_len=max_seq_len, session_ttl=session_ttl)
+    app = create_tee_app(worker, Authenticator(token, api_keys))
+    log.info("STIP TEE worker: bundle %s, %d offloaded linears, d=%d, max %d sessions, max_seq_len %d",
+             worker.manifest.get("bundle_id", "?"), len(worker.linears), worker.hidden_size, max_sessions,
+             worker.max_seq_len)
+    widest = max([worker.hidden_size] + [int(w.shape[1]) for w, _ in worker.linears.values()])
+    limit = worker.max_seq_len * widest * 8 + wire.MAX_HEADER_BYTES + 4  # a whole prompt's rows in float64
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                                  ws_max_size=limit, ws_per_message_deflate=False, ssl_certfile=ssl_certfile,
+                                  ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=5)).run()
