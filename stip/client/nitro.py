@@ -30,7 +30,7 @@ from pycose.keys import EC2Key
 from pycose.messages import Sign1Message
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from stip.client.tee import Verified, register_verifier
+from stip.client.tee import CLOCK_SKEW_S, MAX_AGE_S, Verified, register_verifier
 from stip.errors import TeeError
 
 NITRO_FORMAT = "aws-nitro-v1"
@@ -54,8 +54,6 @@ IwLz3/Y=
 AWS_NITRO_ROOT_SHA256 = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
 MEASUREMENT_PREFIX = b"stip-measurement-v1:"  # user_data = this + the measurement in hex (ascii)
 IMAGE_PCR = 0                 # the enclave image file (EIF) hash: a verifier that does not pin it trusts any image
-MAX_AGE_S = 300.0             # a document older than this (by its own timestamp) is stale
-MAX_SKEW_S = 60.0             # ... and one this far in the future is refused too
 PCR_SIZES = {32, 48, 64}      # SHA256, SHA384, SHA512 banks (Nitro uses SHA384)
 CHANNEL_KEY_SIZE = 32         # raw X25519
 
@@ -192,7 +190,7 @@ class NitroVerifier:
     pcrs: Mapping[int, bytes]
     root: x509.Certificate = field(default_factory=aws_nitro_root)
     max_age_s: float = MAX_AGE_S
-    max_skew_s: float = MAX_SKEW_S
+    max_skew_s: float = CLOCK_SKEW_S
     format: str = NITRO_FORMAT
 
     def __post_init__(self):
