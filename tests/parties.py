@@ -14,12 +14,14 @@ import contextlib
 import os
 import subprocess
 import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, ContextManager, Hashable, Iterator
 
 from stip.server.launch import ServerProcess, free_port, local_server, serve_command, server_env
 
-__all__ = ["ServerProcess", "free_port", "serve", "run_serve_expect_exit"]
+__all__ = ["ServerProcess", "ServerPipeline", "free_port", "serve", "run_serve_expect_exit"]
 
 
 def server_bundle(path: str | Path) -> Path:
@@ -56,3 +58,69 @@ def run_serve_expect_exit(bundle: str | Path, *args: str, token: str | None = No
     """Run `stip serve` where it must refuse to start; returns the finished process (text output)."""
     return subprocess.run(serve_command(server_bundle(bundle), *args, host=host, port=free_port()),
                           capture_output=True, text=True, env=server_env(token, None), timeout=timeout)
+
+
+class ServerPipeline:
+    """Servers for a module's tests that each need their own: the next `ahead` servers (in `starts`' order) start in
+    the background while a test runs, and a finished test's server stops in the background. A server's start-up is
+    mostly imports on one core, so on CI's two cores this hides most of it; each test still gets a fresh server.
+
+        pipeline = ServerPipeline({name: lambda: serve(bundle_of[name], token=T) for name in names})
+        with pipeline.use(name) as server: ...
+        pipeline.close()   # module teardown: stops whatever is still running
+    """
+
+    def __init__(self, starts: dict[Hashable, Callable[[], ContextManager[ServerProcess]]], ahead: int = 1):
+        self._starts = dict(starts)
+        self._order = list(self._starts)
+        self._ahead = ahead
+        self._pool = ThreadPoolExecutor(max_workers=ahead + 2, thread_name_prefix="stip-test-server")
+        self._running: dict[Hashable, Future] = {}
+        self._used: set[Hashable] = set()
+        self._stops: list[Future] = []
+        self.start_s = 0.0  # seconds the servers took to start, all together
+        self.waited_s = 0.0  # of which the tests waited for (the rest ran beside a test)
+
+    def _start(self, key: Hashable) -> Future:
+        if key not in self._running:
+            def enter():
+                t0 = time.monotonic()
+                cm = self._starts[key]()
+                server = cm.__enter__()
+                self.start_s += time.monotonic() - t0
+                return cm, server
+            self._running[key] = self._pool.submit(enter)
+        return self._running[key]
+
+    def _stop(self, future: Future) -> None:
+        if future.exception() is None:
+            cm, _ = future.result()
+            cm.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def use(self, key: Hashable) -> Iterator[ServerProcess]:
+        """The server for `key` (started now if it was not ahead); it is stopped (in the background) on exit."""
+        future = self._start(key)
+        self._used.add(key)
+        i = self._order.index(key)
+        for nxt in self._order[i + 1:i + 1 + self._ahead]:
+            if nxt not in self._used:
+                self._start(nxt)
+        t0 = time.monotonic()
+        try:
+            server = future.result()[1]
+            self.waited_s += time.monotonic() - t0
+            yield server
+        finally:
+            self._stops.append(self._pool.submit(self._stop, self._running.pop(key)))
+
+    def close(self) -> None:
+        """Stop every server still running (started ahead for a test that did not run) and wait for all stops."""
+        for future in self._running.values():
+            future.exception()  # wait for its start
+            self._stops.append(self._pool.submit(self._stop, future))
+        self._running.clear()
+        for stop in self._stops:
+            stop.result()
+        self._pool.shutdown()
+        print(f"ServerPipeline: servers took {self.start_s:.1f} s to start, tests waited {self.waited_s:.1f} s of it")

@@ -3,10 +3,11 @@ model generates.
 
 The types come from the registry (`ARCHITECTURES`), so a newly registered decoder family is tested here without
 editing this file, and fails until `tests/models.py` gives it a tiny config. Each type runs through its own server
-subprocess (one at a time): the server's logits for a prompt, un-permuted by the client, are compared with the plain
-model's (max-abs difference printed, top-1 at every position), then greedy generation through `stip.Client` must
-equal transformers' own `generate`. Also: a model type no table covers, and a supported checkpoint with one tensor
-no rule covers, are refused by name before anything is written.
+subprocess (the next type's server starts while a test runs: tests.parties.ServerPipeline): the server's logits for
+a prompt, un-permuted by the client, are compared with the plain model's (max-abs difference printed, top-1 at every
+position), then greedy generation through `stip.Client` must equal transformers' own `generate`. Also: a model type
+no table covers, and a supported checkpoint with one tensor no rule covers, are refused by name before anything is
+written.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from stip.developer.verify import compare_logits, plain_greedy
 from stip.errors import UnsupportedModelError
 from stip.server.model import load_protected_model
 from tests.models import VOCAB, _randomise, build_tiny, tiny_configs
-from tests.parties import serve
+from tests.parties import ServerPipeline, serve
 
 TOKEN = "decoders-test-token"
 
@@ -55,16 +56,31 @@ def test_every_supported_decoder_type_has_a_tiny_config():
     assert {"llama", "qwen3", "phi3", "gemma3_text", "gpt2"} <= set(DECODERS)
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """model type -> (protected output folder, ServerPipeline): every type with a tiny config, protected up front."""
+    outs = {}
+    for model_type in DECODERS:
+        name = tiny_for(model_type)
+        if name is not None:
+            root = tmp_path_factory.mktemp(model_type)
+            build_tiny(name).save_pretrained(root / "plain")
+            stip.protect(root / "plain", root / "out", progress=False, seed=bytes(range(32)))
+            outs[model_type] = root / "out"
+    pipeline = ServerPipeline({t: (lambda out=out: serve(out, token=TOKEN, threads=1)) for t, out in outs.items()})
+    yield outs, pipeline
+    pipeline.close()
+
+
 @pytest.mark.parametrize("model_type", DECODERS)
-def test_greedy_generation_through_the_server_equals_plain(model_type, tmp_path):
+def test_greedy_generation_through_the_server_equals_plain(model_type, served):
     name = tiny_for(model_type)
     assert name is not None, f"no tiny config for {model_type}"
     plain = build_tiny(name)
-    plain.save_pretrained(tmp_path / "plain")
-    stip.protect(tmp_path / "plain", tmp_path / "out", progress=False, seed=bytes(range(32)))
+    outs, pipeline = served
     prompt = torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(7)).tolist()
-    with serve(tmp_path / "out", token=TOKEN, threads=1) as server:
-        client = stip.Client(tmp_path / "out" / "client", server.url, token=TOKEN, downlink="logits")
+    with pipeline.use(model_type) as server:
+        client = stip.Client(outs[model_type] / "client", server.url, token=TOKEN, downlink="logits")
         assert client.connection.info()["model_type"] == model_type
         bundle = client.bundle
         with client.connection.open_session() as session:
