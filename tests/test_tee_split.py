@@ -87,8 +87,10 @@ def test_fresh_pads_and_nothing_secret_reaches_the_worker(party):
     assert [h["name"] for h, _ in a] == [h["name"] for h, _ in b] and "lm_head" in {h["name"] for h, _ in a}
     for (h, x), (_, y) in zip(a, b):  # every padded input is fresh per query
         assert x.shape == y.shape and float((x - y).abs().min()) > 0, h["name"]
-    # h1 p (the body's input) is a deterministic function of the prompt: the same both times (docs/tee.md)
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(_received(runs[0], "body"), _received(runs[1], "body")))
+    # h1 p (the body's input) is a deterministic function of the prompt: the same both times, up to the rounding
+    # the pads leave in the last bits (docs/tee.md)
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-5)
+               for (_, x), (_, y) in zip(_received(runs[0], "body"), _received(runs[1], "body")))
 
     enc = enclave
     table = tensors[TOKEN_EMBEDDING].float()

@@ -31,7 +31,7 @@ LAYERS_ATTRS = ("layers", "h")  # the decoder blocks
 FINAL_NORM_ATTRS = ("norm", "ln_f")  # the norm after the last block
 POSITION_ATTRS = ("wpe",)  # learned absolute positions, added inside the base model's forward (GPT-2)
 LM_HEAD = "lm_head"  # the worker op name of the LM head
-PAD_SCALE = 1.0  # pad entries ~ N(0, 1) x this x the RMS of the row they mask ("same scale as x")
+PAD_SCALE = 2.0**20  # pad entries ~ N(0, 1) x this x the RMS of the row they mask (docs/tee.md: averaging)
 OFFLOAD_DTYPE = torch.float64  # the padded products, on both sides: exact to float32 after the subtraction
 
 # Tensor names of the enclave bundle (the sealed DIR/enclave/, written by `stip protect --tee`).
