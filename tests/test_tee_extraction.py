@@ -57,7 +57,8 @@ def test_a_gaussian_pad_scaled_like_x_is_averaged_away(quick):
     assert rows[-1]["recovery"] > 0.9 and rows[-1]["r2"] > rows[0]["r2"]
 
 
-def test_split_distillation_curve_is_recorded(quick):
-    rows = quick[0]["conditions"]["split"]
+@pytest.mark.parametrize("cond", ["split", "split-known-block0"])
+def test_split_distillation_curve_is_recorded(quick, cond):
+    rows = quick[0]["conditions"][cond]
     assert [r["n"] for r in rows] == quick[0]["settings"]["ns"]
-    assert all(math.isfinite(r["r2"]) and 0 <= r["top1"] <= 1 for r in rows)
+    assert all(math.isfinite(r["r2"]) and 0 <= r["top1"] <= 1 and r["train_s"] >= 0 for r in rows)
