@@ -144,3 +144,19 @@ def test_in_process_worker_matches(tiny_protected):
     assert [t for t, _ in enclave.generate(PROMPT, SamplingParams(max_tokens=4), top_logprobs=3)] == want
     top = next(enclave.generate(PROMPT, SamplingParams(max_tokens=1), top_logprobs=3))[1]
     assert len(top) == 3 and top[0][0] == want[0] and top[0][1] <= 0
+
+
+def test_worker_limits(tiny_protected):
+    """The worker's KV budget and session limit hold for blocks 1..L-1's caches: a 503 to retry, nothing run."""
+    from stip.server.tee_worker import TeeWorkerError
+
+    _, out = tiny_protected("gpt2")
+    worker = TeeWorker.from_bundle(out / "server", max_sessions=1, kv_budget_tokens=10)
+    d = worker.hidden_size
+    assert worker.body("a", torch.ones(8, d), 0).shape == (8, d)
+    with pytest.raises(TeeWorkerError, match="KV budget of 10 tokens"):
+        worker.body("a", torch.ones(3, d), 8)
+    with pytest.raises(TeeWorkerError, match="all 1 sessions are in use"):
+        worker.body("b", torch.ones(1, d), 0)
+    worker.close("a")
+    assert worker.body("b", torch.ones(1, d), 0).shape == (1, d)

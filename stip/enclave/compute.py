@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -290,6 +291,7 @@ class EnclaveModel:
         self.lm_head = OffloadedLinear(LM_HEAD, tensors[LM_HEAD_PREFIX + "weight"], tensors.get(LM_HEAD_PREFIX + "bias"),
                                        self.link, self.pads)
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
+        self._lock = threading.Lock()  # one step at a time: the pads and block 0 are shared by all sessions
 
     @classmethod
     def from_tensors(cls, config, tensors: dict[str, torch.Tensor], link: WorkerLink) -> "EnclaveModel":
@@ -305,8 +307,12 @@ class EnclaveModel:
     def close(self, s: EnclaveSession) -> None:
         self.link.close(s.id)
 
-    @torch.no_grad()
     def _step(self, s: EnclaveSession, ids: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self._locked_step(s, ids)
+
+    @torch.no_grad()
+    def _locked_step(self, s: EnclaveSession, ids: torch.Tensor) -> torch.Tensor:
         import time
 
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)

@@ -637,7 +637,8 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
         from stip.server.tee_route import serve_tee_worker
 
         return serve_tee_worker(bundle, host, port, token, api_keys, max_sessions, max_seq_len, session_ttl,
-                                wire.DTYPES[dtype], device, trusted, log_level, ssl_certfile, ssl_keyfile)
+                                wire.DTYPES[dtype], device, trusted, log_level, ssl_certfile, ssl_keyfile,
+                                kv_budget_tokens, kv_budget_bytes)
 
     from stip.server.engine import load_engine
 

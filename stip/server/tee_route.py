@@ -143,16 +143,25 @@ def create_tee_app(worker: TeeWorker, auth: Authenticator) -> FastAPI:
 def serve_tee_worker(bundle, host: str, port: int, token: str | None, api_keys=None, max_sessions: int = 64,
                      max_seq_len: int = 4096, session_ttl: float = 300.0, dtype: torch.dtype = torch.float32,
                      device: str = "cpu", trusted=None, log_level: str = "info", ssl_certfile: str | None = None,
-                     ssl_keyfile: str | None = None) -> None:
-    """Load the server bundle as a TEE worker and serve the enclave's WebSocket until interrupted."""
+                     ssl_keyfile: str | None = None, kv_budget_tokens: int | None = None,
+                     kv_budget_bytes: int | None = None) -> None:
+    """Load the server bundle as a TEE worker and serve the enclave's WebSocket until interrupted. The KV budget
+    (default: max_sessions x max_seq_len tokens) bounds blocks 1..L-1's caches of all sessions together."""
     import uvicorn
+    from transformers import AutoConfig
 
+    from stip.server.engine import kv_bytes_per_token
+
+    if kv_budget_tokens is None and kv_budget_bytes is not None:
+        per_token = kv_bytes_per_token(AutoConfig.from_pretrained(bundle), dtype)
+        kv_budget_tokens = max(1, kv_budget_bytes // per_token)
     worker = TeeWorker.from_bundle(bundle, dtype=dtype, device=device, trusted=trusted, max_sessions=max_sessions,
-                                   max_seq_len=max_seq_len, session_ttl=session_ttl)
+                                   max_seq_len=max_seq_len, session_ttl=session_ttl,
+                                   kv_budget_tokens=kv_budget_tokens)
     app = create_tee_app(worker, Authenticator(token, api_keys))
-    log.info("STIP TEE worker: bundle %s, %d offloaded linears, d=%d, max %d sessions, max_seq_len %d",
-             worker.manifest.get("bundle_id", "?"), len(worker.linears), worker.hidden_size, max_sessions,
-             worker.max_seq_len)
+    log.info("STIP TEE worker: bundle %s, %d offloaded linears, d=%d, max %d sessions, max_seq_len %d, KV budget %d "
+             "tokens", worker.manifest.get("bundle_id", "?"), len(worker.linears), worker.hidden_size, max_sessions,
+             worker.max_seq_len, worker.kv_budget_tokens)
     widest = max([worker.hidden_size] + [int(w.shape[1]) for w, _ in worker.linears.values()])
     limit = worker.max_seq_len * widest * 8 + wire.MAX_HEADER_BYTES + 4  # a whole prompt's rows in float64
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",

@@ -40,7 +40,7 @@ class TeeWorker:
     """Block 0's linears + the LM head (padded rows in, float64 products out) and blocks 1..L-1 (per session)."""
 
     def __init__(self, model: nn.Module, manifest: dict | None = None, max_sessions: int = 64,
-                 max_seq_len: int = 4096, session_ttl: float = 300.0):
+                 max_seq_len: int = 4096, session_ttl: float = 300.0, kv_budget_tokens: int | None = None):
         self.manifest = manifest or {}
         self.max_sessions, self.session_ttl = max_sessions, session_ttl
         base, layers_attr, norm_attr = base_parts(model)
@@ -68,6 +68,7 @@ class TeeWorker:
         self.hidden_size = int(getattr(base.config, "hidden_size", 0) or base.config.n_embd)
         limit = getattr(base.config, "max_position_embeddings", None)
         self.max_seq_len = min(max_seq_len, limit) if limit else max_seq_len
+        self.kv_budget_tokens = kv_budget_tokens or max_sessions * self.max_seq_len  # all sessions' caches together
         self.sessions: dict[str, BodySession] = {}
         self._lock = threading.Lock()
 
@@ -122,6 +123,10 @@ class TeeWorker:
         if s.position + h.shape[0] > self.max_seq_len:
             raise TeeWorkerError(413, f"sequence would reach {s.position + h.shape[0]} tokens; this worker's "
                                       f"max_seq_len is {self.max_seq_len}")
+        with self._lock:
+            held = sum(x.position for x in self.sessions.values())
+        if held + h.shape[0] > self.kv_budget_tokens:
+            raise TeeWorkerError(503, f"the KV budget of {self.kv_budget_tokens} tokens is in use; retry later")
         p = self.base.dtype if hasattr(self.base, "dtype") else torch.float32
         positions = torch.arange(start, start + h.shape[0], device=self.base.device)
         try:
