@@ -71,8 +71,9 @@ def test_plugs_into_the_tee_client_report_check(pki, pcrs, verifier, channel):
     built from a client config's "nitro" section (PCRs in hex, the test root as PEM)."""
     nonce = os.urandom(32)
     report = {"format": NITRO_FORMAT, "evidence": base64.b64encode(document(pki, pcrs, channel, nonce)).decode()}
-    config = {"nitro": {"pcrs": {"0": pcrs[0].hex(), "2": pcrs[2].hex()},
-                        "root_pem": pki.root.public_bytes(Encoding.PEM).decode()}}
+    config = {"tee": {"measurement": MEASUREMENT,
+                      "nitro": {"pcrs": {"0": pcrs[0].hex(), "2": pcrs[2].hex()},
+                                "root_pem": pki.root.public_bytes(Encoding.PEM).decode()}}}
     from_config = tee.VERIFIERS[NITRO_FORMAT](config)
     v = tee.verify_report(report, expected_measurement=MEASUREMENT, nonce=nonce,
                           verifiers={NITRO_FORMAT: from_config})
@@ -82,6 +83,10 @@ def test_plugs_into_the_tee_client_report_check(pki, pcrs, verifier, channel):
     with pytest.raises(TeeError, match="nonce"):
         tee.verify_report(report, expected_measurement=MEASUREMENT, nonce=os.urandom(32),
                           verifiers={NITRO_FORMAT: from_config})
+    # a config that pins no Nitro PCRs (a simulated-mode bundle) still loads, and refuses Nitro evidence
+    unpinned = tee.VERIFIERS[NITRO_FORMAT]({"tee": {"measurement": MEASUREMENT}})
+    with pytest.raises(TeeError, match="pins no Nitro PCRs"):
+        tee.verify_report(report, expected_measurement=MEASUREMENT, nonce=nonce, verifiers={NITRO_FORMAT: unpinned})
 
 
 def test_untrusted_root_is_refused(pki, pcrs, verifier, channel):

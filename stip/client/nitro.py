@@ -202,12 +202,17 @@ class NitroVerifier:
                                    "memory the host can read")
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "NitroVerifier":
-        """From a TEE client config's "nitro" section: {"pcrs": {"0": HEX, ...}, "root_pem": PEM (optional; default
-        the AWS Nitro root)}."""
-        section = config.get("nitro") if isinstance(config, Mapping) else None
+    def from_config(cls, config: Mapping) -> "NitroVerifier | UnpinnedNitro":
+        """From a TEE client config (stip_client.json): its "nitro" section, under "tee" or at the top,
+        {"pcrs": {"0": HEX, ...}, "root_pem": PEM (optional; default the AWS Nitro root)}. Without one, a verifier
+        that refuses every Nitro document (the config pins nothing to check it against)."""
+        config = config if isinstance(config, Mapping) else {}
+        tee = config.get("tee") if isinstance(config.get("tee"), Mapping) else {}
+        section = tee.get("nitro", config.get("nitro"))
+        if section is None:
+            return UnpinnedNitro()
         if not isinstance(section, Mapping) or not isinstance(section.get("pcrs"), Mapping):
-            raise AttestationError('the client config has no "nitro": {"pcrs": {"0": HEX, ...}} section to pin')
+            raise AttestationError('the client config\'s "nitro" section must be {"pcrs": {"0": HEX, ...}}')
         try:
             pcrs = {int(k): bytes.fromhex(v) for k, v in section["pcrs"].items()}
         except (ValueError, TypeError):
@@ -298,6 +303,15 @@ class NitroVerifier:
             if got is None or not hmac.compare_digest(got, value):
                 raise AttestationError(f"PCR{index} does not match the pinned value: got "
                                        f"{got.hex() if got else 'none'}, expected {value.hex()}")
+
+
+class UnpinnedNitro:
+    """The Nitro verifier of a client config that pins no PCRs: it refuses every document, saying what to pin."""
+    format = NITRO_FORMAT
+
+    def verify(self, evidence: bytes, now: dt.datetime | None = None) -> Verified:
+        raise AttestationError('the enclave sent an AWS Nitro attestation document, but the client config pins no '
+                               'Nitro PCRs: add "nitro": {"pcrs": {"0": HEX, ...}} to its "tee" section')
 
 
 register_verifier(NITRO_FORMAT, NitroVerifier.from_config)
