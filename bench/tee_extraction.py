@@ -43,8 +43,10 @@ OUT = Path(__file__).resolve().parent / "results" / "tee"
 FIELD_BITS = 32          # Z_q with q = 2^32 for the one-time-pad condition
 FIXED_POINT_BITS = 16    # x is encoded as round(x * 2^16) before the pad is added
 EMBEDDING_LR_FACTOR = 3
-TABLE_CONDITIONS = ("plain", "fixed", "fresh-gauss", "fresh-field")
+BIG_PAD = 2.0 ** 20      # stip/enclave's pad: N(0, 1) x 2^20 x rms(row), float64 (docs/tee.md, "The split")
+TABLE_CONDITIONS = ("plain", "fixed", "fresh-gauss", "fresh-gauss-2^20", "fresh-field")
 LABELS = {"plain": "(a) plain x p", "fixed": "(b) fixed x p D", "fresh-gauss": "(c) fresh pad x p + r (gaussian)",
+          "fresh-gauss-2^20": "(c2) fresh pad x p + 2^20 rms(x) z (the enclave's)",
           "fresh-field": "(c') fresh one-time pad mod 2^32", "split": "(d) pre-LN split h1 p (distilled)",
           "split-known-block0": "(d') split, block 0 from the server bundle"}
 
@@ -169,9 +171,10 @@ def observe(condition: str, x: torch.Tensor, s: Secrets, g: torch.Generator) -> 
         return xp
     if condition == "fixed":
         return xp @ s.d
-    if condition == "fresh-gauss":
-        rms = xp.pow(2).mean(-1, keepdim=True).sqrt()
-        return xp + rms * torch.randn(xp.shape, generator=g)
+    if condition in ("fresh-gauss", "fresh-gauss-2^20"):
+        xp = xp.double()
+        rms = xp.pow(2).mean(-1, keepdim=True).sqrt() * (BIG_PAD if condition.endswith("2^20") else 1.0)
+        return xp + rms * torch.randn(xp.shape, generator=g, dtype=torch.float64)
     if condition == "fresh-field":
         q = 2 ** FIELD_BITS
         fixed = torch.round(xp.double() * 2 ** FIXED_POINT_BITS).long()
@@ -184,6 +187,8 @@ def unmask(condition: str, obs: torch.Tensor, s: Secrets) -> torch.Tensor:
     """The body's input an attacker's estimate stands for: the protected model consumes x p (a, c) or x p D (b, with
     D folded into its weights); undoing the fixed transform runs the plain model to the same greedy tokens."""
     inv = torch.argsort(s.p)
+    if condition != "fresh-field":
+        obs = obs.float()
     if condition == "fixed":
         obs = obs @ s.d.T
     if condition == "fresh-field":
@@ -228,18 +233,27 @@ class LookupTable:
         self.sums = torch.zeros(vocab, flat.shape[-1], dtype=torch.float64).index_add_(0, tok, flat)
         self.counts = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tok, torch.ones_like(tok, dtype=torch.float64))
         self.fallback = flat.mean(0)
+        self.log_norms = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tok, flat.norm(dim=-1).log())
 
     def predict(self, ids: torch.Tensor) -> torch.Tensor:
         seen = self.counts > 0
         table = torch.where(seen[:, None], self.sums / self.counts.clamp(min=1)[:, None], self.fallback)
-        return table[ids].float()
+        return table[ids]
 
     def recover(self, obs: torch.Tensor) -> torch.Tensor:
         """Token ids: the nearest (L2) learned row to each observation; only tokens it has seen are candidates."""
         seen = torch.nonzero(self.counts > 0).squeeze(-1)
-        rows = (self.sums[seen] / self.counts[seen, None]).float()
-        dist = torch.cdist(obs.reshape(-1, obs.shape[-1]), rows)
+        rows = self.sums[seen] / self.counts[seen, None]
+        dist = torch.cdist(obs.reshape(-1, obs.shape[-1]).double(), rows.double())
         return seen[dist.argmin(-1)].reshape(obs.shape[:-1])
+
+    def recover_by_norm(self, obs: torch.Tensor) -> torch.Tensor:
+        """Token ids from the observation's norm alone (an invariant no permutation or rotation hides, and a pad
+        scaled by the row's RMS carries): the seen token with the nearest mean log-norm."""
+        seen = torch.nonzero(self.counts > 0).squeeze(-1)
+        means = self.log_norms[seen] / self.counts[seen]
+        lognorm = obs.reshape(-1, obs.shape[-1]).double().norm(dim=-1).log()
+        return seen[(lognorm[:, None] - means[None]).abs().argmin(-1)].reshape(obs.shape[:-1])
 
 
 def replacement(model, sub_vocab: int, seed: int):
@@ -330,9 +344,11 @@ def table_condition(cond: str, model, data: Data, s: Secrets, st: Settings, trut
     for n in st.ns:
         table = LookupTable(size, train_obs[:n], data.train[:n])
         pred = table.predict(data.test)
-        top1 = body_top1(model, None, embeds=unmask(cond, pred, s))
+        top1 = body_top1(model, None, embeds=unmask(cond, pred, s).float())
         rows.append(dict(n=n, tokens=n * st.seq_len, r2=r2(pred, test_obs), cosine=cosine(pred, test_obs),
-                         recovery=agreement(table.recover(test_obs), data.test), top1=agreement(top1, truth)))
+                         recovery=agreement(table.recover(test_obs), data.test),
+                         recovery_norm=agreement(table.recover_by_norm(test_obs), data.test),
+                         top1=agreement(top1, truth)))
     return rows
 
 
@@ -427,7 +443,10 @@ def plot(results: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for cond, rows in results["conditions"].items():
             if metric in rows[0]:
-                ax.plot([r["n"] for r in rows], [r[metric] for r in rows], marker="o", label=LABELS[cond])
+                line, = ax.plot([r["n"] for r in rows], [r[metric] for r in rows], marker="o", label=LABELS[cond])
+                if metric == "recovery":
+                    ax.plot([r["n"] for r in rows], [r["recovery_norm"] for r in rows], marker="x", ls="--",
+                            c=line.get_color(), label=LABELS[cond] + ", by norm")
         if metric == "top1":
             ax.axhline(results["baselines"]["top1_no_information"], ls=":", c="grey", label="no information")
         if metric == "recovery":
@@ -451,11 +470,11 @@ def markdown(results: dict) -> str:
              f"`{prov['command']}` at {prov['commit'][:12]} on {prov['machine']['cpus']} CPUs, "
              f"{prov['wall_s']} s. No information: top-1 agreement {b['top1_no_information']:.3f}; "
              f"token recovery chance {b['recovery_chance']:.4f}.", "",
-             "| condition | N | tokens | R^2 | cosine | token recovery | top-1 agreement |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| condition | N | tokens | R^2 | cosine | token recovery (nearest row) | (by norm) | top-1 agreement |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for cond, rows in results["conditions"].items():
         for r in rows:
-            rec = f"{r['recovery']:.3f}" if "recovery" in r else "-"
+            rec = f"{r['recovery']:.3f} | {r['recovery_norm']:.3f}" if "recovery" in r else "- | -"
             lines.append(f"| {LABELS[cond]} | {r['n']} | {r['tokens']} | {r['r2']:.3f} | {r['cosine']:.3f} | {rec} "
                          f"| {r['top1']:.3f} |")
     return "\n".join(lines) + "\n"

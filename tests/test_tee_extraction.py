@@ -50,6 +50,15 @@ def test_a_fresh_one_time_pad_stays_at_chance(quick):
         assert row["recovery"] <= 3 * chance and row["r2"] < 0.05 and abs(row["cosine"]) < 0.05, row
 
 
+def test_the_enclaves_big_pad_hides_the_row(quick):
+    """(c2) the pad stip/enclave draws, 2^20 x the row's RMS: the mean of a token's observations stays noise."""
+    results = quick[0]
+    chance = results["baselines"]["recovery_chance"]
+    for row in results["conditions"]["fresh-gauss-2^20"]:
+        assert row["recovery"] <= 3 * chance and row["r2"] < 0.05 and abs(row["cosine"]) < 0.05, row
+        assert 0 <= row["recovery_norm"] <= 1
+
+
 def test_a_gaussian_pad_scaled_like_x_is_averaged_away(quick):
     """The measured weakness the docs state: with a zero-mean pad of x's own scale, the mean of a token's
     observations converges to x p; recovery of users' tokens reaches the plain condition's."""
