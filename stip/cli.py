@@ -54,6 +54,11 @@ def protect(
     mode: str = typer.Option("round-trip", help="round-trip: clients embed and sample, the server gets no embedding "
                              "table; server-decode: the server bundle is a complete checkpoint in the permuted "
                              "vocabulary that samples by itself (docs/server-decode.md)"),
+    tee: bool = typer.Option(False, "--tee", help="also write DIR/enclave/ (sealed) and the key-less "
+                             "DIR/tee-client/ for TEE mode (docs/tee.md)"),
+    platform_key: Optional[Path] = typer.Option(None, help="--tee: the (simulated) platform key file the enclave "
+                                                "bundle is sealed for; created if absent (default "
+                                                "DIR/tee-platform/platform.key)"),
 ):
     """Protect MODEL: a server bundle for the cloud, a client bundle for data owners, a developer key to keep."""
     from stip.developer.protect import MODES, protect as run_protect
@@ -65,7 +70,7 @@ def protect(
     from stip.common.signing import pin
 
     r = run_protect(resolve_model(model), out, key=key, overwrite=overwrite, max_shard_bytes=_size(shard_size),
-                    progress=not quiet, signing_key=signing_key, mode=mode)
+                    progress=not quiet, signing_key=signing_key, mode=mode, tee=tee, platform_key=platform_key)
     typer.echo(f"protected {model} -> {out} ({mode})\n"
                f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB; give to the model server)\n"
                f"  client bundle    {r.client}  (client key {r.client_fingerprint}; give to data owners)\n"
@@ -74,6 +79,11 @@ def protect(
                f"reuse with --signing-key)\n"
                f"  signer           {pin(r.signer)}  (publish it: users and servers pin it with --trust)\n"
                f"  bundle id        {r.bundle_id}")
+    if r.tee:
+        typer.echo(f"  enclave bundle   {r.out / 'enclave'}  (sealed; for `stip enclave` on the TEE host)\n"
+                   f"  TEE client       {r.out / 'tee-client'}  (no key, no embedding; give to data owners)\n"
+                   f"  measurement      {r.tee['measurement']}\n"
+                   f"  platform key     {r.tee['platform_pin']}  (SIMULATED platform)")
 
 
 @app.command()
@@ -163,6 +173,26 @@ def serve(
                vllm_options=_vllm_options(engine, vllm_arg, tensor_parallel_size=tensor_parallel_size,
                                           pipeline_parallel_size=pipeline_parallel_size, max_num_seqs=max_num_seqs,
                                           gpu_memory_utilization=gpu_memory_utilization))
+
+
+@app.command()
+def enclave(
+    bundle: Path = typer.Argument(..., help="the enclave bundle folder (DIR/enclave from `stip protect --tee`)"),
+    worker: str = typer.Option(..., help="URL of the GPU worker (`stip serve DIR/server --tee-worker`)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8100),
+    platform_key: Optional[Path] = typer.Option(None, help="the simulated platform's key file (default "
+                                                "DIR/tee-platform/platform.key)"),
+    worker_token: Optional[str] = typer.Option(None, envvar="STIP_WORKER_TOKEN", help="the worker's bearer token"),
+    trust: list[str] = typer.Option([], help=TRUST_HELP),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
+):
+    """TEE mode: run the enclave (SIMULATED: an ordinary process): attests, holds the key and the first and last
+    layers, serves TEE clients and drives the worker (docs/tee.md)."""
+    from stip.enclave.process import run_enclave
+
+    run_enclave(bundle, worker, host=host, port=port, platform_key=platform_key, worker_token=worker_token,
+                trusted=_trust(trust), log_level=log_level)
 
 
 def _vllm_options(engine: str, args: list[str], **flags) -> dict | None:

@@ -4,15 +4,23 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from stip.client.tee import SimulatedVerifier, TeeError, verify_report
 from stip.common.channel import Channel, new_keypair, public_bytes
+from stip.common.tee_protocol import SESSION_PATH
+from stip.server.launch import local_process, server_env
+from tests.models import build_tiny, save_tiny
+from tests.parties import serve
 from stip.enclave.attestation import SimulatedPlatform
 from stip.enclave.sealing import seal_tensors, sealing_key, unseal_tensors
 
@@ -111,3 +119,150 @@ def test_sealing_bound_to_code_and_platform(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(TeeError, match="cannot unseal"):
         unseal_tensors(path, sealing_key(secret, code))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+WORKER_TOKEN = "worker-token"
+PROMPT = [5, 17, 3, 42, 8, 11]
+
+
+def enclave_command(bundle, worker_url, *extra):
+    return lambda port: [sys.executable, "-m", "stip.cli", "enclave", str(bundle), "--worker", worker_url,
+                         "--port", str(port), *extra]
+
+
+@contextlib.contextmanager
+def tee_stack(out):
+    """A real `stip serve --tee-worker` on the unchanged server bundle and a real `stip enclave` beside it."""
+    with serve(out, "--tee-worker", token=WORKER_TOKEN) as worker, \
+            local_process(enclave_command(out / "enclave", worker.url), "/health",
+                          env={"STIP_WORKER_TOKEN": WORKER_TOKEN}) as enclave:
+        yield worker, enclave
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory):
+    """name -> (name, protected folder, worker, enclave): each tiny model's stack started on first use, all stopped
+    at the end of the module."""
+    import stip
+
+    started, exits = {}, contextlib.ExitStack()
+
+    def get(name):
+        if name not in started:
+            root = tmp_path_factory.mktemp(f"tee-{name}")
+            plain = save_tiny(name, root / "plain")
+            stip.protect(plain, root / "protected", progress=False, tee=True)
+            worker, enclave = exits.enter_context(tee_stack(root / "protected"))
+            started[name] = (name, root / "protected", worker, enclave)
+        return started[name]
+
+    with exits:
+        yield get
+
+
+@pytest.fixture
+def stack(stacks):
+    return stacks("gpt2")
+
+
+def plain_greedy(name, ids, n):
+    model = build_tiny(name)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist(), model
+
+
+def tee_client(out, enclave, **kw):
+    from stip.client.tee import TeeClient
+
+    return TeeClient(out / "tee-client", enclave.url, allow_simulated=kw.pop("allow_simulated", True), **kw)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
+def test_tee_generation_equals_plain(stacks, name):
+    """Greedy through client -> enclave -> worker equals plain transformers generation, token for token; the top
+    log-probabilities the enclave returns are the plain model's; two sessions at once both stay exact."""
+    _, out, _, enclave = stacks(name)
+    expected, model = plain_greedy(name, PROMPT, 10)
+    client = tee_client(out, enclave)
+    g = client.generate(ids=PROMPT, max_tokens=10, logprobs=3)
+    assert g.token_ids == expected and g.finish_reason == "length"
+    assert g.glimpse["tee"]["simulated"] and g.glimpse["tee"]["worker_ms"] > 0
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0, -1].double(), -1)
+    assert [i for i, _ in g.logprobs[0].top] == torch.topk(lp, 3).indices.tolist()
+    assert abs(g.logprobs[0].logprob - float(lp[expected[0]])) < 1e-4
+    other = PROMPT[::-1]
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda ids: client.generate(ids=ids, max_tokens=6).token_ids, [PROMPT, other])
+    assert a == expected[:6] and b == plain_greedy(name, other, 6)[0]
+    streamed = client.stream(ids=PROMPT, max_tokens=4)
+    list(streamed)
+    assert streamed.generation.token_ids == expected[:4]
+
+
+def test_tee_client_bundle_holds_nothing_secret(stack):
+    _, out, _, _ = stack
+    files = {p.name for p in (out / "tee-client").rglob("*")}
+    assert not any(f.endswith(".stipkey") or f.startswith("embedding") for f in files)
+    from safetensors.torch import load_file
+
+    table = load_file(str(out / "client" / "embedding-token.safetensors"))["weight"]
+    row = table[3].numpy().tobytes()
+    for d in ("tee-client", "enclave"):  # the enclave's copy is sealed
+        assert not any(row in p.read_bytes() for p in (out / d).rglob("*") if p.is_file())
+
+
+def test_tee_refusals(stack):
+    """Each refusal is a TeeError naming the check, and the enclave keeps serving afterwards."""
+    from websockets.sync.client import connect
+
+    _, out, _, enclave = stack
+    with pytest.raises(TeeError, match="SIMULATED"):
+        tee_client(out, enclave, allow_simulated=False).generate(ids=PROMPT, max_tokens=2)
+    with pytest.raises(TeeError, match="wrong measurement"):
+        tee_client(out, enclave, measurement="00" * 32).generate(ids=PROMPT, max_tokens=2)
+    client = tee_client(out, enclave)
+    ws_url = enclave.url.replace("http://", "ws://") + SESSION_PATH
+
+    def hello(nonce):
+        ws = connect(ws_url)
+        ws.send(json.dumps({"client_public_key": base64.b64encode(public_bytes(new_keypair())).decode(),
+                            "nonce": base64.b64encode(nonce).decode()}))
+        return ws
+
+    v, nonce = client.attest()
+    hello(nonce).close()  # the nonce's one channel
+    with pytest.raises(TeeError, match="already used"):  # the enclave's side: a replayed nonce opens nothing
+        client._recv(hello(nonce), None)
+    ws, channel = client.open()  # a tampered ciphertext: the enclave closes the session, naming it
+    frame = bytearray(channel.seal_json({"op": "generate", "ids": PROMPT, "max_tokens": 2}))
+    frame[-1] ^= 1
+    ws.send(bytes(frame))
+    with pytest.raises(TeeError, match="failed authentication"):
+        client._recv(ws, channel)
+    ws, channel = client.open()  # a replayed (re-sent) sealed frame
+    first = channel.seal_json({"op": "generate", "ids": PROMPT, "max_tokens": 1})
+    ws.send(first)
+    assert client._recv(ws, channel)["finish_reason"] == "length"
+    ws.send(first)
+    with pytest.raises(TeeError, match="replayed"):
+        client._recv(ws, channel)
+    ws, channel = client.open()  # a bad request inside the channel: a 422, the session goes on
+    ws.send(channel.seal_json({"op": "generate", "ids": [], "max_tokens": 1}))
+    assert client._recv(ws, channel)["status"] == 422
+    ws.close()
+    assert client.generate(ids=PROMPT, max_tokens=2).token_ids == plain_greedy(stack[0], PROMPT, 2)[0]
+
+
+def test_enclave_refuses_another_platform(stack, tmp_path):
+    """A sealed bundle does not open on another platform: `stip enclave` exits with the reason, no traceback."""
+    _, out, worker, _ = stack
+    other = tmp_path / "other-platform.key"
+    SimulatedPlatform.generate().save(other)
+    port = 1 + 0  # never bound: the enclave stops before serving
+    r = subprocess.run(enclave_command(out / "enclave", worker.url, "--platform-key", str(other))(port),
+                       capture_output=True, text=True, timeout=120,
+                       env=server_env(None, {"STIP_WORKER_TOKEN": WORKER_TOKEN}))
+    assert r.returncode == 2 and "cannot unseal" in r.stderr and "Traceback" not in r.stderr

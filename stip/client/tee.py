@@ -129,3 +129,267 @@ def verify_report(report: dict, *, expected_measurement: str, nonce: bytes, veri
     if v.timestamp > now + CLOCK_SKEW_S:
         raise TeeError("attestation report: its timestamp is in the future")
     return v
+
+
+# ---------------------------------------------------------------------------------------------- the TEE client
+
+TEE_CLIENT_ROLE = "tee-client"
+
+
+def is_tee_bundle(path) -> bool:
+    """A key-less TEE client bundle (`stip protect --tee` writes DIR/tee-client/)?"""
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(path) / "stip-manifest.json").read_text()).get("role") == TEE_CLIENT_ROLE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class TeeBundle:
+    """The data owner's TEE bundle: tokenizer, config, the enclave's expected measurement; nothing secret."""
+
+    def __init__(self, path, trusted=None):
+        from pathlib import Path
+
+        from stip.common.files import read_manifest
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, role=TEE_CLIENT_ROLE, trusted=trusted)
+        self.config = json.loads((self.path / "stip_client.json").read_text())
+        tee = self.config.get("tee")
+        if not isinstance(tee, dict) or not isinstance(tee.get("measurement"), str):
+            raise TeeError(f"{self.path}: stip_client.json pins no enclave measurement")
+        self.tee = tee
+        self._tokenizer = None
+
+    bundle_id = property(lambda self: self.manifest["bundle_id"])
+    signer = property(lambda self: self.manifest["signer"]["fingerprint"])
+    mode = property(lambda self: "tee")
+    task = property(lambda self: self.config.get("task", "text-generation"))
+    vocab_size = property(lambda self: int(self.config["vocab_size"]))
+    eos_token_ids = property(lambda self: list(self.config.get("eos_token_ids") or []))
+    measurement = property(lambda self: self.tee["measurement"])
+    has_tokenizer = property(lambda self: (self.path / "tokenizer_config.json").is_file())
+
+    @property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from stip.errors import BundleError
+
+        if not self.has_tokenizer:
+            raise BundleError(f"TEE client bundle {self.path} has no tokenizer; pass token ids instead of text")
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+        return self._tokenizer
+
+    def plain_ids(self, ids):  # TEE replies carry plain ids already (for code shared with the other clients)
+        import torch
+
+        return torch.as_tensor(ids, dtype=torch.long)
+
+
+class TeeClient:
+    """`stip.Client`'s generate/stream/encode against an enclave: every generation attests the enclave afresh (new
+    nonce), verifies the report, opens a new channel and streams tokens over it."""
+
+    def __init__(self, bundle, enclave_url: str | None = None, *, allow_simulated: bool = False,
+                 timeout: float = 60.0, trusted=None, measurement: str | None = None,
+                 verifiers: dict[str, EvidenceVerifier] | None = None):
+        self.bundle = bundle if isinstance(bundle, TeeBundle) else TeeBundle(bundle, trusted=trusted)
+        url = enclave_url or self.bundle.tee.get("enclave_url")
+        if not url:
+            raise TeeError(f"no enclave URL: pass one (the bundle {self.bundle.path} leaves it to the user)")
+        self.url = url.rstrip("/")
+        self.allow_simulated, self.timeout = allow_simulated, timeout
+        self.expected_measurement = measurement or self.bundle.measurement
+        self.verifiers = dict(verifiers or {})
+        pin = self.bundle.tee.get("platform_key")
+        if pin and SIMULATED_FORMAT not in self.verifiers:
+            self.verifiers[SIMULATED_FORMAT] = SimulatedVerifier(pin)
+        import stip.client.nitro  # noqa: F401  (registers the aws-nitro-v1 verifier; pins: the config's tee.nitro)
+        for fmt, factory in VERIFIERS.items():
+            self.verifiers.setdefault(fmt, factory(self.bundle.config))
+        self.max_positions = int(self.bundle.config.get("max_positions") or 0)
+        self.last_verified: Verified | None = None
+
+    @property
+    def tokenizer(self):
+        return self.bundle.tokenizer
+
+    @property
+    def task(self) -> str:
+        return self.bundle.task
+
+    def encode(self, prompt=None, messages=None, ids=None) -> list[int]:
+        from stip.client.sdk import Client
+
+        return Client.encode(self, prompt, messages, ids)
+
+    def generate(self, prompt=None, messages=None, ids=None, **sampling):
+        stream = self.stream(prompt=prompt, messages=messages, ids=ids, **sampling)
+        for _ in stream:
+            pass
+        return stream.generation
+
+    def stream(self, prompt=None, messages=None, ids=None, params=None, **sampling):
+        from stip.client.sdk import GenerationStream
+        from stip.common.sampling import SamplingParams
+
+        params = params or SamplingParams(**sampling)
+        return GenerationStream(self._run(self.encode(prompt, messages, ids), params))
+
+    # ------------------------------------------------------------------ attest, open, stream
+
+    def attest(self) -> tuple[Verified, bytes]:
+        """POST a fresh nonce to the enclave and verify its report; (what was verified, the nonce)."""
+        import os
+
+        import httpx
+
+        from stip.common.channel import NONCE_BYTES
+        from stip.common.tee_protocol import ATTEST_PATH
+        from stip.client.transport import StipConnectionError
+
+        nonce = os.urandom(NONCE_BYTES)
+        try:
+            r = httpx.post(self.url + ATTEST_PATH, json={"nonce": base64.b64encode(nonce).decode()},
+                           timeout=self.timeout, follow_redirects=False, trust_env=False)
+        except httpx.HTTPError as e:
+            raise StipConnectionError(f"cannot reach the enclave at {self.url}: {e} (is `stip enclave` running?)")
+        if r.status_code != 200:
+            raise TeeError(f"the enclave refused to attest ({r.status_code}): {r.text[:200]}")
+        try:
+            report = r.json()
+        except ValueError:
+            raise TeeError("the enclave's attestation reply is not JSON") from None
+        v = verify_report(report, expected_measurement=self.expected_measurement, nonce=nonce,
+                          verifiers=self.verifiers, allow_simulated=self.allow_simulated)
+        self.last_verified = v
+        return v, nonce
+
+    def open(self):
+        """Attest, then open the session socket and the channel: (websocket, channel)."""
+        from websockets.sync.client import connect
+
+        from stip.common.channel import Channel, new_keypair, public_bytes
+        from stip.common.tee_protocol import SESSION_PATH
+        from stip.client.transport import StipConnectionError
+
+        v, nonce = self.attest()
+        key = new_keypair()
+        channel = Channel.derive(key, v.public_key, client_public=public_bytes(key), enclave_public=v.public_key,
+                                 nonce=nonce, measurement=v.measurement, role="client")
+        ws_url = self.url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + SESSION_PATH
+        try:
+            ws = connect(ws_url, open_timeout=self.timeout, max_size=64 * 1024 * 1024, compression=None)
+        except Exception as e:  # noqa: BLE001 - name the enclave and the cause
+            raise StipConnectionError(f"cannot open the enclave session at {ws_url}: {e}") from None
+        ws.send(json.dumps({"client_public_key": base64.b64encode(public_bytes(key)).decode(),
+                            "nonce": base64.b64encode(nonce).decode()}))
+        return ws, channel
+
+    def _recv(self, ws, channel):
+        from websockets.exceptions import ConnectionClosed
+
+        from stip.client.transport import StipConnectionError, StipProtocolError
+
+        try:
+            msg = ws.recv(timeout=self.timeout)
+        except ConnectionClosed as e:
+            rcvd = e.rcvd
+            if rcvd is not None and rcvd.code == 1008:
+                raise TeeError(f"the enclave closed the session: {rcvd.reason}") from None
+            raise StipConnectionError(f"lost the enclave session: {e}") from None
+        except TimeoutError:
+            raise StipConnectionError(f"the enclave sent nothing for {self.timeout:.0f} s") from None
+        if not isinstance(msg, bytes):
+            raise StipProtocolError("the enclave sent a text frame inside the channel")
+        return channel.open_json(msg)
+
+    def _run(self, prompt_ids: list[int], params):
+        import time as _time
+
+        from pydantic import ValidationError
+
+        from stip.client.logprobs import TokenLogprob
+        from stip.client.sdk import Delta, Detokenizer, Generation, StopMatcher, Timing
+        from stip.client.transport import StipProtocolError, StipServerError
+        from stip.common.generate import GenerateChunk
+        from stip.common.tee_protocol import TeeGenerateRequest
+        from stip.errors import StipError
+
+        bundle, tm, t_start = self.bundle, Timing(), _time.perf_counter()
+        if self.max_positions and len(prompt_ids) >= self.max_positions:
+            raise StipError(f"the prompt has {len(prompt_ids)} tokens; this model takes at most {self.max_positions}")
+        request = TeeGenerateRequest(
+            ids=prompt_ids, max_tokens=params.max_tokens,
+            stop_ids=[e for e in bundle.eos_token_ids if 0 <= e < bundle.vocab_size],
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, seed=params.seed,
+            logprobs=0 if params.logprobs is None else max(1, params.logprobs))
+        detok = Detokenizer(self.tokenizer, prompt_ids) if bundle.has_tokenizer else None
+        stops = StopMatcher(params.stop)
+        out: list[int] = []
+        logprobs = None if params.logprobs is None else []
+        sent, finish, timing = 0, None, {}
+        ws, channel = self.open()
+        try:
+            ws.send(channel.seal_json(request.model_dump()))
+            while finish is None:
+                obj = self._recv(ws, channel)
+                c0 = _time.perf_counter()
+                if not tm.prefill_ms:
+                    tm.prefill_ms = (c0 - t_start) * 1e3
+                if isinstance(obj, dict) and "error" in obj:
+                    raise StipServerError(f"enclave error: {obj['error']}", int(obj.get("status") or 500))
+                timing = obj.pop("timing", timing) if isinstance(obj, dict) else timing
+                try:
+                    chunk = GenerateChunk.model_validate(obj)
+                except ValidationError as e:
+                    raise StipProtocolError(f"the enclave sent a malformed chunk: {e.errors()[0].get('msg')}") \
+                        from None
+                if any(not 0 <= i < bundle.vocab_size for i in chunk.ids):
+                    raise StipProtocolError(f"the enclave sent a token id outside [0, {bundle.vocab_size})")
+                delta = ""
+                for j, token in enumerate(chunk.ids):
+                    out.append(token)
+                    if logprobs is not None and chunk.logprobs:
+                        lp = chunk.logprobs[j]
+                        logprobs.append(TokenLogprob(token, lp.logprob,
+                                                     list(zip(lp.top_ids, lp.top_logprobs))[:params.logprobs]))
+                    if token in bundle.eos_token_ids:
+                        finish = "stop"
+                        break
+                    if detok is not None:
+                        delta += stops.push(detok.push(token))
+                        if stops.stopped:
+                            finish = "stop"
+                            break
+                if finish is None and chunk.finish_reason is not None:
+                    finish = chunk.finish_reason
+                if finish is not None and detok is not None and not stops.stopped:
+                    delta += stops.push(detok.flush())
+                    if stops.stopped:
+                        finish = "stop"
+                    else:
+                        delta += stops.flush()
+                tm.client_ms += (_time.perf_counter() - c0) * 1e3
+                if delta and logprobs is not None:
+                    delta = Delta(delta)
+                    delta.logprobs, sent = logprobs[sent:], len(logprobs)
+                if delta:
+                    yield delta
+        finally:
+            ws.close()  # ends the generation in the enclave if it was still running (a stop string matched)
+        tm.total_ms = (_time.perf_counter() - t_start) * 1e3
+        tm.steps = max(0, len(out) - 1)
+        tm.server_ms = float(timing.get("enclave_ms", 0.0)) + float(timing.get("worker_ms", 0.0))
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
+                 "total_tokens": len(prompt_ids) + len(out)}
+        glimpse = {"tee": {"measurement": self.last_verified.measurement, "format": self.last_verified.format,
+                           "simulated": self.last_verified.simulated, **timing}}
+        return Generation(stops.text if detok is not None else "", out, finish, usage, tm, prompt_ids, glimpse,
+                          logprobs)

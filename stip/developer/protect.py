@@ -174,6 +174,7 @@ class ProtectResult:
     server_bytes: int
     signer: dict  # signing.signer_info of the key that signed all three manifests
     new_signing_key: bool = True
+    tee: dict | None = None  # --tee: {"measurement", "platform_pin"} (stip.developer.tee)
 
     @property
     def server(self) -> Path:
@@ -196,7 +197,7 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
             seed: bytes | None = None,
             signing_key: str | Path | signing.Ed25519PrivateKey | None = None,
-            mode: str = ROUND_TRIP) -> ProtectResult:
+            mode: str = ROUND_TRIP, tee: bool = False, platform_key: str | Path | None = None) -> ProtectResult:
     """Protect `model` (HF folder or .gguf file) into `out/{server,client,developer}`.
 
     `mode`: "round-trip" (the server gets no embedding table; clients embed and sample) or "server-decode" (the
@@ -207,7 +208,11 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
     `seed`: 32 bytes seeding the CSPRNG instead of os.urandom, for reproducible tests only.
     `signing_key`: the developer's Ed25519 key (a `signing.key` file) that signs every manifest; reuse one so users
     pin it once. By default a fresh one is generated. Either way a copy goes to `developer/signing.key`.
+    `tee`: also write `out/enclave/` (sealed for the platform in `platform_key`) and the key-less `out/tee-client/`
+    (stip.developer.tee, docs/tee.md); text-generation models in round-trip mode.
     """
+    if tee and mode != ROUND_TRIP:
+        raise ValueError("--tee needs round-trip mode: the enclave holds the key and embeds for the clients")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     ck = Checkpoint.open(model)
@@ -284,8 +289,17 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         write_manifest(client, "client", bundle_id, {**common, "client_key_fingerprint": client_fp}, **sign)
         write_manifest(developer, "developer", bundle_id, {**common, "developer_key_fingerprint": developer_fp},
                        **sign)
+        tee_info = None
+        if tee:
+            if task_of(ck.config) != "text-generation":
+                raise stip.errors.UnsupportedModelError(f"{model}: --tee serves text generation; this is a "
+                                                        f"{task_of(ck.config)} model")
+            from stip.developer.tee import write_tee_bundles
+
+            tee_info = write_tee_bundles(stage, bundle_id, signing_key, platform_key)
+            tee_info = {"measurement": tee_info["measurement"], "platform_pin": tee_info["platform_pin"]}
     return ProtectResult(Path(out), bundle_id, client_fp, developer_fp, writer.total,
-                         signing.signer_info(signing_key), new_signer)
+                         signing.signer_info(signing_key), new_signer, tee_info)
 
 
 def _load_developer_key(path: Path) -> DeveloperKey:

@@ -29,8 +29,9 @@ SIMULATED_FORMAT = "stip-simulated-v1"
 PLATFORM_FORMAT = "stip-simulated-platform-v1"
 PACKAGE = Path(__file__).resolve().parents[1]  # the stip package
 # The code the enclave runs: its own party folder and the shared modules it imports (paths relative to stip/).
-ENCLAVE_CODE = ("enclave/*.py", "common/channel.py", "common/sampling.py", "common/wire.py", "common/files.py",
-                "common/signing.py", "common/layout.py", "errors.py")
+ENCLAVE_CODE = ("enclave/*.py", "common/channel.py", "common/tee_protocol.py", "common/generate.py",
+                "common/sampling.py", "common/wire.py", "common/files.py", "common/signing.py", "common/layout.py",
+                "common/transforms.py", "errors.py")
 
 
 def b64(data: bytes) -> str:
