@@ -15,6 +15,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _servers_stopped():
+    """`tests.parties.serve` stops servers in the background: the session ends only once all have stopped."""
+    from tests.parties import wait_for_stops
+
+    yield
+    wait_for_stops()
+
+
 @pytest.fixture(scope="session")
 def tiny_protected(tmp_path_factory):
     """name -> (plain model folder, protected output folder); protected on first use."""

@@ -14,6 +14,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -46,11 +47,40 @@ def isolated_server_bundle(bundle: str | Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def serve(bundle: str | Path, *args: str, token: str | None = None, env: dict | None = None,
           timeout: float = 120.0, threads: int | None = None) -> Iterator[ServerProcess]:
-    """Start `stip serve BUNDLE ARGS` (token via STIP_TOKEN) on an isolated copy; yield once /health answers."""
+    """Start `stip serve BUNDLE ARGS` (token via STIP_TOKEN) on an isolated copy; yield once /health answers. On exit
+    the server is stopped in the background (its graceful shutdown and exit take about a second, which the next test
+    need not wait for); `wait_for_stops` (the session's end, tests/conftest.py) waits for every one."""
     extra = list(args) + (["--threads", str(threads)] if threads else [])
-    with isolated_server_bundle(bundle) as only_server, \
-            local_server(only_server, *extra, token=token, env=env, timeout=timeout) as server:
+    stack = contextlib.ExitStack()
+    try:
+        only_server = stack.enter_context(isolated_server_bundle(bundle))
+        server = stack.enter_context(local_server(only_server, *extra, token=token, env=env, timeout=timeout))
+    except BaseException:
+        stack.close()
+        raise
+    try:
         yield server
+    finally:
+        def stop():
+            t0 = time.monotonic()
+            stack.close()
+            _STOP_SECONDS.append(time.monotonic() - t0)
+        stopping = threading.Thread(target=stop, name=f"stop stip serve :{server.port}")
+        stopping.start()
+        _STOPPING.append(stopping)
+
+
+_STOPPING: list[threading.Thread] = []
+_STOP_SECONDS: list[float] = []
+
+
+def wait_for_stops() -> None:
+    """Wait until every server `serve` started has stopped and its isolated bundle is gone."""
+    while _STOPPING:
+        _STOPPING.pop().join()
+    if _STOP_SECONDS:
+        print(f"\n{len(_STOP_SECONDS)} stip serve processes stopped in the background, "
+              f"{sum(_STOP_SECONDS):.1f} s in all")
 
 
 def run_serve_expect_exit(bundle: str | Path, *args: str, token: str | None = None, host: str = "127.0.0.1",
