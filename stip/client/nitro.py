@@ -3,10 +3,10 @@
 A Nitro document is a COSE_Sign1 (ES384) over a CBOR map {module_id, digest, timestamp, pcrs, certificate, cabundle,
 public_key, user_data, nonce}, signed by a per-enclave leaf certificate that chains to the AWS Nitro root. We accept
 it only if: the chain (cabundle -> leaf) verifies up to the root we pin (never the one the document carries), every
-certificate is valid at the document's time; the COSE signature verifies with the leaf's key; the pinned PCRs
-match (PCR0, the image, must be pinned; a debug-mode enclave, PCR0 all zeros, is refused); `user_data` carries the
-STIP measurement (the image's own code writes it, so the pinned PCR0 vouches for the bundle it loaded); the nonce is the one the client just sent; the
-document is fresh; and `public_key` holds a 32-byte X25519 key, the enclave's channel key, which we return.
+certificate valid now; the COSE signature verifies with the leaf's key; the pinned PCRs match (PCR0, the image, must
+be pinned; a debug-mode enclave, PCR0 all zeros, is refused); `user_data` carries the STIP measurement (the image's
+own code writes it, so the pinned PCR0 vouches for the bundle it loaded); the nonce is the one the client just sent;
+the document is fresh; and `public_key` holds a 32-byte X25519 key, the enclave's channel key, which we return.
 docs/tee.md ("Backends") says what to pin.
 """
 
