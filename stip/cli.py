@@ -272,14 +272,17 @@ def chat(
                                            "only, instead of the system trust store"),
     insecure: bool = typer.Option(False, "--insecure", help="allow sending the token over plain http:// to a "
                                   "non-loopback host (certificates are still verified on https://)"),
+    allow_simulated: bool = typer.Option(False, "--allow-simulated", help="TEE client bundles: accept a SIMULATED "
+                                         "enclave's report (development only; docs/tee.md)"),
 ):
-    """Chat with a protected model: tokenize, embed and permute locally; the server never sees text."""
+    """Chat with a protected model: tokenize, embed and permute locally; the server never sees text. With a TEE
+    client bundle, --server is the enclave's URL."""
     from stip.client.chat import run_chat
 
     run_chat(bundle, server=server, token=token, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop,
              downlink=downlink, system=system, trusted=_trust(trust), ca_file=ca_file, insecure=insecure,
-             images=image)
+             images=image, allow_simulated=allow_simulated)
 
 
 def _one_shot_client(bundle: Path, task: str, doing: str, server: str, token, trust, ca_file, insecure):
@@ -361,12 +364,16 @@ def proxy(
     insecure: bool = typer.Option(False, "--insecure", help="allow sending the token over plain http:// to a "
                                   "non-loopback host (certificates are still verified on https://)"),
     trust: list[str] = typer.Option([], help=TRUST_HELP),
+    allow_simulated: bool = typer.Option(False, "--allow-simulated", help="TEE client bundles: accept a SIMULATED "
+                                         "enclave's report (development only; docs/tee.md)"),
 ):
-    """An OpenAI-compatible endpoint on localhost that talks STIP to the server."""
+    """An OpenAI-compatible endpoint on localhost that talks STIP to the server (a TEE client bundle: to the
+    enclave at --server)."""
     from stip.client.proxy import run_proxy
 
     run_proxy(bundle, server=server, host=host, port=port, token=token, downlink=downlink, k=k,
-              model_name=model_name, trusted=_trust(trust), api_key=api_key, ca_file=ca_file, insecure=insecure)
+              model_name=model_name, trusted=_trust(trust), api_key=api_key, ca_file=ca_file, insecure=insecure,
+              allow_simulated=allow_simulated)
 
 
 # ---------------------------------------------------------------- all three

@@ -266,3 +266,21 @@ def test_enclave_refuses_another_platform(stack, tmp_path):
                        capture_output=True, text=True, timeout=120,
                        env=server_env(None, {"STIP_WORKER_TOKEN": WORKER_TOKEN}))
     assert r.returncode == 2 and "cannot unseal" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_proxy_serves_a_tee_bundle(stack):
+    """The OpenAI proxy over a TEE client bundle: same endpoints, tokens from the enclave (ids in, as a tiny model
+    has no tokenizer), equal to plain greedy."""
+    from fastapi.testclient import TestClient
+
+    from stip.client.proxy import create_app
+
+    name, out, _, enclave = stack
+    with TestClient(create_app(tee_client(out, enclave))) as http:
+        r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+                                               "logprobs": 2})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert r.json()["usage"]["completion_tokens"] == 5 and choice["finish_reason"] == "length"
+        assert len(choice["logprobs"]["top_logprobs"]) == 5
+        assert http.post("/v1/completions", json={"prompt": [1000], "max_tokens": 2}).status_code == 400

@@ -12,8 +12,9 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
              max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
              downlink: str = "topk", system: str | None = None, trusted=None, ca_file: Path | None = None,
-             insecure: bool = False, images: list[Path] | None = None) -> None:
-    """`images` (LLaVA-style bundles): files attached to the first message, as image content parts."""
+             insecure: bool = False, images: list[Path] | None = None, allow_simulated: bool = False) -> None:
+    """`images` (LLaVA-style bundles): files attached to the first message, as image content parts. A TEE client
+    bundle (`stip protect --tee`) talks to the enclave at `server` instead (stip.client.tee)."""
     from stip.client.bundle import ClientBundle
     from stip.common.sampling import SamplingParams
     from stip.common.tasks import SESSION_TASKS
@@ -23,7 +24,15 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
-    loaded = ClientBundle.load(bundle, trusted=trusted)
+    from stip.client.tee import TeeClient, is_tee_bundle
+
+    tee = is_tee_bundle(bundle)
+    if tee and images:
+        raise StipError("TEE mode takes text only (--image is for round-trip LLaVA-style bundles)")
+    loaded = TeeClient(bundle, server, allow_simulated=allow_simulated, trusted=trusted) if tee \
+        else ClientBundle.load(bundle, trusted=trusted)
+    if tee:
+        client, loaded = loaded, loaded.bundle
     if loaded.task not in SESSION_TASKS:  # before any server contact: an encoder or classifier has no chat
         raise StipError(f"{bundle} is a {loaded.task} model, which does not generate text: `stip chat` needs a "
                         f"text-generation bundle (use `stip embed` or `stip classify`)")
@@ -34,8 +43,9 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
         if loaded.task != IMAGE_TEXT_TO_TEXT:
             raise StipError(f"{bundle} is a {loaded.task} model, which takes no images (--image)")
         parts = [vision.image_part(p) for p in images]
-    client = Client(loaded, server, token=token, downlink=downlink, trusted=trusted, ca_file=ca_file,
-                    insecure=insecure)
+    if not tee:
+        client = Client(loaded, server, token=token, downlink=downlink, trusted=trusted, ca_file=ca_file,
+                        insecure=insecure)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def answer(text: str) -> None:

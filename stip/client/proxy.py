@@ -192,15 +192,20 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 def run_proxy(bundle: Path, *, server: str, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
               downlink: str = "topk", k: int = 64, model_name: str | None = None, trusted=None, api_key: str | None = None,
-              ca_file: str | Path | None = None, insecure: bool = False) -> None:
+              ca_file: str | Path | None = None, insecure: bool = False, allow_simulated: bool = False) -> None:
+    """A TEE client bundle (`stip protect --tee`) makes `server` the enclave's URL (stip.client.tee)."""
     import uvicorn
 
     from stip.client.sdk import Client
+    from stip.client.tee import TeeClient, is_tee_bundle
 
     api_key = api_key or None
     check_bind(host, api_key)  # before anything else: no server contact for a refused start
-    client = Client(bundle, server, token=token, downlink=downlink, k=k, trusted=trusted, ca_file=ca_file,
-                    insecure=insecure)
+    if is_tee_bundle(bundle):
+        client = TeeClient(bundle, server, allow_simulated=allow_simulated, trusted=trusted)
+    else:
+        client = Client(bundle, server, token=token, downlink=downlink, k=k, trusted=trusted, ca_file=ca_file,
+                        insecure=insecure)
     app = create_app(client, model_name, api_key=api_key)
     print(f"STIP proxy: OpenAI-compatible API on http://{host}:{port}/v1 -> STIP server {server} "
           f"(bundle {client.bundle.bundle_id}; {'API key required' if api_key else 'loopback, no API key'})",

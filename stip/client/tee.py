@@ -213,6 +213,9 @@ class TeeClient:
             self.verifiers.setdefault(fmt, factory(self.bundle.config))
         self.max_positions = int(self.bundle.config.get("max_positions") or 0)
         self.last_verified: Verified | None = None
+        from stip.client.transport import Downlink
+
+        self.downlink = Downlink(kind="logits")  # the enclave samples from all logits (for the proxy's checks)
 
     @property
     def tokenizer(self):
