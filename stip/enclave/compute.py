@@ -333,6 +333,9 @@ class EnclaveModel:
         h = self.link.body(s.id, h1.contiguous(), start)  # blocks 1..L-1 at the worker
         s.position += ids.numel()
         logits = self.lm_head(self.final_norm(h[-1:].float()))  # in pc order
+        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2/3: as their ForCausalLM does
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
         plain = self.vocab.invert(logits.float(), 1)[0]
         total = time.perf_counter() - t0
         s.timings["worker_s"] += self.link.seconds - w0
