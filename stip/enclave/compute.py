@@ -169,6 +169,11 @@ def enclave_tensors(server_state: dict[str, torch.Tensor], config, client_key, e
     for dst in wanted.values():
         if not any(k.startswith(dst) for k in out):
             raise ValueError(f"the server state holds no tensor for the enclave's {dst.rstrip('.')}")
+    params = {n for n, _ in getattr(base, layers_attr)[0].named_parameters()}
+    missing = sorted(params - {k[len(BLOCK_PREFIX):] for k in out if k.startswith(BLOCK_PREFIX)})
+    if missing:  # e.g. MoE experts, stored per expert in checkpoints and fused in the modules
+        raise ValueError(f"TEE mode does not support {config.model_type} yet: block 0's checkpoint tensors do not "
+                         f"match its module's parameters (no {missing[0]!r})")
     return out
 
 
