@@ -209,6 +209,10 @@ class TeeClient:
         if pin and SIMULATED_FORMAT not in self.verifiers:
             self.verifiers[SIMULATED_FORMAT] = SimulatedVerifier(pin)
         import stip.client.nitro  # noqa: F401  (registers the aws-nitro-v1 verifier; pins: the config's tee.nitro)
+        try:  # registers the real formats' verifiers (stip.client.nitro needs cbor2 and pycose)
+            import stip.client.nitro  # noqa: F401
+        except ImportError:
+            pass
         for fmt, factory in VERIFIERS.items():
             self.verifiers.setdefault(fmt, factory(self.bundle.config))
         self.max_positions = int(self.bundle.config.get("max_positions") or 0)
