@@ -22,7 +22,7 @@ from typing import Callable, ContextManager, Hashable, Iterator
 
 from stip.server.launch import ServerProcess, free_port, local_server, serve_command, server_env
 
-__all__ = ["ServerProcess", "ServerPipeline", "free_port", "serve", "run_serve_expect_exit"]
+__all__ = ["ServerProcess", "ServerPipeline", "free_port", "serve", "stopped_in_background", "run_serve_expect_exit"]
 
 
 def server_bundle(path: str | Path) -> Path:
@@ -58,14 +58,23 @@ def serve(bundle: str | Path, *args: str, token: str | None = None, env: dict | 
     except BaseException:
         stack.close()
         raise
-    try:
+    with stopped_in_background(stack):
         yield server
+
+
+@contextlib.contextmanager
+def stopped_in_background(process: ContextManager):
+    """Enter `process` (e.g. `local_process(...)` for a proxy) now; exit it in a background thread, so the test goes
+    on while it shuts down. `wait_for_stops` waits for them all."""
+    value = process.__enter__()
+    try:
+        yield value
     finally:
         def stop():
             t0 = time.monotonic()
-            stack.close()
+            process.__exit__(None, None, None)
             _STOP_SECONDS.append(time.monotonic() - t0)
-        stopping = threading.Thread(target=stop, name=f"stop stip serve :{server.port}")
+        stopping = threading.Thread(target=stop, name="stop a test's process")
         stopping.start()
         _STOPPING.append(stopping)
 
@@ -79,7 +88,7 @@ def wait_for_stops() -> None:
     while _STOPPING:
         _STOPPING.pop().join()
     if _STOP_SECONDS:
-        print(f"\n{len(_STOP_SECONDS)} stip serve processes stopped in the background, "
+        print(f"\n{len(_STOP_SECONDS)} test processes (stip serve, proxies) stopped in the background, "
               f"{sum(_STOP_SECONDS):.1f} s in all")
 
 

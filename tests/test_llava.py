@@ -21,7 +21,7 @@ from stip.client.bundle import ClientBundle
 from stip.client.transport import Connection, Downlink
 from stip.server.launch import local_process
 from tests.models import _randomise
-from tests.parties import serve
+from tests.parties import serve, stopped_in_background
 
 IMAGE_TOKEN_ID = 3
 WORDS = [f"w{i}" for i in range(100)] + ["user", "assistant", ":", "describe", "the", "image", "what", "is", "this"]
@@ -255,8 +255,9 @@ def test_proxy_image_content_part(llava, client, server):
                                              {"type": "image_url", "image_url": {"url": _data_url(image)}}]}]
     expected = client.generate(messages=messages, max_tokens=N, temperature=0).text
     assert expected
-    with local_process(lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(llava[4] / "client"),
-                                     "--server", server.url, "--port", str(port)], ready_path="/v1/models") as proxy:
+    with stopped_in_background(local_process(
+            lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(llava[4] / "client"), "--server", server.url,
+                          "--port", str(port)], ready_path="/v1/models")) as proxy:
         oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=60)
         r = oai.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=N, n=2)
         assert [c.message.content for c in r.choices] == [expected, expected]  # one vision pass, two sessions

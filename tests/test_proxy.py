@@ -10,7 +10,7 @@ import pytest
 
 from stip.developer.verify import plain_greedy
 from stip.server.launch import local_process
-from tests.parties import serve
+from tests.parties import serve, stopped_in_background
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +21,9 @@ N = 32
 
 @pytest.fixture(scope="module")
 def proxy_url(smollm2_protected):
-    with serve(smollm2_protected) as server, local_process(
+    with serve(smollm2_protected) as server, stopped_in_background(local_process(
             lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(smollm2_protected / "client"), "--server",
-                          server.url, "--port", str(port)], ready_path="/v1/models") as proxy:
+                          server.url, "--port", str(port)], ready_path="/v1/models")) as proxy:
         yield proxy.url
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from stip.client.proxy_embeddings import batches
 from stip.server.launch import local_process
-from tests.parties import serve
+from tests.parties import serve, stopped_in_background
 from tests.test_encoders import plain_sentence_embeddings
 
 SENTENCES = [
@@ -48,9 +48,9 @@ def plain(minilm):
 def parties(minilm):
     """(stip serve, stip proxy) subprocesses: the proxy holds the client bundle, the server only its own."""
     protected = minilm[1]
-    with serve(protected, token="t") as server, local_process(
+    with serve(protected, token="t") as server, stopped_in_background(local_process(
             lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(protected / "client"), "--server",
-                          server.url, "--port", str(port)], ready_path="/v1/models", token="t") as proxy:
+                          server.url, "--port", str(port)], ready_path="/v1/models", token="t")) as proxy:
         yield server, proxy
 
 

@@ -19,7 +19,7 @@ import torch
 from stip.client.sdk import Client
 from stip.client.transport import Connection, StipServerError
 from stip.server.launch import local_process, server_env
-from tests.parties import serve
+from tests.parties import serve, stopped_in_background
 
 KEY = "proxy-key-for-tests"
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 23]
@@ -28,8 +28,9 @@ K = 4  # the proxy's top-k downlink
 
 def _proxy(bundle, server_url: str, *args: str, api_key: str | None = None):
     env = {"STIP_PROXY_API_KEY": api_key} if api_key else {}
-    return local_process(lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(bundle), "--server",
-                                       server_url, "--port", str(port), *args], ready_path="/health", env=env)
+    return stopped_in_background(local_process(
+        lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(bundle), "--server", server_url, "--port",
+                      str(port), *args], ready_path="/health", env=env))
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +220,9 @@ def limited(tiny, tmp_path_factory, request):
         token, args = out.stdout.split()[0], ("--api-keys", str(keys))
     else:
         token, args = None, ("--max-sessions", "1")
-    with serve(protected, *args) as server, local_process(
+    with serve(protected, *args) as server, stopped_in_background(local_process(
             lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(protected / "client"), "--server",
-                          server.url, "--port", str(port)], ready_path="/health", token=token) as proxy:
+                          server.url, "--port", str(port)], ready_path="/health", token=token)) as proxy:
         yield server, proxy, lambda: Connection(server.url, token=token).open_session(), request.param
 
 

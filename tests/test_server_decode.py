@@ -24,7 +24,7 @@ from stip.client.transport import Connection, StipServerError
 from stip.developer.verify import plain_greedy
 from stip.server.launch import local_process
 from tests.models import VOCAB, build_tiny, tiny_configs
-from tests.parties import serve
+from tests.parties import serve, stopped_in_background
 
 PROMPT = [3, 17, 42, 5, 9, 11]
 EOS_AT = 4  # the plain model's greedy output reaches EOS at this index or later
@@ -373,9 +373,9 @@ def test_smollm2_server_decode_through_proxy(tmp_path_factory, smollm2_plain):
     want = plain_greedy(model, chat_ids, 24, eos)
     assert want[-1] in eos, "the prompt must end at EOS within 24 tokens, so that stopping at EOS is tested"
     text = tok.decode(want, skip_special_tokens=True)
-    with serve(out) as server, local_process(
+    with serve(out) as server, stopped_in_background(local_process(
             lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(out / "client"), "--server", server.url,
-                          "--port", str(port)], ready_path="/v1/models") as proxy:
+                          "--port", str(port)], ready_path="/v1/models")) as proxy:
         oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=120)
         r = oai.chat.completions.create(model="m", messages=chat, temperature=0, max_tokens=24)
         assert r.choices[0].message.content == text

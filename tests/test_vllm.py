@@ -23,7 +23,7 @@ import pytest
 
 from stip.developer.verify import plain_greedy
 from stip.server.launch import find_vllm_python, free_port, local_process, server_env
-from tests.parties import isolated_server_bundle
+from tests.parties import isolated_server_bundle, stopped_in_background
 
 CHAT = [{"role": "user", "content": "Explain how photosynthesis works, step by step."}]
 SHORT = [{"role": "user", "content": "What is the capital of France?"}]  # ends with EOS well before N tokens
@@ -63,8 +63,9 @@ def smollm2_server_decode(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(vllm_python, smollm2_server_decode, smollm2_protected):
-    """One vLLM server per bundle mode, started side by side so that their start-ups overlap."""
-    with contextlib.ExitStack() as stack:
+    """One vLLM server per bundle mode, started side by side so that their start-ups overlap (and stopped in the
+    background)."""
+    with stopped_in_background(contextlib.ExitStack()) as stack:
         bundles = {"server-decode": smollm2_server_decode, "round-trip": smollm2_protected}
         launchers = {mode: vllm_server(vllm_python, stack.enter_context(isolated_server_bundle(b)))
                      for mode, b in bundles.items()}
@@ -87,9 +88,9 @@ def servers(vllm_python, smollm2_server_decode, smollm2_protected):
 def server_decode_proxy(servers, smollm2_server_decode):
     """`stip proxy` (this Python, no vLLM) on the server-decode client bundle, in front of the vLLM server."""
     client = smollm2_server_decode / "client"
-    with local_process(lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(client), "--server",
-                                     servers["server-decode"].url, "--port", str(port)],
-                       ready_path="/v1/models") as proxy:
+    with stopped_in_background(local_process(
+            lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(client), "--server",
+                          servers["server-decode"].url, "--port", str(port)], ready_path="/v1/models")) as proxy:
         yield proxy.url
 
 
