@@ -208,7 +208,6 @@ class TeeClient:
         pin = self.bundle.tee.get("platform_key")
         if pin and SIMULATED_FORMAT not in self.verifiers:
             self.verifiers[SIMULATED_FORMAT] = SimulatedVerifier(pin)
-        import stip.client.nitro  # noqa: F401  (registers the aws-nitro-v1 verifier; pins: the config's tee.nitro)
         try:  # registers the real formats' verifiers (stip.client.nitro needs cbor2 and pycose)
             import stip.client.nitro  # noqa: F401
         except ImportError:
