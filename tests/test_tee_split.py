@@ -67,6 +67,23 @@ def test_greedy_equals_plain_through_the_worker(party):
     link.shutdown()
 
 
+def test_interleaved_sessions_keep_their_caches(party):
+    """Two conversations stepped in turn: block 0's caches (enclave) and the body's (worker) stay apart."""
+    name, plain, config, tensors, worker = party
+    link = WebSocketWorkerLink(worker.url, token=worker.token)
+    enclave = EnclaveModel.from_tensors(config, tensors, link)
+    prompts = [PROMPT, [40, 2, 17, 60]]
+    sessions = [enclave.new_session() for _ in prompts]
+    got = [[int(enclave.prefill(s, p).argmax())] for s, p in zip(sessions, prompts)]
+    for _ in range(3):
+        for s, out in zip(sessions, got):
+            out.append(int(enclave.decode(s, out[-1]).argmax()))
+    assert got == [plain_greedy(plain, p, 4)[0] for p in prompts]
+    for s in sessions:
+        enclave.close(s)
+    link.shutdown()
+
+
 def _received(frames, op):
     return [(h, x) for h, x in frames if h["op"] == op]
 
