@@ -102,6 +102,9 @@ def test_fresh_pads_and_nothing_secret_reaches_the_worker(party):
         runs.append(list(frames))
     a, b = (_received(r, "linear") for r in runs)
     assert [h["name"] for h, _ in a] == [h["name"] for h, _ in b] and "lm_head" in {h["name"] for h, _ in a}
+    if name.startswith("llama"):  # q/k/v and gate/up go in one request each, with one pad
+        assert {"self_attn.q_proj+self_attn.k_proj+self_attn.v_proj", "mlp.gate_proj+mlp.up_proj"} <= \
+            {h["name"] for h, _ in a}
     for (h, x), (_, y) in zip(a, b):  # every padded input is fresh per query
         assert x.shape == y.shape and float((x - y).abs().min()) > 0, h["name"]
     # h1 p (the body's input) is a deterministic function of the prompt: the same both times, up to the rounding
@@ -139,6 +142,8 @@ def test_worker_refuses_bad_requests_and_keeps_serving(party):
     with pytest.raises(WorkerError, match="unknown linear 'embed_tokens'"):
         link.linear("embed_tokens", torch.zeros(1, 4, dtype=torch.float64))
     d = tensors[TOKEN_EMBEDDING].shape[1]
+    with pytest.raises(WorkerError, match="404 unknown linear 'lm_head\\+lm_head'"):
+        link.linear("lm_head+lm_head", torch.zeros(1, d, dtype=torch.float64))
     assert link.body("s1", torch.zeros(2, d), 0).shape == (2, d)
     with pytest.raises(WorkerError, match="409 session 's1' holds 2 tokens, but the step starts at 5"):
         link.body("s1", torch.zeros(1, d), 5)

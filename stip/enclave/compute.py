@@ -34,6 +34,9 @@ POSITION_ATTRS = ("wpe",)  # learned absolute positions, added inside the base m
 LM_HEAD = "lm_head"  # the worker op name of the LM head
 PAD_SCALE = 2.0**20  # pad entries ~ N(0, 1) x this x the RMS of the row they mask (docs/tee.md: averaging)
 OFFLOAD_DTYPE = torch.float64  # the padded products, on both sides: exact to float32 after the subtraction
+# Sibling linears the model applies to the same input tensor: one request, one pad, for the group (rules as data).
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+GROUP_SEP = "+"  # a grouped request names its linears joined by this; the worker returns their outputs side by side
 
 # Tensor names of the enclave bundle (the sealed DIR/enclave/, written by `stip protect --tee`).
 RESID, VOCAB = "resid", "vocab"  # the client key's p and pc: "<x>.perm", "<x>.sign" (optional)
@@ -102,19 +105,36 @@ class Pads:
 
 class OffloadedLinear(nn.Module):
     """Stands in for one linear map of block 0 (or the LM head): the worker computes it on `x + r`, the enclave
-    subtracts `W r` (computed here; in production ahead of time)."""
+    subtracts `W r` (computed here; in production ahead of time). In a group (`SHARED_INPUT`) the first member
+    called computes the whole group in one request; the others take their part when called with the same tensor."""
 
-    def __init__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None, link: WorkerLink, pads: Pads):
+    def __init__(self, name: str, weight: torch.Tensor, link: WorkerLink, pads: Pads,
+                 group: list[tuple[str, torch.Tensor]] | None = None, waiting: dict | None = None):
         super().__init__()
         self.name, self.link, self.pads = name, link, pads
-        self.weight64 = weight.detach().to(OFFLOAD_DTYPE)  # [out, in]
-        self.out_features = weight.shape[0]
+        group = group or [(name, weight)]
+        self.names = [n for n, _ in group]
+        self.sizes = [int(w.shape[0]) for _, w in group]
+        self.weight64 = torch.cat([w.detach().to(OFFLOAD_DTYPE) for _, w in group])  # [sum out, in]
+        self.out_features = int(weight.shape[0])
+        self.waiting = waiting if waiting is not None else {}  # name -> (input tensor, its output), this step only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hit = self.waiting.pop(self.name, None)
+        if hit is not None and hit[0] is x:
+            return hit[1]
         rows = x.reshape(-1, x.shape[-1])
         r = self.pads.draw(rows)
-        y = self.link.linear(self.name, rows.to(OFFLOAD_DTYPE) + r).to(OFFLOAD_DTYPE) - r @ self.weight64.t()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = self.link.linear(GROUP_SEP.join(self.names), rows.to(OFFLOAD_DTYPE) + r).to(OFFLOAD_DTYPE)
+        parts = (y - r @ self.weight64.t()).to(x.dtype).split(self.sizes, dim=-1)
+        mine = None
+        for name, part in zip(self.names, parts):
+            part = part.reshape(*x.shape[:-1], part.shape[-1])
+            if name == self.name:
+                mine = part
+            else:
+                self.waiting[name] = (x, part)
+        return mine
 
 
 def _config_of(config):
@@ -288,13 +308,17 @@ class EnclaveModel:
         self.final_norm = copy.deepcopy(getattr(base, norm_attr))
         _load(self.final_norm, tensors, FINAL_NORM_PREFIX, "the final norm")
         setattr(base, norm_attr, nn.Identity())  # the base model's output is h1 p, before any norm
-        for name in offloadable(block):
+        self.waiting: dict = {}
+        names = offloadable(block)
+        weights = {name: _weight_of(block.get_submodule(name))[0] for name in names}
+        for name in names:
             parent, _, leaf = name.rpartition(".")
-            weight, bias = _weight_of(block.get_submodule(name))
+            group = next(([f"{parent}.{m}" if parent else m for m in g] for g in SHARED_INPUT if leaf in g), [name])
+            group = group if all(g in weights for g in group) else [name]
             setattr(block.get_submodule(parent) if parent else block, leaf,
-                    OffloadedLinear(name, weight, bias, self.link, self.pads))
-        self.lm_head = OffloadedLinear(LM_HEAD, tensors[LM_HEAD_PREFIX + "weight"], tensors.get(LM_HEAD_PREFIX + "bias"),
-                                       self.link, self.pads)
+                    OffloadedLinear(name, weights[name], self.link, self.pads, [(g, weights[g]) for g in group],
+                                    self.waiting))
+        self.lm_head = OffloadedLinear(LM_HEAD, tensors[LM_HEAD_PREFIX + "weight"], self.link, self.pads)
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one step at a time: the pads and block 0 are shared by all sessions
 
@@ -330,6 +354,7 @@ class EnclaveModel:
                              f"{self.max_positions} positions")
         t0, w0 = time.perf_counter(), self.link.seconds
         self.pads.fresh()  # new pads for every query
+        self.waiting.clear()
         start = s.position
         positions = torch.arange(start, start + ids.numel())
         x = self.token_embedding[ids].unsqueeze(0)  # x p

@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stip.enclave.compute import (LM_HEAD, OFFLOAD_DTYPE, _weight_of, base_parts, linear64, offloadable,
-                                  trimmed_config)
+from stip.enclave.compute import (GROUP_SEP, LM_HEAD, OFFLOAD_DTYPE, _weight_of, base_parts, linear64,
+                                  offloadable, trimmed_config)
+
+
+MAX_CACHED_GROUPS = 8  # grouped linears ("q+k+v") whose concatenated weights are kept
 
 
 class TeeWorkerError(Exception):
@@ -54,6 +57,7 @@ class TeeWorker:
         head = model.get_output_embeddings()
         self.linears[LM_HEAD] = (head.weight.detach().to(OFFLOAD_DTYPE),
                                  None if head.bias is None else head.bias.detach().to(OFFLOAD_DTYPE))
+        self._single = len(self.linears)
         # The body: the same base model with block 0 and the final norm taken out, the blocks renumbered for a cache
         # of their own (a cache counts positions from its layer 0, which is now block 1).
         body = layers[1:]
@@ -82,12 +86,29 @@ class TeeWorker:
 
     # ------------------------------------------------------------ ops
 
+    def _resolve(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W, b) of one linear, or of a group "a+b+c" of linears with one input (their outputs side by side)."""
+        if name in self.linears:
+            return self.linears[name]
+        parts = name.split(GROUP_SEP)
+        unknown = next((p for p in parts if p not in self.linears), None)
+        if unknown is not None or len(parts) < 2 or len(set(parts)) != len(parts):
+            raise TeeWorkerError(404, f"unknown linear {(unknown or name)[:80]!r}; this worker offers block 0's "
+                                      f"{', '.join(sorted(n for n in self.linears if GROUP_SEP not in n))} (a group joins names with "
+                                      f"{GROUP_SEP!r})")
+        ws = [self.linears[p] for p in parts]
+        if len({int(w.shape[1]) for w, _ in ws}) != 1:
+            raise TeeWorkerError(422, f"the linears of group {name[:80]!r} take inputs of different sizes")
+        biases = [b if b is not None else torch.zeros(w.shape[0], dtype=OFFLOAD_DTYPE) for w, b in ws]
+        both = (torch.cat([w for w, _ in ws]), None if all(b is None for _, b in ws) else torch.cat(biases))
+        with self._lock:
+            if len(self.linears) < self._single + MAX_CACHED_GROUPS:  # the enclave's few groups; not any ordering
+                self.linears[name] = both
+        return both
+
     def shape_of(self, name: str) -> tuple[int, int]:
-        """(d_out, d_in) of a linear the enclave may ask for."""
-        if name not in self.linears:
-            raise TeeWorkerError(404, f"unknown linear {name[:80]!r}; this worker offers block 0's "
-                                      f"{', '.join(sorted(self.linears))}")
-        w = self.linears[name][0]
+        """(d_out, d_in) of a linear (or group) the enclave may ask for."""
+        w = self._resolve(name)[0]
         return int(w.shape[0]), int(w.shape[1])
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +117,7 @@ class TeeWorker:
             raise TeeWorkerError(422, f"linear {name!r} takes rows [n, {d_in}], got {list(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise TeeWorkerError(422, "input contains NaN or Inf values")
-        w, b = self.linears[name]
+        w, b = self._resolve(name)
         return linear64(w, b, x)
 
     @torch.no_grad()
