@@ -284,3 +284,29 @@ def test_proxy_serves_a_tee_bundle(stack):
         assert r.json()["usage"]["completion_tokens"] == 5 and choice["finish_reason"] == "length"
         assert len(choice["logprobs"]["top_logprobs"]) == 5
         assert http.post("/v1/completions", json={"prompt": [1000], "max_tokens": 2}).status_code == 400
+
+
+@pytest.mark.slow
+def test_smollm2_tee_equals_plain(tmp_path, smollm2_plain):
+    """SmolLM2-135M-Instruct protected with `stip protect --tee` (the CLI), served by a real worker and enclave:
+    8 greedy tokens equal plain transformers; `stip chat` on the TEE client bundle prints them, and refuses the
+    simulated enclave without --allow-simulated."""
+    model, tok = smollm2_plain
+    out = tmp_path / "protected"
+    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet", "--tee"],
+                   check=True, capture_output=True, env=server_env(None))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    with tee_stack(out) as (_, enclave):
+        g = tee_client(out, enclave).generate(messages=messages, max_tokens=8)
+        assert g.prompt_ids == ids and g.token_ids == ref
+        chat = [sys.executable, "-m", "stip.cli", "chat", str(out / "tee-client"), "--server", enclave.url,
+                "--prompt", messages[0]["content"], "--max-tokens", "8"]
+        r = subprocess.run(chat + ["--allow-simulated"], capture_output=True, text=True, timeout=120,
+                           env=server_env(None))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
+        r = subprocess.run(chat, capture_output=True, text=True, timeout=120, env=server_env(None))
+        assert r.returncode == 2 and "SIMULATED" in r.stderr and "Traceback" not in r.stderr
