@@ -1,0 +1,57 @@
+"""bench/tee_latency.py on a tiny LLaMA: one real run (stip serve, stip serve --tee-worker and stip enclave as
+processes), checked for what the benchmark claims: the same tokens in every variant, ABBA-interleaved repeats, a
+breakdown that adds up and counts the enclave-worker messages the split implies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import tee_latency
+
+
+@pytest.fixture(scope="module")
+def result():
+    return tee_latency.run(tee_latency.TINY, tokens=4, repeats=2, threads=1, log=lambda m: None)
+
+
+def test_variants_agree_and_are_interleaved(result):
+    assert result["same_tokens"] and result["decode_steps"] == 3
+    assert set(result["runs"]) == {"round_trip", "tee", "tee_in_process"}
+    assert all(len(runs) == 2 for runs in result["runs"].values())
+    for v, s in result["summary"].items():
+        t = s["per_token_ms"]
+        assert 0 < t["min"] <= t["median"] <= t["max"], v
+    assert result["ratio_vs_round_trip"]["tee"] > 0
+    tee = result["summary"]["tee"]
+    assert 0 < tee["attest_ms"]["median"] and tee["enclave_ms"]["median"] > 0  # the enclave reported its split
+    assert result["git"]["commit"] and result["threads"] == 1 and "bench.tee_latency" in result["command"]
+
+
+def test_breakdown_adds_up_and_counts_messages(result):
+    for run in result["runs"]["tee_in_process"]:
+        parts = (run["enclave_ms_per_token"] + run["worker_ms_per_token"] + run["channel_ms_per_token"]
+                 + run["unaccounted_ms_per_token"])
+        assert parts == pytest.approx(run["per_token_ms"], rel=1e-6)
+        assert run["worker_ms_per_token"] > 0 and run["channel_ms_per_token"] > 0
+        assert 0 < run["enclave_pad_ms_per_token"]
+        # LLaMA block 0: q/k/v in one request, o, gate/up in one, down; the LM head; the body: 6 per token
+        assert run["messages_per_token"] == 6 and run["linear_messages_per_token"] == 5
+        hidden, vocab = 48, 97  # tests/models.py's tiny LLaMA
+        assert run["bytes_down_per_token"] >= vocab * 8 + hidden * 4  # float64 logits (padded), float32 body state
+
+
+def test_writes_json_and_markdown(result, tmp_path):
+    paths = tee_latency.write(result, tmp_path / "tee")
+    assert [p.name for p in paths] == [f"latency-{tee_latency.TINY}.json", f"latency-{tee_latency.TINY}.md"]
+    assert json.loads(paths[0].read_text())["same_tokens"] is True
+    md = paths[1].read_text()
+    assert "| TEE (TeeClient -> stip enclave -> worker) |" in md and "2.6%" in md
+    assert not list((tmp_path / "tee").glob("*.tmp"))
+
+
+def test_bad_arguments_named(capsys):
+    with pytest.raises(SystemExit) as e:
+        tee_latency.main(["--tokens", "1"])
+    assert e.value.code == 2 and "--tokens must be at least 2" in capsys.readouterr().err
