@@ -312,7 +312,17 @@ def test_admission_reserves_prompt_plus_max_tokens(long_sd):
     """A generation takes a session slot and prompt + max_tokens KV tokens before it starts: 503 when the server is
     full, 429 over the client's quota, both before any compute; everything returns when the stream ends."""
     url_of = lambda server: server.url + "/v1/generate"  # noqa: E731
-    with serve(long_sd, "--kv-budget-tokens", "3000", token=TOKEN) as server:
+    pipeline = ServerPipeline({  # the second server starts while the first is tested
+        "budget": lambda: serve(long_sd, "--kv-budget-tokens", "3000", token=TOKEN),
+        "quota": lambda: serve(long_sd, "--client-max-sessions", "1", token=TOKEN)})
+    try:
+        _admission_checks(pipeline, url_of)
+    finally:
+        pipeline.close()
+
+
+def _admission_checks(pipeline, url_of):
+    with pipeline.use("budget") as server:
         r = httpx.post(url_of(server), json={"ids": PROMPT, "max_tokens": 3000}, headers=AUTH, timeout=30)
         assert r.status_code == 503 and "KV budget" in r.json()["error"] and r.headers["Retry-After"]
         with httpx.Client(timeout=30) as h, h.stream("POST", url_of(server), json={"ids": PROMPT, "max_tokens": 2500},
@@ -323,7 +333,7 @@ def test_admission_reserves_prompt_plus_max_tokens(long_sd):
         assert _wait_kv_zero(server) == 0
         r = httpx.post(url_of(server), json={"ids": PROMPT, "max_tokens": 600}, headers=AUTH, timeout=30)
         assert r.status_code == 200
-    with serve(long_sd, "--client-max-sessions", "1", token=TOKEN) as server:
+    with pipeline.use("quota") as server:
         with httpx.Client(timeout=30) as h, h.stream("POST", url_of(server), json={"ids": PROMPT, "max_tokens": 4000},
                                                      headers=AUTH) as held:
             assert held.status_code == 200
