@@ -287,14 +287,21 @@ def test_proxy_serves_a_tee_bundle(stack):
 
 
 @pytest.mark.slow
-def test_smollm2_tee_equals_plain(tmp_path, smollm2_plain):
-    """SmolLM2-135M-Instruct protected with `stip protect --tee` (the CLI), served by a real worker and enclave:
-    8 greedy tokens equal plain transformers; `stip chat` on the TEE client bundle prints them, and refuses the
-    simulated enclave without --allow-simulated."""
+def test_smollm2_tee_equals_plain(tmp_path, smollm2_plain, smollm2_protected):
+    """SmolLM2-135M-Instruct: the session's protected bundles (hard-linked) plus the TEE bundles `stip protect --tee`
+    writes, served by a real worker and enclave: 8 greedy tokens equal plain transformers; `stip chat` on the TEE
+    client bundle prints them, and refuses the simulated enclave without --allow-simulated."""
+    import shutil
+
+    from stip.common import signing
+    from stip.common.files import read_manifest
+    from stip.developer.tee import write_tee_bundles
+
     model, tok = smollm2_plain
     out = tmp_path / "protected"
-    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet", "--tee"],
-                   check=True, capture_output=True, env=server_env(None))
+    shutil.copytree(smollm2_protected, out, copy_function=os.link)
+    bundle_id = read_manifest(out / "client", verify=False, trusted=[], warn_unpinned=False)["bundle_id"]
+    write_tee_bundles(out, bundle_id, signing.load_signing_key(out / "developer" / "signing.key"))
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     with torch.no_grad():
