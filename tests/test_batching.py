@@ -21,7 +21,7 @@ from stip.server.decoder import FAMILIES
 from stip.server.engine import Step, TransformersEngine
 from stip.server.scheduler import Scheduler
 from tests.models import build_tiny, tiny_configs
-from tests.parties import run_serve_expect_exit, serve
+from tests.parties import ServerPipeline, run_serve_expect_exit, serve
 
 TOKEN = "batching-token-51c2"
 TOP = 5
@@ -272,8 +272,22 @@ def metric(text: str, name: str) -> float:
     return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2"])
-def test_server_batches_by_default_four_concurrent_clients(tiny_protected, name):
+BATCHED_SERVERS = ["llama-gqa-untied", "gpt2"]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_protected):
+    """The module's servers (each test its own), the next starting while a test runs (ServerPipeline)."""
+    bundle = lambda name: tiny_protected(name)[1]  # noqa: E731
+    starts = {name: (lambda out=bundle(name): serve(out, token=TOKEN, threads=1)) for name in BATCHED_SERVERS}
+    starts["gpt2 --no-batching"] = lambda out=bundle("gpt2"): serve(out, "--no-batching", token=TOKEN, threads=1)
+    pipeline = ServerPipeline(starts)
+    yield pipeline
+    pipeline.close()
+
+
+@pytest.mark.parametrize("name", BATCHED_SERVERS)
+def test_server_batches_by_default_four_concurrent_clients(tiny_protected, servers, name):
     """The default `stip serve`: four concurrent clients get plain greedy; /health shows the engine and its load
     while they run, /metrics the rows per tick (more than one row in some tick), nothing per client."""
     plain_dir, protected_dir = tiny_protected(name)
@@ -281,7 +295,7 @@ def test_server_batches_by_default_four_concurrent_clients(tiny_protected, name)
     client = ClientBundle.load(protected_dir / "client")
     prompts = [p for p, _, _ in PLAN[:4]]
     results, errors, seen = {}, [], []
-    with serve(protected_dir, token=TOKEN, threads=1) as server:
+    with servers.use(name) as server:
         conn = Connection(server.url, token=TOKEN)
         idle = server.health()
 
@@ -317,9 +331,9 @@ def test_server_batches_by_default_four_concurrent_clients(tiny_protected, name)
         assert metric(metrics, gauge + " ") >= 0
 
 
-def test_server_no_batching_is_serial(tiny_protected):
+def test_server_no_batching_is_serial(tiny_protected, servers):
     _, protected_dir = tiny_protected("gpt2")
-    with serve(protected_dir, "--no-batching", token=TOKEN, threads=1) as server:
+    with servers.use("gpt2 --no-batching") as server:
         conn = Connection(server.url, token=TOKEN)
         client = ClientBundle.load(protected_dir / "client")
         assert remote_greedy(conn, client, PLAN[0][0], 3, Downlink("topk", 3)) == plain_greedy(tiny("gpt2"),
