@@ -6,19 +6,19 @@ what the worker receives, as a function of the number of queries N it sends?
 
 The attacker knows the tokens it sent and sees the worker's inputs. Conditions (what the worker receives per token):
 
-| condition | worker's input | attacker's model |
-|---|---|---|
-| (a) plain | `x p` (plain STIP, round-trip) | lookup table: mean observation per token |
-| (b) fixed | `x p D`, D a fixed secret orthogonal matrix | lookup table |
-| (c) fresh-gauss | `x p + r`, r ~ N(0, rms(x)^2) fresh per query (a pad "scaled like x") | lookup table |
-| (c') fresh-field | `(x_fixed + r) mod 2^32`, r uniform fresh per query (Slalom's one-time pad over Z_q) | lookup table |
-| (d) split | `h1 p`: block 0's output, computed in the enclave (TEE mode's body input) | distillation: an embedding + one decoder layer of the model's own architecture, random init, trained on (prompt, h1 p) pairs |
-| (d') split | the same | the stronger distiller: block 0's permuted weights from the server bundle (the worker holds them for the padded linears), frozen; it learns only the embedding |
+(a) plain: `x p` (plain STIP, round-trip). (b) fixed: `x p D`, D a fixed secret orthogonal matrix.
+(c) fresh-gauss: `x p + r`, r ~ N(0, rms(x)^2) fresh per query (a pad "scaled like x"). (c2) fresh-gauss-2^20:
+`x p + 2^20 rms(x) z`, the pad stip/enclave draws. (c') fresh-field: `(x_fixed + r) mod 2^32`, r uniform, fresh per
+query (Slalom's one-time pad over Z_q). Against these the attacker keeps a lookup table (the mean observation of
+each token it sent). (d) split: `h1 p`, block 0's output, computed in the enclave (TEE mode's body input); the
+attacker distils an embedding + one decoder layer of the model's own architecture, random init, from (prompt, h1 p)
+pairs. (d') the same, but the stronger distiller takes block 0's permuted weights from the server bundle (the worker
+holds them for the padded linears), frozen, and learns only the embedding.
 
-Metrics on held-out prompts: R^2 and mean cosine of the attacker's prediction of the observation; token recovery
-(a-c': nearest row of the learned table to a fresh held-out observation; chance 1/V'); top-1 agreement: the
-attacker's estimate of the body's input fed to the real body, whose greedy next token is compared with the true
-model's at every position (a-c': the whole model behind a learned embedding; d: layers 1..L-1 behind the distilled
+Metrics on held-out prompts: R^2 and centred cosine of the attacker's prediction of the observation; token
+recovery (a-c': the nearest row of the learned table to a fresh held-out observation, and the nearest mean norm;
+chance 1/V'); top-1 agreement: the attacker's estimate of the body's input fed to the real body, whose greedy next
+token is compared with the true model's at every position (a-c': the whole model behind a learned embedding; d: layers 1..L-1 behind the distilled
 block 0). The protected body equals the plain body conjugated by p and pc (the equivalence tests check it), so
 agreement is computed on the plain model after undoing the fixed transform: the same number the attacker gets in
 the permuted vocabulary. Prompts are random tokens from a sub-vocabulary of V' tokens (the attacker chooses them).
@@ -34,7 +34,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -231,7 +231,8 @@ class LookupTable:
     def __init__(self, vocab: int, obs: torch.Tensor, ids: torch.Tensor):
         flat, tok = obs.reshape(-1, obs.shape[-1]).double(), ids.reshape(-1)
         self.sums = torch.zeros(vocab, flat.shape[-1], dtype=torch.float64).index_add_(0, tok, flat)
-        self.counts = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tok, torch.ones_like(tok, dtype=torch.float64))
+        ones = torch.ones_like(tok, dtype=torch.float64)
+        self.counts = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tok, ones)
         self.fallback = flat.mean(0)
         self.log_norms = torch.zeros(vocab, dtype=torch.float64).index_add_(0, tok, flat.norm(dim=-1).log())
 
@@ -423,7 +424,7 @@ def provenance(argv: list[str], seconds: float) -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return dict(command="python -m bench.tee_extraction " + shlex.join(argv), commit=git("rev-parse", "HEAD"),
+    return dict(command=("python -m bench.tee_extraction " + shlex.join(argv)).strip(), commit=git("rev-parse", "HEAD"),
                 tree_clean=git("status", "--porcelain", "--", "bench/tee_extraction.py") == "",
                 machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                              cpus=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads()),
