@@ -29,7 +29,7 @@ from stip.client.sdk import Client
 from stip.client.transport import StipServerError
 from stip.common import wire
 from stip.server.encoder import EncoderEngine
-from tests.parties import serve
+from tests.parties import ServerPipeline, serve
 
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "runs", "fast", "slow", "red", "blue", "big", "small", "house",
          "tree", "is", "and", "of", "to", "in", "it", "was", "green", "bird", "##s", "##ing", "sky", "sun", "moon"]
@@ -217,9 +217,19 @@ def frame(shape, dtype="float32", mask=None, op="encode", payload: bytes | None 
 
 
 @pytest.fixture(scope="module")
-def roberta_server(protected):
+def servers(protected, tiny_protected):
+    """The tiny servers below, in the order the tests use them: the next starts while one is used (ServerPipeline)."""
+    bundles = {"roberta-classifier": protected("roberta-classifier")[2],
+               "distilbert-mlm": protected("distilbert-mlm")[2], "llama-mqa-tied": tiny_protected("llama-mqa-tied")[1]}
+    pipeline = ServerPipeline({name: (lambda out=out: serve(out, token="tok")) for name, out in bundles.items()})
+    yield pipeline
+    pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def roberta_server(protected, servers):
     model, tok, out = protected("roberta-classifier")
-    with serve(out, token="tok") as server:
+    with servers.use("roberta-classifier") as server:
         yield model, tok, out, server
 
 
@@ -282,11 +292,11 @@ def test_bad_one_shot_requests_get_4xx_and_the_server_keeps_serving(roberta_serv
     assert 'stip_tokens_processed_total{phase="encode"}' in metrics and 'stip_errors_total{status="422"}' in metrics
 
 
-def test_fill_mask_through_the_server(protected):
+def test_fill_mask_through_the_server(protected, servers):
     """DistilBERT's masked-LM head through a real `stip serve`: the plain model's top tokens and probabilities."""
     model, tok, out = protected("distilbert-mlm")
     text = "the big [MASK] sat on the mat"
-    with serve(out, token="tok") as server:
+    with servers.use("distilbert-mlm") as server:
         got = Client(out / "client", server.url, token="tok").fill_mask(text, top_k=3)
     batch = tok([text], return_tensors="pt")
     where = int((batch["input_ids"][0] == tok.mask_token_id).nonzero())
@@ -302,9 +312,9 @@ def test_fill_mask_through_the_server(protected):
 # ------------------------------------------------------------------ a decoder server refuses one-shot requests
 
 
-def test_encode_on_a_decoder_server_is_refused(tiny_protected):
+def test_encode_on_a_decoder_server_is_refused(tiny_protected, servers):
     _, out = tiny_protected("llama-mqa-tied")
-    with serve(out, token="tok") as server:
+    with servers.use("llama-mqa-tied") as server:
         status, reply = post(server, wire.ENCODE_PATH, frame([1, 2, 48]))
         assert status == 400 and "text-generation" in reply["error"] and "/v1/session" in reply["error"]
         client = Client(out / "client", server.url, token="tok")
