@@ -13,7 +13,7 @@ import stip
 from stip.client.sdk import Client, Detokenizer, StopMatcher
 from stip.developer.verify import plain_greedy
 from stip.errors import KeyMismatchError
-from tests.parties import serve
+from tests.parties import ServerPipeline, serve
 
 PROMPTS = ["Write a short story about a robot who learns to paint.",
            "Explain how photosynthesis works, step by step.",
@@ -140,22 +140,31 @@ def test_prompt_and_ids_inputs(smol, smollm2_plain):
         smol.generate(prompt="x", ids=ids)
 
 
-def test_mismatched_bundle_is_refused(tiny_protected, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_servers(tiny_protected):
+    """The two tiny servers below: the second starts while the first test runs (ServerPipeline)."""
+    pipeline = ServerPipeline({name: (lambda out=tiny_protected(name)[1]: serve(out))
+                               for name in ("llama-gqa-untied", "gpt2")})
+    yield pipeline
+    pipeline.close()
+
+
+def test_mismatched_bundle_is_refused(tiny_protected, tiny_servers, tmp_path):
     plain, protected = tiny_protected("llama-gqa-untied")
     stip.protect(plain, tmp_path / "other", progress=False)  # same model, another protection: other keys
-    with serve(protected) as server:
+    with tiny_servers.use("llama-gqa-untied") as server:
         with pytest.raises(KeyMismatchError, match="bundle"):
             Client(tmp_path / "other" / "client", server.url)
         Client(protected / "client", server.url)  # the right one connects
 
 
-def test_tiny_gpt2_learned_positions(tiny_protected):
+def test_tiny_gpt2_learned_positions(tiny_protected, tiny_servers):
     from transformers import AutoModelForCausalLM
 
     plain_dir, protected = tiny_protected("gpt2")
     model = AutoModelForCausalLM.from_pretrained(plain_dir, dtype=torch.float32).eval()
     prompt = [5, 17, 3, 88, 42, 9, 61, 23, 7, 70]
-    with serve(protected) as server:
+    with tiny_servers.use("gpt2") as server:
         for downlink in ("topk", "logits"):
             client = Client(protected / "client", server.url, downlink=downlink, k=16)
             g = client.generate(ids=prompt, max_tokens=40)
