@@ -22,7 +22,7 @@ from stip.client.transport import (Connection, Downlink, StipAuthError, StipConn
                                    _legacy_kw)
 from stip.common import wire
 from stip.developer.verify import plain_greedy
-from tests.parties import run_serve_expect_exit, serve
+from tests.parties import ServerPipeline, run_serve_expect_exit, serve
 
 TOKEN = "test-token-7f3a"
 PROMPTS = [[5, 17, 42, 8, 66, 3, 21], [90, 1, 2], [33, 33, 12, 70, 4, 9, 15, 27, 60], [7]]
@@ -51,16 +51,28 @@ class Party:
 
 
 @pytest.fixture(scope="module")
-def gpt2(tiny_protected):
+def servers(tiny_protected):
+    """The module's servers in the order its tests first use them; the next starts while one is used."""
+    gpt2, llama = tiny_protected("gpt2")[1], tiny_protected("llama-gqa-untied")[1]
+    pipeline = ServerPipeline({
+        "gpt2": lambda: serve(gpt2, token=TOKEN, threads=1),
+        "llama": lambda: serve(llama, token=TOKEN, threads=1),
+        "limits": lambda: serve(gpt2, "--session-ttl", "1", "--max-sessions", "2", token=TOKEN, threads=1)})
+    yield pipeline
+    pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_protected, servers):
     plain_dir, protected_dir = tiny_protected("gpt2")
-    with serve(protected_dir, token=TOKEN, threads=1) as server:
+    with servers.use("gpt2") as server:
         yield Party(server, plain_dir, protected_dir)
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_protected):
+def llama(tiny_protected, servers):
     plain_dir, protected_dir = tiny_protected("llama-gqa-untied")
-    with serve(protected_dir, token=TOKEN, threads=1) as server:
+    with servers.use("llama") as server:
         yield Party(server, plain_dir, protected_dir)
 
 
@@ -387,10 +399,10 @@ def _metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
-def test_limits_and_expiry(tiny_protected):
+def test_limits_and_expiry(tiny_protected, servers):
     _, protected = tiny_protected("gpt2")
     client = ClientBundle.load(protected / "client")
-    with serve(protected, "--session-ttl", "1", "--max-sessions", "2", token=TOKEN, threads=1) as server:
+    with servers.use("limits") as server:  # --session-ttl 1 --max-sessions 2
         conn = Connection(server.url, token=TOKEN)
         a, b = conn.open_session(), conn.open_session()
         with pytest.raises(StipServerError) as e:
