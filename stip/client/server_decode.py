@@ -18,7 +18,6 @@ import time
 import httpx
 from pydantic import ValidationError
 
-from stip.client.logprobs import TokenLogprob
 from stip.common.sampling import SamplingParams
 from stip.client.transport import (StipAuthError, StipCertificateError, StipConnectionError, StipProtocolError,
                                    StipServerError, _http_url)
@@ -126,7 +125,8 @@ class GenerateStream:
 
 def run(client, prompt_ids: list[int], params: SamplingParams):
     """The generator behind `stip.Client.stream` for a server-decode bundle: text deltas, then a `Generation`."""
-    from stip.client.sdk import Delta, Detokenizer, Generation, StopMatcher, Timing
+    from stip.client.sdk import Generation, Timing
+    from stip.client.token_stream import TokenStream
 
     bundle = client.bundle
     eos = set(bundle.eos_token_ids)
@@ -138,12 +138,8 @@ def run(client, prompt_ids: list[int], params: SamplingParams):
                         f"(prompt and output together)")
     room = params.max_tokens if not client.max_positions else min(params.max_tokens, client.max_positions - pos)
     request = build_request(bundle, prompt_ids, params, room)
-    detok = Detokenizer(client.tokenizer, prompt_ids) if bundle.has_tokenizer else None
-    stops = StopMatcher(params.stop)
-    out: list[int] = []
-    logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
-    sent = 0
-    finish = None
+    ts = TokenStream(client.tokenizer if bundle.has_tokenizer else None, prompt_ids, eos, params.stop,
+                     params.logprobs)
     stream = GenerateStream(client.connection, request, bundle.vocab_size)
     try:
         for chunk in stream:
@@ -151,41 +147,21 @@ def run(client, prompt_ids: list[int], params: SamplingParams):
             if not tm.prefill_ms:
                 tm.prefill_ms = (c0 - t_start) * 1e3
             tokens = bundle.plain_ids(chunk.ids).tolist() if chunk.ids else []
-            delta = ""
-            for j, token in enumerate(tokens):
-                out.append(token)
-                if logprobs is not None:
-                    lp = chunk.logprobs[j] if chunk.logprobs else None
-                    if lp is None:
-                        raise StipProtocolError(f"{GENERATE_PATH} sent no logprobs, though they were asked for")
-                    top = list(zip(bundle.plain_ids(lp.top_ids).tolist() if lp.top_ids else [], lp.top_logprobs))
-                    logprobs.append(TokenLogprob(token, lp.logprob, top[:params.logprobs]))
-                if token in eos:
-                    finish = "stop"
-                    break
-                if detok is not None:
-                    delta += stops.push(detok.push(token))
-                    if stops.stopped:
-                        finish = "stop"
-                        break
-            if finish is None and chunk.finish_reason is not None:
-                finish = chunk.finish_reason
-            if finish is not None and detok is not None and not stops.stopped:
-                delta += stops.push(detok.flush())
-                if stops.stopped:
-                    finish = "stop"
-                else:
-                    delta += stops.flush()
+            entries = None
+            if ts.logprobs is not None and tokens:
+                if len(chunk.logprobs or ()) < len(tokens):
+                    raise StipProtocolError(f"{GENERATE_PATH} sent no logprobs, though they were asked for")
+                entries = [(lp.logprob, zip(bundle.plain_ids(lp.top_ids).tolist() if lp.top_ids else [],
+                                             lp.top_logprobs)) for lp in chunk.logprobs]
+            delta = ts.push(tokens, entries, chunk.finish_reason)
             tm.client_ms += (time.perf_counter() - c0) * 1e3
-            if delta and logprobs is not None:
-                delta = Delta(delta)
-                delta.logprobs, sent = logprobs[sent:], len(logprobs)
             if delta:
                 yield delta
-            if finish is not None:
+            if ts.finish is not None:
                 break
     finally:
         stream.close()  # ends the generation on the server if it was still running (a stop string matched)
+    out, finish = ts.out, ts.finish
     if finish is None:
         raise StipProtocolError(f"{GENERATE_PATH} ended without a finish reason after {len(out)} tokens")
     tm.total_ms = (time.perf_counter() - t_start) * 1e3
@@ -193,5 +169,5 @@ def run(client, prompt_ids: list[int], params: SamplingParams):
     tm.bytes_sent, tm.bytes_received = stream.bytes_sent, stream.bytes_received
     usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
              "total_tokens": len(prompt_ids) + len(out)}
-    text = stops.text if detok is not None else ""
-    return Generation(text, out, finish, usage, tm, prompt_ids, {}, logprobs)
+    text = ts.stops.text if ts.detok is not None else ""
+    return Generation(text, out, finish, usage, tm, prompt_ids, {}, ts.logprobs)

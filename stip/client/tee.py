@@ -319,8 +319,8 @@ class TeeClient:
 
         from pydantic import ValidationError
 
-        from stip.client.logprobs import TokenLogprob
-        from stip.client.sdk import Delta, Detokenizer, Generation, StopMatcher, Timing
+        from stip.client.sdk import Generation, Timing
+        from stip.client.token_stream import TokenStream
         from stip.client.transport import StipProtocolError, StipServerError
         from stip.common.generate import GenerateChunk
         from stip.common.tee_protocol import TeeGenerateRequest
@@ -336,15 +336,13 @@ class TeeClient:
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, seed=params.seed,
             logprobs=0 if params.logprobs is None else max(1, params.logprobs))
-        detok = Detokenizer(self.tokenizer, prompt_ids) if bundle.has_tokenizer else None
-        stops = StopMatcher(params.stop)
-        out: list[int] = []
-        logprobs = None if params.logprobs is None else []
-        sent, finish, timing = 0, None, {}
+        ts = TokenStream(self.tokenizer if bundle.has_tokenizer else None, prompt_ids, bundle.eos_token_ids,
+                         params.stop, params.logprobs)
+        timing = {}
         ws, channel = self.open()
         try:
             ws.send(channel.seal_json(request.model_dump()))
-            while finish is None:
+            while ts.finish is None:
                 obj = self._recv(ws, channel)
                 c0 = _time.perf_counter()
                 if not tm.prefill_ms:
@@ -359,43 +357,24 @@ class TeeClient:
                         from None
                 if any(not 0 <= i < bundle.vocab_size for i in chunk.ids):
                     raise StipProtocolError(f"the enclave sent a token id outside [0, {bundle.vocab_size})")
-                delta = ""
-                for j, token in enumerate(chunk.ids):
-                    out.append(token)
-                    if logprobs is not None and chunk.logprobs:
-                        lp = chunk.logprobs[j]
-                        logprobs.append(TokenLogprob(token, lp.logprob,
-                                                     list(zip(lp.top_ids, lp.top_logprobs))[:params.logprobs]))
-                    if token in bundle.eos_token_ids:
-                        finish = "stop"
-                        break
-                    if detok is not None:
-                        delta += stops.push(detok.push(token))
-                        if stops.stopped:
-                            finish = "stop"
-                            break
-                if finish is None and chunk.finish_reason is not None:
-                    finish = chunk.finish_reason
-                if finish is not None and detok is not None and not stops.stopped:
-                    delta += stops.push(detok.flush())
-                    if stops.stopped:
-                        finish = "stop"
-                    else:
-                        delta += stops.flush()
+                entries = None
+                if ts.logprobs is not None and chunk.logprobs:
+                    if len(chunk.logprobs) < len(chunk.ids):
+                        raise StipProtocolError("the enclave sent fewer logprobs than tokens")
+                    entries = [(lp.logprob, zip(lp.top_ids, lp.top_logprobs)) for lp in chunk.logprobs]
+                delta = ts.push(list(chunk.ids), entries, chunk.finish_reason)
                 tm.client_ms += (_time.perf_counter() - c0) * 1e3
-                if delta and logprobs is not None:
-                    delta = Delta(delta)
-                    delta.logprobs, sent = logprobs[sent:], len(logprobs)
                 if delta:
                     yield delta
         finally:
             ws.close()  # ends the generation in the enclave if it was still running (a stop string matched)
         tm.total_ms = (_time.perf_counter() - t_start) * 1e3
+        out = ts.out
         tm.steps = max(0, len(out) - 1)
         tm.server_ms = float(timing.get("enclave_ms", 0.0)) + float(timing.get("worker_ms", 0.0))
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
                  "total_tokens": len(prompt_ids) + len(out)}
         glimpse = {"tee": {"measurement": self.last_verified.measurement, "format": self.last_verified.format,
                            "simulated": self.last_verified.simulated, **timing}}
-        return Generation(stops.text if detok is not None else "", out, finish, usage, tm, prompt_ids, glimpse,
-                          logprobs)
+        return Generation(ts.stops.text if ts.detok is not None else "", out, ts.finish, usage, tm, prompt_ids,
+                          glimpse, ts.logprobs)
