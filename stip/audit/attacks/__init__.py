@@ -1,0 +1,26 @@
+"""One module per attack; each exposes `NAME`, `TITLE` and `run(ctx: AuditContext) -> AttackResult`.
+
+The registry is data: the order here is the report's order. A module is imported on use, so one attack's optional
+dependency never stops the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+ATTACKS: tuple[str, ...] = (
+    "known_plaintext",  # (x, x p) pairs -> p
+    "bundle_keys",  # server bundle alone vs public weights -> p, pc, per-layer keys
+    "vocab_matching",  # Hidden No More: sorted-L1 decoding with plaintext weights
+    "invariants",  # norms and pairwise inner products vs the embedding table / candidate hidden states
+    "lm_head_matching",  # tied models: input rows vs the server's own LM head rows
+    "frequency",  # substitution deciphering of per-token codes over N requests
+    "distance_correlation",  # Szekely's dCor, with a random-projection reference
+    "finetune",  # train a new embedding + LM head on the protected body vs from scratch
+)
+
+
+def load(name: str):
+    if name not in ATTACKS:
+        raise KeyError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
+    return importlib.import_module(f"stip.audit.attacks.{name}")
