@@ -108,3 +108,37 @@ def test_vocab_matching_decodes_hidden_states_without_usable_inputs(tiny):
     assert per_layer["inputs"]["recovery"] <= 0.1 and per_layer["layer 1"]["recovery"] >= 0.95
     ctx.reference = build_tiny(NAME, seed=5)
     assert load("vocab_matching").run(ctx).details["per_layer"]["layer 1"]["recovery"] <= 0.2
+
+
+def test_distance_correlation_known_cases():
+    """Szekely's dCor: 1 for identical samples and for any rotation of them; about 0 for independent samples (the
+    bias-corrected estimate, at any dimension); clearly positive for y = x^2, where Pearson's correlation (the
+    paper's misprint) is about 0."""
+    from stip.audit.attacks.distance_correlation import dcor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 48, generator=g)
+    rotation, _ = torch.linalg.qr(torch.randn(48, 48, generator=g))
+    for unbiased in (False, True):
+        assert dcor(x, x, unbiased) == pytest.approx(1.0, abs=1e-9)
+        assert dcor(x, x @ rotation, unbiased) == pytest.approx(1.0, abs=1e-6)
+        assert dcor(x, 3 * x[:, torch.randperm(48, generator=g)] + 1, unbiased) == pytest.approx(1.0, abs=1e-6)
+    assert abs(dcor(x, torch.randn(300, 48, generator=g), unbiased=True)) < 0.15
+    low = torch.randn(1000, 1, generator=g)
+    assert dcor(low, torch.randn(1000, 1, generator=g)) < 0.1
+    assert abs(float(torch.corrcoef(torch.cat([low, low ** 2], 1).T)[0, 1])) < 0.1
+    assert dcor(low, low ** 2) > 0.4
+    with pytest.raises(ValueError, match="length"):
+        dcor(x, x[:10])
+
+
+def test_distance_correlation_of_the_paper_scheme(tiny):
+    """The paper's permutation is an isometry: the inputs the server receives have dCor 1 with the plaintext
+    embeddings; the references sit beside them."""
+    result = load("distance_correlation").run(_context(tiny, True))
+    assert result.recovery is None and result.unit == "dCor" and result.skipped is None
+    per_layer, ref = result.details["per_layer"], result.details["reference"]
+    assert per_layer["inputs"]["dcor"] == pytest.approx(1.0, abs=1e-6)
+    assert set(per_layer) == {"inputs", "layer 0", "layer 1", "layer 2"}
+    assert all(0.0 < row["dcor"] <= 1.0 + 1e-9 for row in per_layer.values())
+    assert ref["independent"]["dcor_bias_corrected"] < 0.2 < ref["random_projection"]["dcor"]
