@@ -142,3 +142,25 @@ def test_distance_correlation_of_the_paper_scheme(tiny):
     assert set(per_layer) == {"inputs", "layer 0", "layer 1", "layer 2"}
     assert all(0.0 < row["dcor"] <= 1.0 + 1e-9 for row in per_layer.values())
     assert ref["independent"]["dcor_bias_corrected"] < 0.2 < ref["random_projection"]["dcor"]
+
+
+def test_finetune_attack_trains_both_rows_at_the_same_budget(tiny):
+    """A new embedding and LM head learn English character statistics on the frozen protected body, and the same
+    model trained from scratch gets the same steps; each row's test loss, accuracy and perplexity agree, and the
+    paper's Table V is beside them."""
+    import math
+
+    result = load("finetune").run(_context(tiny, True))
+    assert result.recovery is None and result.unit == "loss" and result.skipped is None
+    rows, runs = result.details["rows"], result.details["runs"]
+    assert set(rows) == {"protected body", "scratch", "original"}
+    for row in rows.values():
+        assert math.isfinite(row["loss"]) and 0.0 <= row["accuracy"] <= 1.0
+        assert row["perplexity"] == pytest.approx(math.exp(row["loss"]))
+    assert runs["protected body"]["steps"] == runs["scratch"]["steps"] == 40
+    assert runs["protected body"]["trained_parameters"] < runs["scratch"]["trained_parameters"]
+    for curve in result.curves.values():
+        assert sum(curve["y"][-5:]) < sum(curve["y"][:5])  # both learned
+    # the untrained random reference knows nothing of English: both trained rows beat it
+    assert max(rows["protected body"]["loss"], rows["scratch"]["loss"]) < rows["original"]["loss"]
+    assert result.details["paper"]["scratch"]["perplexity"] == 538
