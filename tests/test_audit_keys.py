@@ -115,3 +115,35 @@ def test_bundle_keys_beats_a_fine_tune(tmp_path):
     d = result.details
     assert result.recovery >= 0.9 and d["pc_share"] >= 0.9 and d["layers"]["share"] >= 0.9, d
     assert load("bundle_keys").run(_context(None, out, _char_ids("prompts", 48).view(1, 48))).skipped
+
+
+def test_lm_head_matching_gives_every_token_its_code(tied):
+    result = load("lm_head_matching").run(_context(*tied))
+    assert result.recovery == 1.0 and result.details["exact_match_share"] == 1.0
+
+
+def test_lm_head_matching_is_skipped_on_untied_models(tmp_path):
+    out = _protect(tmp_path, UNTIED)
+    result = load("lm_head_matching").run(_context(build_tiny(UNTIED), out, _char_ids("prompts", 48).view(1, 48)))
+    assert result.recovery is None and "untied" in result.skipped
+
+
+def test_frequency_deciphers_the_codes_without_weights(tied):
+    """40 requests of English characters: the codes (repeated rows, and the LM head's) fall to unigram and bigram
+    statistics of the public text, far above the most-frequent-token baseline, and more requests help."""
+    ctx = _context(None, *tied[1:])
+    result = load("frequency").run(ctx)
+    d = result.details
+    assert d["distinct_codes"]["rows"] == d["distinct_tokens"]  # the same character, the same row
+    assert result.recovery >= 0.5 > 2 * d["chance_most_frequent"], d
+    ys = d["recovery_rows"]
+    assert ys[-1] > ys[0], ys
+
+
+def test_frequency_says_when_noise_stops_codes_repeating(tied):
+    ctx = _context(None, *tied[1:])
+    g = torch.Generator().manual_seed(3)
+    for obs in ctx.observations:
+        obs.inputs = obs.inputs + 0.01 * torch.randn(obs.inputs.shape, generator=g)
+    d = load("frequency").run(ctx).details
+    assert "do not repeat" in d["rows_note"] and d["recovery_rows"][-1] <= 0.2

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from stip.common.layout import CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE, EMBEDDING_FILE
+from stip.common.layout import (CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE, EMBEDDING_FILE,
+                                MODEL_CONFIG_FILE)
 
 
 # --- the attacker's view ---------------------------------------------------------------------------------------
@@ -28,9 +29,14 @@ def server_config(server_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def is_tied(server_dir: Path) -> bool:
-    """Whether the served model ties its LM head to its input embedding (transformers' default is tied)."""
-    cfg = server_config(server_dir)
+def is_tied(ctx) -> bool:
+    """Whether the protected model ties its LM head to its input embedding. The server bundle's own config says
+    untied (its embedding is dropped), so this is the architecture's public fact: the reference's config, else the
+    model's config as published with the client bundle (transformers' default is tied)."""
+    if ctx.reference is not None:
+        return bool(getattr(ctx.reference.config, "tie_word_embeddings", True))
+    path = Path(ctx.truth.bundle_dir) / CLIENT_DIR / MODEL_CONFIG_FILE
+    cfg = json.loads(path.read_text()) if path.is_file() else server_config(ctx.server_dir)
     cfg = cfg.get("text_config", cfg)
     return bool(cfg.get("tie_word_embeddings", True))
 
@@ -73,9 +79,9 @@ def nearest_rows(queries: torch.Tensor, table: torch.Tensor, chunk: int = 1024) 
     for start in range(0, queries.shape[0], chunk):
         q = queries[start:start + chunk]
         d2 = sq[None, :] - 2 * q @ table.T + (q * q).sum(1, keepdim=True)
-        v, i = d2.min(1)
+        i = d2.argmin(1)
         idx.append(i)
-        dist.append(v.clamp_min(0).sqrt())
+        dist.append((q - table[i]).norm(dim=1))  # exact, not the expansion's rounding
     if not idx:
         return torch.empty(0, dtype=torch.long), torch.empty(0)
     return torch.cat(idx), torch.cat(dist)
