@@ -147,3 +147,24 @@ def test_frequency_says_when_noise_stops_codes_repeating(tied):
         obs.inputs = obs.inputs + 0.01 * torch.randn(obs.inputs.shape, generator=g)
     d = load("frequency").run(ctx).details
     assert "do not repeat" in d["rows_note"] and d["recovery_rows"][-1] <= 0.2
+
+
+def test_invariants_match_norms_and_inner_products(tied):
+    """(a) norms and the request's Gram matrix against the public table, (b) hidden states' norms and inner
+    products at a captured block, with the reference weights: both far above chance (1/97)."""
+    result = load("invariants").run(_context(*tied[:2], tied[2][:4], hidden_layers=(1,)))
+    d = result.details
+    assert d["recovery_norm_only"] >= 0.9 and d["recovery_norm_gram"] >= 0.9, d
+    assert d["layer_b"] == 1 and d["positions_b"] == 3 * 16 and d["recovery_hidden"] >= 0.9, d
+
+
+def test_invariants_survive_a_dense_orthogonal_mixing(tied):
+    """Mix the observed rows and states with a random orthogonal matrix (what dense mixing does): the same
+    recovery, since norms and inner products do not change."""
+    ctx = _context(*tied[:2], tied[2][:4], hidden_layers=(1,))
+    q, _ = torch.linalg.qr(torch.randn(48, 48, generator=torch.Generator().manual_seed(4)))
+    for obs in ctx.observations:
+        obs.inputs = obs.inputs @ q
+        obs.hidden = {k: v @ q for k, v in obs.hidden.items()}
+    d = load("invariants").run(ctx).details
+    assert d["recovery_norm_gram"] >= 0.9 and d["recovery_hidden"] >= 0.9, d
