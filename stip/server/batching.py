@@ -34,6 +34,8 @@ class BatchedEngine(Engine):
 
     name = "transformers (batched)"
     last_rows = 0  # rows in the last step_batch
+    # `stip serve --capture` (stip.server.capture): steps -> observe(layer, packed h) for one forward; None: off
+    hidden_observer = None
 
     def __init__(self, model, manifest: dict | None = None):
         ref = TransformersEngine(model, manifest)  # same metadata as the serial engine
@@ -150,7 +152,8 @@ class BatchedEngine(Engine):
             spans.append((first, len(keep)))
             offset += t
         x = torch.cat([s.embeds for s in steps]).to(device=self.device, dtype=self.dtype)
-        logits = self.decoder.forward(x, rows, torch.tensor(keep, dtype=torch.long, device=self.device))
+        observe = self.hidden_observer(steps) if self.hidden_observer is not None else None
+        logits = self.decoder.forward(x, rows, torch.tensor(keep, dtype=torch.long, device=self.device), observe)
         for step in steps:
             step.state.length += step.embeds.shape[0]
         logits = logits.float()

@@ -153,18 +153,23 @@ class PackedDecoder:
         return h + layer.mlp(layer.ln_2(h))
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, rows: list[Row], keep: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, rows: list[Row], keep: torch.Tensor, observe=None) -> torch.Tensor:
         """embeds [N, d]: the rows' new tokens, packed in row order. Returns logits [len(keep), V] (model dtype)
-        for the packed positions in `keep`; each row's cache gets its new keys and values."""
+        for the packed positions in `keep`; each row's cache gets its new keys and values. `observe(i, h)`, if
+        given, sees the packed hidden state [1, N, d] after layer i (`stip serve --capture`)."""
         positions = torch.cat([torch.arange(r.start, r.start + r.t) for r in rows]).to(embeds.device).unsqueeze(0)
         h = embeds.unsqueeze(0)
         if self.family == "gpt2":
             h = h + self.wpe(positions).to(h.dtype)
             for i, layer in enumerate(self.layers):
                 h = self._gpt2_layer(i, layer, h, rows)
+                if observe is not None:
+                    observe(i, h)
         else:
             cos, sin = self.rotary(h, positions)
             for i, layer in enumerate(self.layers):
                 h = self._rope_layer(i, layer, h, cos, sin, rows)
+                if observe is not None:
+                    observe(i, h)
         h = self.final_norm(h[:, keep])
         return self.lm_head(h)[0]

@@ -1,0 +1,44 @@
+"""Read a `stip serve --capture DIR` folder back as the attacker's observations (stip.server.capture writes it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stip.audit.context import Observation
+from stip.errors import StipError
+
+INDEX_FILE = "index.jsonl"  # the same name stip.server.capture writes
+
+
+def read_index(folder: str | Path) -> list[dict]:
+    """The index lines in arrival order ({"seq", "file", "session", "kind", "start", "rows"})."""
+    path = Path(folder) / INDEX_FILE
+    if not path.is_file():
+        raise StipError(f"{folder} is not a capture folder (no {INDEX_FILE}; see `stip serve --capture`)")
+    entries = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise StipError(f"{path}: line {n} is not JSON") from None
+    return sorted(entries, key=lambda e: int(e["seq"]))
+
+
+def read_capture(folder: str | Path) -> list[Observation]:
+    """Every captured step as an `Observation` (inputs [T, d], hidden {layer: [T, d]}, meta: session, kind, start,
+    seq), in the order the server received them."""
+    from safetensors.torch import load_file
+
+    out = []
+    for entry in read_index(folder):
+        tensors = load_file(str(Path(folder) / entry["file"]))
+        hidden = {int(name.split(".", 1)[1]): t for name, t in tensors.items() if name.startswith("hidden.")}
+        meta = {k: entry[k] for k in ("seq", "session", "kind", "start") if k in entry}
+        inputs = tensors["inputs"]
+        if inputs.shape[0] != int(entry.get("rows", inputs.shape[0])):
+            raise StipError(f"{folder}/{entry['file']}: {inputs.shape[0]} rows, but the index says {entry['rows']}")
+        out.append(Observation(inputs, dict(sorted(hidden.items())), meta))
+    return out
