@@ -108,12 +108,41 @@ def verify(
     typer.echo(verify_bundle(bundle, key, trusted=_trust(trust)))
 
 
+@app.command()
+def rekey(
+    model: str = typer.Argument(..., help="the model the old bundle was protected from (folder, .gguf or 'smollm2')"),
+    from_dir: Path = typer.Option(..., "--from", help="the old protected folder (its developer/ gives the options "
+                                  "and the signing key)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the new protected folder"),
+    signing_key: Optional[Path] = typer.Option(None, help="sign with this key instead of the old folder's"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    trust: list[str] = typer.Option([], help=TRUST_HELP),
+):
+    """Issue a fresh key and bundle for MODEL with the old folder's options; serve both while clients move
+    (docs/contexts.md)."""
+    from stip.common.signing import pin
+    from stip.developer.rekey import rekey as run_rekey
+    from stip.models import resolve_model
+
+    r = run_rekey(resolve_model(model), from_dir, out, overwrite=overwrite, progress=not quiet,
+                  signing_key=signing_key, trusted=_trust(trust))
+    typer.echo(f"rekeyed {model}: {from_dir} -> {out}\n"
+               f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB)\n"
+               f"  client bundle    {r.client}  (client key {r.client_fingerprint})\n"
+               f"  developer key    {r.developer_key}  ({r.developer_fingerprint}; keep secret)\n"
+               f"  signer           {pin(r.signer)}  ({'new' if r.new_signing_key else 'unchanged'})\n"
+               f"  bundle id        {r.bundle_id}  (new)\n"
+               f"serve both: stip serve {from_dir / 'server'} {r.server}")
+
+
 # ---------------------------------------------------------------- model server
 
 
 @app.command()
 def serve(
-    bundle: Path = typer.Argument(..., help="the server bundle folder"),
+    bundle: list[Path] = typer.Argument(..., help="the server bundle folder; several serve side by side, one context "
+                                        "(key) each, routed by bundle id (docs/contexts.md)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs a token"),
     port: int = typer.Option(8000),
     token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN", help="bearer token clients must present"),
@@ -156,6 +185,10 @@ def serve(
     tee_worker: bool = typer.Option(False, "--tee-worker", help="TEE mode: serve the enclave's WebSocket "
                                     "(block 0's padded linears, the LM head, blocks 1..L-1) instead of client "
                                     "sessions (docs/tee.md)"),
+    capture: Optional[Path] = typer.Option(None, help="AUDIT ONLY: write every input row the server receives, and "
+                                           "hidden states, to this new folder for `stip audit` (docs/audit.md)"),
+    capture_layers: Optional[str] = typer.Option(None, help="with --capture: decoder layers whose output to record, "
+                                                 "e.g. 0,15,29 (default: first, middle, last)"),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
@@ -169,7 +202,7 @@ def serve(
                threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
                trusted=_trust(trust), engine_kind=engine, prefill_chunk=prefill_chunk,
-               batching=batching, tee_worker=tee_worker,
+               batching=batching, tee_worker=tee_worker, capture=capture, capture_layers=capture_layers,
                vllm_options=_vllm_options(engine, vllm_arg, tensor_parallel_size=tensor_parallel_size,
                                           pipeline_parallel_size=pipeline_parallel_size, max_num_seqs=max_num_seqs,
                                           gpu_memory_utilization=gpu_memory_utilization))
@@ -404,6 +437,38 @@ def bench(
     from stip.bench import run_bench
 
     run_bench(quick=quick, out=out, parts=part or None)
+
+
+# ---------------------------------------------------------------- auditor
+
+
+@app.command()
+def audit(
+    bundle: Path = typer.Argument(..., help="the folder `stip protect MODEL --out DIR` wrote (server/, client/)"),
+    out: Path = typer.Option(..., "--out", "-o", help="report folder: report.md, report.json, plots"),
+    reference: Optional[str] = typer.Option(None, help="the public weights the attacker holds: smollm2 or a Hugging "
+                                            "Face folder (default: none; attacks that need them are skipped)"),
+    attacks: Optional[str] = typer.Option(None, help="comma-separated attacks to run (default: all)"),
+    prompts: Optional[int] = typer.Option(None, help="requests to send (default 16; --quick 4)"),
+    prompt_tokens: Optional[int] = typer.Option(None, help="tokens per request (default 32; --quick 16)"),
+    capture_layers: Optional[str] = typer.Option(None, help="decoder layers whose output the server records "
+                                                 "(default: first, middle, last)"),
+    quick: bool = typer.Option(False, help="small budgets (a smoke run)"),
+    force: bool = typer.Option(False, help="replace a non-empty report folder"),
+    keep_capture: bool = typer.Option(False, help="also keep the raw capture in OUT/capture"),
+    seed: int = typer.Option(0),
+):
+    """Attack a protected model the way its server could, and report what each attack recovers (docs/audit.md)."""
+    from stip.audit.report import fmt_recovery, status
+    from stip.audit.run import run_audit
+
+    report = run_audit(bundle, out, reference=reference, attacks=attacks, prompts=prompts,
+                       prompt_tokens=prompt_tokens, capture_layers=capture_layers, quick=quick, force=force,
+                       keep_capture=keep_capture, seed=seed)
+    typer.echo(f"audit of {bundle} (mode {report['mode']}), {report['seconds']:.0f} s:")
+    for a in report["attacks"]:
+        typer.echo(f"  {a['name']:<22} {fmt_recovery(a):>8}  {a.get('unit', '')}  {status(a)}")
+    typer.echo(f"report: {out / 'report.md'}")
 
 
 def main() -> None:

@@ -209,8 +209,15 @@ class Client:
         if trusted is not None:  # a bundle loaded earlier must come from the pinned signer too
             check_pinned(self.bundle.signer, f"client bundle {self.bundle.path}", trusted)
         self.downlink = Downlink(kind=downlink, k=min(int(k), self.bundle.vocab_size))
-        self.connection = Connection(server_url, token=token, timeout=timeout, ca_file=ca_file, insecure=insecure)
-        health = self.connection.info()  # GET /v1/info (needs the token): bundle id, signer, limits
+        self.connection = Connection(server_url, token=token, timeout=timeout, ca_file=ca_file, insecure=insecure,
+                                     bundle_id=self.bundle.bundle_id)  # the context a multi-bundle server routes to
+        try:
+            health = self.connection.info()  # GET /v1/info (needs the token): bundle id, signer, limits
+        except StipServerError as e:
+            if e.status != 404:
+                raise
+            raise KeyMismatchError(f"the server at {server_url} does not serve this client bundle ({self.bundle.path}, "
+                                   f"bundle {self.bundle.bundle_id}): {e}") from None
         served = health.get("bundle_id")
         if served != self.bundle.bundle_id:
             raise KeyMismatchError(

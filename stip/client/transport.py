@@ -169,8 +169,11 @@ class Connection:
     """
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0,
-                 ca_file: str | os.PathLike | None = None, insecure: bool = False):
+                 ca_file: str | os.PathLike | None = None, insecure: bool = False, bundle_id: str | None = None):
+        """`bundle_id`: the context (client bundle) every request is for, sent in the X-STIP-Bundle header, so that a
+        server with several contexts routes it (`stip.server.contexts`); None sends none."""
         self.url = url.rstrip("/")
+        self.bundle_id = bundle_id
         self.token = token if token is not None else (os.environ.get("STIP_TOKEN") or None)
         self.timeout = timeout
         self.ca_file = ca_file
@@ -193,7 +196,10 @@ class Connection:
         self._opener = urllib.request.build_opener(*handlers)
 
     def _headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if self.bundle_id:
+            headers[wire.BUNDLE_HEADER] = self.bundle_id
+        return headers
 
     def _get(self, path: str) -> bytes:
         return self._open(urllib.request.Request(_http_url(self.url, path), headers=self._headers()), path,

@@ -43,6 +43,7 @@ import torch
 PROTOCOL_VERSION = 2  # 2: top-k replies carry each row's logsumexp
 SESSION_PATH = "/v1/session"
 ENCODE_PATH = "/v1/encode"  # one-shot models (stip.server.encode_route): one request frame, one reply frame
+BUNDLE_HEADER = "X-STIP-Bundle"  # the bundle id (context) a request is for (stip.server.contexts)
 HEADER_LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_DEPTH = 16  # nesting of JSON objects/arrays in a header (deeper ones are refused before parsing)

@@ -36,6 +36,7 @@ from stip.common.tasks import ONE_SHOT_TASKS, TEXT_GENERATION
 from stip.errors import StipError
 from stip.server.auth import Authenticator, AuthError, Principal, load_key_file
 from stip.server.budget import Admission, AdmissionError, Quota, default_budget_tokens
+from stip.server.contexts import ContextError, Contexts
 from stip.server.encode_route import ENCODE_PATH, add_encode_route
 from stip.server.engine import Engine, TokenEngine, TopK
 from stip.server.metrics import Metrics
@@ -85,7 +86,10 @@ def _short(value, limit: int = 80) -> str:
 class StipService:
     """Everything one server process holds: engine, worker thread, sessions, metrics."""
 
-    def __init__(self, engine: Engine, settings: Settings, bundle_id: str = ""):
+    def __init__(self, engine: Engine, settings: Settings, bundle_id: str = "", *, auth: Authenticator | None = None,
+                 admission: Admission | None = None, metrics: Metrics | None = None):
+        """`auth`, `admission` and `metrics` are shared when one server serves several contexts
+        (`stip.server.contexts`): one key file, one session limit and KV budget, one /metrics for all of them."""
         self.engine, self.settings, self.bundle_id = engine, settings, bundle_id
         limit = settings.max_seq_len
         if engine.max_positions:
@@ -99,19 +103,19 @@ class StipService:
         self.worker = ThreadPoolExecutor(max_workers=max(1, min(getattr(engine, "concurrent_steps", 1),
                                                                 settings.max_sessions + 1)),
                                          thread_name_prefix="stip-engine")
-        self.admission = Admission(settings.kv_budget_tokens or settings.max_sessions * limit,
-                                   settings.max_sessions, engine.kv_bytes_per_token)
-        self.auth = Authenticator(settings.token, settings.api_keys, settings.client_quota,
-                                  key_default_quota(settings.client_quota, settings.max_sessions,
-                                                    self.admission.total))
+        self.admission = admission or Admission(settings.kv_budget_tokens or settings.max_sessions * limit,
+                                                settings.max_sessions, engine.kv_bytes_per_token)
+        self.auth = auth or Authenticator(settings.token, settings.api_keys, settings.client_quota,
+                                          key_default_quota(settings.client_quota, settings.max_sessions,
+                                                            self.admission.total))
         self._auth_generation = self.auth.generation
         self.sessions = SessionManager(getattr(engine, "new_state", lambda: None), self._free_state,
                                        settings.session_ttl)
         self.waiting = 0  # steps handed to the worker pool that have not started (the serial engine's queue)
         self._waiting_lock = threading.Lock()
-        self.metrics = Metrics(lambda: len(self.sessions), lambda: self.sessions.kv_caches,
-                               lambda: self.sessions.kv_tokens, lambda: self.admission.used,
-                               lambda: self.admission.total, self.engine_stats)
+        self.metrics = metrics or Metrics(lambda: len(self.sessions), lambda: self.sessions.kv_caches,
+                                          lambda: self.sessions.kv_tokens, lambda: self.admission.used,
+                                          lambda: self.admission.total, self.engine_stats)
         inner = engine  # the scheduler, possibly under a server-decode engine, feeds the rows-per-tick histogram
         while inner is not None and not hasattr(inner, "add_tick_observer"):
             inner = getattr(inner, "engine", None)
@@ -406,22 +410,40 @@ def refused(status: int, message: str) -> JSONResponse:
     return JSONResponse({"ok": False, "status": status, "error": message}, status_code=status, headers=headers)
 
 
-def add_http_routes(app: FastAPI, service: StipService) -> None:
-    """/health for anyone (up or not, nothing else); /v1/info and /metrics behind a key."""
+def no_context(e: ContextError) -> JSONResponse:
+    """A request naming no context on a several-context server (400), or a bundle it does not serve (404)."""
+    return JSONResponse({"ok": False, "status": e.status, "error": str(e)}, status_code=e.status)
+
+
+def add_http_routes(app: FastAPI, contexts: Contexts) -> None:
+    """/health for anyone (up or not, nothing else); /v1/info (of the context the request names), /v1/contexts and
+    /metrics behind a key."""
+    service = contexts.first  # auth and metrics are shared by all contexts
 
     def caller(request: Request) -> Principal:
         return service.auth.authenticate(request.headers.get("authorization"))
 
     @app.get("/health")
     async def health():
-        return service.health()
+        return contexts.health()
 
     @app.get("/v1/info")
     async def info(request: Request):
         try:
-            return service.info(caller(request))
+            who = caller(request)
+            return contexts.pick(request.headers).info(who)
         except AuthError as e:
             return refused(e.status, str(e))
+        except ContextError as e:
+            return no_context(e)
+
+    @app.get("/v1/contexts")
+    async def context_list(request: Request):
+        try:
+            caller(request)
+        except AuthError as e:
+            return refused(e.status, str(e))
+        return contexts.listing()
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -435,21 +457,28 @@ def add_http_routes(app: FastAPI, service: StipService) -> None:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
 
-def add_session_route(app: FastAPI, service: StipService) -> None:
-    """The session WebSocket: authenticate, open or resume (own sessions only), then one reply per frame."""
+def add_session_route(app: FastAPI, contexts: Contexts) -> None:
+    """The session WebSocket: authenticate, pick the context the client names, open or resume (own sessions only),
+    then one reply per frame."""
 
     async def refuse_frame(websocket: WebSocket, status: int, message: str) -> None:
-        await websocket.send_bytes(service.error_frame(status, message))
+        await websocket.send_bytes(contexts.first.error_frame(status, message))  # metrics are shared
         await websocket.close(4000 + status)
 
     @app.websocket(wire.SESSION_PATH)
     async def session_socket(websocket: WebSocket):
         authorization = websocket.headers.get("authorization")
+        service = contexts.first  # auth and metrics are shared by all contexts
         try:
             who = service.auth.authenticate(authorization)
+            service = contexts.pick(websocket.headers)
         except AuthError as e:
             service.metrics.errors.labels(str(e.status)).inc()
             await websocket.send_denial_response(refused(e.status, str(e)))
+            return
+        except ContextError as e:
+            service.metrics.errors.labels(str(e.status)).inc()
+            await websocket.send_denial_response(no_context(e))
             return
         await websocket.accept()
         if service.task in ONE_SHOT_TASKS:
@@ -510,17 +539,22 @@ def _validation_message(e: ValidationError) -> tuple[int, str]:
     return 422, "; ".join(f"{where(err)}: {err.get('msg')}" for err in errors[:5])
 
 
-def add_generate_route(app: FastAPI, service: StipService) -> None:
+def add_generate_route(app: FastAPI, contexts: Contexts) -> None:
     """POST /v1/generate (server-decode bundles, stip.common.generate): the sessions' auth, quotas and KV admission;
     prompt + max_tokens are reserved before anything runs, and returned when the stream ends or the client leaves."""
 
     @app.post(GENERATE_PATH)
     async def generate(request: Request):
+        service = contexts.first  # auth and metrics are shared by all contexts
         try:
             who = service.auth.authenticate(request.headers.get("authorization"))
+            service = contexts.pick(request.headers)
         except AuthError as e:
             service.metrics.errors.labels(str(e.status)).inc()
             return refused(e.status, str(e))
+        except ContextError as e:
+            service.metrics.errors.labels(str(e.status)).inc()
+            return no_context(e)
 
         def bad(status: int, message: str) -> JSONResponse:
             service.metrics.errors.labels(str(status)).inc()
@@ -575,38 +609,64 @@ def add_generate_route(app: FastAPI, service: StipService) -> None:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-def create_app(engine: Engine, settings: Settings, bundle_id: str = ""):
-    service = StipService(engine, settings, bundle_id)
+def build_contexts(engines: list[tuple[Engine, str]], settings: Settings) -> Contexts:
+    """One `StipService` per (engine, bundle id). A single context is exactly the server of one bundle; several share
+    one Authenticator, one Admission (--max-sessions and the KV budget, counted in tokens of the costliest context,
+    and every client's quota across contexts) and one Metrics (sums over contexts)."""
+    contexts = Contexts([e for e, _ in engines])
+    if len(engines) == 1:
+        contexts.add(StipService(engines[0][0], settings, engines[0][1]))
+        return contexts
+    limit = max(min(settings.max_seq_len, e.max_positions or settings.max_seq_len) for e, _ in engines)
+    admission = Admission(settings.kv_budget_tokens or settings.max_sessions * limit, settings.max_sessions,
+                          max(e.kv_bytes_per_token for e, _ in engines))
+    auth = Authenticator(settings.token, settings.api_keys, settings.client_quota,
+                         key_default_quota(settings.client_quota, settings.max_sessions, admission.total))
+    metrics = Metrics(contexts.sessions, contexts.kv_caches, contexts.kv_tokens, lambda: admission.used,
+                      lambda: admission.total, contexts.engine_stats)
+    for engine, bundle_id in engines:
+        contexts.add(StipService(engine, settings, bundle_id, auth=auth, admission=admission, metrics=metrics))
+    return contexts
+
+
+def create_app(engine: Engine | list[tuple[Engine, str]], settings: Settings, bundle_id: str = ""):
+    """The server's app: one engine and its bundle id, or several contexts [(engine, bundle id), ...] side by side
+    (`stip.server.contexts`)."""
+    contexts = build_contexts(engine if isinstance(engine, list) else [(engine, bundle_id)], settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await service.start()
+        await contexts.start()
         try:
             yield
         finally:
-            await service.stop()
+            await contexts.stop()
 
     app = FastAPI(title="STIP model server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.service = service
+    app.state.service = contexts.first
+    app.state.contexts = contexts
 
-    add_http_routes(app, service)
-    add_session_route(app, service)
-    add_generate_route(app, service)
-    add_encode_route(app, service)
+    add_http_routes(app, contexts)
+    add_session_route(app, contexts)
+    add_generate_route(app, contexts)
+    add_encode_route(app, contexts)
     return app
 
 
-def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-               max_sessions: int = 64, max_seq_len: int = 4096, session_ttl: float = 300.0,
+def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", port: int = 8000,
+               token: str | None = None, max_sessions: int = 64, max_seq_len: int = 4096, session_ttl: float = 300.0,
                max_message_bytes: int | None = None, threads: int | None = None, log_level: str = "info",
                ssl_certfile: str | None = None, ssl_keyfile: str | None = None, dtype: str = "float32",
                device: str = "cpu", trusted=None, api_keys: str | Path | None = None,
                kv_budget_bytes: int | None = None, kv_budget_tokens: int | None = None,
                max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota(),
                engine_kind: str = "transformers", prefill_chunk: int | None = None, batching: bool = True,
-               vllm_options: dict | None = None, tee_worker: bool = False) -> None:
+               vllm_options: dict | None = None, tee_worker: bool = False, capture: str | Path | None = None,
+               capture_layers: str | list[int] | None = None) -> None:
     """Load the server bundle (its signature checked against `trusted`, the developer's pinned signer(s), default
-    $STIP_TRUSTED_SIGNERS) and serve it until interrupted."""
+    $STIP_TRUSTED_SIGNERS) and serve it until interrupted. A list of bundles serves each as its own context, side by
+    side (`stip.server.contexts`; transformers engine only). `capture`: record every step to that folder for
+    `stip audit` (stip.server.capture; off by default)."""
     import uvicorn
 
     token = token or os.environ.get("STIP_TOKEN") or None
@@ -631,6 +691,17 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
         load_key_file(api_keys)  # a bad key file stops here, before the model loads
     if threads:
         torch.set_num_threads(threads)
+    bundles = list(bundle) if isinstance(bundle, (list, tuple)) else [bundle]
+    if not bundles:
+        raise StipError("no server bundle given")
+    if len(bundles) > 1 and (tee_worker or engine_kind == "vllm"):
+        raise StipError(f"several contexts in one server run on the transformers engine, not "
+                        f"{'--tee-worker' if tee_worker else '--engine vllm'}: run one `stip serve` per bundle "
+                        f"(docs/contexts.md)")
+    bundle = bundles[0]
+    if capture is not None and (tee_worker or engine_kind != "transformers" or len(bundles) > 1):
+        raise StipError("--capture records the client sessions of one bundle on the transformers engine (not "
+                        "--tee-worker, --engine vllm or several contexts)")
     if tee_worker:  # TEE mode: the enclave's WebSocket instead of client sessions (stip.server.tee_route)
         if engine_kind != "transformers":
             raise StipError("--tee-worker runs the transformers engine only")
@@ -642,30 +713,52 @@ def run_server(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, to
 
     from stip.server.engine import load_engine
 
-    engine = load_engine(engine_kind, bundle, dtype=wire.DTYPES[dtype], device=device, chunk_tokens=prefill_chunk,
-                         batching=batching, vllm_options=vllm_options, trusted=trusted)
-    seq_len = min(max_seq_len, engine.max_positions or max_seq_len)
+    engines: list = []
+    for path in bundles:  # one model in memory per context
+        e = load_engine(engine_kind, path, dtype=wire.DTYPES[dtype], device=device, chunk_tokens=prefill_chunk,
+                        batching=batching, vllm_options=vllm_options, trusted=trusted)
+        engines.append((e, e.manifest.get("bundle_id", "")))
+        seen = [b for _, b in engines[:-1]]
+        if engines[-1][1] in seen:
+            for e, _ in engines:
+                e.close()
+            raise StipError(f"{path} is bundle {engines[-1][1]}, given twice: each context needs its own bundle "
+                            f"(`stip rekey` issues a new one)")
+    if capture is not None:  # stip serve --capture: off by default, and then nothing is wrapped
+        from stip.server.capture import enable_capture, parse_layers
+
+        layers = parse_layers(capture_layers) if isinstance(capture_layers, str) else capture_layers
+        engines[0] = (enable_capture(engines[0][0], capture, layers), engines[0][1])
+    engine = engines[0][0]
+    kv_bytes = max(e.kv_bytes_per_token for e, _ in engines)  # the budget counts tokens of the costliest context
+    seq_len = max(min(max_seq_len, e.max_positions or max_seq_len) for e, _ in engines)
     if kv_budget_tokens is None and kv_budget_bytes is not None:
-        kv_budget_tokens = max(1, kv_budget_bytes // engine.kv_bytes_per_token)
+        kv_budget_tokens = max(1, kv_budget_bytes // kv_bytes)
     if kv_budget_tokens is None:
-        kv_budget_tokens = default_budget_tokens(engine.kv_bytes_per_token, max_sessions * seq_len, device)
+        kv_budget_tokens = default_budget_tokens(kv_bytes, max_sessions * seq_len, device)
     settings = Settings(token=token, api_keys=str(api_keys) if api_keys else None, max_sessions=max_sessions,
                         max_seq_len=max_seq_len, session_ttl=session_ttl, max_message_bytes=max_message_bytes,
                         kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits, client_quota=client_quota)
-    app = create_app(engine, settings, bundle_id=engine.manifest.get("bundle_id", ""))
-    service: StipService = app.state.service
-    log.info("STIP server: %s model (d=%s, V=%d, %s on %s), bundle %s, max %d sessions, max_seq_len %d, ttl %.0fs, "
-             "torch threads %d", engine.model_type, getattr(engine, "hidden_size", "?"), engine.vocab_size, dtype, device,
-             service.bundle_id, max_sessions, service.max_seq_len, session_ttl, torch.get_num_threads())
+    app = create_app(engines, settings)
+    contexts: Contexts = app.state.contexts
+    for service in contexts.services:
+        engine = service.engine
+        log.info("STIP server: %s model (d=%s, V=%d, %s on %s), bundle %s, max %d sessions, max_seq_len %d, "
+                 "ttl %.0fs, torch threads %d", engine.model_type, getattr(engine, "hidden_size", "?"),
+                 engine.vocab_size, dtype, device, service.bundle_id, max_sessions, service.max_seq_len, session_ttl,
+                 torch.get_num_threads())
+    if len(contexts) > 1:
+        log.info("%d contexts side by side (one model each); requests name theirs in the %s header; sessions and "
+                 "the KV budget are shared", len(contexts), wire.BUNDLE_HEADER)
     log.info("KV budget %d tokens (%.1f MB at %d bytes/token); clients: %s", kv_budget_tokens,
-             kv_budget_tokens * engine.kv_bytes_per_token / 1e6, engine.kv_bytes_per_token,
+             kv_budget_tokens * kv_bytes / 1e6, kv_bytes,
              "API key file" + (" and the token" if token else "") if api_keys else
              ("one token" if token else "anyone on loopback"))
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
         # Larger messages than our limit still reach the app (which answers 413 and keeps the socket); only
         # absurd ones are cut by the protocol layer (close 1009).
-        ws_max_size=2 * service.max_message_bytes + HEADER_SLACK, ws_per_message_deflate=False,
+        ws_max_size=2 * contexts.max_message_bytes + HEADER_SLACK, ws_per_message_deflate=False,
         ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     server.run()

@@ -22,6 +22,7 @@ from stip.common import wire
 from stip.common.generate import GENERATE_PATH
 from stip.server.auth import AuthError
 from stip.server.budget import AdmissionError
+from stip.server.contexts import ContextError
 from stip.server.encoder import REPLY_KIND, EncoderEngine
 
 log = logging.getLogger("stip.server")
@@ -91,11 +92,13 @@ def parse(engine: EncoderEngine, body: bytes, max_reply_bytes: int) -> tuple[tor
     return x, mask
 
 
-def add_encode_route(app: FastAPI, service) -> None:
-    """POST /v1/encode on a one-shot server; on a decoder server it answers 400 naming the model's task."""
+def add_encode_route(app: FastAPI, contexts) -> None:
+    """POST /v1/encode on a one-shot server (to the context the request names, `stip.server.contexts`); on a decoder
+    server it answers 400 naming the model's task."""
+    metrics = contexts.first.metrics  # shared by all contexts
 
     def bad(status: int, message: str) -> JSONResponse:
-        service.metrics.errors.labels(str(status)).inc()
+        metrics.errors.labels(str(status)).inc()
         log.info("encode request error %d: %s", status, message)  # shapes and limits only, never values
         headers = {"WWW-Authenticate": "Bearer"} if status in (401, 403) else {}
         return JSONResponse({"ok": False, "status": status, "error": message}, status_code=status, headers=headers)
@@ -103,8 +106,9 @@ def add_encode_route(app: FastAPI, service) -> None:
     @app.post(ENCODE_PATH)
     async def encode(request: Request):
         try:
-            who = service.auth.authenticate(request.headers.get("authorization"))
-        except AuthError as e:
+            who = contexts.first.auth.authenticate(request.headers.get("authorization"))
+            service = contexts.pick(request.headers)
+        except (AuthError, ContextError) as e:
             return bad(e.status, str(e))
         engine = service.engine
         if not isinstance(engine, EncoderEngine):
