@@ -51,14 +51,23 @@ def plain_model(bundles):
 
 
 @pytest.fixture(scope="module")
-def two_contexts(bundles):
-    """One real `stip serve OLD/server NEW/server` (each on an isolated copy: no client files)."""
+def decode_bundle(bundles, tmp_path_factory):
+    """A server-decode protection of the same model, rekeyed (rekey repeats the mode)."""
+    root = tmp_path_factory.mktemp("rekey-sd")
+    stip.protect(bundles[0], root / "sd", mode="server-decode", progress=False)
+    rekey(bundles[0], root / "sd", root / "sd2", progress=False)
+    return root / "sd2"
+
+
+@pytest.fixture(scope="module")
+def two_contexts(bundles, decode_bundle):
+    """One real `stip serve OLD/server NEW/server SD2/server` (each on an isolated copy: no client files): the old and
+    the rekeyed round-trip context, and a rekeyed server-decode one."""
     _, old, new = bundles
     stack = contextlib.ExitStack()
-    a = stack.enter_context(isolated_server_bundle(old))
-    b = stack.enter_context(isolated_server_bundle(new))
+    dirs = [stack.enter_context(isolated_server_bundle(d)) for d in (old, new, decode_bundle)]
     with stopped_in_background(stack):
-        yield stack.enter_context(local_server(a, b, "--threads", "1", token=TOKEN))
+        yield stack.enter_context(local_server(*dirs, "--threads", "1", token=TOKEN))
 
 
 def test_rekey_draws_a_new_key_with_the_old_options(bundles):
@@ -96,20 +105,20 @@ def test_rekey_refuses_another_model(bundles, tmp_path):
         rekey(shaped, old, tmp_path / "out2", progress=False)
 
 
-def test_rekey_cli_names_the_problem(bundles, tmp_path):
-    _, old, _ = bundles
+def test_rekey_errors_name_the_problem(bundles, tmp_path):
+    plain, old, _ = bundles
+    with pytest.raises(BundleError, match="no developer bundle"):
+        rekey(plain, old / "client", tmp_path / "out", progress=False)
+    with pytest.raises(Exception, match="rekey writes a new one"):
+        rekey(plain, old, old, progress=False)
     r = subprocess.run([sys.executable, "-m", "stip.cli", "rekey", str(tmp_path / "missing"), "--from", str(old),
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, env=server_env(None),
                        timeout=120)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "missing" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "stip.cli", "rekey", str(old), "--from", str(tmp_path),
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True, env=server_env(None),
-                       timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "developer" in r.stderr, r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "missing" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
 
 
-def test_two_contexts_serve_their_own_clients_concurrently(bundles, plain_model, two_contexts):
+def test_contexts_serve_their_own_clients_concurrently(bundles, decode_bundle, plain_model, two_contexts):
     _, old, new = bundles
     expected = plain_greedy(plain_model, PROMPT, 24)
 
@@ -117,11 +126,13 @@ def test_two_contexts_serve_their_own_clients_concurrently(bundles, plain_model,
         return Client(folder / "client", two_contexts.url, token=TOKEN).generate(ids=PROMPT, max_tokens=24).token_ids
 
     with ThreadPoolExecutor(4) as pool:
-        outs = list(pool.map(generate, [old, new, old, new]))
-    assert outs == [expected] * 4
-    ids = [c["bundle_id"] for c in json.loads(two_contexts._get("/v1/contexts"))["contexts"]]
-    assert ids == [ClientBundle.load(old / "client").bundle_id, ClientBundle.load(new / "client").bundle_id]
-    assert two_contexts.health()["contexts"] == 2
+        outs = list(pool.map(generate, [old, new, decode_bundle, old, new]))
+    assert outs == [expected] * 5
+    listed = json.loads(two_contexts._get("/v1/contexts"))["contexts"]
+    assert [c["bundle_id"] for c in listed] == [ClientBundle.load(d / "client").bundle_id
+                                                for d in (old, new, decode_bundle)]
+    assert [c["mode"] for c in listed] == ["round-trip", "round-trip", "server-decode"]
+    assert two_contexts.health()["contexts"] == 3
 
 
 def test_unknown_or_missing_bundle_gets_a_clear_4xx(bundles, plain_model, tmp_path, two_contexts):
