@@ -85,6 +85,24 @@ def test_rekey_draws_a_new_key_with_the_old_options(bundles):
     assert m_new["mode"] == m_old["mode"] and m_new["signer"] == m_old["signer"]  # same signer: pins still hold
 
 
+def test_rekey_repeats_the_hardening(bundles, tmp_path):
+    import inspect
+
+    from stip.developer.protect import protect
+
+    if "harden" not in inspect.signature(protect).parameters:
+        pytest.skip("this protect has no hardened modes")
+    plain = bundles[0]
+    protect(plain, tmp_path / "old", progress=False, harden="all", noise=0.01)
+    rekey(plain, tmp_path / "old", tmp_path / "new", progress=False)
+    old, new = (json.loads((tmp_path / d / "developer" / "stip-manifest.json").read_text()) for d in ("old", "new"))
+    assert new["bundle_id"] != old["bundle_id"]
+    assert (new["harden"], new["noise"]) == (old["harden"], old["noise"]) and old["harden"] and old["noise"] == 0.01
+    k_old, k_new = (DeveloperKey.load(tmp_path / d / "developer" / "developer.stipkey") for d in ("old", "new"))
+    r_old, r_new = k_old.client.residual_matrix(), k_new.client.residual_matrix()
+    assert r_old.shape == r_new.shape and not torch.allclose(r_old, r_new)
+
+
 def test_old_key_does_not_fit_the_new_bundle(bundles, tmp_path):
     _, old, new = bundles
     swapped = tmp_path / "client"
