@@ -171,3 +171,21 @@ def test_unknown_or_missing_bundle_gets_a_clear_4xx(bundles, plain_model, tmp_pa
     g = Client(new / "client", two_contexts.url, token=TOKEN).generate(ids=PROMPT, max_tokens=8)
     assert g.token_ids == plain_greedy(plain_model, PROMPT, 8)
     assert two_contexts.alive
+
+
+def test_sessions_and_limits_are_per_server_not_per_context(bundles, two_contexts):
+    _, old, new = bundles
+    a, b = (Connection(two_contexts.url, token=TOKEN, bundle_id=ClientBundle.load(d / "client").bundle_id)
+            for d in (old, new))
+    session = a.open_session()
+    try:
+        assert a.info()["sessions"] == b.info()["sessions"] == 1  # one client's quota spans the contexts
+        assert a.info()["kv_budget_tokens"] == b.info()["kv_budget_tokens"]
+        sid = session.id
+        session.detach()
+        with pytest.raises(StipServerError, match="unknown or expired session"):
+            b.open_session(resume=sid)  # a session lives in the context that opened it
+        session = a.open_session(resume=sid)
+    finally:
+        session.close()
+    assert a.info()["sessions"] == 0
