@@ -21,6 +21,7 @@ import torch
 
 from stip.client.bundle import ClientBundle
 from stip.client.transport import Connection, Downlink
+from tests.models import build_tiny
 from tests.parties import ServerPipeline, serve
 
 NAME = "llama-gqa-untied"  # 3 layers, d = 48, vocab 97, no tokenizer
@@ -115,6 +116,9 @@ def _broken(ctx):
 
 
 def test_run_audit_end_to_end(protected, tmp_path, monkeypatch):
+    """The table command on the tiny model (a mode stip protect refuses is skipped, saying so); its paper row is
+    run_audit through a real capturing server, whose report is checked here."""
+    from bench import audit_table
     from stip.audit import attacks as registry
     from stip.audit import run as audit_run
     from stip.audit.capture import read_capture
@@ -125,13 +129,15 @@ def test_run_audit_end_to_end(protected, tmp_path, monkeypatch):
     monkeypatch.setattr(audit_run, "ATTACKS", names)
     monkeypatch.setitem(sys.modules, "stip.audit.attacks.broken",
                         types.SimpleNamespace(NAME="broken", TITLE="A broken attack", run=_broken))
-    report = audit_run.run_audit(out, tmp_path / "report", reference=plain, quick=True, prompts=3, prompt_tokens=12,
-                                 attacks=["known_plaintext", "vocab_matching", "distance_correlation", "broken",
-                                          "ghost"], keep_capture=True)
-    on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert on_disk["mode"] == report["mode"] == "paper"
+    chosen = ["known_plaintext", "vocab_matching", "distance_correlation", "broken", "ghost"]
+    table = audit_table.main(["--model", str(plain), "--modes", "paper,nonsense", "--quick", "--attacks",
+                              ",".join(chosen), "--prompts", "3", "--prompt-tokens", "12", "--keep-capture",
+                              "--out", str(tmp_path)])
+    report_dir = tmp_path / "paper"
+    on_disk = json.loads((report_dir / "report.json").read_text())
+    assert on_disk["mode"] == table["rows"][0]["report"]["mode"] == "paper"
     by_name = {a["name"]: a for a in on_disk["attacks"]}
-    assert list(by_name) == ["known_plaintext", "vocab_matching", "distance_correlation", "broken", "ghost"]
+    assert list(by_name) == chosen
     assert by_name["known_plaintext"]["recovery"] == 1.0  # one (x, x p) pair gives the paper's p
     assert by_name["vocab_matching"]["recovery"] >= 0.95
     assert by_name["broken"]["skipped"].startswith("error: RuntimeError: this attack is broken on purpose")
@@ -139,18 +145,26 @@ def test_run_audit_end_to_end(protected, tmp_path, monkeypatch):
     traffic = on_disk["traffic"]
     assert (traffic["prompts"], traffic["observations"], traffic["rows"]) == (3, 6, 3 * 13)
 
-    md = (tmp_path / "report" / "report.md").read_text()
+    md = (report_dir / "report.md").read_text()
     assert "error: RuntimeError" in md and "not implemented" in md
-    pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    pngs = sorted(p.name for p in report_dir.glob("*.png"))
     assert pngs and all(f"]({name})" in md for name in pngs)
 
-    # the driver's truth: the prefill rows are the client's embedding of the prompts it sent
-    client = ClientBundle.load(out / "client")
-    prompts = audit_run.prompt_ids(audit_run.CharTokenizer(client.vocab_size), 3, 12)
-    prefills = [o for o in read_capture(tmp_path / "report" / "capture") if o.meta["kind"] == "prefill"]
+    # the driver's truth: its prompts, whose rows the server got under a signed permutation (same sorted |values|)
+    table_rows = build_tiny(NAME).get_input_embeddings().weight.detach()
+    prompts = audit_run.prompt_ids(audit_run.CharTokenizer(table_rows.shape[0]), 3, 12)
+    prefills = [o for o in read_capture(report_dir / "capture") if o.meta["kind"] == "prefill"][:3]
     assert [o.inputs.shape[0] for o in prefills] == [12, 12, 12]
     for obs, ids in zip(prefills, prompts):
-        assert torch.equal(obs.inputs, client.embed(torch.tensor(ids)))
+        torch.testing.assert_close(obs.inputs.abs().sort(-1).values, table_rows[ids].abs().sort(-1).values)
+
+    # the table: the paper row measured through the real server (lossless), the unknown mode skipped
+    paper, nonsense = table["rows"]
+    assert paper["quality"]["top1_agreement"] == 1.0 and abs(paper["quality"]["ppl_change"]) < 1e-4
+    assert "unknown hardening option" in nonsense["skipped"] or "no hardened modes" in nonsense["skipped"]
+    text = (tmp_path / "table.md").read_text()
+    assert "| paper | 100.0% |" in text and "skipped:" in text and "Hidden No More" in text
+    assert json.loads((tmp_path / "table.json").read_text())["modes"] == ["paper", "nonsense"]
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:

@@ -124,9 +124,10 @@ def prompt_ids(tokenizer, n: int, k: int) -> list[list[int]]:
 
 
 def capture_traffic(bundle_dir: Path, capture_dir: Path, prompts: list[list[int]], generate: int,
-                    capture_layers: str | None, threads: int | None = None) -> list[list[int]]:
+                    capture_layers: str | None, threads: int | None = None, while_serving=None) -> list[list[int]]:
     """Run a real `stip serve DIR/server --capture` and send each prompt through `stip.Client` (greedy, prefill plus
-    `generate` decode steps, one session each). Returns each session's context: prompt ids + generated ids."""
+    `generate` decode steps, one session each). Returns each session's context: prompt ids + generated ids.
+    `while_serving(url, token)` runs after those requests on the same server (its sessions are not audited)."""
     from stip.client.sdk import Client
     from stip.server.launch import local_server
 
@@ -142,6 +143,8 @@ def capture_traffic(bundle_dir: Path, capture_dir: Path, prompts: list[list[int]
         for ids in prompts:
             gen = client.generate(ids=ids, max_tokens=generate + 1, temperature=0.0)
             contexts.append(list(ids) + list(gen.token_ids))
+        if while_serving is not None:
+            while_serving(server.url, token)
     return contexts
 
 
@@ -190,13 +193,16 @@ def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path
               attacks: list[str] | tuple[str, ...] | str | None = None, prompts: int | None = None,
               prompt_tokens: int | None = None, capture_layers: str | list[int] | None = None,
               settings: dict[str, Any] | None = None, seed: int = 0, quick: bool = False, force: bool = False,
-              keep_capture: bool = False, generate: int | None = None, threads: int | None = None) -> dict:
+              keep_capture: bool = False, generate: int | None = None, threads: int | None = None,
+              while_serving=None) -> dict:
     """Audit the protected folder `bundle_dir` (server/, client/, developer/) and write the report to `out_dir`
     (report.json, report.md, plots; with `keep_capture` also the raw capture). Returns the report's dict.
 
     `reference`: the public weights the attacker holds (a packaged name such as "smollm2", a local HF folder, a
     loaded model, or None: attacks that need weights are skipped). `attacks`: names from `ATTACKS` (default all).
-    `settings`: per-attack knobs ({"vocab_matching": {...}}) and sizes (see DEFAULTS); `quick`: small budgets."""
+    `settings`: per-attack knobs ({"vocab_matching": {...}}) and sizes (see DEFAULTS); `quick`: small budgets.
+    `while_serving(url, token)`: more work on the same real server after the audit's requests (the table command
+    measures accuracy there); the sessions it opens are left out of the audit."""
     t_start = time.perf_counter()
     bundle_dir = check_bundle(bundle_dir)
     out_dir = check_out_dir(out_dir, force)
@@ -229,8 +235,10 @@ def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path
         capture_dir = Path(tmp) / "capture"
         t0 = time.perf_counter()
         log.info("audit: sending %d prompts of %d tokens to a capturing server", len(requests), sizes["prompt_tokens"])
-        contexts = capture_traffic(bundle_dir, capture_dir, requests, sizes["generate"], capture_layers, threads)
-        observations = read_capture(capture_dir)
+        contexts = capture_traffic(bundle_dir, capture_dir, requests, sizes["generate"], capture_layers, threads,
+                                   while_serving)
+        # sessions are numbered in order of arrival, and the audit's requests came first, one after another
+        observations = [o for o in read_capture(capture_dir) if int(o.meta["session"]) < len(contexts)]
         capture_s = time.perf_counter() - t0
         truth = Truth(truth_ids(observations, contexts), bundle_dir)
         ctx = AuditContext(

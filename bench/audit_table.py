@@ -1,0 +1,259 @@
+"""The README's privacy table: every protection mode against every `stip audit` attack, with its accuracy cost.
+
+    python -m bench.audit_table                                   # SmolLM2: paper, mix, all, all+noise=0.01
+    python -m bench.audit_table --modes paper,all+noise=0.01 --quick --model DIR --out /tmp/x   # a tiny model
+
+For each mode (`paper` = the default scheme; otherwise `+`-joined `stip protect --harden` options and `noise=SIGMA`)
+it protects the model into a temporary folder, runs `stip.audit.run.run_audit` on it (a real capturing
+`stip serve`, the real client; the attacker holds the public weights), and, on that same server after the audit's
+requests, measures what the protection costs: each held-out window is sent as a user sends it (the client's
+embedding, its noise where the mode adds it, one all-positions prefill with the full-logits downlink) and compared
+with the plain model's own logits: top-1 agreement, and perplexity on the held-out text. A mode whose options
+`stip protect` does not know is skipped, saying so.
+
+Writes OUT/table.md and OUT/table.json, and each mode's full report in OUT/<mode>/. A run on a tree with
+uncommitted changes is marked DIRTY TREE (not for committing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path("bench/results/audit")
+MODES = "paper,mix,all,all+noise=0.01"
+FULL = {"heldout_tokens": 512, "window": 128}
+QUICK = {"heldout_tokens": 64, "window": 32}
+
+# Published numbers, beside ours (cited as the papers give them).
+PUBLISHED = [
+    ("STIP paper's scheme (permutations), vocabulary matching", "Hidden No More, arXiv 2505.18332",
+     "97.6-100% of tokens recovered on Llama-3.1-8B and Gemma-2-2B"),
+    ("AloePri", "arXiv 2603.01499", "under 5% token recovery at 0-3.5% accuracy loss"),
+    ("STIP paper, Table V (fine-tuning attack), loss / accuracy / perplexity", "STIP, NDSS 2026",
+     "original 3.42 / 0.38 / 31; transformed 6.82 / 0.15 / 919; scratch 6.29 / 0.18 / 538; "
+     "adapter 9.54 / 0.11 / 13963"),
+]
+
+
+def parse_mode(mode: str) -> tuple[tuple[str, ...], float]:
+    """"paper" -> ((), 0); "all+noise=0.01" -> (("all",), 0.01)."""
+    harden, noise = [], 0.0
+    for part in mode.split("+"):
+        part = part.strip()
+        if not part or part == "paper":
+            continue
+        if part.startswith("noise="):
+            try:
+                noise = float(part.split("=", 1)[1])
+            except ValueError:
+                raise SystemExit(f"error: mode {mode!r}: {part!r} is not noise=SIGMA") from None
+        else:
+            harden.append(part)
+    return tuple(harden), noise
+
+
+def slug(mode: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=+_-]+", "-", mode)
+
+
+def protect_mode(model: str, out: Path, mode: str) -> str | None:
+    """Protect `model` in `mode` into `out`; None, or why the mode cannot be made here."""
+    import stip
+
+    harden, noise = parse_mode(mode)
+    kw = {}
+    if harden:
+        kw["harden"] = harden
+    if noise:
+        kw["noise"] = noise
+    try:
+        stip.protect(model, out, progress=False, **kw)
+    except TypeError as e:
+        if "harden" in str(e) or "noise" in str(e):
+            return f"stip protect has no hardened modes yet ({e})"
+        raise
+    except ValueError as e:
+        return f"stip protect refused it: {e}"
+    return None
+
+
+def quality(client_dir: Path, url: str, token: str, plain, ids: torch.Tensor, window: int) -> dict:
+    """Top-1 agreement and perplexity, protected (through the real server, as a user) against plain."""
+    from stip.client.bundle import ClientBundle
+    from stip.client.transport import Connection, Downlink
+
+    bundle = ClientBundle.load(client_dir)
+    conn = Connection(url, token=token)
+    agree = positions = 0
+    nll_plain = nll_prot = 0.0
+    predictions = 0
+    max_diff = 0.0
+    for start in range(0, ids.numel() - 1, window):
+        w = ids[start:start + window]
+        if w.numel() < 2:
+            break
+        with conn.open_session() as s:
+            got = s.prefill(bundle.embed(w), positions="all", downlink=Downlink("logits"))
+        prot = bundle.plain_logits(got.logits.float())
+        with torch.no_grad():
+            ref = plain(input_ids=w[None]).logits[0].float()
+        agree += int((prot.argmax(-1) == ref.argmax(-1)).sum())
+        positions += int(w.numel())
+        nll_prot += float(torch.nn.functional.cross_entropy(prot[:-1], w[1:], reduction="sum"))
+        nll_plain += float(torch.nn.functional.cross_entropy(ref[:-1], w[1:], reduction="sum"))
+        predictions += int(w.numel()) - 1
+        max_diff = max(max_diff, float((prot - ref).abs().max()))
+    ppl_plain, ppl_prot = math.exp(nll_plain / predictions), math.exp(nll_prot / predictions)
+    return {"top1_agreement": agree / positions, "positions": positions, "ppl_plain": ppl_plain,
+            "ppl_protected": ppl_prot, "ppl_change": ppl_prot / ppl_plain - 1, "max_logit_diff": max_diff,
+            "path": "real stip serve + client (all-positions prefill, full-logits downlink, the client's own "
+                    "embedding and noise)"}
+
+
+def cell(attack: dict) -> str:
+    """One table cell: the recovery, or the figure that stands for it, or why there is none."""
+    from stip.audit.report import fmt_recovery
+
+    skipped = attack.get("skipped")
+    if skipped:
+        return "error" if skipped.startswith("error") else "n/a"
+    if attack.get("recovery") is not None:
+        return fmt_recovery(attack)
+    d = attack.get("details") or {}
+    if attack["name"] == "distance_correlation":
+        dcor = (d.get("per_layer") or {}).get("inputs", {}).get("dcor")
+        return f"dCor {dcor:.2f}" if dcor is not None else "-"
+    if attack["name"] == "finetune":
+        rows = d.get("rows") or {}
+        body, scratch = rows.get("protected body", {}), rows.get("scratch", {})
+        if "perplexity" in body and "perplexity" in scratch:
+            return f"ppl {body['perplexity']:.0f} vs {scratch['perplexity']:.0f} scratch"
+    return "-"
+
+
+def markdown(table: dict) -> str:
+    names = table["attacks"]
+    titles = {a: a.replace("_", " ") for a in names}
+    lines = [f"# STIP privacy audit: {table['model']}", ""]
+    if table["dirty"]:
+        lines += ["**DIRTY TREE - not for committing**: run with uncommitted changes.", ""]
+    lines += [f"Command: `{table['command']}`; commit {table['commit'] or 'unknown'}; {table['machine']['cpu']}, "
+              f"{table['machine']['cores']} cores; {table['seconds']:.0f} s in all"
+              + (" (quick settings)" if table["quick"] else "") + ".", "",
+              "Recovery rates: share of tokens (or key entries) each attack gets right; the attacker holds the "
+              "server bundle, what the server received, public text and the public weights. Top-1 agreement and "
+              "perplexity: held-out text through the real server and client, against the plain model.", "",
+              "| mode | " + " | ".join(titles[a] for a in names) + " | top-1 agreement | perplexity (plain -> "
+              "protected) |",
+              "|---" * (len(names) + 3) + "|"]
+    for row in table["rows"]:
+        if row.get("skipped"):
+            lines.append(f"| {row['mode']} | " + " | ".join("-" for _ in names) + f" | - | skipped: {row['skipped']} |")
+            continue
+        by = {a["name"]: a for a in row["report"]["attacks"]}
+        q = row["quality"]
+        lines.append(f"| {row['mode']} | " + " | ".join(cell(by[a]) if a in by else "-" for a in names)
+                     + f" | {100 * q['top1_agreement']:.1f}% | {q['ppl_plain']:.2f} -> {q['ppl_protected']:.2f} "
+                     f"({100 * q['ppl_change']:+.1f}%) |")
+    lines += ["", "n/a: the attack does not apply (e.g. LM-head matching on an untied model) or lacks what it needs; "
+              "each mode's report (`<mode>/report.md`) says why, with every attack's details and plots.", "",
+              "## Published numbers", "", "| scheme / attack | source | reported |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in PUBLISHED]
+    return "\n".join(lines) + "\n"
+
+
+def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | None, heldout_tokens: int,
+        window: int, prompts: int | None, prompt_tokens: int | None, keep_capture: bool = False,
+        command: str = "") -> dict:
+    from stip.audit.attacks import ATTACKS
+    from stip.audit.corpus import token_ids
+    from stip.audit.run import CharTokenizer, run_audit
+    from stip.client.bundle import ClientBundle
+    from stip.models import load_plain_model
+
+    from bench.report import git, machine_info
+
+    t0 = time.perf_counter()
+    plain, _ = load_plain_model(model)
+    plain = plain.float().eval()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="stip-audit-table-") as tmp:
+        for mode in modes:
+            bundle = Path(tmp) / slug(mode)
+            print(f"[audit_table] mode {mode}: protecting {model}", flush=True)
+            why = protect_mode(model, bundle, mode)
+            if why:
+                print(f"[audit_table] mode {mode} skipped: {why}", flush=True)
+                rows.append({"mode": mode, "skipped": why})
+                continue
+            client = ClientBundle.load(bundle / "client")
+            tok = client.tokenizer if client.has_tokenizer else CharTokenizer(client.vocab_size)
+            heldout = token_ids(tok, "heldout", heldout_tokens)
+            measured: dict = {}
+
+            def measure(url, token, bundle=bundle, heldout=heldout, measured=measured):
+                measured.update(quality(bundle / "client", url, token, plain, heldout, window))
+
+            report = run_audit(bundle, out / slug(mode), reference=plain, attacks=attacks, quick=quick,
+                               prompts=prompts, prompt_tokens=prompt_tokens, force=True, while_serving=measure,
+                               keep_capture=keep_capture)
+            rows.append({"mode": mode, "quality": measured, "report": report})
+            print(f"[audit_table] mode {mode}: top-1 {measured['top1_agreement']:.3f}, ppl change "
+                  f"{measured['ppl_change']:+.4f}, audit {report['seconds']:.0f} s", flush=True)
+    names = [a.strip() for a in attacks.split(",")] if attacks else list(ATTACKS)
+    machine = machine_info()
+    table = {"model": str(model), "modes": modes, "attacks": names, "quick": quick, "rows": rows,
+             "heldout_tokens": heldout_tokens, "window": window, "published": PUBLISHED,
+             "command": command,
+             "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+             "machine": machine, "seconds": time.perf_counter() - t0}
+    write(table, out)
+    return table
+
+
+def write(table: dict, out: Path) -> None:
+    from stip.common.files import write_bytes_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / "table.json", (json.dumps(table, indent=2, default=str) + "\n").encode())
+    write_bytes_atomic(out / "table.md", markdown(table).encode())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.audit_table", description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default=MODES, help=f"comma-separated modes (default {MODES})")
+    ap.add_argument("--model", default="smollm2", help="smollm2 (default) or a Hugging Face model folder")
+    ap.add_argument("--quick", action="store_true", help="small budgets (tests, smoke runs)")
+    ap.add_argument("--attacks", help="comma-separated attacks (default: all)")
+    ap.add_argument("--heldout-tokens", type=int, help="held-out tokens for agreement and perplexity (default 512)")
+    ap.add_argument("--window", type=int, help="tokens per held-out request (default 128)")
+    ap.add_argument("--prompts", type=int, help="audit requests per mode (run_audit's default)")
+    ap.add_argument("--prompt-tokens", type=int, help="tokens per audit request")
+    ap.add_argument("--keep-capture", action="store_true", help="keep each mode's raw capture in OUT/<mode>/capture")
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args(argv)
+    sizes = dict(QUICK if a.quick else FULL)
+    if a.heldout_tokens:
+        sizes["heldout_tokens"] = a.heldout_tokens
+    if a.window:
+        sizes["window"] = a.window
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    table = run(a.model, modes, a.out, a.quick, a.attacks, sizes["heldout_tokens"], sizes["window"], a.prompts,
+                a.prompt_tokens, a.keep_capture, shlex.join(["python", "-m", "bench.audit_table", *argv]))
+    print(markdown(table))
+    return table
+
+
+if __name__ == "__main__":
+    main()
