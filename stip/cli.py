@@ -59,6 +59,11 @@ def protect(
     platform_key: Optional[Path] = typer.Option(None, help="--tee: the (simulated) platform key file the enclave "
                                                 "bundle is sealed for; created if absent (default "
                                                 "DIR/tee-platform/platform.key)"),
+    harden: str = typer.Option("", help="hardened modes, comma-separated: mix (dense orthogonal mixing of the "
+                               "residual stream, norms folded), rope (Q/K in-head rotations), vo (V/O in-head mixing), "
+                               "ffn (exact power-of-two FFN scalings), or all (docs/hardened.md)"),
+    noise: float = typer.Option(0.0, help="the client adds Gaussian noise of NOISE times the embedding table's RMS "
+                                "to every row it sends (lossy; e.g. 0.01; docs/hardened.md)"),
 ):
     """Protect MODEL: a server bundle for the cloud, a client bundle for data owners, a developer key to keep."""
     from stip.developer.protect import MODES, protect as run_protect
@@ -70,8 +75,11 @@ def protect(
     from stip.common.signing import pin
 
     r = run_protect(resolve_model(model), out, key=key, overwrite=overwrite, max_shard_bytes=_size(shard_size),
-                    progress=not quiet, signing_key=signing_key, mode=mode, tee=tee, platform_key=platform_key)
-    typer.echo(f"protected {model} -> {out} ({mode})\n"
+                    progress=not quiet, signing_key=signing_key, mode=mode, tee=tee, platform_key=platform_key,
+                    harden=harden, noise=noise)
+    hardened = f", harden {','.join(r.harden)}" if r.harden else ""
+    hardened += f", noise {noise:g}" if noise else ""
+    typer.echo(f"protected {model} -> {out} ({mode}{hardened})\n"
                f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB; give to the model server)\n"
                f"  client bundle    {r.client}  (client key {r.client_fingerprint}; give to data owners)\n"
                f"  developer key    {r.developer_key}  ({r.developer_fingerprint}; keep secret)\n"

@@ -4,11 +4,15 @@
 undo the vocabulary permutation on what the server returns. These are all the client ever computes besides
 tokenizing and sampling. A server-decode bundle (`mode`) has no embedding table: the client only maps token ids
 to the server's permuted ids (`server_ids`) and back (`plain_ids`).
+
+Hardened bundles (docs/hardened.md): the key's residual transform may be a dense orthogonal `Q` instead of `p` (the
+same `apply`), and with `noise` in the client config every embedding row sent gets fresh Gaussian noise.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -37,6 +41,12 @@ class ClientBundle:
         self.token_embedding = None if token is None else key.resid.apply(token.float(), 1, "out").contiguous()
         pos = embedding.get("position")
         self.position_embedding = None if pos is None else key.resid.apply(pos.float(), 1, "out").contiguous()
+        # --noise SIGMA: N(0, (SIGMA * rms(E))^2) per coordinate, fresh per row sent. Isotropic Gaussian noise is
+        # invariant under the orthogonal transform, so adding it after the transform equals adding it before.
+        self.noise = float(config.get("noise") or 0.0)
+        self.noise_std = 0.0 if token is None or not self.noise else \
+            self.noise * float(token.float().pow(2).mean().sqrt())
+        self._noise_rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
     @classmethod
     def load(cls, path: str | Path, key: str | Path | None = None, trusted: Trusted = None) -> "ClientBundle":
@@ -133,7 +143,14 @@ class ClientBundle:
                 raise ValueError(f"position {int(positions[-1])} beyond the model's "
                                  f"{self.position_embedding.shape[0]} learned positions")
             x = x + self.position_embedding[positions]
+        if self.noise_std:
+            x = x + torch.randn(x.shape, generator=self._noise_rng, dtype=x.dtype) * self.noise_std
         return x
+
+    @property
+    def harden(self) -> tuple[str, ...]:
+        """The hardening options the bundle was protected with (empty: the paper's scheme)."""
+        return tuple(self.config.get("harden") or ())
 
     def plain_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits in vocabulary order, from the server's permuted order (last axis)."""

@@ -4,6 +4,10 @@ The key is split as in the paper. The client key (`p` for the residual stream, `
 owner ever receives. The developer key adds the per-layer part (head order, in-head Q/K transform, in-head V
 permutation, FFN-neuron permutation) and never leaves the developer. Both are safetensors files with a format version,
 a fingerprint over their contents, and the id of the bundle they protect, written atomically and owner-only.
+
+Hardened modes (docs/hardened.md) add optional tensors: the client key's `resid.mix` (a dense orthogonal `Q` that
+replaces `p`), and per layer `qk_mix` (in-head rotations of Q/K), `vo_mix` (in-head invertible mixing of V/O) and
+`ffn_scale` (power-of-two exponents of the FFN's up projection). Keys without them load and fingerprint as before.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from stip.common.files import write_bytes_atomic
-from stip.common.transforms import KeyRng, SignedPermutation, rope_pair_rotation
+from stip.common.transforms import (BlockDiagonal, Chain, Dense, KeyRng, Scale, SignedPermutation,
+                                    orthogonal_keeping_ones, pair_rotation_matrix, rope_pair_rotation)
 from stip.errors import BundleError, KeyMismatchError
 
 KEY_FORMAT = "stip-key"
 KEY_VERSION = 1
 _MAX_DRAWS = 64
+HARDEN_OPTIONS = ("mix", "rope", "vo", "ffn")  # see docs/hardened.md
 
 
 @dataclass(frozen=True)
@@ -108,12 +114,12 @@ class ClientKey:
     talk to the protected model. A classifier's outputs are permuted by `pl` as an LM head's are by `pc`."""
 
     bundle_id: str
-    resid: SignedPermutation
+    resid: SignedPermutation | Dense  # `p`, or with --harden mix a dense orthogonal `Q`
     vocab: SignedPermutation
     labels: SignedPermutation | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {**_perm_tensors("resid", self.resid), **_perm_tensors("vocab", self.vocab)}
+        out = {**_resid_tensors(self.resid), **_perm_tensors("vocab", self.vocab)}
         if self.labels is not None:
             out |= _perm_tensors("labels", self.labels)
         return out
@@ -128,7 +134,17 @@ class ClientKey:
     @classmethod
     def load(cls, path: Path) -> "ClientKey":
         meta, t = read_key_file(path, "client")
-        return cls(meta["bundle_id"], _perm_from(t, "resid"), _perm_from(t, "vocab"), _labels_from(t))
+        return cls(meta["bundle_id"], _resid_from(t), _perm_from(t, "vocab"), _labels_from(t))
+
+    def residual_matrix(self) -> torch.Tensor:
+        """The [d, d] float64 matrix R with: rows the client sends = embedding rows @ R (plus noise where the bundle
+        adds it). The signed permutation matrix of `p`, or `Q` under --harden mix."""
+        return self.resid.matrix()
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the residual stream is densely mixed (--harden mix) rather than permuted."""
+        return isinstance(self.resid, Dense)
 
     def check_belongs_to(self, bundle_id: str, what: str) -> None:
         if self.bundle_id != bundle_id:
@@ -138,6 +154,14 @@ class ClientKey:
 
 def _labels_from(t: dict[str, torch.Tensor]) -> SignedPermutation | None:
     return _perm_from(t, "labels") if "labels.perm" in t else None
+
+
+def _resid_tensors(resid: SignedPermutation | Dense) -> dict[str, torch.Tensor]:
+    return {"resid.mix": resid.m.double()} if isinstance(resid, Dense) else _perm_tensors("resid", resid)
+
+
+def _resid_from(t: dict[str, torch.Tensor]) -> SignedPermutation | Dense:
+    return Dense(t["resid.mix"].double()) if "resid.mix" in t else _perm_from(t, "resid")
 
 
 @dataclass
@@ -152,6 +176,47 @@ class LayerKey:
     ffn: SignedPermutation
     experts: SignedPermutation | None = None  # slot k of the protected layer holds original expert experts.perm[k]
     expert_ffn: list[SignedPermutation] | None = None  # per original expert
+    # hardened modes (docs/hardened.md), per ORIGINAL KV head; applied after the permutations above
+    qk_mix: torch.Tensor | None = None  # [kv_heads, head_dim, head_dim] float64 orthogonal (RoPE: pair rotations)
+    vo_mix: torch.Tensor | None = None  # [kv_heads, head_dim, head_dim] float64 invertible
+    ffn_scale: torch.Tensor | None = None  # [ffn] int8: up_proj's rows scaled by 2^k, down_proj's columns by 2^-k
+
+    def harden(self, g: Geometry, rng: KeyRng, options: frozenset[str]) -> None:
+        """Draw this layer's hardened parts for `options` (a subset of "rope", "vo", "ffn")."""
+        if "rope" in options:  # RoPE models: a random angle per pair; others (GPT-2): any orthogonal map per head
+            if g.rope:
+                angles = torch.from_numpy(rng.uniform(g.kv_heads * (g.head_dim // 2)) * 2 * torch.pi)
+                self.qk_mix = torch.stack([pair_rotation_matrix(a, g.head_dim)
+                                           for a in angles.view(g.kv_heads, g.head_dim // 2)])
+            else:
+                self.qk_mix = torch.stack([rng.orthogonal(g.head_dim) for _ in range(g.kv_heads)])
+        if "vo" in options:  # orthogonal times exact power-of-two column scalings (2^-1..2^1): invertible, and
+            # not norm-preserving
+            self.vo_mix = torch.stack([rng.orthogonal(g.head_dim) * torch.pow(2.0, rng.integers(g.head_dim, 4)
+                                                                              .clamp(max=2).double() - 1)[None, :]
+                                       for _ in range(g.kv_heads)])
+        if "ffn" in options:
+            self.ffn_scale = (rng.integers(g.ffn, 8) - 4).to(torch.int8)  # k in [-4, 3]
+
+    def hardened(self, g: Geometry, name: str, base):
+        """Space `name`'s transform with this layer's hardened parts after the permutation `base`."""
+        kv_slots = self.kv_order.tolist()  # the original KV head at each protected KV slot
+        q_slots = [src for src in kv_slots for _ in range(g.group)]  # ... and at each protected query slot
+
+        def per_head(mats, slots, orthogonal=True):
+            return Chain((base, BlockDiagonal(tuple(Dense(mats[s], orthogonal) for s in slots))))
+
+        if name in ("attn_q", "attn_k") and self.qk_mix is not None:
+            return per_head(self.qk_mix, q_slots if name == "attn_q" else kv_slots)
+        if name in ("attn_v", "attn_o") and self.vo_mix is not None:
+            return per_head(self.vo_mix, kv_slots if name == "attn_v" else q_slots, orthogonal=False)
+        if name == "ffn_up" and self.ffn_scale is not None:
+            return Chain((base, Scale(self.ffn_scale)))
+        return base
+
+    @property
+    def is_hardened(self) -> bool:
+        return any(t is not None for t in (self.qk_mix, self.vo_mix, self.ffn_scale))
 
     @classmethod
     def draw(cls, g: Geometry, rng: KeyRng) -> "LayerKey":
@@ -192,6 +257,7 @@ class LayerKey:
             "attn_v": heads(kv_heads, self.v),
             "attn_o": heads(q_heads, self.v),
             "ffn": self.ffn,
+            "ffn_up": self.ffn,  # a SwiGLU's up projection (and down's input): "ffn", plus --harden ffn's scaling
         }
         spaces["attn_qkv"] = SignedPermutation.concat([spaces["attn_q"], spaces["attn_k"], spaces["attn_v"]])
         spaces["ffn_gate_up"] = SignedPermutation.concat([self.ffn, self.ffn])  # Phi-3's fused gate|up output
@@ -209,6 +275,9 @@ class LayerKey:
         if self.experts is not None:
             out |= _perm_tensors(f"layers.{i}.experts", self.experts)
             out |= _stack_perms(f"layers.{i}.expert_ffn", self.expert_ffn)
+        for part in ("qk_mix", "vo_mix", "ffn_scale"):
+            if getattr(self, part) is not None:
+                out[f"layers.{i}.{part}"] = getattr(self, part)
         return out
 
     @classmethod
@@ -218,7 +287,8 @@ class LayerKey:
                    _unstack_perms(t, f"layers.{i}.qk"), _unstack_perms(t, f"layers.{i}.v"),
                    _perm_from(t, f"layers.{i}.ffn"),
                    _perm_from(t, f"layers.{i}.experts") if moe else None,
-                   _unstack_perms(t, f"layers.{i}.expert_ffn") if moe else None)
+                   _unstack_perms(t, f"layers.{i}.expert_ffn") if moe else None,
+                   *(t.get(f"layers.{i}.{part}") for part in ("qk_mix", "vo_mix", "ffn_scale")))
 
 
 def _gather_heads(parts: list[tuple[SignedPermutation, int]]) -> SignedPermutation:
@@ -251,9 +321,14 @@ class DeveloperKey:
     layers: list[LayerKey]
 
     @classmethod
-    def generate(cls, g: Geometry, bundle_id: str, rng: KeyRng | None = None) -> "DeveloperKey":
+    def generate(cls, g: Geometry, bundle_id: str, rng: KeyRng | None = None, harden: tuple[str, ...] = (),
+                 keep_ones: bool = False) -> "DeveloperKey":
         """Draw a fresh key. Redraw any part that came out as the identity or repeats an earlier layer, so that
-        every layer is protected and no layer's transforms reveal another's."""
+        every layer is protected and no layer's transforms reveal another's. `harden`: options of HARDEN_OPTIONS,
+        drawn after the paper's parts; `keep_ones`: with "mix", `Q` keeps the all-ones direction (LayerNorm)."""
+        unknown = set(harden) - set(HARDEN_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown hardening option(s) {sorted(unknown)}; choose from {', '.join(HARDEN_OPTIONS)}")
         rng = rng or KeyRng()
         client = ClientKey(bundle_id, _draw_nontrivial(rng, g.hidden), _draw_nontrivial(rng, g.vocab),
                            _draw_nontrivial(rng, g.labels) if g.labels else None)
@@ -269,7 +344,19 @@ class DeveloperKey:
                 raise ValueError(f"model too small to draw {g.layers} distinct non-identity layer keys")
             layers.append(layer)
             seen.append(spaces)
+        if "mix" in harden:
+            client.resid = Dense(orthogonal_keeping_ones(rng, g.hidden) if keep_ones else rng.orthogonal(g.hidden))
+        for layer in layers:
+            layer.harden(g, rng, frozenset(harden))
         return cls(g, client, layers)
+
+    @property
+    def harden(self) -> tuple[str, ...]:
+        """The hardening options this key was drawn with, in HARDEN_OPTIONS order."""
+        parts = {"mix": self.client.mixed, "rope": any(x.qk_mix is not None for x in self.layers),
+                 "vo": any(x.vo_mix is not None for x in self.layers),
+                 "ffn": any(x.ffn_scale is not None for x in self.layers)}
+        return tuple(o for o in HARDEN_OPTIONS if parts[o])
 
     def space(self, name: str, layer: int | None, expert: int | None = None) -> SignedPermutation:
         """The transform of activation space `name` ("resid", "vocab", "label", or a per-layer space); `expert`
@@ -288,7 +375,12 @@ class DeveloperKey:
             if name != "ffn" or self.layers[layer].expert_ffn is None:
                 raise ValueError(f"space {name!r} of layer {layer} has no per-expert transform")
             return self.layers[layer].expert_ffn[expert]
-        return self.layers[layer].spaces(self.geometry)[name]
+        lk = self.layers[layer]
+        if not lk.is_hardened:
+            return lk.spaces(self.geometry)[name]
+        if name == "attn_qkv":  # GPT-2's fused Q|K|V output: each part hardened
+            return BlockDiagonal(tuple(self.space(part, layer) for part in ("attn_q", "attn_k", "attn_v")))
+        return lk.hardened(self.geometry, name, lk.spaces(self.geometry)[name])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = self.client.tensors()
@@ -308,7 +400,7 @@ class DeveloperKey:
     def load(cls, path: Path) -> "DeveloperKey":
         meta, t = read_key_file(path, "developer")
         g = Geometry(**json.loads(meta["geometry"]))
-        client = ClientKey(meta["bundle_id"], _perm_from(t, "resid"), _perm_from(t, "vocab"), _labels_from(t))
+        client = ClientKey(meta["bundle_id"], _resid_from(t), _perm_from(t, "vocab"), _labels_from(t))
         return cls(g, client, [LayerKey.from_tensors(t, i) for i in range(g.layers)])
 
     def check_matches(self, g: Geometry) -> None:

@@ -126,6 +126,22 @@ class Checkpoint:
                 yield from ((name, tuple(t.shape)) for name, t in state.items())
                 del state
 
+    def read(self, names: set[str]) -> dict[str, torch.Tensor]:
+        """The tensors named in `names` that the checkpoint holds, read by random access (a GGUF model is loaded and
+        kept): for the few tensors a pass needs before streaming (the norms --harden mix folds)."""
+        if self.gguf_file:
+            return {n: t for n, t in self._gguf_state().items() if n in names}
+        out: dict[str, torch.Tensor] = {}
+        for shard in self._shards():
+            if shard.suffix == ".safetensors":
+                with safe_open(str(shard), "pt") as f:
+                    out |= {n: f.get_tensor(n).clone() for n in f.keys() if n in names}
+            else:
+                state = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+                out |= {n: t.clone() for n, t in state.items() if n in names}
+                del state
+        return out
+
     def total_tensors(self) -> int | None:
         if self.gguf_file:
             return None

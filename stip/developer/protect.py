@@ -21,7 +21,7 @@ from tqdm import tqdm
 import stip
 from stip.common import signing
 from stip.common.files import MANIFEST_NAME, read_manifest, staged_directory, write_json_atomic, write_manifest
-from stip.common.keys import DeveloperKey
+from stip.common.keys import HARDEN_OPTIONS, DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, DEVELOPER_DIR,
                                 DEVELOPER_KEY_FILE, EMBEDDING_FILE, MODEL_CONFIG_FILE, SERVER_DIR)
 from stip.common.transforms import KeyRng
@@ -30,6 +30,7 @@ from stip.developer.architectures import (CLIENT, DROP, LM_HEAD, SERVER, TOKEN_E
                                           architecture_for, embedding_scale_of, geometry_of, task_of)
 from stip.developer.checkpoint import Checkpoint
 from stip.developer.completeness import ROUND_TRIP, SERVER_DECODE, check_server_tensors
+from stip.developer.fold import LINEAR, NormFolder
 from stip.errors import KeyMismatchError, TensorSetError
 
 DEFAULT_SHARD_BYTES = 512 * 1024**2
@@ -67,14 +68,26 @@ def placements(arch: Architecture, name: str, tied: bool, mode: str = ROUND_TRIP
 
 
 def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: torch.Tensor,
-                   tied: bool, mode: str = ROUND_TRIP) -> Iterator[tuple[str, str, torch.Tensor]]:
+                   tied: bool, mode: str = ROUND_TRIP,
+                   folder: NormFolder | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield (party, name, tensor) for one checkpoint tensor, following its architecture's rule.
 
     Client tensors (the embedding module) are passed on unchanged: the client applies `p` to them when it loads its
     bundle. A tied embedding also yields the server's LM head, transformed as the LM head's own rule says. In
-    server-decode mode everything goes to the server (see `placements`).
+    server-decode mode everything goes to the server (see `placements`). `folder` (--harden mix): norms folded into
+    their consumers first; a hardened key's dense transforms are computed in float64 and rounded once.
     """
+    dense = folder is not None or key.harden
     for p in placements(arch, name, tied, mode):
+        if p.party == SERVER and not p.zeros and p.expert is None and dense:
+            t = tensor.double()
+            kind = LINEAR
+            if folder is not None:
+                kind, t = folder.fold(p.name, p.rule, t)
+            if kind == LINEAR:
+                t = _transform(p.rule.axes, key, p.layer, t)
+            yield SERVER, p.name, t.to(tensor.dtype).contiguous()
+            continue
         if p.party == CLIENT:
             yield CLIENT, p.name, tensor
         elif p.zeros:
@@ -114,8 +127,11 @@ def protect_state_dict(arch: Architecture, key: DeveloperKey, state: dict[str, t
     """In-memory protection of a whole state dict: (server tensors, client embedding tensors). For small models
     and tests; `protect` streams the same per-tensor function over files."""
     parts: dict[str, dict[str, torch.Tensor]] = {SERVER: {}, CLIENT: {}}
+    folder = None
+    if key.client.mixed:
+        folder = NormFolder.build(arch, key.geometry.layers, state, lambda names: {n: state[n] for n in names})
     for name, tensor in state.items():
-        for party, out_name, t in protect_tensor(arch, key, name, tensor, tied, mode):
+        for party, out_name, t in protect_tensor(arch, key, name, tensor, tied, mode, folder):
             parts[party][out_name] = t
     return parts[SERVER], parts[CLIENT]
 
@@ -175,6 +191,8 @@ class ProtectResult:
     signer: dict  # signing.signer_info of the key that signed all three manifests
     new_signing_key: bool = True
     tee: dict | None = None  # --tee: {"measurement", "platform_pin"} (stip.developer.tee)
+    harden: tuple[str, ...] = ()  # the hardening options applied (docs/hardened.md)
+    noise: float = 0.0
 
     @property
     def server(self) -> Path:
@@ -197,7 +215,8 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
             seed: bytes | None = None,
             signing_key: str | Path | signing.Ed25519PrivateKey | None = None,
-            mode: str = ROUND_TRIP, tee: bool = False, platform_key: str | Path | None = None) -> ProtectResult:
+            mode: str = ROUND_TRIP, tee: bool = False, platform_key: str | Path | None = None,
+            harden: str | tuple[str, ...] | list[str] = (), noise: float = 0.0) -> ProtectResult:
     """Protect `model` (HF folder or .gguf file) into `out/{server,client,developer}`.
 
     `mode`: "round-trip" (the server gets no embedding table; clients embed and sample) or "server-decode" (the
@@ -210,6 +229,9 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
     pin it once. By default a fresh one is generated. Either way a copy goes to `developer/signing.key`.
     `tee`: also write `out/enclave/` (sealed for the platform in `platform_key`) and the key-less `out/tee-client/`
     (stip.developer.tee, docs/tee.md); text-generation models in round-trip mode.
+    `harden`: hardened modes (docs/hardened.md), options of "mix", "rope", "vo", "ffn", or "all" (every option the
+    family supports); `noise`: the client adds Gaussian noise of `noise` times the embedding table's RMS to every
+    embedding row it sends (lossy). Both: LLaMA-family and GPT-2 models, round-trip mode; off by default.
     """
     if tee and mode != ROUND_TRIP:
         raise ValueError("--tee needs round-trip mode: the enclave holds the key and embeds for the clients")
@@ -226,20 +248,27 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             f"{model}: server-decode mode generates tokens, but this is a {task_of(ck.config)} model, served one "
             "request at a time; protect it in round-trip mode (the default)")
     geometry = geometry_of(ck.config)
+    harden = resolve_harden(arch, ck.config.model_type, harden, noise, mode, tee)
     if isinstance(key, (str, Path)):
         key = _load_developer_key(Path(key))
+    if key is not None and harden and tuple(key.harden) != harden:
+        raise KeyMismatchError(f"the developer key was drawn with --harden {','.join(key.harden) or 'none'}, "
+                               f"not {','.join(harden)}")
     new_signer = signing_key is None
     if isinstance(signing_key, (str, Path)):
         signing_key = signing.load_signing_key(signing_key)
     signing_key = signing_key or signing.generate_signing_key()
     if key is None:
-        key = DeveloperKey.generate(geometry, uuid.uuid4().hex, KeyRng(seed))
+        key = DeveloperKey.generate(geometry, uuid.uuid4().hex, KeyRng(seed), harden, keep_ones=arch.layer_norm)
     key.check_matches(geometry)
+    harden = resolve_harden(arch, ck.config.model_type, key.harden, noise, mode, tee)  # a reused key's own modes
     bundle_id = key.client.bundle_id
     # tied: the checkpoint stores the LM head once, as the token embedding (a table without an LM head has no tie)
     tied = bool(getattr(ck.config, "tie_word_embeddings", False)) and any(r.role == LM_HEAD for r in arch.rules)
     check_checkpoint(ck, arch, tied, mode)
     tokenizer = ck.load_tokenizer()
+    folder = NormFolder.build(arch, geometry.layers, [n for n, _ in ck.shapes()], ck.read) \
+        if key.client.mixed else None
 
     with staged_directory(Path(out), overwrite=overwrite) as stage:
         server, client, developer = (stage / d for d in (SERVER_DIR, CLIENT_DIR, DEVELOPER_DIR))
@@ -253,7 +282,7 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             rule = arch.match(name).rule
             if rule.party == CLIENT and rule.client_name is not None:
                 embedding[rule.client_name] = tuple(tensor.shape)
-            for party, out_name, t in protect_tensor(arch, key, name, tensor, tied, mode):
+            for party, out_name, t in protect_tensor(arch, key, name, tensor, tied, mode, folder):
                 if party == SERVER:
                     writer.add(out_name, t)
                 elif rule.client_module is not None:
@@ -273,7 +302,9 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
 
         _write_server_config(ck, server, mode, key)
         client_fp = key.client.save(client / CLIENT_KEY_FILE)
-        write_json_atomic(client / CLIENT_CONFIG_FILE, _client_config(ck, embedding, bundle_id, mode))
+        write_json_atomic(client / CLIENT_CONFIG_FILE,
+                          {**_client_config(ck, embedding, bundle_id, mode), "harden": list(harden),
+                           "noise": float(noise)})
         write_json_atomic(client / MODEL_CONFIG_FILE, ck.config.to_dict())
         if tokenizer is not None:
             tokenizer.save_pretrained(client)
@@ -283,7 +314,8 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
         signing.save_signing_key(signing_key, developer / signing.SIGNING_KEY_FILE)
 
         _set_modes(stage, client, developer)
-        common = {"stip_version": stip.__version__, "model_type": ck.config.model_type, "mode": mode}
+        common = {"stip_version": stip.__version__, "model_type": ck.config.model_type, "mode": mode,
+                  "harden": list(harden), "noise": float(noise)}
         sign = {"signing_key": signing_key}
         write_manifest(server, "server", bundle_id, common, **sign)
         write_manifest(client, "client", bundle_id, {**common, "client_key_fingerprint": client_fp}, **sign)
@@ -299,7 +331,39 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             tee_info = write_tee_bundles(stage, bundle_id, signing_key, platform_key)
             tee_info = {"measurement": tee_info["measurement"], "platform_pin": tee_info["platform_pin"]}
     return ProtectResult(Path(out), bundle_id, client_fp, developer_fp, writer.total,
-                         signing.signer_info(signing_key), new_signer, tee_info)
+                         signing.signer_info(signing_key), new_signer, tee_info, harden, float(noise))
+
+
+class HardenOptionError(stip.errors.StipError, ValueError):
+    """A bad --harden / --noise value or combination (the CLI prints it without a traceback)."""
+
+
+def resolve_harden(arch: Architecture, model_type: str, harden, noise: float, mode: str,
+                   tee: bool) -> tuple[str, ...]:
+    """The hardening options asked for ("mix,rope", a list, or "all": every option the family supports), in
+    canonical order; refuses options the family, the mode or TEE cannot carry, naming them."""
+    asked = [o.strip() for o in (harden.split(",") if isinstance(harden, str) else harden) if o and o.strip()]
+    if "all" in asked:
+        asked = [o for o in asked if o != "all"] + list(arch.harden or ["all"])
+    for o in asked:
+        if o not in HARDEN_OPTIONS and o != "all":
+            raise HardenOptionError(f"unknown hardening option {o!r}; choose from {', '.join(HARDEN_OPTIONS)} or all")
+        if o not in arch.harden:
+            why = " (its GELU admits no exact rescaling)" if o == "ffn" and arch.harden else ""
+            raise stip.errors.UnsupportedModelError(
+                f"{model_type} models do not support --harden {o}{why}; "
+                + (f"{model_type} supports {', '.join(arch.harden)}" if arch.harden
+                   else "hardened modes cover LLaMA-family (llama, mistral, qwen2) and GPT-2 models"))
+    if not isinstance(noise, (int, float)) or not 0 <= float(noise) < 1:  # NaN fails too
+        raise HardenOptionError(f"--noise must be a number in [0, 1), relative to the embedding table's RMS; got {noise!r}")
+    if noise and not arch.harden:
+        raise stip.errors.UnsupportedModelError(
+            f"{model_type} models do not support --noise; it covers LLaMA-family (llama, mistral, qwen2) and GPT-2 "
+            "models")
+    if (asked or noise) and (mode != ROUND_TRIP or tee):
+        what = "--tee" if tee else f"{mode} mode"
+        raise HardenOptionError(f"--harden and --noise need round-trip mode without --tee (the client embeds); not {what}")
+    return tuple(o for o in HARDEN_OPTIONS if o in asked)
 
 
 def _load_developer_key(path: Path) -> DeveloperKey:

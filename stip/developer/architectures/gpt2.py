@@ -2,8 +2,8 @@
 stored `[in, out]`, and a fused Q|K|V projection."""
 
 from stip.common.keys import Geometry
-from stip.developer.architectures.rules import (CLIENT, DROP, TOKEN_EMBEDDING, Architecture, TensorRule, conv1d,
-                                                vec)
+from stip.developer.architectures.rules import (CLIENT, DROP, TOKEN_EMBEDDING, Architecture, NormFold, TensorRule,
+                                                conv1d, vec)
 from stip.developer.architectures.rules import LM_HEAD_RULE
 
 
@@ -37,4 +37,13 @@ GPT2 = Architecture(
     ),
     geometry=_geometry,
     rope=False,
+    # --harden: no "ffn" (GELU admits no exact rescaling of its input); "rope" is a dense orthogonal map per head
+    # (no RoPE to commute with); "mix" folds each LayerNorm's gamma into its consumers and beta into their biases
+    harden=("mix", "rope", "vo"),
+    norm_folds=(
+        NormFold("transformer.h.{layer}.ln_1", ("transformer.h.{layer}.attn.c_attn",)),
+        NormFold("transformer.h.{layer}.ln_2", ("transformer.h.{layer}.mlp.c_fc",)),
+        NormFold("transformer.ln_f", ("lm_head",), keep_bias=True),
+    ),
+    layer_norm=True,
 )

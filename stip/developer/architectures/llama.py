@@ -5,7 +5,7 @@ The rule groups are public so that families built from the same blocks (Mixtral,
 copying the table: `LAYER` (the per-layer name prefix), `TOKEN_EMBEDDING_RULE`, `ATTENTION_RULES`, `MLP_RULES`,
 `NORM_RULES` and `TAIL_RULES` (the LM head and the rebuilt rotary buffer)."""
 
-from stip.developer.architectures.rules import (CLIENT, DROP, TOKEN_EMBEDDING, Architecture, TensorRule,
+from stip.developer.architectures.rules import (CLIENT, DROP, TOKEN_EMBEDDING, Architecture, NormFold, TensorRule,
                                                 LM_HEAD_RULE, attention_geometry, linear, vec)
 
 LAYER = r"layers\.(?P<layer>\d+)\."
@@ -24,9 +24,11 @@ ATTENTION_RULES = (
     TensorRule(L + r"self_attn\.o_proj\.bias", vec("resid")),
 )
 MLP_RULES = (
-    TensorRule(L + r"mlp\.(gate|up)_proj\.weight", linear("ffn", "resid")),
-    TensorRule(L + r"mlp\.(gate|up)_proj\.bias", vec("ffn")),
-    TensorRule(L + r"mlp\.down_proj\.weight", linear("resid", "ffn")),
+    TensorRule(L + r"mlp\.gate_proj\.weight", linear("ffn", "resid")),
+    TensorRule(L + r"mlp\.up_proj\.weight", linear("ffn_up", "resid")),
+    TensorRule(L + r"mlp\.gate_proj\.bias", vec("ffn")),
+    TensorRule(L + r"mlp\.up_proj\.bias", vec("ffn_up")),
+    TensorRule(L + r"mlp\.down_proj\.weight", linear("resid", "ffn_up")),
     TensorRule(L + r"mlp\.down_proj\.bias", vec("resid")),
 )
 NORM_RULES = (
@@ -38,9 +40,18 @@ TAIL_RULES = (
     TensorRule(L + r"self_attn\.rotary_emb\.inv_freq", party=DROP),
 )
 
+_B = "model.layers.{layer}."
+NORM_FOLDS = (  # --harden mix: which norm feeds which linears (the final norm: the LM head)
+    NormFold(_B + "input_layernorm", tuple(_B + f"self_attn.{x}_proj" for x in "qkv")),
+    NormFold(_B + "post_attention_layernorm", (_B + "mlp.gate_proj", _B + "mlp.up_proj")),
+    NormFold("model.norm", ("lm_head",)),
+)
+
 LLAMA = Architecture(
     model_types=("llama", "mistral", "qwen2"),
     base_prefix="model.",
     rules=(TOKEN_EMBEDDING_RULE, *ATTENTION_RULES, *MLP_RULES, *NORM_RULES, *TAIL_RULES),
     geometry=attention_geometry,
+    harden=("mix", "rope", "vo", "ffn"),
+    norm_folds=NORM_FOLDS,
 )

@@ -7,7 +7,8 @@ grouped-query attention and tied embeddings (see the rules below). A tensor that
 protection with an error: nothing is ever passed to the server unprotected by accident.
 
 Spaces: "resid" (p), "vocab" (pc), and per layer "attn_q", "attn_k", "attn_v", "attn_o", "attn_qkv" (GPT-2's fused
-Q|K|V output), "ffn", "ffn_gate_up" (Phi-3's fused gate|up output:
+Q|K|V output), "ffn", "ffn_up" (a SwiGLU's up projection and the down projection's input: "ffn", plus --harden ffn's
+power-of-two scalings, which the gate must not get), "ffn_gate_up" (Phi-3's fused gate|up output:
 the FFN permutation on both halves), "attn_qk_head" (the dims of one Q/K head, for a Q/K norm weight shared by all
 heads), "expert" (an MoE router's outputs).
 
@@ -56,6 +57,18 @@ class TensorRule:
 def one(name: str, axes: dict[int, tuple[str, str]], **kw) -> TensorRule:
     """A rule for exactly one tensor, named literally."""
     return TensorRule(re.escape(name), axes, name=name, **kw)
+
+
+@dataclass(frozen=True)
+class NormFold:
+    """A norm whose weight (and LayerNorm bias) --harden mix folds into the linears that read its output, so the
+    server's copy is a weight of ones (and a bias of zeros). Names are canonical (the server bundle's), without
+    ".weight"; `{layer}` stands for each layer index. `keep_bias`: the consumers have no bias to take the LayerNorm's
+    (GPT-2's LM head), so the norm keeps `beta / gamma`, mixed like any residual vector."""
+
+    norm: str
+    consumers: tuple[str, ...]
+    keep_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,11 @@ class Architecture:
     # config -> the config of the model the server runs, where that is not the whole model (LLaVA: its language
     # model's text config); None: the model's own config
     server_config: Callable[[Any], Any] | None = None
+    # hardened modes (docs/hardened.md): the `stip protect --harden` options this family supports (others are
+    # refused by name), and for "mix" which norm feeds which linears
+    harden: tuple[str, ...] = ()
+    norm_folds: tuple[NormFold, ...] = ()
+    layer_norm: bool = False  # LayerNorm (subtracts the mean): the residual mixing must keep the all-ones direction
 
     def for_config(self, config) -> "Architecture":
         """The table for this config's model class (see `variant`)."""
