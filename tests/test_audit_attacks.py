@@ -150,7 +150,8 @@ def test_finetune_attack_trains_both_rows_at_the_same_budget(tiny):
     paper's Table V is beside them."""
     import math
 
-    result = load("finetune").run(_context(tiny, True))
+    unbounded = {"seconds": 600.0, "scratch_seconds": 600.0}  # steps, not a loaded machine's clock, end training
+    result = load("finetune").run(_context(tiny, True, finetune=unbounded))
     assert result.recovery is None and result.unit == "loss" and result.skipped is None
     rows, runs = result.details["rows"], result.details["runs"]
     assert set(rows) == {"protected body", "scratch", "original"}
