@@ -10,6 +10,9 @@ reference's:
   down columns);
 - `pc`: LM-head rows by their sorted values, candidates pruned to rows of similar norm.
 In hardened modes (norms folded away, dense mixing) the same procedure runs and gets what it gets.
+
+Settings (`ctx.settings["bundle_keys"]`): `points` (extreme values per sketch), `pc_window` (LM-head candidates
+either side in norm rank), `p_layers` (blocks whose linears join the norms for p; None: all).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def _standard(groups: list[torch.Tensor]) -> list[torch.Tensor]:
     """Put signature groups on one scale, so that no group dominates the distance by its units."""
     out = []
     for g in groups:
-        g = g.double()
+        g = g.float()
         out.append((g - g.mean()) / (g.std() + 1e-12) / g.shape[1] ** 0.5)
     return out
 
@@ -57,10 +60,16 @@ def _match_signatures(bundle: list[torch.Tensor], ref: list[torch.Tensor]) -> to
     return match(torch.cdist(b, r))
 
 
-def residual_signatures(tensors: dict[str, torch.Tensor], d: int, names: list[str], points: int):
-    """([norm values], [linear sketches]) per residual dim, [d, f] each, for the tensors `names`."""
+def residual_signatures(tensors: dict[str, torch.Tensor], d: int, names: list[str], points: int,
+                        layers: int | None):
+    """([norm values], [linear sketches]) per residual dim, [d, f] each, for the tensors `names` (linears of the
+    first `layers` blocks and the LM head only, when `layers` is set: the norms already pin p, and sketching every
+    linear twice is most of the attack's time)."""
     norms, linears = [], []
     for name in names:
+        block = re.search(r"layers\.(\d+)\.", name)
+        if layers is not None and block and int(block.group(1)) >= layers and tensors[name].dim() == 2:
+            continue
         t = tensors[name]
         leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
         if t.dim() == 1 and t.shape[0] == d and re.search(r"norm|ln_", name) and not re.search(r"[qk]_norm", name):
@@ -71,11 +80,12 @@ def residual_signatures(tensors: dict[str, torch.Tensor], d: int, names: list[st
     return ([torch.cat(norms, 1)] if norms else []), linears
 
 
-def recover_p(bundle: dict, ref: dict, d: int, points: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def recover_p(bundle: dict, ref: dict, d: int, points: int,
+              layers: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(p from norms only, p from every signature): p[j] = the reference dim that bundle dim j holds."""
     names = sorted(n for n in bundle if n in ref and bundle[n].shape == ref[n].shape)
-    bn, bl = residual_signatures(bundle, d, names, points)
-    rn, rl = residual_signatures(ref, d, names, points)
+    bn, bl = residual_signatures(bundle, d, names, points, layers)
+    rn, rl = residual_signatures(ref, d, names, points, layers)
     from_norms = _match_signatures(bn, rn) if bn else None
     from_all = _match_signatures(bn + bl, rn + rl) if bn or bl else None
     return from_norms, from_all
@@ -133,8 +143,9 @@ def _score_layers(rec: dict[int, dict[str, torch.Tensor]], bundle_dir) -> dict:
     for layer in sorted(rec):
         got = n = 0
         for space, est in rec[layer].items():
-            perm = truth[layer][space].perm
-            if perm.shape != est.shape:
+            perm = getattr(truth[layer].get(space), "perm", None)
+            if perm is None or perm.shape != est.shape:  # a dense (hardened) transform: no order to recover
+                per_space.setdefault(space, [0, 0])
                 continue
             ok = int((est == perm).sum())
             got, n = got + ok, n + perm.numel()
@@ -144,7 +155,7 @@ def _score_layers(rec: dict[int, dict[str, torch.Tensor]], bundle_dir) -> dict:
         per_layer.append(got / n if n else 0.0)
         total, right = total + n, right + got
     return {"share": right / total if total else None, "per_layer": per_layer,
-            "per_space": {s: a / b for s, (a, b) in per_space.items()}}
+            "per_space": {s: (a / b if b else None) for s, (a, b) in per_space.items()}}
 
 
 def run(ctx) -> AttackResult:
@@ -154,13 +165,14 @@ def run(ctx) -> AttackResult:
                             seconds=time.perf_counter() - t0)
     points = int(setting(ctx, NAME, "points", 32))
     window = int(setting(ctx, NAME, "pc_window", 64))
+    p_layers = setting(ctx, NAME, "p_layers", 2)  # blocks whose linears join the norms in p's signature
     bundle = server_tensors(ctx.server_dir)
     ref = {k: v.detach().float() for k, v in ctx.reference.state_dict().items()}
     d = ctx.reference.get_input_embeddings().weight.shape[1]
     ckey = client_key(ctx.truth.bundle_dir)
     truth_r = residual_matrix(ckey)
 
-    p_norms, p_all = recover_p(bundle, ref, d, points)
+    p_norms, p_all = recover_p(bundle, ref, d, points, p_layers)
     details: dict = {"mode": mode_of(ctx.server_dir), "hidden": d,
                      "norm_vectors_in_bundle": sum(1 for n, t in bundle.items() if t.dim() == 1 and t.shape[0] == d
                                                    and re.search(r"norm|ln_", n))}

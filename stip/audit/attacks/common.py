@@ -91,7 +91,7 @@ def match(cost: torch.Tensor) -> torch.Tensor:
     """A one-to-one assignment minimising `cost` [n, n]: out[j] = the column matched to row j. Hungarian
     (scipy) where installed, else greedy mutual-nearest rounds (exact whenever each true pair is the clear
     minimum)."""
-    cost = cost.double()
+    cost = cost.float()
     try:
         from scipy.optimize import linear_sum_assignment
 
@@ -129,14 +129,19 @@ def match(cost: torch.Tensor) -> torch.Tensor:
 
 
 def sketch(rows: torch.Tensor, points: int = 32, absolute: bool = False) -> torch.Tensor:
-    """Sorted values of each row, sampled at `points` quantiles: invariant to any permutation of the row (and to
-    sign flips with `absolute`), so a permuted row has the same sketch as its original."""
-    v = rows.abs() if absolute else rows
-    s = v.sort(dim=1).values
-    if s.shape[1] <= points:
-        return s
-    at = torch.linspace(0, s.shape[1] - 1, points).round().long()
-    return s[:, at]
+    """A signature of each row that no permutation of the row changes (nor sign flips, with `absolute`): the row
+    sorted when short, else its `points` extreme values (largest, and smallest unless `absolute`), its mean and its
+    RMS. Extremes by top-k rather than a full sort: sorting every row of every weight is what would make
+    the bundle attack slow."""
+    v = (rows.abs() if absolute else rows).contiguous()
+    if v.shape[1] <= points:
+        return v.sort(dim=1).values
+    k = points // 2 if not absolute else points
+    parts = [v.topk(k, dim=1).values]
+    if not absolute:
+        parts.append(v.topk(k, dim=1, largest=False).values)
+    parts += [v.mean(1, keepdim=True), (v * v).mean(1, keepdim=True).sqrt()]
+    return torch.cat(parts, 1)
 
 
 # --- the auditor's truth (scoring only) ------------------------------------------------------------------------
