@@ -111,6 +111,33 @@ def test_no_capture_writes_nothing(protected, servers):
     assert sorted(p.name for p in (out / "server").iterdir()) == before
 
 
+def test_serial_engine_capture(protected, tmp_path):
+    """`stip serve --no-batching`'s engine records through layer hooks: the same rows and states; bad layers refused."""
+    from stip.audit.capture import read_capture
+    from stip.errors import StipError
+    from stip.server.capture import enable_capture
+    from stip.server.engine import load_engine
+
+    _, out = protected
+    client = ClientBundle.load(out / "client")
+    engine = load_engine("transformers", out / "server", batching=False)
+    with pytest.raises(StipError, match="out of range"):
+        enable_capture(engine, tmp_path / "bad", [3])
+    engine = enable_capture(engine, tmp_path / "cap", [-1])
+    state = engine.new_state()
+    x, nxt = client.embed(torch.arange(10, 19)), client.embed(torch.tensor([4]), start=9)
+    logits = engine.prefill(state, x, all_positions=True)
+    step = engine.decode(state, nxt)
+    engine.free(state)
+    first, second = read_capture(tmp_path / "cap")
+    assert torch.equal(first.inputs, x) and torch.equal(second.inputs, nxt)
+    assert (first.meta["kind"], second.meta["kind"], second.meta["start"]) == ("prefill", "decode", 9)
+    model = engine.engine.model
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model.model.norm(first.hidden[2])), logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.lm_head(model.model.norm(second.hidden[2])), step, atol=1e-4, rtol=1e-4)
+
+
 def _broken(ctx):
     raise RuntimeError("this attack is broken on purpose")
 
