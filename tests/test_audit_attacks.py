@@ -53,7 +53,11 @@ def tiny(tmp_path_factory):
     return build_tiny(NAME), root / "protected", prompts
 
 
-def _context(tiny, protected: bool, **settings) -> AuditContext:
+# quick budgets, but steps and positions, not a loaded machine's clock, end each run
+UNBOUNDED = {"seconds": 600.0, "scratch_seconds": 600.0}
+
+
+def _context(tiny, protected: bool, vocab_matching=None, finetune=None) -> AuditContext:
     from stip.client.bundle import ClientBundle
     from stip.server.model import load_protected_model
 
@@ -72,7 +76,8 @@ def _context(tiny, protected: bool, **settings) -> AuditContext:
         observations.append(Observation(x, hidden, {"session": len(observations), "start": 0}))
     return AuditContext(out / "server", observations, Truth([p.clone() for p in prompts], out), tokenizer=None,
                         reference=reference, public_ids=_char_ids("public", 6000), heldout_ids=_char_ids("heldout", 800),
-                        settings={"quick": True, **settings})
+                        settings={"quick": True, "vocab_matching": UNBOUNDED | (vocab_matching or {}),
+                                  "finetune": UNBOUNDED | (finetune or {})})
 
 
 @pytest.mark.parametrize("protected", [False, True], ids=["unprotected", "paper-scheme"])
@@ -150,8 +155,7 @@ def test_finetune_attack_trains_both_rows_at_the_same_budget(tiny):
     paper's Table V is beside them."""
     import math
 
-    unbounded = {"seconds": 600.0, "scratch_seconds": 600.0}  # steps, not a loaded machine's clock, end training
-    result = load("finetune").run(_context(tiny, True, finetune=unbounded))
+    result = load("finetune").run(_context(tiny, True))
     assert result.recovery is None and result.unit == "loss" and result.skipped is None
     rows, runs = result.details["rows"], result.details["runs"]
     assert set(rows) == {"protected body", "scratch", "original"}
