@@ -3,8 +3,10 @@
     .venv/bin/python -m bench.tee_latency                    # SmolLM2-135M-Instruct, writes bench/results/tee/latency.*
     .venv/bin/python -m bench.tee_latency --tiny --out /tmp/x  # a tiny random LLaMA (the test's run)
 
-One protected model (`stip protect --tee`), three real processes on loopback started once: `stip serve DIR/server`
-(round-trip mode), `stip serve DIR/server --tee-worker` and `stip enclave DIR/enclave` beside it. Variants, run
+The model protected twice, once plainly (`stip protect`, the round-trip baseline) and once with `--tee` (its
+DIR/server is the TEE worker bundle, which a round-trip `stip serve` refuses); three real processes on loopback
+started once: `stip serve PLAIN/server` (round-trip mode), `stip serve TEE/server --tee-worker` and
+`stip enclave TEE/enclave` beside it. Variants, run
 interleaved (ABC CBA ...) for `--repeats` rounds, greedy, the same prompt:
   round_trip      stip.Client -> stip serve, top-k downlink: what users run today;
   tee             TeeClient -> stip enclave -> worker: TEE mode as users run it (attestation + channel per generation);
@@ -40,27 +42,34 @@ VARIANTS = ("round_trip", "tee", "tee_in_process")
 PAPER = "+2.6% to +9.4% per token (STIP paper, TEE in the first and last layers, GPU, pads precomputed)"
 
 
-def protect(model: str, folder: Path) -> tuple[Path, list[int]]:
-    """Protect `model` with `--tee` into `folder/protected`; (that folder, the prompt's ids)."""
+def protect(model: str, folder: Path) -> tuple[Path, Path, list[int]]:
+    """Protect `model` twice: plainly into `folder/round-trip` (the baseline's server bundle) and with `--tee` into
+    `folder/protected` (whose server bundle is the TEE worker's); (round-trip folder, TEE folder, prompt ids)."""
     import stip
 
     if model == "smollm2":
-        from stip.client.bundle import ClientBundle
         from stip.models import resolve_model
 
-        stip.protect(resolve_model("smollm2"), folder / "protected", progress=False, tee=True)
-        tok = ClientBundle.load(folder / "protected" / "client").tokenizer
-        ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-        return folder / "protected", list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    from tests.models import save_tiny
+        source = resolve_model("smollm2")
+    else:
+        from tests.models import save_tiny
 
-    stip.protect(save_tiny(model, folder / "plain"), folder / "protected", progress=False, tee=True)
-    return folder / "protected", [3, 14, 15, 9, 26, 5, 35, 8] * 4
+        source = save_tiny(model, folder / "plain")
+    stip.protect(source, folder / "round-trip", progress=False)
+    stip.protect(source, folder / "protected", progress=False, tee=True)
+    if model != "smollm2":
+        return folder / "round-trip", folder / "protected", [3, 14, 15, 9, 26, 5, 35, 8] * 4
+    from stip.client.bundle import ClientBundle
+
+    tok = ClientBundle.load(folder / "protected" / "client").tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    return folder / "round-trip", folder / "protected", list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 @contextlib.contextmanager
-def parties(out: Path, threads: int):
-    """The round-trip server, the TEE worker and the enclave, each its own process: (server, worker, enclave)."""
+def parties(plain: Path, out: Path, threads: int):
+    """The round-trip server (on `plain`), the TEE worker and the enclave (on `out`), each its own process:
+    (server, worker, enclave)."""
     from stip.server.launch import local_process
     from tests.parties import serve
 
@@ -70,7 +79,7 @@ def parties(out: Path, threads: int):
         return [sys.executable, "-m", "stip.cli", "enclave", str(out / "enclave"), "--worker", worker.url,
                 "--port", str(port), "--log-level", "warning"]
 
-    with serve(out, threads=threads) as server, \
+    with serve(plain, threads=threads) as server, \
             serve(out, "--tee-worker", token=WORKER_TOKEN, threads=threads) as worker, \
             local_process(enclave_cmd, "/health", env={"STIP_WORKER_TOKEN": WORKER_TOKEN, **env}) as enclave:
         yield server, worker, enclave
@@ -106,7 +115,8 @@ def pad_cost_ms(model, reps: int = 20) -> float:
     from stip.enclave.compute import OffloadedLinear
 
     linears = [m for m in model.base.modules() if isinstance(m, OffloadedLinear) and m.name == m.names[0]]
-    linears.append(model.lm_head)  # one per request: a group (q/k/v, gate/up) shares one pad, one `W r`
+    if isinstance(model.lm_head, OffloadedLinear):  # an untied LM head; a tied one is the enclave's own matmul
+        linears.append(model.lm_head)  # one per request: a group (q/k/v, gate/up) shares one pad, one `W r`
     rows = [torch.randn(1, m.weight64.shape[1]) for m in linears]
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -119,15 +129,16 @@ def pad_cost_ms(model, reps: int = 20) -> float:
 class Bench:
     """The three variants against the running parties; each `run_*` does one greedy generation of `tokens`."""
 
-    def __init__(self, out: Path, server, worker, enclave, ids: list[int], tokens: int):
+    def __init__(self, plain: Path, out: Path, server, worker, enclave, ids: list[int], tokens: int):
         from stip.client.sdk import Client
         from stip.client.tee import TeeClient
-        from stip.enclave.compute import EnclaveModel, enclave_tensors_from_bundles
+        from stip.developer.tee import read_enclave_tensors
+        from stip.enclave.compute import EnclaveModel
 
         self.ids, self.tokens = ids, tokens
-        self.client = Client(out / "client", server.url)
+        self.client = Client(plain / "client", server.url)
         self.tee_client = TeeClient(out / "tee-client", enclave.url, allow_simulated=True)
-        config, tensors = enclave_tensors_from_bundles(out)
+        config, tensors = read_enclave_tensors(out)  # the sealed enclave bundle, as `stip enclave` opens it
         self.link = _counting_link(worker.url)
         self.model = EnclaveModel.from_tensors(config, tensors, self.link)
         self.pad_ms = pad_cost_ms(self.model)
@@ -200,10 +211,13 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="stip-tee-bench-") as tmp:
         t0 = time.perf_counter()
-        out, ids = protect(model, Path(tmp))
-        log(f"protected {model} with --tee in {time.perf_counter() - t0:.1f} s; starting the three processes")
-        with parties(out, threads) as (server, worker, enclave):
-            b = Bench(out, server, worker, enclave, ids, tokens)
+        plain, out, ids = protect(model, Path(tmp))
+        log(f"protected {model} twice (plain for the round trip, --tee for TEE mode) in "
+            f"{time.perf_counter() - t0:.1f} s; starting the three processes")
+        with parties(plain, out, threads) as (server, worker, enclave):
+            b = Bench(plain, out, server, worker, enclave, ids, tokens)
+            lm_head = "enclave (tied: the enclave's own matmul)" if b.model.lm_head_local else \
+                "worker (untied: padded, input mask)"
             try:
                 for v in VARIANTS:  # warm-up, not counted
                     getattr(b, v)()
@@ -224,7 +238,9 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print) -> dict:
     summary = {v: _summary(runs[v], runs[v][0].keys()) for v in VARIANTS}
     base = summary["round_trip"]["per_token_ms"]["median"]
     ratios = {v: summary[v]["per_token_ms"]["median"] / base for v in VARIANTS[1:]}
-    return {"model": model, "prompt_tokens": len(ids), "decode_steps": runs["round_trip"][0]["steps"],
+    return {"model": model, "prompt_tokens": len(ids), "lm_head": lm_head,
+            "protected": "twice: plainly for the round trip, with --tee for TEE mode (its server bundle is the TEE "
+                         "worker's, which a round-trip server refuses)", "decode_steps": runs["round_trip"][0]["steps"],
             "repeats": repeats, "order": "interleaved, ABC then CBA (round i reversed when i is odd)",
             "command": " ".join([Path(sys.executable).name, "-m", "bench.tee_latency", *sys.argv[1:]]),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -249,7 +265,8 @@ def markdown(r: dict) -> str:
         f"thread(s) per process, load average at the end {r['machine']['load_average'][0]:.1f}), commit "
         f"{g.get('commit', '?')[:12]}{'' if g.get('clean') else ' (DIRTY TREE - not for committing)'}. "
         f"Prompt {r['prompt_tokens']} tokens, {r['decode_steps']} decode steps, greedy, {r['repeats']} interleaved "
-        f"rounds; medians (min-max). Same tokens in every variant: {r['same_tokens']}.",
+        f"rounds; medians (min-max). Same tokens in every variant: {r['same_tokens']}. The model was protected "
+        f"{r['protected']}. LM head: {r['lm_head']}.",
         "",
         "| variant | ms per decode token | prefill ms | vs round trip |",
         "|---|---|---|---|",
@@ -267,7 +284,8 @@ def markdown(r: dict) -> str:
         f"| enclave compute | {med['enclave_ms_per_token']:.1f} |",
         f"| - of which pads (`r`, `W r`; measured apart) | {med['enclave_pad_ms_per_token']:.1f} |",
         f"| worker compute | {med['worker_ms_per_token']:.1f} |",
-        f"| - padded linears (block 0, LM head) | {med['worker_linear_ms_per_token']:.1f} |",
+        f"| - padded linears (block 0 in secret bases; an untied LM head) | "
+        f"{med['worker_linear_ms_per_token']:.1f} |",
         f"| - body (blocks 1..L-1) | {med['worker_body_ms_per_token']:.1f} |",
         f"| enclave-worker channel (message wall time - worker compute) | {med['channel_ms_per_token']:.1f} |",
         f"| unaccounted (loop, argmax) | {med['unaccounted_ms_per_token']:.1f} |",

@@ -1,7 +1,8 @@
-"""TEE mode's split (stip.enclave.compute + `stip serve --tee-worker`): lossless, fresh pads, nothing secret sent.
+"""TEE mode's split (stip.enclave.compute + `stip serve --tee-worker`): lossless, fresh pads, nothing secret sent,
+and a worker bundle that holds block 0 only in secret bases and no tied LM head.
 
-The enclave side runs in this process (EnclaveModel over the bundles' tensors); the worker is a real
-`stip serve DIR/server --tee-worker` subprocess given only the server bundle. A `sent` hook on the WebSocket link
+The enclave side runs in this process (EnclaveModel over the sealed enclave bundle's tensors); the worker is a real
+`stip serve DIR/server --tee-worker` subprocess given only the TEE worker bundle. A `sent` hook on the WebSocket link
 records every frame header and tensor the worker receives, and the checks run on those.
 """
 
@@ -12,22 +13,41 @@ import torch
 
 from stip.common import wire
 from stip.common.sampling import SamplingParams
-from stip.enclave.compute import (POSITION_EMBEDDING, TOKEN_EMBEDDING, EnclaveModel, enclave_tensors_from_bundles)
+from stip.developer.tee import read_enclave_tensors
+from stip.enclave.compute import (LM_HEAD_IN_ENCLAVE, POSITION_EMBEDDING, TOKEN_EMBEDDING, EnclaveModel)
 from stip.enclave.worker_link import WebSocketWorkerLink, WorkerError
 from stip.server.tee_worker import LocalWorkerLink, TeeWorker
-from tests.models import build_tiny
+from tests.models import build_tiny, save_tiny
 from tests.parties import serve
 
-MODELS = ("gpt2", "llama-gqa-untied")  # Conv1D + learned positions + LayerNorm; RoPE + GQA + RMSNorm
+# Conv1D + learned positions + LayerNorm, tied; RoPE + GQA + RMSNorm, untied (LM head offloaded)
+MODELS = ("gpt2", "llama-gqa-untied")
 PROMPT = [3, 14, 15, 9, 26, 5, 35, 8]
 NEW = 8
 
 
+@pytest.fixture(scope="module")
+def tee_protected(tmp_path_factory):
+    """name -> a folder `stip protect --tee` wrote (its server bundle is the TEE worker's), protected on first use."""
+    import stip
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(f"tee-split-{name}")
+            stip.protect(save_tiny(name, root / "plain"), root / "protected", progress=False, tee=True)
+            cache[name] = root / "protected"
+        return cache[name]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=MODELS)
-def party(request, tiny_protected):
-    """(name, plain model, enclave tensors, config, the worker process), one worker per model."""
-    plain_dir, out = tiny_protected(request.param)
-    config, tensors = enclave_tensors_from_bundles(out)
+def party(request, tee_protected):
+    """(name, plain model, enclave config, enclave tensors, the worker process), one worker per model."""
+    out = tee_protected(request.param)
+    config, tensors = read_enclave_tensors(out)
     with serve(out, "--tee-worker", token="tee-t", threads=1) as worker:
         yield request.param, build_tiny(request.param), config, tensors, worker
 
@@ -101,7 +121,9 @@ def test_fresh_pads_and_nothing_secret_reaches_the_worker(party):
         enclave.close(s)
         runs.append(list(frames))
     a, b = (_received(r, "linear") for r in runs)
-    assert [h["name"] for h, _ in a] == [h["name"] for h, _ in b] and "lm_head" in {h["name"] for h, _ in a}
+    assert [h["name"] for h, _ in a] == [h["name"] for h, _ in b]
+    tied = bool(tensors[LM_HEAD_IN_ENCLAVE])  # GPT-2 is tied: its LM head (the embedding) never leaves the enclave
+    assert ("lm_head" in {h["name"] for h, _ in a}) == (not tied) and tied == (name == "gpt2")
     if name.startswith("llama"):  # q/k/v and gate/up go in one request each, with one pad
         assert {"self_attn.q_proj+self_attn.k_proj+self_attn.v_proj", "mlp.gate_proj+mlp.up_proj"} <= \
             {h["name"] for h, _ in a}
@@ -142,37 +164,50 @@ def test_worker_refuses_bad_requests_and_keeps_serving(party):
     with pytest.raises(WorkerError, match="unknown linear 'embed_tokens'"):
         link.linear("embed_tokens", torch.zeros(1, 4, dtype=torch.float64))
     d = tensors[TOKEN_EMBEDDING].shape[1]
-    with pytest.raises(WorkerError, match="404 unknown linear 'lm_head\\+lm_head'"):
-        link.linear("lm_head+lm_head", torch.zeros(1, d, dtype=torch.float64))
+    first = "attn.c_attn" if name == "gpt2" else "self_attn.q_proj"  # input width d
+    with pytest.raises(WorkerError, match=f"404 unknown linear '{first}\\+{first}'"):
+        link.linear(f"{first}+{first}", torch.zeros(1, d, dtype=torch.float64))
     assert link.body("s1", torch.zeros(2, d), 0).shape == (2, d)
     with pytest.raises(WorkerError, match="409 session 's1' holds 2 tokens, but the step starts at 5"):
         link.body("s1", torch.zeros(1, d), 5)
     with pytest.raises(WorkerError, match="404 unknown or expired session"):
         link.body("nope", torch.zeros(1, d), 3)
     with pytest.raises(WorkerError, match="NaN"):
-        link.linear("lm_head", torch.full((1, d), float("nan"), dtype=torch.float64))
+        link.linear(first, torch.full((1, d), float("nan"), dtype=torch.float64))
+    if name == "gpt2":  # tied: the worker has no LM head to offer
+        with pytest.raises(WorkerError, match="404 unknown linear 'lm_head'"):
+            link.linear("lm_head", torch.zeros(1, d, dtype=torch.float64))
     assert link.body("s2", torch.ones(1, d), 0).shape == (1, d)  # still serving
     link.shutdown()
     with pytest.raises(WorkerError, match="cannot open the TEE worker socket"):
         WebSocketWorkerLink(worker.url, token="wrong")
 
 
-def test_in_process_worker_matches(tiny_protected):
-    """The same split with the worker in this process (LocalWorkerLink): the benchmark's and the enclave's path."""
-    plain_dir, out = tiny_protected("llama-gqa-untied")
-    config, tensors = enclave_tensors_from_bundles(out)
-    enclave = EnclaveModel.from_tensors(config, tensors, LocalWorkerLink(TeeWorker.from_bundle(out / "server")))
-    want, _ = plain_greedy(build_tiny("llama-gqa-untied"), PROMPT, 4)
+def test_in_process_worker_matches(tee_protected):
+    """The same split with the worker in this process (LocalWorkerLink): the benchmark's path; on a TIED LLaMA (MQA),
+    whose LM head the enclave computes itself."""
+    out = tee_protected("llama-mqa-tied")
+    config, tensors = read_enclave_tensors(out)
+    worker = TeeWorker.from_bundle(out / "server")
+    assert "lm_head" not in worker.linears and bool(tensors[LM_HEAD_IN_ENCLAVE])
+    enclave = EnclaveModel.from_tensors(config, tensors, LocalWorkerLink(worker))
+    plain = build_tiny("llama-mqa-tied")
+    want, want_logits = plain_greedy(plain, PROMPT, 4)
+    s = enclave.new_session()
+    diff = float((enclave.prefill(s, PROMPT) - want_logits).abs().max())
+    enclave.close(s)
+    print(f"llama-mqa-tied: max-abs logit difference TEE vs plain {diff:.2e}")
+    assert diff < 1e-4
     assert [t for t, _ in enclave.generate(PROMPT, SamplingParams(max_tokens=4), top_logprobs=3)] == want
     top = next(enclave.generate(PROMPT, SamplingParams(max_tokens=1), top_logprobs=3))[1]
     assert len(top) == 3 and top[0][0] == want[0] and top[0][1] <= 0
 
 
-def test_worker_limits(tiny_protected):
+def test_worker_limits(tee_protected):
     """The worker's KV budget and session limit hold for blocks 1..L-1's caches: a 503 to retry, nothing run."""
     from stip.server.tee_worker import TeeWorkerError
 
-    _, out = tiny_protected("gpt2")
+    out = tee_protected("gpt2")
     worker = TeeWorker.from_bundle(out / "server", max_sessions=1, kv_budget_tokens=10)
     d = worker.hidden_size
     assert worker.body("a", torch.ones(8, d), 0).shape == (8, d)
@@ -182,3 +217,85 @@ def test_worker_limits(tiny_protected):
         worker.body("b", torch.ones(1, d), 0)
     worker.close("a")
     assert worker.body("b", torch.ones(1, d), 0).shape == (1, d)
+
+
+def _bundle_tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def _closest(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The smallest distance between a line of `a` and a line of `b` (rows, then columns), each line's absolute
+    values sorted: zero iff some line equals another up to signs and the order of its entries."""
+    def lines(t):
+        return [t.abs().sort(-1).values.double(), t.t().abs().sort(-1).values.double()]
+
+    return min(float(torch.cdist(x, y).min()) for x in lines(a) for y in lines(b) if x.shape[-1] == y.shape[-1])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "llama-mqa-tied"])
+def test_worker_bundle_holds_block0_in_secret_bases(tee_protected, name):
+    """The TEE worker bundle (DIR/server): signed and marked "tee-worker"; block 0's norms are ones (biases zeros);
+    no row or column of its block-0 linears equals a row or column of the standard ones (the enclave's copy), even
+    up to signs and reordering; a tied model's LM head is zeros and no line of any tensor in the bundle equals a
+    line of the embedding table (plain or permuted) up to sign; an untied LM head is stored as `W A^-1`, no row
+    of it equal to a row of the standard LM head."""
+    from stip.common import signing
+    from stip.common.files import read_manifest
+    from stip.enclave.compute import BLOCK_PREFIX, LM_HEAD_PREFIX, MASK_PREFIX, block0_layout
+
+    out = tee_protected(name)
+    signer = signing.signer_info(signing.load_signing_key(out / "developer" / "signing.key"))
+    manifest = read_manifest(out / "server", role="server", trusted=[signing.pin(signer)])
+    assert manifest["mode"] == "tee-worker" and manifest["tee_lm_head"] == ("enclave" if name != "llama-gqa-untied"
+                                                                            else "worker")
+    config, enclave = read_enclave_tensors(out)
+    worker = _bundle_tensors(out / "server")
+    prefix, _ = block0_layout(config)
+    block0 = {k[len(prefix):]: v for k, v in worker.items() if k.startswith(prefix)}
+    offloaded = {k[len(MASK_PREFIX):-len(".out.perm")] for k in enclave if k.endswith(".out.perm")}
+    linears = {k for k in block0 if k.rpartition(".")[0] in offloaded}
+    assert linears and set(block0) - linears, block0.keys()
+    for k, w in block0.items():
+        standard = enclave[BLOCK_PREFIX + k]
+        assert w.shape == standard.shape
+        if k not in linears:  # a norm: it runs in the enclave
+            assert torch.equal(w, torch.ones_like(w) if k.endswith("weight") else torch.zeros_like(w)), k
+        elif w.dim() == 2:
+            assert _closest(w, standard) > 1e-4, k
+        else:  # a bias: B b, exactly
+            out = f"{MASK_PREFIX}{k.rpartition('.')[0]}.out"
+            assert torch.equal(w.double(), standard.double()[enclave[out + ".perm"]] * enclave[out + ".scale"]), k
+    head = worker["lm_head.weight"]
+    if name == "llama-gqa-untied":  # W A^-1: each row reordered and rescaled entry by entry (its columns keep their
+        # values up to one sign and power of two each: A acts on the input side only)
+        rows = [t.abs().sort(-1).values.double() for t in (head, enclave[LM_HEAD_PREFIX + "weight"])]
+        assert float(torch.cdist(*rows).min()) > 1e-4
+        return
+    assert not head.any()
+    table = enclave[TOKEN_EMBEDDING].float()
+    for k, t in worker.items():
+        if t.dim() == 2 and t.any():
+            assert _closest(t, table) > 1e-4 and _closest(t, enclave[LM_HEAD_PREFIX + "weight"]) > 1e-4, k
+
+
+def test_round_trip_server_refuses_a_tee_worker_bundle(tee_protected, tiny_protected):
+    """`stip serve DIR/server` (round trip: the batched engine, as the CLI runs it) refuses the TEE worker bundle
+    before serving, naming --tee-worker (a BundleError: the CLI prints it and exits 2); --tee-worker refuses a
+    standard server bundle."""
+    from stip.errors import BundleError, StipError
+    from stip.server.app import run_server
+    from stip.server.model import load_protected_model
+
+    out = tee_protected("gpt2")
+    assert issubclass(BundleError, StipError)
+    with pytest.raises(BundleError, match="written by `stip protect --tee`: serve it with --tee-worker"):
+        load_protected_model(out / "server")
+    with pytest.raises(BundleError, match="serve it with --tee-worker"):
+        run_server(out / "server", host="127.0.0.1", port=1, token=None)
+    with pytest.raises(BundleError, match="is not a TEE worker bundle"):
+        TeeWorker.from_bundle(tiny_protected("gpt2")[1] / "server")

@@ -1,27 +1,45 @@
-"""`stip protect --tee`: the enclave bundle (sealed) and the key-less TEE client bundle, beside the usual three.
+"""`stip protect --tee`: the TEE worker bundle, the enclave bundle (sealed) and the key-less TEE client bundle.
+
+`DIR/server/` becomes the TEE WORKER bundle (manifest mode "tee-worker", re-signed): the standard server bundle
+except block 0, whose norm weights are ones (biases zeros: the norms run in the enclave) and whose offloaded linears
+are stored in secret bases, `W' = B W A^-1` (`B b` for biases), with `A` a secret monomial map (a permutation times
+signs and powers of two) per input group (q/k/v share one, gate/up share one; o and down their own; GPT-2: c_attn,
+attn.c_proj, c_fc, mlp.c_proj) and `B` one per linear's output; and, for a TIED model, the LM head (the embedding
+table in `pc` and `p`) is zeros: the enclave computes the logits itself. An untied LM head stays, as `W A^-1`. So the
+worker holds neither block 0 in the basis of `h1 p` nor the embedding in any form (docs/tee.md, "Why the worker's
+copy of block 0 is in secret bases"). `stip serve` refuses this bundle without `--tee-worker`, and `--tee-worker`
+refuses any other.
 
 `DIR/enclave/`: `enclave.sealed` (what stip.enclave.compute needs: `p`, `pc`, the embedding table, GPT-2's positions,
-the PERMUTED block-0 weights, the final norm and the LM head; sealed under HKDF(platform sealing secret, enclave code
-measurement)), the model's config and `stip_enclave.json`, with a signed manifest. `DIR/tee-client/`: the tokenizer,
-the model's config and `stip_client.json` (mode "tee", the enclave's expected measurement, the report format, and for
-simulated reports the platform key to pin; the enclave URL is given at run time); NO key and NO embedding. The server
-bundle is unchanged. The simulated platform's key file is created at `DIR/tee-platform/platform.key` unless one is
-given: it stands for the TEE host's hardware, so it belongs on the enclave host only.
+the PERMUTED block-0 weights in the standard basis, the final norm, the LM head and the masks `A`, `B`; sealed under
+HKDF(platform sealing secret, enclave code measurement)), the model's config and `stip_enclave.json`, with a signed
+manifest. `DIR/tee-client/`: the tokenizer, the model's config and `stip_client.json` (mode "tee", the enclave's
+expected measurement, the report format, and for simulated reports the platform key to pin; the enclave URL is given
+at run time); NO key and NO embedding. The simulated platform's key file is created at
+`DIR/tee-platform/platform.key` unless one is given: it stands for the TEE host's hardware, so it belongs on the
+enclave host only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 from stip.common import signing
-from stip.common.files import write_json_atomic, write_manifest
-from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_DIR, MODEL_CONFIG_FILE
+from stip.common.files import read_manifest, write_json_atomic, write_manifest
+from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_DIR, MODEL_CONFIG_FILE, SERVER_DIR
+from stip.errors import BundleError
 
 ENCLAVE_DIR, TEE_CLIENT_DIR, TEE_PLATFORM_DIR = "enclave", "tee-client", "tee-platform"
 SEALED_FILE, ENCLAVE_CONFIG_FILE = "enclave.sealed", "stip_enclave.json"
 PLATFORM_FILE = "platform.key"
 TEE_MODE = "tee"
+TEE_WORKER_MODE = "tee-worker"  # the server manifest's mode after `stip protect --tee`
+LM_HEAD_FIELD = "tee_lm_head"  # server manifest: "worker" (offloaded, masked) or "enclave" (tied: zeros here)
+# what block 0's tensors that are not offloaded linears (its norms) become in the worker bundle: rules as data
+NEUTRAL = (("weight", 1.0), ("", 0.0))  # (name suffix, value), first match wins
 # from the round-trip client config into both TEE bundles' configs: nothing secret, what sampling and limits need
 CLIENT_FIELDS = ("task", "model_type", "vocab_size", "max_positions", "eos_token_ids", "bos_token_id", "hidden_size")
 
@@ -41,6 +59,9 @@ def write_tee_bundles(out: Path, bundle_id: str, signing_key, platform_key: Path
     trusted = [signing.pin(signing.signer_info(signing_key))]
     config, tensors = enclave_tensors_from_bundles(out, trusted=trusted)
     client_config = json.loads((out / CLIENT_DIR / CLIENT_CONFIG_FILE).read_text())
+    original = json.loads((out / CLIENT_DIR / MODEL_CONFIG_FILE).read_text())  # the model's own config: tied?
+    tensors.update(write_worker_bundle(out / SERVER_DIR, config, bool(original.get("tie_word_embeddings")),
+                                       signing_key, trusted))
     shared = {k: client_config.get(k) for k in CLIENT_FIELDS}
     common = {"model_type": client_config.get("model_type"), "mode": TEE_MODE}
 
@@ -69,3 +90,149 @@ def write_tee_bundles(out: Path, bundle_id: str, signing_key, platform_key: Path
     for p in (enclave, client, *enclave.rglob("*"), *client.rglob("*")):
         p.chmod(0o755 if p.is_dir() else (0o600 if p.name == SEALED_FILE else 0o644))
     return {"measurement": expected, "platform_key": platform_path, "platform_pin": platform.pin()}
+
+
+# ------------------------------------------------------------------ the TEE worker bundle (DIR/server)
+
+def draw_masks(config, tied: bool, rng=None) -> dict:
+    """The worker's secret bases from a CSPRNG: {linear name: (A, B)} for block 0 (one A per input group, shared by
+    its members) and, for an untied model, {"lm_head": (A, None)}."""
+    from stip.common.transforms import KeyRng
+    from stip.enclave.compute import LM_HEAD, Monomial, _weight_of, block0_layout, input_groups
+
+    rng = rng or KeyRng()
+    _, block = block0_layout(config)
+    masks = {}
+    for group in input_groups(block):
+        weights = [_weight_of(block.get_submodule(n))[0] for n in group]
+        a = Monomial.draw(int(weights[0].shape[1]), rng)
+        masks.update({n: (a, Monomial.draw(int(w.shape[0]), rng)) for n, w in zip(group, weights)})
+    if not tied:
+        hidden = int(getattr(config, "hidden_size", 0) or config.n_embd)
+        masks[LM_HEAD] = (Monomial.draw(hidden, rng), None)
+    return masks
+
+
+def mask_tensors(masks: dict, tied: bool) -> dict:
+    """The masks as enclave tensors (stip.enclave.compute reads them), and whether the LM head is the enclave's."""
+    import torch
+
+    from stip.enclave.compute import LM_HEAD_IN_ENCLAVE, MASK_PREFIX
+
+    out = {LM_HEAD_IN_ENCLAVE: torch.tensor(int(tied))}
+    for name, (a, b) in masks.items():
+        out.update(a.tensors(f"{MASK_PREFIX}{name}.in"))
+        if b is not None:
+            out.update(b.tensors(f"{MASK_PREFIX}{name}.out"))
+    return out
+
+
+def write_worker_bundle(server: Path, config: dict, tied: bool, signing_key, trusted=None, rng=None) -> dict:
+    """Turn the standard server bundle in `server` into the TEE worker bundle (module docstring), shard by shard
+    (each written beside the old one, then renamed over it: a hard-linked copy keeps its own file), and re-sign
+    its manifest; returns the mask tensors for the enclave bundle."""
+    from stip.enclave.compute import _config_of
+
+    server = Path(server)
+    manifest = read_manifest(server, role="server", trusted=trusted)
+    if manifest.get("mode") == TEE_WORKER_MODE:
+        raise BundleError(f"{server} is already a TEE worker bundle")
+    config = _config_of(config)
+    masks = draw_masks(config, tied, rng)
+    replace = _worker_tensor_rule(config, masks, tied)
+    for shard in sorted(f for f in manifest["files"] if f.endswith(".safetensors")):
+        _rewrite_shard(server / shard, replace)
+    extra = {k: v for k, v in manifest.items()
+             if k not in ("format", "version", "role", "bundle_id", "files", signing.SIGNER_FIELD,
+                          signing.SIGNATURE_FIELD)}
+    extra.update({"mode": TEE_WORKER_MODE, LM_HEAD_FIELD: "enclave" if tied else "worker"})
+    write_manifest(server, "server", manifest["bundle_id"], extra, signing_key=signing_key)
+    return mask_tensors(masks, tied)
+
+
+def _worker_tensor_rule(config, masks: dict, tied: bool):
+    """name, tensor -> the worker bundle's tensor, or None to keep it as it is."""
+    import torch
+
+    from stip.enclave.compute import LM_HEAD, LM_HEAD_PREFIX, block0_layout, is_conv1d, masked_weight
+
+    prefix, block = block0_layout(config)
+    linears = {n: is_conv1d(block.get_submodule(n)) for n in masks if n != LM_HEAD}
+
+    def exact(name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        out = value.to(like.dtype)
+        if not torch.equal(out.to(value.dtype), value):  # e.g. a float16 value scaled into the subnormals
+            raise ValueError(f"TEE worker bundle: {name} does not keep its values in {like.dtype} once masked")
+        return out.contiguous()
+
+    def rule(name: str, t: torch.Tensor):
+        if name.startswith(LM_HEAD_PREFIX):
+            if tied:
+                return torch.zeros_like(t)
+            if name == LM_HEAD_PREFIX + "weight":
+                return exact(name, masked_weight(t, masks[LM_HEAD][0], None), t)
+            raise ValueError(f"TEE mode: no rule for the LM head's tensor {name!r}")
+        if not name.startswith(prefix):
+            return None
+        rest = name[len(prefix):]
+        linear, _, param = rest.rpartition(".")
+        if linear in linears:
+            a, b = masks[linear]
+            if param == "bias":
+                return exact(name, t.double()[b.perm] * b.scale, t)
+            w = t.t() if linears[linear] else t
+            w = masked_weight(w, a, b)
+            return exact(name, w.t() if linears[linear] else w, t)
+        value = next(v for suffix, v in NEUTRAL if rest.endswith(suffix))
+        return torch.full_like(t, value)
+
+    return rule
+
+
+def _rewrite_shard(path: Path, rule) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata, names = f.metadata(), list(f.keys())
+        tensors, changed = {}, False
+        for n in names:
+            t = f.get_tensor(n)
+            new = rule(n, t)
+            changed |= new is not None
+            tensors[n] = t if new is None else new
+    if not changed:
+        return
+    tmp = path.with_name(f".{path.name}.tee.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_worker_mode(bundle: Path, manifest: dict, tee_worker: bool) -> None:
+    """A TEE worker bundle serves only as `--tee-worker`, and `--tee-worker` serves only a TEE worker bundle."""
+    is_worker = manifest.get("mode") == TEE_WORKER_MODE
+    if is_worker and not tee_worker:
+        raise BundleError(f"{bundle}: this server bundle was written by `stip protect --tee`: serve it with "
+                          "--tee-worker (its block 0 is in the enclave's secret bases)")
+    if tee_worker and not is_worker:
+        raise BundleError(f"{bundle} is not a TEE worker bundle: --tee-worker serves the server bundle "
+                          "`stip protect --tee` writes; protect the model again with --tee")
+
+
+def read_enclave_tensors(out: str | Path, platform_key: str | Path | None = None) -> tuple[dict, dict]:
+    """(model config, tensors) of a `stip protect --tee` folder's sealed enclave bundle, unsealed with the
+    (simulated) platform key: what `stip enclave` loads; for tests and benchmarks that run the enclave in process."""
+    from stip.enclave.attestation import SimulatedPlatform, code_measurement
+    from stip.enclave.sealing import sealing_key, unseal_tensors
+
+    out = Path(out)
+    platform = SimulatedPlatform.load(Path(platform_key) if platform_key else out / TEE_PLATFORM_DIR / PLATFORM_FILE)
+    _, tensors = unseal_tensors(out / ENCLAVE_DIR / SEALED_FILE, sealing_key(platform.sealing_secret,
+                                                                             code_measurement()))
+    return json.loads((out / ENCLAVE_DIR / MODEL_CONFIG_FILE).read_text()), tensors

@@ -4,10 +4,13 @@ The split (docs/tee.md, "The split"): in a pre-LN block a worker that computed t
 then received `h1 = x p + a1` would recover `x p = h1 - a1`. So block 0 runs here, as the model's own decoder-layer
 module (a 1-layer model built from the config: RoPE, GQA and GPT-2's Conv1D work unchanged): its norms, attention
 core, activations, residual adds and KV cache stay in the enclave. Only its linear maps go to the worker, each with a
-fresh pad (Slalom): the worker gets `x + r` and returns `W (x + r) + b`; the enclave subtracts `W r`. The worker runs
-blocks 1..L-1 on `h1 p` and returns the last hidden state; the final norm runs here, the LM head is offloaded with a
-fresh pad, `pc` is undone here. The padded products are computed in float64 on both sides, so the result is `W x`
-to float64 accuracy and greedy generation equals plain generation.
+fresh pad (Slalom): the enclave sends `A (x + r)`, the worker returns `W' A (x + r) + B b` with its copy
+`W' = B W A^-1` (`stip protect --tee` stores block 0 in secret monomial bases `A`, `B`, so the worker's copy of
+block 0 is not in the basis of `h1 p`); the enclave applies `B^-1` and subtracts `W r`. The worker runs blocks
+1..L-1 on `h1 p` and returns the last hidden state; the final norm runs here. The LM head: a tied model's (its
+embedding table) is computed here, an untied one is offloaded with a pad and an input mask `A`; `pc` is undone
+here. The padded products are computed in float64 on both sides and the masks are signs times powers of two (exact
+in floating point), so the result is `W x` to float64 accuracy and greedy generation equals plain generation.
 
 Pads are drawn per call from a torch generator reseeded from `os.urandom` for every step. Production would draw the
 pads and compute `W r` ahead of time, while the enclave is idle (Slalom), so a step costs the enclave one addition
@@ -42,6 +45,10 @@ GROUP_SEP = "+"  # a grouped request names its linears joined by this; the worke
 RESID, VOCAB = "resid", "vocab"  # the client key's p and pc: "<x>.perm", "<x>.sign" (optional)
 TOKEN_EMBEDDING, POSITION_EMBEDDING, EMBEDDING_SCALE = "embed.token", "embed.position", "embed.scale"
 BLOCK_PREFIX, FINAL_NORM_PREFIX, LM_HEAD_PREFIX = "block.", "final_norm.", "lm_head."
+# The worker's secret bases (stip.developer.tee): "mask.<linear>.in.perm"/".in.scale" (A, one per input group),
+# "mask.<linear>.out.perm"/".out.scale" (B); a tied model's LM head is computed here (this flag), not offloaded.
+MASK_PREFIX, LM_HEAD_IN_ENCLAVE = "mask.", "tee.lm_head_in_enclave"
+MASK_EXPONENTS = (-2, -1, 0, 1)  # mask scales are +-2^k, k from these: exact in float, so W' = B W A^-1 is exact
 
 
 class WorkerLink(Protocol):
@@ -77,7 +84,7 @@ def _weight_of(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(W as [out, in], bias) of a linear module, else None."""
     if isinstance(m, nn.Linear):
         return m.weight, m.bias
-    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # transformers' Conv1D stores [in, out]
+    if is_conv1d(m):
         return m.weight.t(), m.bias
     return None
 
@@ -86,6 +93,73 @@ def linear64(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -
     """x [n, in] @ W^T (+ b) in float64: what the worker computes on padded rows."""
     y = x.to(OFFLOAD_DTYPE) @ weight.to(OFFLOAD_DTYPE).t()
     return y if bias is None else y + bias.to(OFFLOAD_DTYPE)
+
+
+@dataclass
+class Monomial:
+    """`y[..., j] = scale[j] * x[..., perm[j]]`: a permutation times signs and powers of two (a secret basis of the
+    worker's copy of block 0). Exact in floating point: applying or inverting it never rounds."""
+
+    perm: torch.Tensor
+    scale: torch.Tensor  # float64, entries +-2^k
+
+    @classmethod
+    def draw(cls, n: int, rng) -> "Monomial":
+        """From a CSPRNG (`stip.common.transforms.KeyRng`)."""
+        k = torch.tensor(MASK_EXPONENTS, dtype=OFFLOAD_DTYPE)[rng.integers(n, len(MASK_EXPONENTS)).long()]
+        sign = rng.integers(n, 2).to(OFFLOAD_DTYPE) * 2 - 1
+        return cls(rng.permutation(n), sign * torch.exp2(k))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], name: str) -> "Monomial | None":
+        if f"{name}.perm" not in tensors:
+            return None
+        return cls(tensors[f"{name}.perm"].long(), tensors[f"{name}.scale"].to(OFFLOAD_DTYPE))
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.perm": self.perm.clone(), f"{name}.scale": self.scale.clone()}  # a group shares A
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., self.perm] * self.scale.to(x.dtype)
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        x = torch.empty_like(y)
+        x[..., self.perm] = y / self.scale.to(y.dtype)
+        return x
+
+    @staticmethod
+    def concat(parts: list["Monomial"]) -> "Monomial":
+        """The block-diagonal monomial of `parts` side by side (a group's outputs, each with its own B)."""
+        offsets = [0]
+        for m in parts[:-1]:
+            offsets.append(offsets[-1] + len(m.perm))
+        return Monomial(torch.cat([m.perm + o for m, o in zip(parts, offsets)]), torch.cat([m.scale for m in parts]))
+
+
+def masked_weight(weight: torch.Tensor, a: Monomial | None, b: Monomial | None) -> torch.Tensor:
+    """`B W A^-1` for W [out, in], in float64: the map the worker holds, so `W' (A x) = B (W x)`."""
+    w = weight.to(OFFLOAD_DTYPE)
+    if a is not None:
+        w = w[:, a.perm] / a.scale[None, :]
+    if b is not None:
+        w = w[b.perm] * b.scale[:, None]
+    return w
+
+
+def input_groups(block: nn.Module) -> list[list[str]]:
+    """Block 0's offloadable linears grouped by shared input (`SHARED_INPUT`; a group needs all its members): one
+    request, one pad and one input mask `A` per group."""
+    names = offloadable(block)
+    groups, seen = [], set()
+    for name in names:
+        if name in seen:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        group = next(([f"{parent}.{m}" if parent else m for m in g] for g in SHARED_INPUT if leaf in g), [name])
+        group = group if all(g in names for g in group) else [name]
+        seen.update(group)
+        groups.append(group)
+    return groups
 
 
 class Pads:
@@ -104,14 +178,17 @@ class Pads:
 
 
 class OffloadedLinear(nn.Module):
-    """Stands in for one linear map of block 0 (or the LM head): the worker computes it on `x + r`, the enclave
-    subtracts `W r` (computed here; in production ahead of time). In a group (`SHARED_INPUT`) the first member
-    called computes the whole group in one request; the others take their part when called with the same tensor."""
+    """Stands in for one linear map of block 0 (or the LM head): the worker computes `W' A (x + r)` with its masked
+    copy `W' = B W A^-1`, the enclave applies `B^-1` and subtracts `W r` (computed here; in production ahead of
+    time). In a group (`SHARED_INPUT`) the first member called computes the whole group in one request; the others
+    take their part when called with the same tensor. `a`: the group's input mask; `b`: its outputs' masks side by
+    side (None: identity)."""
 
     def __init__(self, name: str, weight: torch.Tensor, link: WorkerLink, pads: Pads,
-                 group: list[tuple[str, torch.Tensor]] | None = None, waiting: dict | None = None):
+                 group: list[tuple[str, torch.Tensor]] | None = None, waiting: dict | None = None,
+                 a: Monomial | None = None, b: Monomial | None = None):
         super().__init__()
-        self.name, self.link, self.pads = name, link, pads
+        self.name, self.link, self.pads, self.a, self.b = name, link, pads, a, b
         group = group or [(name, weight)]
         self.names = [n for n, _ in group]
         self.sizes = [int(w.shape[0]) for _, w in group]
@@ -125,7 +202,11 @@ class OffloadedLinear(nn.Module):
             return hit[1]
         rows = x.reshape(-1, x.shape[-1])
         r = self.pads.draw(rows)
-        y = self.link.linear(GROUP_SEP.join(self.names), rows.to(OFFLOAD_DTYPE) + r).to(OFFLOAD_DTYPE)
+        sent = rows.to(OFFLOAD_DTYPE) + r
+        y = self.link.linear(GROUP_SEP.join(self.names), sent if self.a is None else self.a.apply(sent))
+        y = y.to(OFFLOAD_DTYPE)
+        if self.b is not None:
+            y = self.b.invert(y)
         parts = (y - r @ self.weight64.t()).to(x.dtype).split(self.sizes, dim=-1)
         mine = None
         for name, part in zip(self.names, parts):
@@ -135,6 +216,18 @@ class OffloadedLinear(nn.Module):
             else:
                 self.waiting[name] = (x, part)
         return mine
+
+
+class LocalLinear(nn.Module):
+    """A tied model's LM head, computed in the enclave: its weight is the embedding table (in `pc` and `p`), which
+    the worker must not hold in any form."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.weight.t()
 
 
 def _config_of(config):
@@ -166,14 +259,9 @@ def enclave_tensors(server_state: dict[str, torch.Tensor], config, client_key, e
                     embedding_scale: float = 1.0) -> dict[str, torch.Tensor]:
     """What the enclave holds, named as `EnclaveModel.from_tensors` reads it: `p` and `pc` (the client key), the
     plain embedding table (and GPT-2's positions), the PERMUTED block-0 weights, final norm and LM head (as the
-    server bundle holds them). `stip protect --tee` calls this with the bundles it just wrote."""
-    from transformers import AutoModelForCausalLM
-
+    server bundle holds them), to which `stip protect --tee` adds the worker's secret bases (stip.developer.tee)."""
     config = _config_of(config)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(trimmed_config(config, 0, 1))
-    base, layers_attr, norm_attr = base_parts(skeleton)
-    prefix = _prefix_of(skeleton, base)
+    skeleton, base, layers_attr, norm_attr, prefix = _skeleton(config)
     out = {f"{name}.{k}": v.contiguous() for name, perm in ((RESID, client_key.resid), (VOCAB, client_key.vocab))
            for k, v in (("perm", perm.perm), ("sign", perm.sign)) if v is not None}
     out[TOKEN_EMBEDDING] = embedding["token"].contiguous()
@@ -202,9 +290,32 @@ def _prefix_of(model: nn.Module, base: nn.Module) -> str:
     return f"{name}." if name else ""
 
 
+def _skeleton(config):
+    """A 1-block causal LM of `config` on the meta device (no memory): (model, base, blocks attr, final norm attr,
+    the base model's checkpoint name prefix)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(trimmed_config(config, 0, 1))
+    base, layers_attr, norm_attr = base_parts(skeleton)
+    return skeleton, base, layers_attr, norm_attr, _prefix_of(skeleton, base)
+
+
+def block0_layout(config) -> tuple[str, nn.Module]:
+    """(checkpoint name prefix of block 0, e.g. "model.layers.0.", block 0's module on the meta device)."""
+    _, base, layers_attr, _, prefix = _skeleton(_config_of(config))
+    return f"{prefix}{layers_attr}.0.", getattr(base, layers_attr)[0]
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2) stores its weight as [in, out]."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
 def enclave_tensors_from_bundles(out: str | Path, trusted=None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(model config dict, enclave tensors) from a `stip protect` output folder's server and client bundles (both
-    signature-checked): block 0, the final norm and the LM head are read from the server shards, nothing else."""
+    """(model config dict, enclave tensors) from a `stip protect` output folder's STANDARD server bundle and client
+    bundle (both signature-checked), before `stip protect --tee` turns the server bundle into the worker's: block 0,
+    the final norm and the LM head are read from the server shards, nothing else. Without the worker's masks."""
     from safetensors import safe_open
 
     from stip.client.bundle import ClientBundle
@@ -309,16 +420,20 @@ class EnclaveModel:
         _load(self.final_norm, tensors, FINAL_NORM_PREFIX, "the final norm")
         setattr(base, norm_attr, nn.Identity())  # the base model's output is h1 p, before any norm
         self.waiting: dict = {}
-        names = offloadable(block)
-        weights = {name: _weight_of(block.get_submodule(name))[0] for name in names}
-        for name in names:
-            parent, _, leaf = name.rpartition(".")
-            group = next(([f"{parent}.{m}" if parent else m for m in g] for g in SHARED_INPUT if leaf in g), [name])
-            group = group if all(g in weights for g in group) else [name]
-            setattr(block.get_submodule(parent) if parent else block, leaf,
-                    OffloadedLinear(name, weights[name], self.link, self.pads, [(g, weights[g]) for g in group],
-                                    self.waiting))
-        self.lm_head = OffloadedLinear(LM_HEAD, tensors[LM_HEAD_PREFIX + "weight"], self.link, self.pads)
+        groups = input_groups(block)
+        weights = {name: _weight_of(block.get_submodule(name))[0] for g in groups for name in g}
+        masks = {name: (_mask(tensors, name, "in"), _mask(tensors, name, "out")) for name in weights}
+        for group in groups:
+            a, b = masks[group[0]][0], Monomial.concat([masks[g][1] for g in group])
+            for name in group:
+                parent, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, leaf,
+                        OffloadedLinear(name, weights[name], self.link, self.pads, [(g, weights[g]) for g in group],
+                                        self.waiting, a=a, b=b))
+        head = tensors[LM_HEAD_PREFIX + "weight"]
+        self.lm_head_local = bool(tensors.get(LM_HEAD_IN_ENCLAVE, torch.tensor(0)).item())
+        self.lm_head = LocalLinear(head) if self.lm_head_local else \
+            OffloadedLinear(LM_HEAD, head, self.link, self.pads, a=_mask(tensors, LM_HEAD, "in"))
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one step at a time: the pads and block 0 are shared by all sessions
 
@@ -401,6 +516,15 @@ class EnclaveModel:
                     logits = self.decode(s, token)
         finally:
             self.close(s)
+
+
+def _mask(tensors: dict[str, torch.Tensor], linear: str, side: str) -> Monomial:
+    """The secret basis of one side of one offloaded linear; an enclave bundle without it predates them."""
+    m = Monomial.from_tensors(tensors, f"{MASK_PREFIX}{linear}.{side}")
+    if m is None:
+        raise ValueError(f"the enclave tensors hold no {side}put mask for {linear!r}: this enclave bundle was "
+                         "written by an older STIP; protect the model again with --tee")
+    return m
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, what: str) -> None:

@@ -16,7 +16,7 @@ from stip.errors import BundleError, TensorSetError
 
 
 def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                         trusted: Trusted = None):
+                         trusted: Trusted = None, tee_worker: bool = False):
     """Verify the server bundle's signed manifest (against `trusted`, the developer's pinned signer(s); see
     `stip.common.signing`), then load it as the transformers class its config names (no custom code).
 
@@ -32,7 +32,11 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     bundle = Path(bundle)
     manifest = read_manifest(bundle, role="server", trusted=trusted)
     config = AutoConfig.from_pretrained(bundle)
+    from stip.developer.tee import TEE_WORKER_MODE, check_worker_mode
+
+    check_worker_mode(bundle, manifest, tee_worker)  # a TEE worker bundle only as --tee-worker, and vice versa
     mode = manifest.get("mode", ROUND_TRIP)
+    mode = ROUND_TRIP if mode == TEE_WORKER_MODE else mode  # its tensor set is a round-trip bundle's
     check_server_tensors(config, shard_shapes(bundle, manifest["files"]), where=f"server bundle {bundle}", mode=mode)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "embedding was newly initialized" report is expected; the rest is checked

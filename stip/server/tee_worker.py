@@ -1,10 +1,13 @@
-"""The GPU worker of TEE mode: the UNCHANGED server bundle, split into what the enclave asks of it.
+"""The GPU worker of TEE mode: the TEE worker bundle, split into what the enclave asks of it.
 
-`stip serve DIR/server --tee-worker` loads the server bundle as usual and keeps three things: block 0's linear maps
-and the LM head (its own permuted copies), which it applies to the padded rows the enclave sends (op "linear"); and
-blocks 1..L-1 with one KV cache per session (op "body"), returning the last hidden state before the final norm. The
-final norm and everything else of block 0 run in the enclave (stip.enclave.compute). The worker holds nothing
-secret: no `p`, no `pc`, no embedding table, no sealing key; it sees padded inputs, `h1 p` and the body's states.
+`stip serve DIR/server --tee-worker` loads the TEE worker bundle that `stip protect --tee` writes (and refuses any
+other) and keeps three things: block 0's linear maps, stored in the enclave's secret bases (`W' = B W A^-1`), and,
+for an untied model, the LM head (`W A^-1`), which it applies to the masked, padded rows the enclave sends (op
+"linear"); and blocks 1..L-1 with one KV cache per session (op "body"), returning the last hidden state before the
+final norm. The final norm, block 0's norms and non-linear parts and a tied model's LM head run in the enclave
+(stip.enclave.compute). The worker holds nothing secret: no `p`, no `pc`, no embedding table (a tied model's LM head
+is zeros in its bundle), no sealing key, no block 0 in the basis of `h1 p`; it sees masked padded inputs, `h1 p` and
+the body's states.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stip.developer.tee import LM_HEAD_FIELD
 from stip.enclave.compute import (GROUP_SEP, LM_HEAD, OFFLOAD_DTYPE, _weight_of, base_parts, linear64,
                                   offloadable, trimmed_config)
 
@@ -54,9 +58,14 @@ class TeeWorker:
         for name in offloadable(block0):
             w, b = _weight_of(block0.get_submodule(name))
             self.linears[name] = (w.detach().to(OFFLOAD_DTYPE), None if b is None else b.detach().to(OFFLOAD_DTYPE))
+        if self.manifest.get(LM_HEAD_FIELD, "worker") == "worker":  # tied models: the enclave computes the logits
+            head = model.get_output_embeddings()
+            self.linears[LM_HEAD] = (head.weight.detach().to(OFFLOAD_DTYPE),
+                                     None if head.bias is None else head.bias.detach().to(OFFLOAD_DTYPE))
         head = model.get_output_embeddings()
-        self.linears[LM_HEAD] = (head.weight.detach().to(OFFLOAD_DTYPE),
-                                 None if head.bias is None else head.bias.detach().to(OFFLOAD_DTYPE))
+        if head is not None:  # zeros in a tied model's bundle, and never used here: free it
+            head.weight = nn.Parameter(torch.empty(0, head.weight.shape[1], dtype=head.weight.dtype),
+                                       requires_grad=False)
         self._single = len(self.linears)
         # The body: the same base model with block 0 and the final norm taken out, the blocks renumbered for a cache
         # of their own (a cache counts positions from its layer 0, which is now block 1).
@@ -81,7 +90,7 @@ class TeeWorker:
                     **limits) -> "TeeWorker":
         from stip.server.model import load_protected_model
 
-        model, manifest = load_protected_model(bundle, dtype=dtype, device=device, trusted=trusted)
+        model, manifest = load_protected_model(bundle, dtype=dtype, device=device, trusted=trusted, tee_worker=True)
         return cls(model, manifest, **limits)
 
     # ------------------------------------------------------------ ops
