@@ -138,6 +138,24 @@ def test_serial_engine_capture(protected, tmp_path):
         torch.testing.assert_close(model.lm_head(model.model.norm(second.hidden[2])), step, atol=1e-4, rtol=1e-4)
 
 
+def test_capture_refusals(protected, tmp_path):
+    """Refused before serving, naming the problem: layers without a folder, another engine, a non-empty folder."""
+    from stip.errors import StipError
+    from stip.server.app import run_server
+
+    _, out = protected
+    with pytest.raises(StipError, match="needs --capture"):
+        run_server(out / "server", capture_layers="0")
+    with pytest.raises(StipError, match="transformers engine"):
+        run_server(out / "server", capture=tmp_path / "c", engine_kind="vllm")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "index.jsonl").write_text("")
+    with pytest.raises(StipError, match="not empty"):
+        run_server(out / "server", capture=tmp_path / "used")
+    with pytest.raises(StipError, match="comma-separated"):
+        run_server(out / "server", capture=tmp_path / "c2", capture_layers="first")
+
+
 def _broken(ctx):
     raise RuntimeError("this attack is broken on purpose")
 

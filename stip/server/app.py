@@ -699,9 +699,16 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
                         f"{'--tee-worker' if tee_worker else '--engine vllm'}: run one `stip serve` per bundle "
                         f"(docs/contexts.md)")
     bundle = bundles[0]
+    if capture is None and capture_layers:
+        raise StipError("--capture-layers needs --capture DIR")
     if capture is not None and (tee_worker or engine_kind != "transformers" or len(bundles) > 1):
         raise StipError("--capture records the client sessions of one bundle on the transformers engine (not "
                         "--tee-worker, --engine vllm or several contexts)")
+    if capture is not None:  # refused before the model loads: bad layers, a folder in use
+        from stip.server.capture import check_folder, parse_layers
+
+        capture_layers = parse_layers(capture_layers) if isinstance(capture_layers, str) else capture_layers
+        check_folder(capture)
     if tee_worker:  # TEE mode: the enclave's WebSocket instead of client sessions (stip.server.tee_route)
         if engine_kind != "transformers":
             raise StipError("--tee-worker runs the transformers engine only")
@@ -725,10 +732,13 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
             raise StipError(f"{path} is bundle {engines[-1][1]}, given twice: each context needs its own bundle "
                             f"(`stip rekey` issues a new one)")
     if capture is not None:  # stip serve --capture: off by default, and then nothing is wrapped
-        from stip.server.capture import enable_capture, parse_layers
+        from stip.server.capture import enable_capture
 
-        layers = parse_layers(capture_layers) if isinstance(capture_layers, str) else capture_layers
-        engines[0] = (enable_capture(engines[0][0], capture, layers), engines[0][1])
+        try:
+            engines[0] = (enable_capture(engines[0][0], capture, capture_layers), engines[0][1])
+        except BaseException:
+            engines[0][0].close()
+            raise
     engine = engines[0][0]
     kv_bytes = max(e.kv_bytes_per_token for e, _ in engines)  # the budget counts tokens of the costliest context
     seq_len = max(min(max_seq_len, e.max_positions or max_seq_len) for e, _ in engines)

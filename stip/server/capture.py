@@ -74,14 +74,20 @@ def decoder_layers(model) -> list:
     raise StipError(f"--capture: cannot find the decoder layers of {type(model).__name__}")
 
 
+def check_folder(folder: str | Path) -> Path:
+    """A capture goes to a new or empty folder (its numbering starts at 0)."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise StipError(f"--capture {folder}: the folder exists and is not empty; give a new or empty one "
+                        f"(a capture's numbering starts at 0)")
+    return folder
+
+
 class CaptureWriter:
     """Numbers the files and sessions and writes them; thread-safe (batched steps finish on several threads)."""
 
     def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        if self.folder.exists() and (not self.folder.is_dir() or any(self.folder.iterdir())):
-            raise StipError(f"--capture {self.folder}: the folder exists and is not empty; give a new or empty one "
-                            f"(a capture's numbering starts at 0)")
+        self.folder = check_folder(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
         self._lock = threading.Lock()
