@@ -185,7 +185,7 @@ def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | Non
 
     t0 = time.perf_counter()
     plain, _ = load_plain_model(model)
-    plain = plain.float().eval()
+    plain = plain.eval()  # float32 already (GGUF models refuse .float())
     rows = []
     with tempfile.TemporaryDirectory(prefix="stip-audit-table-") as tmp:
         for mode in modes:

@@ -106,7 +106,7 @@ def load_reference(reference: str | Path | torch.nn.Module | None):
         model, tok = load_plain_model(reference)
     except (OSError, ValueError) as e:
         raise StipError(f"reference {reference!r} could not be loaded as a transformers causal LM: {e}") from None
-    return model.float().eval(), tok
+    return model.eval(), tok  # load_plain_model loads float32 (GGUF models refuse .float())
 
 
 def prompt_ids(tokenizer, n: int, k: int) -> list[list[int]]:
