@@ -129,6 +129,11 @@ def test_rekey_errors_name_the_problem(bundles, tmp_path):
         rekey(plain, old / "client", tmp_path / "out", progress=False)
     with pytest.raises(Exception, match="rekey writes a new one"):
         rekey(plain, old, old, progress=False)
+    tee = tmp_path / "tee"
+    shutil.copytree(old, tee)
+    (tee / "enclave").mkdir()
+    with pytest.raises(Exception, match="TEE deployment"):
+        rekey(plain, tee, tmp_path / "out", progress=False)
     r = subprocess.run([sys.executable, "-m", "stip.cli", "rekey", str(tmp_path / "missing"), "--from", str(old),
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, env=server_env(None),
                        timeout=120)

@@ -6,7 +6,8 @@ CSPRNG, a fresh bundle id, a complete new folder written atomically) with what t
 mode and hardening options, and its developer's signing key (so users' pinned signer still holds). Before anything is
 written the model is checked against the old bundle: the key's shapes, the model type, the model config the client
 bundle holds, and, where the client bundle holds the plaintext token embedding (round-trip mode), its values, so a
-different fine-tune of the same architecture is refused too. TEE bundles are not reissued (`stip protect --tee`).
+different fine-tune of the same architecture is refused too. TEE deployments are refused: their users hold no key,
+and rekey does not issue TEE bundles (`stip protect --tee` does).
 Serve the old and the new bundle side by side while clients move over (docs/contexts.md).
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -29,8 +29,6 @@ from stip.developer.architectures import architecture_for, geometry_of
 from stip.developer.checkpoint import Checkpoint
 from stip.developer.protect import ProtectResult, protect
 from stip.errors import BundleError, KeyMismatchError, StipError
-
-log = logging.getLogger("stip.developer")
 
 # Config fields that name where or with which library version a model was saved, not what it is.
 VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
@@ -54,7 +52,7 @@ def old_options(old: Path, trusted: Trusted = None) -> dict:
     return {"mode": manifest.get("mode", config.get("mode", "round-trip")), "harden": tuple(harden),
             "noise": float(manifest.get("noise", config.get("noise")) or 0.0),
             "model_type": manifest.get("model_type"), "bundle_id": manifest.get("bundle_id"),
-            "tee": any((old / d).exists() for d in TEE_DIRS)}
+            "tee": [d + "/" for d in TEE_DIRS if (old / d).exists()]}
 
 
 def _plain(config: dict) -> dict:
@@ -117,6 +115,9 @@ def rekey(model: str | Path, old: str | Path, out: str | Path, *, overwrite: boo
         raise StipError(f"--out {out} is the old folder: rekey writes a new one, so that the old and the new context "
                         f"can be served side by side while clients move (docs/contexts.md)")
     options = old_options(old, trusted)
+    if options["tee"]:  # its users hold no key: a rekeyed bundle without the enclave would hand them one
+        raise StipError(f"{old} is a TEE deployment (it has {', '.join(options['tee'])}); stip rekey does "
+                        f"not issue TEE bundles: protect the model again with `stip protect --tee`")
     ck = Checkpoint.open(model)
     check_same_model(ck, old, options)
     kwargs: dict = {"mode": options["mode"]}
@@ -127,7 +128,5 @@ def rekey(model: str | Path, old: str | Path, out: str | Path, *, overwrite: boo
                 raise StipError(f"{old} was protected with --{name} {options[name]}, which this STIP's protect does "
                                 f"not know: upgrade it")
             kwargs[name] = options[name]
-    if options["tee"]:
-        log.warning("%s has TEE bundles; stip rekey does not reissue them (protect again with --tee)", old)
     signer = signing_key or old / DEVELOPER_DIR / SIGNING_KEY_FILE
     return protect(model, out, overwrite=overwrite, progress=progress, seed=seed, signing_key=signer, **kwargs)
