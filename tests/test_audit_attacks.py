@@ -41,6 +41,16 @@ def _block_outputs(model, **inputs) -> dict[int, torch.Tensor]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a loaded machine its barriers cost 10-20x (finetune:
+    1.9-2.4 s with one thread, 22-37 s with two, at load avg 8)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(plain model, protected dir, prompts): one tiny LLaMA, protected in process (the paper's scheme)."""
@@ -169,3 +179,17 @@ def test_finetune_attack_trains_both_rows_at_the_same_budget(tiny):
     # the untrained random reference knows nothing of English: both trained rows beat it
     assert max(rows["protected body"]["loss"], rows["scratch"]["loss"]) < rows["original"]["loss"]
     assert result.details["paper"]["scratch"]["perplexity"] == 538
+
+
+def test_dense_mixing_hides_tokens_from_sorted_l1_but_not_from_dcor(tiny, tmp_path):
+    """Under `--harden mix` (a dense orthogonal residual transform) sorting no longer undoes the transform: vocabulary
+    matching falls to about chance, while distance correlation, which any isometry keeps, stays 1 at the inputs."""
+    import stip
+
+    reference, out, prompts = tiny
+    mixed = tmp_path / "mixed"
+    stip.protect(out.parent / "plain", mixed, progress=False, harden=("mix",))
+    ctx = _context((reference, mixed, prompts), True, vocab_matching={"layers": [0], "k_max": 32})
+    per_layer = load("vocab_matching").run(ctx).details["per_layer"]
+    assert per_layer["inputs"]["recovery"] <= 0.3 and per_layer["layer 0"]["recovery"] <= 0.2, per_layer
+    assert load("distance_correlation").run(ctx).details["per_layer"]["inputs"]["dcor"] == pytest.approx(1.0, abs=1e-4)

@@ -32,7 +32,7 @@ from stip.audit.attacks.base import AttackResult
 NAME = "finetune"
 TITLE = "Fine-tuning attack: a new embedding and LM head on the frozen protected body vs training from scratch"
 
-DEFAULTS = dict(steps=200, batch=2, seq=32, lr=3e-3, seconds=30.0, scratch_seconds=75.0, eval_tokens=256)
+DEFAULTS = dict(steps=200, batch=2, seq=32, lr=3e-3, seconds=25.0, scratch_seconds=60.0, eval_tokens=256)
 QUICK = dict(steps=40, batch=8, seq=16, seconds=10.0, scratch_seconds=20.0, eval_tokens=512)
 PAPER = {  # Table V, GPT-2 on WikiText-2: test loss / accuracy / perplexity
     "original": dict(loss=3.42, accuracy=0.38, perplexity=31),
