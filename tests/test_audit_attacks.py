@@ -174,8 +174,10 @@ def test_finetune_attack_trains_both_rows_at_the_same_budget(tiny):
         assert row["perplexity"] == pytest.approx(math.exp(row["loss"]))
     assert runs["protected body"]["steps"] == runs["scratch"]["steps"] == 40
     assert runs["protected body"]["trained_parameters"] < runs["scratch"]["trained_parameters"]
-    for curve in result.curves.values():
-        assert sum(curve["y"][-5:]) < sum(curve["y"][:5])  # both learned
+    curve = result.curves["training loss"]  # both rows on one plot: they trained the same steps
+    assert len(curve["y"]) == 2
+    for losses in curve["y"].values():
+        assert len(losses) == len(curve["x"]) == 40 and sum(losses[-5:]) < sum(losses[:5])  # both learned
     # the untrained random reference knows nothing of English: both trained rows beat it
     assert max(rows["protected body"]["loss"], rows["scratch"]["loss"]) < rows["original"]["loss"]
     assert result.details["paper"]["scratch"]["perplexity"] == 538
@@ -193,3 +195,15 @@ def test_dense_mixing_hides_tokens_from_sorted_l1_but_not_from_dcor(tiny, tmp_pa
     per_layer = load("vocab_matching").run(ctx).details["per_layer"]
     assert per_layer["inputs"]["recovery"] <= 0.3 and per_layer["layer 0"]["recovery"] <= 0.2, per_layer
     assert load("distance_correlation").run(ctx).details["per_layer"]["inputs"]["dcor"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_every_curve_plots(tiny, tmp_path):
+    """The report draws one PNG per curve of these attacks (multi-series ones included)."""
+    from stip.audit.report import plot_curves
+
+    ctx = _context(tiny, True, vocab_matching={"layers": [0]}, finetune={"steps": 6})
+    for name in ("vocab_matching", "distance_correlation", "finetune"):
+        result = load(name).run(ctx).to_json()
+        files = plot_curves(tmp_path, result)
+        assert [curve for curve, _ in files] == list(result["curves"]), name
+        assert all((tmp_path / file).stat().st_size > 1000 for _, file in files)

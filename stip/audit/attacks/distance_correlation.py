@@ -104,8 +104,12 @@ def run(ctx) -> AttackResult:
     reference = {"random_projection": _both(plain, plain @ projection),
                  "independent": _both(torch.randn(len(keep), d, generator=g), torch.randn(len(keep), d, generator=g))}
     names = list(per_layer)
-    curves = {"distance correlation by layer (x: 0 = inputs, then each captured layer)": dict(
-        x=list(range(len(names))), y=[per_layer[n]["dcor"] for n in names])}
+    curves = {"distance correlation with the plaintext embeddings, by layer": dict(
+        x=[-1] + layers, xlabel="layer (-1: the inputs)", ylabel="dCor", y={
+            "dCor": [per_layer[n]["dcor"] for n in names],
+            "dCor, bias-corrected": [per_layer[n]["dcor_bias_corrected"] for n in names],
+            "random projection (reference)": [reference["random_projection"]["dcor"]] * len(names),
+            "independent, bias-corrected (floor)": [reference["independent"]["dcor_bias_corrected"]] * len(names)})}
     return AttackResult(
         NAME, TITLE, None, unit="dCor",
         details=dict(per_layer=per_layer, reference=reference, rows=len(keep), layers=names,

@@ -128,12 +128,11 @@ def run(ctx) -> AttackResult:
     for p in body.parameters():
         p.requires_grad_(False)
     attacked = _Head(body, len(kept), hidden, std, ctx.seed)
-    curves, rows, runs = {}, {}, {}
+    rows, runs = {}, {}
     losses, steps, seconds = _train(attacked, train, opts, opts["steps"], ctx.seed)
     rows["protected body"] = _evaluate(attacked, test)
     runs["protected body"] = dict(steps=steps, seconds=seconds, trained_parameters=2 * len(kept) * hidden)
-    curves["train loss: new embedding + LM head on the frozen protected body"] = dict(
-        x=list(range(1, steps + 1)), y=losses)
+    body_losses = losses
     del attacked, protected, body
 
     torch.manual_seed(ctx.seed)
@@ -143,7 +142,7 @@ def run(ctx) -> AttackResult:
     rows["scratch"] = _evaluate(scratch, test)
     runs["scratch"] = dict(steps=s_steps, seconds=seconds,
                            trained_parameters=sum(p.numel() for p in scratch.parameters()))
-    curves["train loss: same architecture from scratch"] = dict(x=list(range(1, s_steps + 1)), y=losses)
+    curves = _curves(body_losses, losses)
     del scratch, fresh
 
     if ctx.reference is not None:
@@ -156,6 +155,17 @@ def run(ctx) -> AttackResult:
                      test_tokens=int(test[:, 1:].numel()), settings=opts,
                      note="the body is useful to the attacker only where its row beats scratch at the same budget"),
         curves=curves, seconds=time.monotonic() - start)
+
+
+def _curves(body: list[float], scratch: list[float]) -> dict:
+    """Training loss per step, both rows on one plot where they trained the same steps."""
+    labels = dict(xlabel="step", ylabel="train loss (cross-entropy)")
+    if len(body) == len(scratch):
+        return {"training loss": dict(x=list(range(1, len(body) + 1)), y={
+            "new embedding + LM head, frozen protected body": body, "same architecture from scratch": scratch},
+            **labels)}
+    return {"training loss: frozen protected body": dict(x=list(range(1, len(body) + 1)), y=body, **labels),
+            "training loss: from scratch": dict(x=list(range(1, len(scratch) + 1)), y=scratch, **labels)}
 
 
 def _fresh_model(config):

@@ -234,9 +234,10 @@ def run(ctx) -> AttackResult:
                                requests=len(parts))
         width = max(len(p) for p in parts) if parts else 0
         by_pos = [float(torch.stack([p[t] for p in parts if len(p) > t]).float().mean()) for t in range(width)]
-        curves[f"recovery by position ({name})"] = dict(x=list(range(width)), y=by_pos)
+        curves[f"recovery by position ({name})"] = dict(x=list(range(width)), y=by_pos, xlabel="position",
+                                                         ylabel="share of requests decoded right")
     curves["true token within the cheap top-k (inputs' sorted-L1)"] = dict(
-        x=list(RANKS), y=(recall / max(n_inputs, 1)).tolist())
+        x=list(RANKS), y=(recall / max(n_inputs, 1)).tolist(), xlabel="k", ylabel="share of positions")
     rates = [v["recovery"] for v in per_layer.values() if v["recovery"] is not None]
     return AttackResult(
         NAME, TITLE, max(rates) if rates else None, unit="tokens",
