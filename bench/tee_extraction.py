@@ -11,10 +11,11 @@ The attacker knows the tokens it sent and sees the worker's inputs. Conditions (
 `x p + 2^20 rms(x) z`, the pad stip/enclave draws. (c') fresh-field: `(x_fixed + r) mod 2^32`, r uniform, fresh per
 query (Slalom's one-time pad over Z_q). Against these the attacker keeps a lookup table (the mean observation of
 each token it sent). (d) split: `h1 p`, block 0's output, computed in the enclave (TEE mode's body input); the
-attacker distils an embedding + one decoder layer of the model's own architecture, random init, from (prompt, h1 p)
-pairs. (d') the same, but the stronger distiller takes block 0's permuted weights from the server bundle (the worker
-holds them for the padded linears), frozen, and learns only the embedding.
-
+worker's copy of block 0 is in secret bases (`B W A^-1`, `stip protect --tee`) and a tied model's LM head is not in
+its bundle, so the attacker cannot run block 0 in the basis of `h1 p`: it distils an embedding + one decoder layer
+of the model's own architecture, random init, from (prompt, h1 p) pairs. (d') for comparison, the design before
+that change: the worker held block 0's permuted weights in the basis of `h1 p`; the distiller takes them, frozen,
+and learns only the embedding (an upper reference the current design no longer gives the worker).
 Metrics on held-out prompts: R^2 and centred cosine of the attacker's prediction of the observation; token
 recovery (a-c': the nearest row of the learned table to a fresh held-out observation, and the nearest mean norm;
 chance 1/V'); top-1 agreement: the attacker's estimate of the body's input fed to the real body, whose greedy next
@@ -47,8 +48,9 @@ BIG_PAD = 2.0 ** 20      # stip/enclave's pad: N(0, 1) x 2^20 x rms(row), float6
 TABLE_CONDITIONS = ("plain", "fixed", "fresh-gauss", "fresh-gauss-2^20", "fresh-field")
 LABELS = {"plain": "(a) plain x p", "fixed": "(b) fixed x p D", "fresh-gauss": "(c) fresh pad x p + r (gaussian)",
           "fresh-gauss-2^20": "(c2) fresh pad x p + 2^20 rms(x) z (the enclave's)",
-          "fresh-field": "(c') fresh one-time pad mod 2^32", "split": "(d) pre-LN split h1 p (distilled)",
-          "split-known-block0": "(d') split, block 0 from the server bundle"}
+          "fresh-field": "(c') fresh one-time pad mod 2^32",
+          "split": "(d) pre-LN split h1 p, worker's block 0 in secret bases (distilled)",
+          "split-known-block0": "(d') old design: block 0 in the basis of h1 p at the worker"}
 
 
 @dataclass
@@ -271,7 +273,8 @@ def replacement(model, sub_vocab: int, seed: int):
 def distil(model, sub_vocab: int, ids: torch.Tensor, target: torch.Tensor, st: Settings, seed: int,
            known_block0: bool = False):
     """Train a replacement to map the attacker's prompts (sub-vocabulary ids) to the observed h1; MSE, Adam.
-    known_block0: the attacker uses block 0's weights from the server bundle (frozen) and learns only the embedding."""
+    known_block0: the attacker uses block 0's permuted weights (frozen; the worker held them before its bundle stored
+    block 0 in secret bases) and learns only the embedding."""
     net = replacement(model, sub_vocab, seed)
     if known_block0:
         net.layers[0].load_state_dict(decoder_layers(model)[0].state_dict())
@@ -356,8 +359,9 @@ def table_condition(cond: str, model, data: Data, s: Secrets, st: Settings, trut
 def split_condition(model, data: Data, s: Secrets, st: Settings, truth: torch.Tensor,
                     known_block0: bool = False) -> list[dict]:
     """Learning curve of the distillation attacker against the pre-LN split: it observes h1 p for its prompts.
-    With block 0 known, it trains through the permuted block 0 the server bundle holds; the permuted block is the
-    plain one conjugated by p, so this trains in the plain basis (R^2, centred cosine and agreement are the same)."""
+    With block 0 known (the old design), it trains through the permuted block 0 the worker then held; that block is
+    the plain one conjugated by p, so this trains in the plain basis (R^2, centred cosine and agreement are the
+    same)."""
     basis = torch.arange(len(s.p)) if known_block0 else s.p
     train_obs = block0_output(model, data.model_ids(data.train))[..., basis]
     test_obs = block0_output(model, data.model_ids(data.test))[..., basis]

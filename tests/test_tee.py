@@ -134,7 +134,7 @@ def enclave_command(bundle, worker_url, *extra):
 
 @contextlib.contextmanager
 def tee_stack(out):
-    """A real `stip serve --tee-worker` on the unchanged server bundle and a real `stip enclave` beside it."""
+    """A real `stip serve --tee-worker` on the TEE worker bundle and a real `stip enclave` beside it."""
     with serve(out, "--tee-worker", token=WORKER_TOKEN) as worker, \
             local_process(enclave_command(out / "enclave", worker.url), "/health",
                           env={"STIP_WORKER_TOKEN": WORKER_TOKEN}) as enclave:
