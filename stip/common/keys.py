@@ -378,9 +378,13 @@ class DeveloperKey:
         lk = self.layers[layer]
         if not lk.is_hardened:
             return lk.spaces(self.geometry)[name]
-        if name == "attn_qkv":  # GPT-2's fused Q|K|V output: each part hardened
-            return BlockDiagonal(tuple(self.space(part, layer) for part in ("attn_q", "attn_k", "attn_v")))
-        return lk.hardened(self.geometry, name, lk.spaces(self.geometry)[name])
+        cache = self.__dict__.setdefault("_hardened_spaces", {})  # built once per (space, layer): inverses too
+        if (name, layer) not in cache:
+            if name == "attn_qkv":  # GPT-2's fused Q|K|V output: each part hardened
+                cache[name, layer] = BlockDiagonal(tuple(self.space(p, layer) for p in ("attn_q", "attn_k", "attn_v")))
+            else:
+                cache[name, layer] = lk.hardened(self.geometry, name, lk.spaces(self.geometry)[name])
+        return cache[name, layer]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = self.client.tensors()

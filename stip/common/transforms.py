@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -179,7 +180,11 @@ class Dense:
         return int(self.m.shape[0])
 
     def _inv(self) -> torch.Tensor:
-        return self.m.T if self.orthogonal else torch.linalg.inv(self.m)
+        return self.m.T if self.orthogonal else self._inverse
+
+    @cached_property
+    def _inverse(self) -> torch.Tensor:  # computed once per object (a frozen dataclass still has a __dict__)
+        return torch.linalg.inv(self.m.double())
 
     def apply(self, t: torch.Tensor, dim: int, role: str = "out") -> torch.Tensor:
         if role not in ("out", "in"):
@@ -264,7 +269,19 @@ class BlockDiagonal:
         return torch.cat([fn(p, s) for p, s in zip(self.parts, t.split([len(p) for p in self.parts], dim))], dim)
 
     def apply(self, t: torch.Tensor, dim: int, role: str = "out") -> torch.Tensor:
+        if role in ("out", "in") and all(isinstance(p, Dense) for p in self.parts):  # one product, not per block
+            _check(t, dim, len(self))
+            m = self._dense_out if role == "out" else self._dense_in
+            return _along(t, dim, lambda x: x @ m.to(x.device))
         return self._each(t, dim, lambda p, s: p.apply(s, dim, role))
+
+    @cached_property
+    def _dense_out(self) -> torch.Tensor:
+        return torch.block_diag(*[p.m.double() for p in self.parts])
+
+    @cached_property
+    def _dense_in(self) -> torch.Tensor:
+        return torch.block_diag(*[p._inv().T for p in self.parts])
 
     def invert(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         return self._each(t, dim, lambda p, s: p.invert(s, dim))
