@@ -268,6 +268,22 @@ def test_enclave_refuses_another_platform(stack, tmp_path):
     assert r.returncode == 2 and "cannot unseal" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_enclave_refuses_another_runs_worker(stacks):
+    """An enclave started against a worker that serves another `stip protect --tee` run's bundle (other secret
+    bases: every answer would be garbage) refuses to start, naming both bundles."""
+    from stip.enclave.process import SimulatedEnclave
+    from stip.enclave.worker_link import WebSocketWorkerLink, WorkerError
+
+    _, out, _, _ = stacks("gpt2")
+    _, _, other_worker, _ = stacks("llama-gqa-untied")
+    link = WebSocketWorkerLink(other_worker.url, token=WORKER_TOKEN)
+    try:
+        with pytest.raises(WorkerError, match="the TEE worker serves bundle .* this enclave's bundle is"):
+            SimulatedEnclave(out / "enclave", SimulatedPlatform.load(out / "tee-platform" / "platform.key"), link)
+    finally:
+        link.shutdown()
+
+
 def test_proxy_serves_a_tee_bundle(stack):
     """The OpenAI proxy over a TEE client bundle: same endpoints, tokens from the enclave (ids in, as a tiny model
     has no tokenizer), equal to plain greedy."""

@@ -14,7 +14,8 @@ import torch
 from stip.common import wire
 from stip.common.sampling import SamplingParams
 from stip.developer.tee import read_enclave_tensors
-from stip.enclave.compute import (LM_HEAD_IN_ENCLAVE, POSITION_EMBEDDING, TOKEN_EMBEDDING, EnclaveModel)
+from stip.enclave.compute import (LM_HEAD_IN_ENCLAVE, MASK_PREFIX, POSITION_EMBEDDING, TOKEN_EMBEDDING,
+                                  EnclaveModel)
 from stip.enclave.worker_link import WebSocketWorkerLink, WorkerError
 from stip.server.tee_worker import LocalWorkerLink, TeeWorker
 from tests.models import build_tiny, save_tiny
@@ -141,8 +142,9 @@ def test_fresh_pads_and_nothing_secret_reaches_the_worker(party):
     if POSITION_EMBEDDING in tensors:
         xp = xp + enc.resid.apply(tensors[POSITION_EMBEDDING].float(), 1, "out")[torch.arange(len(ids))]
     forbidden = torch.cat([table, enc.token_embedding, xp, enc.resid.invert(xp, 1)])  # rows, plain and permuted
+    masks = [t for k, t in tensors.items() if k.startswith(MASK_PREFIX) and k.endswith(".perm")]  # A's and B's
     secrets = [wire.tensor_bytes(t) for t in (tensors["resid.perm"], tensors["vocab.perm"], table,
-                                              enc.token_embedding)]
+                                              enc.token_embedding, *masks)]
     rows_bytes = [wire.tensor_bytes(r) for r in forbidden]
     for header, x in runs[0] + runs[1]:
         if x is None:
@@ -158,9 +160,18 @@ def test_fresh_pads_and_nothing_secret_reaches_the_worker(party):
     link.shutdown()
 
 
-def test_worker_refuses_bad_requests_and_keeps_serving(party):
+def test_worker_refuses_bad_requests_and_keeps_serving(party, tee_protected):
+    from stip.common.files import read_manifest
+
     name, plain, config, tensors, worker = party
     link = WebSocketWorkerLink(worker.url, token=worker.token)
+    # the enclave checks at start that the worker serves its own run's bundle (secret bases, LM head placement)
+    bundle_id = read_manifest(tee_protected(name) / "enclave", verify=False, trusted=[],
+                              warn_unpinned=False)["bundle_id"]
+    assert link.info() == {"bundle_id": bundle_id, "lm_head": "enclave" if name == "gpt2" else "worker"}
+    link.expect_bundle(bundle_id, name == "gpt2")
+    with pytest.raises(WorkerError, match="the TEE worker serves bundle .* this enclave's bundle is 00000000"):
+        link.expect_bundle("0" * 32, name == "gpt2")
     with pytest.raises(WorkerError, match="unknown linear 'embed_tokens'"):
         link.linear("embed_tokens", torch.zeros(1, 4, dtype=torch.float64))
     d = tensors[TOKEN_EMBEDDING].shape[1]
@@ -246,7 +257,7 @@ def test_worker_bundle_holds_block0_in_secret_bases(tee_protected, name):
     of it equal to a row of the standard LM head."""
     from stip.common import signing
     from stip.common.files import read_manifest
-    from stip.enclave.compute import BLOCK_PREFIX, LM_HEAD_PREFIX, MASK_PREFIX, block0_layout
+    from stip.enclave.compute import BLOCK_PREFIX, LM_HEAD_PREFIX, block0_layout
 
     out = tee_protected(name)
     signer = signing.signer_info(signing.load_signing_key(out / "developer" / "signing.key"))

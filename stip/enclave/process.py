@@ -80,6 +80,8 @@ class SimulatedEnclave(Enclave):
         self.config = json.loads((bundle / ENCLAVE_CONFIG_FILE).read_text())
         model_config = json.loads((bundle / MODEL_CONFIG_FILE).read_text())
         self.model = EnclaveModel.from_tensors(model_config, tensors, link)
+        if hasattr(link, "expect_bundle"):  # the worker must hold this run's secret bases
+            link.expect_bundle(self.manifest["bundle_id"], self.model.lm_head_local)
         self.vocab_size = int(self.model.vocab_size)
         self.max_positions = int(self.config.get("max_positions") or 0)
         self._pending: dict[bytes, tuple[object, float]] = {}

@@ -77,5 +77,19 @@ class WebSocketWorkerLink:
     def close(self, session: str) -> None:
         self._call({"op": "close", "session": session})
 
+    def info(self) -> dict:
+        """The worker's bundle id and where the LM head runs ("worker" or "enclave")."""
+        head, _ = self._call({"op": "info"})
+        return {"bundle_id": head.get("bundle_id"), "lm_head": head.get("lm_head")}
+
+    def expect_bundle(self, bundle_id: str, lm_head_in_enclave: bool) -> None:
+        """Refuse a worker that serves another protection run's bundle: its block 0 would be in other secret bases
+        and every answer garbage."""
+        info = self.info()
+        if info["bundle_id"] != bundle_id or info["lm_head"] != ("enclave" if lm_head_in_enclave else "worker"):
+            raise WorkerError(f"the TEE worker serves bundle {str(info['bundle_id'])[:16]}... (LM head at the "
+                              f"{info['lm_head']}), this enclave's bundle is {bundle_id[:16]}...: serve the DIR/server "
+                              "that the same `stip protect --tee` run wrote with --tee-worker")
+
     def shutdown(self) -> None:
         self._ws.close()

@@ -6,6 +6,8 @@
     {"op": "body", "session": id, "start": position, "dtype": "float32", "shape": [T, d]} + h1 p
         -> {"ok": true, "kind": "hidden", "dtype": "float32", "shape": [T, d], "position", "worker_ms"} + states
     {"op": "close", "session": id} -> {"ok": true, "kind": "closed"}
+    {"op": "info"} -> {"ok": true, "kind": "info", "bundle_id", "lm_head": "worker" | "enclave"}: the enclave checks
+        at start that the worker serves the TEE worker bundle of its own `stip protect --tee` run
     errors: {"ok": false, "status": 4xx/5xx, "error": "..."}; the socket stays usable.
 
 Compute runs on one worker thread; the event loop only authenticates and frames.
@@ -25,13 +27,14 @@ from starlette.websockets import WebSocketDisconnect
 
 from stip.common import wire
 from stip.server.auth import Authenticator, AuthError
+from stip.enclave.compute import LM_HEAD
 from stip.server.tee_worker import TeeWorker, TeeWorkerError
 
 log = logging.getLogger("stip.server")
 
 TEE_WORKER_PATH = "/v1/tee/worker"
 TEE_DTYPES = {**wire.DTYPES, "float64": torch.float64}  # the padded linears travel in float64 (exactness)
-TEE_OPS = ("linear", "body", "close")
+TEE_OPS = ("linear", "body", "close", "info")
 MAX_ROWS = 1 << 16  # rows of one linear request
 
 
@@ -45,7 +48,7 @@ def _parse(worker: TeeWorker, data) -> tuple[str, dict, torch.Tensor | None]:
     op = header.get("op")
     if op not in TEE_OPS:
         raise TeeWorkerError(400, f"unknown op {str(op)[:40]!r}; expected one of {', '.join(TEE_OPS)}")
-    if op == "close":
+    if op in ("close", "info"):
         return op, header, None
     dtype = TEE_DTYPES.get(header.get("dtype")) if isinstance(header.get("dtype"), str) else None
     if dtype is None:
@@ -81,6 +84,9 @@ def _run(worker: TeeWorker, op: str, header: dict, x: torch.Tensor | None) -> by
     if op == "close":
         worker.close(str(header.get("session", "")))
         return wire.encode_frame({"ok": True, "kind": "closed"})
+    if op == "info":
+        return wire.encode_frame({"ok": True, "kind": "info", "bundle_id": worker.manifest.get("bundle_id"),
+                                  "lm_head": "worker" if LM_HEAD in worker.linears else "enclave"})
     if op == "linear":
         y = worker.linear(header["name"], x.to(torch.float64))
         kind, extra = "linear", {}
