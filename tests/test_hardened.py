@@ -26,7 +26,8 @@ from tests.models import build_tiny, save_tiny
 from tests.parties import ServerPipeline, serve
 
 SEED = b"\7" * 32  # one seed for every protection: the paper's draws are shared, the hardened parts come after
-OPTIONS = {"llama-gqa-untied": ("none", "mix", "rope", "vo", "ffn", "all"), "gpt2": ("none", "mix", "rope", "vo", "all")}
+OPTIONS = {"llama-gqa-untied": ("none", "mix", "rope", "vo", "ffn", "all"),
+           "gpt2": ("none", "mix", "rope", "vo", "all")}
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 23]
 MAX_ABS = 1e-4  # float32 rounding through dense mixing: measured 3e-6 to 1e-5 on these models
 
@@ -44,7 +45,7 @@ def bundles(tmp_path_factory):
                                               harden=() if option == "none" else option).out
             if (model, option) == ("llama-gqa-untied", "all"):
                 out["server"] = ServerPipeline({"all": lambda folder=out[model, option]: serve(folder)})
-                out["server"]._start("all")
+                out["server"]._start("all")  # now, in the background: the tests below run meanwhile
     yield out
     out["server"].close()
 

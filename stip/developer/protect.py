@@ -355,14 +355,16 @@ def resolve_harden(arch: Architecture, model_type: str, harden, noise: float, mo
                 + (f"{model_type} supports {', '.join(arch.harden)}" if arch.harden
                    else "hardened modes cover LLaMA-family (llama, mistral, qwen2) and GPT-2 models"))
     if not isinstance(noise, (int, float)) or not 0 <= float(noise) < 1:  # NaN fails too
-        raise HardenOptionError(f"--noise must be a number in [0, 1), relative to the embedding table's RMS; got {noise!r}")
+        raise HardenOptionError(f"--noise must be a number in [0, 1), relative to the embedding table's RMS; "
+                                f"got {noise!r}")
     if noise and not arch.harden:
         raise stip.errors.UnsupportedModelError(
             f"{model_type} models do not support --noise; it covers LLaMA-family (llama, mistral, qwen2) and GPT-2 "
             "models")
     if (asked or noise) and (mode != ROUND_TRIP or tee):
         what = "--tee" if tee else f"{mode} mode"
-        raise HardenOptionError(f"--harden and --noise need round-trip mode without --tee (the client embeds); not {what}")
+        raise HardenOptionError(f"--harden and --noise need round-trip mode without --tee (the client embeds); "
+                                f"not {what}")
     return tuple(o for o in HARDEN_OPTIONS if o in asked)
 
 
