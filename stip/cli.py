@@ -225,6 +225,8 @@ def enclave(
     platform_key: Optional[Path] = typer.Option(None, help="the simulated platform's key file (default "
                                                 "DIR/tee-platform/platform.key)"),
     worker_token: Optional[str] = typer.Option(None, envvar="STIP_WORKER_TOKEN", help="the worker's bearer token"),
+    token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN", help="bearer token TEE clients must send "
+                                        "(default: none, any client that reaches the enclave may use it)"),
     trust: list[str] = typer.Option([], help=TRUST_HELP),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ):
@@ -233,7 +235,7 @@ def enclave(
     from stip.enclave.process import run_enclave
 
     run_enclave(bundle, worker, host=host, port=port, platform_key=platform_key, worker_token=worker_token,
-                trusted=_trust(trust), log_level=log_level)
+                trusted=_trust(trust), log_level=log_level, token=token)
 
 
 def _vllm_options(engine: str, args: list[str], **flags) -> dict | None:

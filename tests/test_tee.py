@@ -124,6 +124,7 @@ def test_sealing_bound_to_code_and_platform(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 
 WORKER_TOKEN = "worker-token"
+CLIENT_TOKEN = "client-token"  # the enclaves here require it (stip enclave --token / STIP_TOKEN)
 PROMPT = [5, 17, 3, 42, 8, 11]
 
 
@@ -137,7 +138,7 @@ def tee_stack(out):
     """A real `stip serve --tee-worker` on the TEE worker bundle and a real `stip enclave` beside it."""
     with serve(out, "--tee-worker", token=WORKER_TOKEN) as worker, \
             local_process(enclave_command(out / "enclave", worker.url), "/health",
-                          env={"STIP_WORKER_TOKEN": WORKER_TOKEN}) as enclave:
+                          env={"STIP_WORKER_TOKEN": WORKER_TOKEN, "STIP_TOKEN": CLIENT_TOKEN}) as enclave:
         yield worker, enclave
 
 
@@ -176,7 +177,8 @@ def plain_greedy(name, ids, n):
 def tee_client(out, enclave, **kw):
     from stip.client.tee import TeeClient
 
-    return TeeClient(out / "tee-client", enclave.url, allow_simulated=kw.pop("allow_simulated", True), **kw)
+    return TeeClient(out / "tee-client", enclave.url, allow_simulated=kw.pop("allow_simulated", True),
+                     token=kw.pop("token", CLIENT_TOKEN), **kw)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
@@ -223,11 +225,16 @@ def test_tee_refusals(stack):
         tee_client(out, enclave, allow_simulated=False).generate(ids=PROMPT, max_tokens=2)
     with pytest.raises(TeeError, match="wrong measurement"):
         tee_client(out, enclave, measurement="00" * 32).generate(ids=PROMPT, max_tokens=2)
+    for token in (None, "wrong"):  # the enclave requires its client token: no attestation, no session without it
+        with pytest.raises(TeeError, match="refused to attest \\(401\\).*client token"):
+            tee_client(out, enclave, token=token).generate(ids=PROMPT, max_tokens=2)
+    with pytest.raises(Exception, match="401"):
+        connect(enclave.url.replace("http://", "ws://") + SESSION_PATH).recv(timeout=10)
     client = tee_client(out, enclave)
     ws_url = enclave.url.replace("http://", "ws://") + SESSION_PATH
 
     def hello(nonce):
-        ws = connect(ws_url)
+        ws = connect(ws_url, additional_headers={"Authorization": f"Bearer {CLIENT_TOKEN}"})
         ws.send(json.dumps({"client_public_key": base64.b64encode(public_bytes(new_keypair())).decode(),
                             "nonce": base64.b64encode(nonce).decode()}))
         return ws
@@ -328,7 +335,7 @@ def test_smollm2_tee_equals_plain(tmp_path, smollm2_plain, smollm2_protected):
         chat = [sys.executable, "-m", "stip.cli", "chat", str(out / "tee-client"), "--server", enclave.url,
                 "--prompt", messages[0]["content"], "--max-tokens", "8"]
         r = subprocess.run(chat + ["--allow-simulated"], capture_output=True, text=True, timeout=120,
-                           env=server_env(None))
+                           env=server_env(CLIENT_TOKEN))
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
         r = subprocess.run(chat, capture_output=True, text=True, timeout=120, env=server_env(None))

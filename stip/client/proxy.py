@@ -202,7 +202,7 @@ def run_proxy(bundle: Path, *, server: str, host: str = "127.0.0.1", port: int =
     api_key = api_key or None
     check_bind(host, api_key)  # before anything else: no server contact for a refused start
     if is_tee_bundle(bundle):
-        client = TeeClient(bundle, server, allow_simulated=allow_simulated, trusted=trusted)
+        client = TeeClient(bundle, server, allow_simulated=allow_simulated, trusted=trusted, token=token)
     else:
         client = Client(bundle, server, token=token, downlink=downlink, k=k, trusted=trusted, ca_file=ca_file,
                         insecure=insecure)

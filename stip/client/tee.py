@@ -196,13 +196,14 @@ class TeeClient:
 
     def __init__(self, bundle, enclave_url: str | None = None, *, allow_simulated: bool = False,
                  timeout: float = 60.0, trusted=None, measurement: str | None = None,
-                 verifiers: dict[str, EvidenceVerifier] | None = None):
+                 verifiers: dict[str, EvidenceVerifier] | None = None, token: str | None = None):
         self.bundle = bundle if isinstance(bundle, TeeBundle) else TeeBundle(bundle, trusted=trusted)
         url = enclave_url or self.bundle.tee.get("enclave_url")
         if not url:
             raise TeeError(f"no enclave URL: pass one (the bundle {self.bundle.path} leaves it to the user)")
         self.url = url.rstrip("/")
         self.allow_simulated, self.timeout = allow_simulated, timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}  # an enclave may require a client token
         self.expected_measurement = measurement or self.bundle.measurement
         self.verifiers = dict(verifiers or {})
         pin = self.bundle.tee.get("platform_key")
@@ -261,7 +262,7 @@ class TeeClient:
         nonce = os.urandom(NONCE_BYTES)
         try:
             r = httpx.post(self.url + ATTEST_PATH, json={"nonce": base64.b64encode(nonce).decode()},
-                           timeout=self.timeout, follow_redirects=False, trust_env=False)
+                           headers=self.headers, timeout=self.timeout, follow_redirects=False, trust_env=False)
         except httpx.HTTPError as e:
             raise StipConnectionError(f"cannot reach the enclave at {self.url}: {e} (is `stip enclave` running?)")
         if r.status_code != 200:
@@ -289,7 +290,8 @@ class TeeClient:
                                  nonce=nonce, measurement=v.measurement, role="client")
         ws_url = self.url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + SESSION_PATH
         try:
-            ws = connect(ws_url, open_timeout=self.timeout, max_size=64 * 1024 * 1024, compression=None)
+            ws = connect(ws_url, open_timeout=self.timeout, max_size=64 * 1024 * 1024, compression=None,
+                         additional_headers=self.headers)
         except Exception as e:  # noqa: BLE001 - name the enclave and the cause
             raise StipConnectionError(f"cannot open the enclave session at {ws_url}: {e}") from None
         ws.send(json.dumps({"client_public_key": base64.b64encode(public_bytes(key)).decode(),

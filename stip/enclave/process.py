@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import logging
 import threading
@@ -160,9 +161,20 @@ class SimulatedEnclave(Enclave):
                 log.warning("could not close a session at the worker")
 
 
-def create_app(enclave: Enclave):
+def authorized(header: str | None, token: str | None) -> bool:
+    """The client's bearer token, if the enclave was given one (`stip enclave --token` / STIP_TOKEN)."""
+    if not token:
+        return True
+    scheme, _, value = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def create_app(enclave: Enclave, token: str | None = None):
+    """`token`: clients must send it (Authorization: Bearer) to attest and to open a session; None: any client that
+    reaches the enclave may (docs/tee.md)."""
     app = FastAPI(title="STIP enclave", docs_url=None, redoc_url=None, openapi_url=None)
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stip-enclave")
+    denied = {"error": "missing or wrong client token (Authorization: Bearer; STIP_TOKEN)"}
 
     @app.get("/health")
     async def health():
@@ -170,6 +182,8 @@ def create_app(enclave: Enclave):
 
     @app.post(ATTEST_PATH)
     async def attest(request: Request):
+        if not authorized(request.headers.get("authorization"), token):
+            return JSONResponse(denied, status_code=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             body = await request.json()
             nonce = unb64(body.get("nonce") if isinstance(body, dict) else None, "nonce", NONCE_BYTES)
@@ -179,6 +193,9 @@ def create_app(enclave: Enclave):
 
     @app.websocket(SESSION_PATH)
     async def session(ws: WebSocket):
+        if not authorized(ws.headers.get("authorization"), token):
+            await ws.send_denial_response(JSONResponse(denied, status_code=401, headers={"WWW-Authenticate": "Bearer"}))
+            return
         await ws.accept()
         loop = asyncio.get_running_loop()
         try:
@@ -230,7 +247,7 @@ def create_app(enclave: Enclave):
 
 def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: int = 8100,
                 platform_key: str | Path | None = None, worker_token: str | None = None, trusted=None,
-                log_level: str = "info") -> None:
+                log_level: str = "info", token: str | None = None) -> None:
     import uvicorn
 
     from stip.enclave.worker_link import WebSocketWorkerLink
@@ -243,4 +260,7 @@ def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.warning("SIMULATED enclave: an ordinary process, no hardware protection (docs/tee.md); measurement %s",
                 enclave.measurement)
-    uvicorn.run(create_app(enclave), host=host, port=port, log_level=log_level, ws_max_size=64 * 1024 * 1024)
+    if not token:
+        log.warning("no client token (--token / STIP_TOKEN): any client that reaches this enclave may attest and "
+                    "generate")
+    uvicorn.run(create_app(enclave, token), host=host, port=port, log_level=log_level, ws_max_size=64 * 1024 * 1024)
