@@ -17,7 +17,7 @@ positions whose token is decoded exactly, per layer attacked; `recovery` is the 
 
 Settings (`ctx.settings["vocab_matching"]`, a dict): `k`, `widen`, `k_max`, `tol`, `batch`, `layers` (captured layer
 indices to attack; default the first `max_layers`), `max_layers`, `max_requests`, `max_positions` (per request),
-`seconds` (time budget for the hidden-state decoding, shared equally by the layers), `metric` ("auto", "sorted",
+`seconds` (time budget for the hidden-state decoding, shared by the layers; what one leaves goes to the next), `metric` ("auto", "sorted",
 "sorted_abs": "auto" picks by which one matches the inputs better, so a signed permutation does not hide tokens).
 """
 
@@ -33,7 +33,7 @@ from stip.audit.attacks.base import AttackResult
 NAME = "vocab_matching"
 TITLE = "Vocabulary matching (Hidden No More): sorted-L1 decoding with the plaintext weights"
 
-DEFAULTS = dict(k=64, widen=4, k_max=1024, tol=0.05, batch=256, layers=None, max_layers=2, max_requests=8,
+DEFAULTS = dict(k=64, widen=4, k_max=1024, tol=0.05, batch=256, layers=None, max_layers=2, max_requests=16,
                 max_positions=48, seconds=120.0, metric="auto")
 QUICK = dict(k=16, k_max=128, max_requests=3, max_positions=16, seconds=20.0)
 RANKS = (1, 4, 16, 64, 256, 1024, 4096)  # pruning recall curve: is the true token in the cheap top-k?
@@ -216,10 +216,10 @@ def run(ctx) -> AttackResult:
             true_rank = (dist < dist.gather(1, s["truth"].view(-1, 1))).sum(1)  # scoring only: where truth sits
             recall += torch.tensor([float((true_rank < r).sum()) for r in RANKS])
             n_inputs += len(s["truth"])
-        per_layer_seconds = opts["seconds"] / max(len(layers), 1)
-        for layer in layers:
+        end = time.monotonic() + opts["seconds"]
+        for i, layer in enumerate(layers):  # each layer gets an equal share of the time the earlier ones left
             decoder = _Decoder(model, layer, metric)
-            deadline = time.monotonic() + per_layer_seconds
+            deadline = time.monotonic() + (end - time.monotonic()) / (len(layers) - i)
             for s, ranking in zip(seqs, rankings):
                 decoded = decoder.decode(s["hidden"][layer], ranking, opts, deadline)
                 if decoded:
