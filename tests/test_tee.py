@@ -338,5 +338,5 @@ def test_smollm2_tee_equals_plain(tmp_path, smollm2_plain, smollm2_protected):
                            env=server_env(CLIENT_TOKEN))
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == tok.decode(ref, skip_special_tokens=True).strip()
-        r = subprocess.run(chat, capture_output=True, text=True, timeout=120, env=server_env(None))
+        r = subprocess.run(chat, capture_output=True, text=True, timeout=120, env=server_env(CLIENT_TOKEN))
         assert r.returncode == 2 and "SIMULATED" in r.stderr and "Traceback" not in r.stderr
