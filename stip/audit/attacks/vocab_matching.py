@@ -135,7 +135,8 @@ class _Decoder:
                     if float(dist[j]) < best_d:
                         best_id, best_d = int(chunk[j]), float(dist[j])
                 tried = k
-                if best_d / scale <= opts["tol"] or k >= min(opts["k_max"], ranking.shape[1]):
+                if best_d / scale <= opts["tol"] or k >= min(opts["k_max"], ranking.shape[1]) \
+                        or time.monotonic() > deadline:  # out of time: keep the best found so far
                     break
                 k = min(k * opts["widen"], opts["k_max"], ranking.shape[1])
             decoded.append(best_id)
