@@ -13,10 +13,10 @@ useful the stolen body is, not tokens recovered.
 CPU budget: the vocabulary is cut to the tokens that occur in the public and held-out text (the rows the attacker can
 learn at all; an `original` row's logits are restricted to the same tokens, so all three rows score the same task),
 and the body's training stops at `steps` or `seconds`, whichever comes first; scratch then gets the same number of
-steps unless it passes `scratch_seconds` (a step of it costs about 4x one of the frozen body on SmolLM2: every weight
-gets a gradient), and `runs` records the steps each got. On SmolLM2 on a loaded 2-core CPU a step of 64 tokens is
-seconds, so the default budget (about 2 minutes) trains for tens of steps: both rows stay near a unigram model, as
-the report says; raise `steps`, `seconds` and `scratch_seconds` to train further.
+steps unless it passes `scratch_seconds` (a step of it costs about 2-4x one of the frozen body on SmolLM2: every
+weight gets a gradient), and `runs` records the steps each got. On SmolLM2 on a 2-core CPU a step of 64 tokens takes
+0.25 s (idle) to 7 s (load 6), so the default budget (under 2 minutes) trains for 4 to 100 steps: far from converged,
+as the report's curves show; raise `steps`, `seconds` and `scratch_seconds` to train further.
 Settings (`ctx.settings["finetune"]`): `steps`, `batch`, `seq`, `lr`, `seconds`, `scratch_seconds`, `eval_tokens`.
 """
 
@@ -32,7 +32,7 @@ from stip.audit.attacks.base import AttackResult
 NAME = "finetune"
 TITLE = "Fine-tuning attack: a new embedding and LM head on the frozen protected body vs training from scratch"
 
-DEFAULTS = dict(steps=200, batch=2, seq=32, lr=3e-3, seconds=25.0, scratch_seconds=60.0, eval_tokens=256)
+DEFAULTS = dict(steps=200, batch=2, seq=32, lr=3e-3, seconds=25.0, scratch_seconds=60.0, eval_tokens=1024)
 QUICK = dict(steps=40, batch=8, seq=16, seconds=10.0, scratch_seconds=20.0, eval_tokens=512)
 PAPER = {  # Table V, GPT-2 on WikiText-2: test loss / accuracy / perplexity
     "original": dict(loss=3.42, accuracy=0.38, perplexity=31),
