@@ -85,7 +85,8 @@ def _context(tiny, protected: bool, vocab_matching=None, finetune=None) -> Audit
             hidden = _block_outputs(reference, input_ids=ids[None])
         observations.append(Observation(x, hidden, {"session": len(observations), "start": 0}))
     return AuditContext(out / "server", observations, Truth([p.clone() for p in prompts], out), tokenizer=None,
-                        reference=reference, public_ids=_char_ids("public", 6000), heldout_ids=_char_ids("heldout", 800),
+                        reference=reference, public_ids=_char_ids("public", 6000),
+                        heldout_ids=_char_ids("heldout", 800),
                         settings={"quick": True, "vocab_matching": UNBOUNDED | (vocab_matching or {}),
                                   "finetune": UNBOUNDED | (finetune or {})})
 

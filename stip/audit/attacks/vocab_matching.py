@@ -17,8 +17,9 @@ positions whose token is decoded exactly, per layer attacked; `recovery` is the 
 
 Settings (`ctx.settings["vocab_matching"]`, a dict): `k`, `widen`, `k_max`, `tol`, `batch`, `layers` (captured layer
 indices to attack; default the first `max_layers`), `max_layers`, `max_requests`, `max_positions` (per request),
-`seconds` (time budget for the hidden-state decoding, shared by the layers; what one leaves goes to the next), `metric` ("auto", "sorted",
-"sorted_abs": "auto" picks by which one matches the inputs better, so a signed permutation does not hide tokens).
+`seconds` (time budget for the hidden-state decoding, shared by the layers; what one leaves goes to the next),
+`metric` ("auto", "sorted", "sorted_abs": "auto" picks by which one matches the inputs better, so a signed
+permutation does not hide tokens).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ TITLE = "Vocabulary matching (Hidden No More): sorted-L1 decoding with the plain
 
 DEFAULTS = dict(k=64, widen=4, k_max=1024, tol=0.05, batch=256, layers=None, max_layers=2, max_requests=16,
                 max_positions=48, seconds=120.0, metric="auto")
-QUICK = dict(k=16, k_max=128, max_requests=3, max_positions=16, seconds=20.0)
+QUICK = dict(k=16, k_max=128, max_requests=4, max_positions=16, seconds=20.0)
 RANKS = (1, 4, 16, 64, 256, 1024, 4096)  # pruning recall curve: is the true token in the cheap top-k?
 
 
