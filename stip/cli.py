@@ -191,8 +191,9 @@ def serve(
     vllm_arg: list[str] = typer.Option([], help="vllm engine: any other vLLM engine argument, KEY=VALUE "
                                        "(e.g. max_model_len=2048); repeatable"),
     tee_worker: bool = typer.Option(False, "--tee-worker", help="TEE mode: serve the enclave's WebSocket "
-                                    "(block 0's padded linears, the LM head, blocks 1..L-1) instead of client "
-                                    "sessions (docs/tee.md)"),
+                                    "(block 0's padded linears in secret bases, an untied LM head, blocks 1..L-1) "
+                                    "instead of client sessions; needs a bundle from `stip protect --tee` "
+                                    "(docs/tee.md)"),
     capture: Optional[Path] = typer.Option(None, help="AUDIT ONLY: write every input row the server receives, and "
                                            "hidden states, to this new folder for `stip audit` (docs/audit.md)"),
     capture_layers: Optional[str] = typer.Option(None, help="with --capture: decoder layers whose output to record, "
