@@ -61,7 +61,11 @@ def test_quarter_turns_commute_with_rope(seed, half, pos):
 def test_key_roundtrip_and_layer_secrets(tmp_path_factory, seed, kv, group, half, layers, rope):
     g = Geometry(hidden=12, vocab=20, layers=layers, heads=kv * group, kv_heads=kv, head_dim=2 * half, ffn=16,
                  rope=rope)
-    key = DeveloperKey.generate(g, "b" * 32, KeyRng(seed))
+    try:
+        key = DeveloperKey.generate(g, "b" * 32, KeyRng(seed))
+    except ValueError as e:  # e.g. one KV head of 2 dims without RoPE: too few distinct non-identity layer keys
+        assert "model too small" in str(e) and (kv, group, half, layers, rope) == (1, 2, 1, 3, False)
+        return
     path = tmp_path_factory.mktemp("k") / "k.stipkey"
     key.save(path)
     again = DeveloperKey.load(path)
