@@ -205,3 +205,26 @@ def mode_of(server_dir: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return {k: manifest[k] for k in ("mode", "harden", "noise") if k in manifest}
+
+
+class _Stop(Exception):
+    """Raised by the hook on the attacked block: nothing after it is needed."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def state_after(model, block, ids: torch.Tensor, cache) -> torch.Tensor:
+    """The hidden state after `block` at the last position of `ids` [B, T], appended after `cache` (updated in
+    place); the forward stops at that block."""
+    def hook(_mod, _args, out):
+        raise _Stop(out[0] if isinstance(out, tuple) else out)
+
+    handle = block.register_forward_hook(hook)
+    try:
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    except _Stop as stop:
+        return stop.hidden[:, -1]
+    finally:
+        handle.remove()
+    raise RuntimeError("the attacked block never ran")

@@ -69,11 +69,6 @@ def gram_assign(rows: torch.Tensor, cands: torch.Tensor, table: torch.Tensor, po
     return cands[torch.arange(t_len), pick]
 
 
-class _Stop(Exception):
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
-
-
 class HiddenDecoder:
     """(b): decodes one request from the observed states after block `layer`, by their norms and inner products."""
 
@@ -83,17 +78,9 @@ class HiddenDecoder:
         self.model, self.layer, self.block = model, layer, blocks(model)[layer]
 
     def _states(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        def hook(_mod, _args, out):
-            raise _Stop(out[0] if isinstance(out, tuple) else out)
+        from stip.audit.attacks.common import state_after
 
-        handle = self.block.register_forward_hook(hook)
-        try:
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        except _Stop as stop:
-            return stop.hidden[:, -1].float()
-        finally:
-            handle.remove()
-        raise RuntimeError("the attacked block never ran")
+        return state_after(self.model, self.block, ids, cache).float()
 
     def _expanded(self, cache, n: int):
         from transformers import DynamicCache

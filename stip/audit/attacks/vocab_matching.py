@@ -40,13 +40,6 @@ QUICK = dict(k=16, k_max=128, max_requests=4, max_positions=16, seconds=20.0)
 RANKS = (1, 4, 16, 64, 256, 1024, 4096)  # pruning recall curve: is the true token in the cheap top-k?
 
 
-class _Stop(Exception):
-    """Raised by the hook on the attacked block: nothing after it is needed."""
-
-    def __init__(self, hidden: torch.Tensor):
-        self.hidden = hidden
-
-
 def settings(ctx) -> dict:
     out = dict(DEFAULTS)
     if ctx.settings.get("quick"):
@@ -89,17 +82,9 @@ class _Decoder:
 
     def _run(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """Hidden state after block `layer` for ids [B, 1], appended after `cache` (updated in place)."""
-        def hook(_mod, _args, out):
-            raise _Stop(out[0] if isinstance(out, tuple) else out)
+        from stip.audit.attacks.common import state_after
 
-        handle = self.block.register_forward_hook(hook)
-        try:
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        except _Stop as stop:
-            return stop.hidden[:, -1]
-        finally:
-            handle.remove()
-        raise RuntimeError("the attacked block never ran")
+        return state_after(self.model, self.block, ids, cache)
 
     def _expanded(self, cache, n: int):
         from transformers import DynamicCache
