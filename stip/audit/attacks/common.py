@@ -228,3 +228,16 @@ def state_after(model, block, ids: torch.Tensor, cache) -> torch.Tensor:
     finally:
         handle.remove()
     raise RuntimeError("the attacked block never ran")
+
+
+def expanded_cache(cache, layers: int, n: int):
+    """A copy of the first `layers` layers of a batch-1 KV cache, expanded to a batch of n candidates."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers[:layers] if cache is not None else []):
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            break
+        out.update(layer.keys.expand(n, *layer.keys.shape[1:]).contiguous(),
+                   layer.values.expand(n, *layer.values.shape[1:]).contiguous(), i)
+    return out

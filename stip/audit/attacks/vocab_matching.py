@@ -87,15 +87,9 @@ class _Decoder:
         return state_after(self.model, self.block, ids, cache)
 
     def _expanded(self, cache, n: int):
-        from transformers import DynamicCache
+        from stip.audit.attacks.common import expanded_cache
 
-        out = DynamicCache()
-        for i, layer in enumerate(cache.layers[: self.layer + 1] if cache is not None else []):
-            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-                break
-            out.update(layer.keys.expand(n, *layer.keys.shape[1:]).contiguous(),
-                       layer.values.expand(n, *layer.values.shape[1:]).contiguous(), i)
-        return out
+        return expanded_cache(cache, self.layer + 1, n)
 
     @torch.no_grad()
     def decode(self, observed: torch.Tensor, ranking: torch.Tensor, opts: dict, deadline: float) -> list[int]:
