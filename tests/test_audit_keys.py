@@ -149,6 +149,19 @@ def test_frequency_says_when_noise_stops_codes_repeating(tied):
     assert "do not repeat" in d["rows_note"] and d["recovery_rows"][-1] <= 0.2
 
 
+def test_frequency_links_noisy_rows_of_a_noise_bundle(tmp_path):
+    """A `--noise 0.01` bundle: no row repeats, but copies of a token stay each other's neighbours, so linking
+    (threshold from the manifest's SIGMA) gives back one code per token and the deciphering works as before."""
+    import stip
+
+    save_tiny(TIED, tmp_path / "plain")
+    stip.protect(tmp_path / "plain", tmp_path / "protected", progress=False, noise=0.01)
+    ctx = _context(None, tmp_path / "protected", _char_ids("prompts", REQUESTS * LENGTH).view(REQUESTS, LENGTH))
+    d = load("frequency").run(ctx).details
+    assert d["link_purity"] == 1.0 and d["distinct_codes"]["rows"] == d["distinct_tokens"], d
+    assert d["recovery_rows"][-1] >= 0.5, d
+
+
 def test_invariants_match_norms_and_inner_products(tied):
     """(a) norms and the request's Gram matrix against the public table, (b) hidden states' norms and inner
     products at a captured block, with the reference weights: both far above chance (1/97)."""

@@ -12,7 +12,7 @@ from typing import Any
 from stip.common.files import write_bytes_atomic
 
 # Units whose `recovery` is a share (shown as a percentage); others are shown as numbers.
-SHARE_UNITS = ("tokens", "key entries", "key columns", "keys", "entries")
+SHARE_UNITS = ("tokens", "tokens (codes)", "key entries", "key columns", "keys", "entries")
 
 
 def _jsonable(value):

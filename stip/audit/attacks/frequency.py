@@ -1,15 +1,19 @@
 """Frequency and substitution deciphering, no weights: a fixed per-token code (the same token always sends the same
 row; on tied models, the nearest LM-head row) is a substitution cipher, and English has statistics.
 
-Codes come from two sources: exact-duplicate observed input rows (hashed), and on tied models the LM-head codes of
-`lm_head_matching`. The decipherer maps codes to the public text's tokens by frequency rank, then improves the
+Codes come from two sources: observed input rows, and on tied models the LM-head codes of `lm_head_matching`. Rows
+give a code per distinct row (hashed, byte for byte); where the manifest records client noise (`--noise SIGMA`, so
+no row repeats), rows are linked instead: two rows within `link` times the distance two noisy copies of one row are
+expected to have (sqrt(2 d) SIGMA rms, rms estimated from the observed rows) share a code (single linkage). Noise
+hides the token only once it blurs that line, i.e. once copies of a token are no nearer each other than other
+tokens are. The decipherer maps codes to the public text's tokens by frequency rank, then improves the
 mapping by a hill-climb on the bigram log-likelihood of the decoded traffic (swaps of two codes' tokens, or of a
 code's token with an unused one). Recovery is the share of observed token occurrences decoded right, as a curve
-over N, the number of requests used; the headline is the stronger source at the largest N. Where a mode adds
-noise, rows stop repeating and the row codes say so (as many codes as rows).
+over N, the number of requests used; the headline is the stronger source at the largest N.
 
 Settings (`ctx.settings["frequency"]`): `iters` (hill-climb proposals per N), `max_tokens` (public text used),
-`targets` (candidate tokens: the public text's most frequent, at least twice the codes), `seed`.
+`targets` (candidate tokens: the public text's most frequent, at least twice the codes), `link` (the linking
+threshold for noisy rows, in expected noisy-copy distances; default 2), `seed`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,36 @@ def row_codes(ctx) -> list[np.ndarray]:
         rows = obs.inputs.float().contiguous().numpy()
         out.append(np.array([table.setdefault(r.tobytes(), len(table)) for r in rows], dtype=np.int64))
     return out
+
+
+def linked_codes(ctx, noise: float, link: float) -> tuple[list[np.ndarray], float]:
+    """Per request, a code per row where rows carry fresh noise of SIGMA = `noise` (times the rows' rms): rows nearer
+    than `link` expected noisy-copy distances are joined (single linkage, union-find). Returns the codes and the
+    threshold used."""
+    rows = torch.cat([obs.inputs.float() for obs in ctx.observations])
+    n, d = rows.shape
+    rms = float(rows.pow(2).mean().sqrt()) / (1.0 + noise ** 2) ** 0.5
+    threshold = link * (2.0 * d) ** 0.5 * noise * rms
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start in range(0, n, 1024):
+        dist = torch.cdist(rows[start:start + 1024], rows)
+        for i, j in torch.nonzero(dist < threshold).tolist():
+            a, b = find(start + i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    flat = np.array([find(i) for i in range(n)], dtype=np.int64)
+    out, at = [], 0
+    for obs in ctx.observations:
+        out.append(flat[at:at + obs.inputs.shape[0]])
+        at += obs.inputs.shape[0]
+    return out, threshold
 
 
 def head_codes(ctx) -> list[np.ndarray] | None:
@@ -113,6 +147,16 @@ class Decipherer:
         return {int(c): int(tokens[assign[i]]) for i, c in enumerate(codes)}
 
 
+def _purity(codes: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    """Auditor's view of a linking: the share of rows whose code's most common true token is their own."""
+    flat_c, flat_t = np.concatenate(codes), np.concatenate(truth)
+    right = 0
+    for c in np.unique(flat_c):
+        _, counts = np.unique(flat_t[flat_c == c], return_counts=True)
+        right += int(counts.max())
+    return right / len(flat_c)
+
+
 def _curve(streams, truth, decipherer, ns, iters, seed) -> list[float]:
     out = []
     for n in ns:
@@ -131,8 +175,18 @@ def run(ctx) -> AttackResult:
     max_tokens = int(setting(ctx, NAME, "max_tokens", 300000))
     targets = int(setting(ctx, NAME, "targets", 4000, quick=512))  # capped below at 2x the codes, above at 6000
     seed = int(setting(ctx, NAME, "seed", ctx.seed))
+    link = float(setting(ctx, NAME, "link", 2.0))
     truth = [ids.long().numpy() for ids in ctx.truth.ids]
-    sources = {"rows": row_codes(ctx)}
+    mode = mode_of(ctx.server_dir)
+    noise = float(mode.get("noise") or 0.0)
+    link_details = {}
+    if noise:
+        codes, threshold = linked_codes(ctx, noise, link)
+        sources = {"rows": codes}
+        link_details = {"rows_linked_by": f"distance < {threshold:.4g} ({link:g} x the expected distance of two "
+                        f"noisy copies at noise {noise:g})", "link_purity": _purity(codes, truth)}
+    else:
+        sources = {"rows": row_codes(ctx)}
     if (heads := head_codes(ctx)) is not None:
         sources["lm_head"] = heads
     rows_seen = int(sum(len(s) for s in sources["rows"]))
@@ -144,7 +198,7 @@ def run(ctx) -> AttackResult:
         ns.append(n)
         n *= 2
     ns.append(len(ctx.observations))
-    curves, details = {}, {"mode": mode_of(ctx.server_dir), "rows": rows_seen, "distinct_codes": distinct,
+    curves, details = {}, {"mode": mode, "rows": rows_seen, "distinct_codes": distinct, **link_details,
                            "distinct_tokens": int(len(np.unique(np.concatenate(truth)))), "requests": ns,
                            "iters": iters}
     best = 0.0
