@@ -69,6 +69,7 @@ def slug(mode: str) -> str:
 def protect_mode(model: str, out: Path, mode: str) -> str | None:
     """Protect `model` in `mode` into `out`; None, or why the mode cannot be made here."""
     import stip
+    from stip.models import resolve_model
 
     harden, noise = parse_mode(mode)
     kw = {}
@@ -77,7 +78,7 @@ def protect_mode(model: str, out: Path, mode: str) -> str | None:
     if noise:
         kw["noise"] = noise
     try:
-        stip.protect(model, out, progress=False, **kw)
+        stip.protect(resolve_model(model), out, progress=False, **kw)
     except TypeError as e:
         if "harden" in str(e) or "noise" in str(e):
             return f"stip protect has no hardened modes yet ({e})"
