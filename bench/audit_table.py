@@ -185,6 +185,7 @@ def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | Non
     from bench.report import git, machine_info
 
     t0 = time.perf_counter()
+    commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))  # at start
     plain, _ = load_plain_model(model)
     plain = plain.eval()  # float32 already (GGUF models refuse .float())
     rows = []
@@ -216,7 +217,7 @@ def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | Non
     table = {"model": str(model), "modes": modes, "attacks": names, "quick": quick, "rows": rows,
              "heldout_tokens": heldout_tokens, "window": window, "published": PUBLISHED,
              "command": command,
-             "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+             "commit": commit, "dirty": dirty,
              "machine": machine, "seconds": time.perf_counter() - t0}
     write(table, out)
     return table

@@ -11,6 +11,7 @@ import importlib
 ATTACKS: tuple[str, ...] = (
     "known_plaintext",  # (x, x p) pairs -> p
     "bundle_keys",  # server bundle alone vs public weights -> p, pc, per-layer keys
+    "bundle_mixing",  # the LM head vs the public one -> the dense residual mixing R -> the traffic decoded
     "vocab_matching",  # Hidden No More: sorted-L1 decoding with plaintext weights
     "invariants",  # norms and pairwise inner products vs the embedding table / candidate hidden states
     "lm_head_matching",  # tied models: input rows vs the server's own LM head rows
