@@ -1,6 +1,6 @@
 """The README's privacy table: every protection mode against every `stip audit` attack, with its accuracy cost.
 
-    python -m bench.audit_table                                   # SmolLM2: paper, mix, all, all+noise=0.01
+    python -m bench.audit_table                                   # SmolLM2: paper, mix, all, all+noise=0.01, all+noise=0.3
     python -m bench.audit_table --modes paper,all+noise=0.01 --quick --model DIR --out /tmp/x   # a tiny model
 
 For each mode (`paper` = the default scheme; otherwise `+`-joined `stip protect --harden` options and `noise=SIGMA`)
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 OUT = Path("bench/results/audit")
-MODES = "paper,mix,all,all+noise=0.01"
+MODES = "paper,mix,all,all+noise=0.01,all+noise=0.3"
 FULL = {"heldout_tokens": 512, "window": 128}
 QUICK = {"heldout_tokens": 64, "window": 32}
 
