@@ -117,15 +117,17 @@ def test_bundle_keys_beats_a_fine_tune(tmp_path):
     assert load("bundle_keys").run(_context(None, out, _char_ids("prompts", 48).view(1, 48))).skipped
 
 
-@pytest.mark.parametrize("harden, noise", [((), 0.0), (("all",), 0.01)])
-def test_bundle_mixing_recovers_the_residual_transform_and_the_tokens(tmp_path, harden, noise):
-    """The paper's permutation and `--harden all --noise 0.01` alike: the LM head, paired with the public one by row
-    norms, gives R by Procrustes (no queries), and R^T decodes the traffic."""
+@pytest.mark.parametrize("name, harden, noise", [(TIED, (), 0.0), (TIED, ("all",), 0.01), (UNTIED, ("all",), 0.01),
+                                                 ("gpt2", ("all",), 0.01)])
+def test_bundle_mixing_recovers_the_residual_transform_and_the_tokens(tmp_path, name, harden, noise):
+    """The paper's permutation and `--harden all --noise 0.01` alike, tied or untied, RMSNorm or LayerNorm (GPT-2,
+    learned positions): the LM head, paired with the public one by row norms, gives R by Procrustes (no queries), and
+    R^T decodes the traffic."""
     import stip
 
-    save_tiny(TIED, tmp_path / "plain")
+    save_tiny(name, tmp_path / "plain")
     stip.protect(tmp_path / "plain", tmp_path / "protected", progress=False, harden=harden, noise=noise)
-    result = load("bundle_mixing").run(_context(build_tiny(TIED), tmp_path / "protected",
+    result = load("bundle_mixing").run(_context(build_tiny(name), tmp_path / "protected",
                                                 _char_ids("prompts", 4 * LENGTH).view(4, LENGTH)))
     d = result.details
     assert d["key_columns_within_5pct"] == 1.0 and result.recovery >= 0.95, d
