@@ -1,7 +1,7 @@
 """The README's privacy table: every protection mode against every `stip audit` attack, with its accuracy cost.
 
-    python -m bench.audit_table                                   # SmolLM2: paper, mix, all, all+noise=0.01, all+noise=0.3
-    python -m bench.audit_table --modes paper,all+noise=0.01 --quick --model DIR --out /tmp/x   # a tiny model
+    python -m bench.audit_table        # SmolLM2: paper, mix, all, all+noise=0.01, all+noise=0.3
+    python -m bench.audit_table --modes paper,all+noise=0.01 --quick --model DIR --out /tmp/x     # a tiny model
 
 For each mode (`paper` = the default scheme; otherwise `+`-joined `stip protect --harden` options and `noise=SIGMA`)
 it protects the model into a temporary folder, runs `stip.audit.run.run_audit` on it (a real capturing

@@ -68,8 +68,8 @@ def markdown(res: dict) -> str:
              + f"; {res['machine']['cpu']}, {res['machine']['cores']} cores; {res['seconds']:.0f} s.", "",
              "In process on the plain model (the hardened transform is exact; the noise is the only loss). Top-1 and "
              f"perplexity: {res['heldout_tokens']} held-out tokens, noisy against noiseless. Tokens that would link "
-             "with another: share of prompt-token occurrences (2000 tokens) whose nearest other token of that text lies within the "
-             "`frequency` attack's linking threshold (0% means every token keeps its own code).", "",
+             "with another: share of prompt-token occurrences (2000 tokens) whose nearest other token of that text "
+             "lies within the `frequency` attack's linking threshold (0% means every token keeps its own code).", "",
              "| SIGMA | top-1 agreement | perplexity (plain -> noisy) | tokens that would link with another |",
              "|---|---|---|---|"]
     for r in res["rows"]:
