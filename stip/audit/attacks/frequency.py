@@ -62,25 +62,20 @@ def linked_codes(ctx, noise: float, link: float) -> tuple[list[np.ndarray], floa
             a, b = find(start + i), find(j)
             if a != b:
                 parent[max(a, b)] = min(a, b)
-    flat = np.array([find(i) for i in range(n)], dtype=np.int64)
-    out, at = [], 0
-    for obs in ctx.observations:
-        out.append(flat[at:at + obs.inputs.shape[0]])
-        at += obs.inputs.shape[0]
-    return out, threshold
+    return per_request(ctx, np.array([find(i) for i in range(n)], dtype=np.int64)), threshold
 
 
 def head_codes(ctx) -> list[np.ndarray] | None:
     from stip.audit.attacks.lm_head_matching import codes
 
     got = codes(ctx)
-    if got is None:
-        return None
-    flat, out, at = got[0].numpy(), [], 0
-    for obs in ctx.observations:
-        out.append(flat[at:at + obs.inputs.shape[0]])
-        at += obs.inputs.shape[0]
-    return out
+    return None if got is None else per_request(ctx, got[0].numpy())
+
+
+def per_request(ctx, flat: np.ndarray) -> list[np.ndarray]:
+    """Codes of all observed rows, in order, split back into one array per request."""
+    bounds = np.cumsum([obs.inputs.shape[0] for obs in ctx.observations])[:-1]
+    return np.split(flat, bounds)
 
 
 class Decipherer:
