@@ -1,15 +1,15 @@
 """`stip bench --quick` (the CI smoke run) writes well-formed results; parts whose optional packages are missing are
-skipped with a note; results say which commit and whether the tree was clean. No figure is checked: CI machines are
-noisy."""
+skipped with a note; results say which commit and whether the tree was clean. No figure is checked, not even how long
+the run took: CI machines are noisy, so the run records its own duration (`meta.seconds`, "took N s") instead."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,29 +35,27 @@ def quick_run(tmp_path_factory):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed")
     out = tmp_path_factory.mktemp("bench")
-    t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "stip.cli", "bench", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    seconds = time.monotonic() - t0
+                          capture_output=True, text=True, timeout=600)  # a hang guard, not a budget
     assert proc.returncode == 0, f"stip bench --quick failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return out, seconds, proc
+    return out
 
 
 def test_quick_bench_writes_every_file(quick_run):
-    out, seconds, _ = quick_run
+    out = quick_run
     for name in ("results.md", "results.json", "latency_breakdown.png", "server_throughput_ratio.png",
                  "server_throughput.png", "mpc_vs_plain.png", "concurrent_users.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC, png
-    assert seconds < 240, f"the quick run took {seconds:.0f} s"
 
 
 def test_quick_bench_json_sections(quick_run):
-    out, _, _ = quick_run
+    out = quick_run
     r = json.loads((out / "results.json").read_text())
     assert "errors" not in r
     assert r["meta"]["quick"] is True and "stip bench --quick" in r["meta"]["command"]
+    assert _number(r["meta"]["seconds"]) and r["meta"]["seconds"] > 0  # the run's duration: recorded, not judged
     m = r["machine"]
     assert m["cpu"] and _number(m["cores"]) and _number(m["torch_threads"]) and m["versions"]["torch"]
     assert sorted(r["plots"]) == sorted(p.name for p in out.glob("*.png"))
@@ -150,7 +148,7 @@ def _check_scale(r: dict) -> None:
 
 
 def test_quick_bench_markdown_tables(quick_run):
-    out, _, _ = quick_run
+    out = quick_run
     md = (out / "results.md").read_text()
     for heading in ("## Machine", "## Headline figures", "## 1. Server-side cost", "## 2. Concurrent users",
                     "## 3. End to end", "### Simulated networks", "## 4. Protect",
@@ -159,7 +157,7 @@ def test_quick_bench_markdown_tables(quick_run):
     assert "not what `stip serve` does today" in md and "**extrapolated**" in md
     assert "| round-trip, transformers (default, batched) |" in md and "x round-trip, transformers --no-batching" in md
     assert "| server-decode, vllm | skipped |" in md
-    assert "Command: `stip bench --quick" in md
+    assert "Command: `stip bench --quick" in md and re.search(r"took \d+ s\.", md)
     assert md.count("|---|") >= 8  # one separator row per table
     for png in out.glob("*.png"):
         assert f"]({png.name})" in md, png.name

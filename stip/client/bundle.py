@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from stip.common.files import read_manifest
+from stip.common.files import listed_files, listed_view, read_manifest
 from stip.common.signing import Trusted
 from stip.common.keys import ClientKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, EMBEDDING_FILE,
@@ -62,12 +62,21 @@ class ClientBundle:
                                    f"manifest of {path} names {manifest.get('client_key_fingerprint')}: the key "
                                    f"file was swapped")
         config = json.loads((path / CLIENT_CONFIG_FILE).read_text())
-        embedding = {name: load_file(str(f))["weight"] for name in ("token", "position")
-                     if (f := path / EMBEDDING_FILE.format(name)).is_file()}
+        embedding = {name: load_file(str(path / f))["weight"] for name in ("token", "position")
+                     if (f := EMBEDDING_FILE.format(name)) in manifest["files"]}
         if "token" not in embedding and manifest.get("mode", ROUND_TRIP) == ROUND_TRIP \
-                and not (path / CLIENT_MODULE_DIR).is_dir():  # encoders and ViT embed with a module instead
+                and not listed_files(manifest, CLIENT_MODULE_DIR + "/"):  # encoders, ViT embed with a module
             raise BundleError(f"client bundle {path} holds no token embedding")
         return cls(path, manifest, client_key, config, embedding)
+
+    def has_file(self, name: str) -> bool:
+        """Whether the signed manifest lists `name` (a path inside the bundle): loaders read listed files only."""
+        return name in self.manifest["files"]
+
+    def signed_view(self):
+        """A context manager: a temporary folder of the bundle's signed files except its key, for transformers'
+        `from_pretrained` (tokenizer, image processor), which picks files by what a folder holds."""
+        return listed_view(self.path, [n for n in self.manifest["files"] if n != CLIENT_KEY_FILE])
 
     @property
     def bundle_id(self) -> str:
@@ -100,8 +109,8 @@ class ClientBundle:
         """The plain tensors of the client-side module (BERT's embeddings, ViT's patch embedding, LLaVA's vision
         tower and projector), named inside that module; empty for decoders, whose client part is a table."""
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted((self.path / CLIENT_MODULE_DIR).glob("*.safetensors")):
-            state |= load_file(str(shard))
+        for shard in listed_files(self.manifest, CLIENT_MODULE_DIR + "/", ".safetensors"):
+            state |= load_file(str(self.path / shard))
         return state
 
     @property
@@ -115,7 +124,7 @@ class ClientBundle:
     @property
     def has_tokenizer(self) -> bool:
         """Bundles of models shipped without a tokenizer take token ids only."""
-        return (self.path / TOKENIZER_CONFIG_FILE).is_file()
+        return self.has_file(TOKENIZER_CONFIG_FILE)
 
     @cached_property
     def tokenizer(self):
@@ -123,7 +132,8 @@ class ClientBundle:
 
         if not self.has_tokenizer:
             raise BundleError(f"client bundle {self.path} has no tokenizer; pass token ids instead of text")
-        return AutoTokenizer.from_pretrained(self.path)
+        with self.signed_view() as signed_only:
+            return AutoTokenizer.from_pretrained(signed_only)
 
     @property
     def eos_token_ids(self) -> list[int]:

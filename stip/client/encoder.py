@@ -70,7 +70,7 @@ class TextEncoder:
         self.spec = spec
         self.max_tokens = spec.max_tokens(self.config)
         sbert = bundle.path / "sentence_bert_config.json"  # sentence-transformers truncates at its max_seq_length
-        if sbert.is_file():
+        if bundle.has_file(sbert.name):
             limit = json.loads(sbert.read_text()).get("max_seq_length")
             if isinstance(limit, int) and limit > 0:
                 self.max_tokens = min(self.max_tokens, limit)
@@ -201,7 +201,7 @@ class Pooling:
         """Read modules.json and the Pooling module's config; mean pooling without normalization if there are none.
         A pipeline with another module (a Dense layer) is refused by name: pooling alone would be wrong."""
         modules_file = bundle.path / "modules.json"
-        if not modules_file.is_file():
+        if not bundle.has_file(modules_file.name):
             return cls()
         modules = json.loads(modules_file.read_text())
         modes: tuple[str, ...] = ("mean_tokens",)
@@ -214,7 +214,11 @@ class Pooling:
             if kind == "Normalize":
                 normalize = True
             if kind == "Pooling":
-                conf = json.loads((bundle.path / m.get("path", "") / "config.json").read_text())
+                conf_name = "/".join(filter(None, (str(m.get("path") or "").strip("/"), "config.json")))
+                if not bundle.has_file(conf_name):
+                    raise BundleError(f"client bundle {bundle.path}: its Pooling config {conf_name} is not listed "
+                                      "in the signed manifest")
+                conf = json.loads((bundle.path / conf_name).read_text())
                 other = [k for k, v in conf.items() if k.startswith("pooling_mode_") and v
                          and k.removeprefix("pooling_mode_") not in POOLING_MODES]
                 if other:

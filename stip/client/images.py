@@ -44,14 +44,15 @@ class ImageEncoder:
         config = bundle.model_config
         if config.model_type not in EMBEDDINGS:
             raise BundleError(f"no client-side image embeddings for model type {config.model_type!r}")
-        if not (bundle.path / PROCESSOR_FILE).is_file():
+        if not bundle.has_file(PROCESSOR_FILE):
             raise BundleError(f"client bundle {bundle.path} has no {PROCESSOR_FILE}: protect a model folder "
                               "that ships its image processor")
         module, name = EMBEDDINGS[config.model_type]
         cls = getattr(importlib.import_module(module), name)
         self.bundle = bundle
         # the model's config stands in for the config.json a hub folder has (a processor file may not name its class)
-        self.processor = AutoImageProcessor.from_pretrained(bundle.path, config=config)
+        with bundle.signed_view() as signed_only:
+            self.processor = AutoImageProcessor.from_pretrained(signed_only, config=config)
         self.embeddings = cls(config).eval()
         state = bundle.module_state()
         missing, unexpected = self.embeddings.load_state_dict(state, strict=False)

@@ -170,7 +170,7 @@ class TeeBundle:
     vocab_size = property(lambda self: int(self.config["vocab_size"]))
     eos_token_ids = property(lambda self: list(self.config.get("eos_token_ids") or []))
     measurement = property(lambda self: self.tee["measurement"])
-    has_tokenizer = property(lambda self: (self.path / "tokenizer_config.json").is_file())
+    has_tokenizer = property(lambda self: "tokenizer_config.json" in self.manifest["files"])
 
     @property
     def tokenizer(self):
@@ -181,7 +181,10 @@ class TeeBundle:
         if not self.has_tokenizer:
             raise BundleError(f"TEE client bundle {self.path} has no tokenizer; pass token ids instead of text")
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+            from stip.common.files import listed_view
+
+            with listed_view(self.path, self.manifest["files"]) as signed_only:  # signed files only
+                self._tokenizer = AutoTokenizer.from_pretrained(signed_only)
         return self._tokenizer
 
     def plain_ids(self, ids):  # TEE replies carry plain ids already (for code shared with the other clients)

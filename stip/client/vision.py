@@ -143,11 +143,12 @@ class VisionTower:
 
         self.config = config = bundle.model_config
         self.image_token_id = int(config.image_token_id)
-        if not (bundle.path / "preprocessor_config.json").is_file():
+        if not bundle.has_file("preprocessor_config.json"):
             raise ImageInputError(f"client bundle {bundle.path} has no preprocessor_config.json: protect a model "
                                   "folder that ships its image processor")
         # the model's config stands in for a hub folder's config.json (a processor file may not name its class)
-        self.processor = AutoImageProcessor.from_pretrained(bundle.path, config=config)
+        with bundle.signed_view() as signed_only:
+            self.processor = AutoImageProcessor.from_pretrained(signed_only, config=config)
         module = torch.nn.Module()
         module.vision_tower = AutoModel.from_config(config.vision_config)
         module.multi_modal_projector = LlavaMultiModalProjector(config)

@@ -99,7 +99,7 @@ def write_manifest(bundle: Path, role: str, bundle_id: str, extra: dict | None =
 def read_manifest(bundle: Path, role: str | None = None, verify: bool = True, trusted: signing.Trusted = None,
                   warn_unpinned: bool = True) -> dict:
     """Load a bundle's manifest and check it: format, signature (against `trusted`, see `signing.check_manifest`),
-    role, and (if `verify`) every file's presence and sha256."""
+    role, and (if `verify`) that the folder holds exactly the listed files, each with its sha256."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise BundleError(f"{bundle} is not a folder")
@@ -123,6 +123,7 @@ def read_manifest(bundle: Path, role: str | None = None, verify: bool = True, tr
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path} lists no files")
     if verify:
+        check_no_unlisted(bundle, files)
         root = bundle.resolve()
         for name, digest in files.items():
             target = (bundle / name).resolve()
@@ -133,3 +134,58 @@ def read_manifest(bundle: Path, role: str | None = None, verify: bool = True, tr
             if sha256_file(target) != digest:
                 raise BundleError(f"{bundle} was modified: sha256 of {name} does not match the manifest")
     return manifest
+
+
+def unlisted_paths(bundle: Path, listed) -> list[str]:
+    """Every path under `bundle` that is neither a listed file nor a folder on the way to one, the top-level
+    manifest aside: hidden files, temp files, `__pycache__`, symlinks and empty folders included (a folder is named
+    with a trailing "/" and not entered). Nothing is exempt: loaders such as transformers pick files by name."""
+    listed = set(listed)
+    folders = {name.rsplit("/", i)[0] for name in listed for i in range(1, name.count("/") + 1)}
+    found: list[str] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if rel in folders:
+                        walk(entry.path, rel + "/")
+                    else:
+                        found.append(rel + "/")
+                elif rel not in listed and rel != MANIFEST_NAME:
+                    found.append(rel)
+
+    walk(str(bundle), "")
+    return sorted(found)
+
+
+def check_no_unlisted(bundle: Path, listed) -> None:
+    """Refuse a bundle folder holding anything its signed manifest does not list, naming it."""
+    extra = unlisted_paths(bundle, listed)
+    if extra:
+        shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        raise BundleError(f"{bundle} holds files its signed manifest does not list: {shown}. A bundle loads exactly "
+                          f"its signed files: remove these (or protect the model again)")
+
+
+def listed_files(manifest: dict, prefix: str = "", suffix: str = "") -> list[str]:
+    """The manifest's file names that start with `prefix` and end with `suffix`, sorted: what a loader may read."""
+    return sorted(n for n in manifest["files"] if n.startswith(prefix) and n.endswith(suffix))
+
+
+@contextlib.contextmanager
+def listed_view(bundle: Path, names) -> Iterator[Path]:
+    """A temporary folder of symlinks to `names` (files listed in the bundle's manifest) and nothing else: for
+    loaders that choose files by what a folder holds (transformers' `from_pretrained`), so they see only signed
+    files. Removed on exit; what was loaded from it stays loaded."""
+    bundle = Path(bundle).absolute()
+    view = Path(tempfile.mkdtemp(prefix="stip-bundle-view-"))
+    try:
+        for name in names:
+            link = view / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(bundle / name, link)
+        yield view
+    finally:
+        shutil.rmtree(view, ignore_errors=True)

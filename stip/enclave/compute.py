@@ -344,8 +344,8 @@ def _client_embedding(client) -> dict[str, torch.Tensor | None]:
 
     from stip.common.layout import EMBEDDING_FILE
 
-    return {name: load_file(str(f))["weight"] if (f := client.path / EMBEDDING_FILE.format(name)).is_file() else None
-            for name in ("token", "position")}
+    return {name: load_file(str(client.path / f))["weight"] if client.has_file(f := EMBEDDING_FILE.format(name))
+            else None for name in ("token", "position")}
 
 
 # ------------------------------------------------------------------ the enclave's model

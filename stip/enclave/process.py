@@ -255,6 +255,7 @@ def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: 
     bundle = Path(bundle)
     platform_key = Path(platform_key) if platform_key else bundle.parent / "tee-platform" / "platform.key"
     platform = SimulatedPlatform.load(platform_key)
+    read_manifest(bundle, role="enclave", trusted=trusted)  # a bad bundle is refused before the worker is contacted
     link = WebSocketWorkerLink(worker, token=worker_token)
     enclave = SimulatedEnclave(bundle, platform, link, trusted=trusted)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from stip.common.files import read_manifest
+from stip.common.files import listed_view, read_manifest
 from stip.common.signing import Trusted
 from stip.developer.completeness import ROUND_TRIP, check_server_tensors, client_only, zeroed
 from stip.errors import BundleError, TensorSetError
@@ -24,7 +24,8 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     never used (every request brings its own embeddings), and we drop it to free the memory. Any other tensor
     transformers would fill or drop is refused, before loading (the shard headers) and after (its loading report):
     a model that loads with a random LM head serves garbage without an error. A server-decode bundle
-    (manifest "mode") holds its permuted input embedding and keeps it.
+    (manifest "mode") holds its permuted input embedding and keeps it. transformers reads the bundle through a view
+    of its signed files only (it prefers a `model.safetensors` to an index, whoever put it there).
     """
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
@@ -41,7 +42,8 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "embedding was newly initialized" report is expected; the rest is checked
     try:
-        model, info = _model_class(config).from_pretrained(bundle, dtype=dtype, output_loading_info=True)
+        with listed_view(bundle, manifest["files"]) as signed_only:
+            model, info = _model_class(config).from_pretrained(signed_only, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     _check_loading_info(bundle, config, info, mode)
@@ -81,15 +83,15 @@ def _model_class(config):
 
 def shard_shapes(bundle: Path, signed_files) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the bundle's safetensors shards, from their headers; the shard index must
-    name exactly those tensors, in shards the manifest covers."""
+    name exactly those tensors, in shards the manifest covers (the index and shards are read only if listed)."""
     index = bundle / "model.safetensors.index.json"
-    if index.is_file():
+    if index.name in signed_files:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise BundleError(f"{index} is not a shard index: {e}") from None
         shards = sorted(set(weight_map.values()))
-    elif (bundle / "model.safetensors").is_file():
+    elif "model.safetensors" in signed_files:
         weight_map, shards = None, ["model.safetensors"]
     else:
         raise BundleError(f"server bundle {bundle} has no safetensors weights")

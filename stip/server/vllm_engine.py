@@ -230,7 +230,7 @@ def _read_tensor(bundle: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def round_trip_load_folder(bundle: Path, config, shapes: dict) -> Path:
+def round_trip_load_folder(bundle: Path, config, shapes: dict, signed_files) -> Path:
     """A folder vLLM can load a round-trip bundle from: links to the bundle's config and shards, plus one shard
     holding the input embedding as zeros, and an index naming it.
 
@@ -247,9 +247,9 @@ def round_trip_load_folder(bundle: Path, config, shapes: dict) -> Path:
     dtype = _read_tensor(bundle, next(iter(sorted(weight_map)))).dtype
     folder = Path(tempfile.mkdtemp(prefix="stip-vllm-load-"))
     try:
-        for f in bundle.iterdir():
-            if f.is_file() and f.name not in ("model.safetensors.index.json", "stip-manifest.json"):
-                os.symlink(f.resolve(), folder / f.name)
+        for name in signed_files:  # the signed files only (read_manifest refused any other)
+            if "/" not in name and name != "model.safetensors.index.json":
+                os.symlink((bundle / name).resolve(), folder / name)
         zero_shard = "stip-zero-input-embedding.safetensors"
         if missing:
             save_file({name: torch.zeros(expected[name], dtype=dtype) for name in missing}, str(folder / zero_shard))
@@ -399,7 +399,7 @@ class VllmRoundTripEngine(_VllmBase, Engine):
     concurrent_steps = 1024  # every session's step goes to vLLM at once; its scheduler batches them
 
     def __init__(self, bundle: Path, manifest: dict, config, shapes: dict, dtype: torch.dtype, options: dict):
-        self._folder = round_trip_load_folder(bundle, config, shapes)
+        self._folder = round_trip_load_folder(bundle, config, shapes, manifest["files"])
         try:
             defaults = {"enable_prompt_embeds": True, "enable_prefix_caching": True,
                         "logprobs_mode": "raw_logprobs", "max_logprobs": DEFAULT_TOP_K}
