@@ -6,19 +6,20 @@ tokenizing and sampling. A server-decode bundle (`mode`) has no embedding table:
 to the server's permuted ids (`server_ids`) and back (`plain_ids`).
 
 Hardened bundles (docs/hardened.md): the key's residual transform may be a dense orthogonal `Q` instead of `p` (the
-same `apply`), and with `noise` in the client config every embedding row sent gets fresh Gaussian noise.
+same `apply`), and with `noise` in the client config every embedding row sent gets Gaussian noise, the same for the
+same context (`stip.client.noise`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from stip.client.noise import NoiseChain, new_secret
 from stip.common.files import listed_files, listed_view, read_manifest
 from stip.common.signing import Trusted
 from stip.common.keys import ClientKey
@@ -41,12 +42,13 @@ class ClientBundle:
         self.token_embedding = None if token is None else key.resid.apply(token.float(), 1, "out").contiguous()
         pos = embedding.get("position")
         self.position_embedding = None if pos is None else key.resid.apply(pos.float(), 1, "out").contiguous()
-        # --noise SIGMA: N(0, (SIGMA * rms(E))^2) per coordinate, fresh per row sent. Isotropic Gaussian noise is
-        # invariant under the orthogonal transform, so adding it after the transform equals adding it before.
+        # --noise SIGMA: N(0, (SIGMA * rms(E))^2) per coordinate, a function of the context (stip.client.noise), so
+        # no replay or repeat sends fresh noise to average. Isotropic Gaussian noise is invariant under the
+        # orthogonal transform, so adding it after the transform equals adding it before.
         self.noise = float(config.get("noise") or 0.0)
         self.noise_std = 0.0 if token is None or not self.noise else \
             self.noise * float(token.float().pow(2).mean().sqrt())
-        self._noise_rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        self._noise_secret = new_secret()
 
     @classmethod
     def load(cls, path: str | Path, key: str | Path | None = None, trusted: Trusted = None) -> "ClientBundle":
@@ -139,8 +141,16 @@ class ClientBundle:
     def eos_token_ids(self) -> list[int]:
         return list(self.config.get("eos_token_ids") or [])
 
-    def embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Embeddings of `ids` ([..., T]) at positions start.., already in the server's basis."""
+    def noise_chain(self) -> NoiseChain | None:
+        """A new context's noise (None without --noise): pass it to every `embed` of that context, in order."""
+        if not self.noise_std:
+            return None
+        return NoiseChain(self._noise_secret, self.noise_std, self.token_embedding.shape[1])
+
+    def embed(self, ids: torch.Tensor, start: int = 0, noise: NoiseChain | None = None) -> torch.Tensor:
+        """Embeddings of `ids` ([T]) at positions start.., already in the server's basis. With --noise, `noise` is
+        the context's `noise_chain()`, advanced to `start`; a context from position 0 may leave it out (a new
+        chain: the same ids always get the same noise)."""
         if self.token_embedding is None:
             raise BundleError(f"client bundle {self.path} is a {self.mode} bundle: it has no embedding table")
         ids = torch.as_tensor(ids, dtype=torch.long)
@@ -154,7 +164,11 @@ class ClientBundle:
                                  f"{self.position_embedding.shape[0]} learned positions")
             x = x + self.position_embedding[positions]
         if self.noise_std:
-            x = x + torch.randn(x.shape, generator=self._noise_rng, dtype=x.dtype) * self.noise_std
+            noise = noise if noise is not None else self.noise_chain() if start == 0 else None
+            if noise is None or noise.position != start or ids.dim() != 1:
+                raise ValueError(f"client bundle {self.path} adds noise (--noise): embed one context's ids [T] in "
+                                 f"order, with its noise_chain() (at position {start})")
+            x = x + noise.next(ids).to(x.dtype)
         return x
 
     @property

@@ -24,12 +24,12 @@ from stip.common.tasks import ONE_SHOT_TASKS
 from stip.client import vision
 from stip.client.logprobs import TokenLogprob, step_logprob
 from stip.common.sampling import Sampler, SamplingParams
-from stip.client.transport import StipCertificateError, StipConnectionError, StipServerError
+from stip.client.replay import MAX_REPLAYS, RECONNECT_SECONDS, Replays, embed_context
+from stip.client.token_stream import Delta, Detokenizer, StopMatcher  # noqa: F401 - re-exported
+from stip.client.transport import StipConnectionError, StipServerError
 from stip.common.signing import Trusted, check_pinned
 from stip.errors import KeyMismatchError, StipError
 
-_CONTEXT_TOKENS = 5  # prompt tokens decoded with each delta, so tokenizers that strip a leading space stay right
-RECONNECT_SECONDS = 30.0  # default bound on reconnecting to a server that went away mid-generation
 
 
 @dataclass
@@ -89,84 +89,6 @@ class Generation:
     prompt_ids: list[int] = field(default_factory=list)
     glimpse: dict = field(default_factory=dict)  # a few values of what the server saw and sent, for the demo
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when SamplingParams.logprobs is set
-
-
-class Delta(str):
-    """A streamed text delta; with `logprobs=` set, `.logprobs` holds the tokens that produced it (those whose text
-    was held back, e.g. an incomplete character, arrive with a later delta or only in `Generation.logprobs`)."""
-
-    logprobs: list[TokenLogprob] = []
-
-
-class Detokenizer:
-    """Incremental detokenization: each new token decodes only a short window, and a delta is released only once it
-    no longer ends in an incomplete multi-byte character."""
-
-    def __init__(self, tokenizer, context: list[int]):
-        self.tok = tokenizer
-        self.ids = list(context[-_CONTEXT_TOKENS:])
-        self.prefix = 0
-        self.read = len(self.ids)
-        self._before: str | None = None
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        return self._delta(final=True)
-
-    def _delta(self, final: bool) -> str:
-        if self._before is None:  # the released window's text changes only when a delta is released
-            self._before = self._decode(self.ids[self.prefix:self.read])
-        now = self._decode(self.ids[self.prefix:])
-        if len(now) > len(self._before) and (final or not now.endswith("\ufffd")):
-            delta = now[len(self._before):]
-            self.prefix, self.read, self._before = self.read, len(self.ids), None
-            return delta
-        return ""
-
-
-class StopMatcher:
-    """Holds back text that could begin a stop string; cuts the output before the first stop string."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.longest = max((len(s) for s in stops), default=0)
-        self.text = ""
-        self.emitted = 0
-        self.stopped = False
-
-    def push(self, delta: str) -> str:
-        if not self.stops:
-            self.text += delta
-            self.emitted = len(self.text)
-            return delta
-        start = max(0, len(self.text) - self.longest + 1)
-        self.text += delta
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            self.text = self.text[:min(hits)]
-            return self._release(len(self.text))
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(s[:n]):
-                    hold = n
-                    break
-        return self._release(len(self.text) - hold)
-
-    def flush(self) -> str:
-        return self._release(len(self.text))
-
-    def _release(self, upto: int) -> str:
-        out = self.text[self.emitted:upto]
-        self.emitted = max(self.emitted, upto)
-        return out
 
 
 def pick_token(bundle: ClientBundle, sampler: Sampler, r) -> int:
@@ -237,6 +159,7 @@ class Client:
         self.max_positions = min(limits) if limits else 0  # the model's positions or the server's cap
         # A connection lost mid-generation is retried (same bundle only) for this long, then it is an error.
         self.reconnect_timeout = min(float(timeout), RECONNECT_SECONDS)
+        self.max_replays = MAX_REPLAYS  # and at most this many times per generation (each re-sends the context)
 
     @property
     def tokenizer(self):
@@ -358,8 +281,10 @@ class Client:
             raise StipError(f"the prompt has {pos} tokens; this model and server take at most {self.max_positions}")
         with contextlib.ExitStack() as stack:
             session = stack.enter_context(self.connection.open_session())
+            replays = Replays(self, stack, features)
             c0 = time.perf_counter()
-            x = self._embed_context(prompt_ids, features)
+            noise = bundle.noise_chain()  # this context's noise; a replay re-creates the same rows
+            x = embed_context(bundle, prompt_ids, features, noise)
             tm.client_ms += (time.perf_counter() - c0) * 1e3
             r = session.prefill(x, positions="last", downlink=dl)
             self._account(tm, r, decode=False)
@@ -388,7 +313,7 @@ class Client:
                     else:
                         delta += stops.flush()
                 if not last:
-                    x = bundle.embed(torch.tensor([token]), start=pos)
+                    x = bundle.embed(torch.tensor([token]), start=pos, noise=noise)
                 dt = (time.perf_counter() - c0) * 1e3
                 tm.client_ms += dt
                 if delta and logprobs is not None:
@@ -405,12 +330,12 @@ class Client:
                     if e.status != 404:
                         raise
                     # The server expired the session (idle past its TTL, e.g. a slow reader of the stream): replay
-                    # the context on a fresh session. The logits are the same, so the generation does not change.
-                    session, r = self._resume(stack, prompt_ids + out, features)
+                    # the context on a fresh session (bounded; the same noisy rows). The generation does not change.
+                    session, r = replays.after_expiry(prompt_ids + out)
                 except StipConnectionError as e:
                     # The server went away (crashed, restarted): replay the context on a fresh session of the same
                     # bundle once it is back, within a bounded time; otherwise the error says what happened.
-                    session, r = self._replay(stack, prompt_ids + out, e, features)
+                    session, r = replays.after_loss(prompt_ids + out, e)
                 pos += 1
                 self._account(tm, r, decode=True)
         tm.total_ms = (time.perf_counter() - t_start) * 1e3
@@ -419,58 +344,17 @@ class Client:
                  "total_tokens": len(prompt_ids) + len(out)}
         return Generation(text, out, finish, usage, tm, prompt_ids, glimpse, logprobs)
 
-    def _embed_context(self, ids: list[int], features: torch.Tensor | None) -> torch.Tensor:
-        """The context from position 0, in the secret basis; image features (LLaVA) at the prompt's image tokens."""
-        if features is None:
-            return self.bundle.embed(torch.tensor(ids), start=0)
-        return vision.embed(self.bundle, ids, features)
-
-    def _resume(self, stack: contextlib.ExitStack, context: list[int], features: torch.Tensor | None = None):
-        """(session, reply): a fresh session prefilled with the whole context; its logits are those of the step that
-        was lost, so the generation continues unchanged."""
-        session = stack.enter_context(self.connection.open_session())
-        x = self._embed_context(context, features)
-        return session, session.prefill(x, positions="last", downlink=self.downlink)
-
-    def _replay(self, stack: contextlib.ExitStack, context: list[int], lost: StipConnectionError,
-                features: torch.Tensor | None = None):
-        """(session, reply) from a fresh session prefilled with `context`, once the server answers again with the
-        same bundle; StipConnectionError naming the loss after `reconnect_timeout` seconds. The reply's logits are
-        those of the decode step that was lost, so the generation continues unchanged."""
-        url = self.connection.url
-        deadline = time.monotonic() + self.reconnect_timeout
-        tries, delay, last = 0, 0.1, lost
-        while tries == 0 or time.monotonic() < deadline:
-            tries += 1
-            try:
-                served = self.connection.info().get("bundle_id")
-                if served != self.bundle.bundle_id:
-                    raise KeyMismatchError(f"the connection to {url} dropped mid-generation and the server came back "
-                                           f"with bundle {served}, not {self.bundle.bundle_id}: not replaying")
-                return self._resume(stack, context, features)
-            except StipCertificateError:
-                raise
-            except StipConnectionError as e:
-                last = e
-            except StipServerError as e:
-                if e.status < 500 and e.status not in (404, 409, 429):
-                    raise
-                last = e
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, 2.0)
-        raise StipConnectionError(f"lost the connection to {url} after {len(context)} tokens of context and could "
-                                  f"not resume within {self.reconnect_timeout:.0f} s ({tries} tries): {last}") from None
-
     @staticmethod
     def _account(tm: Timing, r, decode: bool) -> None:
-        wire = max(0.0, r.rtt_ms - r.server_ms)
-        tm.server_ms += r.server_ms
+        server_ms = r.server_ms or 0.0  # None: not reported by the server
+        wire = max(0.0, r.rtt_ms - server_ms)
+        tm.server_ms += server_ms
         tm.wire_ms += wire
         tm.bytes_sent += r.bytes_sent
         tm.bytes_received += r.bytes_received
         if decode:
             tm.steps += 1
-            tm.decode_server_ms += r.server_ms
+            tm.decode_server_ms += server_ms
             tm.decode_wire_ms += wire
             tm.decode_bytes_sent += r.bytes_sent
             tm.decode_bytes_received += r.bytes_received

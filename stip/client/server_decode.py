@@ -6,21 +6,19 @@ and their log-probabilities come back as server ids and are mapped back (`Client
 need text, so they are matched here, and a match ends the stream (closing it aborts the generation on the server).
 Nothing from the server is trusted: every line must be a well-formed chunk with ids in range.
 
-Uses the round-trip transport's URL, token, TLS context and clear-text rule (`stip.client.transport.Connection`).
+Uses the round-trip transport's URL, token and clear-text rule (`stip.client.transport.Connection`), and its HTTP
+stack (`stip.client.http`: TLS, no redirects, every line capped).
 """
 
 from __future__ import annotations
 
 import json
-import ssl
 import time
 
-import httpx
 from pydantic import ValidationError
 
 from stip.common.sampling import SamplingParams
-from stip.client.transport import (StipAuthError, StipCertificateError, StipConnectionError, StipProtocolError,
-                                   StipServerError, _http_url)
+from stip.client.errors import StipProtocolError, StipServerError, clip, is_int
 from stip.common.generate import GENERATE_PATH, GenerateChunk, GenerateRequest
 from stip.errors import StipError
 
@@ -51,62 +49,27 @@ class GenerateStream:
 
     def __init__(self, connection, request: GenerateRequest, vocab_size: int):
         self.conn, self.vocab_size = connection, vocab_size
-        self.bytes_sent = self.bytes_received = 0
         body = request.model_dump_json().encode()
-        self.bytes_sent = len(body)
-        self._http = httpx.Client(verify=connection.ssl if connection.ssl is not None else True,
-                                  timeout=connection.timeout, follow_redirects=False, trust_env=False)
-        url = _http_url(connection.url, GENERATE_PATH)
-        headers = {**connection._headers(), "Content-Type": "application/json"}
-        try:
-            self._response = self._http.send(self._http.build_request("POST", url, content=body, headers=headers),
-                                             stream=True)
-        except BaseException as e:
-            self._http.close()
-            raise self._connection_error(e) from None
-        if self._response.status_code != 200:
-            try:
-                detail = json.loads(self._response.read()[:65536]).get("error")
-            except Exception:  # noqa: BLE001 - not our JSON: report the status alone
-                detail = None
-            status = self._response.status_code
-            self.close()
-            cls = StipAuthError if status in (401, 403) else StipServerError
-            raise cls(f"server error {status} on {GENERATE_PATH}: {detail or 'no detail'}", status)
-
-    def _connection_error(self, e: BaseException) -> BaseException:
-        cause = e
-        while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            from stip.client.transport import _cert_error
-
-            return _cert_error(self.conn.url, cause, self.conn.ca_file)
-        if isinstance(e, httpx.HTTPError):
-            return StipConnectionError(f"cannot reach the STIP server at {self.conn.url}: {e} (is `stip serve` "
-                                       f"running there?)")
-        return e
+        self.bytes_sent, self.bytes_received = len(body), 0
+        self._response = connection.http.open_stream("POST", GENERATE_PATH, content=body,
+                                                     headers={**connection._headers(),
+                                                              "Content-Type": "application/json"})
 
     def __iter__(self):
-        try:
-            for line in self._response.iter_lines():
-                self.bytes_received += len(line) + 1
-                if len(line) > MAX_LINE_BYTES:
-                    raise StipProtocolError(f"{GENERATE_PATH} sent a line of {len(line)} bytes")
-                if not line.strip():
-                    continue
+        for line in self.conn.http.iter_lines(self._response, GENERATE_PATH, MAX_LINE_BYTES):
+            self.bytes_received += len(line) + 1
+            if line.strip():
                 yield self._chunk(line)
-        except httpx.HTTPError as e:
-            raise StipConnectionError(f"lost the connection to {self.conn.url} mid-generation: {e}") from None
 
-    def _chunk(self, line: str) -> GenerateChunk:
+    def _chunk(self, line: bytes) -> GenerateChunk:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
             raise StipProtocolError(f"{GENERATE_PATH} sent a line that is not JSON") from None
         if isinstance(obj, dict) and "error" in obj:
-            raise StipServerError(f"server error during the generation: {obj.get('error')}",
-                                  int(obj.get("status") or 500))
+            status = obj.get("status")
+            raise StipServerError(f"server error during the generation: {clip(obj.get('error'), 2000)}",
+                                  status if is_int(status) and 400 <= status < 600 else 500)
         try:
             chunk = GenerateChunk.model_validate(obj)
         except ValidationError as e:
@@ -120,7 +83,6 @@ class GenerateStream:
 
     def close(self) -> None:
         self._response.close()
-        self._http.close()
 
 
 def run(client, prompt_ids: list[int], params: SamplingParams):

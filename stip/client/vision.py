@@ -219,10 +219,11 @@ def prepare(bundle, ids: list[int], images: list) -> VisionPrompt:
     return VisionPrompt(out, feats.reshape(-1, feats.shape[-1]))
 
 
-def embed(bundle, ids: list[int], features: torch.Tensor | None) -> torch.Tensor:
+def embed(bundle, ids: list[int], features: torch.Tensor | None, noise=None) -> torch.Tensor:
     """The embedded context (from position 0) with the image features at the first image-token positions (the
-    prompt's; an image token generated later is embedded as a token, as the plain model does)."""
-    x = bundle.embed(torch.tensor(ids), start=0)
+    prompt's; an image token generated later is embedded as a token, as the plain model does). `noise`: the
+    context's `ClientBundle.noise_chain()`, advanced over `ids`."""
+    x = bundle.embed(torch.tensor(ids), start=0, noise=noise)
     if features is None or not len(features):
         return x
     slots = image_slots(bundle, ids, features)

@@ -1,0 +1,92 @@
+"""Checks on what a STIP server sends over a session, before the caller sees any of it: the hello frame, and each
+step's reply (kind, shape, dtype, position, size, index range, order, finiteness). Any violation is a
+StipProtocolError naming it; the session then drops the socket, since its state is unknown."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from stip.client.errors import StipProtocolError, clip, is_int
+from stip.common import wire
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The one reply a step can legitimately get: `kind` ("logits" or "topk"), `rows` x `cols`, after which the
+    session holds `position` tokens."""
+    kind: str
+    rows: int
+    cols: int
+    position: int
+
+    @property
+    def size(self) -> int:
+        """Payload bytes: float32 logits, or int32 indices + float32 values + one float32 logsumexp per row."""
+        return self.rows * self.cols * 4 if self.kind == "logits" else self.rows * (self.cols * 8 + 4)
+
+
+def check_hello(url: str, h: dict) -> None:
+    """Refuse a hello that is not a STIP session of this protocol version with sane sizes; default `position`."""
+    if h.get("kind") != "hello":
+        raise StipProtocolError(f"{url} sent no STIP hello frame (first reply kind {h.get('kind')!r})")
+    if h.get("protocol") != wire.PROTOCOL_VERSION:
+        raise StipProtocolError(f"{url} speaks STIP protocol version {h.get('protocol')!r}, this client speaks "
+                                f"{wire.PROTOCOL_VERSION}: upgrade the older side")
+    sid = h.get("session")
+    if not isinstance(sid, str) or not 0 < len(sid) <= 256:
+        raise StipProtocolError(f"{url} sent a hello without a valid session id")
+    for name in ("hidden_size", "vocab_size"):
+        if not is_int(h.get(name)) or h[name] < 1:
+            raise StipProtocolError(f"{url} sent a hello with an invalid {name}: {h.get(name)!r}")
+    for name in ("position", "max_seq_len", "max_message_bytes"):
+        if name in h and (not is_int(h[name]) or h[name] < 0):
+            raise StipProtocolError(f"{url} sent a hello with an invalid {name}: {h[name]!r}")
+    h.setdefault("position", 0)
+
+
+def check_reply(url: str, vocab: int, h: dict, payload: memoryview, want: Expected):
+    """(logits, indices, values, logsumexp, server_ms or None) from a reply, or StipProtocolError naming what is
+    wrong."""
+    def bad(what: str) -> StipProtocolError:
+        return StipProtocolError(f"bad reply from {url}: {what}")
+
+    kind, n, cols = want.kind, want.rows, want.cols
+    if h.get("kind") != kind:
+        raise bad(f"kind {clip(h.get('kind'))}, but a {kind} reply was asked for")
+    if h.get("shape") != [n, cols] or not all(is_int(v) for v in h["shape"]):
+        raise bad(f"shape {clip(h.get('shape'))}, expected [{n}, {cols}]")
+    if h.get("dtype") != "float32":
+        raise bad(f"dtype {clip(h.get('dtype'))}, expected 'float32'")
+    if not is_int(h.get("position")) or h["position"] != want.position:
+        raise bad(f"position {clip(h.get('position'))}, expected {want.position} (the session is out of step)")
+    ms = h.get("server_ms")  # reported only where the server's operator turned that on (`--expose-timing`)
+    if ms is not None and (not isinstance(ms, (int, float)) or isinstance(ms, bool)
+                           or not (math.isfinite(ms) and ms >= 0)):
+        raise bad(f"server_ms {clip(ms)} is not a non-negative number")
+    if len(payload) != want.size:
+        raise bad(f"payload of {len(payload)} bytes, but shape [{n}, {cols}] {kind} needs {want.size}")
+    logits = indices = values = lse = None
+    if kind == "logits":
+        logits = wire.tensor_from_bytes(payload, torch.float32, (n, cols))
+        if torch.isnan(logits).any() or torch.isposinf(logits).any():
+            raise bad("logits contain NaN or +inf")
+    else:
+        m = n * cols * 4
+        idx = wire.tensor_from_bytes(payload[:m], torch.int32, (n, cols))
+        values = wire.tensor_from_bytes(payload[m:2 * m], torch.float32, (n, cols))
+        lse = wire.tensor_from_bytes(payload[2 * m:], torch.float32, (n,))
+        if cols and (int(idx.min()) < 0 or int(idx.max()) >= vocab):
+            raise bad(f"top-k index out of range [0, {vocab}): {int(idx.min())}..{int(idx.max())}")
+        if cols > 1 and bool((idx.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+            raise bad("top-k indices repeat within a row")
+        if torch.isnan(values).any() or torch.isposinf(values).any():
+            raise bad("top-k values contain NaN or +inf")
+        if cols > 1 and bool((values.diff(dim=-1) > 0).any()):
+            raise bad("top-k values are not in descending order")
+        if not bool(torch.isfinite(lse).all()) or (cols and bool((lse < values[:, 0] - 1e-3).any())):
+            raise bad("logsumexp is not finite, or below the largest value of its row")
+        indices = idx.long()
+    return logits, indices, values, lse, None if ms is None else float(ms)

@@ -1,0 +1,322 @@
+"""One session on a STIP server (its own KV cache) over one persistent WebSocket: the client's side of a step.
+
+Each step sends one binary frame (embeddings in the server's secret basis) and reads one (logits or top-k pairs in
+the server's permuted vocabulary order); the caller un-permutes with `ClientBundle.plain_logits` / `plain_ids`. A
+session serialises its own steps; use one session per thread for concurrency. Every reply frame is capped at what
+its request can legitimately produce before it is read, and checked (`stip.client.replies`) before the caller sees
+it; after a reply it cannot trust, the session drops its socket and is never continued.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from stip.client.errors import (StipAuthError, StipConnectionError, StipProtocolError, StipServerError, cert_error,
+                                server_error)
+from stip.client.http import ws_url
+from stip.client.replies import Expected, check_hello, check_reply
+from stip.common import wire
+from stip.errors import StipError
+
+HELLO_MAX_BYTES = wire.HEADER_LEN.size + wire.MAX_HEADER_BYTES  # hello, close and error replies: a header only
+
+
+@dataclass
+class Downlink:
+    kind: str = "topk"  # "logits" (all V logits) or "topk" (k index/value pairs)
+    k: int = 64
+
+    def header(self) -> dict:
+        if self.kind == "logits":
+            return {"kind": "logits"}
+        if self.kind == "topk":
+            return {"kind": "topk", "k": int(self.k)}
+        raise ValueError(f"downlink kind must be 'logits' or 'topk', got {self.kind!r}")
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor | None  # float32 [n, V], permuted vocabulary order (kind logits)
+    indices: torch.Tensor | None  # int64 [n, k], permuted vocabulary indices (kind topk)
+    values: torch.Tensor | None  # float32 [n, k]
+    position: int  # tokens in the server KV cache after this step
+    server_ms: float | None  # server compute time, if the server reports it (`stip serve --expose-timing`)
+    rtt_ms: float  # client-measured round trip
+    bytes_sent: int
+    bytes_received: int
+    logsumexp: torch.Tensor | None = None  # float32 [n], each row's logsumexp over all V logits (kind topk)
+
+
+def legacy_kw(connect) -> dict:
+    """websockets >= 16 warns unless a directly-returned connection is asked for explicitly."""
+    import inspect
+
+    return {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
+def ws_connect(url: str, **kw):
+    """websockets' synchronous connect, returning the connection, under the client's HTTP rules (`stip.client.http`):
+    a redirect is never followed (its 3xx answer is an InvalidStatus) and no proxy is taken from the environment."""
+    import inspect
+
+    from websockets.sync.client import connect
+
+    params = inspect.signature(connect).parameters
+    if "proxy" in params:
+        kw.setdefault("proxy", None)
+    if "legacy" not in params:  # websockets < 17.1: its sync client follows no redirects
+        return connect(url, **kw)
+    connecter = connect(url, legacy=False, **kw)
+    connecter.process_redirect = lambda exc: exc  # what websockets asks before following one: refuse it
+    ws = connecter.connect()
+    ws.pending_legacy_warning = False
+    return ws
+
+
+class RemoteSession:
+    """One session on the server (its own KV cache), over one persistent WebSocket. A context manager."""
+
+    def __init__(self, connection, resume: str | None = None):
+        self.connection = connection
+        self.id: str = ""
+        self.position = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.info: dict = {}
+        self._ws = None
+        self._lock = threading.Lock()
+        self._connect(resume)
+
+    # ------------------------------------------------------------ connection
+
+    def _connect(self, resume: str | None) -> None:
+        from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+
+        conn = self.connection
+        url = ws_url(conn.url, wire.SESSION_PATH, {"session": resume} if resume else None)
+        tls = {"ssl": conn.ssl} if conn.ssl is not None else {}
+        try:
+            self._ws = ws_connect(url, additional_headers=conn._headers(), compression=None,
+                                  max_size=HELLO_MAX_BYTES, open_timeout=conn.timeout,
+                                  close_timeout=min(5.0, conn.timeout), user_agent_header="stip-client", **tls)
+        except InvalidStatus as e:
+            status = e.response.status_code
+            if 300 <= status < 400:
+                where = str(e.response.headers.get("Location", ""))[:200]
+                raise StipServerError(f"the STIP server at {conn.url} redirected the session ({status}) to "
+                                      f"{where!r}: redirects are not followed", status) from None
+            try:
+                detail = json.loads(e.response.body or b"{}").get("error")
+            except Exception:
+                detail = None
+            if status in (401, 403):
+                why = detail or ("token missing" if status == 401 else "token rejected")
+                raise StipAuthError(f"the STIP server at {conn.url} refused the connection ({status}): {why}; "
+                                    f"pass the server's token (--token or STIP_TOKEN)", status) from None
+            raise StipServerError(f"the STIP server at {conn.url} refused the session ({status}): "
+                                  f"{detail or 'no detail'}", status) from None
+        except ssl.SSLCertVerificationError as e:
+            raise cert_error(conn.url, e, conn.ca_file) from None
+        except ssl.SSLError as e:
+            raise StipConnectionError(f"TLS handshake with {conn.url} failed: {e}") from None
+        except (InvalidURI, ValueError) as e:
+            raise StipConnectionError(f"bad server URL {conn.url!r}: {e}") from None
+        except InvalidHandshake as e:
+            raise StipProtocolError(f"{conn.url} did not complete a STIP WebSocket handshake: {e}") from None
+        except (OSError, TimeoutError) as e:
+            raise StipConnectionError(f"cannot reach the STIP server at {conn.url}: "
+                                      f"{e.strerror or e if isinstance(e, OSError) else e} "
+                                      f"(is `stip serve` running there?)") from None
+        try:
+            header, _ = self._recv()
+            if header.get("ok") is not True:
+                raise server_error(header)
+            check_hello(self.connection.url, header)
+        except StipError:
+            self._drop()
+            raise
+        self.info = header
+        self.id = header["session"]
+        self.position = header["position"]
+
+    def _expect_reply(self, n_bytes: int) -> None:
+        """Cap the next incoming frame at `n_bytes` (payload) plus a header; websockets refuses anything larger
+        before reading it (close 1009). The frame's first bytes arrive after this call, so the cap applies."""
+        ws = self._ws
+        if ws is not None:
+            with ws.protocol_mutex:
+                ws.protocol.max_message_size = n_bytes + HELLO_MAX_BYTES
+
+    def _drop(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                ws.close()
+            except Exception:
+                pass
+
+    def _recv(self) -> tuple[dict, memoryview]:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            data = self._ws.recv(timeout=self.connection.timeout)
+        except TimeoutError:
+            self._drop()
+            raise StipConnectionError(f"no reply from {self.connection.url} within {self.connection.timeout} s"
+                                      ) from None
+        except ConnectionClosed as e:
+            self._ws = None
+            rcvd, sent = e.rcvd, e.sent
+            if sent is not None and sent.code == 1009:
+                raise StipProtocolError(f"{self.connection.url} sent a frame larger than this request can produce "
+                                        f"({sent.reason or 'message too big'}); connection closed") from None
+            if rcvd is not None and rcvd.code == 1009:
+                raise StipServerError("message too large for the server (connection closed)", 413) from None
+            if rcvd is not None and 4400 <= rcvd.code < 4600:
+                raise StipServerError(rcvd.reason or f"connection closed by the server ({rcvd.code})",
+                                      rcvd.code - 4000) from None
+            raise StipConnectionError(f"the connection to {self.connection.url} closed"
+                                      f"{f' ({rcvd.code} {rcvd.reason})' if rcvd else ''}") from None
+        if isinstance(data, str):
+            self._drop()
+            raise StipProtocolError("the server sent a text frame; expected binary STIP frames")
+        self.bytes_received += len(data)
+        try:
+            header, payload = wire.decode_frame(data)
+        except wire.WireError as e:
+            self._drop()
+            raise StipProtocolError(f"bad frame from the server: {e}") from None
+        return header, payload
+
+    def _send(self, frame: bytes) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        if self._ws is None:
+            raise StipConnectionError(f"session {self.id[:8]}… is not connected (closed, or the connection "
+                                      f"dropped; reopen it with Connection.open_session(resume=id))")
+        try:
+            self._ws.send(frame)
+        except ConnectionClosed as e:
+            self._ws = None
+            raise StipConnectionError(f"the connection to {self.connection.url} closed: {e}") from None
+        self.bytes_sent += len(frame)
+
+    # ------------------------------------------------------------ steps
+
+    def _step(self, op: str, x: torch.Tensor, dtype: torch.dtype, downlink: Downlink,
+              positions: str | None = None) -> StepResult:
+        if dtype not in wire.DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(wire.DTYPES)}, got {dtype}")
+        x = x.detach()
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        frame = wire.encode_frame(wire.request_header(op, x.shape, dtype, positions, downlink.header()),
+                                  wire.tensor_bytes(x))
+        vocab = self.info.get("vocab_size", 0)
+        rows = x.shape[0] if x.dim() == 2 else 1
+        n = rows if (op == "prefill" and positions == "all") else 1
+        cols = vocab if downlink.kind == "logits" else min(int(downlink.k), vocab)
+        with self._lock:
+            sent0, rcvd0 = self.bytes_sent, self.bytes_received
+            want = Expected(downlink.kind, n, cols, self.position + rows)
+            t0 = time.perf_counter()
+            self._expect_reply(want.size)
+            self._send(frame)
+            header, payload = self._recv()
+            rtt = (time.perf_counter() - t0) * 1000
+            if header.get("ok") is not True:
+                error = server_error(header)
+                if header.get("fatal") or isinstance(error, StipProtocolError):
+                    self._drop()
+                raise error
+            try:
+                out = check_reply(self.connection.url, self.info["vocab_size"], header, payload, want)
+            except StipProtocolError:
+                self._drop()  # the session's state is unknown: never continue it
+                raise
+            self.position = want.position
+        return StepResult(*out[:3], want.position, out[4], rtt, self.bytes_sent - sent0,
+                          self.bytes_received - rcvd0, out[3])
+
+    def prefill(self, embeds: torch.Tensor, positions: str = "last", downlink: Downlink = Downlink(),
+                dtype: torch.dtype = torch.float32) -> StepResult:
+        """Append embeddings [T, d] (server basis) to the session; logits of the last (or every) position.
+
+        A prompt larger than the server's message limit goes as several prefill steps (same result, same cache).
+        """
+        if embeds.dim() == 3 and embeds.shape[0] == 1:
+            embeds = embeds[0]
+        if embeds.dim() != 2:
+            raise ValueError(f"prefill takes embeddings of shape [T, d], got {list(embeds.shape)}")
+        if positions not in wire.POSITIONS:
+            raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
+        limit = int(self.info.get("max_message_bytes") or 0)
+        row = embeds.shape[1] * dtype.itemsize
+        rows = max(1, (limit - 4096) // row) if limit else embeds.shape[0]
+        if embeds.shape[0] <= rows:
+            return self._step("prefill", embeds, dtype, downlink, positions)
+        # Longer than one message may carry: several prefill steps on the same KV cache.
+        parts = [self._step("prefill", chunk, dtype, downlink, positions) for chunk in embeds.split(rows)]
+        last = parts[-1]
+        if positions == "all":
+            cat = (lambda name: torch.cat([getattr(p, name) for p in parts])
+                   if getattr(last, name) is not None else None)
+            logits, indices, values, lse = cat("logits"), cat("indices"), cat("values"), cat("logsumexp")
+        else:
+            logits, indices, values, lse = last.logits, last.indices, last.values, last.logsumexp
+        reported = [p.server_ms for p in parts if p.server_ms is not None]
+        return StepResult(logits, indices, values, last.position, sum(reported) if reported else None,
+                          sum(p.rtt_ms for p in parts), sum(p.bytes_sent for p in parts),
+                          sum(p.bytes_received for p in parts), lse)
+
+    def decode(self, embed: torch.Tensor, downlink: Downlink = Downlink(), dtype: torch.dtype = torch.float32
+               ) -> StepResult:
+        """Append one embedding ([d] or [1, d]); logits of that position."""
+        if embed.numel() != embed.shape[-1] or embed.dim() > 3:
+            raise ValueError(f"decode takes one embedding of shape [d] or [1, d], got {list(embed.shape)}")
+        return self._step("decode", embed.reshape(1, -1), dtype, downlink)
+
+    # ------------------------------------------------------------ ending
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    def detach(self) -> None:
+        """Close the socket but keep the session (and its KV cache) on the server until its TTL, for `resume`."""
+        self._drop()
+
+    def close(self) -> None:
+        """End the session: the server frees its KV cache. Idempotent; never raises for a dead connection."""
+        if self._ws is None:
+            return
+        with self._lock:
+            try:
+                self._expect_reply(0)
+                self._send(wire.encode_frame({"op": "close"}))
+                self._recv()
+            except StipError:
+                pass
+            finally:
+                self._drop()
+
+    def __enter__(self) -> "RemoteSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self._drop()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"RemoteSession({self.id[:8]}…, position={self.position})"
