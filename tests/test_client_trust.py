@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -70,10 +69,9 @@ def test_bad_hello_is_refused(rogue, mode, words):
 ])
 def test_bad_reply_is_refused_and_the_session_dropped(rogue, mode, words):
     s = session(rogue, mode)
-    t0 = time.monotonic()
+    # refused by the reply's own check, not after a timeout: a read timeout is a StipConnectionError, not this
     with pytest.raises(StipProtocolError, match=words):
         s.prefill(torch.randn(3, HIDDEN), downlink=Downlink("topk", 5))
-    assert time.monotonic() - t0 < 5  # refused at once, not after a timeout
     assert not s.connected and s.position == 0  # never continued after a reply it could not trust
 
 
