@@ -7,7 +7,6 @@ import datetime
 import ipaddress
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -127,7 +126,8 @@ def test_plain_http_to_the_tls_server_fails_clearly(tls_party):
 
 
 class _Connects:
-    """Records every socket connect this process attempts (a Python audit hook: it observes, it changes nothing)."""
+    """Records every socket connect and name lookup this process attempts (a Python audit hook: it observes, it
+    changes nothing)."""
 
     hooked = False
     seen: list = []
@@ -135,7 +135,8 @@ class _Connects:
     @classmethod
     def watch(cls) -> list:
         if not cls.hooked:
-            sys.addaudithook(lambda event, args: cls.seen.append(args) if event == "socket.connect" else None)
+            sys.addaudithook(lambda event, args: cls.seen.append((event, args))
+                             if event in ("socket.connect", "socket.getaddrinfo") else None)
             cls.hooked = True
         cls.seen.clear()
         return cls.seen
@@ -145,13 +146,12 @@ class _Connects:
                                  "http://[2001:db8::1]:1", "http://127.0.0.1.nip.io:1"])
 def test_token_never_goes_in_clear_text_off_loopback(url, tiny_protected):
     seen = _Connects.watch()
-    t0 = time.monotonic()
     with pytest.raises(StipError, match="refusing to send the token in clear text"):
         Connection(url, token=TOKEN, timeout=30)
     _, protected = tiny_protected("llama-gqa-untied")
     with pytest.raises(StipError, match="--insecure"):
         Client(protected / "client", url, token=TOKEN, timeout=30)
-    assert seen == [] and time.monotonic() - t0 < 10  # refused before any connection was attempted
+    assert seen == []  # refused before any name lookup or connection was attempted
 
 
 def test_what_insecure_and_ca_file_allow(tmp_path, pki):
