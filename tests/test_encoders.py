@@ -173,7 +173,7 @@ def test_pooling_follows_the_sentence_transformers_config(tmp_path):
                {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
                {"path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
     (tmp_path / "modules.json").write_text(json.dumps(modules))
-    bundle = SimpleNamespace(path=tmp_path)
+    bundle = SimpleNamespace(path=tmp_path, has_file=lambda name: (tmp_path / name).is_file())  # all "signed"
     pooling = Pooling.from_bundle(bundle)
     assert pooling == Pooling(("cls_token", "max_tokens"), normalize=True)
     hidden = torch.randn(2, 3, 4)
