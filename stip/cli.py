@@ -395,7 +395,7 @@ def proxy(
     bundle: Path = typer.Argument(..., help="the client bundle folder"),
     server: str = typer.Option("http://127.0.0.1:8000", help="STIP server URL"),
     port: int = typer.Option(8080),
-    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs --api-key"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs --api-key and TLS"),
     token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN", help="the STIP server's token"),
     api_key: Optional[str] = typer.Option(None, envvar="STIP_PROXY_API_KEY",
                                           help="the proxy's own key: /v1 requests must send it as a bearer token "
@@ -410,6 +410,12 @@ def proxy(
     trust: list[str] = typer.Option([], help=TRUST_HELP),
     allow_simulated: bool = typer.Option(False, "--allow-simulated", help="TEE client bundles: accept a SIMULATED "
                                          "enclave's report (development only; docs/tee.md)"),
+    ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate: the proxy serves https (required "
+                                                "with --api-key off loopback)"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key"),
+    allowed_host: list[str] = typer.Option([], help="without --api-key: a host name of yours for this machine "
+                                           "that requests may name in their Host header besides localhost, "
+                                           "127.0.0.1 and [::1] (repeatable; others are refused: DNS rebinding)"),
 ):
     """An OpenAI-compatible endpoint on localhost that talks STIP to the server (a TEE client bundle: to the
     enclave at --server)."""
@@ -417,7 +423,8 @@ def proxy(
 
     run_proxy(bundle, server=server, host=host, port=port, token=token, downlink=downlink, k=k,
               model_name=model_name, trusted=_trust(trust), api_key=api_key, ca_file=ca_file, insecure=insecure,
-              allow_simulated=allow_simulated)
+              allow_simulated=allow_simulated, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+              allowed_hosts=allowed_host)
 
 
 # ---------------------------------------------------------------- all three

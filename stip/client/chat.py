@@ -29,8 +29,8 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
     tee = is_tee_bundle(bundle)
     if tee and images:
         raise StipError("TEE mode takes text only (--image is for round-trip LLaVA-style bundles)")
-    loaded = TeeClient(bundle, server, allow_simulated=allow_simulated, trusted=trusted, token=token) if tee \
-        else ClientBundle.load(bundle, trusted=trusted)
+    loaded = TeeClient(bundle, server, allow_simulated=allow_simulated, trusted=trusted, token=token,
+                       ca_file=ca_file, insecure=insecure) if tee else ClientBundle.load(bundle, trusted=trusted)
     if tee:
         client, loaded = loaded, loaded.bundle
     if loaded.task not in SESSION_TASKS:  # before any server contact: an encoder or classifier has no chat

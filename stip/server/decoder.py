@@ -9,7 +9,8 @@ application) are the loaded transformers model's own, so variants (QKV bias, act
 Families: llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe (RMSNorm, RoPE, GQA, optional QKV bias,
 sliding window; Qwen3's Q/K norms act per head and token; an MoE block routes each packed token on its own) and gpt2
 (LayerNorm, Conv1D, learned positions: the server's `wpe` is zero in a protected bundle, and it is added like
-transformers does).
+transformers does; `scale_attn_by_inverse_layer_idx` through the attention's own scaling, and
+`reorder_and_upcast_attn` as transformers' eager attention computes it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
 
 
+def _upcast_attention(q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
+    """GPT-2's reorder_and_upcast_attn, as transformers computes it: scores (scale folded in) and softmax in
+    float32, the weights cast back to v's dtype before they meet v."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        n, m = q.shape[-2], k.shape[-2]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
 class PackedDecoder:
     """Runs the loaded transformers model's weights over packed rows; see the module docstring."""
 
@@ -52,6 +65,7 @@ class PackedDecoder:
         self.model = model
         cfg = model.config
         self.family = str(getattr(cfg, "model_type", ""))
+        self.upcast = False  # attention scores in float32 whatever the dtype (GPT-2's reorder_and_upcast_attn)
         if self.family not in FAMILIES:
             raise StipError(f"the batched engine supports {', '.join(FAMILIES)}, not {self.family!r}; "
                             f"use --no-batching")
@@ -64,6 +78,12 @@ class PackedDecoder:
             self.wpe = base.wpe
             if getattr(cfg, "add_cross_attention", False):
                 raise StipError("the batched engine does not run GPT-2 with cross-attention; use --no-batching")
+            self.upcast = bool(getattr(cfg, "reorder_and_upcast_attn", False))
+            expected = (self.head_dim ** -0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0) / (
+                len(self.layers) if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) else 1)
+            if abs(self.layers[-1].attn.scaling - expected) > 1e-6 * expected:  # this transformers folds the flags
+                raise StipError("this transformers version's GPT-2 attention does not fold scale_attn_weights and "
+                                "scale_attn_by_inverse_layer_idx into its scaling; use --no-batching")
         else:
             base = model.model
             self.layers, self.final_norm = list(base.layers), base.norm
@@ -93,8 +113,10 @@ class PackedDecoder:
 
     # ------------------------------------------------------------ attention
 
-    def _attend(self, q, k, v, rows: list[Row], layer: int, scale: float, window: int | None) -> torch.Tensor:
-        """q [1, Hq, N, hd], k/v [1, Hkv, N, hd] of the packed tokens -> [1, N, Hq*hd]; writes each row's cache."""
+    def _attend(self, q, k, v, rows: list[Row], layer: int, scale: float, window: int | None,
+                upcast: bool = False) -> torch.Tensor:
+        """q [1, Hq, N, hd], k/v [1, Hkv, N, hd] of the packed tokens -> [1, N, Hq*hd]; writes each row's cache.
+        `upcast` (GPT-2's reorder_and_upcast_attn): scores and softmax in float32, whatever the model's dtype."""
         outs, a = [], 0
         for r in rows:
             b, end = a + r.t, r.start + r.t
@@ -120,8 +142,11 @@ class PackedDecoder:
                     kw["enable_gqa"] = True
                 else:
                     keys, values = _repeat_kv(keys, self.groups), _repeat_kv(values, self.groups)
-            out = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask, scale=scale,
-                                                 is_causal=mask is None and r.t > 1, **kw)
+            if upcast:
+                out = _upcast_attention(qr, keys, values, mask, scale, causal=mask is None and r.t > 1)
+            else:
+                out = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask, scale=scale,
+                                                     is_causal=mask is None and r.t > 1, **kw)
             outs.append(out.transpose(1, 2))
             a = b
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
@@ -149,7 +174,8 @@ class PackedDecoder:
         n = x.shape[1]
         q, k, v = (t.view(1, n, -1, self.head_dim).transpose(1, 2)
                    for t in attn.c_attn(x).split(attn.split_size, dim=2))
-        h = h + attn.c_proj(self._attend(q, k, v, rows, i, attn.scaling, None))
+        # attn.scaling folds in scale_attn_weights and scale_attn_by_inverse_layer_idx (1 / (layer + 1))
+        h = h + attn.c_proj(self._attend(q, k, v, rows, i, attn.scaling, None, self.upcast))
         return h + layer.mlp(layer.ln_2(h))
 
     @torch.inference_mode()

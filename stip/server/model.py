@@ -42,8 +42,11 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "embedding was newly initialized" report is expected; the rest is checked
     try:
+        # GPT-2's reorder_and_upcast_attn acts in transformers' eager attention only (sdpa ignores it)
+        eager = {"attn_implementation": "eager"} if getattr(config, "reorder_and_upcast_attn", False) else {}
         with listed_view(bundle, manifest["files"]) as signed_only:
-            model, info = _model_class(config).from_pretrained(signed_only, dtype=dtype, output_loading_info=True)
+            model, info = _model_class(config).from_pretrained(signed_only, dtype=dtype, output_loading_info=True,
+                                                               **eager)
     finally:
         hf_logging.set_verbosity(verbosity)
     _check_loading_info(bundle, config, info, mode)
