@@ -1,4 +1,7 @@
-"""The client's sampler against transformers' own logits processors, on random logits."""
+"""The sampler every party uses (`Sampler.from_logits` / `from_topk`: the client SDK, the server-decode engine, the
+enclave) against transformers' own logits processors, on random logits: the candidates those methods draw from
+(`Sampler.candidates`, which they call) are exactly what transformers leaves finite, from full logits and from top-k
+pairs alike, and their draws follow its distribution."""
 
 from __future__ import annotations
 
@@ -10,6 +13,13 @@ from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
 from stip.common.sampling import Sampler, SamplingParams
 
 V = 500
+
+
+def _as_vector(ids, values, size=V):
+    """Candidates (ids, processed scores) as transformers returns them: a [V] vector, -inf where removed."""
+    out = torch.full((size,), float("-inf"))
+    out[ids] = values
+    return out
 
 
 def _reference(logits, history, temperature, top_k, top_p, penalty):
@@ -35,11 +45,16 @@ def test_processed_scores_match_transformers(temperature, top_k, top_p, penalty)
         logits = torch.randn(V, generator=g) * 3
         history = torch.randint(0, V, (30,), generator=g).tolist()
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
-        ours = Sampler(params, history).processed(logits)
         ref = _reference(logits, history, temperature, top_k, top_p, penalty)
-        assert torch.equal(torch.isinf(ours), torch.isinf(ref))
         finite = ~torch.isinf(ref)
-        torch.testing.assert_close(ours[finite], ref[finite])
+        ours = [_as_vector(*Sampler(params, history).candidates(logits))]  # full logits
+        if 0 < top_k <= 64:  # the top-k downlink: the 64 largest as (id, value) pairs, in the server's order
+            perm = torch.randperm(V, generator=g)
+            top_values, top_idx = torch.topk(logits[perm], 64)
+            ours.append(_as_vector(*Sampler(params, history).candidates(top_values, perm[top_idx])))
+        for vector in ours:
+            assert torch.equal(torch.isinf(vector), torch.isinf(ref))
+            torch.testing.assert_close(vector[finite], ref[finite])
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,penalty", CASES)
@@ -133,7 +148,7 @@ def test_presence_and_frequency_penalties_match_the_direct_computation(presence,
         rep = _reference(logits, prompt + generated, 1.0, 0, 1.0, penalty) if penalty != 1.0 else logits
         direct = _direct_penalties(rep, generated, presence, frequency)
         ref = TopPLogitsWarper(top_p=0.9)(None, (direct / 0.8)[None])[0]
-        ours = s.processed(logits)
+        ours = _as_vector(*s.candidates(logits))
         assert torch.equal(torch.isinf(ours), torch.isinf(ref))
         torch.testing.assert_close(ours[~torch.isinf(ref)], ref[~torch.isinf(ref)])
         # greedy: the argmax of the penalised logits, from full logits and from top-k pairs alike

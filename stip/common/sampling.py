@@ -141,25 +141,31 @@ class Sampler:
 
     def from_logits(self, logits: torch.Tensor) -> int:
         """Next token id from plain logits [V] (vocabulary order)."""
-        p = self.params
-        scores = self._penalize(logits.float(), None)
-        if p.greedy:
-            return int(scores.argmax())
-        k = p.top_k if 0 < p.top_k < scores.numel() else scores.numel()
-        values, ids = torch.topk(scores, k)  # sorted, highest first
-        return self._draw(ids, values)
+        return self._pick(*self.candidates(logits))
 
     def from_topk(self, ids: torch.Tensor, values: torch.Tensor) -> int:
         """Next token id from the server's top-k pairs, `ids` already mapped to plain token ids."""
+        return self._pick(*self.candidates(values, ids))
+
+    def candidates(self, scores: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens this step may draw and their processed scores, highest first: what transformers' processors
+        leave finite, in their order (repetition penalty, presence and frequency, temperature, top-k, top-p). Greedy:
+        the one best token after the penalties. `scores` [V] in vocabulary order, or the scores of `ids`."""
         p = self.params
-        values = self._penalize(values.float(), ids)
+        scores = self._penalize(scores.float(), ids)
         if p.greedy:
-            return int(ids[int(values.argmax())])
-        values, order = torch.sort(values, descending=True, stable=True)
-        ids = ids[order]
-        if 0 < p.top_k < values.numel():
-            ids, values = ids[:p.top_k], values[:p.top_k]
-        return self._draw(ids, values)
+            best = int(scores.argmax())
+            return (torch.tensor([best]) if ids is None else ids[best:best + 1]), scores[best:best + 1]
+        scores = scores / p.temperature
+        n = scores.numel()
+        if ids is None:
+            values, order = torch.topk(scores, p.top_k if 0 < p.top_k < n else n)  # sorted, highest first
+        else:
+            values, order = torch.sort(scores, descending=True, stable=True)
+            if 0 < p.top_k < n:
+                values, order = values[:p.top_k], order[:p.top_k]
+        keep = top_p_keep(values, p.top_p)
+        return (order if ids is None else ids[order])[:keep], values[:keep]
 
     def _penalize(self, scores: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """The repetition penalty, then presence and frequency; a penalty that is off costs nothing per token."""
@@ -168,26 +174,11 @@ class Sampler:
             scores = apply_repetition_penalty(scores, ids, self.seen, p.repetition_penalty)
         return apply_presence_frequency(scores, ids, self.counts, p.presence_penalty, p.frequency_penalty)
 
-    def _draw(self, ids: torch.Tensor, values: torch.Tensor) -> int:
-        """Temperature, top-p, then one uniform draw over candidates sorted highest first."""
-        scaled = values / self.params.temperature
-        n = top_p_keep(scaled, self.params.top_p)
-        probs = scaled[:n].softmax(-1)
+    def _pick(self, ids: torch.Tensor, values: torch.Tensor) -> int:
+        """Greedy: the one candidate. Sampling: one seeded uniform draw over the candidates' softmax."""
+        if self.params.greedy:
+            return int(ids[0])
+        probs = values.softmax(-1)
         u = float(torch.rand((), generator=self.generator))
         i = int(torch.searchsorted(probs.cumsum(-1), torch.tensor(u * float(probs.sum())), right=True))
-        return int(ids[min(i, n - 1)])
-
-    def processed(self, logits: torch.Tensor) -> torch.Tensor:
-        """The full processed score vector (-inf where removed), as transformers would build it: for tests."""
-        p = self.params
-        scores = self._penalize(logits.float(), None)
-        if p.greedy:
-            return scores
-        scores = scores / p.temperature
-        if 0 < p.top_k < scores.numel():
-            scores = scores.masked_fill(scores < torch.topk(scores, p.top_k).values[-1], float("-inf"))
-        sorted_desc, order = torch.sort(scores, descending=True)
-        n = top_p_keep(sorted_desc, p.top_p)
-        out = torch.full_like(scores, float("-inf"))
-        out[order[:n]] = sorted_desc[:n]
-        return out
+        return int(ids[min(i, ids.numel() - 1)])
