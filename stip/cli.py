@@ -258,7 +258,7 @@ app.add_typer(apikey_app, name="apikey")
 @apikey_app.command("create")
 def apikey_create(
     file: Path = typer.Argument(..., help="the API key file (created if missing, owner-only)"),
-    name: str = typer.Argument(..., help="the client's name (letters, digits, . _ - @)"),
+    name: str = typer.Argument(..., help="the client's name (letters, digits, . _ - @; not token or anonymous)"),
     max_sessions: Optional[int] = typer.Option(None, help="sessions this client may hold at once"),
     max_tokens: Optional[int] = typer.Option(None, help="KV tokens this client's sessions may hold at once"),
     max_tokens_per_minute: Optional[int] = typer.Option(None, help="tokens this client may send per minute"),
@@ -276,7 +276,7 @@ def apikey_create(
 
 @apikey_app.command("revoke")
 def apikey_revoke(file: Path = typer.Argument(...), name: str = typer.Argument(...)):
-    """Revoke a client's key: a running server refuses it within about a second and closes its sessions."""
+    """Revoke a client's key: within a second a running server refuses it, closes its sessions and cuts its streams."""
     from stip.server.auth import revoke_key
 
     revoke_key(file, name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -25,20 +24,20 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
 from stip.common import wire
-from stip.common.generate import GENERATE_PATH, GenerateRequest
+from stip.common.generate import GENERATE_PATH
 from stip.common.hosts import is_loopback_host
 from stip.common.tasks import ONE_SHOT_TASKS, TEXT_GENERATION
 from stip.errors import StipError
-from stip.server.auth import Authenticator, AuthError, Principal, load_key_file
+from stip.server.auth import REVOCATION_POLL, Authenticator, AuthError, Principal, load_key_file
 from stip.server.budget import Admission, AdmissionError, Quota, default_budget_tokens
 from stip.server.contexts import ContextError, Contexts
 from stip.server.encode_route import ENCODE_PATH, add_encode_route
 from stip.server.engine import Engine, TokenEngine, TopK
+from stip.server.generate_route import Generations, add_generate_route
 from stip.server.metrics import Metrics
 from stip.server.sessions import Session, SessionManager
 
@@ -121,6 +120,9 @@ class StipService:
             inner = getattr(inner, "engine", None)
         if inner is not None:
             inner.add_tick_observer(self.metrics.tick_rows.observe)
+        if hasattr(engine, "add_end_observer"):  # server-decode on our engine: each generation's real KV length
+            engine.add_end_observer(self.metrics.generation_kv_tokens.observe)
+        self.generations = Generations()  # running /v1/generate streams, cut when their key is revoked
         self._expiry_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -143,7 +145,7 @@ class StipService:
         self.engine.close()
 
     async def _expiry_loop(self) -> None:
-        period = max(0.05, min(1.0, self.settings.session_ttl / 4))
+        period = max(0.05, min(REVOCATION_POLL, self.settings.session_ttl / 4))  # see auth.REVOCATION_BOUND
         while True:
             await asyncio.sleep(period)
             self.drop_revoked()
@@ -191,18 +193,19 @@ class StipService:
                 "protocol": wire.PROTOCOL_VERSION}
 
     def drop_revoked(self) -> None:
-        """Re-read the key file if it changed and free the sessions of clients that lost their key (whichever
-        request or timer saw the change first)."""
+        """Re-read the key file if it changed; free the sessions and cut the running generations of clients that
+        lost their key (whichever request or timer saw the change first)."""
         self.auth.refresh()
         if self.auth.generation != self._auth_generation:
             self._auth_generation = self.auth.generation
-            for owner in self.sessions.owners():
+            for owner in self.sessions.owners() | self.generations.owners():
                 if not self.auth.is_active(owner):
                     gone = self.sessions.owned_by(owner)
                     for s in gone:
-                        self.sessions.remove(s)
+                        self.sessions.remove(s, "revoked")
                     self.metrics.sessions_closed.labels("revoked").inc(len(gone))
-                    log.info("closed %d session(s) of a revoked client", len(gone))
+                    cut = self.generations.cut(owner)
+                    log.info("closed %d session(s) and %d generation(s) of a revoked client", len(gone), cut)
 
     # ------------------------------------------------------------ steps
 
@@ -293,7 +296,7 @@ class StipService:
         if not bool(torch.isfinite(x).all()):
             raise StepError(422, "embeddings contain NaN or Inf values")
         if s.closed:
-            raise StepError(404, "session was closed or expired", fatal=True)
+            raise self.gone(s)
         before = self.engine.length(s.state)
         try:
             if op == "prefill":
@@ -301,6 +304,8 @@ class StipService:
             else:
                 logits = self.engine.decode(s.state, x.reshape(1, -1))
         except Exception as e:
+            if s.closed:  # freed under the queued step (its key revoked, or closed): not the model's fault
+                raise self.gone(s) from None
             # The KV cache may hold part of this step: the session cannot continue exactly.
             log.exception("engine failure in a %s step (session dropped)", op)
             raise StepError(500, f"internal error in the model ({type(e).__name__}); the session was dropped",
@@ -324,6 +329,14 @@ class StipService:
         self.metrics.tokens.labels(op).inc(t)
         return {"ok": True, "kind": kind, "shape": shape, "dtype": "float32",
                 "position": self.engine.length(s.state), "server_ms": round(ms, 3)}, parts
+
+    @staticmethod
+    def gone(s: Session) -> StepError:
+        """The answer to a step on a session that was freed, also one queued when that happened: 403 if its key was
+        revoked (as the key's next request gets), else 404."""
+        if s.closed_by == "revoked":
+            return StepError(403, "this API key was revoked: its sessions were closed", fatal=True)
+        return StepError(404, "session expired or was closed; open a new session", fatal=True)
 
     def authorize(self, authorization: str | None) -> Principal:
         """The caller of a step: a key revoked since the socket opened ends the session (403, fatal); an unreadable
@@ -363,7 +376,7 @@ class StipService:
         try:
             who = self.authorize(authorization)
             if s.closed:
-                raise StepError(404, "session expired or was closed; open a new session", fatal=True)
+                raise self.gone(s)
             try:
                 op, req, payload = self.parse_request(s, data)
             except StepError:
@@ -395,7 +408,7 @@ class StipService:
                 e = StepError(500, f"internal server error ({type(e).__name__}); the session was dropped",
                               fatal=True)
             if e.fatal and not s.closed:
-                self.sessions.remove(s)
+                self.sessions.remove(s, "revoked" if e.status == 403 else "")
                 self.metrics.sessions_closed.labels("revoked" if e.status == 403 else "error").inc()
             log.info("%s error %d: %s", "fatal" if e.fatal else "request", e.status, e)
             return self.error_frame(e.status, str(e), e.fatal), (4000 + e.status if e.fatal else None)
@@ -528,85 +541,6 @@ def add_session_route(app: FastAPI, contexts: Contexts) -> None:
         finally:
             s.attached = False
             s.touch()
-
-
-def _validation_message(e: ValidationError) -> tuple[int, str]:
-    """(status, message) for a request body pydantic refused: malformed JSON 400, a bad field 422."""
-    errors = e.errors(include_url=False, include_input=False)
-    if any(err.get("type") == "json_invalid" for err in errors):
-        return 400, f"malformed JSON body: {errors[0].get('msg')}"
-    where = lambda err: ".".join(map(str, err.get("loc") or ())) or "body"  # noqa: E731
-    return 422, "; ".join(f"{where(err)}: {err.get('msg')}" for err in errors[:5])
-
-
-def add_generate_route(app: FastAPI, contexts: Contexts) -> None:
-    """POST /v1/generate (server-decode bundles, stip.common.generate): the sessions' auth, quotas and KV admission;
-    prompt + max_tokens are reserved before anything runs, and returned when the stream ends or the client leaves."""
-
-    @app.post(GENERATE_PATH)
-    async def generate(request: Request):
-        service = contexts.first  # auth and metrics are shared by all contexts
-        try:
-            who = service.auth.authenticate(request.headers.get("authorization"))
-            service = contexts.pick(request.headers)
-        except AuthError as e:
-            service.metrics.errors.labels(str(e.status)).inc()
-            return refused(e.status, str(e))
-        except ContextError as e:
-            service.metrics.errors.labels(str(e.status)).inc()
-            return no_context(e)
-
-        def bad(status: int, message: str) -> JSONResponse:
-            service.metrics.errors.labels(str(status)).inc()
-            return JSONResponse({"ok": False, "status": status, "error": message}, status_code=status)
-
-        engine = service.engine
-        if service.task in ONE_SHOT_TASKS:
-            return bad(400, f"this server serves a {service.task} model: it takes one-shot requests at POST "
-                            f"{ENCODE_PATH}, not {GENERATE_PATH}")
-        if not isinstance(engine, TokenEngine):
-            return bad(400, f"this server runs a round-trip bundle: it takes embedding sessions at "
-                            f"{wire.SESSION_PATH}, not token ids; protect the model with `stip protect --mode "
-                            f"server-decode` to serve {GENERATE_PATH}")
-        body = await request.body()
-        if len(body) > service.max_message_bytes:
-            return bad(413, f"request body of {len(body)} bytes exceeds the server's limit of "
-                            f"{service.max_message_bytes} bytes")
-        try:
-            req = GenerateRequest.model_validate_json(body)
-        except ValidationError as e:
-            return bad(*_validation_message(e))
-        v = engine.vocab_size
-        for field, ids in (("ids", req.ids), ("stop_ids", req.stop_ids)):
-            wrong = next((i for i in ids if not 0 <= i < v), None)
-            if wrong is not None:
-                return bad(422, f"{field}: token id {wrong} is out of range [0, {v})")
-        if len(req.ids) >= service.max_seq_len:
-            return bad(413, f"the prompt has {len(req.ids)} tokens; this server's max_seq_len is "
-                            f"{service.max_seq_len}, which must leave room for at least one new token")
-        tokens = min(len(req.ids) + req.max_tokens, service.max_seq_len)
-        try:
-            service.admit_request(who, tokens)
-        except AdmissionError as e:
-            return refused(e.status, str(e))
-        chunks = engine.generate(req, request_id=os.urandom(8).hex())
-
-        async def lines():
-            """NDJSON lines; an error after the stream started is its last line. However the stream ends (done,
-            failed, or the client went away and the generator is closed), the KV reservation is returned."""
-            try:
-                async for chunk in chunks:
-                    service.metrics.tokens.labels("generate").inc(len(chunk.ids))
-                    yield chunk.model_dump_json(exclude_none=True) + "\n"
-            except Exception as e:  # noqa: BLE001 - the stream has started: report on it, keep serving others
-                log.exception("engine failure in a generation")
-                yield json.dumps({"error": f"internal error in the model ({type(e).__name__})", "status": 500}) + "\n"
-            finally:
-                with contextlib.suppress(Exception):
-                    await chunks.aclose()
-                service.admission.close_session(who.name, tokens)
-
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 def build_contexts(engines: list[tuple[Engine, str]], settings: Settings) -> Contexts:

@@ -6,9 +6,14 @@
 
 Keys are 256-bit random strings (`secrets.token_urlsafe(32)`), so a plain sha256 is enough: there is no password to
 brute-force, and hashing stays cheap enough to check on every step. The file never holds a key, only its hash;
-`stip apikey create` prints the key once. The server re-reads the file when its mtime changes (checked at most once a
-second, on requests), so a revocation takes effect without a restart; if the file becomes unreadable the server
-refuses every key from it (503) until it is fixed, rather than keep honouring keys someone may have just revoked.
+`stip apikey create` prints the key once. The server re-reads the file when it changes (its stamp is checked at most
+every RELOAD_INTERVAL, on requests and on the server's own timer every REVOCATION_POLL), so a revocation takes effect
+without a restart: within REVOCATION_BOUND seconds the key is refused, its sessions are closed and its running
+generations are cut (`stip.server.app`). If the file becomes unreadable the server refuses every key from it (503)
+until it is fixed, rather than keep honouring keys someone may have just revoked.
+
+The names "token" (the single --token) and "anonymous" (loopback without a token) are the server's own clients: a key
+of that name would share their sessions and quotas, so `stip apikey create` refuses them and so does every load.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stip.common.files import write_json_atomic
 from stip.errors import StipError
@@ -33,9 +38,12 @@ log = logging.getLogger("stip.server.auth")
 
 FILE_FORMAT = "stip-apikeys"
 FILE_VERSION = 1
-RELOAD_INTERVAL = 1.0
+RELOAD_INTERVAL = 0.5  # seconds between two looks at the key file's stamp
+REVOCATION_POLL = 0.25  # the server's timer: look again (at most every RELOAD_INTERVAL) and act on a change
+REVOCATION_BOUND = 1.0  # RELOAD_INTERVAL + 2 x REVOCATION_POLL: a change is seen and acted on within this
 TOKEN_CLIENT = "token"  # the client name of the single --token / STIP_TOKEN
 ANONYMOUS = "anonymous"  # loopback without any token
+RESERVED_NAMES = (TOKEN_CLIENT, ANONYMOUS)
 
 
 class KeyEntry(BaseModel):
@@ -48,6 +56,14 @@ class KeyEntry(BaseModel):
     max_tokens_per_minute: int | None = Field(default=None, ge=1)
     metrics: bool = False  # may read /metrics (server-wide counts of every client)
     revoked: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _not_built_in(cls, name: str) -> str:
+        if name.lower() in RESERVED_NAMES:
+            raise ValueError(f"the name {name!r} is reserved: {TOKEN_CLIENT!r} is the client of the single --token and "
+                             f"{ANONYMOUS!r} the one of a server without a token; pick another name")
+        return name
 
     @property
     def quota(self) -> Quota:
@@ -95,7 +111,8 @@ def load_key_file(path: str | Path) -> KeyFile:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise StipError(f"API key file {path} is malformed at {where or 'top level'}: {first['msg']}") from None
+        raise StipError(f"API key file {path} is malformed at {where or 'top level'}: "
+                        f"{first['msg'].removeprefix('Value error, ')}") from None
     if kf.format != FILE_FORMAT or kf.version != FILE_VERSION:
         raise StipError(f"{path} is not a {FILE_FORMAT} v{FILE_VERSION} file (format {kf.format!r}, "
                         f"version {kf.version})")
@@ -122,7 +139,7 @@ def create_key(path: str | Path, name: str, max_sessions: int | None = None, max
                          max_tokens_per_minute=max_tokens_per_minute, metrics=metrics)
     except ValidationError as e:
         first = e.errors()[0]
-        raise StipError(f"invalid {first['loc'][0]}: {first['msg']}") from None
+        raise StipError(f"invalid {first['loc'][0]}: {first['msg'].removeprefix('Value error, ')}") from None
     kf.keys.append(entry)
     write_json_atomic(path, kf.model_dump(), mode=0o600)
     return key

@@ -43,6 +43,7 @@ class DecodingEngine(TokenEngine):
         self._serial = None if self._submit else ThreadPoolExecutor(1, thread_name_prefix="stip-decode")
         self.running = 0  # generations in progress
         self.last_batch = 0  # generations that ran a step in the last scheduler tick (serial: 1)
+        self._end_observers: list = []
 
     # ------------------------------------------------------------ steps
 
@@ -63,11 +64,26 @@ class DecodingEngine(TokenEngine):
                 self._serial, lambda: self.engine.prefill(state, self._embed(ids)))
         return logits[-1]
 
+    def add_end_observer(self, observe) -> None:
+        """`observe(tokens)` with what each generation's KV cache held at its end (the engine's own count, after any
+        step still in flight): the server's `stip_generation_kv_tokens` histogram."""
+        self._end_observers.append(observe)
+
+    def _ended(self, state) -> None:
+        held = self.engine.length(state)
+        for observe in self._end_observers:
+            observe(held)
+
     def _free(self, state) -> None:
-        if self._serial is not None:
-            self._serial.submit(self.engine.free, state)
+        if self._serial is not None:  # after the step in flight, if any, on the engine's thread
+            def free():
+                try:
+                    self._ended(state)
+                finally:
+                    self.engine.free(state)
+            self._serial.submit(free)
         else:
-            self.engine.free(state)  # the scheduler frees between ticks
+            self.engine.free(state, before=lambda: self._ended(state))  # the scheduler frees between ticks
 
     # ------------------------------------------------------------ generation
 

@@ -16,6 +16,7 @@ from stip.server.budget import REFUSALS
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 10.0, 30.0)
 TICK_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+KV_TOKEN_BUCKETS = tuple(2 ** i for i in range(4, 18))  # 16 .. 131072
 
 
 class Metrics:
@@ -57,6 +58,9 @@ class Metrics:
             Gauge(f"stip_engine_{key}", doc, registry=r).set_function(lambda key=key: engine_stats().get(key, 0))
         self.tick_rows = Histogram("stip_engine_tick_rows", "Rows per engine tick (one batched forward)",
                                    buckets=TICK_ROW_BUCKETS, registry=r)
+        self.generation_kv_tokens = Histogram(
+            "stip_generation_kv_tokens", "Tokens a server-decode generation's KV cache held when it ended (the "
+            "engine's own count; never more than the generation reserved)", buckets=KV_TOKEN_BUCKETS, registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -94,10 +94,11 @@ class Scheduler(Engine):
     def length(self, state: Any) -> int:
         return self.engine.length(state)
 
-    def free(self, state: Any) -> None:
-        """Queued: the state is freed between ticks, never under a running forward."""
+    def free(self, state: Any, before=None) -> None:
+        """Queued: the state is freed between ticks, never under a running forward. `before()`, if given, runs on the
+        tick thread just before (the state then holds everything its steps wrote)."""
         with self._cv:
-            self._frees.append(state)
+            self._frees.append((state, before))
             self._awaiting.discard(id(state))
             self._cv.notify()
 
@@ -173,7 +174,12 @@ class Scheduler(Engine):
                     return
                 frees, self._frees = self._frees, []
                 plan = self._plan()
-            for state in frees:
+            for state, before in frees:
+                try:
+                    if before is not None:
+                        before()
+                except Exception:  # noqa: BLE001 - an observer must not keep the state alive
+                    log.exception("an observer of a freed state failed")
                 try:
                     self.engine.free(state)
                 except Exception:  # noqa: BLE001 - freeing must not stop the ticks

@@ -25,6 +25,7 @@ class Session:
     attached: bool = False  # a socket is serving this session now
     busy: bool = False  # a step is running in the worker
     closed: bool = False  # freed (closed, expired, or broken): every later use answers 404
+    closed_by: str = ""  # why: "revoked" (its key was), else "" (a step queued behind the close says which)
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -68,11 +69,11 @@ class SessionManager:
             return None
         return s
 
-    def remove(self, s: Session) -> None:
+    def remove(self, s: Session, why: str = "") -> None:
         if self._sessions.get(s.id) is s:
             del self._sessions[s.id]
         if not s.closed:
-            s.closed = True
+            s.closed, s.closed_by = True, why
             s.position = 0
             self._free(s)
 
