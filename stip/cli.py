@@ -221,22 +221,39 @@ def serve(
 def enclave(
     bundle: Path = typer.Argument(..., help="the enclave bundle folder (DIR/enclave from `stip protect --tee`)"),
     worker: str = typer.Option(..., help="URL of the GPU worker (`stip serve DIR/server --tee-worker`)"),
-    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs a token"),
     port: int = typer.Option(8100),
     platform_key: Optional[Path] = typer.Option(None, help="the simulated platform's key file (default "
                                                 "DIR/tee-platform/platform.key)"),
     worker_token: Optional[str] = typer.Option(None, envvar="STIP_WORKER_TOKEN", help="the worker's bearer token"),
     token: Optional[str] = typer.Option(None, envvar="STIP_TOKEN", help="bearer token TEE clients must send "
-                                        "(default: none, any client that reaches the enclave may use it)"),
+                                        "(required off loopback)"),
+    max_sessions: int = typer.Option(64, help="open client sessions at most; more get 503"),
+    client_max_sessions: Optional[int] = typer.Option(None, help="open sessions per client (token holder and "
+                                                      "peer address; default 1/4 of --max-sessions); more get 429"),
+    client_max_pending: int = typer.Option(16, help="attestations per client waiting for their session; more get "
+                                           "429"),
+    ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (serve https/wss)"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key"),
     trust: list[str] = typer.Option([], help=TRUST_HELP),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ):
     """TEE mode: run the enclave (SIMULATED: an ordinary process): attests, holds the key and the first and last
     layers, serves TEE clients and drives the worker (docs/tee.md)."""
+    from stip.enclave.admission import Limits, check_bind
+
+    check_bind(host, token)  # before the slow imports
     from stip.enclave.process import run_enclave
 
+    try:
+        limits = Limits(max_sessions=max_sessions, client_max_pending=client_max_pending,
+                        client_max_sessions=client_max_sessions or max(1, max_sessions // 4))
+    except ValueError as e:
+        raise StipError(str(e)) from None
     run_enclave(bundle, worker, host=host, port=port, platform_key=platform_key, worker_token=worker_token,
-                trusted=_trust(trust), log_level=log_level, token=token)
+                trusted=_trust(trust), log_level=log_level, token=token, limits=limits,
+                ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)
 
 
 def _vllm_options(engine: str, args: list[str], **flags) -> dict | None:

@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[1]  # the stip package
 # The code the enclave runs: its own party folder and the shared modules it imports (paths relative to stip/).
 ENCLAVE_CODE = ("enclave/*.py", "common/channel.py", "common/tee_protocol.py", "common/generate.py",
                 "common/sampling.py", "common/wire.py", "common/files.py", "common/signing.py", "common/layout.py",
-                "common/transforms.py", "errors.py")
+                "common/transforms.py", "common/hosts.py", "errors.py")
 
 
 def b64(data: bytes) -> str:

@@ -16,6 +16,7 @@ import base64
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from stip.common.files import read_manifest
 from stip.common.layout import MODEL_CONFIG_FILE
 from stip.common.sampling import Sampler, SamplingParams
 from stip.common.tee_protocol import ATTEST_PATH, POLICY_VIOLATION, SESSION_PATH, TeeGenerateRequest
+from stip.enclave.admission import Counter, FairTurns, Limits, Refused, check_bind, client_id
 from stip.enclave.attestation import SimulatedPlatform, code_measurement, measurement, unb64
 from stip.enclave.sealing import read_header, sealing_key, unseal_tensors
 from stip.errors import StipError, TeeError
@@ -41,7 +43,8 @@ log = logging.getLogger("stip.enclave")
 
 SEALED_FILE, ENCLAVE_CONFIG_FILE = "enclave.sealed", "stip_enclave.json"  # as stip.developer.tee writes them
 PENDING_TTL_S = 60.0  # a report's channel key waits this long for its session
-MAX_PENDING = 1024
+HELLO_TIMEOUT_S, IDLE_TIMEOUT_S = 30.0, 300.0  # a session slot is not held by a silent socket
+RETRY_AFTER_S = 5
 
 
 class Enclave:
@@ -49,8 +52,9 @@ class Enclave:
 
     measurement: str
 
-    def attest(self, nonce: bytes) -> dict:
-        """Evidence {format, evidence} binding `measurement`, a fresh channel public key and `nonce`."""
+    def attest(self, nonce: bytes, client: str = "anonymous") -> dict:
+        """Evidence {format, evidence} binding `measurement`, a fresh channel public key and `nonce`; `client`
+        (stip.enclave.admission.client_id) is held to its limit of attestations waiting for their session."""
         raise NotImplementedError
 
     def open_channel(self, client_public: bytes, nonce: bytes) -> Channel:
@@ -65,7 +69,8 @@ class Enclave:
 class SimulatedEnclave(Enclave):
     """The enclave in an ordinary local process, with a simulated platform (stip.enclave.attestation)."""
 
-    def __init__(self, bundle: str | Path, platform: SimulatedPlatform, link, trusted=None):
+    def __init__(self, bundle: str | Path, platform: SimulatedPlatform, link, trusted=None,
+                 limits: Limits = Limits()):
         from stip.enclave.compute import EnclaveModel
 
         bundle = Path(bundle)
@@ -85,27 +90,31 @@ class SimulatedEnclave(Enclave):
             link.expect_bundle(self.manifest["bundle_id"], self.model.lm_head_local)
         self.vocab_size = int(self.model.vocab_size)
         self.max_positions = int(self.config.get("max_positions") or 0)
-        self._pending: dict[bytes, tuple[object, float]] = {}
+        self._pending: dict[bytes, tuple[object, float, str]] = {}  # nonce -> (channel key, time, client)
+        self._pending_count = Counter("attestations waiting for their session", limits.max_pending,
+                                      limits.client_max_pending, f"open their sessions or wait {PENDING_TTL_S:.0f} s")
         self._lock = threading.Lock()
         self._step_lock = threading.Lock()  # one model step at a time (fresh pads, one worker socket)
 
-    def attest(self, nonce: bytes) -> dict:
+    def attest(self, nonce: bytes, client: str = "anonymous") -> dict:
         if len(nonce) != NONCE_BYTES:
             raise TeeError(f"the nonce must be {NONCE_BYTES} random bytes")
         key = new_keypair()
         now = time.monotonic()
         with self._lock:
-            self._pending = {n: v for n, v in self._pending.items() if now - v[1] < PENDING_TTL_S}
+            for old in [n for n, v in self._pending.items() if now - v[1] >= PENDING_TTL_S]:
+                self._pending_count.give_back(self._pending.pop(old)[2])
             if nonce in self._pending:
                 raise TeeError("this nonce was already used; draw a fresh one for each attestation")
-            if len(self._pending) >= MAX_PENDING:
-                raise TeeError("too many attestations waiting for their session; retry shortly")
-            self._pending[nonce] = (key, now)
+            self._pending_count.take(client)  # Refused (429 or 503) past a limit
+            self._pending[nonce] = (key, now, client)
         return {**self.platform.report(self.measurement, public_bytes(key), nonce), "measurement": self.measurement}
 
     def open_channel(self, client_public: bytes, nonce: bytes) -> Channel:
         with self._lock:
             entry = self._pending.pop(nonce, None)
+            if entry is not None:
+                self._pending_count.give_back(entry[2])
         if entry is None or time.monotonic() - entry[1] >= PENDING_TTL_S:
             raise TeeError("no attestation is waiting for this nonce (unknown, already used or expired): call "
                            f"{ATTEST_PATH} first")
@@ -169,12 +178,21 @@ def authorized(header: str | None, token: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
 
-def create_app(enclave: Enclave, token: str | None = None):
+def create_app(enclave: Enclave, token: str | None = None, limits: Limits = Limits()):
     """`token`: clients must send it (Authorization: Bearer) to attest and to open a session; None: any client that
-    reaches the enclave may (docs/tee.md)."""
+    reaches the enclave may (loopback only: `run_enclave` refuses other binds). `limits`: sessions in all and per
+    client (stip.enclave.admission); the backend holds the attestation limits. Model steps take fair turns."""
     app = FastAPI(title="STIP enclave", docs_url=None, redoc_url=None, openapi_url=None)
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stip-enclave")
     denied = {"error": "missing or wrong client token (Authorization: Bearer; STIP_TOKEN)"}
+    principal = "token" if token else "anonymous"
+    sessions = Counter("open sessions", limits.max_sessions, limits.client_max_sessions,
+                       "close a session before opening another")
+    turns = FairTurns()
+
+    def busy(e: Refused) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=e.status,
+                            headers={"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None)
 
     @app.get("/health")
     async def health():
@@ -187,7 +205,9 @@ def create_app(enclave: Enclave, token: str | None = None):
         try:
             body = await request.json()
             nonce = unb64(body.get("nonce") if isinstance(body, dict) else None, "nonce", NONCE_BYTES)
-            return enclave.attest(nonce)
+            return enclave.attest(nonce, client=client_id(principal, request.client and request.client.host))
+        except Refused as e:
+            return busy(e)
         except (TeeError, ValueError) as e:
             return JSONResponse({"error": f"attest: {e}"}, status_code=400)
 
@@ -196,20 +216,42 @@ def create_app(enclave: Enclave, token: str | None = None):
         if not authorized(ws.headers.get("authorization"), token):
             await ws.send_denial_response(JSONResponse(denied, status_code=401, headers={"WWW-Authenticate": "Bearer"}))
             return
-        await ws.accept()
-        loop = asyncio.get_running_loop()
+        client = client_id(principal, ws.client and ws.client.host)
         try:
-            hello = json.loads(await ws.receive_text())
+            sessions.take(client)
+        except Refused as e:
+            await ws.send_denial_response(busy(e))
+            return
+        try:
+            await serve_session(ws, client)
+        finally:
+            sessions.give_back(client)
+
+    async def step(client: str, fn, *args):
+        async with turns.turn(client):
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def serve_session(ws: WebSocket, client: str):
+        await ws.accept()
+        try:
+            hello = json.loads(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT_S))
             channel = enclave.open_channel(unb64(hello.get("client_public_key"), "client_public_key", 32),
                                            unb64(hello.get("nonce"), "nonce", NONCE_BYTES))
         except (TeeError, ValueError, AttributeError, KeyError) as e:
             await ws.close(POLICY_VIOLATION, f"hello refused: {e}"[:120])
             return
+        except TimeoutError:
+            await ws.close(POLICY_VIOLATION, f"no hello within {HELLO_TIMEOUT_S:.0f} s")
+            return
         except WebSocketDisconnect:
             return
         try:
             while True:
-                msg = await ws.receive_bytes()
+                try:
+                    msg = await asyncio.wait_for(ws.receive_bytes(), IDLE_TIMEOUT_S)
+                except TimeoutError:
+                    await ws.close(1000, f"idle for {IDLE_TIMEOUT_S:.0f} s")
+                    return
                 req = channel.open_json(msg)
                 op = req.get("op") if isinstance(req, dict) else None
                 if op == "close":
@@ -225,7 +267,7 @@ def create_app(enclave: Enclave, token: str | None = None):
                 chunks = enclave.generate(gen_req)
                 try:
                     while True:
-                        chunk = await loop.run_in_executor(pool, next, chunks, None)
+                        chunk = await step(client, next, chunks, None)
                         if chunk is None:
                             break
                         await ws.send_bytes(channel.seal_json(chunk))
@@ -235,7 +277,7 @@ def create_app(enclave: Enclave, token: str | None = None):
                     log.warning("generation failed: %s", type(e).__name__)
                     await ws.send_bytes(channel.seal_json({"error": f"enclave: {e}", "status": 502}))
                 finally:
-                    await loop.run_in_executor(pool, chunks.close)
+                    await step(client, chunks.close)
         except TeeError as e:
             log.info("session refused: %s", e)
             await ws.close(POLICY_VIOLATION, str(e)[:120])
@@ -247,21 +289,31 @@ def create_app(enclave: Enclave, token: str | None = None):
 
 def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: int = 8100,
                 platform_key: str | Path | None = None, worker_token: str | None = None, trusted=None,
-                log_level: str = "info", token: str | None = None) -> None:
+                log_level: str = "info", token: str | None = None, limits: Limits = Limits(),
+                ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+    """Serve the enclave. The same rule as `stip serve`: without a client token it binds loopback only."""
     import uvicorn
 
+    from stip.common.hosts import is_loopback_host
     from stip.enclave.worker_link import WebSocketWorkerLink
 
+    token = token or os.environ.get("STIP_TOKEN") or None
+    check_bind(host, token)
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise StipError("--ssl-certfile and --ssl-keyfile go together")
     bundle = Path(bundle)
     platform_key = Path(platform_key) if platform_key else bundle.parent / "tee-platform" / "platform.key"
     platform = SimulatedPlatform.load(platform_key)
     read_manifest(bundle, role="enclave", trusted=trusted)  # a bad bundle is refused before the worker is contacted
     link = WebSocketWorkerLink(worker, token=worker_token)
-    enclave = SimulatedEnclave(bundle, platform, link, trusted=trusted)
+    enclave = SimulatedEnclave(bundle, platform, link, trusted=trusted, limits=limits)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.warning("SIMULATED enclave: an ordinary process, no hardware protection (docs/tee.md); measurement %s",
                 enclave.measurement)
     if not token:
-        log.warning("no client token (--token / STIP_TOKEN): any client that reaches this enclave may attest and "
-                    "generate")
-    uvicorn.run(create_app(enclave, token), host=host, port=port, log_level=log_level, ws_max_size=64 * 1024 * 1024)
+        log.warning("no client token: serving on loopback %s only, without authentication", host)
+    elif not ssl_certfile and not is_loopback_host(host):
+        log.warning("serving on %s without TLS: the channel is end-to-end encrypted, but the client token is not; "
+                    "put a TLS-terminating proxy in front, or pass --ssl-certfile", host)
+    uvicorn.run(create_app(enclave, token, limits), host=host, port=port, log_level=log_level,
+                ws_max_size=64 * 1024 * 1024, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
