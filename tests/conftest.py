@@ -42,6 +42,31 @@ def tiny_protected(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def tee_stacks(tmp_path_factory):
+    """name -> (name, protected folder, worker, enclave): a tiny model protected with --tee, served by a real
+    `stip serve --tee-worker` and a real `stip enclave` (tests/test_tee.py `tee_stack`); started on first use and
+    shared by every module that asks (test_tee, test_trust_tee_client), stopped at the end of the session."""
+    import contextlib
+
+    import stip
+    from tests.test_tee import tee_stack
+
+    started, exits = {}, contextlib.ExitStack()
+
+    def get(name):
+        if name not in started:
+            root = tmp_path_factory.mktemp(f"tee-{name}")
+            plain = save_tiny(name, root / "plain")
+            stip.protect(plain, root / "protected", progress=False, tee=True)
+            worker, enclave = exits.enter_context(tee_stack(root / "protected"))
+            started[name] = (name, root / "protected", worker, enclave)
+        return started[name]
+
+    with exits:
+        yield get
+
+
 def _protect_smollm2(tmp_path_factory, folder: str, *options: str) -> Path:
     """`stip protect smollm2` with the CLI (as a developer would), into a fresh temporary folder."""
     import subprocess

@@ -6,6 +6,7 @@ Tiny bundles have no tokenizer, so completions take token ids and logprobs show 
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 
@@ -15,9 +16,12 @@ import pytest
 import torch
 
 from stip.client.sdk import Client
+from stip.client.proxy_guard import check_listen
 from stip.client.transport import Connection, StipServerError
+from stip.errors import StipError
 from stip.server.launch import local_process, server_env
 from tests.parties import serve, stopped_in_background
+from tests.test_tls import pki  # noqa: F401 - a fixture: a throwaway CA and a certificate for 127.0.0.1
 
 KEY = "proxy-key-for-tests"
 PROMPT = [5, 17, 3, 88, 42, 9, 61, 23]
@@ -71,13 +75,72 @@ def test_non_loopback_bind_without_a_key_is_refused(tiny, host):
     assert "Traceback" not in r.stderr
 
 
-def test_non_loopback_bind_with_a_key_gets_past_the_check(tiny):
-    """With a key the bind rule passes; the run then stops at the (absent) server, before binding anything."""
+def test_non_loopback_bind_with_a_key_needs_tls(tiny, pki):
+    """With a key but no TLS, off loopback, the key and the prompts would cross the network in clear text: refused.
+    With a key and TLS the bind rules pass; the run then stops at the (absent) server, before binding anything."""
     _, protected = tiny
-    r = _run_proxy_cli(protected / "client", "--host", "0.0.0.0", "--server", "http://127.0.0.1:9",
+    args = (protected / "client", "--host", "0.0.0.0", "--server", "http://127.0.0.1:9")
+    r = _run_proxy_cli(*args, env={"STIP_PROXY_API_KEY": KEY})
+    assert r.returncode == 2 and "refusing to listen on 0.0.0.0 without TLS" in r.stderr, r.stderr
+    assert "--ssl-certfile" in r.stderr and "Traceback" not in r.stderr and KEY not in r.stderr + r.stdout
+    with pytest.raises(StipError, match="--ssl-certfile and --ssl-keyfile go together"):
+        check_listen("0.0.0.0", KEY, pki["cert"], None)
+    with pytest.raises(StipError, match="cannot serve TLS"):  # a key that is not the certificate's
+        check_listen("0.0.0.0", KEY, pki["cert"], pki["other_ca"])
+    r = _run_proxy_cli(*args, "--ssl-certfile", str(pki["cert"]), "--ssl-keyfile", str(pki["key"]),
                        env={"STIP_PROXY_API_KEY": KEY})
     assert r.returncode == 2 and "refusing" not in r.stderr and "cannot reach" in r.stderr, r.stderr
     assert KEY not in r.stderr + r.stdout
+
+
+def test_a_keyed_proxy_off_loopback_serves_https(stack, tiny, pki):
+    """Bound to 0.0.0.0 with a key and TLS: the OpenAI client talks https to it (verified against the test CA);
+    plain http to the same port gets no answer."""
+    server, _ = stack
+    _, protected = tiny
+    with stopped_in_background(local_process(
+            lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(protected / "client"), "--server",
+                          server.url, "--host", "0.0.0.0", "--port", str(port), "--ssl-certfile", str(pki["cert"]),
+                          "--ssl-keyfile", str(pki["key"])],
+            env={"STIP_PROXY_API_KEY": KEY}, ca_file=pki["ca"])) as proxy:
+        assert proxy.url.startswith("https://")
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(pki["ca"]))) as verified:
+            oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0, http_client=verified)
+            r = oai.completions.create(model="m", prompt=PROMPT, max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens >= 1
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(proxy.url.replace("https://", "http://") + "/health", timeout=10)
+
+
+@pytest.fixture(scope="module")
+def keyless(stack, tiny):
+    """A proxy without a key (loopback only) in front of the module's server; `proxy.test` is an --allowed-host."""
+    server, _ = stack
+    _, protected = tiny
+    with _proxy(protected / "client", server.url, "--allowed-host", "proxy.test") as proxy:
+        yield proxy
+
+
+def test_keyless_proxy_refuses_a_foreign_host_header(keyless):
+    """DNS rebinding: a page at evil.example re-points its name at 127.0.0.1 and the browser lets it read the
+    answers; but its requests name evil.example as their Host, and the key-less proxy refuses them, before any
+    generation. Loopback names at the bound port, and the operator's --allowed-host, are answered."""
+    proxy = keyless
+    port = proxy.port
+    for host in ("evil.example", f"evil.example:{port}", f"localhost:{port + 1}", f"127.0.0.1.nip.io:{port}",
+                 f"localhost.:{port}", f"user@localhost:{port}"):
+        r = httpx.post(proxy.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                       headers={"Host": host})
+        assert r.status_code == 400, (host, r.text)
+        err = r.json()["error"]
+        assert "DNS rebinding" in err["message"] and "--allowed-host" in err["message"], err
+        assert httpx.get(proxy.url + "/health", headers={"Host": host}).status_code == 400
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LocalHost:{port}",
+                 f"proxy.test:{port}"):
+        assert httpx.get(proxy.url + "/v1/models", headers={"Host": host}).status_code == 200, host
+    oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+    assert oai.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+    assert "Traceback" not in proxy.log()
 
 
 def test_v1_needs_the_key(stack):
@@ -266,6 +329,7 @@ def test_openai_client_retries_until_the_server_has_room(limited):
 
     oai = openai.OpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=3,
                         http_client=httpx.Client(event_hooks={"response": [answered]}))
-    chunks = list(oai.completions.create(model="m", prompt=PROMPT, max_tokens=4, stream=True, logprobs=1))
+    chunks = list(oai.completions.create(model="m", prompt=PROMPT, max_tokens=4, stream=True, logprobs=1,
+                                         temperature=0))  # greedy: a sampled first token could be EOS (none shown)
     assert statuses[-1] == 200 and len(statuses) >= 2 and set(statuses[:-1]) <= {429, 503}, statuses  # it waited
     assert sum(len(ch.logprobs.tokens) for c in chunks for ch in c.choices if ch.logprobs) >= 1

@@ -19,7 +19,7 @@ from stip.client.tee import SimulatedVerifier, TeeError, verify_report
 from stip.common.channel import Channel, new_keypair, public_bytes
 from stip.common.tee_protocol import SESSION_PATH
 from stip.server.launch import local_process, server_env
-from tests.models import build_tiny, save_tiny
+from tests.models import build_tiny
 from tests.parties import serve
 from stip.enclave.attestation import SimulatedPlatform
 from stip.enclave.sealing import seal_tensors, sealing_key, unseal_tensors
@@ -143,24 +143,10 @@ def tee_stack(out):
 
 
 @pytest.fixture(scope="module")
-def stacks(tmp_path_factory):
-    """name -> (name, protected folder, worker, enclave): each tiny model's stack started on first use, all stopped
-    at the end of the module."""
-    import stip
-
-    started, exits = {}, contextlib.ExitStack()
-
-    def get(name):
-        if name not in started:
-            root = tmp_path_factory.mktemp(f"tee-{name}")
-            plain = save_tiny(name, root / "plain")
-            stip.protect(plain, root / "protected", progress=False, tee=True)
-            worker, enclave = exits.enter_context(tee_stack(root / "protected"))
-            started[name] = (name, root / "protected", worker, enclave)
-        return started[name]
-
-    with exits:
-        yield get
+def stacks(tee_stacks):
+    """name -> (name, protected folder, worker, enclave): each tiny model's stack (tests/conftest.py `tee_stacks`,
+    shared with the other TEE test modules)."""
+    return tee_stacks
 
 
 @pytest.fixture
@@ -299,7 +285,8 @@ def test_proxy_serves_a_tee_bundle(stack):
     from stip.client.proxy import create_app
 
     name, out, _, enclave = stack
-    with TestClient(create_app(tee_client(out, enclave))) as http:
+    # the key-less proxy answers only requests addressed to loopback (stip.client.proxy_guard)
+    with TestClient(create_app(tee_client(out, enclave)), base_url="http://localhost") as http:
         r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "temperature": 0,
                                                "logprobs": 2})
         assert r.status_code == 200, r.text

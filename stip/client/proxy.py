@@ -5,71 +5,45 @@ and permutes on this machine, and the server never sees text. `GET /v1/models`, 
 `POST /v1/completions`, streaming (SSE) or not, n choices, logprobs, presence and frequency penalties; for an
 encoder (feature-extraction) bundle `POST /v1/embeddings` instead (`proxy_embeddings`).
 
-The proxy handles plaintext prompts and answers, so it listens on loopback only, unless it has an API key of its own
-(`--api-key` / STIP_PROXY_API_KEY); with a key, every /v1 request must carry `Authorization: Bearer KEY`. The parts:
-request bodies and their allow-list in `proxy_requests`, generation threads in `proxy_generation`, response bodies
-in `proxy_responses`, SSE in `proxy_sse`.
+The proxy handles plaintext prompts and answers, so it listens on loopback only and answers only requests addressed
+to loopback (the Host header, against DNS rebinding), unless it has an API key of its own (`--api-key` /
+STIP_PROXY_API_KEY); with a key, every /v1 request must carry `Authorization: Bearer KEY`, and off loopback it serves
+https only (`proxy_guard`). The parts: request bodies and their allow-list in `proxy_requests`, generation threads in
+`proxy_generation`, response bodies in `proxy_responses`, SSE in `proxy_sse`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import logging
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stip.client import vision
 from stip.client.proxy_embeddings import embeddings_router
 from stip.client.proxy_generation import Generations
+from stip.client.proxy_guard import BearerAuth, HostCheck, check_listen, error_response as _error
 from stip.client.proxy_requests import (ApiError, ChatRequest, CompletionRequest, message_text,
                                         validation_error)
 from stip.client.proxy_responses import ChatFormat, CompletionFormat, TokenText
 from stip.client.proxy_sse import sse_response
-from stip.common.hosts import is_loopback_host
 from stip.common.tasks import FEATURE_EXTRACTION, SESSION_TASKS
 from stip.errors import StipError
 
-API_KEY_ENV = "STIP_PROXY_API_KEY"
-
-
-def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), e.status, headers=e.headers)
-
-
-class BearerAuth:
-    """ASGI middleware: requests under /v1 need `Authorization: Bearer KEY` (compared in constant time), else 401."""
-
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
-            given = b""
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    given = value
-            if not hmac.compare_digest(given, self.expected):
-                why = "no API key given" if not given else "incorrect API key"
-                err = ApiError(401, f"{why}: send the proxy's key as `Authorization: Bearer KEY` (the OpenAI "
-                                    f"client's api_key)", kind="invalid_request_error",
-                               headers={"WWW-Authenticate": "Bearer"})
-                await _error(err)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def create_app(client, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+def create_app(client, model_name: str | None = None, api_key: str | None = None, allowed_hosts=()) -> FastAPI:
+    """With `api_key`, /v1 requests must send it; without, only requests whose Host names loopback (or one of
+    `allowed_hosts`) at the listening port are answered (stip.client.proxy_guard)."""
     model_name = model_name or f"stip-{client.bundle.config.get('model_type', 'model')}"
     app = FastAPI(title="STIP OpenAI-compatible proxy")
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
+    else:
+        app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
     v1 = APIRouter(prefix="/v1")
     eos = set(client.bundle.eos_token_ids)
     token_text = TokenText(client.bundle)
@@ -182,32 +156,34 @@ def create_app(client, model_name: str | None = None, api_key: str | None = None
     return app
 
 
-def check_bind(host: str, api_key: str | None) -> None:
-    """The proxy sees plaintext: anything but loopback needs an API key of its own."""
-    if not api_key and not is_loopback_host(host):
-        raise StipError(f"refusing to listen on {host}: the proxy handles plaintext prompts and answers, so it "
-                        f"binds to loopback only unless it has an API key of its own (--api-key or {API_KEY_ENV}); "
-                        f"clients then send it as their OpenAI api_key")
-
-
 def run_proxy(bundle: Path, *, server: str, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
-              downlink: str = "topk", k: int = 64, model_name: str | None = None, trusted=None, api_key: str | None = None,
-              ca_file: str | Path | None = None, insecure: bool = False, allow_simulated: bool = False) -> None:
-    """A TEE client bundle (`stip protect --tee`) makes `server` the enclave's URL (stip.client.tee)."""
+              downlink: str = "topk", k: int = 64, model_name: str | None = None, trusted=None,
+              api_key: str | None = None, ca_file: str | Path | None = None, insecure: bool = False,
+              allow_simulated: bool = False,
+              ssl_certfile: str | Path | None = None, ssl_keyfile: str | Path | None = None,
+              allowed_hosts: list[str] | tuple = ()) -> None:
+    """A TEE client bundle (`stip protect --tee`) makes `server` the enclave's URL (stip.client.tee). `ca_file` and
+    `insecure` apply to either. `ssl_certfile`/`ssl_keyfile`: serve https (required off loopback)."""
     import uvicorn
 
     from stip.client.sdk import Client
     from stip.client.tee import TeeClient, is_tee_bundle
 
     api_key = api_key or None
-    check_bind(host, api_key)  # before anything else: no server contact for a refused start
+    # before anything else: no server contact for a refused start
+    check_listen(host, api_key, ssl_certfile, ssl_keyfile, allowed_hosts)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if is_tee_bundle(bundle):
-        client = TeeClient(bundle, server, allow_simulated=allow_simulated, trusted=trusted, token=token)
+        client = TeeClient(bundle, server, allow_simulated=allow_simulated, trusted=trusted, token=token,
+                           ca_file=ca_file, insecure=insecure)
     else:
         client = Client(bundle, server, token=token, downlink=downlink, k=k, trusted=trusted, ca_file=ca_file,
                         insecure=insecure)
-    app = create_app(client, model_name, api_key=api_key)
-    print(f"STIP proxy: OpenAI-compatible API on http://{host}:{port}/v1 -> STIP server {server} "
+    app = create_app(client, model_name, api_key=api_key, allowed_hosts=allowed_hosts)
+    scheme = "https" if ssl_certfile else "http"
+    print(f"STIP proxy: OpenAI-compatible API on {scheme}://{host}:{port}/v1 -> STIP server {server} "
           f"(bundle {client.bundle.bundle_id}; {'API key required' if api_key else 'loopback, no API key'})",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)

@@ -9,27 +9,39 @@ failed), so a streaming response sends its 200 only after that and an upstream r
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import AsyncIterator
 
 from fastapi import Request
 
 from stip.client.proxy_requests import ApiError
-from stip.errors import StipError
+from stip.errors import StipError, TeeError
 
+log = logging.getLogger("stip.proxy")
 _END = object()
 RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait
 
 
 def upstream_error(e: BaseException) -> ApiError:
-    """A STIP failure as the OpenAI client should see it: the server's session limit is a retryable 429 and its
-    "busy" a retryable 503; an auth failure is the proxy's misconfiguration (502); any other refusal is the
-    request's fault (400)."""
+    """A STIP failure as the OpenAI client should see it, and in the proxy's log when it is not the request's
+    fault (5xx): the server's session limit is a retryable 429 and its "busy" a retryable 503; an enclave that
+    fails the client's checks (attestation, channel) and an auth failure are the proxy's setup (502); any other
+    refusal is the request's fault (400)."""
+    error = _upstream_error(e)
+    if error.status >= 500:
+        log.warning("answered %d: %s", error.status, error.message, exc_info=error.status == 500 and e)
+    return error
+
+
+def _upstream_error(e: BaseException) -> ApiError:
     status = getattr(e, "status", None)
     retry = {"Retry-After": str(RETRY_AFTER_S)}
     if isinstance(e, StipError) and status == 429:
         return ApiError(429, f"the STIP server is at its session limit, retry later: {e}", kind="rate_limit_error",
                         headers=retry)
+    if isinstance(e, TeeError):
+        return ApiError(502, f"TEE enclave refused: {e}", kind="server_error")  # names the failed check
     if isinstance(e, StipError) and status == 503:
         return ApiError(503, f"the STIP server is busy, retry later: {e}", kind="server_error", headers=retry)
     if isinstance(e, StipError) and isinstance(status, int) and 400 <= status < 500 and status not in (401, 403):

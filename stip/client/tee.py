@@ -15,6 +15,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 from cryptography.exceptions import InvalidSignature
@@ -199,14 +200,21 @@ class TeeClient:
 
     def __init__(self, bundle, enclave_url: str | None = None, *, allow_simulated: bool = False,
                  timeout: float = 60.0, trusted=None, measurement: str | None = None,
-                 verifiers: dict[str, EvidenceVerifier] | None = None, token: str | None = None):
+                 verifiers: dict[str, EvidenceVerifier] | None = None, token: str | None = None,
+                 ca_file: str | Path | None = None, insecure: bool = False):
+        """`token` (default $STIP_TOKEN), `ca_file` and `insecure` as for `stip.Client`: https is verified against
+        the system store or only `ca_file`, and the token never goes in clear text off loopback unless `insecure`."""
+        from stip.client.transport import Connection
+
         self.bundle = bundle if isinstance(bundle, TeeBundle) else TeeBundle(bundle, trusted=trusted)
         url = enclave_url or self.bundle.tee.get("enclave_url")
         if not url:
             raise TeeError(f"no enclave URL: pass one (the bundle {self.bundle.path} leaves it to the user)")
-        self.url = url.rstrip("/")
+        rules = Connection(url, token=token, timeout=timeout, ca_file=ca_file, insecure=insecure)  # decides, here
+        rules.close()  # (its HTTP client is never used: attest() has its own, for the enclave)
+        self.url, self.ssl, self.ca_file = rules.url, rules.ssl, ca_file
         self.allow_simulated, self.timeout = allow_simulated, timeout
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}  # an enclave may require a client token
+        self.headers = {"Authorization": f"Bearer {rules.token}"} if rules.token else {}  # the enclave's client token
         self.expected_measurement = measurement or self.bundle.measurement
         self.verifiers = dict(verifiers or {})
         pin = self.bundle.tee.get("platform_key")
@@ -256,22 +264,22 @@ class TeeClient:
         """POST a fresh nonce to the enclave and verify its report; (what was verified, the nonce)."""
         import os
 
-        import httpx
-
+        from stip.client.http import HttpClient
         from stip.common.channel import NONCE_BYTES
         from stip.common.tee_protocol import ATTEST_PATH
-        from stip.client.transport import StipConnectionError
 
         nonce = os.urandom(NONCE_BYTES)
+        http = HttpClient(self.url, timeout=self.timeout, ssl=self.ssl, ca_file=self.ca_file, peer="the enclave",
+                          hint=" (is `stip enclave` running?)")
+        try:  # the client's one HTTP stack: TLS, no redirects, the answer's size capped
+            r = http.fetch("POST", ATTEST_PATH, json_body={"nonce": base64.b64encode(nonce).decode()},
+                           headers=self.headers)
+        finally:
+            http.close()
+        if r.status != 200:
+            raise TeeError(f"the enclave refused to attest ({r.status}): {r.body[:200].decode(errors='replace')}")
         try:
-            r = httpx.post(self.url + ATTEST_PATH, json={"nonce": base64.b64encode(nonce).decode()},
-                           headers=self.headers, timeout=self.timeout, follow_redirects=False, trust_env=False)
-        except httpx.HTTPError as e:
-            raise StipConnectionError(f"cannot reach the enclave at {self.url}: {e} (is `stip enclave` running?)")
-        if r.status_code != 200:
-            raise TeeError(f"the enclave refused to attest ({r.status_code}): {r.text[:200]}")
-        try:
-            report = r.json()
+            report = json.loads(r.body)
         except ValueError:
             raise TeeError("the enclave's attestation reply is not JSON") from None
         v = verify_report(report, expected_measurement=self.expected_measurement, nonce=nonce,
@@ -281,8 +289,8 @@ class TeeClient:
 
     def open(self):
         """Attest, then open the session socket and the channel: (websocket, channel)."""
-        from websockets.sync.client import connect
-
+        from stip.client.http import ws_url as session_url
+        from stip.client.session import ws_connect
         from stip.common.channel import Channel, new_keypair, public_bytes
         from stip.common.tee_protocol import SESSION_PATH
         from stip.client.transport import StipConnectionError
@@ -291,10 +299,11 @@ class TeeClient:
         key = new_keypair()
         channel = Channel.derive(key, v.public_key, client_public=public_bytes(key), enclave_public=v.public_key,
                                  nonce=nonce, measurement=v.measurement, role="client")
-        ws_url = self.url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + SESSION_PATH
+        ws_url = session_url(self.url, SESSION_PATH)
+        tls = {"ssl": self.ssl} if self.ssl is not None else {}
         try:
-            ws = connect(ws_url, open_timeout=self.timeout, max_size=64 * 1024 * 1024, compression=None,
-                         additional_headers=self.headers)
+            ws = ws_connect(ws_url, open_timeout=self.timeout, max_size=64 * 1024 * 1024, compression=None,
+                            additional_headers=self.headers, **tls)
         except Exception as e:  # noqa: BLE001 - name the enclave and the cause
             raise StipConnectionError(f"cannot open the enclave session at {ws_url}: {e}") from None
         ws.send(json.dumps({"client_public_key": base64.b64encode(public_bytes(key)).decode(),
