@@ -10,7 +10,8 @@ Variants, interleaved round by round (the order rotates each round):
 
 Per generation, per token = (total - time to the first token) / decode steps, for both. For STIP the client's own
 `Timing` splits a decode step into
-  server = `server_ms` the server reports (payload -> tensor, forward, top-k, reply bytes),
+  server = `server_ms` the server reports (payload -> tensor, forward, top-k, reply bytes; its server runs with
+           `--expose-timing`, since servers keep that time to themselves by default),
   wire   = round trip - server (network, WebSocket framing, the server's event loop),
   client = embedding, un-permuting, sampling, detokenizing.
 Bytes per token are the WebSocket message payloads of one decode step, each way.
@@ -31,7 +32,7 @@ def stip_server(server_dir: Path, threads: int, timeout: float = 180.0):
     """`stip serve` as its own process on a free loopback port (`stip.server.launch`); yields (url, port)."""
     from stip.server.launch import local_server
 
-    with local_server(server_dir, "--threads", str(threads), timeout=timeout) as server:
+    with local_server(server_dir, "--threads", str(threads), "--expose-timing", timeout=timeout) as server:
         yield server.url, server.port
 
 

@@ -79,7 +79,7 @@ def parties(plain: Path, out: Path, threads: int):
         return [sys.executable, "-m", "stip.cli", "enclave", str(out / "enclave"), "--worker", worker.url,
                 "--port", str(port), "--log-level", "warning"]
 
-    with serve(plain, threads=threads) as server, \
+    with serve(plain, "--expose-timing", threads=threads) as server, \
             serve(out, "--tee-worker", token=WORKER_TOKEN, threads=threads) as worker, \
             local_process(enclave_cmd, "/health", env={"STIP_WORKER_TOKEN": WORKER_TOKEN, **env}) as enclave:
         yield server, worker, enclave

@@ -198,6 +198,9 @@ def serve(
                                            "hidden states, to this new folder for `stip audit` (docs/audit.md)"),
     capture_layers: Optional[str] = typer.Option(None, help="with --capture: decoder layers whose output to record, "
                                                  "e.g. 0,15,29 (default: first, middle, last)"),
+    expose_timing: bool = typer.Option(False, "--expose-timing", help="send clients each step's server compute "
+                                       "time (server_ms). Off by default: per-step times let a key holder probe "
+                                       "what other clients' requests left in shared caches"),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
@@ -212,6 +215,7 @@ def serve(
                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
                trusted=_trust(trust), engine_kind=engine, prefill_chunk=prefill_chunk,
                batching=batching, tee_worker=tee_worker, capture=capture, capture_layers=capture_layers,
+               expose_timing=expose_timing,
                vllm_options=_vllm_options(engine, vllm_arg, tensor_parallel_size=tensor_parallel_size,
                                           pipeline_parallel_size=pipeline_parallel_size, max_num_seqs=max_num_seqs,
                                           gpu_memory_utilization=gpu_memory_utilization))

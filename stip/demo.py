@@ -151,8 +151,12 @@ def _report(console: Console, g, plain_tps: float, client) -> None:
     table.add_row("tokens/s, STIP end to end", f"{t.tokens_per_s:.1f}")
     table.add_row("time to first token, STIP", f"{t.prefill_ms:.0f} ms ({g.usage['prompt_tokens']} prompt tokens)")
     table.add_row("per token: client compute", f"{t.client_ms_per_token:.3f} ms")
-    table.add_row("per token: server compute", f"{t.server_ms_per_token:.1f} ms")
-    table.add_row("per token: wire (RTT - server)", f"{t.wire_ms_per_token:.2f} ms")
+    table.add_row("per token: round trip (client-measured)", f"{t.rtt_ms_per_token:.1f} ms")
+    if t.server_ms_per_token is None:  # the default: servers keep per-step times to themselves (a side channel)
+        table.add_row("per token: server compute", "n/a (not reported without `stip serve --expose-timing`)")
+    else:
+        table.add_row("per token: server compute", f"{t.server_ms_per_token:.1f} ms")
+        table.add_row("per token: wire (RTT - server)", f"{t.wire_ms_per_token:.2f} ms")
     table.add_row("per token: bytes sent / received",
                   f"{t.bytes_sent_per_token:.0f} / {t.bytes_received_per_token:.0f}")
     console.print(table)

@@ -288,6 +288,7 @@ def test_bad_one_shot_requests_get_4xx_and_the_server_keeps_serving(roberta_serv
     assert status == 200 and server.health()["status"] == "ok"
     header, payload = wire.decode_frame(reply)
     assert header["kind"] == "logits" and header["shape"] == [2, model.config.num_labels]
+    assert "server_ms" not in header  # no per-request server time unless `stip serve --expose-timing`
     metrics = server.metrics()
     assert 'stip_tokens_processed_total{phase="encode"}' in metrics and 'stip_errors_total{status="422"}' in metrics
 

@@ -60,8 +60,7 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
         history.append({"role": "assistant", "content": g.text})
         t = g.timing
         err.print(f"[dim]{len(g.token_ids)} tokens, {g.finish_reason}; {t.tokens_per_s:.1f} tok/s; per token: "
-                  f"client {t.client_ms_per_token:.2f} ms, server {t.server_ms_per_token:.1f} ms, "
-                  f"wire {t.wire_ms_per_token:.1f} ms, {t.bytes_sent_per_token:.0f} B up / "
+                  f"client {t.client_ms_per_token:.2f} ms, {t.breakdown()}, {t.bytes_sent_per_token:.0f} B up / "
                   f"{t.bytes_received_per_token:.0f} B down[/dim]")
 
     if prompt is not None:

@@ -39,18 +39,24 @@ class Timing:
     prefill_ms: float = 0.0  # client-observed time to the first token, prompt embedding included
     total_ms: float = 0.0
     client_ms: float = 0.0  # client compute: embedding, un-permuting, sampling, detokenizing
-    server_ms: float = 0.0  # server compute, as reported by the server
-    wire_ms: float = 0.0  # round-trip time minus server compute: network, serialization
+    rtt_ms: float = 0.0  # client-measured round trips: network, serialization and server compute
+    # Server compute as the server reports it, and the round trips less that. None where the server reports no time,
+    # which is the default (its operator turns it on with `stip serve --expose-timing`).
+    server_ms: float | None = None
+    wire_ms: float | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
     steps: int = 0  # decode round trips
     decode_client_ms: float = 0.0
-    decode_server_ms: float = 0.0
-    decode_wire_ms: float = 0.0
+    decode_rtt_ms: float = 0.0
+    decode_server_ms: float | None = None
+    decode_wire_ms: float | None = None
     decode_bytes_sent: int = 0
     decode_bytes_received: int = 0
 
-    def _per(self, x: float) -> float:
+    def _per(self, x: float | None) -> float | None:
+        if x is None:
+            return None
         return x / self.steps if self.steps else 0.0
 
     @property
@@ -58,12 +64,27 @@ class Timing:
         return self._per(self.decode_client_ms)
 
     @property
-    def server_ms_per_token(self) -> float:
+    def rtt_ms_per_token(self) -> float:
+        return self._per(self.decode_rtt_ms)
+
+    @property
+    def server_ms_per_token(self) -> float | None:
+        """None where the server reports no compute time (see `server_ms`)."""
         return self._per(self.decode_server_ms)
 
     @property
-    def wire_ms_per_token(self) -> float:
+    def wire_ms_per_token(self) -> float | None:
         return self._per(self.decode_wire_ms)
+
+    def breakdown(self) -> str:
+        """Per decode step, for people: the round trip the client measured, split into server and wire where the
+        server reports its time; never a made-up 0 ms."""
+        if self.server_ms_per_token is not None:
+            wire = "" if self.wire_ms_per_token is None else f", wire {self.wire_ms_per_token:.1f} ms"
+            return f"server {self.server_ms_per_token:.1f} ms{wire}"
+        if self.decode_rtt_ms:
+            return f"round trip {self.rtt_ms_per_token:.1f} ms (server time not reported)"
+        return "server time not reported"
 
     @property
     def bytes_sent_per_token(self) -> float:
@@ -346,16 +367,20 @@ class Client:
 
     @staticmethod
     def _account(tm: Timing, r, decode: bool) -> None:
-        server_ms = r.server_ms or 0.0  # None: not reported by the server
-        wire = max(0.0, r.rtt_ms - server_ms)
-        tm.server_ms += server_ms
-        tm.wire_ms += wire
+        tm.rtt_ms += r.rtt_ms
         tm.bytes_sent += r.bytes_sent
         tm.bytes_received += r.bytes_received
+        reported = r.server_ms is not None  # the server's own time, only where its operator exposes it
+        if reported:
+            wire = max(0.0, r.rtt_ms - r.server_ms)
+            tm.server_ms = (tm.server_ms or 0.0) + r.server_ms
+            tm.wire_ms = (tm.wire_ms or 0.0) + wire
         if decode:
             tm.steps += 1
-            tm.decode_server_ms += server_ms
-            tm.decode_wire_ms += wire
+            tm.decode_rtt_ms += r.rtt_ms
+            if reported:
+                tm.decode_server_ms = (tm.decode_server_ms or 0.0) + r.server_ms
+                tm.decode_wire_ms = (tm.decode_wire_ms or 0.0) + wire
             tm.decode_bytes_sent += r.bytes_sent
             tm.decode_bytes_received += r.bytes_received
 

@@ -12,7 +12,8 @@ Request header (client -> server):
 
 Reply header (server -> client):
     {"ok": true, "kind": "logits" | "topk" | "hello" | "closed", "shape": [n, V] or [n, K], "dtype": "float32",
-     "position": tokens now in the session's KV cache, "server_ms": server compute time}
+     "position": tokens now in the session's KV cache; "server_ms": server compute time, only from a server started
+     with `stip serve --expose-timing` (per-step times are a side channel on shared caches)}
     payload: logits: float32 [n, V]; topk: int32 indices [n, K], then float32 values [n, K], then float32
     logsumexp [n] of each row's full V logits (indices are in the server's permuted vocabulary order; the
     logsumexp is permutation-invariant, so values - logsumexp are the exact log-probabilities of those K tokens).
@@ -26,8 +27,9 @@ the server closes the socket; otherwise the session is unchanged and the socket 
 One-shot models (encoders, classifiers) take one HTTP request instead of a session: POST /v1/encode with one frame,
     {"op": "encode", "dtype": ..., "shape": [B, T, d], "mask": true | false}
     payload: the embeddings [B, T, d] in `dtype`, then (mask true) uint8 [B, T], 1 = token, 0 = padding;
-and the reply is one frame {"ok": true, "kind": "hidden" | "logits", "shape": [...], "dtype": "float32",
-"server_ms": ...} with float32 data (errors: the HTTP endpoints' JSON error). See stip.server.encode_route.
+and the reply is one frame {"ok": true, "kind": "hidden" | "logits", "shape": [...], "dtype": "float32"} (and
+"server_ms" with --expose-timing) with float32 data (errors: the HTTP endpoints' JSON error). See
+stip.server.encode_route.
 
 Tensors never travel as JSON: the header carries dtype and shape, the bytes follow. Nothing here imports the model.
 """

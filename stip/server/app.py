@@ -58,6 +58,7 @@ class Settings:
     kv_budget_tokens: int | None = None  # None: max_sessions x max_seq_len (run_server derives it from memory)
     max_all_logits: int = 1 << 24  # T x V logits one positions="all" prefill may compute (64 MB of float32)
     client_quota: Quota = Quota()  # quotas of the single token, and of keys that set none
+    expose_timing: bool = False  # send clients each step's server compute time ("server_ms"): a timing side channel
 
 
 KEY_SHARE = 4  # by default one API key may hold at most 1/KEY_SHARE of the session slots and of the KV budget
@@ -327,8 +328,10 @@ class StipService:
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.steps.labels(op).observe(ms / 1000)
         self.metrics.tokens.labels(op).inc(t)
-        return {"ok": True, "kind": kind, "shape": shape, "dtype": "float32",
-                "position": self.engine.length(s.state), "server_ms": round(ms, 3)}, parts
+        header = {"ok": True, "kind": kind, "shape": shape, "dtype": "float32", "position": self.engine.length(s.state)}
+        if self.settings.expose_timing:  # off by default: per-step times let a key holder probe shared caches
+            header["server_ms"] = round(ms, 3)
+        return header, parts
 
     @staticmethod
     def gone(s: Session) -> StepError:
@@ -596,11 +599,12 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
                max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota(),
                engine_kind: str = "transformers", prefill_chunk: int | None = None, batching: bool = True,
                vllm_options: dict | None = None, tee_worker: bool = False, capture: str | Path | None = None,
-               capture_layers: str | list[int] | None = None) -> None:
+               capture_layers: str | list[int] | None = None, expose_timing: bool = False) -> None:
     """Load the server bundle (its signature checked against `trusted`, the developer's pinned signer(s), default
     $STIP_TRUSTED_SIGNERS) and serve it until interrupted. A list of bundles serves each as its own context, side by
     side (`stip.server.contexts`; transformers engine only). `capture`: record every step to that folder for
-    `stip audit` (stip.server.capture; off by default)."""
+    `stip audit` (stip.server.capture; off by default). `expose_timing`: replies carry each step's server compute
+    time (`stip serve --expose-timing`; off by default, since per-step times are a side channel on shared caches)."""
     import uvicorn
 
     token = token or os.environ.get("STIP_TOKEN") or None
@@ -682,7 +686,8 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
         kv_budget_tokens = default_budget_tokens(kv_bytes, max_sessions * seq_len, device)
     settings = Settings(token=token, api_keys=str(api_keys) if api_keys else None, max_sessions=max_sessions,
                         max_seq_len=max_seq_len, session_ttl=session_ttl, max_message_bytes=max_message_bytes,
-                        kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits, client_quota=client_quota)
+                        kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits, client_quota=client_quota,
+                        expose_timing=expose_timing)
     app = create_app(engines, settings)
     contexts: Contexts = app.state.contexts
     for service in contexts.services:

@@ -2,10 +2,11 @@
 
 Request: one frame, header {"op": "encode", "dtype": ..., "shape": [B, T, d], "mask": bool}, payload the embeddings
 [B, T, d] in `dtype` (already in the secret basis), then, with a mask, uint8 [B, T] (1 = token, 0 = padding).
-Reply 200: one frame {"ok": true, "kind": "hidden" | "logits", "shape": [...], "dtype": "float32", "server_ms"} and
-the float32 output. Errors: the JSON error of the other endpoints. Everything is checked on the event loop before
-any compute; the forward runs on the server's worker thread, one request at a time. The same API keys, quotas and
-token budget as sessions apply: a request holds B x T tokens while it runs.
+Reply 200: one frame {"ok": true, "kind": "hidden" | "logits", "shape": [...], "dtype": "float32"} ("server_ms" too
+with `stip serve --expose-timing`) and the float32 output. Errors: the JSON error of the other endpoints.
+Everything is checked on the event loop before any compute; the forward runs on the server's worker thread, one
+request at a time. The same API keys, quotas and token budget as sessions apply: a request holds B x T tokens while
+it runs.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def add_encode_route(app: FastAPI, contexts) -> None:
         ms = (time.perf_counter() - start) * 1000
         service.metrics.tokens.labels("encode").inc(tokens)
         service.metrics.steps.labels("encode").observe(ms / 1000)
-        header = {"ok": True, "kind": REPLY_KIND[engine.task], "shape": list(out.shape), "dtype": "float32",
-                  "server_ms": round(ms, 3)}
+        header = {"ok": True, "kind": REPLY_KIND[engine.task], "shape": list(out.shape), "dtype": "float32"}
+        if service.settings.expose_timing:  # off by default (`stip serve --expose-timing`): a timing side channel
+            header["server_ms"] = round(ms, 3)
         return Response(wire.encode_frame(header, wire.tensor_bytes(out)), media_type="application/octet-stream")
