@@ -14,6 +14,7 @@ WebSocket sessions (`stip.client.session`) use the same SSLContext, from `tls_co
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import ssl
@@ -46,13 +47,20 @@ def ws_url(url: str, path: str, query: dict | None = None) -> str:
     return urllib.parse.urlunsplit((scheme, parts.netloc, base + path, urllib.parse.urlencode(query or {}), ""))
 
 
+@functools.lru_cache(maxsize=1)
+def system_tls() -> ssl.SSLContext:
+    """The system trust store's verifying context, loaded once per process (loading it takes ~50 ms) and shared:
+    nothing changes it after this."""
+    return ssl.create_default_context()
+
+
 def tls_context(url: str, ca_file: str | os.PathLike | None = None) -> ssl.SSLContext | None:
     """The SSLContext for https/wss URLs (None for plain http/ws): verifies the certificate and host name against
     the system trust store, or against `ca_file` only (CA pinning) when given."""
     scheme = urllib.parse.urlsplit(url if "://" in url else f"http://{url}").scheme
     secure = scheme in ("https", "wss")
     if ca_file is None:
-        return ssl.create_default_context() if secure else None
+        return system_tls() if secure else None
     if not secure:
         raise StipError(f"a CA file was given but {url} is not https:// or wss://: "
                         f"nothing would be verified; use an https:// URL")
@@ -83,7 +91,8 @@ class HttpClient:
         self.base_url, self.timeout, self.ca_file = base_url.rstrip("/"), timeout, ca_file
         self.peer, self.hint = peer, hint
         self.ssl = tls_context(base_url, ca_file) if ssl is _DEFAULT else ssl
-        self._client = httpx.Client(verify=self.ssl if self.ssl is not None else True, timeout=timeout,
+        # plain http: no TLS is ever made (no redirect is followed), the shared context only spares httpx loading one
+        self._client = httpx.Client(verify=self.ssl if self.ssl is not None else system_tls(), timeout=timeout,
                                     follow_redirects=False, trust_env=False,
                                     headers={"User-Agent": "stip-client", "Accept-Encoding": "identity"})
 

@@ -104,7 +104,8 @@ class TokenStream:
 
     def push(self, tokens: list[int], entries: list | None, finish_reason: str | None) -> str:
         """`tokens`: plain ids; `entries`: per token (logprob, [(plain id, logprob), ...]) when logprobs were asked
-        for (None: this chunk carries none); `finish_reason`: the sender's, used when neither EOS nor a stop string ended the generation first."""
+        for (None: this chunk carries none); `finish_reason`: the sender's, used when neither EOS nor a stop string
+        ended the generation first."""
         delta = ""
         for j, token in enumerate(tokens):
             self.out.append(token)
