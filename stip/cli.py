@@ -64,19 +64,41 @@ def protect(
                                "ffn (exact power-of-two FFN scalings), or all (docs/hardened.md)"),
     noise: float = typer.Option(0.0, help="the client adds Gaussian noise of NOISE times the embedding table's RMS "
                                 "to every row it sends (lossy; e.g. 0.01; docs/hardened.md)"),
+    attestation: str = typer.Option("simulated", help="--tee: the enclave report the TEE client accepts: simulated "
+                                    "(pins the platform key) or nitro (AWS Nitro Enclaves: pins the image's PCRs)"),
+    pcr0: Optional[str] = typer.Option(None, help="--attestation nitro: the enclave image's PCR0 (96 hex digits, "
+                                       "from `nitro-cli build-enclave`); required, here or in --pcrs"),
+    pcr1: Optional[str] = typer.Option(None, help="--attestation nitro: PCR1 (kernel and boot) to pin"),
+    pcr2: Optional[str] = typer.Option(None, help="--attestation nitro: PCR2 (application) to pin"),
+    pcr3: Optional[str] = typer.Option(None, help="--attestation nitro: PCR3 (parent instance's IAM role) to pin"),
+    pcr4: Optional[str] = typer.Option(None, help="--attestation nitro: PCR4 (parent instance id) to pin"),
+    pcr8: Optional[str] = typer.Option(None, help="--attestation nitro: PCR8 (image signing certificate) to pin"),
+    pcrs: Optional[Path] = typer.Option(None, help="--attestation nitro: a JSON file of PCRs to pin, as "
+                                        "`nitro-cli build-enclave` prints them ({\"Measurements\": {\"PCR0\": ...}})"),
 ):
     """Protect MODEL: a server bundle for the cloud, a client bundle for data owners, a developer key to keep."""
     from stip.developer.protect import MODES, protect as run_protect
 
     if mode not in MODES:
         raise typer.BadParameter(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param_hint="--mode")
+    pinned = {0: pcr0, 1: pcr1, 2: pcr2, 3: pcr3, 4: pcr4, 8: pcr8}
+    pinned_pcrs = None
+    if attestation != "simulated" or pcrs is not None or any(v is not None for v in pinned.values()):
+        from stip.developer.tee import check_attestation, nitro_pcrs
+
+        if not tee:
+            raise StipError("--attestation and the PCR options pin the TEE client's verifier: they need --tee")
+        if attestation != "nitro":
+            check_attestation(attestation, None)  # an unknown one is named
+            raise StipError("--pcrN and --pcrs pin an AWS Nitro enclave image: they need --attestation nitro")
+        pinned_pcrs = nitro_pcrs(pinned, pcrs)  # checked before the slow part
     from stip.models import resolve_model
 
     from stip.common.signing import pin
 
     r = run_protect(resolve_model(model), out, key=key, overwrite=overwrite, max_shard_bytes=_size(shard_size),
                     progress=not quiet, signing_key=signing_key, mode=mode, tee=tee, platform_key=platform_key,
-                    harden=harden, noise=noise)
+                    harden=harden, noise=noise, attestation=attestation, pcrs=pinned_pcrs)
     hardened = f", harden {','.join(r.harden)}" if r.harden else ""
     hardened += f", noise {noise:g}" if noise else ""
     typer.echo(f"protected {model} -> {out} ({mode}{hardened})\n"
@@ -90,8 +112,12 @@ def protect(
     if r.tee:
         typer.echo(f"  enclave bundle   {r.out / 'enclave'}  (sealed; for `stip enclave` on the TEE host)\n"
                    f"  TEE client       {r.out / 'tee-client'}  (no key, no embedding; give to data owners)\n"
-                   f"  measurement      {r.tee['measurement']}\n"
-                   f"  platform key     {r.tee['platform_pin']}  (SIMULATED platform)")
+                   f"  measurement      {r.tee['measurement']}")
+        if r.tee["attestation"] == "nitro":
+            typer.echo(f"  attestation      AWS Nitro; the TEE client pins PCR{', PCR'.join(r.tee['pcrs'])}\n"
+                       f"  sealed for       the SIMULATED platform {r.tee['platform_pin']} (docs/tee.md, Backends)")
+        else:
+            typer.echo(f"  platform key     {r.tee['platform_pin']}  (SIMULATED platform)")
 
 
 @app.command()

@@ -1,15 +1,22 @@
 """The AWS Nitro attestation verifier (stip.client.nitro), on evidence made here: a test root CA, an intermediate and
 a leaf (EC P-384), documents signed COSE_Sign1 ES384 with real cryptography. A valid document yields the enclave's
-channel key; each forgery or mismatch is refused with a TeeError naming the check."""
+channel key; each forgery or mismatch is refused with a TeeError naming the check. Below: the committed recorded
+document (tests/fixtures/nitro, made under a test root: no AWS here) through the production verifier, and
+`stip protect --tee --attestation nitro` pinning PCRs that a TEE client then checks."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import cbor2
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -19,7 +26,7 @@ from pycose.algorithms import Es256
 from stip.client import tee
 from stip.client.nitro import (AWS_NITRO_ROOT_SHA256, NITRO_FORMAT, AttestationError, NitroVerifier,
                                aws_nitro_root)
-from stip.errors import TeeError
+from stip.errors import StipError, TeeError
 from tests.nitro_evidence import HOUR, NitroPKI, _cert, payload, random_pcrs, sign
 
 MEASUREMENT = "5e" * 32
@@ -184,3 +191,160 @@ def test_malformed_documents_are_refused(pki, pcrs, verifier, channel):
     extra = sign(payload(pki, pcrs=pcrs, public_key=channel, nonce=nonce, measurement=MEASUREMENT, rogue=b"x"),
                  pki.leaf_key)
     refused(verifier, extra, nonce, "rogue")
+
+
+# ---------------------------------------------------------------------------------------------- the recorded fixture
+
+FIXTURE = Path(__file__).parent / "fixtures" / "nitro"
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """tests/fixtures/nitro: a committed document (made by its make_fixture.py under a TEST root, as AWS cannot be
+    reached here), what it pins, and the time it was made (its leaf certificate lives three hours from then)."""
+    record = json.loads((FIXTURE / "document.json").read_text())
+    record["document"] = (FIXTURE / "document.cbor").read_bytes()
+    record["root"] = x509.load_pem_x509_certificate(record["root_pem"].encode())
+    record["at"] = dt.datetime.fromisoformat(record["recorded_at"]) + dt.timedelta(seconds=10)
+    record["pcr_bytes"] = {int(i): bytes.fromhex(v) for i, v in record["pcrs"].items()}
+    return record
+
+
+def test_recorded_document_verifies_through_the_production_path(recorded):
+    """The committed document through `NitroVerifier.verify_document`, the production code; only the pinned root is
+    the fixture's (the `root` parameter). The WebPKI chain policy, the COSE signature, the PCRs, the measurement and
+    the nonce all check out, and the bound channel key comes back."""
+    nonce = bytes.fromhex(recorded["nonce"])
+    verifier = NitroVerifier.from_config({"tee": {"nitro": {"pcrs": recorded["pcrs"]}}}, root=recorded["root"])
+    v = verifier.verify_document(recorded["document"], recorded["measurement"], nonce, now=recorded["at"])
+    assert (v.format, v.public_key.hex(), v.nonce, v.measurement) == (NITRO_FORMAT, recorded["public_key"], nonce,
+                                                                       recorded["measurement"])
+
+
+def test_recorded_document_refusals(recorded):
+    """The same document against the built-in AWS root (the default: refused at the chain, it is not AWS's), with a
+    different pinned PCR0 (refused, naming PCR0), and after its leaf certificate expired (the WebPKI validity
+    check)."""
+    doc, nonce, at = recorded["document"], bytes.fromhex(recorded["nonce"]), recorded["at"]
+    pcrs = recorded["pcr_bytes"]
+    with pytest.raises(AttestationError, match="does not verify up to the pinned root"):
+        NitroVerifier.from_config({"tee": {"nitro": {"pcrs": recorded["pcrs"]}}}).verify_document(
+            doc, recorded["measurement"], nonce, now=at)
+    with pytest.raises(AttestationError, match="PCR0 does not match the pinned value"):
+        NitroVerifier({**pcrs, 0: os.urandom(48)}, root=recorded["root"]).verify(doc, now=at)
+    with pytest.raises(AttestationError, match="not valid at validation time"):
+        NitroVerifier(pcrs, root=recorded["root"]).verify(doc, now=at + dt.timedelta(hours=4))
+
+
+def test_fixture_script_makes_a_verifying_document(tmp_path):
+    """tests/fixtures/nitro/make_fixture.py still makes what the committed files are (so they can be remade)."""
+    from tests.fixtures.nitro.make_fixture import DOCUMENT, make
+
+    record = make(tmp_path)
+    root = x509.load_pem_x509_certificate(record["root_pem"].encode())
+    v = NitroVerifier({int(i): bytes.fromhex(h) for i, h in record["pcrs"].items()}, root=root).verify_document(
+        (tmp_path / DOCUMENT).read_bytes(), record["measurement"], bytes.fromhex(record["nonce"]))
+    assert v.public_key.hex() == record["public_key"]
+
+
+# ---------------------------------------------------------------------------------------------- stip protect --tee
+
+class NitroEnclave:
+    """An enclave's /v1/attest on a real loopback socket that answers each client's nonce with a Nitro document
+    signed under `pki`, with the PCRs in `pcrs` (or, `simulated`, a simulated report)."""
+
+    def __init__(self, pki, pcrs, measurement):
+        self.pki, self.pcrs, self.measurement, self.simulated = pki, pcrs, measurement, None
+        enclave = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                nonce = base64.b64decode(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["nonce"])
+                channel = X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+                body = json.dumps(enclave.simulated.report(enclave.measurement, channel, nonce) if enclave.simulated
+                                  else {"format": NITRO_FORMAT, "evidence": base64.b64encode(sign(payload(
+                                      enclave.pki, pcrs=enclave.pcrs, public_key=channel, nonce=nonce,
+                                      measurement=enclave.measurement), enclave.pki.leaf_key)).decode()}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_protect_pins_nitro_pcrs_and_the_tee_client_checks_them(tmp_path, pki):
+    """`stip protect --tee --attestation nitro --pcr0 .. --pcr2 ..` writes the PCRs into the signed TEE client
+    config (no simulated platform key); a TEE client of that bundle accepts a Nitro document with those PCRs, refuses
+    one with another PCR0, naming it, and refuses a simulated report even with --allow-simulated."""
+    from typer.testing import CliRunner
+
+    from stip.cli import app
+    from stip.client.tee import TeeBundle, TeeClient
+    from stip.enclave.attestation import SimulatedPlatform
+    from tests.models import save_tiny
+
+    pcrs, out = random_pcrs(), tmp_path / "protected"
+    r = CliRunner().invoke(app, ["protect", str(save_tiny("gpt2", tmp_path / "plain")), "--out", str(out), "-q",
+                                 "--tee", "--attestation", "nitro", "--pcr0", pcrs[0].hex().upper(),
+                                 "--pcr2", pcrs[2].hex()])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "the TEE client pins PCR0, PCR2" in r.output
+    bundle = TeeBundle(out / "tee-client")  # the signed manifest covers the config
+    assert bundle.tee["format"] == NITRO_FORMAT and "platform_key" not in bundle.tee
+    assert bundle.tee["nitro"] == {"pcrs": {"0": pcrs[0].hex(), "2": pcrs[2].hex()}}
+    enclave = NitroEnclave(pki, pcrs, bundle.measurement)
+    try:
+        client = TeeClient(bundle, enclave.url, verifiers={
+            NITRO_FORMAT: NitroVerifier.from_config(bundle.config, root=pki.root)})
+        v, _ = client.attest()
+        assert v.format == NITRO_FORMAT and v.measurement == bundle.measurement and not v.simulated
+        enclave.pcrs = {**pcrs, 0: os.urandom(48)}
+        with pytest.raises(TeeError, match="PCR0 does not match the pinned value"):
+            client.attest()
+        enclave.simulated = SimulatedPlatform.generate()
+        with pytest.raises(TeeError, match="no verifier configured"):
+            TeeClient(bundle, enclave.url, allow_simulated=True).attest()
+    finally:
+        enclave.server.shutdown()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pcr0", "ab" * 32], "--pcr0 must be a SHA-384 value, 96 hex digits"),
+    (["--pcr0", "zz" * 48], "--pcr0 must be a SHA-384 value"),
+    (["--pcr2", "ab" * 48], "needs PCR0"),
+    (["--pcr0", "00" * 48], "all zeros"),
+    (["--pcrs", "missing.json"], "does not exist"),
+], ids=["short", "not-hex", "no-pcr0", "debug", "no-file"])
+def test_protect_refuses_bad_nitro_pins(tmp_path, args, message):
+    """Each bad pin is a CLI error naming it, before anything is protected."""
+    from typer.testing import CliRunner
+
+    from stip.cli import app
+
+    r = CliRunner().invoke(app, ["protect", "no-such-model", "--out", str(tmp_path / "x"), "--tee",
+                                 "--attestation", "nitro", *args])
+    assert isinstance(r.exception, StipError) and message in str(r.exception), r.exception
+    r = CliRunner().invoke(app, ["protect", "no-such-model", "--out", str(tmp_path / "x"), "--pcr0", "ab" * 48])
+    assert isinstance(r.exception, StipError) and "need --tee" in str(r.exception)
+
+
+def test_pcr_file_as_nitro_cli_prints_it(tmp_path, pcrs):
+    from stip.developer.tee import nitro_pcrs
+
+    path = tmp_path / "pcrs.json"
+    path.write_text(json.dumps({"EnclaveImage": "x.eif", "Measurements": {
+        "HashAlgorithm": "Sha384 { ... }", **{f"PCR{i}": pcrs[i].hex() for i in (0, 1, 2)}}}))
+    assert nitro_pcrs({8: pcrs[8].hex()}, path) == {"0": pcrs[0].hex(), "1": pcrs[1].hex(), "2": pcrs[2].hex(),
+                                                    "8": pcrs[8].hex()}
+    with pytest.raises(StipError, match="PCR1 is given twice with different values"):
+        nitro_pcrs({1: pcrs[3].hex()}, path)
+    path.write_text(json.dumps({"PCR0": pcrs[0].hex(), "PCR5": pcrs[1].hex()}))
+    with pytest.raises(StipError, match="'PCR5' is not a Nitro PCR"):
+        nitro_pcrs({}, path)

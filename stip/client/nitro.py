@@ -202,10 +202,13 @@ class NitroVerifier:
                                    "memory the host can read")
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "NitroVerifier | UnpinnedNitro":
-        """From a TEE client config (stip_client.json): its "nitro" section, under "tee" or at the top,
-        {"pcrs": {"0": HEX, ...}, "root_pem": PEM (optional; default the AWS Nitro root)}. Without one, a verifier
-        that refuses every Nitro document (the config pins nothing to check it against)."""
+    def from_config(cls, config: Mapping, root: x509.Certificate | None = None) -> "NitroVerifier | UnpinnedNitro":
+        """From a TEE client config (stip_client.json, as `stip protect --tee --attestation nitro` writes it): its
+        "nitro" section, under "tee" or at the top, {"pcrs": {"0": HEX, ...}, "root_pem": PEM (optional)}. Without
+        one, a verifier that refuses every Nitro document (the config pins nothing to check it against).
+
+        `root`: the CA to trust instead of the AWS Nitro root (tests: the recorded fixture's test root, docs/tee.md);
+        the checks are the same. Default: the config's "root_pem" if any, else the built-in AWS Nitro root."""
         config = config if isinstance(config, Mapping) else {}
         tee = config.get("tee") if isinstance(config.get("tee"), Mapping) else {}
         section = tee.get("nitro", config.get("nitro"))
@@ -217,6 +220,8 @@ class NitroVerifier:
             pcrs = {int(k): bytes.fromhex(v) for k, v in section["pcrs"].items()}
         except (ValueError, TypeError):
             raise AttestationError('the client config\'s nitro.pcrs must map PCR indexes to hex values') from None
+        if root is not None:
+            return cls(pcrs, root)
         if section.get("root_pem") is None:
             return cls(pcrs)
         try:

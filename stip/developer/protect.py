@@ -190,7 +190,7 @@ class ProtectResult:
     server_bytes: int
     signer: dict  # signing.signer_info of the key that signed all three manifests
     new_signing_key: bool = True
-    tee: dict | None = None  # --tee: {"measurement", "platform_pin"} (stip.developer.tee)
+    tee: dict | None = None  # --tee: {"measurement", "platform_pin", "attestation", "pcrs"} (stip.developer.tee)
     harden: tuple[str, ...] = ()  # the hardening options applied (docs/hardened.md)
     noise: float = 0.0
 
@@ -216,7 +216,8 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             seed: bytes | None = None,
             signing_key: str | Path | signing.Ed25519PrivateKey | None = None,
             mode: str = ROUND_TRIP, tee: bool = False, platform_key: str | Path | None = None,
-            harden: str | tuple[str, ...] | list[str] = (), noise: float = 0.0) -> ProtectResult:
+            harden: str | tuple[str, ...] | list[str] = (), noise: float = 0.0, attestation: str = "simulated",
+            pcrs: dict[str, str] | None = None) -> ProtectResult:
     """Protect `model` (HF folder or .gguf file) into `out/{server,client,developer}`.
 
     `mode`: "round-trip" (the server gets no embedding table; clients embed and sample) or "server-decode" (the
@@ -228,13 +229,20 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
     `signing_key`: the developer's Ed25519 key (a `signing.key` file) that signs every manifest; reuse one so users
     pin it once. By default a fresh one is generated. Either way a copy goes to `developer/signing.key`.
     `tee`: also write `out/enclave/` (sealed for the platform in `platform_key`) and the key-less `out/tee-client/`
-    (stip.developer.tee, docs/tee.md); text-generation models in round-trip mode.
+    (stip.developer.tee, docs/tee.md); text-generation models in round-trip mode. `attestation`: the report the TEE
+    client accepts, "simulated" or "nitro" (AWS Nitro Enclaves; `pcrs` from `stip.developer.tee.nitro_pcrs`).
     `harden`: hardened modes (docs/hardened.md), options of "mix", "rope", "vo", "ffn", or "all" (every option the
     family supports); `noise`: the client adds Gaussian noise of `noise` times the embedding table's RMS to every
     embedding row it sends (lossy). Both: LLaMA-family and GPT-2 models, round-trip mode; off by default.
     """
     if tee and mode != ROUND_TRIP:
         raise ValueError("--tee needs round-trip mode: the enclave holds the key and embeds for the clients")
+    if (attestation != "simulated" or pcrs) and not tee:
+        raise stip.errors.StipError("--attestation and PCRs pin the TEE client's verifier: they need --tee")
+    if tee:
+        from stip.developer.tee import check_attestation
+
+        pcrs = check_attestation(attestation, pcrs)  # before the slow part
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     ck = Checkpoint.open(model)
@@ -328,8 +336,8 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
                                                         f"{task_of(ck.config)} model")
             from stip.developer.tee import write_tee_bundles
 
-            tee_info = write_tee_bundles(stage, bundle_id, signing_key, platform_key)
-            tee_info = {"measurement": tee_info["measurement"], "platform_pin": tee_info["platform_pin"]}
+            tee_info = write_tee_bundles(stage, bundle_id, signing_key, platform_key, attestation, pcrs)
+            tee_info.pop("platform_key")
     return ProtectResult(Path(out), bundle_id, client_fp, developer_fp, writer.total,
                          signing.signer_info(signing_key), new_signer, tee_info, harden, float(noise))
 

@@ -14,8 +14,9 @@ refuses any other.
 the PERMUTED block-0 weights in the standard basis, the final norm, the LM head and the masks `A`, `B`; sealed under
 HKDF(platform sealing secret, enclave code measurement)), the model's config and `stip_enclave.json`, with a signed
 manifest. `DIR/tee-client/`: the tokenizer, the model's config and `stip_client.json` (mode "tee", the enclave's
-expected measurement, the report format, and for simulated reports the platform key to pin; the enclave URL is given
-at run time); NO key and NO embedding. The simulated platform's key file is created at
+expected measurement, the report format and what to verify it against: for simulated reports the platform key, for
+AWS Nitro (`--attestation nitro`) the PCRs of the enclave image (`nitro_pcrs`); the enclave URL is given at run time);
+NO key and NO embedding. The simulated platform's key file is created at
 `DIR/tee-platform/platform.key` unless one is given: it stands for the TEE host's hardware, so it belongs on the
 enclave host only.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 from stip.common import signing
 from stip.common.files import read_manifest, write_json_atomic, write_manifest
 from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_DIR, MODEL_CONFIG_FILE, SERVER_DIR
-from stip.errors import BundleError
+from stip.errors import BundleError, StipError
 
 ENCLAVE_DIR, TEE_CLIENT_DIR, TEE_PLATFORM_DIR = "enclave", "tee-client", "tee-platform"
 SEALED_FILE, ENCLAVE_CONFIG_FILE = "enclave.sealed", "stip_enclave.json"
@@ -42,11 +43,85 @@ LM_HEAD_FIELD = "tee_lm_head"  # server manifest: "worker" (offloaded, masked) o
 NEUTRAL = (("weight", 1.0), ("", 0.0))  # (name suffix, value), first match wins
 # from the round-trip client config into both TEE bundles' configs: nothing secret, what sampling and limits need
 CLIENT_FIELDS = ("task", "model_type", "vocab_size", "max_positions", "eos_token_ids", "bos_token_id", "hidden_size")
+# --attestation -> the report format the TEE client config names (stip.client.tee, stip.client.nitro)
+ATTESTATION_FORMATS = {"simulated": "stip-simulated-v1", "nitro": "aws-nitro-v1"}
+NITRO_PCRS = (0, 1, 2, 3, 4, 8)  # image, kernel and boot, application, parent's IAM role, parent instance, signer
+NITRO_PCR_HEX = 96  # SHA-384
 
 
-def write_tee_bundles(out: Path, bundle_id: str, signing_key, platform_key: Path | None = None) -> dict:
+def nitro_pcrs(flags: dict | None = None, pcrs_file: str | Path | None = None) -> dict[str, str]:
+    """The PCRs a TEE client pins for `--attestation nitro`, {"0": hex, ...}: from `--pcrN HEX` flags ({N: HEX})
+    and/or a pinning file, either what `nitro-cli build-enclave` prints ({"Measurements": {"HashAlgorithm":
+    "Sha384 ...", "PCR0": HEX, ...}}) or {"PCR0": HEX, ...}. PCR0 (the image) is required; every value is SHA-384
+    hex; a PCR given twice must agree. A StipError names what is wrong."""
+    given: dict[int, tuple[str, str]] = {}  # index -> (hex, where it came from)
+    for index, value in (flags or {}).items():
+        if value is not None:
+            given[int(index)] = (_pcr_hex(value, f"--pcr{index}"), f"--pcr{index}")
+    if pcrs_file is not None:
+        for index, value in _read_pcr_file(Path(pcrs_file)).items():
+            old = given.get(index)
+            if old and old[0] != value:
+                raise StipError(f"PCR{index} is given twice with different values ({old[1]} and {pcrs_file})")
+            given.setdefault(index, (value, str(pcrs_file)))
+    if 0 not in given:
+        raise StipError("--attestation nitro needs PCR0, the enclave image's hash (--pcr0 HEX or --pcrs FILE from "
+                        "`nitro-cli build-enclave`): without it any image could claim the measurement")
+    if not int(given[0][0], 16):
+        raise StipError("PCR0 is all zeros: that is a debug-mode enclave, whose memory the host can read")
+    return {str(i): given[i][0] for i in sorted(given)}
+
+
+def check_attestation(attestation: str, pcrs: dict | None) -> dict[str, str] | None:
+    """`attestation` is known and has what it pins: the PCRs (normalized by `nitro_pcrs`) for "nitro", none else."""
+    if attestation not in ATTESTATION_FORMATS:
+        raise StipError(f"unknown attestation {attestation!r}; choose one of {', '.join(ATTESTATION_FORMATS)}")
+    if attestation != "nitro":
+        if pcrs:
+            raise StipError("PCRs are pinned only with --attestation nitro")
+        return None
+    return nitro_pcrs(pcrs)
+
+
+def _pcr_hex(value, where: str) -> str:
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if len(text) != NITRO_PCR_HEX or any(c not in "0123456789abcdef" for c in text):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise StipError(f"{where} must be a SHA-384 value, {NITRO_PCR_HEX} hex digits (as `nitro-cli build-enclave` "
+                        f"prints it); got {shown} ({len(text) if isinstance(value, str) else 'not text'})")
+    return text
+
+
+def _read_pcr_file(path: Path) -> dict[int, str]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StipError(f"PCR file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StipError(f"PCR file {path} is not readable JSON: {e}") from None
+    data = data.get("Measurements", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise StipError(f'PCR file {path} must be a JSON object {{"PCR0": HEX, ...}} or nitro-cli\'s output')
+    algorithm = str(data.get("HashAlgorithm", "Sha384"))
+    if not algorithm.lower().startswith("sha384"):
+        raise StipError(f"PCR file {path}: HashAlgorithm {algorithm!r}; Nitro PCRs are SHA-384")
+    out = {}
+    for name, value in data.items():
+        if name == "HashAlgorithm":
+            continue
+        index = name[3:] if isinstance(name, str) and name.upper().startswith("PCR") else name
+        if not str(index).isdigit() or int(index) not in NITRO_PCRS:
+            raise StipError(f"PCR file {path}: {name!r} is not a Nitro PCR (PCR0-4 or PCR8)")
+        out[int(index)] = _pcr_hex(value, f"{path}: {name}")
+    return out
+
+
+def write_tee_bundles(out: Path, bundle_id: str, signing_key, platform_key: Path | None = None,
+                      attestation: str = "simulated", pcrs: dict[str, str] | None = None) -> dict:
     """Write `out/enclave/` and `out/tee-client/` from the finished server and client bundles in `out`; returns
-    {"measurement", "platform_key", "platform_pin"}."""
+    {"measurement", "platform_key", "platform_pin", "attestation", "pcrs"}. `attestation`: the report format the
+    TEE client accepts, "simulated" (it pins the platform key) or "nitro" (it pins `pcrs`, from `nitro_pcrs`)."""
+    pcrs = check_attestation(attestation, pcrs)
     from stip.enclave.attestation import SimulatedPlatform, code_measurement, measurement
     from stip.enclave.compute import enclave_tensors_from_bundles
     from stip.enclave.sealing import seal_tensors, sealing_key
@@ -82,14 +157,15 @@ def write_tee_bundles(out: Path, bundle_id: str, signing_key, platform_key: Path
                             or f.name in ("chat_template.jinja", "chat_template.json")):
             (client / f.name).write_bytes(f.read_bytes())
     write_json_atomic(client / MODEL_CONFIG_FILE, config)
+    pins = {"nitro": {"pcrs": dict(pcrs)}} if attestation == "nitro" else {"platform_key": platform.pin()}
     write_json_atomic(client / CLIENT_CONFIG_FILE, {
         "bundle_id": bundle_id, "mode": TEE_MODE, **shared,
-        "tee": {"measurement": expected, "format": "stip-simulated-v1", "platform_key": platform.pin(),
-                "enclave_url": None}})
+        "tee": {"measurement": expected, "format": ATTESTATION_FORMATS[attestation], **pins, "enclave_url": None}})
     write_manifest(client, "tee-client", bundle_id, common, signing_key=signing_key)
     for p in (enclave, client, *enclave.rglob("*"), *client.rglob("*")):
         p.chmod(0o755 if p.is_dir() else (0o600 if p.name == SEALED_FILE else 0o644))
-    return {"measurement": expected, "platform_key": platform_path, "platform_pin": platform.pin()}
+    return {"measurement": expected, "platform_key": platform_path, "platform_pin": platform.pin(),
+            "attestation": attestation, "pcrs": dict(pcrs or {})}
 
 
 # ------------------------------------------------------------------ the TEE worker bundle (DIR/server)
