@@ -21,8 +21,9 @@ import torch
 
 import stip
 from stip.client.bundle import ClientBundle
-from stip.client.http import HTTP_MAX_BYTES
+from stip.client.http import HTTP_MAX_BYTES, HttpClient
 from stip.client.sdk import Client
+from stip.client.server_decode import MAX_LINE_BYTES
 from stip.client.transport import (Connection, StipProtocolError, StipReplayLimitError, StipServerError)
 from stip.server.launch import local_process
 from tests.models import save_tiny
@@ -171,3 +172,16 @@ def test_a_redirect_to_another_host_is_not_followed(noisy, rogue):
 def test_an_oversized_answer_is_refused(noisy, rogue, mode, words):
     with pytest.raises(StipProtocolError, match=words):
         Client(noisy, f"{rogue}/{mode}")
+
+
+def test_a_streamed_line_is_capped_before_it_is_buffered(rogue):
+    """Server-decode reads its answer line by line: a line that never ends is refused once it passes the cap."""
+    http = HttpClient(f"{rogue}/bigstream")
+    response = http.open_stream("GET", "/v1/info")
+    try:
+        with pytest.raises(StipProtocolError, match=rf"sent a line of more than {MAX_LINE_BYTES} bytes"):
+            for _ in http.iter_lines(response, "/v1/info", MAX_LINE_BYTES):
+                pass
+    finally:
+        response.close()
+        http.close()
