@@ -218,7 +218,8 @@ def test_a_step_queued_when_its_key_is_revoked_gets_a_clean_403(servers, bundles
         first = pool.submit(_prefill, long, torch.randn(8000, HIDDEN))
         wait_for(lambda: metric(server, "stip_engine_tick_rows_count") > ticks0, "the long prefill's first tick")
         second = pool.submit(_prefill, queued, torch.randn(2, HIDDEN))
-        wait_for(lambda: metric(server, "stip_engine_queue") >= 1, "the second step to queue")
+        mine = {"Authorization": f"Bearer {key}", wire.BUNDLE_HEADER: rt}
+        wait_for(lambda: usage(server, mine) == (2, 8002), "the second step's admission (then it queues)")
         revoke_key(keys[0], "queued")
         for step in (second, first):
             header = step.result(timeout=60)
