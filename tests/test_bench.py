@@ -62,11 +62,12 @@ def test_quick_bench_json_sections(quick_run):
 
     assert r["meta"]["all_parts"] is True and "skipped" not in r
     commit = r["meta"]["git"]["commit"]  # a commit of this repository (HEAD may have moved on since)
-    assert len(commit) == 40 and subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO).returncode == 0
+    assert len(commit) == 40
+    assert subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=REPO).returncode == 0
 
     sc = r["server_cost"]
     assert {row["phase"] for row in sc["rows"]} == {"prefill", "decode"}
-    processes, repeats = r["meta"]["settings"]["server_cost"]["processes"], r["meta"]["settings"]["server_cost"]["repeats"]
+    processes, repeats = (r["meta"]["settings"]["server_cost"][k] for k in ("processes", "repeats"))
     for row in sc["rows"]:
         for key in ("plain_tokens_per_s", "protected_tokens_per_s", "ratio", "ratio_per_process"):
             _summary(row[key])
