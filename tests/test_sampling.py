@@ -171,3 +171,57 @@ def test_penalties_count_generated_tokens_not_the_prompt():
     for _ in range(2):
         s.observe(1)
     assert s.from_logits(logits) == 2  # 3.0 - 2 * 0.3 = 2.4 < 2.5
+
+
+# ------------------------------------------------------------------ through real servers on our own engine
+
+ENGINE_PARAMS = {
+    "repetition_penalty": SamplingParams(max_tokens=12, repetition_penalty=1.3),
+    "presence_penalty": SamplingParams(max_tokens=12, presence_penalty=1.5),
+    "frequency_penalty": SamplingParams(max_tokens=12, frequency_penalty=1.0),
+    "temperature": SamplingParams(max_tokens=12, temperature=0.8, seed=3),
+    "top_k": SamplingParams(max_tokens=12, temperature=1.0, top_k=10, seed=4),
+    "top_p": SamplingParams(max_tokens=12, temperature=1.0, top_p=0.8, seed=5),
+}
+PROMPT = [5, 17, 42, 8, 66, 3, 21]
+
+
+@pytest.fixture(scope="module")
+def engine_servers(tiny_protected, tmp_path_factory):
+    """A tiny LLaMA on `stip serve` (transformers engine), protected in round-trip and in server-decode mode."""
+    import stip
+    from tests.parties import serve
+
+    plain, round_trip = tiny_protected("llama-gqa-untied")
+    server_decode = tmp_path_factory.mktemp("sd") / "protected"
+    stip.protect(plain, server_decode, progress=False, mode="server-decode")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    with serve(round_trip, threads=1) as rt, serve(server_decode, threads=1) as sd:
+        yield {"plain": model, "round-trip": (round_trip, rt), "server-decode": (server_decode, sd)}
+
+
+@pytest.mark.parametrize("name", ENGINE_PARAMS)
+@pytest.mark.parametrize("way", ["round-trip topk", "round-trip logits", "server-decode"])
+def test_each_parameter_on_our_engine_follows_the_plain_model(engine_servers, name, way):
+    """The production path end to end (stip.Client; in server-decode mode the server's own sampler): the tokens a
+    seeded sampler draws from the plain model's logits (top-k pairs or all of them), and for the repetition
+    penalty, transformers' own greedy `generate`."""
+    from stip.client.sdk import Client
+    from tests.sampling_reference import reference_tokens
+
+    params = ENGINE_PARAMS[name]
+    if way == "server-decode" and name == "repetition_penalty":
+        pytest.skip("server-decode offers OpenAI's penalties only (the client refuses repetition_penalty)")
+    bundle, server = engine_servers[way.split()[0]]
+    client = Client(bundle / "client", server.url, downlink="logits" if way.endswith("logits") else "topk")
+    got = client.generate(ids=PROMPT, params=params).token_ids
+    model = engine_servers["plain"]
+    assert len(got) >= 4  # long enough to say something (a random model may sample its EOS)
+    assert got == reference_tokens(model, PROMPT, params, len(got), k=64 if way.endswith("topk") else None)
+    if name == "repetition_penalty":
+        out = model.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                             max_new_tokens=len(got), do_sample=False, repetition_penalty=1.3, eos_token_id=None,
+                             pad_token_id=0)
+        assert got == out[0, len(PROMPT):].tolist()
