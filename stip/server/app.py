@@ -519,6 +519,8 @@ def add_session_route(app: FastAPI, contexts: Contexts) -> None:
                 service.metrics.refused.labels(e.reason).inc()
                 return await refuse_frame(websocket, e.status, str(e))
             s = service.sessions.create(who.name)
+            if hasattr(service.engine, "bind_client"):  # vLLM: the prefix-cache salt of the session's key
+                service.engine.bind_client(s.state, who.name)
             service.metrics.sessions_opened.inc()
         s.attached = True
         s.touch()

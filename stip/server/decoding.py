@@ -87,7 +87,8 @@ class DecodingEngine(TokenEngine):
 
     # ------------------------------------------------------------ generation
 
-    async def generate(self, request: GenerateRequest, request_id: str = "") -> AsyncIterator[GenerateChunk]:
+    async def generate(self, request: GenerateRequest, request_id: str = "", client: str = ""
+                       ) -> AsyncIterator[GenerateChunk]:
         """One chunk per generated token; the last carries the finish reason and the counts. A stop id that ends the
         generation is sent too (as vLLM does). Closing the iterator early frees the sequence's KV cache."""
         r = request

@@ -116,9 +116,10 @@ class TokenEngine(ABC):
     manifest: dict
 
     @abstractmethod
-    def generate(self, request, request_id: str):
+    def generate(self, request, request_id: str, client: str = ""):
         """An async iterator of `stip.common.generate.GenerateChunk` for one `GenerateRequest`; the last chunk has a
-        finish_reason. Closing the iterator early (the client went away) aborts the request and frees its KV."""
+        finish_reason. Closing the iterator early (the client went away) aborts the request and frees its KV.
+        `client` is the API key's name (an engine with a shared prefix cache keeps clients apart by it)."""
 
     def close(self) -> None:
         """Stop background work."""

@@ -221,6 +221,6 @@ def add_generate_route(app: FastAPI, contexts) -> None:
                 service.generations.discard(gen)
                 service.admission.close_session(who.name, tokens)
 
-        chunks = engine.generate(req, request_id=os.urandom(8).hex())
+        chunks = engine.generate(req, request_id=os.urandom(8).hex(), client=who.name)  # client: vLLM's cache salt
         count = service.metrics.tokens.labels("generate").inc
         return _GenerationResponse(_lines(chunks, gen, count, release), release)

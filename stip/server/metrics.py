@@ -54,7 +54,9 @@ class Metrics:
             {"engine": str(first.get("engine", "unknown")), "mode": str(first.get("mode", "round-trip"))})
         for key, doc in (("batch_size", "Rows (sessions or sequences) in the engine's last tick or step"),
                          ("queue", "Steps or requests waiting for the engine"),
-                         ("running", "Steps or requests being computed now")):
+                         ("running", "Steps or requests being computed now"),
+                         ("prefix_cache_hit_tokens", "Prompt tokens served from the engine's prefix cache so far "
+                          "(vLLM; shared only within one API key)")):
             Gauge(f"stip_engine_{key}", doc, registry=r).set_function(lambda key=key: engine_stats().get(key, 0))
         self.tick_rows = Histogram("stip_engine_tick_rows", "Rows per engine tick (one batched forward)",
                                    buckets=TICK_ROW_BUCKETS, registry=r)

