@@ -112,7 +112,7 @@ def _counting_link(url: str):
 def pad_cost_ms(model, reps: int = 20) -> float:
     """What the enclave spends per decode token on pads: drawing `r` and computing `W r` for every offloaded
     request (block 0's and the LM head), timed apart on one row of each linear's input shape."""
-    from stip.enclave.compute import OffloadedLinear
+    from stip.enclave.offload import OffloadedLinear
 
     linears = [m for m in model.base.modules() if isinstance(m, OffloadedLinear) and m.name == m.names[0]]
     if isinstance(model.lm_head, OffloadedLinear):  # an untied LM head; a tied one is the enclave's own matmul

@@ -287,7 +287,7 @@ def test_protect_pins_nitro_pcrs_and_the_tee_client_checks_them(tmp_path, pki):
 
     from stip.cli import app
     from stip.client.tee import TeeBundle, TeeClient
-    from stip.enclave.attestation import SimulatedPlatform
+    from stip.common.tee.platform import SimulatedPlatform
     from tests.models import save_tiny
 
     pcrs, out = random_pcrs(), tmp_path / "protected"

@@ -17,12 +17,12 @@ import torch
 
 from stip.client.tee import SimulatedVerifier, TeeError, verify_report
 from stip.common.channel import Channel, new_keypair, public_bytes
+from stip.common.tee.platform import SimulatedPlatform
+from stip.common.tee.sealing import seal_tensors, sealing_key, unseal_tensors
 from stip.common.tee_protocol import SESSION_PATH
 from stip.server.launch import local_process, server_env
 from tests.models import build_tiny
 from tests.parties import serve
-from stip.enclave.attestation import SimulatedPlatform
-from stip.enclave.sealing import seal_tensors, sealing_key, unseal_tensors
 
 MEASUREMENT = "ab" * 32
 

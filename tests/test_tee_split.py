@@ -13,9 +13,9 @@ import torch
 
 from stip.common import wire
 from stip.common.sampling import SamplingParams
+from stip.common.tee.layout import LM_HEAD_IN_ENCLAVE, MASK_PREFIX, POSITION_EMBEDDING, TOKEN_EMBEDDING
 from stip.developer.tee import read_enclave_tensors
-from stip.enclave.compute import (LM_HEAD_IN_ENCLAVE, MASK_PREFIX, POSITION_EMBEDDING, TOKEN_EMBEDDING,
-                                  EnclaveModel)
+from stip.enclave.compute import EnclaveModel
 from stip.enclave.worker_link import WebSocketWorkerLink, WorkerError
 from stip.server.tee_worker import LocalWorkerLink, TeeWorker
 from tests.models import build_tiny, save_tiny
@@ -257,7 +257,8 @@ def test_worker_bundle_holds_block0_in_secret_bases(tee_protected, name):
     of it equal to a row of the standard LM head."""
     from stip.common import signing
     from stip.common.files import read_manifest
-    from stip.enclave.compute import BLOCK_PREFIX, LM_HEAD_PREFIX, block0_layout
+    from stip.common.tee.blocks import block0_layout
+    from stip.common.tee.layout import BLOCK_PREFIX, LM_HEAD_PREFIX
 
     out = tee_protected(name)
     signer = signing.signer_info(signing.load_signing_key(out / "developer" / "signing.key"))

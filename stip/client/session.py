@@ -53,13 +53,6 @@ class StepResult:
     logsumexp: torch.Tensor | None = None  # float32 [n], each row's logsumexp over all V logits (kind topk)
 
 
-def legacy_kw(connect) -> dict:
-    """websockets >= 16 warns unless a directly-returned connection is asked for explicitly."""
-    import inspect
-
-    return {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
-
-
 def ws_connect(url: str, **kw):
     """websockets' synchronous connect, returning the connection, under the client's HTTP rules (`stip.client.http`):
     a redirect is never followed (its 3xx answer is an InvalidStatus) and no proxy is taken from the environment."""

@@ -28,9 +28,9 @@ from stip.client.errors import server_error as _server_error  # noqa: F401
 from stip.client.http import HTTP_MAX_BYTES, HttpClient, tls_context  # noqa: F401
 from stip.client.http import http_url as _http_url, ws_url as _ws_url  # noqa: F401
 from stip.client.session import HELLO_MAX_BYTES, Downlink, RemoteSession, StepResult  # noqa: F401
-from stip.client.session import legacy_kw as _legacy_kw  # noqa: F401
 from stip.common import wire
 from stip.common.hosts import is_loopback_host
+from stip.common.ws import legacy_kw as _legacy_kw  # noqa: F401
 from stip.errors import StipError
 
 ENCODE_PATH = wire.ENCODE_PATH

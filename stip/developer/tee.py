@@ -31,14 +31,10 @@ from pathlib import Path
 from stip.common import signing
 from stip.common.files import read_manifest, write_json_atomic, write_manifest
 from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_DIR, MODEL_CONFIG_FILE, SERVER_DIR
+from stip.common.tee.layout import (ENCLAVE_CONFIG_FILE, ENCLAVE_DIR, LM_HEAD, LM_HEAD_FIELD, LM_HEAD_IN_ENCLAVE,
+                                    LM_HEAD_PREFIX, MASK_PREFIX, PLATFORM_FILE, SEALED_FILE, TEE_CLIENT_DIR,
+                                    TEE_MODE, TEE_PLATFORM_DIR, TEE_WORKER_MODE)
 from stip.errors import BundleError, StipError
-
-ENCLAVE_DIR, TEE_CLIENT_DIR, TEE_PLATFORM_DIR = "enclave", "tee-client", "tee-platform"
-SEALED_FILE, ENCLAVE_CONFIG_FILE = "enclave.sealed", "stip_enclave.json"
-PLATFORM_FILE = "platform.key"
-TEE_MODE = "tee"
-TEE_WORKER_MODE = "tee-worker"  # the server manifest's mode after `stip protect --tee`
-LM_HEAD_FIELD = "tee_lm_head"  # server manifest: "worker" (offloaded, masked) or "enclave" (tied: zeros here)
 # what block 0's tensors that are not offloaded linears (its norms) become in the worker bundle: rules as data
 NEUTRAL = (("weight", 1.0), ("", 0.0))  # (name suffix, value), first match wins
 # from the round-trip client config into both TEE bundles' configs: nothing secret, what sampling and limits need
@@ -122,9 +118,10 @@ def write_tee_bundles(out: Path, bundle_id: str, signing_key, platform_key: Path
     {"measurement", "platform_key", "platform_pin", "attestation", "pcrs"}. `attestation`: the report format the
     TEE client accepts, "simulated" (it pins the platform key) or "nitro" (it pins `pcrs`, from `nitro_pcrs`)."""
     pcrs = check_attestation(attestation, pcrs)
-    from stip.enclave.attestation import SimulatedPlatform, code_measurement, measurement
-    from stip.enclave.compute import enclave_tensors_from_bundles
-    from stip.enclave.sealing import seal_tensors, sealing_key
+    from stip.common.tee.measurement import code_measurement, measurement
+    from stip.common.tee.platform import SimulatedPlatform
+    from stip.common.tee.sealing import seal_tensors, sealing_key
+    from stip.developer.enclave_tensors import enclave_tensors_from_bundles
 
     out = Path(out)
     platform_path = Path(platform_key) if platform_key else out / TEE_PLATFORM_DIR / PLATFORM_FILE
@@ -174,13 +171,14 @@ def draw_masks(config, tied: bool, rng=None) -> dict:
     """The worker's secret bases from a CSPRNG: {linear name: (A, B)} for block 0 (one A per input group, shared by
     its members) and, for an untied model, {"lm_head": (A, None)}."""
     from stip.common.transforms import KeyRng
-    from stip.enclave.compute import LM_HEAD, Monomial, _weight_of, block0_layout, input_groups
+    from stip.common.tee.blocks import block0_layout, input_groups
+    from stip.common.tee.linalg import Monomial, weight_of
 
     rng = rng or KeyRng()
     _, block = block0_layout(config)
     masks = {}
     for group in input_groups(block):
-        weights = [_weight_of(block.get_submodule(n))[0] for n in group]
+        weights = [weight_of(block.get_submodule(n))[0] for n in group]
         a = Monomial.draw(int(weights[0].shape[1]), rng)
         masks.update({n: (a, Monomial.draw(int(w.shape[0]), rng)) for n, w in zip(group, weights)})
     if not tied:
@@ -192,8 +190,6 @@ def draw_masks(config, tied: bool, rng=None) -> dict:
 def mask_tensors(masks: dict, tied: bool) -> dict:
     """The masks as enclave tensors (stip.enclave.compute reads them), and whether the LM head is the enclave's."""
     import torch
-
-    from stip.enclave.compute import LM_HEAD_IN_ENCLAVE, MASK_PREFIX
 
     out = {LM_HEAD_IN_ENCLAVE: torch.tensor(int(tied))}
     for name, (a, b) in masks.items():
@@ -207,13 +203,13 @@ def write_worker_bundle(server: Path, config: dict, tied: bool, signing_key, tru
     """Turn the standard server bundle in `server` into the TEE worker bundle (module docstring), shard by shard
     (each written beside the old one, then renamed over it: a hard-linked copy keeps its own file), and re-sign
     its manifest; returns the mask tensors for the enclave bundle."""
-    from stip.enclave.compute import _config_of
+    from stip.common.tee.blocks import config_of
 
     server = Path(server)
     manifest = read_manifest(server, role="server", trusted=trusted)
     if manifest.get("mode") == TEE_WORKER_MODE:
         raise BundleError(f"{server} is already a TEE worker bundle")
-    config = _config_of(config)
+    config = config_of(config)
     masks = draw_masks(config, tied, rng)
     replace = _worker_tensor_rule(config, masks, tied)
     for shard in sorted(f for f in manifest["files"] if f.endswith(".safetensors")):
@@ -230,7 +226,8 @@ def _worker_tensor_rule(config, masks: dict, tied: bool):
     """name, tensor -> the worker bundle's tensor, or None to keep it as it is."""
     import torch
 
-    from stip.enclave.compute import LM_HEAD, LM_HEAD_PREFIX, block0_layout, is_conv1d, masked_weight
+    from stip.common.tee.blocks import block0_layout
+    from stip.common.tee.linalg import is_conv1d, masked_weight
 
     prefix, block = block0_layout(config)
     linears = {n: is_conv1d(block.get_submodule(n)) for n in masks if n != LM_HEAD}
@@ -290,22 +287,12 @@ def _rewrite_shard(path: Path, rule) -> None:
         raise
 
 
-def check_worker_mode(bundle: Path, manifest: dict, tee_worker: bool) -> None:
-    """A TEE worker bundle serves only as `--tee-worker`, and `--tee-worker` serves only a TEE worker bundle."""
-    is_worker = manifest.get("mode") == TEE_WORKER_MODE
-    if is_worker and not tee_worker:
-        raise BundleError(f"{bundle}: this server bundle was written by `stip protect --tee`: serve it with "
-                          "--tee-worker (its block 0 is in the enclave's secret bases)")
-    if tee_worker and not is_worker:
-        raise BundleError(f"{bundle} is not a TEE worker bundle: --tee-worker serves the server bundle "
-                          "`stip protect --tee` writes; protect the model again with --tee")
-
-
 def read_enclave_tensors(out: str | Path, platform_key: str | Path | None = None) -> tuple[dict, dict]:
     """(model config, tensors) of a `stip protect --tee` folder's sealed enclave bundle, unsealed with the
     (simulated) platform key: what `stip enclave` loads; for tests and benchmarks that run the enclave in process."""
-    from stip.enclave.attestation import SimulatedPlatform, code_measurement
-    from stip.enclave.sealing import sealing_key, unseal_tensors
+    from stip.common.tee.measurement import code_measurement
+    from stip.common.tee.platform import SimulatedPlatform
+    from stip.common.tee.sealing import sealing_key, unseal_tensors
 
     out = Path(out)
     platform = SimulatedPlatform.load(Path(platform_key) if platform_key else out / TEE_PLATFORM_DIR / PLATFORM_FILE)

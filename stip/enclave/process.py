@@ -33,15 +33,16 @@ from stip.common.channel import NONCE_BYTES, Channel, new_keypair, public_bytes
 from stip.common.files import read_manifest
 from stip.common.layout import MODEL_CONFIG_FILE
 from stip.common.sampling import Sampler, SamplingParams
+from stip.common.tee.layout import ENCLAVE_CONFIG_FILE, SEALED_FILE
+from stip.common.tee.measurement import code_measurement, measurement
+from stip.common.tee.platform import SimulatedPlatform, unb64
+from stip.common.tee.sealing import read_header, sealing_key, unseal_tensors
 from stip.common.tee_protocol import ATTEST_PATH, POLICY_VIOLATION, SESSION_PATH, TeeGenerateRequest
 from stip.enclave.admission import Counter, FairTurns, Limits, Refused, check_bind, client_id
-from stip.enclave.attestation import SimulatedPlatform, code_measurement, measurement, unb64
-from stip.enclave.sealing import read_header, sealing_key, unseal_tensors
 from stip.errors import StipError, TeeError
 
 log = logging.getLogger("stip.enclave")
 
-SEALED_FILE, ENCLAVE_CONFIG_FILE = "enclave.sealed", "stip_enclave.json"  # as stip.developer.tee writes them
 PENDING_TTL_S = 60.0  # a report's channel key waits this long for its session
 HELLO_TIMEOUT_S, IDLE_TIMEOUT_S = 30.0, 300.0  # a session slot is not held by a silent socket
 RETRY_AFTER_S = 5
@@ -67,7 +68,7 @@ class Enclave:
 
 
 class SimulatedEnclave(Enclave):
-    """The enclave in an ordinary local process, with a simulated platform (stip.enclave.attestation)."""
+    """The enclave in an ordinary local process, with a simulated platform (stip.common.tee.platform)."""
 
     def __init__(self, bundle: str | Path, platform: SimulatedPlatform, link, trusted=None,
                  limits: Limits = Limits()):

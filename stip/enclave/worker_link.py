@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from stip.common import wire
+from stip.common.ws import legacy_kw
 from stip.errors import StipError
 
 TEE_WORKER_PATH = "/v1/tee/worker"
@@ -29,14 +30,12 @@ class WebSocketWorkerLink:
                  sent: Callable[[dict, torch.Tensor | None], None] | None = None):
         from websockets.sync.client import connect
 
-        from stip.client.transport import _legacy_kw
-
         ws_url = url.rstrip("/").replace("https://", "wss://", 1).replace("http://", "ws://", 1) + TEE_WORKER_PATH
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             self._ws = connect(ws_url, additional_headers=headers, compression=None, max_size=None,
                                open_timeout=timeout, ssl=ssl_context,
-                               **_legacy_kw(connect))
+                               **legacy_kw(connect))
         except Exception as e:  # noqa: BLE001 - name the worker and the cause, no traceback for the operator
             raise WorkerError(f"cannot open the TEE worker socket at {ws_url}: {e}") from None
         self.timeout, self.sent = timeout, sent

@@ -33,7 +33,7 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     bundle = Path(bundle)
     manifest = read_manifest(bundle, role="server", trusted=trusted)
     config = AutoConfig.from_pretrained(bundle)
-    from stip.developer.tee import TEE_WORKER_MODE, check_worker_mode
+    from stip.common.tee.layout import TEE_WORKER_MODE, check_worker_mode
 
     check_worker_mode(bundle, manifest, tee_worker)  # a TEE worker bundle only as --tee-worker, and vice versa
     mode = manifest.get("mode", ROUND_TRIP)

@@ -26,8 +26,8 @@ from fastapi import FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from stip.common import wire
+from stip.common.tee.layout import LM_HEAD
 from stip.server.auth import Authenticator, AuthError
-from stip.enclave.compute import LM_HEAD
 from stip.server.tee_worker import TeeWorker, TeeWorkerError
 
 log = logging.getLogger("stip.server")

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stip.developer.tee import LM_HEAD_FIELD
-from stip.enclave.compute import (GROUP_SEP, LM_HEAD, OFFLOAD_DTYPE, _weight_of, base_parts, linear64,
-                                  offloadable, trimmed_config)
+from stip.common.tee.blocks import base_parts, offloadable, trimmed_config
+from stip.common.tee.layout import GROUP_SEP, LM_HEAD, LM_HEAD_FIELD
+from stip.common.tee.linalg import OFFLOAD_DTYPE, linear64, weight_of
 
 
 MAX_CACHED_GROUPS = 8  # grouped linears ("q+k+v") whose concatenated weights are kept
@@ -56,7 +56,7 @@ class TeeWorker:
         # float64 copies: the padded products must be exact to float32 once the enclave subtracts W r
         self.linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for name in offloadable(block0):
-            w, b = _weight_of(block0.get_submodule(name))
+            w, b = weight_of(block0.get_submodule(name))
             self.linears[name] = (w.detach().to(OFFLOAD_DTYPE), None if b is None else b.detach().to(OFFLOAD_DTYPE))
         if self.manifest.get(LM_HEAD_FIELD, "worker") == "worker":  # tied models: the enclave computes the logits
             head = model.get_output_embeddings()

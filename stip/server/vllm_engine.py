@@ -225,7 +225,7 @@ def _verified_config(bundle: Path, trusted):
     from stip.server.model import shard_shapes
 
     manifest = read_manifest(bundle, role="server", trusted=trusted)
-    from stip.developer.tee import check_worker_mode
+    from stip.common.tee.layout import check_worker_mode
 
     check_worker_mode(bundle, manifest, tee_worker=False)  # a TEE worker bundle runs only as --tee-worker
     config = AutoConfig.from_pretrained(bundle)

@@ -1,18 +1,15 @@
-"""The enclave's identity and its simulated attestation reports.
+"""The simulated TEE platform: its key file and its attestation reports.
 
-Measurement: sha256 over the code the enclave runs (`ENCLAVE_CODE`, each file by path and content, sorted) and the
-enclave bundle's signed manifest. A client pins it; a changed line of enclave code or a different bundle changes it.
-
-Simulated platform: a file holding an Ed25519 "platform" key and a sealing secret, standing in for what a TEE's
+The simulated platform: a file holding an Ed25519 "platform" key and a sealing secret, standing in for what a TEE's
 hardware holds. A simulated report is JSON {format, simulated: true, measurement, channel_public_key, nonce,
 timestamp} signed by the platform key; clients refuse it unless they opt in (docs/tee.md says what it does not
 protect). A real backend (Nitro, TDX) produces its own evidence format, checked by its own client-side verifier.
+The developer creates the key file (`stip protect --tee`) and seals for it; the enclave signs its reports with it.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import time
@@ -22,16 +19,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from stip.common import signing
-from stip.common.files import MANIFEST_NAME, write_json_atomic
+from stip.common.files import write_json_atomic
 from stip.errors import TeeError
 
 SIMULATED_FORMAT = "stip-simulated-v1"
 PLATFORM_FORMAT = "stip-simulated-platform-v1"
-PACKAGE = Path(__file__).resolve().parents[1]  # the stip package
-# The code the enclave runs: its own party folder and the shared modules it imports (paths relative to stip/).
-ENCLAVE_CODE = ("enclave/*.py", "common/channel.py", "common/tee_protocol.py", "common/generate.py",
-                "common/sampling.py", "common/wire.py", "common/files.py", "common/signing.py", "common/layout.py",
-                "common/transforms.py", "common/hosts.py", "errors.py")
 
 
 def b64(data: bytes) -> str:
@@ -46,29 +38,6 @@ def unb64(text, what: str, size: int | None = None) -> bytes:
     if size is not None and len(raw) != size:
         raise TeeError(f"{what} must be {size} bytes, got {len(raw)}")
     return raw
-
-
-def code_files(package: Path = PACKAGE) -> list[Path]:
-    return sorted({p for pattern in ENCLAVE_CODE for p in package.glob(pattern) if p.is_file()})
-
-
-def code_measurement(package: Path = PACKAGE) -> str:
-    """sha256 over the enclave's code files, each as (path relative to the package, sha256 of its content)."""
-    h = hashlib.sha256(b"stip-enclave-code-v1\n")
-    for p in code_files(package):
-        h.update(f"{p.relative_to(package).as_posix()} {hashlib.sha256(p.read_bytes()).hexdigest()}\n".encode())
-    return h.hexdigest()
-
-
-def measurement(bundle: str | Path, package: Path = PACKAGE) -> str:
-    """The enclave's measurement: its code and its bundle's manifest (which hashes every sealed file)."""
-    manifest = Path(bundle) / MANIFEST_NAME
-    if not manifest.is_file():
-        raise TeeError(f"{bundle} is not an enclave bundle: {MANIFEST_NAME} is missing")
-    h = hashlib.sha256(b"stip-enclave-measurement-v1\n")
-    h.update(code_measurement(package).encode() + b"\n")
-    h.update(hashlib.sha256(manifest.read_bytes()).hexdigest().encode())
-    return h.hexdigest()
 
 
 @dataclass

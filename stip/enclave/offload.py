@@ -1,0 +1,126 @@
+"""The enclave's offload of one linear map to the worker (Slalom): a fresh pad per call, the input mask `A` on the
+way out, `B^-1` and the pad's product `W r` taken off on the way back (docs/tee.md, "The split"). And the link to
+the worker, timed, and a tied model's LM head, computed in the enclave instead.
+
+Pads are drawn per call from a torch generator reseeded from `os.urandom` for every step. Production would draw the
+pads and compute `W r` ahead of time, while the enclave is idle (Slalom), so a step costs the enclave one addition
+and one subtraction per linear; here `W r` is computed on the spot.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from stip.common.tee.layout import GROUP_SEP
+from stip.common.tee.linalg import OFFLOAD_DTYPE, Monomial
+
+PAD_SCALE = 2.0**20  # pad entries ~ N(0, 1) x this x the RMS of the row they mask (docs/tee.md: averaging)
+
+
+class WorkerLink(Protocol):
+    """The enclave's only way to the worker (stip.server.tee_worker: in process, or over its WebSocket)."""
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """`W x + b` for block 0's linear `name` (or "lm_head") on padded rows x [n, d_in] -> [n, d_out]."""
+
+    def body(self, session: str, h: torch.Tensor, start: int) -> torch.Tensor:
+        """Blocks 1..L-1 on h [T, d] at positions start.. with the session's KV cache -> the last hidden state."""
+
+    def close(self, session: str) -> None:
+        """Free the session's KV cache at the worker."""
+
+
+class Pads:
+    """Fresh pads: a generator reseeded from the OS CSPRNG for every step (`fresh`), so no two queries share one."""
+
+    def __init__(self):
+        self.gen = torch.Generator()
+        self.fresh()
+
+    def fresh(self) -> None:
+        self.gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        rms = x.to(OFFLOAD_DTYPE).pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-3)
+        return torch.randn(x.shape, generator=self.gen, dtype=OFFLOAD_DTYPE) * rms * PAD_SCALE
+
+
+class OffloadedLinear(nn.Module):
+    """Stands in for one linear map of block 0 (or the LM head): the worker computes `W' A (x + r)` with its masked
+    copy `W' = B W A^-1`, the enclave applies `B^-1` and subtracts `W r` (computed here; in production ahead of
+    time). In a group (`SHARED_INPUT`) the first member called computes the whole group in one request; the others
+    take their part when called with the same tensor. `a`: the group's input mask; `b`: its outputs' masks side by
+    side (None: identity)."""
+
+    def __init__(self, name: str, weight: torch.Tensor, link: WorkerLink, pads: Pads,
+                 group: list[tuple[str, torch.Tensor]] | None = None, waiting: dict | None = None,
+                 a: Monomial | None = None, b: Monomial | None = None):
+        super().__init__()
+        self.name, self.link, self.pads, self.a, self.b = name, link, pads, a, b
+        group = group or [(name, weight)]
+        self.names = [n for n, _ in group]
+        self.sizes = [int(w.shape[0]) for _, w in group]
+        self.weight64 = torch.cat([w.detach().to(OFFLOAD_DTYPE) for _, w in group])  # [sum out, in]
+        self.out_features = int(weight.shape[0])
+        self.waiting = waiting if waiting is not None else {}  # name -> (input tensor, its output), this step only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hit = self.waiting.pop(self.name, None)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        rows = x.reshape(-1, x.shape[-1])
+        r = self.pads.draw(rows)
+        sent = rows.to(OFFLOAD_DTYPE) + r
+        y = self.link.linear(GROUP_SEP.join(self.names), sent if self.a is None else self.a.apply(sent))
+        y = y.to(OFFLOAD_DTYPE)
+        if self.b is not None:
+            y = self.b.invert(y)
+        parts = (y - r @ self.weight64.t()).to(x.dtype).split(self.sizes, dim=-1)
+        mine = None
+        for name, part in zip(self.names, parts):
+            part = part.reshape(*x.shape[:-1], part.shape[-1])
+            if name == self.name:
+                mine = part
+            else:
+                self.waiting[name] = (x, part)
+        return mine
+
+
+class LocalLinear(nn.Module):
+    """A tied model's LM head, computed in the enclave: its weight is the embedding table (in `pc` and `p`), which
+    the worker must not hold in any form."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.weight.t()
+
+
+class TimedLink:
+    """Counts the time spent waiting on the worker (the rest of a step is enclave time)."""
+
+    def __init__(self, link: WorkerLink):
+        self.link, self.seconds = link, 0.0
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def linear(self, name, x):
+        return self._timed(self.link.linear, name, x)
+
+    def body(self, session, h, start):
+        return self._timed(self.link.body, session, h, start)
+
+    def close(self, session):
+        return self.link.close(session)
