@@ -30,7 +30,7 @@ from pycose.keys import EC2Key
 from pycose.messages import Sign1Message
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from stip.client.tee import CLOCK_SKEW_S, MAX_AGE_S, Verified, register_verifier
+from stip.client.attestation import CLOCK_SKEW_S, MAX_AGE_S, Verified, register_verifier
 from stip.errors import TeeError
 
 NITRO_FORMAT = "aws-nitro-v1"
@@ -185,7 +185,7 @@ class NitroVerifier:
     """Verifies Nitro documents against pinned values. `root`: the CA to trust (default: the AWS Nitro root; tests
     pin a CA they generate). `pcrs`: the PCRs to require, by index (PCR0, the image, must be among them).
 
-    `verify(evidence)` is the `stip.client.tee.EvidenceVerifier` step (chain, signature, PCRs, a bound key; the
+    `verify(evidence)` is the `stip.client.attestation.EvidenceVerifier` step (chain, signature, PCRs, a bound key; the
     caller then checks measurement, nonce and age); `verify_document` does every check by itself."""
     pcrs: Mapping[int, bytes]
     root: x509.Certificate = field(default_factory=aws_nitro_root)

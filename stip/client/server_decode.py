@@ -87,7 +87,7 @@ class GenerateStream:
 
 def run(client, prompt_ids: list[int], params: SamplingParams):
     """The generator behind `stip.Client.stream` for a server-decode bundle: text deltas, then a `Generation`."""
-    from stip.client.sdk import Generation, Timing
+    from stip.client.types import Generation, Timing
     from stip.client.token_stream import TokenStream
 
     bundle = client.bundle
