@@ -95,7 +95,7 @@ def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bo
     from transformers.utils import logging as hf_logging
 
     from stip.client.sdk import Client
-    from stip.developer.verify import plain_greedy
+    from stip.reference import plain_greedy
     from stip.models import load_plain_model
     from stip.server.launch import local_server
 

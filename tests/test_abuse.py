@@ -16,7 +16,7 @@ from websockets.sync.client import connect as _connect
 from stip.client.bundle import ClientBundle
 from stip.client.transport import Connection, Downlink, StipServerError, _legacy_kw
 from stip.common import wire
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.server.auth import create_key
 from tests.parties import serve
 

@@ -15,7 +15,7 @@ import torch
 
 from stip.client.bundle import ClientBundle
 from stip.client.transport import Connection, Downlink
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.server.batching import BatchedEngine
 from stip.server.decoder import FAMILIES
 from stip.server.engine import Step, TransformersEngine

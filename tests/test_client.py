@@ -11,7 +11,7 @@ import torch
 
 import stip
 from stip.client.sdk import Client, Detokenizer, StopMatcher
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.errors import KeyMismatchError
 from tests.parties import ServerPipeline, serve
 

@@ -25,9 +25,9 @@ from stip.client.transport import Downlink
 from stip.common.keys import DeveloperKey
 from stip.common.tasks import TEXT_GENERATION
 from stip.common.transforms import KeyRng
-from stip.developer.architectures import ARCHITECTURES, architecture_for, geometry_of, task_of
+from stip.common.architectures import ARCHITECTURES, architecture_for, geometry_of, task_of
 from stip.developer.protect import protect_state_dict
-from stip.developer.verify import compare_logits, plain_greedy
+from stip.reference import compare_logits, plain_greedy
 from stip.errors import UnsupportedModelError
 from stip.server.model import load_protected_model
 from tests.models import VOCAB, _randomise, build_tiny, tiny_configs

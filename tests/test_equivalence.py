@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from stip.client.bundle import ClientBundle
-from stip.developer.verify import compare_logits, plain_greedy, protected_greedy
+from stip.reference import compare_logits, plain_greedy, protected_greedy
 from stip.server.model import load_protected_model
 from tests.models import VOCAB, tiny_configs
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from stip.client.sdk import Client
 from stip.client.transport import StipConnectionError
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.server.launch import free_port, serve_command, server_env, stop
 from tests.parties import isolated_server_bundle
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import stip
 from stip.client.bundle import ClientBundle
-from stip.developer.verify import compare_logits
+from stip.reference import compare_logits
 from stip.server.model import load_protected_model
 from tests.models import VOCAB, save_tiny
 

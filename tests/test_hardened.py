@@ -20,7 +20,7 @@ from stip.client.sdk import Client
 from stip.common.keys import ClientKey, DeveloperKey
 from stip.common.layout import CLIENT_CONFIG_FILE
 from stip.developer.protect import HardenOptionError
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.errors import BundleError, UnsupportedModelError
 from tests.models import build_tiny, save_tiny
 from tests.parties import ServerPipeline, serve

@@ -142,7 +142,7 @@ def test_both_naming_conventions_map_to_the_same_names(llava):
 
     from stip.common.keys import DeveloperKey
     from stip.common.transforms import KeyRng
-    from stip.developer.architectures import architecture_for, geometry_of
+    from stip.common.architectures import architecture_for, geometry_of
     from stip.developer.protect import protect_state_dict
 
     model = llava[0]

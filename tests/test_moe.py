@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 import stip
 from stip.client.bundle import ClientBundle
 from stip.common.keys import DeveloperKey
-from stip.developer.verify import compare_logits, plain_greedy, protected_greedy
+from stip.reference import compare_logits, plain_greedy, protected_greedy
 from stip.errors import TensorSetError
 from stip.server.model import load_protected_model
 from tests.models import VOCAB, save_tiny, tiny_configs

@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM
 import stip
 from stip.client.bundle import ClientBundle
 from stip.common import signing
-from stip.developer.architectures import TOKEN_EMBEDDING, architecture_for
-from stip.developer.completeness import expected_tensors
-from stip.developer.verify import compare_logits, plain_greedy
+from stip.common.architectures import TOKEN_EMBEDDING, architecture_for
+from stip.common.bundles.completeness import expected_tensors
+from stip.reference import compare_logits, plain_greedy
 from stip.errors import TensorSetError
 from stip.server.model import load_protected_model
 from tests.models import VOCAB, save_tiny, tiny_configs

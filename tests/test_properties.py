@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from stip.common.keys import ClientKey, DeveloperKey, Geometry
 from stip.common.transforms import KeyRng, SignedPermutation, rope_pair_rotation
-from stip.developer.architectures import architecture_for, geometry_of
+from stip.common.architectures import architecture_for, geometry_of
 from stip.developer.protect import protect_state_dict
 
 seeds = st.binary(min_size=32, max_size=32)

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.server.launch import local_process
 from tests.parties import serve, stopped_in_background
 

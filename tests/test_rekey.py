@@ -23,7 +23,7 @@ from stip.client.transport import Connection, StipServerError
 from stip.common import wire
 from stip.common.keys import DeveloperKey
 from stip.developer.rekey import rekey
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.errors import BundleError, KeyMismatchError
 from stip.server.launch import local_server, server_env
 from tests.models import save_tiny

@@ -21,7 +21,7 @@ from stip.client.bundle import ClientBundle
 from stip.client.transport import (Connection, Downlink, StipAuthError, StipConnectionError, StipServerError,
                                    _legacy_kw)
 from stip.common import wire
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from tests.parties import ServerPipeline, run_serve_expect_exit, serve
 
 TOKEN = "test-token-7f3a"

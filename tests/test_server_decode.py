@@ -21,7 +21,7 @@ import stip
 from stip.client.bundle import ClientBundle
 from stip.client.sdk import Client
 from stip.client.transport import Connection, StipServerError
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.server.launch import local_process
 from tests.models import VOCAB, build_tiny, tiny_configs
 from tests.parties import ServerPipeline, serve, stopped_in_background

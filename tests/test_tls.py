@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from stip.client.sdk import Client
 from stip.client.transport import Connection, StipCertificateError
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.errors import StipError
 from stip.server.launch import local_server, server_env
 from tests.parties import isolated_server_bundle

@@ -14,7 +14,7 @@ from stip.client.bundle import ClientBundle
 from stip.client.transport import (Connection, Downlink, StepResult, StipConnectionError, StipServerError,
                                    _http_url, _ws_url)
 from stip.common import wire
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from tests.parties import serve
 
 TOKEN = "transport-token"

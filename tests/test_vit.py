@@ -19,7 +19,7 @@ from stip.client.bundle import ClientBundle
 from stip.client.images import ImageEncoder
 from stip.client.vision import ImageInputError
 from stip.common.keys import DeveloperKey
-from stip.developer.architectures import architecture_for, geometry_of
+from stip.common.architectures import architecture_for, geometry_of
 from stip.developer.protect import protect_state_dict
 from tests.models import _randomise
 
@@ -215,7 +215,7 @@ def test_class_names_and_other_heads(plain_vit, tmp_path):
 def test_server_bundle_check_refuses_embeddings(plain_vit):
     """The server's tensor check: any tensor of the client's embeddings module in a server bundle is refused by
     name, as is a missing block tensor (transformers would fill it with random values)."""
-    from stip.developer.completeness import check_server_tensors
+    from stip.common.bundles.completeness import check_server_tensors
     from stip.errors import TensorSetError
 
     model, folder = plain_vit

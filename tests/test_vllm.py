@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from stip.common.sampling import SamplingParams
-from stip.developer.verify import plain_greedy
+from stip.reference import plain_greedy
 from stip.server.auth import create_key
 from stip.server.launch import find_vllm_python, free_port, local_process, server_env
 from tests.parties import isolated_server_bundle, stopped_in_background

@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from stip.developer.architectures import Architecture
-from stip.developer.architectures.rules import NormFold, TensorRule
+from stip.common.architectures import Architecture
+from stip.common.architectures.rules import NormFold, TensorRule
 from stip.errors import TensorSetError, UnsupportedModelError
 
 NORM, LINEAR = "norm", "linear"

@@ -26,10 +26,10 @@ from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE,
                                 DEVELOPER_KEY_FILE, EMBEDDING_FILE, MODEL_CONFIG_FILE, SERVER_DIR)
 from stip.common.transforms import KeyRng
 from stip.common.tasks import IMAGE_TEXT_TO_TEXT, ONE_SHOT_TASKS
-from stip.developer.architectures import (CLIENT, DROP, LM_HEAD, SERVER, TOKEN_EMBEDDING, Architecture, Placement,
-                                          architecture_for, embedding_scale_of, geometry_of, task_of)
+from stip.common.architectures import (CLIENT, DROP, LM_HEAD, SERVER, TOKEN_EMBEDDING, Architecture, Placement,
+                                       architecture_for, embedding_scale_of, geometry_of, task_of)
 from stip.developer.checkpoint import Checkpoint
-from stip.developer.completeness import ROUND_TRIP, SERVER_DECODE, check_server_tensors
+from stip.common.bundles.completeness import ROUND_TRIP, SERVER_DECODE, check_server_tensors
 from stip.developer.fold import LINEAR, NormFolder
 from stip.errors import KeyMismatchError, TensorSetError
 

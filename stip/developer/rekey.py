@@ -25,7 +25,7 @@ from stip.common.keys import ClientKey, DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE,
                                 EMBEDDING_FILE, MODEL_CONFIG_FILE)
 from stip.common.signing import SIGNING_KEY_FILE, Trusted
-from stip.developer.architectures import architecture_for, geometry_of
+from stip.common.architectures import architecture_for, geometry_of
 from stip.developer.checkpoint import Checkpoint
 from stip.developer.protect import ProtectResult, protect
 from stip.errors import BundleError, KeyMismatchError, StipError

@@ -163,7 +163,7 @@ class EncoderEngine(Engine):
 
 def bundle_task(config) -> str:
     """The pipeline task of a server bundle's config (its class decides: BertModel -> feature-extraction)."""
-    from stip.developer.architectures import task_of
+    from stip.common.architectures import task_of
 
     return task_of(config)
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from stip.common.files import listed_view, read_manifest
 from stip.common.signing import Trusted
-from stip.developer.completeness import ROUND_TRIP, check_server_tensors, client_only, zeroed
+from stip.common.bundles.completeness import ROUND_TRIP, check_server_tensors, client_only, zeroed
 from stip.errors import BundleError, TensorSetError
 
 

@@ -221,7 +221,7 @@ def _verified_config(bundle: Path, trusted):
     from transformers import AutoConfig
 
     from stip.common.files import read_manifest
-    from stip.developer.completeness import ROUND_TRIP, check_server_tensors, zeroed
+    from stip.common.bundles.completeness import ROUND_TRIP, check_server_tensors, zeroed
     from stip.server.model import shard_shapes
 
     manifest = read_manifest(bundle, role="server", trusted=trusted)
@@ -406,7 +406,7 @@ def load_vllm_engine(bundle, dtype: torch.dtype = torch.float32, device: str = "
     """The engine for `stip serve --engine vllm`: verify the bundle, then start vLLM in the manifest's mode.
     `options` are vLLM engine arguments (tensor_parallel_size, max_num_seqs, ...). `device` is vLLM's to pick (the
     platform it was built for); a CPU build gets the CPU defaults here."""
-    from stip.developer.completeness import ROUND_TRIP, SERVER_DECODE
+    from stip.common.bundles.completeness import ROUND_TRIP, SERVER_DECODE
 
     _import_vllm()
     options = dict(options or {})

@@ -32,7 +32,7 @@ def round_trip_load_folder(bundle: Path, config, shapes: dict, signed_files) -> 
     and are not the client's table. The caller removes the folder."""
     from safetensors.torch import save_file
 
-    from stip.developer.completeness import client_only, expected_tensors
+    from stip.common.bundles.completeness import client_only, expected_tensors
 
     expected = expected_tensors(config)
     missing = sorted(client_only(config, expected) - set(shapes))

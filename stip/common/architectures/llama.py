@@ -5,8 +5,8 @@ The rule groups are public so that families built from the same blocks (Mixtral,
 copying the table: `LAYER` (the per-layer name prefix), `TOKEN_EMBEDDING_RULE`, `ATTENTION_RULES`, `MLP_RULES`,
 `NORM_RULES` and `TAIL_RULES` (the LM head and the rebuilt rotary buffer)."""
 
-from stip.developer.architectures.rules import (CLIENT, DROP, TOKEN_EMBEDDING, Architecture, NormFold, TensorRule,
-                                                LM_HEAD_RULE, attention_geometry, linear, vec)
+from stip.common.architectures.rules import (CLIENT, DROP, TOKEN_EMBEDDING, Architecture, NormFold, TensorRule,
+                                             LM_HEAD_RULE, attention_geometry, linear, vec)
 
 LAYER = r"layers\.(?P<layer>\d+)\."
 L = LAYER

@@ -8,9 +8,9 @@ layer and lets each KV head vary only its signs; the norm weights get that share
 
 from functools import partial
 
-from stip.developer.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
-                                                TOKEN_EMBEDDING_RULE)
-from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, vec
+from stip.common.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
+                                             TOKEN_EMBEDDING_RULE)
+from stip.common.architectures.rules import Architecture, TensorRule, attention_geometry, vec
 
 QK_NORM_RULES = (TensorRule(LAYER + r"self_attn\.[qk]_norm\.weight", vec("attn_qk_head")),)
 

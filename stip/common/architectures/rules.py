@@ -126,7 +126,7 @@ class Architecture:
     # `layers.N.`), so that rules and the server bundle use the class's own names
     renames: tuple[tuple[str, str], ...] = ()
     # the server bundle keeps the names `save_pretrained` writes where the class's own differ (Mixtral's per-expert
-    # tensors, which the class fuses on load): the completeness check expects those (stip.developer.completeness)
+    # tensors, which the class fuses on load): the completeness check (common.bundles.completeness) expects those
     saved_names: bool = False
     # config -> the config of the model the server runs, where that is not the whole model (LLaVA: its language
     # model's text config); None: the model's own config

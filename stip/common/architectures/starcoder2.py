@@ -4,8 +4,8 @@ of RMSNorm, a plain GELU MLP (`c_fc`, `c_proj`) instead of SwiGLU, and sliding-w
 Nothing here needs code: LayerNorm's bias lives in the residual space like its weight, the MLP is an FFN permutation
 between two linears, and the window acts on positions, which no transform touches."""
 
-from stip.developer.architectures.llama import ATTENTION_RULES, LAYER as L, TAIL_RULES, TOKEN_EMBEDDING_RULE
-from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, linear, vec
+from stip.common.architectures.llama import ATTENTION_RULES, LAYER as L, TAIL_RULES, TOKEN_EMBEDDING_RULE
+from stip.common.architectures.rules import Architecture, TensorRule, attention_geometry, linear, vec
 
 STARCODER2 = Architecture(
     model_types=("starcoder2",),

@@ -1,11 +1,11 @@
 """DistilBERT: BERT's embeddings (no token types) and post-norm blocks under its own names (`transformer.layer.N.`,
 `q_lin`/`k_lin`/`v_lin`/`out_lin`, `ffn.lin1`/`lin2`), no pooler; heads `pre_classifier` + `classifier`, and an MLM
 head whose `vocab_projector` is tied to the token embedding. The tables are built as BERT's
-(`stip.developer.architectures.bert`)."""
+(`stip.common.architectures.bert`)."""
 
 from stip.common.tasks import FILL_MASK, TEXT_CLASSIFICATION
-from stip.developer.architectures.bert import EMBEDDING_RULES, encoder_family
-from stip.developer.architectures.rules import LM_HEAD, TensorRule, linear, one, vec
+from stip.common.architectures.bert import EMBEDDING_RULES, encoder_family
+from stip.common.architectures.rules import LM_HEAD, TensorRule, linear, one, vec
 
 L = r"transformer\.layer\.(?P<layer>\d+)\."
 

@@ -9,10 +9,10 @@ Dense layers (`mlp_only_layers`, `decoder_sparse_step`) take the layer's own FFN
 the experts' permutations have `moe_intermediate_size` (`Geometry.expert_ffn`).
 """
 
-from stip.developer.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
-                                                TOKEN_EMBEDDING_RULE)
-from stip.developer.architectures.qwen3 import QK_NORM_RULES
-from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, linear
+from stip.common.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
+                                             TOKEN_EMBEDDING_RULE)
+from stip.common.architectures.qwen3 import QK_NORM_RULES
+from stip.common.architectures.rules import Architecture, TensorRule, attention_geometry, linear
 
 EXPERT = LAYER + r"mlp\.experts\.(?P<expert>\d+)\."
 

@@ -17,8 +17,8 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from stip.common.tasks import FEATURE_EXTRACTION, FILL_MASK, TEXT_CLASSIFICATION
-from stip.developer.architectures.rules import (CLIENT, DROP, LM_HEAD, TOKEN_EMBEDDING, Architecture, TensorRule,
-                                                attention_geometry, linear, one, vec)
+from stip.common.architectures.rules import (CLIENT, DROP, LM_HEAD, TOKEN_EMBEDDING, Architecture, TensorRule,
+                                             attention_geometry, linear, one, vec)
 from stip.errors import UnsupportedModelError
 
 E = r"encoder\.layer\.(?P<layer>\d+)\."

@@ -16,10 +16,10 @@
 import math
 from functools import partial
 
-from stip.developer.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
-                                                TOKEN_EMBEDDING_RULE)
-from stip.developer.architectures.qwen3 import QK_NORM_RULES
-from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, vec
+from stip.common.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
+                                             TOKEN_EMBEDDING_RULE)
+from stip.common.architectures.qwen3 import QK_NORM_RULES
+from stip.common.architectures.rules import Architecture, TensorRule, attention_geometry, vec
 
 
 def sqrt_hidden(config) -> float:

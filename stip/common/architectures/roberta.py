@@ -1,11 +1,11 @@
-"""RoBERTa: BERT's encoder under the `roberta.` prefix (`stip.developer.architectures.bert`), with its own heads: a
+"""RoBERTa: BERT's encoder under the `roberta.` prefix (`stip.common.architectures.bert`), with its own heads: a
 classifier with a dense layer of its own on the first token, and an MLM head `lm_head.…` whose decoder is tied to the
 token embedding. Its client-side embeddings number positions from the padding index, as transformers' own module
 does."""
 
 from stip.common.tasks import FILL_MASK, TEXT_CLASSIFICATION
-from stip.developer.architectures.bert import encoder_family
-from stip.developer.architectures.rules import DROP, LM_HEAD, TensorRule, linear, one, vec
+from stip.common.architectures.bert import encoder_family
+from stip.common.architectures.rules import DROP, LM_HEAD, TensorRule, linear, one, vec
 
 ROBERTA_CLASSIFIER = (
     one("classifier.dense.weight", linear("resid", "resid"), in_base=False),

@@ -3,27 +3,29 @@
 `rules` holds the shape of a table (which tensor gets which transform on which axis, and which party gets it); each
 family module holds one table plus how to read its key's shapes and its task from a transformers config. Adding a
 family means adding its module and one line in `ARCHITECTURES`; a model type no table covers is refused by name.
+Shared (common): the developer protects by these tables, and the server reads from them which tensors its bundle
+must hold and which are the client's (`stip.common.bundles.completeness`) and what task a bundle serves (`task_of`).
 """
 
 from __future__ import annotations
 
 from stip.common.keys import Geometry
-from stip.developer.architectures.bert import BERT
-from stip.developer.architectures.distilbert import DISTILBERT
-from stip.developer.architectures.gemma import GEMMA3
-from stip.developer.architectures.gpt2 import GPT2
-from stip.developer.architectures.llama import LLAMA
-from stip.developer.architectures.llava import LLAVA
-from stip.developer.architectures.mixtral import MIXTRAL
-from stip.developer.architectures.phi3 import PHI3
-from stip.developer.architectures.qwen2_moe import QWEN2_MOE
-from stip.developer.architectures.qwen3 import QWEN3
-from stip.developer.architectures.qwen3_moe import QWEN3_MOE
-from stip.developer.architectures.roberta import ROBERTA
-from stip.developer.architectures.starcoder2 import STARCODER2
-from stip.developer.architectures.rules import (CLIENT, DROP, LM_HEAD, LM_HEAD_RULE, SERVER, TOKEN_EMBEDDING,
-                                                Architecture, Placement, RuleMatch, TensorRule)
-from stip.developer.architectures.vit import VIT
+from stip.common.architectures.bert import BERT
+from stip.common.architectures.distilbert import DISTILBERT
+from stip.common.architectures.gemma import GEMMA3
+from stip.common.architectures.gpt2 import GPT2
+from stip.common.architectures.llama import LLAMA
+from stip.common.architectures.llava import LLAVA
+from stip.common.architectures.mixtral import MIXTRAL
+from stip.common.architectures.phi3 import PHI3
+from stip.common.architectures.qwen2_moe import QWEN2_MOE
+from stip.common.architectures.qwen3 import QWEN3
+from stip.common.architectures.qwen3_moe import QWEN3_MOE
+from stip.common.architectures.roberta import ROBERTA
+from stip.common.architectures.starcoder2 import STARCODER2
+from stip.common.architectures.rules import (CLIENT, DROP, LM_HEAD, LM_HEAD_RULE, SERVER, TOKEN_EMBEDDING,
+                                             Architecture, Placement, RuleMatch, TensorRule)
+from stip.common.architectures.vit import VIT
 from stip.errors import UnsupportedModelError
 
 ARCHITECTURES: tuple[Architecture, ...] = (LLAMA, GPT2, QWEN3, PHI3, GEMMA3, VIT, MIXTRAL, QWEN3_MOE, QWEN2_MOE, LLAVA,

@@ -7,10 +7,10 @@ experts' their own, of `moe_intermediate_size`. A dense layer (`mlp_only_layers`
 layer's FFN permutation too, so it must have the shared expert's width; a config where it does not is refused.
 """
 
-from stip.developer.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
-                                                TOKEN_EMBEDDING_RULE)
-from stip.developer.architectures.qwen3_moe import MOE_RULES
-from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, linear
+from stip.common.architectures.llama import (ATTENTION_RULES, LAYER, MLP_RULES, NORM_RULES, TAIL_RULES,
+                                             TOKEN_EMBEDDING_RULE)
+from stip.common.architectures.qwen3_moe import MOE_RULES
+from stip.common.architectures.rules import Architecture, TensorRule, attention_geometry, linear
 from stip.errors import UnsupportedModelError
 
 SHARED = LAYER + r"mlp\.shared_expert\."

@@ -14,10 +14,10 @@ client's module shards `vision_tower.…` and `multi_modal_projector.…`.
 import copy
 
 from stip.common.tasks import IMAGE_TEXT_TO_TEXT
-from stip.developer.architectures.llama import (ATTENTION_RULES, LLAMA, MLP_RULES, NORM_RULES, TAIL_RULES,
-                                                TOKEN_EMBEDDING_RULE)
-from stip.developer.architectures.rules import (CLIENT, LM_HEAD, LM_HEAD_RULE, Architecture, TensorRule,
-                                                attention_geometry, linear)
+from stip.common.architectures.llama import (ATTENTION_RULES, LLAMA, MLP_RULES, NORM_RULES, TAIL_RULES,
+                                             TOKEN_EMBEDDING_RULE)
+from stip.common.architectures.rules import (CLIENT, LM_HEAD, LM_HEAD_RULE, Architecture, TensorRule,
+                                             attention_geometry, linear)
 from stip.errors import UnsupportedModelError
 
 

@@ -6,9 +6,9 @@ in-head transform, RoPE quarter-turns on Q and K) and "ffn_gate_up" (the layer's
 gate and up neurons stay paired). A partial rotary factor other than 1 is refused (the quarter-turns assume RoPE on
 every head dim)."""
 
-from stip.developer.architectures.llama import LAYER as L
-from stip.developer.architectures.llama import NORM_RULES, TAIL_RULES, TOKEN_EMBEDDING_RULE
-from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, linear
+from stip.common.architectures.llama import LAYER as L
+from stip.common.architectures.llama import NORM_RULES, TAIL_RULES, TOKEN_EMBEDDING_RULE
+from stip.common.architectures.rules import Architecture, TensorRule, attention_geometry, linear
 
 PHI3 = Architecture(
     model_types=("phi3",),

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from stip.developer.architectures import CLIENT, TOKEN_EMBEDDING, architecture_for
+from stip.common.architectures import CLIENT, TOKEN_EMBEDDING, architecture_for
 from stip.errors import TensorSetError, UnsupportedModelError
 
 Shapes = Mapping[str, tuple[int, ...]]

@@ -2,9 +2,9 @@
 stored `[in, out]`, and a fused Q|K|V projection."""
 
 from stip.common.keys import Geometry
-from stip.developer.architectures.rules import (CLIENT, DROP, TOKEN_EMBEDDING, Architecture, NormFold, TensorRule,
-                                                conv1d, vec)
-from stip.developer.architectures.rules import LM_HEAD_RULE
+from stip.common.architectures.rules import (CLIENT, DROP, TOKEN_EMBEDDING, Architecture, NormFold, TensorRule,
+                                             conv1d, vec)
+from stip.common.architectures.rules import LM_HEAD_RULE
 
 
 def _geometry(config) -> Geometry:

@@ -1,7 +1,8 @@
 """The reference three-party path, all in one process: plain model vs. protected model driven by the client bundle.
 
 This is the simple path the networked runtime is tested against (as Opacus tests its fast path against a reference):
-client embeds and permutes, the protected model runs, the client un-permutes.
+client embeds and permutes, the protected model runs, the client un-permutes. It plays the developer (the plain
+model) and the client (`ClientBundle`) at once, by design, so it sits above the parties, beside `cli` and `demo`.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ Names: the bundle keeps the per-expert names checkpoints and `save_pretrained` u
 `mlp.experts.gate_up_proj` / `down_proj` on load. Hub checkpoints hold the same names.
 """
 
-from stip.developer.architectures.llama import (ATTENTION_RULES, LAYER, NORM_RULES, TAIL_RULES,
-                                                TOKEN_EMBEDDING_RULE)
-from stip.developer.architectures.rules import Architecture, TensorRule, attention_geometry, linear
+from stip.common.architectures.llama import (ATTENTION_RULES, LAYER, NORM_RULES, TAIL_RULES,
+                                             TOKEN_EMBEDDING_RULE)
+from stip.common.architectures.rules import Architecture, TensorRule, attention_geometry, linear
 
 MOE = LAYER + r"block_sparse_moe\."
 EXPERT = MOE + r"experts\.(?P<expert>\d+)\."

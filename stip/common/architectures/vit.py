@@ -11,7 +11,7 @@ class's names.
 
 from stip.common.keys import Geometry
 from stip.common.tasks import IMAGE_CLASSIFICATION
-from stip.developer.architectures.rules import CLIENT, Architecture, TensorRule, linear, one, vec
+from stip.common.architectures.rules import CLIENT, Architecture, TensorRule, linear, one, vec
 from stip.errors import UnsupportedModelError
 
 CLASSIFIER_CLASS = "ViTForImageClassification"
