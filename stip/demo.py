@@ -36,7 +36,7 @@ def _cached_bundle(out: Path, trusted: str | None):
     noted at protect time): both manifests verify (signer, every sha256, no unlisted file), the client bundle loads,
     and the two bundles belong together. Otherwise None: protect again."""
     from stip.client.bundle import ClientBundle
-    from stip.common.files import read_manifest
+    from stip.common.bundles.manifest import read_manifest
     from stip.errors import StipError
 
     if not trusted:

@@ -21,7 +21,7 @@ import pytest
 
 import stip
 from stip.common import signing
-from stip.common.files import read_manifest, unlisted_paths
+from stip.common.bundles.manifest import read_manifest, unlisted_paths
 from stip.errors import BundleError
 from stip.server.launch import free_port, serve_command, server_env
 from tests.models import save_tiny

@@ -40,7 +40,8 @@ def test_demo_from_an_empty_cache_matches_plain(tmp_path):
 def test_cached_bundle_is_checked_before_reuse(smollm2_protected, tmp_path):
     import shutil
 
-    from stip.common.signing import generate_signing_key, load_signing_key, pin, resign, signer_info
+    from stip.common.bundles.manifest import resign
+    from stip.common.signing import generate_signing_key, load_signing_key, pin, signer_info
     from stip.demo import _cached_bundle as cached_bundle
 
     cached = tmp_path / "smollm2"

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 import stip
 from stip.client.bundle import ClientBundle
 from stip.common import signing
+from stip.common.bundles.manifest import resign
 from stip.common.architectures import TOKEN_EMBEDDING, architecture_for
 from stip.common.bundles.completeness import expected_tensors
 from stip.reference import compare_logits, plain_greedy
@@ -174,7 +175,7 @@ def damaged_copy(out, copy, edit):
     index = json.loads((server / "model.safetensors.index.json").read_text())
     index["weight_map"] = {n: shard.name for n in state}
     (server / "model.safetensors.index.json").write_text(json.dumps(index))
-    signing.resign(server, copy / "developer" / signing.SIGNING_KEY_FILE)
+    resign(server, copy / "developer" / signing.SIGNING_KEY_FILE)
     return server
 
 

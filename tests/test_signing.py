@@ -16,6 +16,7 @@ import torch
 import stip
 from stip.client.bundle import ClientBundle
 from stip.common import signing
+from stip.common.bundles.manifest import resign
 from stip.common.files import sha256_file
 from stip.common.keys import ClientKey
 from stip.common.transforms import SignedPermutation
@@ -95,7 +96,7 @@ def test_resigned_bundle_refused_when_pinned_accepted_with_warning_when_not(bund
     pinned = developer_pin(bundle)
     swap_in_identity_key(client)
     attacker = signing.generate_signing_key()
-    signing.resign(client, attacker)
+    resign(client, attacker)
     evil = signing.pin(signing.signer_info(attacker))
 
     with pytest.raises(BundleError, match="not a trusted signer"):
@@ -145,7 +146,7 @@ def test_pinned_bundle_loads_and_tampered_manifest_is_named(bundle):
 
 def test_serve_refuses_server_bundle_resigned_by_another_key(bundle):
     pinned = developer_pin(bundle)
-    signing.resign(bundle / "server", signing.generate_signing_key())
+    resign(bundle / "server", signing.generate_signing_key())
     r = run_serve_expect_exit(bundle, "--trust", pinned)
     assert r.returncode == 2, r.stderr
     assert "not a trusted signer" in r.stderr and "Traceback" not in r.stderr, r.stderr

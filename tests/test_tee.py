@@ -304,7 +304,7 @@ def test_smollm2_tee_equals_plain(tmp_path, smollm2_plain, smollm2_protected):
     import shutil
 
     from stip.common import signing
-    from stip.common.files import read_manifest
+    from stip.common.bundles.manifest import read_manifest
     from stip.developer.tee import write_tee_bundles
 
     model, tok = smollm2_plain

@@ -161,7 +161,7 @@ def test_fresh_pads_and_nothing_secret_reaches_the_worker(party):
 
 
 def test_worker_refuses_bad_requests_and_keeps_serving(party, tee_protected):
-    from stip.common.files import read_manifest
+    from stip.common.bundles.manifest import read_manifest
 
     name, plain, config, tensors, worker = party
     link = WebSocketWorkerLink(worker.url, token=worker.token)
@@ -256,7 +256,7 @@ def test_worker_bundle_holds_block0_in_secret_bases(tee_protected, name):
     line of the embedding table (plain or permuted) up to sign; an untied LM head is stored as `W A^-1`, no row
     of it equal to a row of the standard LM head."""
     from stip.common import signing
-    from stip.common.files import read_manifest
+    from stip.common.bundles.manifest import read_manifest
     from stip.common.tee.blocks import block0_layout
     from stip.common.tee.layout import BLOCK_PREFIX, LM_HEAD_PREFIX
 

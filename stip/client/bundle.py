@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from stip.client.noise import NoiseChain, new_secret
-from stip.common.files import listed_files, listed_view, read_manifest
+from stip.common.bundles.manifest import listed_files, listed_view, read_manifest
 from stip.common.signing import Trusted
 from stip.common.keys import ClientKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, EMBEDDING_FILE,

@@ -42,7 +42,7 @@ class TeeBundle:
     def __init__(self, path, trusted=None):
         from pathlib import Path
 
-        from stip.common.files import read_manifest
+        from stip.common.bundles.manifest import read_manifest
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path, role=TEE_CLIENT_ROLE, trusted=trusted)
@@ -71,7 +71,7 @@ class TeeBundle:
         if not self.has_tokenizer:
             raise BundleError(f"TEE client bundle {self.path} has no tokenizer; pass token ids instead of text")
         if self._tokenizer is None:
-            from stip.common.files import listed_view
+            from stip.common.bundles.manifest import listed_view
 
             with listed_view(self.path, self.manifest["files"]) as signed_only:  # signed files only
                 self._tokenizer = AutoTokenizer.from_pretrained(signed_only)

@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from stip.common import signing
-from stip.common.files import read_manifest
+from stip.common.bundles.manifest import read_manifest
 from stip.common.keys import ClientKey, DeveloperKey, read_key_file
 from stip.errors import BundleError, KeyMismatchError
 

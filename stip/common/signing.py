@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from stip.common.files import write_bytes_atomic
 from stip.errors import BundleError
 
 ALGORITHM = "ed25519"
@@ -74,8 +75,6 @@ def pin(info_or_fp: dict | str) -> str:
 
 def save_signing_key(key: Ed25519PrivateKey, path: Path) -> None:
     """PKCS#8 PEM, owner-only, written atomically."""
-    from stip.common.files import write_bytes_atomic
-
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     write_bytes_atomic(Path(path), pem, mode=0o600)
@@ -199,19 +198,3 @@ def trusted_fingerprints(trusted: Trusted = None) -> frozenset[str]:
         trusted = os.environ.get(TRUST_ENV, "")
     items = [trusted] if isinstance(trusted, str) else list(trusted)
     return frozenset(parse_trusted(p) for item in items for p in re.split(r"[,\s]+", item) if p.strip())
-
-
-# ---------------------------------------------------------------- tests and tooling
-
-
-def resign(bundle: str | Path, key: Ed25519PrivateKey | str | Path) -> dict:
-    """Recompute a bundle's file hashes and sign its manifest with `key`: what an attacker who swapped files would
-    do. For tests (and for a developer moving a bundle to a new key); loaders that pin the old signer refuse it."""
-    from stip.common.files import MANIFEST_NAME, write_manifest
-
-    bundle = Path(bundle)
-    key = key if isinstance(key, Ed25519PrivateKey) else load_signing_key(key)
-    old = json.loads((bundle / MANIFEST_NAME).read_text())
-    keep = {k: v for k, v in old.items()
-            if k not in ("format", "version", "role", "bundle_id", "files", SIGNER_FIELD, SIGNATURE_FIELD)}
-    return write_manifest(bundle, old["role"], old["bundle_id"], keep, signing_key=key)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from stip.common.files import read_manifest
+from stip.common.bundles.manifest import read_manifest
 from stip.common.keys import ClientKey
 from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, EMBEDDING_FILE, SERVER_DIR
 from stip.common.tee.blocks import config_of, skeleton

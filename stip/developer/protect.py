@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 import stip
 from stip.common import signing
-from stip.common.files import MANIFEST_NAME, read_manifest, staged_directory, write_json_atomic, write_manifest
+from stip.common.bundles.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from stip.common.files import staged_directory, write_json_atomic
 from stip.common.keys import HARDEN_OPTIONS, DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, DEVELOPER_DIR,
                                 DEVELOPER_KEY_FILE, EMBEDDING_FILE, MODEL_CONFIG_FILE, SERVER_DIR)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from stip.common.files import read_manifest
+from stip.common.bundles.manifest import read_manifest
 from stip.common.keys import ClientKey, DeveloperKey
 from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_DIR, CLIENT_KEY_FILE, DEVELOPER_DIR, DEVELOPER_KEY_FILE,
                                 EMBEDDING_FILE, MODEL_CONFIG_FILE)

@@ -29,7 +29,8 @@ import os
 from pathlib import Path
 
 from stip.common import signing
-from stip.common.files import read_manifest, write_json_atomic, write_manifest
+from stip.common.bundles.manifest import read_manifest, write_manifest
+from stip.common.files import write_json_atomic
 from stip.common.layout import CLIENT_CONFIG_FILE, CLIENT_DIR, MODEL_CONFIG_FILE, SERVER_DIR
 from stip.common.tee.layout import (ENCLAVE_CONFIG_FILE, ENCLAVE_DIR, LM_HEAD, LM_HEAD_FIELD, LM_HEAD_IN_ENCLAVE,
                                     LM_HEAD_PREFIX, MASK_PREFIX, PLATFORM_FILE, SEALED_FILE, TEE_CLIENT_DIR,

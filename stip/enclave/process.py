@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from stip.common.channel import NONCE_BYTES, Channel, new_keypair, public_bytes
-from stip.common.files import read_manifest
+from stip.common.bundles.manifest import read_manifest
 from stip.common.layout import MODEL_CONFIG_FILE
 from stip.common.sampling import Sampler, SamplingParams
 from stip.common.tee.layout import ENCLAVE_CONFIG_FILE, SEALED_FILE

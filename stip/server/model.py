@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from stip.common.files import listed_view, read_manifest
+from stip.common.bundles.manifest import listed_view, read_manifest
 from stip.common.signing import Trusted
 from stip.common.bundles.completeness import ROUND_TRIP, check_server_tensors, client_only, zeroed
 from stip.errors import BundleError, TensorSetError

@@ -220,7 +220,7 @@ def _verified_config(bundle: Path, trusted):
     `stip.server.model.load_protected_model` checks them; -> (manifest, transformers config, tensor shapes)."""
     from transformers import AutoConfig
 
-    from stip.common.files import read_manifest
+    from stip.common.bundles.manifest import read_manifest
     from stip.common.bundles.completeness import ROUND_TRIP, check_server_tensors, zeroed
     from stip.server.model import shard_shapes
 

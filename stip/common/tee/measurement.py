@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from stip.common.files import MANIFEST_NAME
+from stip.common.bundles.manifest import MANIFEST_NAME
 from stip.errors import TeeError
 
 PACKAGE = Path(__file__).resolve().parents[2]  # the stip package
 # The code the enclave runs: its own party folder and the shared modules it imports (paths relative to stip/).
 ENCLAVE_CODE = ("enclave/*.py", "common/tee/*.py", "common/channel.py", "common/tee_protocol.py", "common/generate.py",
-                "common/sampling.py", "common/wire.py", "common/ws.py", "common/files.py", "common/signing.py",
-                "common/layout.py", "common/transforms.py", "common/hosts.py", "errors.py")
+                "common/sampling.py", "common/wire.py", "common/ws.py", "common/files.py", "common/bundles/manifest.py",
+                "common/signing.py", "common/layout.py", "common/transforms.py", "common/hosts.py", "errors.py")
 
 
 def code_files(package: Path = PACKAGE) -> list[Path]:
