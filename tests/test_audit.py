@@ -115,7 +115,7 @@ def test_serial_engine_capture(protected, tmp_path):
     from stip.audit.capture import read_capture
     from stip.errors import StipError
     from stip.server.capture import enable_capture
-    from stip.server.engine import load_engine
+    from stip.server.engines import load_engine
 
     _, out = protected
     client = ClientBundle.load(out / "client")

@@ -9,7 +9,7 @@ brute-force, and hashing stays cheap enough to check on every step. The file nev
 `stip apikey create` prints the key once. The server re-reads the file when it changes (its stamp is checked at most
 every RELOAD_INTERVAL, on requests and on the server's own timer every REVOCATION_POLL), so a revocation takes effect
 without a restart: within REVOCATION_BOUND seconds the key is refused, its sessions are closed and its running
-generations are cut (`stip.server.app`). If the file becomes unreadable the server refuses every key from it (503)
+generations are cut (`stip.server.service`). If the file becomes unreadable the server refuses every key from it (503)
 until it is fixed, rather than keep honouring keys someone may have just revoked.
 
 The names "token" (the single --token) and "anonymous" (loopback without a token) are the server's own clients: a key

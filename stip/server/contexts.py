@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Mapping
 from stip.common.wire import BUNDLE_HEADER
 
 if TYPE_CHECKING:
-    from stip.server.app import StipService
+    from stip.server.service import StipService
 
 __all__ = ["BUNDLE_HEADER", "ContextError", "Contexts"]
 

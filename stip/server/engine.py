@@ -1,6 +1,6 @@
 """The server's compute engine: a small interface the network layer drives, and its transformers implementation.
 
-The network layer (`stip.server.app`) only ever calls the five methods of `Engine`, from as many threads as the
+The network layer (`stip.server.service`) only ever calls the five methods of `Engine`, from as many threads as the
 engine's `concurrent_steps` allows (1 for a plain engine: it needs no locking). Another backend can replace
 `TransformersEngine` without touching the protocol: `stip.server.batching.BatchedEngine` runs many sessions' steps
 in one forward through `step_batch`, and `stip.server.scheduler.Scheduler` wraps any engine so that concurrent
@@ -212,76 +212,3 @@ class TransformersEngine(Engine):
         state.cache = None
         state.length = 0
         state.freed = True
-
-
-ENGINES = ("transformers", "vllm")
-ALIASES = {"batched": ("transformers", True), "serial": ("transformers", False)}  # the names of 0.2
-
-
-def load_engine(kind: str, bundle, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                chunk_tokens: int | None = None, batching: bool = True, vllm_options: dict | None = None,
-                **load_kw) -> Engine:
-    """The engine `stip serve --engine KIND` runs.
-
-    "transformers": our own engine on the stock transformers model. With `batching` (the default) concurrent sessions'
-    steps merge into one forward per tick and long prefills are cut into `chunk_tokens` chunks (docs/batching.md);
-    without it, or for a family the packed decoder does not cover, one forward per step in arrival order.
-    "vllm": the bundle on vLLM (`stip.server.vllm_engine`, needs the `vllm` extra); `vllm_options` pass through.
-    A server-decode bundle gives a `TokenEngine` (`stip.server.decoding` for "transformers").
-    "serial" and "batched" are the older names of transformers without and with batching."""
-    import logging
-
-    from stip.errors import StipError
-
-    if kind in ALIASES:
-        kind, batching = ALIASES[kind]
-    if kind not in ENGINES:
-        raise StipError(f"unknown engine {kind!r}; expected one of {', '.join(ENGINES)}")
-    log = logging.getLogger("stip.server")
-    from stip.server.encoder import EncoderEngine, is_one_shot
-
-    if is_one_shot(bundle):  # encoders and classifiers: one forward per request, no sessions
-        if kind == "vllm":
-            raise StipError("encoder and classifier bundles run on the transformers engine only (--engine "
-                            "transformers)")
-        log.info("engine transformers (one-shot): one forward per request")
-        return EncoderEngine.from_bundle(bundle, dtype=dtype, device=device, **load_kw)
-    if kind == "vllm":
-        from stip.server.vllm_engine import load_vllm_engine
-
-        return load_vllm_engine(bundle, dtype=dtype, device=device, options=vllm_options or {}, **load_kw)
-    chunk = None
-    if batching:
-        from stip.server.scheduler import DEFAULT_CHUNK_TOKENS
-
-        chunk = DEFAULT_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
-        if chunk < 1:
-            raise StipError(f"the prefill chunk must be at least 1 token, got {chunk}")
-    serial = TransformersEngine.from_bundle(bundle, dtype=dtype, device=device, **load_kw)
-    if batching:
-        from stip.server.batching import BatchedEngine
-        from stip.server.decoder import FAMILIES
-        from stip.server.scheduler import Scheduler
-
-        if serial.model_type in FAMILIES:
-            try:
-                engine = Scheduler(BatchedEngine(serial.model, serial.manifest), chunk_tokens=chunk)
-            except StipError as e:  # a variant the packed decoder refuses (e.g. length-dependent RoPE)
-                log.warning("engine transformers: no batching for this model (%s); one forward per step", e)
-            else:
-                log.info("engine transformers (batched): continuous batching, prefill chunks of %d tokens", chunk)
-                return _for_mode(engine, serial)
-        else:
-            log.warning("engine transformers: the batched decoder does not cover %r; one forward per step",
-                        serial.model_type)
-    log.info("engine transformers (serial): one forward per session step")
-    return _for_mode(serial, serial)
-
-
-def _for_mode(engine: Engine, serial: TransformersEngine) -> Engine | TokenEngine:
-    """A server-decode bundle (manifest "mode") is served as a `TokenEngine` over the same engine."""
-    if serial.manifest.get("mode", "round-trip") == "round-trip":
-        return engine
-    from stip.server.decoding import DecodingEngine
-
-    return DecodingEngine(engine, serial.model)

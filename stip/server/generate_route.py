@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -36,45 +35,12 @@ from stip.server.budget import AdmissionError
 from stip.server.contexts import ContextError
 from stip.server.encode_route import ENCODE_PATH
 from stip.server.engine import TokenEngine
+from stip.server.generations import Generation
+from stip.server.refusals import no_context, refused
 
 log = logging.getLogger("stip.server")
 
 REVOKED = "this API key was revoked: its generation was stopped"
-
-
-@dataclass(eq=False)  # compared by identity
-class Generation:
-    """One running generation: whose, and the event that cuts its stream."""
-
-    owner: str
-    cut: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class Generations:
-    """The running generations of one context, by client. On the event loop only."""
-
-    def __init__(self):
-        self._by_owner: dict[str, set[Generation]] = {}
-
-    def owners(self) -> set[str]:
-        return set(self._by_owner)
-
-    def add(self, g: Generation) -> None:
-        self._by_owner.setdefault(g.owner, set()).add(g)
-
-    def discard(self, g: Generation) -> None:
-        mine = self._by_owner.get(g.owner)
-        if mine is not None:
-            mine.discard(g)
-            if not mine:
-                del self._by_owner[g.owner]
-
-    def cut(self, owner: str) -> int:
-        """End every running stream of `owner` (its key was revoked); how many."""
-        mine = self._by_owner.get(owner, set())
-        for g in mine:
-            g.cut.set()
-        return len(mine)
 
 
 _BACKGROUND: set[asyncio.Task] = set()  # clean-up tasks, referenced until done
@@ -156,8 +122,6 @@ def _validation_message(e: ValidationError) -> tuple[int, str]:
 
 def add_generate_route(app: FastAPI, contexts) -> None:
     """POST /v1/generate on the context the request names (see the module docstring)."""
-    from stip.server.app import no_context, refused  # app imports this module
-
     @app.post(GENERATE_PATH)
     async def generate(request: Request):
         service = contexts.first  # auth and metrics are shared by all contexts

@@ -119,7 +119,7 @@ def create_tee_app(worker: TeeWorker, auth: Authenticator) -> FastAPI:
         try:
             auth.authenticate(websocket.headers.get("authorization"))
         except AuthError as e:
-            from stip.server.app import refused
+            from stip.server.refusals import refused
 
             await websocket.send_denial_response(refused(e.status, str(e)))
             return

@@ -401,11 +401,11 @@ def _logprobs(ids: list[int], logprobs, k: int) -> list[TokenLogprobs] | None:
     return out
 
 
-def load_vllm_engine(bundle, dtype: torch.dtype = torch.float32, device: str = "cpu", options: dict | None = None,
-                     trusted=None):
-    """The engine for `stip serve --engine vllm`: verify the bundle, then start vLLM in the manifest's mode.
-    `options` are vLLM engine arguments (tensor_parallel_size, max_num_seqs, ...). `device` is vLLM's to pick (the
-    platform it was built for); a CPU build gets the CPU defaults here."""
+def open_vllm_bundle(bundle, device: str = "cpu", options: dict | None = None, trusted=None):
+    """Before `stip serve --engine vllm` starts vLLM (`stip.server.engines.load_vllm_engine`): verify the bundle and
+    settle vLLM's options. `options` are vLLM engine arguments (tensor_parallel_size, max_num_seqs, ...). `device` is
+    vLLM's to pick (the platform it was built for); a CPU build gets the CPU defaults here. Returns (bundle path,
+    manifest, config, shapes, options, whether the bundle is server-decode)."""
     from stip.common.bundles.completeness import ROUND_TRIP, SERVER_DECODE
 
     _import_vllm()
@@ -417,8 +417,4 @@ def load_vllm_engine(bundle, dtype: torch.dtype = torch.float32, device: str = "
     bundle = Path(bundle)
     manifest, config, shapes = _verified_config(bundle, trusted)
     mode = manifest.get("mode", ROUND_TRIP)
-    if mode == SERVER_DECODE:
-        return VllmTokenEngine(bundle, manifest, config, dtype, options)
-    from stip.server.vllm_round_trip import VllmRoundTripEngine
-
-    return VllmRoundTripEngine(bundle, manifest, config, shapes, dtype, options)
+    return bundle, manifest, config, shapes, options, mode == SERVER_DECODE

@@ -1,0 +1,102 @@
+"""A session step's request frame, checked against the protocol and the session before anything runs: op, dtype,
+shape, payload size, positions, downlink, and the server's limits (max_seq_len, max_all_logits, reply size). Header
+checks only, on the event loop; a refusal is a `StepError` with its HTTP status."""
+
+from __future__ import annotations
+
+from stip.common import wire
+from stip.server.sessions import Session
+
+
+class StepError(Exception):
+    """A refused step: its HTTP status, and whether the session ends with it (`fatal`)."""
+
+    def __init__(self, status: int, message: str, fatal: bool = False):
+        super().__init__(message)
+        self.status, self.fatal = status, fatal
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """repr for error messages, cut short: a hostile header must not come back to its sender a thousand times."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def parse_step(service, s: Session, data) -> tuple[str, dict, memoryview]:
+    """Validate a frame against the protocol and the session (on the loop: header checks only). `service` is the
+    `stip.server.service.StipService` of the session's context (its engine, limits and settings)."""
+    if data is None:
+        raise StepError(400, "expected binary frames: 4-byte length + JSON header + tensor bytes; got text")
+    if len(data) > service.max_message_bytes:
+        raise StepError(413, f"message of {len(data)} bytes exceeds the server's limit of "
+                             f"{service.max_message_bytes} bytes; send the prompt in several prefill chunks")
+    try:
+        header, payload = wire.decode_frame(data)
+    except wire.WireError as e:
+        raise StepError(e.status, str(e)) from None
+    op = header.get("op")
+    if op not in wire.OPS:
+        raise StepError(400, f"unknown op {short_repr(op)}; expected one of {', '.join(wire.OPS)}")
+    if op == "close":
+        return op, {}, payload
+    dtype_name = header.get("dtype", "float32")
+    if not isinstance(dtype_name, str) or dtype_name not in wire.DTYPES:
+        raise StepError(422, f"unsupported dtype {short_repr(dtype_name)}; expected one of {', '.join(wire.DTYPES)}")
+    dtype = wire.DTYPES[dtype_name]
+    shape = header.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape):
+        raise StepError(422, f"shape must be a list of non-negative integers, got {short_repr(shape)}")
+    d = service.engine.hidden_size
+    if op == "decode":
+        if shape not in ([1, d], [d]):
+            raise StepError(422, f"decode takes one embedding of shape [1, {d}] or [{d}], got {shape}")
+        t = 1
+    else:
+        if len(shape) != 2:
+            raise StepError(422, f"prefill takes embeddings of shape [T, {d}], got {shape}")
+        if shape[1] != d:
+            raise StepError(422, f"wrong hidden size {shape[1]}: this model's hidden size is {d}")
+        t = shape[0]
+        if t < 1:
+            raise StepError(422, "prefill needs at least one embedding (T >= 1)")
+    expected = t * d * dtype.itemsize
+    if len(payload) != expected:
+        raise StepError(422, f"payload is {len(payload)} bytes but shape {shape} in {dtype_name} needs "
+                             f"{expected} bytes")
+    positions = header.get("positions", "last")
+    if op == "prefill" and positions not in wire.POSITIONS:
+        raise StepError(422, f"positions must be 'last' or 'all', got {short_repr(positions)}")
+    downlink = header.get("downlink", {"kind": "topk", "k": 64})
+    if not isinstance(downlink, dict) or downlink.get("kind") not in wire.DOWNLINKS:
+        raise StepError(422, f"downlink must be {{'kind': 'logits'}} or {{'kind': 'topk', 'k': K}}, "
+                             f"got {short_repr(downlink)}")
+    k = 0
+    if downlink["kind"] == "topk":
+        k = downlink.get("k", 64)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise StepError(422, f"top-k downlink needs an integer k >= 1, got {short_repr(k)}")
+        k = min(k, service.engine.vocab_size)
+    top_limit = getattr(service.engine, "max_top_k", None)  # an engine that returns `TopK`, never all V logits
+    if top_limit is not None and (k == 0 or k > top_limit):
+        raise StepError(400, f"this server's engine returns the top {top_limit} logits per step only: use a "
+                             f"top-k downlink with k <= {top_limit}" + ("" if k else ", not full logits"))
+    if top_limit is not None and op == "prefill" and positions == "all":
+        raise StepError(400, "this server's engine returns the last position's top-k only: use positions='last'")
+    if op == "decode" and s.position == 0:
+        raise StepError(409, "decode before prefill: the session's KV cache is empty; send a prefill first")
+    if s.position + t > service.max_seq_len:
+        raise StepError(413, f"sequence would reach {s.position + t} tokens; this server's max_seq_len is "
+                             f"{service.max_seq_len}")
+    n = t if (op == "prefill" and positions == "all") else 1
+    if n * service.engine.vocab_size > service.settings.max_all_logits:
+        limit = service.settings.max_all_logits // service.engine.vocab_size
+        raise StepError(413, f"positions='all' over {t} tokens would compute {t} x {service.engine.vocab_size} "
+                             f"logits, over this server's max_all_logits of {service.settings.max_all_logits} "
+                             f"(at most {limit} tokens per all-positions prefill); send fewer tokens per "
+                             f"request or positions='last'")
+    reply = n * (service.engine.vocab_size * 4 if k == 0 else k * 8 + 4)
+    if reply > service.settings.max_reply_bytes:
+        raise StepError(413, f"the reply would be {reply} bytes (over {service.settings.max_reply_bytes}); use a "
+                             f"top-k downlink or positions='last'")
+    return op, {"dtype": dtype, "shape": shape, "all": positions == "all", "k": k, "tokens": t}, payload
