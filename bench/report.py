@@ -107,6 +107,8 @@ def command_line() -> str:
     argv = sys.argv
     if argv and (Path(argv[0]).name in ("stip", "cli.py") or argv[0].endswith("stip/cli.py")):
         return shlex.join(["stip", *argv[1:]])
+    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "bench":
+        return shlex.join(["python", "-m", "bench", *argv[1:]])  # the suite, also as `stip bench` starts it
     if argv and Path(argv[0]).name == "__main__.py":
         return shlex.join(["python", "-m", "stip.cli", *argv[1:]])
     return shlex.join([Path(sys.executable).name, *argv])

@@ -25,12 +25,11 @@ rows (three vLLM servers). Within a group every server is up and every round mea
 each round; each ratio compares rows of one group round by round (`bench.report.paired`). Without vLLM (no
 `vllm` in this Python, $STIP_VLLM_PYTHON or .venv-vllm) the vLLM rows are skipped with a note.
 
-    python -m bench.scale [--quick] [--clients 1 8] [--tokens 32] [--rounds 3] [--no-vllm] [--out DIR]
+    python -m bench --part scale [--quick] [--clients 1 8] [--tokens 32] [--rounds 3] [--no-vllm] [--out DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import multiprocessing as mp
 import os
@@ -417,36 +416,3 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
         "errors": errors,  # {group: error}: those rows failed and are left out; stip bench reports it as failed
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-
-
-def main(argv=None) -> None:
-    """Standalone: `stip bench --part scale`, with the part's settings overridable."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the tiny model and smallest settings, no vLLM (seconds)")
-    ap.add_argument("--clients", type=int, nargs="+", default=None, help="client counts (default 1 8)")
-    ap.add_argument("--tokens", type=int, default=None, help="new tokens per client (default 32)")
-    ap.add_argument("--rounds", type=int, default=None, help="rounds per group (default 3)")
-    ap.add_argument("--group", choices=["transformers", "vllm"], action="append", default=None,
-                    help="only this group of rows (repeat it; default both)")
-    ap.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
-                    help="run the vLLM rows (default: yes, but not with --quick)")
-    ap.add_argument("--out", type=Path, default=Path("/tmp/stip-bench-scale"),
-                    help="folder for results.json and results.md (default /tmp/stip-bench-scale)")
-    args = ap.parse_args(argv)
-    from stip.bench import FULL, QUICK, run_bench
-
-    scale = dict((QUICK if args.quick else FULL)["scale"])
-    for key in ("clients", "tokens", "rounds"):
-        if getattr(args, key) is not None:
-            scale[key] = getattr(args, key)
-    if args.vllm is not None:
-        scale["vllm"] = args.vllm
-    if args.group:
-        scale["groups"] = args.group
-    if min(scale["clients"]) < 1 or scale["tokens"] < 2 or scale["rounds"] < 1:
-        ap.error("--clients must be at least 1, --tokens at least 2, --rounds at least 1")
-    run_bench(quick=args.quick, out=args.out, parts=["scale"], settings={"scale": scale})
-
-
-if __name__ == "__main__":
-    main()

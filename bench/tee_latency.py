@@ -207,7 +207,7 @@ def _summary(runs: list[dict], keys) -> dict:
 
 def run(model: str, tokens: int, repeats: int, threads: int, log=print) -> dict:
     """Protect, start the parties, run the variants interleaved; the results (JSON-ready)."""
-    from stip.bench import tree_state
+    from bench.suite import tree_state
 
     with tempfile.TemporaryDirectory(prefix="stip-tee-bench-") as tmp:
         t0 = time.perf_counter()

@@ -490,18 +490,23 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
+    ctx: typer.Context,
     quick: bool = typer.Option(False, help="a small smoke run (CI)"),
     out: Path = typer.Option(Path("bench/results"), help="where results.md, results.json and plots go"),
     part: Optional[list[str]] = typer.Option(None, "--part", help="run only this part (repeat it): server_cost, "
                                              "concurrent, end_to_end, protect, mpc, scale (the full run leaves "
                                              "out concurrent: scale covers it)"),
 ):
-    """Measure STIP against the plain model and against secure two-party computation."""
+    """Measure STIP against the plain model and against secure two-party computation: runs `python -m bench` in
+    this git checkout (the suite lives in its bench/ folder); other options (the scale part's) pass through."""
     from stip.bench import run_bench
 
-    run_bench(quick=quick, out=out, parts=part or None)
+    args = [*(["--quick"] if quick else []), "--out", str(out), *[a for p in part or [] for a in ("--part", p)]]
+    rc = run_bench([*args, *ctx.args])
+    if rc:
+        sys.exit(rc)
 
 
 # ---------------------------------------------------------------- auditor

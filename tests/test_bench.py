@@ -54,7 +54,7 @@ def test_quick_bench_json_sections(quick_run):
     out = quick_run
     r = json.loads((out / "results.json").read_text())
     assert "errors" not in r
-    assert r["meta"]["quick"] is True and "stip bench --quick" in r["meta"]["command"]
+    assert r["meta"]["quick"] is True and "python -m bench --quick" in r["meta"]["command"]  # as stip bench runs it
     assert _number(r["meta"]["seconds"]) and r["meta"]["seconds"] > 0  # the run's duration: recorded, not judged
     m = r["machine"]
     assert m["cpu"] and _number(m["cores"]) and _number(m["torch_threads"]) and m["versions"]["torch"]
@@ -158,7 +158,7 @@ def test_quick_bench_markdown_tables(quick_run):
     assert "not what `stip serve` does today" in md and "**extrapolated**" in md
     assert "| round-trip, transformers (default, batched) |" in md and "x round-trip, transformers --no-batching" in md
     assert "| server-decode, vllm | skipped |" in md
-    assert "Command: `stip bench --quick" in md and re.search(r"took \d+ s\.", md)
+    assert "Command: `python -m bench --quick" in md and re.search(r"took \d+ s\.", md)
     assert md.count("|---|") >= 8  # one separator row per table
     for png in out.glob("*.png"):
         assert f"]({png.name})" in md, png.name
@@ -174,7 +174,7 @@ def test_bench_needs_the_repository(monkeypatch, tmp_path):
 
 
 def test_tree_state_matches_git():
-    from stip.bench import tree_state
+    from bench.suite import tree_state
 
     status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     state = tree_state()
@@ -196,7 +196,8 @@ def test_dirty_tree_is_marked_loudly():
     assert "DIRTY" not in clean and "Commit: `abc123`, tree clean." in clean
 
 
-# Makes the named packages unimportable, as on a plain install without the extras, then runs the CLI.
+# Makes the named packages unimportable, as on a plain install without the extras, then runs the suite (`stip bench`
+# would start it in a child process, which the import hook would not reach).
 BLOCKED_CLI = """
 import sys
 
@@ -207,15 +208,15 @@ class Missing:
         return None
 
 sys.meta_path.insert(0, Missing())
-sys.argv = ["stip", *sys.argv[1:]]
-from stip.cli import main
+sys.argv = ["bench/__main__.py", *sys.argv[1:]]
+from bench.__main__ import main
 main()
 """
 
 
 def test_bench_skips_parts_whose_packages_are_missing(tmp_path):
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_CLI, "bench", "--quick", "--part", "protect", "--part", "mpc",
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_CLI, "--quick", "--part", "protect", "--part", "mpc",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -276,7 +277,7 @@ def test_scale_without_vllm_skips_its_rows_with_the_install_note(monkeypatch, tm
 def test_full_run_has_the_scale_table_instead_of_concurrent():
     """The full run's scale table has plain, batched and serial at 1 and 8 users, so it leaves `concurrent` out;
     `--part concurrent` and `--quick` still run it."""
-    from stip.bench import FULL, PARTS
+    from bench.suite import FULL, PARTS
 
     full = [p.name for p in PARTS if p.in_full]
     assert "scale" in full and "concurrent" not in full and "concurrent" in {p.name for p in PARTS}
