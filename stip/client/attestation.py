@@ -8,7 +8,6 @@ Verifiers import this module, never stip.client.tee, so the TEE client and its v
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Callable, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from stip.common.tee.platform import unb64
 from stip.errors import TeeError
 
 SIMULATED_FORMAT = "stip-simulated-v1"
@@ -45,13 +45,7 @@ class EvidenceVerifier(Protocol):
 
 
 def _unb64(text, what: str, size: int | None = None) -> bytes:
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError):
-        raise TeeError(f"attestation report: {what} is not base64") from None
-    if size is not None and len(raw) != size:
-        raise TeeError(f"attestation report: {what} must be {size} bytes, got {len(raw)}")
-    return raw
+    return unb64(text, f"attestation report: {what}", size)
 
 
 def parse_platform_pin(pin: str) -> bytes:
