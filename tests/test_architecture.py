@@ -19,10 +19,6 @@ RULE_TABLES: dict[str, str] = {}
 # Modules over MAX_LINES while issue 19's splits are in flight: each does several jobs and is to be split by job.
 # Trim this list as they are split (the test prints the entries that no longer need to be here).
 PENDING_SPLIT = {
-    "stip/cli.py": "every command's options and their wiring in one module",
-    "stip/developer/protect.py": "the protect pipeline, the harden options, the shard writer and the bundle configs",
-    "stip/common/keys.py": "the key file format, the client key, the per-layer keys and their draws",
-    "stip/server/vllm_engine.py": "vLLM's options and process wiring, and the server-decode engine on it",
 }
 
 

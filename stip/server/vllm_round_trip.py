@@ -1,4 +1,4 @@
-"""Round-trip bundles on vLLM (`stip serve --engine vllm`; see `stip.server.vllm_engine` for what both modes share).
+"""Round-trip bundles on vLLM (`stip serve --engine vllm`; see `stip.server.vllm_base` for what both modes share).
 
 vLLM takes `prompt_embeds` but cannot take one new embedding per decode step, so `VllmRoundTripEngine` keeps each
 session's embeddings and submits the whole sequence as a request for one token, asking for the top-k raw logits and
@@ -20,7 +20,9 @@ import torch
 
 from stip.errors import StipError
 from stip.server.engine import Engine, TopK
-from stip.server.vllm_engine import DEFAULT_TOP_K, _on_cpu, _read_tensor, _VllmBase, _weight_map, _whole
+from stip.server.vllm_base import _VllmBase
+from stip.server.vllm_bundle import _read_tensor, _weight_map
+from stip.server.vllm_options import DEFAULT_TOP_K, _on_cpu, _whole
 
 
 def round_trip_load_folder(bundle: Path, config, shapes: dict, signed_files) -> Path:
