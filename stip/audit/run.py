@@ -207,15 +207,7 @@ def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path
     bundle_dir = check_bundle(bundle_dir)
     out_dir = check_out_dir(out_dir, force)
     names = _attack_names(attacks)
-    sizes = {**(QUICK if quick else DEFAULTS), **{k: v for k, v in (settings or {}).items() if k in DEFAULTS}}
-    if prompts is not None:
-        sizes["prompts"] = int(prompts)
-    if prompt_tokens is not None:
-        sizes["prompt_tokens"] = int(prompt_tokens)
-    if generate is not None:
-        sizes["generate"] = int(generate)
-    if sizes["prompts"] < 1 or sizes["prompt_tokens"] < 1 or sizes["generate"] < 0:
-        raise StipError("--prompts and --prompt-tokens must be at least 1")
+    sizes = _sizes(quick, settings, prompts, prompt_tokens, generate)
     if isinstance(capture_layers, (list, tuple)):
         capture_layers = ",".join(str(int(x)) for x in capture_layers)
 
@@ -246,29 +238,13 @@ def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path
             reference=model, public_ids=token_ids(tokenizer, "public", sizes["public_tokens"]),
             heldout_ids=token_ids(tokenizer, "heldout", sizes["heldout_tokens"]),
             settings={"quick": quick, **(settings or {})}, seed=seed)
-        results = []
-        for name in names:
-            log.info("audit: attack %s", name)
-            torch.manual_seed(seed)
-            r = run_attack(name, ctx, sizes["attack_budget_s"])
-            log.info("audit: %s: %s (%.1f s)", name, r.skipped or (f"{r.recovery:.3f} {r.unit}"
-                                                                   if r.recovery is not None else "done"), r.seconds)
-            results.append(r)
-
-        mode, options = mode_name(bundle_dir)
-        layers = sorted({layer for o in observations for layer in o.hidden})
-        report = {
-            "mode": mode, **options, "model": _model_name(bundle_dir, reference),
-            "reference": None if reference is None else str(reference if not isinstance(reference, torch.nn.Module)
-                                                           else type(reference).__name__),
-            "bundle_id": client.bundle_id, "commit": _commit(), "machine": _machine(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": seed, "quick": quick,
-            "traffic": {"prompts": len(requests), "prompt_tokens": sizes["prompt_tokens"],
-                        "decode_steps": sizes["generate"], "observations": len(observations),
-                        "rows": sum(int(o.inputs.shape[0]) for o in observations), "capture_layers": layers,
-                        "seconds": round(capture_s, 2)},
-            "attacks": [r.to_json() for r in results],
-        }
+        results = _run_attacks(names, ctx, seed, sizes["attack_budget_s"])
+        traffic = {"prompts": len(requests), "prompt_tokens": sizes["prompt_tokens"],
+                   "decode_steps": sizes["generate"], "observations": len(observations),
+                   "rows": sum(int(o.inputs.shape[0]) for o in observations),
+                   "capture_layers": sorted({layer for o in observations for layer in o.hidden}),
+                   "seconds": round(capture_s, 2)}
+        report = _report(bundle_dir, reference, client.bundle_id, seed, quick, traffic, results)
         report["seconds"] = round(time.perf_counter() - t_start, 2)
         from stip.audit.report import write_report
         from stip.common.files import staged_directory
@@ -278,6 +254,49 @@ def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path
             if keep_capture:
                 shutil.copytree(capture_dir, stage / "capture")
     return report
+
+
+def _sizes(quick: bool, settings: dict[str, Any] | None, prompts: int | None, prompt_tokens: int | None,
+           generate: int | None) -> dict[str, Any]:
+    """The run's sizes: QUICK or DEFAULTS, then those in `settings`, then the arguments given."""
+    sizes = {**(QUICK if quick else DEFAULTS), **{k: v for k, v in (settings or {}).items() if k in DEFAULTS}}
+    if prompts is not None:
+        sizes["prompts"] = int(prompts)
+    if prompt_tokens is not None:
+        sizes["prompt_tokens"] = int(prompt_tokens)
+    if generate is not None:
+        sizes["generate"] = int(generate)
+    if sizes["prompts"] < 1 or sizes["prompt_tokens"] < 1 or sizes["generate"] < 0:
+        raise StipError("--prompts and --prompt-tokens must be at least 1")
+    return sizes
+
+
+def _run_attacks(names: list[str], ctx: AuditContext, seed: int, budget_s: float) -> list[AttackResult]:
+    """Each attack in turn, from the same torch seed, logged as it ends."""
+    results = []
+    for name in names:
+        log.info("audit: attack %s", name)
+        torch.manual_seed(seed)
+        r = run_attack(name, ctx, budget_s)
+        log.info("audit: %s: %s (%.1f s)", name, r.skipped or (f"{r.recovery:.3f} {r.unit}"
+                                                               if r.recovery is not None else "done"), r.seconds)
+        results.append(r)
+    return results
+
+
+def _report(bundle_dir: Path, reference, bundle_id: str, seed: int, quick: bool, traffic: dict,
+            results: list[AttackResult]) -> dict:
+    """The report's dict (without its total seconds): the mode, model, run and machine, traffic and attacks."""
+    mode, options = mode_name(bundle_dir)
+    return {
+        "mode": mode, **options, "model": _model_name(bundle_dir, reference),
+        "reference": None if reference is None else str(reference if not isinstance(reference, torch.nn.Module)
+                                                       else type(reference).__name__),
+        "bundle_id": bundle_id, "commit": _commit(), "machine": _machine(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": seed, "quick": quick,
+        "traffic": traffic,
+        "attacks": [r.to_json() for r in results],
+    }
 
 
 def _attack_names(attacks) -> list[str]:

@@ -5,14 +5,15 @@ X25519 channel key and the client's nonce), `open_channel(client_key, nonce)` an
 here, `SimulatedEnclave`, is an ordinary process on this machine (its own address space; the platform is a key file;
 docs/tee.md says what that does not protect). It unseals its bundle with the platform's sealing secret, runs the
 enclave's part of the model (stip.enclave.compute) and drives the GPU worker over the worker's WebSocket. Clients
-reach it over HTTP (`POST /v1/attest`) and a WebSocket (`/v1/tee/session`) carrying channel-sealed JSON
-(stip.common.tee_protocol). Nothing secret is logged: not tokens, not ids, not keys.
+reach it over HTTP (`POST /v1/attest`) and a WebSocket (`/v1/tee/session`, stip.enclave.session) carrying
+channel-sealed JSON (stip.common.tee_protocol). Nothing secret is logged: not tokens, not ids, not keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -26,8 +27,6 @@ from typing import Iterator
 import torch
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-from starlette.websockets import WebSocketDisconnect
 
 from stip.common.channel import NONCE_BYTES, Channel, new_keypair, public_bytes
 from stip.common.bundles.manifest import read_manifest
@@ -37,14 +36,14 @@ from stip.common.tee.layout import ENCLAVE_CONFIG_FILE, SEALED_FILE
 from stip.common.tee.measurement import code_measurement, measurement
 from stip.common.tee.platform import SimulatedPlatform, unb64
 from stip.common.tee.sealing import read_header, sealing_key, unseal_tensors
-from stip.common.tee_protocol import ATTEST_PATH, POLICY_VIOLATION, SESSION_PATH, TeeGenerateRequest
+from stip.common.tee_protocol import ATTEST_PATH, SESSION_PATH, TeeGenerateRequest
 from stip.enclave.admission import Counter, FairTurns, Limits, Refused, check_bind, client_id
+from stip.enclave.session import HELLO_TIMEOUT_S, IDLE_TIMEOUT_S, serve_session  # noqa: F401 - re-exported
 from stip.errors import StipError, TeeError
 
 log = logging.getLogger("stip.enclave")
 
 PENDING_TTL_S = 60.0  # a report's channel key waits this long for its session
-HELLO_TIMEOUT_S, IDLE_TIMEOUT_S = 30.0, 300.0  # a session slot is not held by a silent socket
 RETRY_AFTER_S = 5
 
 
@@ -224,66 +223,13 @@ def create_app(enclave: Enclave, token: str | None = None, limits: Limits = Limi
             await ws.send_denial_response(busy(e))
             return
         try:
-            await serve_session(ws, client)
+            await serve_session(ws, enclave, functools.partial(step, client))
         finally:
             sessions.give_back(client)
 
     async def step(client: str, fn, *args):
         async with turns.turn(client):
             return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-
-    async def serve_session(ws: WebSocket, client: str):
-        await ws.accept()
-        try:
-            hello = json.loads(await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT_S))
-            channel = enclave.open_channel(unb64(hello.get("client_public_key"), "client_public_key", 32),
-                                           unb64(hello.get("nonce"), "nonce", NONCE_BYTES))
-        except (TeeError, ValueError, AttributeError, KeyError) as e:
-            await ws.close(POLICY_VIOLATION, f"hello refused: {e}"[:120])
-            return
-        except TimeoutError:
-            await ws.close(POLICY_VIOLATION, f"no hello within {HELLO_TIMEOUT_S:.0f} s")
-            return
-        except WebSocketDisconnect:
-            return
-        try:
-            while True:
-                try:
-                    msg = await asyncio.wait_for(ws.receive_bytes(), IDLE_TIMEOUT_S)
-                except TimeoutError:
-                    await ws.close(1000, f"idle for {IDLE_TIMEOUT_S:.0f} s")
-                    return
-                req = channel.open_json(msg)
-                op = req.get("op") if isinstance(req, dict) else None
-                if op == "close":
-                    await ws.close()
-                    return
-                try:
-                    gen_req = TeeGenerateRequest.model_validate(req)
-                except ValidationError as e:
-                    err = e.errors()[0]
-                    await ws.send_bytes(channel.seal_json({"error": f"{'.'.join(map(str, err.get('loc', ())))}: "
-                                                                    f"{err.get('msg')}", "status": 422}))
-                    continue
-                chunks = enclave.generate(gen_req)
-                try:
-                    while True:
-                        chunk = await step(client, next, chunks, None)
-                        if chunk is None:
-                            break
-                        await ws.send_bytes(channel.seal_json(chunk))
-                except ValueError as e:
-                    await ws.send_bytes(channel.seal_json({"error": str(e), "status": 422}))
-                except StipError as e:
-                    log.warning("generation failed: %s", type(e).__name__)
-                    await ws.send_bytes(channel.seal_json({"error": f"enclave: {e}", "status": 502}))
-                finally:
-                    await step(client, chunks.close)
-        except TeeError as e:
-            log.info("session refused: %s", e)
-            await ws.close(POLICY_VIOLATION, str(e)[:120])
-        except WebSocketDisconnect:
-            pass
 
     return app
 
