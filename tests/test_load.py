@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from bench import load
+from bench import load, load_probes
 
 
 def test_judge_counts_near_ties_only_at_the_first_difference():
@@ -39,7 +39,7 @@ def test_load_tiny_model(tiny_protected, tmp_path):
     assert r["health"]["ok_after"] and r["health"]["server_alive"], summary
     end = r["kv_at_end"]
     assert end["zero"], summary
-    assert end["metrics"] == {g: 0 for g in load.KV_GAUGES} and end["info"] == {"sessions": 0, "kv_tokens": 0}
+    assert end["metrics"] == {g: 0 for g in load_probes.KV_GAUGES} and end["info"] == {"sessions": 0, "kv_tokens": 0}
     assert r["metrics_peak"].get("stip_sessions_active", 0) >= 2, summary  # users really overlapped
     assert end["sessions_closed"].get("expired", 0) >= 1, summary  # orphaned sessions were expired by the TTL
     assert r["throughput"]["tokens_per_s"] > 0 and r["latency_ms"]["per_token_p50"] is not None
