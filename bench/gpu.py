@@ -29,13 +29,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import json
 import os
 import shlex
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,184 +40,69 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {  # LlamaConfig arguments
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
-}
+from bench.gpu_variants import (SHAPES, build_model, plain_engine, plain_generate, plain_vllm, prompt_ids, served,
+                                vllm_available)
+
 NO_GPU = ("no GPU: bench.gpu needs a CUDA GPU (torch.cuda.is_available() is False here), so no GPU run was "
           "possible; `python -m bench.gpu --tiny` runs the same benchmark on a tiny model on CPU")
-
-
-# ------------------------------------------------------------------------------------------------ the model
-
-
-def build_model(shape: str, dtype: torch.dtype, device: str, folder: Path, seed: int = 0):
-    """A LLaMA of the given shape with random weights (transformers' own init), saved to `folder`; (model, ids)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                         tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(old)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(folder)
-    return model
-
-
-def prompt_ids(vocab: int, length: int, seed: int = 0) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, vocab, (length,), generator=g).tolist()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-# ------------------------------------------------------------------------------------------------ plain variants
-
-
-def plain_generate(model, prompt: list[int], batch: int, tokens: int, device: str) -> dict:
-    """Plain HF `generate`, greedy, exactly `tokens` new tokens for `batch` copies of the prompt."""
-    ids = torch.tensor([prompt] * batch, device=device)
-
-    def run(n: int) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-        _sync(device)
-        return time.perf_counter() - t0
-
-    run(2)  # warm-up
-    first, total = run(1), run(tokens)
-    return {"per_token_ms": (total - first) / max(1, tokens - 1) * 1e3, "tokens_per_s": batch * tokens / total,
-            "seconds": total}
-
-
-def plain_engine(model, prompt: list[int], batch: int, tokens: int, device: str) -> dict:
-    """The unprotected model in our `BatchedEngine`: `batch` sessions prefilled in one tick, then one decode tick per
-    token (greedy; embeddings from the plain table, as a client would send)."""
-    from stip.server.batching import BatchedEngine
-    from stip.server.engine import Step
-
-    engine = BatchedEngine(model)
-    table = model.get_input_embeddings().weight
-
-    def embed(ids) -> torch.Tensor:
-        return table[torch.as_tensor(ids, device=table.device)].detach()
-
-    def run(n: int) -> tuple[float, list[float]]:
-        states = [engine.new_state() for _ in range(batch)]
-        _sync(device)
-        t0 = time.perf_counter()
-        out = engine.step_batch([Step(s, embed(prompt)) for s in states])
-        ticks = []
-        for _ in range(n - 1):
-            nxt = [int(o[-1].argmax()) for o in out]
-            _sync(device)
-            t1 = time.perf_counter()
-            out = engine.step_batch([Step(s, embed([t])) for s, t in zip(states, nxt)])
-            _sync(device)
-            ticks.append(time.perf_counter() - t1)
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        errors = [o for o in out if isinstance(o, BaseException)]
-        for s in states:
-            engine.free(s)
-        if errors:
-            raise errors[0]
-        return seconds, ticks
-
-    run(2)
-    total, ticks = run(tokens)
-    return {"per_token_ms": statistics.median(ticks) * 1e3 if ticks else None,
-            "tokens_per_s": batch * tokens / total, "seconds": total}
-
-
-VLLM_SCRIPT = r"""
-import json, sys, time
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-cfg = json.loads(sys.argv[1])
-llm = LLM(model=cfg["model"], dtype=cfg["dtype"], skip_tokenizer_init=True, enforce_eager=True,
-          max_model_len=cfg["max_model_len"], **cfg.get("options", {}))
-def run(batch, n):
-    sp = SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, detokenize=False)
-    t0 = time.perf_counter()
-    llm.generate([TokensPrompt(prompt_token_ids=cfg["prompt"])] * batch, sp, use_tqdm=False)
-    return time.perf_counter() - t0
-out = {}
-for b in cfg["batches"]:
-    run(b, 2)
-    first, total = run(b, 1), run(b, cfg["tokens"])
-    out[b] = {"per_token_ms": (total - first) / max(1, cfg["tokens"] - 1) * 1e3,
-              "tokens_per_s": b * cfg["tokens"] / total, "seconds": total}
-print("RESULT " + json.dumps(out))
-"""
-
-
-def plain_vllm(folder: Path, prompt: list[int], batches: list[int], tokens: int, dtype: str, device: str,
-               timeout: float) -> dict[int, dict]:
-    """vLLM's own offline engine on the unprotected checkpoint, in a process of its own (it takes the GPU)."""
-    cfg = {"model": str(folder), "dtype": dtype, "prompt": prompt, "batches": batches, "tokens": tokens,
-           "max_model_len": len(prompt) + tokens + 8}
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    if not device.startswith("cuda"):
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        cfg["options"] = {"distributed_executor_backend": "uni"}
-    p = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, json.dumps(cfg)], capture_output=True, text=True,
-                       timeout=timeout, env=env)
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if p.returncode or line is None:
-        raise RuntimeError(f"vLLM exited with {p.returncode}: {(p.stderr or p.stdout)[-800:]}")
-    return {int(b): r for b, r in json.loads(line[7:]).items()}
-
-
-# ------------------------------------------------------------------------------------------------ served variants
-
-
-def served(protected: Path, serve_args: list[str], prompt: list[int], batches: list[int], tokens: int,
-           users) -> dict[int, dict]:
-    """`stip serve PROTECTED/server ARGS` and `users` (bench.concurrent.Users) released together per batch size."""
-    from stip.server.launch import local_server
-
-    out = {}
-    with local_server(protected / "server", *serve_args) as server:
-        users.generate(max(batches), server.url, 2)  # warm-up: every client's first session, the server's kernels
-        for b in batches:
-            seconds, res = users.generate(b, server.url, tokens)
-            per = [r["per_token_ms"] if r.get("per_token_ms") is not None else r["total_ms"] / max(1, r["tokens"])
-                   for r in res]
-            made = sum(r["tokens"] for r in res)
-            out[b] = {"per_token_ms": statistics.median(per), "tokens_per_s": made / seconds, "seconds": seconds,
-                      "tokens_per_client": sorted({r["tokens"] for r in res}),
-                      "outputs": [r["token_ids"] for r in res]}
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def vllm_available() -> bool:
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except (ImportError, ValueError):
-        return False
+class _Progress:
+    """What `run` has measured so far and its clock: rows per variant and batch size, what was not measured and
+    why, each stage's seconds; variants not yet started are skipped once the time budget is spent."""
+
+    def __init__(self, batches: list[int], budget_s: float | None, log):
+        self.batches, self.budget_s, self.log = batches, budget_s, log
+        self.t_start = time.perf_counter()
+        self.results: dict = {"rows": [], "skipped": [], "timings_s": {}}
+
+    def stage(self, name: str, t0: float) -> None:
+        self.results["timings_s"][name] = round(time.perf_counter() - t0, 1)
+        self.log(f"gpu bench: {name} done in {self.results['timings_s'][name]:.0f} s "
+                 f"({time.perf_counter() - self.t_start:.0f} s in all)")
+
+    def record(self, mode: str, engine: str, per_batch: dict[int, dict], note: str = "") -> None:
+        for b in self.batches:
+            r = per_batch[b]
+            self.results["rows"].append({"mode": mode, "engine": engine, "batch": b,
+                                         "per_token_ms": round(r["per_token_ms"], 2) if r["per_token_ms"] else None,
+                                         "tokens_per_s": round(r["tokens_per_s"], 1),
+                                         "seconds": round(r["seconds"], 2),
+                                         **({"tokens_per_client": r["tokens_per_client"]}
+                                            if "tokens_per_client" in r else {}),
+                                         **({"same_as_plain": all(o == self.results["reference"]
+                                                                  for o in r["outputs"])}
+                                            if "outputs" in r and self.results.get("reference") else {}),
+                                         **({"note": note} if note else {})})
+
+    def over_budget(self, mode: str, engine: str) -> bool:
+        """Past `budget_s`, what is left is listed as not measured, so one run stays within its time."""
+        if self.budget_s is None or time.perf_counter() - self.t_start < self.budget_s:
+            return False
+        self.results["skipped"].append({"mode": mode, "engine": engine,
+                                        "reason": f"time budget of {self.budget_s:.0f} s spent"})
+        self.log(f"gpu bench: {mode} / {engine} skipped: time budget of {self.budget_s:.0f} s spent")
+        return True
+
+    def attempt(self, mode: str, engine: str, fn, note: str = "") -> None:
+        if self.over_budget(mode, engine):
+            return
+        t0 = time.perf_counter()
+        try:
+            self.record(mode, engine, fn(), note)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
+            self.results["skipped"].append({"mode": mode, "engine": engine,
+                                            "reason": f"{type(e).__name__}: {e}"[:1000]})
+            self.log(f"gpu bench: {mode} / {engine} failed: {type(e).__name__}: {str(e)[:300]}")
+        self.stage(f"{mode} / {engine}", t0)
 
 
 def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int, budget_s: float | None = None,
         log=print) -> dict:
+    """Build the model, time the plain variants, then protect it in each mode and time it served by each engine."""
     import stip
     from bench.concurrent import Users
 
@@ -231,44 +113,8 @@ def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int
     serve_base = ["--device", device, "--dtype", dtype_name, "--max-seq-len", str(prompt_len + tokens + 8)]
     if tiny:
         serve_base += ["--threads", "1"]
-    t_start = time.perf_counter()
-    results: dict = {"rows": [], "skipped": [], "timings_s": {}}
-
-    def stage(name: str, t0: float) -> None:
-        results["timings_s"][name] = round(time.perf_counter() - t0, 1)
-        log(f"gpu bench: {name} done in {results['timings_s'][name]:.0f} s "
-            f"({time.perf_counter() - t_start:.0f} s in all)")
-
-    def record(mode: str, engine: str, per_batch: dict[int, dict], note: str = "") -> None:
-        for b in batches:
-            r = per_batch[b]
-            results["rows"].append({"mode": mode, "engine": engine, "batch": b,
-                                    "per_token_ms": round(r["per_token_ms"], 2) if r["per_token_ms"] else None,
-                                    "tokens_per_s": round(r["tokens_per_s"], 1), "seconds": round(r["seconds"], 2),
-                                    **({"tokens_per_client": r["tokens_per_client"]} if "tokens_per_client" in r
-                                       else {}),
-                                    **({"same_as_plain": all(o == results["reference"] for o in r["outputs"])}
-                                       if "outputs" in r and results.get("reference") else {}),
-                                    **({"note": note} if note else {})})
-
-    def over_budget(mode: str, engine: str) -> bool:
-        """Past `budget_s`, what is left is listed as not measured, so one run stays within its time."""
-        if budget_s is None or time.perf_counter() - t_start < budget_s:
-            return False
-        results["skipped"].append({"mode": mode, "engine": engine, "reason": f"time budget of {budget_s:.0f} s spent"})
-        log(f"gpu bench: {mode} / {engine} skipped: time budget of {budget_s:.0f} s spent")
-        return True
-
-    def attempt(mode: str, engine: str, fn, note: str = "") -> None:
-        if over_budget(mode, engine):
-            return
-        t0 = time.perf_counter()
-        try:
-            record(mode, engine, fn(), note)
-        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others
-            results["skipped"].append({"mode": mode, "engine": engine, "reason": f"{type(e).__name__}: {e}"[:1000]})
-            log(f"gpu bench: {mode} / {engine} failed: {type(e).__name__}: {str(e)[:300]}")
-        stage(f"{mode} / {engine}", t0)
+    tracker = _Progress(batches, budget_s, log)
+    results = tracker.results
 
     plain_dir, rt_dir, sd_dir = work / "plain", work / "round-trip", work / "server-decode"
     t0 = time.perf_counter()
@@ -278,26 +124,28 @@ def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int
         ref = model.generate(input_ids=torch.tensor([prompt], device=device), max_new_tokens=tokens,
                              min_new_tokens=tokens, do_sample=False, pad_token_id=0)
     results["reference"] = ref[0, len(prompt):].tolist()
-    stage("build and save the model", t0)
+    tracker.stage("build and save the model", t0)
 
-    attempt("plain", "HF generate", lambda: {b: plain_generate(model, prompt, b, tokens, device) for b in batches})
-    attempt("plain", "ours (in process)",
-            lambda: {b: plain_engine(model, prompt, b, tokens, device) for b in batches},
-            "engine level: the unprotected model in BatchedEngine, no network")
+    tracker.attempt("plain", "HF generate",
+                    lambda: {b: plain_generate(model, prompt, b, tokens, device) for b in batches})
+    tracker.attempt("plain", "ours (in process)",
+                    lambda: {b: plain_engine(model, prompt, b, tokens, device) for b in batches},
+                    "engine level: the unprotected model in BatchedEngine, no network")
     model = ref = None  # free the device for the servers
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     has_vllm = vllm_available()
     if has_vllm:
-        attempt("plain", "vLLM", lambda: plain_vllm(plain_dir, prompt, batches, tokens, dtype_name, device, 300))
+        tracker.attempt("plain", "vLLM",
+                        lambda: plain_vllm(plain_dir, prompt, batches, tokens, dtype_name, device, 300))
     else:
         results["skipped"].append({"mode": "all", "engine": "vLLM", "reason": "vllm is not importable here"})
 
     engines = [("ours", ["--engine", "transformers"])] + ([("vLLM", ["--engine", "vllm"])] if has_vllm else [])
     modes = [("round-trip", rt_dir, {}), ("server-decode", sd_dir, {"mode": "server-decode"})]
     for mode, folder, kw in modes:
-        if over_budget(mode, "all"):
+        if tracker.over_budget(mode, "all"):
             continue
         t0 = time.perf_counter()
         try:
@@ -305,16 +153,17 @@ def run(tiny: bool, work: Path, batches: list[int], tokens: int, prompt_len: int
         except Exception as e:  # noqa: BLE001
             results["skipped"].append({"mode": mode, "engine": "all", "reason": f"protect failed: {e}"[:1000]})
             continue
-        stage(f"protect ({mode})", t0)
+        tracker.stage(f"protect ({mode})", t0)
         users = Users(max(batches), folder / "client", prompt, k=64)
         try:
             for engine, args in engines:
-                attempt(mode, engine, lambda: served(folder, serve_base + args, prompt, batches, tokens, users))
+                tracker.attempt(mode, engine,
+                                lambda: served(folder, serve_base + args, prompt, batches, tokens, users))
         finally:
             users.close()
         if not tiny:
             shutil.rmtree(folder / "server", ignore_errors=True)  # 13.5 GB of disk back before the next protect
-    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    results["seconds"] = round(time.perf_counter() - tracker.t_start, 1)
     return results
 
 
