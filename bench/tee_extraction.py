@@ -28,11 +28,6 @@ the permuted vocabulary. Prompts are random tokens from a sub-vocabulary of V' t
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -40,17 +35,15 @@ from pathlib import Path
 
 import torch
 
+from bench.tee_extraction_model import block0_output, body_top1, decoder_layers, first_output, load_model
+from bench.tee_extraction_report import markdown, provenance, write
+
 OUT = Path(__file__).resolve().parent / "results" / "tee"
 FIELD_BITS = 32          # Z_q with q = 2^32 for the one-time-pad condition
 FIXED_POINT_BITS = 16    # x is encoded as round(x * 2^16) before the pad is added
 EMBEDDING_LR_FACTOR = 3
 BIG_PAD = 2.0 ** 20      # stip/enclave's pad: N(0, 1) x 2^20 x rms(row), float64 (docs/tee.md, "The split")
 TABLE_CONDITIONS = ("plain", "fixed", "fresh-gauss", "fresh-gauss-2^20", "fresh-field")
-LABELS = {"plain": "(a) plain x p", "fixed": "(b) fixed x p D", "fresh-gauss": "(c) fresh pad x p + r (gaussian)",
-          "fresh-gauss-2^20": "(c2) fresh pad x p + 2^20 rms(x) z (the enclave's)",
-          "fresh-field": "(c') fresh one-time pad mod 2^32",
-          "split": "(d) pre-LN split h1 p, worker's block 0 in secret bases (distilled)",
-          "split-known-block0": "(d') old design: block 0 in the basis of h1 p at the worker"}
 
 
 @dataclass
@@ -71,83 +64,6 @@ class Settings:
 QUICK = dict(model="tiny", ns=[2, 16, 128], seq_len=8, sub_vocab=0, heldout=16, steps=40, batch=16, lr=1e-2)
 FULL = dict(model="smollm2", ns=[8, 64, 512], seq_len=16, sub_vocab=1024, heldout=16, steps=100, batch=16,
             lr=5e-3)
-
-
-# ------------------------------------------------------------------------------------------------ the model
-
-
-def tiny_llama(seed: int):
-    """A tiny random LLaMA (hidden 48, 2 layers, vocab 97) for the quick run; norms randomised like tests/models.py."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, prm in model.named_parameters():
-            base = 1.0 if "norm" in name else 0.0
-            prm.copy_(base + 0.3 * torch.randn(prm.shape, generator=g))
-    return model
-
-
-def load_model(name: str, seed: int):
-    """The plain model: "tiny" (built here) or a name for stip.models.load_plain_model ("smollm2")."""
-    if name == "tiny":
-        return tiny_llama(seed)
-    from stip.models import load_plain_model
-
-    return load_plain_model(name)[0]
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's list of decoder blocks (LLaMA-style `model.layers`; GPT-2's `transformer.h`)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return base.layers if hasattr(base, "layers") else base.h
-
-
-class _Stop(Exception):
-    pass
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def block0_output(model, ids: torch.Tensor) -> torch.Tensor:
-    """h1 = block 0's output (embedding + block 0), stopping the forward there: what the enclave computes."""
-    seen = {}
-
-    def grab(_mod, _inp, out):
-        seen["h"] = _first(out)
-        raise _Stop
-
-    handle = decoder_layers(model)[0].register_forward_hook(grab)
-    try:
-        model.get_decoder()(input_ids=ids)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return seen["h"].float()
-
-
-@torch.no_grad()
-def body_top1(model, ids: torch.Tensor, h1: torch.Tensor | None = None, embeds: torch.Tensor | None = None):
-    """Greedy next token at every position: the real model, with block 0's output replaced by `h1` (the worker's
-    body behind a replacement of the enclave's part) or its input embeddings replaced by `embeds`."""
-    def swap(_mod, _inp, out):
-        return (h1,) + tuple(out[1:]) if isinstance(out, tuple) else h1
-
-    handle = decoder_layers(model)[0].register_forward_hook(swap) if h1 is not None else None
-    try:
-        logits = model(inputs_embeds=embeds).logits if embeds is not None else model(input_ids=ids).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    return logits.argmax(-1)
 
 
 # ------------------------------------------------------------------------------------------------ secrets, observations
@@ -299,7 +215,7 @@ def run_replacement(net, ids: torch.Tensor) -> torch.Tensor:
     seen = {}
 
     def grab(_mod, _inp, out):
-        seen["h"] = _first(out)
+        seen["h"] = first_output(out)
 
     handle = decoder_layers_base(net)[0].register_forward_hook(grab)
     try:
@@ -416,86 +332,6 @@ def run(st: Settings) -> dict:
                             vocab=cfg.vocab_size, sub_vocab=len(data.vocab_ids))
     return results
 
-
-# ------------------------------------------------------------------------------------------------ reporting
-
-
-def provenance(argv: list[str], seconds: float) -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, timeout=10,
-                                  cwd=Path(__file__).parent).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return dict(command=("python -m bench.tee_extraction " + shlex.join(argv)).strip(), commit=git("rev-parse", "HEAD"),
-                tree_clean=git("status", "--porcelain", "--", "bench/tee_extraction.py") == "",
-                machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                             cpus=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads()),
-                utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), wall_s=round(seconds, 1))
-
-
-def plot(results: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for metric, ylabel, name in (("r2", "R^2 of the worker's input, held out", "tee_extraction_fit.png"),
-                                 ("top1", "top-1 agreement with the true model", "tee_extraction_top1.png"),
-                                 ("recovery", "token recovery from one observation", "tee_extraction_recovery.png")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for cond, rows in results["conditions"].items():
-            if metric in rows[0]:
-                line, = ax.plot([r["n"] for r in rows], [r[metric] for r in rows], marker="o", label=LABELS[cond])
-                if metric == "recovery":
-                    ax.plot([r["n"] for r in rows], [r["recovery_norm"] for r in rows], marker="x", ls="--",
-                            c=line.get_color(), label=LABELS[cond] + ", by norm")
-        if metric == "top1":
-            ax.axhline(results["baselines"]["top1_no_information"], ls=":", c="grey", label="no information")
-        if metric == "recovery":
-            ax.axhline(results["baselines"]["recovery_chance"], ls=":", c="grey", label="chance 1/V'")
-        ax.set_xscale("log")
-        ax.set_xlabel("queries N (prompts of %d tokens)" % results["settings"]["seq_len"])
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{results['model']['name']}: {ylabel}", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / name)
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    return paths
-
-
-def markdown(results: dict) -> str:
-    m, b, prov = results["model"], results["baselines"], results["provenance"]
-    lines = [f"# TEE extraction experiment: {m['name']} ({m['type']}, hidden {m['hidden']}, {m['layers']} layers, "
-             f"prompts from {m['sub_vocab']} of {m['vocab']} tokens)", "",
-             f"`{prov['command']}` at {prov['commit'][:12]} on {prov['machine']['cpus']} CPUs, "
-             f"{prov['wall_s']} s. No information: top-1 agreement {b['top1_no_information']:.3f}; "
-             f"token recovery chance {b['recovery_chance']:.4f}.", "",
-             "| condition | N | tokens | R^2 | cosine | token recovery (nearest row) | (by norm) | top-1 agreement |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for cond, rows in results["conditions"].items():
-        for r in rows:
-            rec = f"{r['recovery']:.3f} | {r['recovery_norm']:.3f}" if "recovery" in r else "- | -"
-            lines.append(f"| {LABELS[cond]} | {r['n']} | {r['tokens']} | {r['r2']:.3f} | {r['cosine']:.3f} | {rec} "
-                         f"| {r['top1']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-def write(results: dict, out: Path) -> list[Path]:
-    """JSON, markdown and plots, each written whole (temp file, then rename)."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in (("tee_extraction.json", json.dumps(results, indent=2) + "\n"),
-                       ("tee_extraction.md", markdown(results))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
-        paths.append(out / name)
-    return paths + plot(results, out)
 
 
 def parse(argv: list[str]) -> tuple[Settings, Path]:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from bench import tee_extraction
+from bench import tee_extraction, tee_extraction_report
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_writes_json_markdown_and_plots(quick):
     assert prov["command"].startswith("python -m bench.tee_extraction --quick") and prov["wall_s"] > 0
     assert prov["machine"]["cpus"] >= 1
     md = (out / "tee_extraction.md").read_text()
-    for label in tee_extraction.LABELS.values():
+    for label in tee_extraction_report.LABELS.values():
         assert f"| {label} |" in md
 
 
