@@ -90,22 +90,26 @@ def same_tokens(ref: list[int], got: list[int], eos: set[int]) -> bool:
     return ref[:n] == got[:n]
 
 
-def run(plain_model, bundle, server_dir: Path, prompt_ids: list[int], settings: dict, profiles: list,
-        log=print) -> dict:
-    """Plain vs STIP over loopback and over each `profiles` network; returns a JSON-serialisable dict."""
-    import stip
+def _calibrate(profiles: list, log) -> dict:
+    """{network: what its relay delivered}: a 64-byte round trip and a bulk transfer per simulated link."""
     from bench import netsim
-    from bench.report import paired, summarize
 
-    n_tokens, rounds, k = settings["tokens"], settings["rounds"], settings["topk"]
-    threads = torch.get_num_threads()
-    client_threads = settings.get("client_threads", 1)
-    eos = set(bundle.eos_token_ids)
     calibration = {}
     for p in profiles:
         calibration[p.name] = netsim.calibrate(p)
         log(f"  netsim {p.name}: configured {p.rtt_ms} ms RTT, {p.mbit} Mbit/s; measured {calibration[p.name]}")
+    return calibration
 
+
+def _measure(plain_model, bundle, server_dir: Path, prompt_ids: list[int], settings: dict, profiles: list,
+             threads: int, log) -> tuple[list, dict, float]:
+    """One `stip serve`, a relay per network, two clients (logits, top-k) per route; a warm-up generation of each
+    variant, then `rounds` rounds, the order rotated. (variants, {variant: its generations}, seconds)."""
+    import stip
+    from bench import netsim
+
+    n_tokens, rounds, k = settings["tokens"], settings["rounds"], settings["topk"]
+    client_threads = settings.get("client_threads", 1)
     with contextlib.ExitStack() as stack:
         url, port = stack.enter_context(stip_server(server_dir, threads))
         urls = {"loopback": url}
@@ -137,33 +141,49 @@ def run(plain_model, bundle, server_dir: Path, prompt_ids: list[int], settings: 
                 runs[v].append(once(*v))
             log(f"  end to end: round {r + 1}/{rounds} ({time.perf_counter() - t_start:.0f} s)")
         seconds = time.perf_counter() - t_start
+    return variants, runs, seconds
 
+
+def _row(name: str, net: str, gens: list[dict], plain_runs: list[dict], n_tokens: int, profiles: list,
+         eos: set[int]) -> dict:
+    """One variant on one network: per-token time and first token; for STIP also its split, bytes, the link
+    model's share, whether its tokens equal plain's and its per-round ratio to plain."""
+    from bench.report import paired, summarize
+
+    dl = name.split("-", 1)[1] if name != "plain" else "-"
+    row = {"variant": name, "network": net, "downlink": dl, "generations": len(gens),
+           "tokens_per_generation": n_tokens, "steps": sum(g["steps"] for g in gens),
+           "per_token_ms": summarize([g["per_token_ms"] for g in gens]),
+           "ttft_ms": summarize([g["ttft_ms"] for g in gens])}
+    if name != "plain":
+        for part in ("client_ms", "server_ms", "wire_ms"):
+            row[part] = summarize([g[part] for g in gens])
+        for part in ("bytes_up", "bytes_down"):
+            row[f"{part}_per_token"] = statistics.median(g[part] for g in gens)
+        row["prefill_bytes_up"] = gens[0]["prefill_bytes_up"]
+        row["prefill_bytes_down"] = gens[0]["prefill_bytes_down"]
+        prof = next((p for p in profiles if p.name == net), None)
+        if prof is not None and prof.mbit:
+            # the link model alone: RTT + both messages serialised at the link rate
+            row["link_model_ms"] = prof.rtt_ms + (row["bytes_up_per_token"] + row["bytes_down_per_token"]) * 8 / (
+                prof.mbit * 1e3)
+        row["same_tokens_as_plain"] = all(same_tokens(p["tokens"], g["tokens"], eos)
+                                          for p, g in zip(plain_runs, gens))
+        row["ratio_to_plain"] = paired([g["per_token_ms"] for g in gens], [g["per_token_ms"] for g in plain_runs])
+    return row
+
+
+def run(plain_model, bundle, server_dir: Path, prompt_ids: list[int], settings: dict, profiles: list,
+        log=print) -> dict:
+    """Plain vs STIP over loopback and over each `profiles` network; returns a JSON-serialisable dict."""
+    n_tokens, rounds = settings["tokens"], settings["rounds"]
+    threads = torch.get_num_threads()
+    client_threads = settings.get("client_threads", 1)
+    eos = set(bundle.eos_token_ids)
+    calibration = _calibrate(profiles, log)
+    variants, runs, seconds = _measure(plain_model, bundle, server_dir, prompt_ids, settings, profiles, threads, log)
     plain_runs = runs[("plain", "in-process")]
-    plain_per_token = [g["per_token_ms"] for g in plain_runs]
-    rows = []
-    for name, net in variants:
-        gens = runs[(name, net)]
-        dl = name.split("-", 1)[1] if name != "plain" else "-"
-        row = {"variant": name, "network": net, "downlink": dl, "generations": len(gens),
-               "tokens_per_generation": n_tokens, "steps": sum(g["steps"] for g in gens),
-               "per_token_ms": summarize([g["per_token_ms"] for g in gens]),
-               "ttft_ms": summarize([g["ttft_ms"] for g in gens])}
-        if name != "plain":
-            for part in ("client_ms", "server_ms", "wire_ms"):
-                row[part] = summarize([g[part] for g in gens])
-            for part in ("bytes_up", "bytes_down"):
-                row[f"{part}_per_token"] = statistics.median(g[part] for g in gens)
-            row["prefill_bytes_up"] = gens[0]["prefill_bytes_up"]
-            row["prefill_bytes_down"] = gens[0]["prefill_bytes_down"]
-            prof = next((p for p in profiles if p.name == net), None)
-            if prof is not None and prof.mbit:
-                # the link model alone: RTT + both messages serialised at the link rate
-                row["link_model_ms"] = prof.rtt_ms + (row["bytes_up_per_token"] + row["bytes_down_per_token"]) * 8 / (
-                    prof.mbit * 1e3)
-            row["same_tokens_as_plain"] = all(same_tokens(p["tokens"], g["tokens"], eos)
-                                              for p, g in zip(plain_runs, gens))
-            row["ratio_to_plain"] = paired([g["per_token_ms"] for g in gens], plain_per_token)
-        rows.append(row)
+    rows = [_row(name, net, runs[(name, net)], plain_runs, n_tokens, profiles, eos) for name, net in variants]
     return {
         "method": f"{rounds} rounds x {n_tokens} generated tokens per variant, variants interleaved with the order "
                   f"rotated every round, after one warm-up generation each; STIP is `stip.Client.generate` as "

