@@ -30,7 +30,7 @@ def provenance(argv: list[str], seconds: float) -> dict:
             return ""
 
     return dict(command=("python -m bench.tee_extraction " + shlex.join(argv)).strip(), commit=git("rev-parse", "HEAD"),
-                tree_clean=git("status", "--porcelain", "--", "bench/tee_extraction.py") == "",
+                tree_clean=git("status", "--porcelain", "--", ":/bench/tee_extraction*.py", ":/stip") == "",
                 machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                              cpus=os.cpu_count(), torch=torch.__version__, torch_threads=torch.get_num_threads()),
                 utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), wall_s=round(seconds, 1))

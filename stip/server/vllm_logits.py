@@ -7,7 +7,7 @@ With `logprobs_mode="processed_logits"` and greedy one-token requests, vLLM repo
 leaves them (no penalty or temperature runs). The processor writes the row's log-sum-exp into the row's least likely
 token, raised to just above the row's maximum where the two are equal in float32: that token becomes the unique
 top-ranked entry and the sampled token, and the k entries after it are the k largest raw logits, untouched
-(`stip.server.vllm_engine` takes it out again). Imported only by vLLM's engine process (`logits_processors`).
+(`stip.server.vllm_round_trip` takes it out again). Imported only by vLLM's engine process (`logits_processors`).
 """
 
 from __future__ import annotations
