@@ -109,7 +109,7 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
 
         return serve_tee_worker(bundles[0], host, port, token, api_keys, max_sessions, max_seq_len, session_ttl,
                                 wire.DTYPES[dtype], device, trusted, log_level, ssl_certfile, ssl_keyfile,
-                                kv_budget_tokens, kv_budget_bytes)
+                                kv_budget_tokens, kv_budget_bytes, capture, capture_layers)
     engines = _load_engines(bundles, engine_kind, wire.DTYPES[dtype], device, trusted, capture, capture_layers,
                             chunk_tokens=prefill_chunk, batching=batching, vllm_options=vllm_options)
     kv_bytes = max(e.kv_bytes_per_token for e, _ in engines)  # the budget counts tokens of the costliest context
@@ -151,7 +151,8 @@ def _check_options(host: str, token: str | None, api_keys, ssl_certfile: str | N
 
 def _check_modes(bundles: list, engine_kind: str, tee_worker: bool, capture, capture_layers):
     """Refuse combinations the server does not run (several contexts only on transformers; capture of one bundle
-    only; the TEE worker only on transformers), before any model loads. Returns the capture layers, parsed."""
+    only, round-trip or TEE worker; the TEE worker only on transformers), before any model loads. Returns the
+    capture layers, parsed."""
     if not bundles:
         raise StipError("no server bundle given")
     if len(bundles) > 1 and (tee_worker or engine_kind == "vllm"):
@@ -160,9 +161,9 @@ def _check_modes(bundles: list, engine_kind: str, tee_worker: bool, capture, cap
                         f"(docs/contexts.md)")
     if capture is None and capture_layers:
         raise StipError("--capture-layers needs --capture DIR")
-    if capture is not None and (tee_worker or engine_kind != "transformers" or len(bundles) > 1):
-        raise StipError("--capture records the client sessions of one bundle on the transformers engine (not "
-                        "--tee-worker, --engine vllm or several contexts)")
+    if capture is not None and (engine_kind != "transformers" or len(bundles) > 1):
+        raise StipError("--capture records the sessions of one bundle on the transformers engine (not "
+                        "--engine vllm or several contexts)")
     if capture is not None:  # refused before the model loads: bad layers, a folder in use
         from stip.server.capture import check_folder, parse_layers
 

@@ -13,6 +13,8 @@ WARNING at start. Log lines never contain the tensors.
 Where the hidden states come from: the batched engine's packed forward calls an observer after each layer with the
 packed tokens of every session in the tick, which is cut back into each step's rows (`BatchedEngine.hidden_observer`);
 the serial engine gets forward hooks on its decoder layers. Both are the states the server computed, not a replay.
+`stip serve --tee-worker --capture DIR` writes the same folder format (stip.server.tee_capture): `inputs` is then
+`h1 p`, the body's input, and each step may carry `offload.<linear>` tensors besides.
 """
 
 from __future__ import annotations
@@ -95,30 +97,41 @@ class CaptureWriter:
         self._sessions: dict[int, int] = {}  # id(state) -> session number, until the state is freed
         self._next_session = 0
 
+    @staticmethod
+    def _key(state: Any) -> Any:
+        """A session's key: an engine's state object by identity; a TEE worker's session id (a string) by value."""
+        return state if isinstance(state, str) else id(state)
+
     def session(self, state: Any) -> int:
         with self._lock:
-            if id(state) not in self._sessions:
-                self._sessions[id(state)] = self._next_session
+            key = self._key(state)
+            if key not in self._sessions:
+                self._sessions[key] = self._next_session
                 self._next_session += 1
-            return self._sessions[id(state)]
+            return self._sessions[key]
 
     def forget(self, state: Any) -> None:
         with self._lock:
-            self._sessions.pop(id(state), None)
+            self._sessions.pop(self._key(state), None)
 
-    def write(self, state: Any, kind: str, start: int, inputs: torch.Tensor, hidden: dict[int, torch.Tensor]) -> None:
+    def write(self, state: Any, kind: str, start: int, inputs: torch.Tensor, hidden: dict[int, torch.Tensor],
+              extra: dict[str, torch.Tensor] | None = None, extra_meta: dict[str, Any] | None = None) -> None:
+        """One step's file and index line. `extra`: more tensors, stored in their own dtype (the TEE worker's
+        float64 padded rows); `extra_meta`: more keys for the index line."""
         from safetensors.torch import save
 
         session = self.session(state)
         tensors = {"inputs": inputs.detach().to("cpu", torch.float32).contiguous().clone()}
         for layer, h in hidden.items():
             tensors[f"hidden.{layer}"] = h.detach().to("cpu", torch.float32).contiguous().clone()
+        for name, t in (extra or {}).items():
+            tensors[name] = t.detach().to("cpu").contiguous().clone()
         with self._lock:
             seq = self._seq
             self._seq += 1
             name = f"{seq:06d}.safetensors"
             meta = {"seq": seq, "file": name, "session": session, "kind": kind, "start": int(start),
-                    "rows": int(inputs.shape[0])}
+                    "rows": int(inputs.shape[0]), **(extra_meta or {})}
             write_bytes_atomic(self.folder / name,
                                save(tensors, metadata={k: str(v) for k, v in meta.items()}), mode=0o600)
             fd = os.open(self.folder / INDEX_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -10,13 +10,15 @@
         at start that the worker serves the TEE worker bundle of its own `stip protect --tee` run
     errors: {"ok": false, "status": 4xx/5xx, "error": "..."}; the socket stays usable.
 
-Compute runs on one worker thread; the event loop only authenticates and frames.
+Compute runs on one worker thread; the event loop only authenticates and frames. With `--capture DIR` each socket
+gets a recorder (stip.server.tee_capture) that writes what the worker receives, for the audit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -79,26 +81,35 @@ def _parse(worker: TeeWorker, data) -> tuple[str, dict, torch.Tensor | None]:
     return op, header, wire.tensor_from_bytes(payload, dtype, shape)
 
 
-def _run(worker: TeeWorker, op: str, header: dict, x: torch.Tensor | None) -> bytes:
+def _run(worker: TeeWorker, op: str, header: dict, x: torch.Tensor | None, recorder=None) -> bytes:
+    """One request on the worker thread; `recorder` (a `TeeConnectionRecorder`, with --capture) sees each request
+    the worker answers."""
     t0 = time.perf_counter()
     if op == "close":
         worker.close(str(header.get("session", "")))
+        if recorder is not None:
+            recorder.close(str(header.get("session", "")))
         return wire.encode_frame({"ok": True, "kind": "closed"})
     if op == "info":
         return wire.encode_frame({"ok": True, "kind": "info", "bundle_id": worker.manifest.get("bundle_id"),
                                   "lm_head": "worker" if LM_HEAD in worker.linears else "enclave"})
     if op == "linear":
         y = worker.linear(header["name"], x.to(torch.float64))
+        if recorder is not None:
+            recorder.linear(header["name"], x.to(torch.float64))
         kind, extra = "linear", {}
     else:
-        y = worker.body(header["session"], x.float(), header["start"])
+        h = x.float()
+        run = functools.partial(worker.body, header["session"], h, header["start"])
+        y = run() if recorder is None else recorder.body(header["session"], header["start"], h, run)
         kind, extra = "hidden", {"position": header["start"] + int(x.shape[0])}
     ms = round((time.perf_counter() - t0) * 1000, 3)
     return wire.encode_frame({"ok": True, "kind": kind, "dtype": wire.DTYPE_NAMES.get(y.dtype, "float64"),
                               "shape": [int(n) for n in y.shape], "worker_ms": ms, **extra}, wire.tensor_bytes(y))
 
 
-def create_tee_app(worker: TeeWorker, auth: Authenticator) -> FastAPI:
+def create_tee_app(worker: TeeWorker, auth: Authenticator, capture=None) -> FastAPI:
+    """The worker's app; `capture` (a `stip.server.tee_capture.TeeCapture`, or None: off) records each socket."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stip-tee-worker")
 
     @contextlib.asynccontextmanager
@@ -125,6 +136,7 @@ def create_tee_app(worker: TeeWorker, auth: Authenticator) -> FastAPI:
             return
         await websocket.accept()
         loop = asyncio.get_running_loop()
+        recorder = None if capture is None else capture.connection()
         try:
             while True:
                 msg = await websocket.receive()
@@ -132,7 +144,7 @@ def create_tee_app(worker: TeeWorker, auth: Authenticator) -> FastAPI:
                     break
                 try:
                     op, header, x = _parse(worker, msg.get("bytes"))
-                    reply = await loop.run_in_executor(pool, _run, worker, op, header, x)
+                    reply = await loop.run_in_executor(pool, _run, worker, op, header, x, recorder)
                 except TeeWorkerError as e:
                     log.info("tee-worker request error %d: %s", e.status, e)
                     reply = wire.encode_frame(wire.error_header(e.status, str(e)))
@@ -142,6 +154,10 @@ def create_tee_app(worker: TeeWorker, auth: Authenticator) -> FastAPI:
                 await websocket.send_bytes(reply)
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass
+        finally:
+            if recorder is not None:  # the step in flight when the enclave went away
+                with contextlib.suppress(RuntimeError):
+                    await loop.run_in_executor(pool, recorder.close)
 
     return app
 
@@ -150,9 +166,10 @@ def serve_tee_worker(bundle, host: str, port: int, token: str | None, api_keys=N
                      max_seq_len: int = 4096, session_ttl: float = 300.0, dtype: torch.dtype = torch.float32,
                      device: str = "cpu", trusted=None, log_level: str = "info", ssl_certfile: str | None = None,
                      ssl_keyfile: str | None = None, kv_budget_tokens: int | None = None,
-                     kv_budget_bytes: int | None = None) -> None:
+                     kv_budget_bytes: int | None = None, capture=None, capture_layers: list[int] | None = None) -> None:
     """Load the server bundle as a TEE worker and serve the enclave's WebSocket until interrupted. The KV budget
-    (default: max_sessions x max_seq_len tokens) bounds blocks 1..L-1's caches of all sessions together."""
+    (default: max_sessions x max_seq_len tokens) bounds blocks 1..L-1's caches of all sessions together. `capture`:
+    record what the worker receives to that folder (stip.server.tee_capture; off by default)."""
     import uvicorn
     from transformers import AutoConfig
 
@@ -164,7 +181,12 @@ def serve_tee_worker(bundle, host: str, port: int, token: str | None, api_keys=N
     worker = TeeWorker.from_bundle(bundle, dtype=dtype, device=device, trusted=trusted, max_sessions=max_sessions,
                                    max_seq_len=max_seq_len, session_ttl=session_ttl,
                                    kv_budget_tokens=kv_budget_tokens)
-    app = create_tee_app(worker, Authenticator(token, api_keys))
+    recording = None
+    if capture is not None:
+        from stip.server.tee_capture import enable_tee_capture
+
+        recording = enable_tee_capture(worker, capture, capture_layers)
+    app = create_tee_app(worker, Authenticator(token, api_keys), recording)
     log.info("STIP TEE worker: bundle %s, %d offloaded linears, d=%d, max %d sessions, max_seq_len %d, KV budget %d "
              "tokens", worker.manifest.get("bundle_id", "?"), len(worker.linears), worker.hidden_size, max_sessions,
              worker.max_seq_len, worker.kv_budget_tokens)
