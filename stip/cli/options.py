@@ -1,4 +1,4 @@
-"""What several commands' options share: the --trust help and value, and sizes such as 512MB."""
+"""What several commands' options share: the --trust help and value, sizes such as 512MB, and counts such as 1M."""
 
 from __future__ import annotations
 
@@ -24,3 +24,17 @@ def parse_size(text: str) -> int:
     if n < 1:
         raise StipError(f"a size must be positive, got {text!r}")
     return n
+
+
+def parse_count(text: str, what: str = "count") -> int:
+    """A positive whole number as people write it: 250000, 1e6, 1_000_000, 100k, 1.5M, 2G (decimal: k = 1000,
+    M = 10^6, G = 10^9); a bad one is a StipError naming `what`, shown as one line."""
+    units = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}
+    t = text.strip().lower().replace("_", "")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise StipError(f"{what}: not a number: {text!r} (expected e.g. 250000, 1e6, 100k or 1M)") from None
+    if not 1 <= value <= 1e18 or value != int(value):
+        raise StipError(f"{what} must be a whole number of at least 1, got {text!r}")
+    return int(value)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from stip.cli.app import app
-from stip.cli.options import TRUST_HELP, parse_size, trusted_signers
+from stip.cli.options import TRUST_HELP, parse_count, parse_size, trusted_signers
 from stip.errors import StipError
 
 
@@ -66,6 +66,11 @@ def serve(
     expose_timing: bool = typer.Option(False, "--expose-timing", help="send clients each step's server compute "
                                        "time (server_ms). Off by default: per-step times let a key holder probe "
                                        "what other clients' requests left in shared caches"),
+    rekey_after: Optional[str] = typer.Option(None, help="tokens each context's key may serve (e.g. 1M, 250k, 1e6): "
+                                              "a warning at 80%, then new sessions on it are refused (403) until "
+                                              "`stip rekey` (docs/contexts.md)"),
+    usage_file: Optional[Path] = typer.Option(None, help="keep each context's served-token count in this file "
+                                              "across restarts (default: counted for this process only)"),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
     from stip.server.app import run_server
@@ -80,7 +85,8 @@ def serve(
                ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
                trusted=trusted_signers(trust), engine_kind=engine, prefill_chunk=prefill_chunk,
                batching=batching, tee_worker=tee_worker, capture=capture, capture_layers=capture_layers,
-               expose_timing=expose_timing,
+               expose_timing=expose_timing, usage_file=usage_file,
+               rekey_after=parse_count(rekey_after, "--rekey-after") if rekey_after is not None else None,
                vllm_options=_vllm_options(engine, vllm_arg, tensor_parallel_size=tensor_parallel_size,
                                           pipeline_parallel_size=pipeline_parallel_size, max_num_seqs=max_num_seqs,
                                           gpu_memory_utilization=gpu_memory_utilization))

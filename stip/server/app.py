@@ -28,6 +28,7 @@ from stip.server.encode_route import add_encode_route
 from stip.server.engine import Engine
 from stip.server.generate_route import add_generate_route
 from stip.server.http_routes import add_http_routes
+from stip.server.key_usage import KeyUsage
 from stip.server.metrics import Metrics
 from stip.server.service import HEADER_SLACK, Settings, StipService, key_default_quota
 from stip.server.session_route import add_session_route
@@ -35,13 +36,15 @@ from stip.server.session_route import add_session_route
 log = logging.getLogger("stip.server")
 
 
-def build_contexts(engines: list[tuple[Engine, str]], settings: Settings) -> Contexts:
+def build_contexts(engines: list[tuple[Engine, str]], settings: Settings, usage: KeyUsage | None = None) -> Contexts:
     """One `StipService` per (engine, bundle id). A single context is exactly the server of one bundle; several share
     one Authenticator, one Admission (--max-sessions and the KV budget, counted in tokens of the costliest context,
-    and every client's quota across contexts) and one Metrics (sums over contexts)."""
+    and every client's quota across contexts) and one Metrics (sums over contexts, and each context's tokens served).
+    All share `usage`: the tokens each key served and the rekey budget (default: settings.rekey_after, in memory)."""
     contexts = Contexts([e for e, _ in engines])
+    usage = usage or KeyUsage(settings.rekey_after)
     if len(engines) == 1:
-        contexts.add(StipService(engines[0][0], settings, engines[0][1]))
+        contexts.add(StipService(engines[0][0], settings, engines[0][1], usage=usage))
         return contexts
     limit = max(min(settings.max_seq_len, e.max_positions or settings.max_seq_len) for e, _ in engines)
     admission = Admission(settings.kv_budget_tokens or settings.max_sessions * limit, settings.max_sessions,
@@ -51,14 +54,16 @@ def build_contexts(engines: list[tuple[Engine, str]], settings: Settings) -> Con
     metrics = Metrics(contexts.sessions, contexts.kv_caches, contexts.kv_tokens, lambda: admission.used,
                       lambda: admission.total, contexts.engine_stats)
     for engine, bundle_id in engines:
-        contexts.add(StipService(engine, settings, bundle_id, auth=auth, admission=admission, metrics=metrics))
+        contexts.add(StipService(engine, settings, bundle_id, auth=auth, admission=admission, metrics=metrics,
+                                 usage=usage))
     return contexts
 
 
-def create_app(engine: Engine | list[tuple[Engine, str]], settings: Settings, bundle_id: str = ""):
+def create_app(engine: Engine | list[tuple[Engine, str]], settings: Settings, bundle_id: str = "",
+               usage: KeyUsage | None = None):
     """The server's app: one engine and its bundle id, or several contexts [(engine, bundle id), ...] side by side
-    (`stip.server.contexts`)."""
-    contexts = build_contexts(engine if isinstance(engine, list) else [(engine, bundle_id)], settings)
+    (`stip.server.contexts`); `usage`: the tokens each key served, e.g. loaded from `--usage-file`."""
+    contexts = build_contexts(engine if isinstance(engine, list) else [(engine, bundle_id)], settings, usage)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -88,12 +93,15 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
                max_all_logits: int = Settings.max_all_logits, client_quota: Quota = Quota(),
                engine_kind: str = "transformers", prefill_chunk: int | None = None, batching: bool = True,
                vllm_options: dict | None = None, tee_worker: bool = False, capture: str | Path | None = None,
-               capture_layers: str | list[int] | None = None, expose_timing: bool = False) -> None:
+               capture_layers: str | list[int] | None = None, expose_timing: bool = False,
+               rekey_after: int | None = None, usage_file: str | Path | None = None) -> None:
     """Load the server bundle (its signature checked against `trusted`, the developer's pinned signer(s), default
     $STIP_TRUSTED_SIGNERS) and serve it until interrupted. A list of bundles serves each as its own context, side by
     side (`stip.server.contexts`; transformers engine only). `capture`: record every step to that folder for
     `stip audit` (stip.server.capture; off by default). `expose_timing`: replies carry each step's server compute
-    time (`stip serve --expose-timing`; off by default, since per-step times are a side channel on shared caches)."""
+    time (`stip serve --expose-timing`; off by default, since per-step times are a side channel on shared caches).
+    `rekey_after`: tokens each context's key may serve before it takes no new sessions; `usage_file`: where those
+    counts persist across restarts (stip.server.key_usage; default: in memory, no budget)."""
     token = token or os.environ.get("STIP_TOKEN") or None
     _check_options(host, token, api_keys, ssl_certfile, dtype, session_ttl,
                    {"max_sessions": max_sessions, "max_seq_len": max_seq_len,
@@ -104,6 +112,7 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
         torch.set_num_threads(threads)
     bundles = list(bundle) if isinstance(bundle, (list, tuple)) else [bundle]
     capture_layers = _check_modes(bundles, engine_kind, tee_worker, capture, capture_layers)
+    usage = _key_usage(rekey_after, usage_file, tee_worker)  # a bad usage file stops here, before the model loads
     if tee_worker:  # TEE mode: the enclave's WebSocket instead of client sessions (stip.server.tee_route)
         from stip.server.tee_route import serve_tee_worker
 
@@ -121,8 +130,9 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
     settings = Settings(token=token, api_keys=str(api_keys) if api_keys else None, max_sessions=max_sessions,
                         max_seq_len=max_seq_len, session_ttl=session_ttl, max_message_bytes=max_message_bytes,
                         kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits, client_quota=client_quota,
-                        expose_timing=expose_timing)
-    app = create_app(engines, settings)
+                        expose_timing=expose_timing, rekey_after=rekey_after)
+    usage.where.update((bundle_id, str(path)) for (_, bundle_id), path in zip(engines, bundles))
+    app = create_app(engines, settings, usage=usage)
     _log_start(app.state.contexts, settings, dtype, device, kv_bytes)
     _serve(app, host, port, log_level, ssl_certfile, ssl_keyfile)
 
@@ -147,6 +157,15 @@ def _check_options(host: str, token: str | None, api_keys, ssl_certfile: str | N
         raise StipError(f"dtype must be one of {', '.join(wire.DTYPES)}, got {dtype!r}")
     if api_keys:
         load_key_file(api_keys)  # a bad key file stops here, before the model loads
+
+
+def _key_usage(rekey_after: int | None, usage_file, tee_worker: bool) -> KeyUsage:
+    """The tokens each context's key served (loaded from `usage_file` if given) and the rekey budget. The TEE worker
+    serves the enclave, not client sessions, and counts nothing: both options are refused there."""
+    if tee_worker and (rekey_after is not None or usage_file is not None):
+        raise StipError("--rekey-after and --usage-file count client sessions; the TEE worker (--tee-worker) serves "
+                        "the enclave and does not count tokens")
+    return KeyUsage(rekey_after, usage_file)
 
 
 def _check_modes(bundles: list, engine_kind: str, tee_worker: bool, capture, capture_layers):
@@ -211,6 +230,11 @@ def _log_start(contexts: Contexts, settings: Settings, dtype: str, device: str, 
     if len(contexts) > 1:
         log.info("%d contexts side by side (one model each); requests name theirs in the %s header; sessions and "
                  "the KV budget are shared", len(contexts), wire.BUNDLE_HEADER)
+    usage = contexts.first.usage
+    if usage.rekey_after is not None or usage.usage_file is not None:
+        log.info("rekey budget: %s tokens per context (--rekey-after); counts %s",
+                 usage.rekey_after if usage.rekey_after is not None else "no limit,",
+                 f"saved in {usage.usage_file}" if usage.usage_file else "kept for this process only")
     token, api_keys, budget = settings.token, settings.api_keys, settings.kv_budget_tokens
     log.info("KV budget %d tokens (%.1f MB at %d bytes/token); clients: %s", budget, budget * kv_bytes / 1e6,
              kv_bytes, "API key file" + (" and the token" if token else "") if api_keys else

@@ -5,7 +5,8 @@ after reserving its tokens here (on the event loop, before the step reaches the 
 concurrently can never overshoot the budget together; a session's reservation is released when it is freed.
 
 Refusals carry their HTTP status as data (`REFUSALS`): the server being full is 503 (retry later, someone else holds
-the memory), a client over its own quota is 429 (it must close sessions or slow down).
+the memory), a client over its own quota is 429 (it must close sessions or slow down), a context whose key has served
+its rekey budget is 403 (no retry helps until the key is replaced; `stip.server.key_usage`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ REFUSALS = {
     "client_sessions": 429,  # this client holds its max_sessions
     "client_tokens": 429,  # this client's sessions hold its max_tokens
     "client_rate": 429,  # this client ran its max_tokens_per_minute
+    "rekey_budget": 403,  # the context's key served its `--rekey-after` tokens (stip.server.key_usage)
 }
 
 DEFAULT_MEMORY_FRACTION = 0.5  # of the memory still available once the model is loaded

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Mapping
 from stip.common.wire import BUNDLE_HEADER
 
 if TYPE_CHECKING:
+    from stip.server.auth import Principal
     from stip.server.service import StipService
 
 __all__ = ["BUNDLE_HEADER", "ContextError", "Contexts"]
@@ -99,12 +100,13 @@ class Contexts:
         return {"status": "ok", "engine": st["engine"], "mode": st["mode"], "batch_size": st["batch_size"],
                 "queue": st["queue"], "contexts": len(self.services)}
 
-    def listing(self) -> dict:
-        """/v1/contexts: the bundles served (ids, mode, task, model type, signer), for an authenticated caller."""
+    def listing(self, who: "Principal") -> dict:
+        """/v1/contexts: the bundles served (ids, mode, task, model type, signer, rekey budget), for an authenticated
+        caller; the tokens each served too where `who` may read /metrics (`StipService.key_usage`)."""
         return {"status": "ok", "header": BUNDLE_HEADER, "contexts": [
             {"bundle_id": s.bundle_id, "mode": s.mode, "task": s.task, "model_type": s.engine.model_type,
              "signer": (getattr(s.engine, "manifest", None) or {}).get("signer", {}).get("fingerprint"),
-             "max_seq_len": s.max_seq_len} for s in self.services]}
+             "max_seq_len": s.max_seq_len, **s.key_usage(who)} for s in self.services]}
 
     def sessions(self) -> int:
         return sum(len(s.sessions) for s in self.services)

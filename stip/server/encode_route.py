@@ -6,7 +6,7 @@ Reply 200: one frame {"ok": true, "kind": "hidden" | "logits", "shape": [...], "
 with `stip serve --expose-timing`) and the float32 output. Errors: the JSON error of the other endpoints.
 Everything is checked on the event loop before any compute; the forward runs on the server's worker thread, one
 request at a time. The same API keys, quotas and token budget as sessions apply: a request holds B x T tokens while
-it runs.
+it runs, and counts them against its context's rekey budget (`stip.server.key_usage`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from stip.server.auth import AuthError
 from stip.server.budget import AdmissionError
 from stip.server.contexts import ContextError
 from stip.server.encoder import REPLY_KIND, EncoderEngine
+from stip.server.refusals import admission_refused
 
 log = logging.getLogger("stip.server")
 
@@ -131,9 +132,13 @@ def add_encode_route(app: FastAPI, contexts) -> None:
             return bad(e.status, str(e))
         tokens = x.shape[0] * x.shape[1]
         try:
-            service.admit_request(who, tokens)
+            service.admit_request(who, tokens)  # refused too on a context past its rekey budget (key_usage)
         except AdmissionError as e:
+            if e.reason == "rekey_budget":  # no WWW-Authenticate: the key is fine, the context's key is spent
+                metrics.errors.labels(str(e.status)).inc()
+                return admission_refused(e)
             return bad(e.status, str(e))
+        service.count_served(tokens)
         start = time.perf_counter()
         try:
             out = await asyncio.get_running_loop().run_in_executor(service.worker, engine.encode, x, mask)

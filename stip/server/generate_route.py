@@ -10,6 +10,9 @@ Release: the slot and the tokens go back exactly once however the response ends:
 client left mid-stream, or left before the body began (the body generator may then never start, so its `finally`
 alone is not enough: the response's own does it too). Clean-up never awaits inside a cancelled scope.
 
+Rekey budget: a generation counts its prompt and generated tokens against its context's key (`stip.server.key_usage`);
+a context past its budget takes no new generation (403), while running ones finish.
+
 Revocation: a running generation is registered under its client; when that client's key is revoked
 (`StipService.drop_revoked`, within `auth.REVOCATION_BOUND` of the key file's change) its stream ends at once with a
 last line {"error": ..., "status": 403}, and its sequence is freed.
@@ -36,7 +39,7 @@ from stip.server.contexts import ContextError
 from stip.server.encode_route import ENCODE_PATH
 from stip.server.engine import TokenEngine
 from stip.server.generations import Generation
-from stip.server.refusals import no_context, refused
+from stip.server.refusals import admission_refused, no_context, refused
 
 log = logging.getLogger("stip.server")
 
@@ -169,9 +172,10 @@ def add_generate_route(app: FastAPI, contexts) -> None:
                             f"output together; a generation stops with finish_reason 'length' there)")
         tokens = min(len(req.ids) + req.max_tokens, limit)
         try:
-            service.admit_request(who, tokens)
+            service.admit_request(who, tokens)  # refused too on a context past its rekey budget (key_usage)
         except AdmissionError as e:
-            return refused(e.status, str(e))
+            return admission_refused(e)
+        service.count_served(len(req.ids))  # the prompt's tokens; each generated one is counted as it comes
         # never more new tokens than the reservation holds (the last one is sampled, not cached)
         req = req.model_copy(update={"max_tokens": tokens - len(req.ids)})
         gen = Generation(who.name)
@@ -186,5 +190,9 @@ def add_generate_route(app: FastAPI, contexts) -> None:
                 service.admission.close_session(who.name, tokens)
 
         chunks = engine.generate(req, request_id=os.urandom(8).hex(), client=who.name)  # client: vLLM's cache salt
-        count = service.metrics.tokens.labels("generate").inc
+        generated = service.metrics.tokens.labels("generate").inc
+
+        def count(n: int) -> None:
+            generated(n)
+            service.count_served(n)
         return _GenerationResponse(_lines(chunks, gen, count, release), release)

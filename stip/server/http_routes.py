@@ -35,10 +35,10 @@ def add_http_routes(app: FastAPI, contexts: Contexts) -> None:
     @app.get("/v1/contexts")
     async def context_list(request: Request):
         try:
-            caller(request)
+            who = caller(request)
         except AuthError as e:
             return refused(e.status, str(e))
-        return contexts.listing()
+        return contexts.listing(who)
 
     @app.get("/metrics")
     async def metrics(request: Request):

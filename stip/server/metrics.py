@@ -2,7 +2,8 @@
 
 Only counts, sizes and timings: no tensor values, no session ids. The engine's figures (`Engine.stats`: rows per
 tick, steps waiting, steps running) are read when /metrics is scraped; the rows-per-tick histogram is fed by the
-scheduler after every tick.
+scheduler after every tick. Per context only the tokens its key has served (`stip.server.key_usage`), labelled by
+bundle id.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class Metrics:
         self.sessions_opened = Counter("stip_sessions_opened", "Sessions created", registry=r)
         self.sessions_closed = Counter("stip_sessions_closed", "Sessions ended, by reason", ["reason"], registry=r)
         self.bytes = Counter("stip_wire_bytes", "Frame bytes on the session sockets", ["direction"], registry=r)
+        self.context_tokens = Counter(
+            "stip_context_tokens_served", "Tokens a context's key has served (session rows, server-decode prompt and "
+            "generated tokens, encode rows; with --usage-file, counted from the file's saved count), by bundle id",
+            ["bundle"], registry=r)
+        self.rekey_after = Gauge("stip_rekey_after_tokens", "Tokens a context may serve before it takes no new "
+                                 "sessions (stip serve --rekey-after; 0: no budget)", registry=r)
         for phase in ("prefill", "decode"):
             self.tokens.labels(phase)
             self.steps.labels(phase)

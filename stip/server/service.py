@@ -26,6 +26,7 @@ from stip.server.auth import REVOCATION_POLL, Authenticator, AuthError, Principa
 from stip.server.budget import Admission, AdmissionError, Quota
 from stip.server.engine import Engine, TokenEngine, TopK
 from stip.server.generations import Generations
+from stip.server.key_usage import KeyUsage
 from stip.server.metrics import Metrics
 from stip.server.sessions import Session, SessionManager
 from stip.server.step_request import StepError, parse_step, short_repr
@@ -48,6 +49,7 @@ class Settings:
     max_all_logits: int = 1 << 24  # T x V logits one positions="all" prefill may compute (64 MB of float32)
     client_quota: Quota = Quota()  # quotas of the single token, and of keys that set none
     expose_timing: bool = False  # send clients each step's server compute time ("server_ms"): a timing side channel
+    rekey_after: int | None = None  # tokens a context's key may serve before it takes no new sessions (key_usage)
 
 
 KEY_SHARE = 4  # by default one API key may hold at most 1/KEY_SHARE of the session slots and of the KV budget
@@ -64,9 +66,10 @@ class StipService:
     """Everything one server process holds: engine, worker thread, sessions, metrics."""
 
     def __init__(self, engine: Engine, settings: Settings, bundle_id: str = "", *, auth: Authenticator | None = None,
-                 admission: Admission | None = None, metrics: Metrics | None = None):
-        """`auth`, `admission` and `metrics` are shared when one server serves several contexts
-        (`stip.server.contexts`): one key file, one session limit and KV budget, one /metrics for all of them."""
+                 admission: Admission | None = None, metrics: Metrics | None = None, usage: KeyUsage | None = None):
+        """`auth`, `admission`, `metrics` and `usage` are shared when one server serves several contexts
+        (`stip.server.contexts`): one key file, one session limit and KV budget, one /metrics, one rekey budget and
+        usage file for all of them."""
         self.engine, self.settings, self.bundle_id = engine, settings, bundle_id
         limit = settings.max_seq_len
         if engine.max_positions:
@@ -101,6 +104,9 @@ class StipService:
         if hasattr(engine, "add_end_observer"):  # server-decode on our engine: each generation's real KV length
             engine.add_end_observer(self.metrics.generation_kv_tokens.observe)
         self.generations = Generations()  # running /v1/generate streams, cut when their key is revoked
+        self.usage = usage or KeyUsage(settings.rekey_after)  # tokens each key served (stip serve --rekey-after)
+        self.metrics.context_tokens.labels(bundle_id).inc(self.usage.register(bundle_id))
+        self.metrics.rekey_after.set(self.usage.rekey_after or 0)
         self._expiry_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -119,6 +125,7 @@ class StipService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
         self.sessions.clear()
+        self.usage.flush(force=True)
         self.worker.shutdown(wait=False, cancel_futures=True)
         self.engine.close()
 
@@ -127,6 +134,7 @@ class StipService:
         while True:
             await asyncio.sleep(period)
             self.drop_revoked()
+            self.usage.flush()
             n = self.sessions.expire()
             if n:
                 self.metrics.sessions_closed.labels("expired").inc(n)
@@ -162,7 +170,15 @@ class StipService:
                 "client": who.name, "sessions": u.sessions, "kv_tokens": u.tokens,
                 "max_sessions": min(q.max_sessions or self.settings.max_sessions, self.settings.max_sessions),
                 "max_tokens": min(q.max_tokens or self.admission.total, self.admission.total),
-                "max_tokens_per_minute": q.max_tokens_per_minute}
+                "max_tokens_per_minute": q.max_tokens_per_minute, **self.key_usage(who)}
+
+    def key_usage(self, who: Principal) -> dict:
+        """The rekey budget for anyone with a key; the tokens this context served (every client's) only for a
+        caller who may read /metrics."""
+        out = {"rekey_after": self.usage.rekey_after}
+        if who.metrics:
+            out["tokens_served"] = self.usage.served.get(self.bundle_id, 0)
+        return out
 
     def hello(self, s: Session) -> dict:
         return {"ok": True, "kind": "hello", "session": s.id, "position": s.position, "bundle_id": self.bundle_id,
@@ -252,6 +268,21 @@ class StipService:
         except AuthError as e:
             raise StepError(e.status, str(e), fatal=e.status in (401, 403)) from None
 
+    def count_served(self, tokens: int) -> None:
+        """Tokens this context's key has now served (`stip.server.key_usage`): /metrics and the rekey budget."""
+        if tokens > 0:
+            self.usage.add(self.bundle_id, tokens)
+            self.metrics.context_tokens.labels(self.bundle_id).inc(tokens)
+
+    def check_key_budget(self) -> None:
+        """Before a new session or request: refuse it (AdmissionError "rekey_budget", counted in /metrics) when this
+        context's key has served its --rekey-after tokens. Steps of sessions already open are never refused here."""
+        try:
+            self.usage.check_open(self.bundle_id)
+        except AdmissionError as e:
+            self.metrics.refused.labels(e.reason).inc()
+            raise
+
     def admit(self, s: Session, who: Principal, tokens: int) -> None:
         """Reserve the step's KV tokens before it runs (on the loop, so concurrent steps cannot overshoot)."""
         try:
@@ -264,7 +295,9 @@ class StipService:
     def admit_request(self, who: Principal, tokens: int) -> None:
         """A request that lives for one HTTP call (/v1/generate, /v1/encode): it takes one of the caller's session
         slots and reserves all its tokens up front, or raises AdmissionError (counted in /metrics) holding nothing.
-        The caller returns both with `admission.close_session(who.name, tokens)`."""
+        The caller returns both with `admission.close_session(who.name, tokens)`. A context past its rekey budget
+        refuses it first."""
+        self.check_key_budget()
         try:
             self.admission.open_session(who.name, who.quota)
         except AdmissionError as e:
@@ -294,6 +327,7 @@ class StipService:
                 self.metrics.sessions_closed.labels("closed").inc()
                 return wire.encode_frame({"ok": True, "kind": "closed", "position": 0}), 1000
             self.admit(s, who, req["tokens"])
+            self.count_served(req["tokens"])  # rows the server takes in: what the key leaks (key_usage)
             s.busy = True
             try:
                 with self._waiting_lock:

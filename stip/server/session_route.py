@@ -1,5 +1,6 @@
 """The round-trip session WebSocket (`stip.common.wire.SESSION_PATH`): authenticate, pick the context the client
-names, open or resume one of its own sessions, then one reply frame per request frame (`StipService.handle`)."""
+names, open or resume one of its own sessions, then one reply frame per request frame (`StipService.handle`). A
+context past its rekey budget (`stip.server.key_usage`) refuses new sessions with 403 but resumes open ones."""
 
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def add_session_route(app: FastAPI, contexts: Contexts) -> None:
             if s.attached:
                 return await refuse_frame(websocket, 409, "session is in use by another connection")
         else:
+            try:  # a context past its rekey budget opens no new session; open ones (resumed above) go on
+                service.check_key_budget()
+            except AdmissionError as e:
+                return await refuse_frame(websocket, e.status, str(e))
             try:
                 service.admission.open_session(who.name, who.quota)
             except AdmissionError as e:
