@@ -115,8 +115,8 @@ def test_bad_requests_via_openai_client_and_raw(oai, proxy_url):
                                                                        "function": {"name": "f"}}])
     with pytest.raises(openai.BadRequestError, match="structured output"):
         oai.chat.completions.create(model="m", messages=CHAT, response_format={"type": "json_object"})
-    with pytest.raises(openai.BadRequestError):
-        oai.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="prompt is empty"):
+        oai.completions.create(model="m", prompt=[], max_tokens=2)
     r = httpx.post(proxy_url + "/v1/completions", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]

@@ -135,6 +135,9 @@ def proxy(
     allowed_host: list[str] = typer.Option([], help="without --api-key: a host name of yours for this machine "
                                            "that requests may name in their Host header besides localhost, "
                                            "127.0.0.1 and [::1] (repeatable; others are refused: DNS rebinding)"),
+    cors_origin: list[str] = typer.Option([], help="a web origin (scheme://host[:port]) whose pages may call the "
+                                          "proxy from a browser (CORS; repeatable; none by default; '*' needs "
+                                          "--api-key)"),
 ):
     """An OpenAI-compatible endpoint on localhost that talks STIP to the server (a TEE client bundle: to the
     enclave at --server)."""
@@ -143,4 +146,4 @@ def proxy(
     run_proxy(bundle, server=server, host=host, port=port, token=token, downlink=downlink, k=k,
               model_name=model_name, trusted=trusted_signers(trust), api_key=api_key, ca_file=ca_file, insecure=insecure,
               allow_simulated=allow_simulated, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-              allowed_hosts=allowed_host)
+              allowed_hosts=allowed_host, cors_origins=cors_origin)

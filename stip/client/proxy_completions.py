@@ -1,8 +1,10 @@
 """The proxy's text endpoints: OpenAI's `POST /v1/chat/completions` and `POST /v1/completions`, for a decoder bundle.
 
-Each request is checked here (the bundle generates, the prompt fits, the top-k downlink carries the logprobs asked
-for), tokenized on this machine (chat: the bundle's template, image parts for LLaVA), run as `n` generations
-(`proxy_generation`) and answered whole (`proxy_responses`) or streamed (`proxy_sse`).
+Each request is checked here (the bundle generates, the prompt and max_tokens fit the context window, the top-k
+downlink carries the logprobs asked for), tokenized on this machine (chat: the bundle's template, image parts for
+LLaVA), run as `n` generations per prompt (`proxy_generation`; completions take a batch of prompts, text or token ids)
+and answered whole (`proxy_responses`) or streamed (`proxy_sse`). `TextEndpoints` serves `/v1/responses` too
+(`proxy_responses_api`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from fastapi import APIRouter, Request
 
 from stip.client import vision
 from stip.client.proxy_generation import Generations
-from stip.client.proxy_requests import ApiError, ChatRequest, CompletionRequest, message_text
+from stip.client.proxy_requests import CHAT_DEFAULT_MAX_TOKENS, ApiError, ChatRequest, CompletionRequest, message_text
 from stip.client.proxy_responses import ChatFormat, CompletionFormat, TokenText
 from stip.client.proxy_sse import sse_response
 from stip.common.tasks import FEATURE_EXTRACTION, SESSION_TASKS
@@ -23,7 +25,7 @@ from stip.errors import StipError
 
 
 class TextEndpoints:
-    """The checks and handlers chat and completions share, for one client (one proxy app)."""
+    """The checks and handlers chat, completions and responses share, for one client (one proxy app)."""
 
     def __init__(self, client, model_name: str):
         self.client = client
@@ -39,11 +41,24 @@ class TextEndpoints:
             raise ApiError(400, f"this proxy serves a {task} model ({self.model_name}), which does not generate text: "
                                 f"{use}")
 
-    def check_length(self, ids: list[int], param: str) -> None:
-        client = self.client
-        if client.max_positions and len(ids) > client.max_positions:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens; this model takes at most "
-                                f"{client.max_positions}", param, "context_length_exceeded")
+    def fit(self, ids: list[int], max_tokens: int | None, param: str, what: str = "prompt") -> int:
+        """The tokens to generate for this prompt. The prompt and `max_tokens` must fit the context window (the
+        model's positions, the server's cap), else a 400 up front, as vLLM refuses, rather than an answer quietly cut
+        to finish_reason "length". `max_tokens` None (chat without one): the default, cut to the room left."""
+        window = getattr(self.client, "max_positions", 0)
+        asked = CHAT_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        if not window:
+            return asked
+        if max_tokens is None and len(ids) >= window:
+            raise ApiError(400, f"This model's maximum context length is {window} tokens. However, your {what} has "
+                                f"{len(ids)} tokens. Please reduce the length of the {what}.", param,
+                           "context_length_exceeded")
+        if max_tokens is not None and len(ids) + max_tokens > window:
+            raise ApiError(400, f"This model's maximum context length is {window} tokens. However, you requested "
+                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the {what}, {max_tokens} in the "
+                                f"completion). Please reduce the length of the {what} or completion.", param,
+                           "context_length_exceeded")
+        return min(asked, window - len(ids))
 
     def check_top(self, top: int | None, param: str) -> None:
         dl = self.client.downlink
@@ -51,36 +66,36 @@ class TextEndpoints:
             raise ApiError(400, f"{param}={top}, but this proxy's top-k downlink carries {dl.k} tokens per step "
                                 f"(run the proxy with a larger --k or --downlink logits)", param)
 
-    def generations(self, ids: list[int], params: list, image_features=None) -> Generations:
+    def generations(self, prompts: list, params: list, image_features=None) -> Generations:
+        """`prompts`: token ids shared by all choices, or one list of them per choice."""
         try:
-            return Generations(self.client, ids, params, image_features)
+            return Generations(self.client, prompts, params, image_features)
         except ValueError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), None, "invalid_value") from None
 
     async def respond(self, req, gens: Generations, fmt, request: Request):
         if req.stream:
             return await sse_response(gens, fmt, request, self.eos, req.include_usage)
         return fmt.full(await gens.run(request), self.eos)
 
-    async def chat_ids(self, req: ChatRequest) -> tuple[list[int], object]:
+    async def chat_ids(self, messages: list[dict], param: str = "messages") -> tuple[list[int], object]:
         """The messages' token ids through the chat template, and the image features of their image parts (or
-        None)."""
+        None). `messages`: as the chat template takes them (`message_text`)."""
         client = self.client
-        messages = [message_text(m) for m in req.messages]
         try:  # image parts (LLaVA): data URLs only, decoded here; a text-only model refuses them
             messages, images = vision.extract_images(client.bundle, messages)
         except vision.ImageInputError as e:
-            raise ApiError(400, str(e), "messages") from None
+            raise ApiError(400, str(e), param) from None
         try:
             ids = client.encode(messages=messages)
         except Exception as e:  # a template that rejects the roles, say
-            raise ApiError(400, f"could not apply the chat template: {e}", "messages") from None
+            raise ApiError(400, f"could not apply the chat template: {e}", param) from None
         features = None
         if images:  # the vision tower runs once for all choices, off the event loop
             try:
                 prepared = await asyncio.to_thread(vision.prepare, client.bundle, ids, images)
             except vision.ImageInputError as e:
-                raise ApiError(400, str(e), "messages") from None
+                raise ApiError(400, str(e), param) from None
             ids, features = prepared.ids, prepared.features
         return ids, features
 
@@ -88,47 +103,50 @@ class TextEndpoints:
         self.check_generates()
         top = req.top
         self.check_top(top, "top_logprobs")
-        params = req.sampling(req.max_completion_tokens or req.max_tokens, top)
-        ids, features = await self.chat_ids(req)
-        self.check_length(ids, "messages")
+        ids, features = await self.chat_ids([message_text(m) for m in req.messages])
+        params = req.sampling(self.fit(ids, req.max_completion_tokens or req.max_tokens, "messages", "messages"), top)
         gens = self.generations(ids, params, features)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": req.model or self.model_name}
         return await self.respond(req, gens, ChatFormat(base, self.token_text, top), request)
 
-    def prompt_ids(self, req: CompletionRequest) -> tuple[str | list[int], list[int]]:
-        """(the prompt, a string or token ids; its token ids): one prompt, ids within the vocabulary."""
+    def prompt_ids(self, prompt: str | list[int], what: str = "prompt") -> list[int]:
+        """One prompt's token ids (a string through the tokenizer; ids checked against the vocabulary). `what`: the
+        prompt's name in a batch (prompt[i]), which the 400 gives."""
         client = self.client
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise ApiError(400, "one prompt per request (a list of prompts is a batch)", "prompt")
-            prompt = prompt[0]
+        where = "" if what == "prompt" else f"{what}: "
         try:
             ids = client.encode(ids=prompt) if isinstance(prompt, list) else client.encode(prompt=prompt)
         except (ValueError, StipError) as e:
-            raise ApiError(400, str(e), "prompt") from None
+            raise ApiError(400, f"{where}{e}", "prompt", "invalid_value") from None
         if isinstance(prompt, list) and (min(ids) < 0 or max(ids) >= client.bundle.vocab_size):
-            raise ApiError(400, f"token ids must be in [0, {client.bundle.vocab_size})", "prompt")
-        return prompt, ids
+            raise ApiError(400, f"{where}token ids must be in [0, {client.bundle.vocab_size})", "prompt",
+                           "invalid_value")
+        return ids
 
     async def complete(self, req: CompletionRequest, request: Request):
+        """One prompt or a batch: choice i*n + j is prompt i's j-th, all run concurrently (`Generations`)."""
         self.check_generates()
         top = req.top
         self.check_top(top, "logprobs")
-        params = req.sampling(req.max_tokens, top)
-        prompt, ids = self.prompt_ids(req)
-        self.check_length(ids, "prompt")
-        echo = (prompt if isinstance(prompt, str) else self.client.tokenizer.decode(ids)) if req.echo else ""
-        gens = self.generations(ids, params)
+        prompts = req.prompts()
+        batch = len(prompts) > 1
+        ids = []
+        for i, prompt in enumerate(prompts):
+            what = f"prompt[{i}]" if batch else "prompt"
+            ids.append(self.prompt_ids(prompt, what))
+            self.fit(ids[-1], req.max_tokens, "prompt", what)
+        echo = [(p if isinstance(p, str) else self.client.tokenizer.decode(x)) if req.echo else ""
+                for p, x in zip(prompts, ids)]
+        params = [p for _ in prompts for p in req.sampling(req.max_tokens, top)]
+        gens = self.generations([x for x in ids for _ in range(req.n)], params)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model or self.model_name}
-        return await self.respond(req, gens, CompletionFormat(base, self.token_text, top, echo), request)
+        return await self.respond(req, gens, CompletionFormat(base, self.token_text, top, echo, req.n), request)
 
 
-def completions_router(client, model_name: str) -> APIRouter:
+def completions_router(endpoints: TextEndpoints) -> APIRouter:
     """`/chat/completions` and `/completions`, to include under the proxy's /v1 router."""
-    endpoints = TextEndpoints(client, model_name)
     router = APIRouter()
 
     @router.post("/chat/completions")

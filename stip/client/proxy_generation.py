@@ -1,9 +1,11 @@
-"""The proxy's generation workers: the n choices of one request, each a blocking SDK generation (its own server
-session) in its own thread, feeding one asyncio queue on the event loop.
+"""The proxy's generation workers: the choices of one request (n per prompt, for every prompt of a batch), each a
+blocking SDK generation (its own server session) run by a pool of at most MAX_CONCURRENT threads, feeding one asyncio
+queue on the event loop. The SDK is safe for that: each generation has its own session (WebSocket), sampler, noise
+and detokenizer; what they share (the bundle's weights and key, the tokenizer's decode) is only read.
 
-`opened()` waits until every choice has its session open, its prompt prefilled and its first output back (or one
-failed), so a streaming response sends its 200 only after that and an upstream refusal (the server's session limit:
-429) reaches the HTTP client as a status the `openai` SDK retries, not as an error inside a 200 stream.
+`opened()` waits until every choice of the first wave has its session open, its prompt prefilled and its first output
+back (or one failed), so a streaming response sends its 200 only after that and an upstream refusal (the server's
+session limit: 429) reaches the HTTP client as a status the `openai` SDK retries, not as an error inside a 200 stream.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from stip.errors import StipError, TeeError
 log = logging.getLogger("stip.proxy")
 _END = object()
 RETRY_AFTER_S = 1  # what a 429 or 503 tells the client to wait
+MAX_CONCURRENT = 16  # server sessions one request holds at once (n's maximum; a key's default server quota is 16)
 
 
 def upstream_error(e: BaseException) -> ApiError:
@@ -38,31 +41,40 @@ def _upstream_error(e: BaseException) -> ApiError:
     status = getattr(e, "status", None)
     retry = {"Retry-After": str(RETRY_AFTER_S)}
     if isinstance(e, StipError) and status == 429:
-        return ApiError(429, f"the STIP server is at its session limit, retry later: {e}", kind="rate_limit_error",
-                        headers=retry)
+        return ApiError(429, f"the STIP server is at its session limit, retry later: {e}", None,
+                        "rate_limit_exceeded", kind="rate_limit_error", headers=retry)
     if isinstance(e, TeeError):
-        return ApiError(502, f"TEE enclave refused: {e}", kind="server_error")  # names the failed check
+        # the message names the failed check
+        return ApiError(502, f"TEE enclave refused: {e}", None, "enclave_refused", kind="server_error")
     if isinstance(e, StipError) and status == 503:
-        return ApiError(503, f"the STIP server is busy, retry later: {e}", kind="server_error", headers=retry)
+        return ApiError(503, f"the STIP server is busy, retry later: {e}", None, "server_busy", kind="server_error",
+                        headers=retry)
     if isinstance(e, StipError) and isinstance(status, int) and 400 <= status < 500 and status not in (401, 403):
-        return ApiError(400, f"the STIP server refused the request: {e}")
+        return ApiError(400, f"the STIP server refused the request: {e}", None, "upstream_refused")
     if isinstance(e, (StipError, OSError)):
-        return ApiError(502, f"STIP server error: {e}", kind="server_error")
+        return ApiError(502, f"STIP server error: {e}", None, "upstream_error", kind="server_error")
     return ApiError(500, f"internal error: {e}", kind="server_error")
 
 
 class Generations:
-    """The n choices of one request. Events are (index, text delta) and, once choice `index` has ended,
+    """The choices of one request: choice i generates from `prompts[i]` (token ids; one list for all choices, or
+    one per choice) with `params[i]`. Events are (index, text delta) and, once choice `index` has ended,
     (index, None) with its `Generation` in `results[index]`; a choice's failure raises from `opened()`/`events()`
-    and stops the others."""
+    and stops the others. At most `concurrent` choices run at once, in index order."""
 
-    def __init__(self, client, ids: list[int], params: list, image_features=None):
+    def __init__(self, client, prompts: list, params: list, image_features=None, concurrent: int = MAX_CONCURRENT):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         extra = {} if image_features is None else {"image_features": image_features}  # LLaVA: one vision pass
-        self.streams = [client.stream(ids=ids, params=p, **extra) for p in params]  # bad parameters raise here
+        if prompts and isinstance(prompts[0], int):  # one prompt, shared by every choice
+            prompts = [prompts] * len(params)
+        # not started yet (generators): bad parameters raise here, before any session opens
+        self.streams = [client.stream(ids=ids, params=p, **extra) for ids, p in zip(prompts, params, strict=True)]
         self.results: list = [None] * len(params)
+        self.workers = max(1, min(concurrent, len(params)))
+        self._next_choice = iter(range(len(params)))
+        self._take = threading.Lock()
         self._buffer: list[tuple[int, object]] = []
         self._started = False
 
@@ -72,6 +84,15 @@ class Generations:
 
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def _work(self) -> None:
+        """A pool thread: the next choice not yet taken, until none is left or the request is cancelled."""
+        while not self.cancelled.is_set():
+            with self._take:
+                i = next(self._next_choice, None)
+            if i is None:
+                return
+            self._run(i)
 
     def _run(self, i: int) -> None:
         stream = self.streams[i]
@@ -90,8 +111,8 @@ class Generations:
     def _start(self) -> None:
         if not self._started:
             self._started = True
-            for i in range(self.n):
-                threading.Thread(target=self._run, args=(i,), daemon=True, name=f"stip-proxy-choice-{i}").start()
+            for w in range(self.workers):
+                threading.Thread(target=self._work, daemon=True, name=f"stip-proxy-choice-{w}").start()
 
     async def _next(self) -> tuple[int, object]:
         i, x = await self.queue.get()
@@ -101,10 +122,10 @@ class Generations:
         return i, x
 
     async def opened(self) -> None:
-        """Start the choices; return once each has produced its first output (so its session is open and its prompt
-        prefilled) or raise the first failure."""
+        """Start the choices; return once each of the first wave (those the pool starts at once) has produced its
+        first output (so its session is open and its prompt prefilled) or raise the first failure."""
         self._start()
-        pending = set(range(self.n))
+        pending = set(range(self.workers))
         while pending:
             i, x = await self._next()
             self._buffer.append((i, x))

@@ -52,7 +52,7 @@ class BearerAuth:
             if not hmac.compare_digest(given, self.expected):
                 why = "no API key given" if not given else "incorrect API key"
                 err = ApiError(401, f"{why}: send the proxy's key as `Authorization: Bearer KEY` (the OpenAI "
-                                    f"client's api_key)", kind="invalid_request_error",
+                                    f"client's api_key)", None, "invalid_api_key", kind="invalid_request_error",
                                headers={"WWW-Authenticate": "Bearer"})
                 await error_response(err)(scope, receive, send)
                 return
@@ -89,13 +89,27 @@ class HostCheck:
                 err = ApiError(400, f"Host {host[:100]!r} is not this proxy: without an API key it answers only "
                                     f"requests for {names} at port {port} (a web page whose DNS name was pointed at "
                                     f"this machine, DNS rebinding, sends its own name). A name of yours for this "
-                                    f"machine: --allowed-host NAME", kind="invalid_request_error")
+                                    f"machine: --allowed-host NAME", None, "host_not_allowed",
+                               kind="invalid_request_error")
                 if scope["type"] == "http":
                     await error_response(err)(scope, receive, send)
                 else:
                     await send({"type": "websocket.close", "code": 1008, "reason": "Host not allowed"})
                 return
         await self.app(scope, receive, send)
+
+
+def check_cors(origins, api_key: str | None) -> None:
+    """CORS origins are web origins (scheme://host[:port]); "*" (any web page may read the answers) needs a key."""
+    for origin in origins:
+        if origin == "*":
+            if not api_key:
+                raise StipError("--cors-origin '*' lets every web page the user opens call this proxy and read its "
+                                "answers: it needs --api-key (or STIP_PROXY_API_KEY); or name the origins you trust")
+        elif not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?",
+                              origin):
+            raise StipError(f"--cors-origin {origin!r}: give a web origin, scheme://host[:port] with no path "
+                            f"(e.g. http://localhost:3000)")
 
 
 def check_listen(host: str, api_key: str | None, ssl_certfile=None, ssl_keyfile=None, allowed_hosts=()) -> None:

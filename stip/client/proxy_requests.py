@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from stip.common.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16  # choices per request; each is its own server session
-MAX_STOP = 4  # OpenAI's limit
+MAX_PROMPTS = 2048  # prompts in one /v1/completions batch (each prompt x n choices is a server session)
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions endpoint
 CHAT_DEFAULT_MAX_TOKENS = 256
 
@@ -38,12 +38,21 @@ UNSUPPORTED = {
     "safety_identifier": "safety identifiers are not supported",
     "suffix": "insertion (suffix) is not supported",
     "best_of": "best_of is not supported (use n)",
+    # /v1/responses (text in, text out: no stored state, tools or reasoning)
+    "previous_response_id": "the proxy stores no responses: send the whole conversation as input",
+    "conversation": "the proxy stores no conversations: send the whole conversation as input",
+    "include": "no extra output items are offered",
+    "reasoning": "this model has no reasoning settings",
+    "background": "background responses are not supported",
+    "max_tool_calls": "tool calling is not supported",
+    "truncation": "input is never truncated (only 'disabled' is accepted)",
     # fields of a chat message
     "tool_calls": "tool calling is not supported",
     "tool_call_id": "tool calling is not supported",
     "refusal": "refusal messages are not supported",
 }
-NEUTRAL = {"tool_choice": ("none",), "best_of": (1,), "suffix": ("",), "modalities": (["text"],)}
+NEUTRAL = {"tool_choice": ("none",), "best_of": (1,), "suffix": ("",), "modalities": (["text"],),
+           "background": (False,), "truncation": ("disabled",)}
 
 
 def _drop_neutral(data: Any) -> Any:
@@ -55,15 +64,17 @@ def _drop_neutral(data: Any) -> Any:
 
 
 class ApiError(Exception):
-    """An error the HTTP client gets as OpenAI's error body, with this status."""
+    """An error the HTTP client gets as OpenAI's error body, with this status: `kind` is its `type`, `code` its
+    machine-readable `code` ("context_length_exceeded", "model_not_found", ...), as OpenAI names them."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, *,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind, self.headers = kind, headers
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 class _Strict(BaseModel):
@@ -102,13 +113,11 @@ class _Common(_Strict):
 
     def sampling(self, max_tokens: Optional[int], logprobs: Optional[int]) -> list[SamplingParams]:
         """One SamplingParams per choice: with a seed, choice i draws with seed + i."""
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > MAX_STOP:
-            raise ApiError(400, f"at most {MAX_STOP} stop sequences", "stop")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])  # any number, as vLLM takes
         try:
             return self._sampling(max_tokens, logprobs, stop)
         except ValueError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), None, "invalid_value") from None
 
     def _sampling(self, max_tokens, logprobs, stop) -> list[SamplingParams]:
         return [SamplingParams(max_tokens=max_tokens or CHAT_DEFAULT_MAX_TOKENS,
@@ -144,7 +153,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # one prompt, or a batch (`prompts()`)
     max_tokens: Optional[int] = Field(16, ge=1)  # the OpenAI default for completions
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -155,6 +164,19 @@ class CompletionRequest(_Common):
             raise ApiError(400, "logprobs of the echoed prompt are not supported: use echo or logprobs, not both",
                            "logprobs")
         return self.logprobs
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The batch: each prompt a string or token ids (a list of ints is one prompt, as OpenAI and vLLM read it)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            return [prompt]
+        if not prompt:
+            raise ApiError(400, "prompt is empty: send a string, a list of strings, token ids or lists of token ids",
+                           "prompt", "invalid_value")
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError(400, f"{len(prompt)} prompts in one request; at most {MAX_PROMPTS}", "prompt",
+                           "invalid_value")
+        return list(prompt)
 
 
 def message_text(m: ChatMessage) -> dict:
@@ -168,16 +190,26 @@ def message_text(m: ChatMessage) -> dict:
                 return {"role": "system" if m.role == "developer" else m.role, "content": content}
             if p.get("type") != "text" or not isinstance(p.get("text"), str):
                 raise ApiError(400, f"message content part of type {p.get('type')!r} is not supported (text and "
-                                    "image_url only)", "messages")
+                                    "image_url only)", "messages", "unsupported_value")
             parts.append(p["text"])
         content = "".join(parts)
     role = "system" if m.role == "developer" else m.role
     return {"role": role, "content": content or ""}
 
 
-def validation_error(errors: list[dict]) -> ApiError:
+def is_json(content_type: str | None) -> bool:
+    """What FastAPI parses as a JSON body: application/json, or any application/*+json, parameters aside."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def validation_error(errors: list[dict], content_type: str | None = "application/json") -> ApiError:
     """A body that failed validation, as a 400 naming the `param`: every unknown or unsupported field at once, else
-    the first invalid value."""
+    the first invalid value. A body that is not sent as JSON is never read as one, so that is what the 400 says."""
+    if not is_json(content_type):
+        return ApiError(400, f"the request body must be JSON sent with the header `Content-Type: application/json` "
+                             f"(this request's: {repr(content_type[:100]) if content_type else 'none'})", None,
+                        "invalid_content_type")
     def where(loc) -> str:
         out = ""
         for x in loc:
@@ -193,9 +225,13 @@ def validation_error(errors: list[dict]) -> ApiError:
         for name in names:
             field = name.rsplit(".", 1)[-1]
             parts.append(f"{name} ({UNSUPPORTED[field]})" if field in UNSUPPORTED else f"{name} (unknown parameter)")
-        return ApiError(400, f"unsupported parameter{'s' if len(parts) > 1 else ''}: {', '.join(parts)}", names[0])
+        code = "unsupported_parameter" if names[0].rsplit(".", 1)[-1] in UNSUPPORTED else "unknown_parameter"
+        return ApiError(400, f"unsupported parameter{'s' if len(parts) > 1 else ''}: {', '.join(parts)}", names[0],
+                        code)
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return ApiError(400, "the request body is not valid JSON")
     name = where(first.get("loc", ()))
-    return ApiError(400, f"{name or 'request'}: {first.get('msg', 'invalid request')}", name or None)
+    why = str(first.get("msg", "invalid request")).removeprefix("Value error, ")  # a validator's own message
+    return ApiError(400, f"{name or 'request'}: {why}", name or None,
+                    "missing_required_parameter" if first.get("type") == "missing" else "invalid_value")

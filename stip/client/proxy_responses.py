@@ -55,8 +55,10 @@ def reported(lps: list[TokenLogprob] | None, eos: set[int]) -> list[TokenLogprob
     return [lp for lp in lps or () if lp.token_id not in eos]
 
 
-def usage(gens: list) -> dict:
-    prompt = gens[0].usage["prompt_tokens"]
+def usage(gens: list, n: int = 0) -> dict:
+    """Summed over the choices; each prompt's tokens counted once (choice i*n + j is prompt i's j-th; n=0: one
+    prompt for all)."""
+    prompt = sum(g.usage["prompt_tokens"] for g in gens[::n or len(gens)])
     completion = sum(g.usage["completion_tokens"] for g in gens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -104,10 +106,11 @@ class ChatFormat:
 
 
 class CompletionFormat:
-    """`text_completion` bodies (whole and streamed), logprobs in the legacy format."""
+    """`text_completion` bodies (whole and streamed), logprobs in the legacy format. `echo`: per prompt, the text
+    its choices start with; `n`: choices per prompt (choice i*n + j is prompt i's j-th)."""
 
-    def __init__(self, base: dict, text: TokenText, top: int | None, echo: str):
-        self.base, self.text, self.top, self.echo = base, text, top, echo
+    def __init__(self, base: dict, text: TokenText, top: int | None, echo: list[str], n: int = 1):
+        self.base, self.text, self.top, self.echoes, self.n = base, text, top, echo, n
         self.offsets: dict[int, int] = {}  # per streamed choice: where its next token's text starts
 
     def logprobs(self, lps: list[TokenLogprob], offset: int) -> dict | None:
@@ -123,22 +126,25 @@ class CompletionFormat:
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
                 "top_logprobs": [{self.text(t)[0]: v for t, v in lp.top} for lp in lps], "text_offset": offsets}
 
+    def echo(self, i: int) -> str:
+        return self.echoes[i // self.n]
+
     def full(self, gens: list, eos: set[int]) -> dict:
-        return {**self.base, "choices": [{"index": i, "text": self.echo + g.text, "finish_reason": g.finish_reason,
-                                          "logprobs": self.logprobs(reported(g.logprobs, eos), len(self.echo))}
+        return {**self.base, "choices": [{"index": i, "text": self.echo(i) + g.text, "finish_reason": g.finish_reason,
+                                          "logprobs": self.logprobs(reported(g.logprobs, eos), len(self.echo(i)))}
                                          for i, g in enumerate(gens)],
-                "usage": usage(gens)}
+                "usage": usage(gens, self.n)}
 
     def chunk(self, i: int, text: str, finish=None, lps: dict | None = None) -> dict:
         return {**self.base, "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": lps}]}
 
     def first(self, i: int) -> dict | None:
-        return self.chunk(i, self.echo) if self.echo else None
+        return self.chunk(i, self.echo(i)) if self.echo(i) else None
 
     def _streamed(self, i: int, lps: list[TokenLogprob]) -> dict | None:
         if not lps:
             return None
-        out = self.logprobs(lps, self.offsets.get(i, len(self.echo)))
+        out = self.logprobs(lps, self.offsets.get(i, len(self.echo(i))))
         if out is not None:
             self.offsets[i] = out["text_offset"][-1] + len(out["tokens"][-1])
         return out
@@ -150,4 +156,4 @@ class CompletionFormat:
         return self.chunk(i, "", finish, self._streamed(i, lps))
 
     def usage_chunk(self, gens: list) -> dict:
-        return {**self.base, "choices": [], "usage": usage(gens)}
+        return {**self.base, "choices": [], "usage": usage(gens, self.n)}

@@ -35,7 +35,9 @@ class Detokenizer:
         return self._delta(final=False)
 
     def flush(self) -> str:
-        return self._delta(final=True)
+        """What is held back, at the end: an incomplete character the generation ends in (max_tokens cut it between
+        its bytes) stays held back for good rather than show as U+FFFD, as it is held back mid-stream."""
+        return self._delta(final=True).rstrip("\ufffd")
 
     def _delta(self, final: bool) -> str:
         if self._before is None:  # the released window's text changes only when a delta is released
