@@ -2,14 +2,17 @@
 
     python -m bench.audit_table        # SmolLM2: paper, mix, all, all+noise=0.01, all+noise=0.3
     python -m bench.audit_table --modes paper,all+noise=0.01 --quick --model DIR --out /tmp/x     # a tiny model
+    python -m bench.audit_table --model ~/.cache/stip/smollm2-finetune --base smollm2 --levels none,base,exact \
+        --out bench/results/audit-levels     # the fine-tune (python -m bench.finetune) at three attacker levels
 
 For each mode (`paper` = the default scheme; otherwise `+`-joined `stip protect --harden` options and `noise=SIGMA`)
 it protects the model into a temporary folder, runs `stip.audit.run.run_audit` on it (a real capturing
-`stip serve`, the real client; the attacker holds the public weights), and, on that same server after the audit's
-requests, measures what the protection costs: each held-out window is sent as a user sends it (the client's
-embedding, its noise where the mode adds it, one all-positions prefill with the full-logits downlink) and compared
-with the plain model's own logits: top-1 agreement, and perplexity on the held-out text. A mode whose options
-`stip protect` does not know is skipped, saying so.
+`stip serve`, the real client) at each attacker level asked (`--levels`: none holds no weights, base holds
+`--base`, the public model `--model` was fine-tuned from, exact holds `--model` itself; default exact), and, on
+that same server after the audit's requests, measures what the protection costs: each held-out window is sent as
+a user sends it (the client's embedding, its noise where the mode adds it, one all-positions prefill with the
+full-logits downlink) and compared with `--model`'s own plain logits: top-1 agreement, and perplexity on the
+held-out text. A mode whose options `stip protect` does not know is skipped, saying so.
 
 Writes OUT/table.md and OUT/table.json, and each mode's full report in OUT/<mode>/. A run on a tree with
 uncommitted changes is marked DIRTY TREE (not for committing).
@@ -127,7 +130,7 @@ def cell(attack: dict) -> str:
 
     skipped = attack.get("skipped")
     if skipped:
-        return "error" if skipped.startswith("error") else "n/a"
+        return "error" if skipped.startswith("error") else "stopped" if skipped.startswith("stopped") else "n/a"
     if attack.get("recovery") is not None:
         return fmt_recovery(attack)
     d = attack.get("details") or {}
@@ -142,40 +145,60 @@ def cell(attack: dict) -> str:
     return "-"
 
 
-def markdown(table: dict) -> str:
-    names = table["attacks"]
-    titles = {a: a.replace("_", " ") for a in names}
+def _header(table: dict, names: list[str], several: bool) -> list[str]:
+    titles = [a.replace("_", " ") for a in names]
     lines = [f"# STIP privacy audit: {table['model']}", ""]
     if table["dirty"]:
         lines += ["**DIRTY TREE - not for committing**: run with uncommitted changes.", ""]
+    held = ("the server bundle, what the server received, public text and, by attacker level: none, no weights "
+            f"(a public LM with the same tokenizer where there is one); base, {table.get('base') or 'the public base'}"
+            f" (the model was fine-tuned from it); exact, the model's own weights" if several else
+            "the server bundle, what the server received, public text and the public weights")
     lines += [f"Command: `{table['command']}`; commit {table['commit'] or 'unknown'}; {table['machine']['cpu']}, "
               f"{table['machine']['cores']} cores; {table['seconds']:.0f} s in all"
               + (" (quick settings)" if table["quick"] else "") + ".", "",
-              "Recovery rates: share of tokens (or key entries) each attack gets right; the attacker holds the "
-              "server bundle, what the server received, public text and the public weights. Top-1 agreement and "
-              "perplexity: held-out text through the real server and client, against the plain model.", "",
-              "| mode | " + " | ".join(titles[a] for a in names) + " | top-1 agreement | perplexity (plain -> "
-              "protected) |",
-              "|---" * (len(names) + 3) + "|"]
+              f"Recovery rates: share of tokens (or key entries) each attack gets right; the attacker holds {held}. "
+              "Top-1 agreement and perplexity: held-out text through the real server and client, against the "
+              "model's own plain weights.", "",
+              "| mode | " + ("attacker | " if several else "") + " | ".join(titles) + " | top-1 agreement | "
+              "perplexity (plain -> protected) |",
+              "|---" * (len(names) + 3 + several) + "|"]
+    return lines
+
+
+def markdown(table: dict) -> str:
+    """The table: a row per mode, or per mode and attacker level when there are several levels."""
+    from stip.audit.report import by_attack
+
+    names = table["attacks"]
+    levels = table.get("levels") or ["exact"]
+    several = len(levels) > 1
+    lines = _header(table, names, several)
     for row in table["rows"]:
         if row.get("skipped"):
-            lines.append(f"| {row['mode']} | " + " | ".join("-" for _ in names) + f" | - | skipped: {row['skipped']} |")
+            lines.append(f"| {row['mode']} | " + "- | " * several + " | ".join("-" for _ in names)
+                         + f" | - | skipped: {row['skipped']} |")
             continue
-        by = {a["name"]: a for a in row["report"]["attacks"]}
+        per_attack = by_attack(row["report"])
         q = row["quality"]
-        lines.append(f"| {row['mode']} | " + " | ".join(cell(by[a]) if a in by else "-" for a in names)
-                     + f" | {100 * q['top1_agreement']:.1f}% | {q['ppl_plain']:.2f} -> {q['ppl_protected']:.2f} "
-                     f"({100 * q['ppl_change']:+.1f}%) |")
-    lines += ["", "n/a: the attack does not apply (e.g. LM-head matching on an untied model) or lacks what it needs; "
-              "each mode's report (`<mode>/report.md`) says why, with every attack's details and plots.", "",
-              "## Published numbers", "", "| scheme / attack | source | reported |", "|---|---|---|"]
+        for i, level in enumerate(levels):
+            got = {name: per_level.get(level, per_level.get(None)) for name, per_level in per_attack.items()}
+            quality = (f"{100 * q['top1_agreement']:.1f}% | {q['ppl_plain']:.2f} -> {q['ppl_protected']:.2f} "
+                       f"({100 * q['ppl_change']:+.1f}%)") if i == 0 else "\" | \""
+            lines.append(f"| {row['mode']} | " + (f"{level} | " if several else "")
+                         + " | ".join(cell(got[a]) if got.get(a) else "-" for a in names) + f" | {quality} |")
+    lines += ["", "n/a: the attack does not apply (e.g. LM-head matching on an untied model) or lacks what it needs "
+              "(weights, at level none); each mode's report (`<mode>/report.md`) says why, with every attack's "
+              "details and plots.", "", "## Published numbers", "", "| scheme / attack | source | reported |",
+              "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in PUBLISHED]
     return "\n".join(lines) + "\n"
 
 
 def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | None, heldout_tokens: int,
         window: int, prompts: int | None, prompt_tokens: int | None, keep_capture: bool = False,
-        command: str = "") -> dict:
+        command: str = "", levels: list[str] | None = None, base: str | None = None, public_lm: str = "auto") -> dict:
+    """Every mode of `model`, audited at every attacker level (default exact), with its accuracy cost."""
     from stip.audit.attacks import ATTACKS
     from stip.audit.corpus import token_ids
     from stip.audit.run import CharTokenizer, run_audit
@@ -186,8 +209,10 @@ def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | Non
 
     t0 = time.perf_counter()
     commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))  # at start
-    plain, _ = load_plain_model(model)
+    levels = levels or ["exact"]
+    plain, plain_tok = load_plain_model(model)
     plain = plain.eval()  # float32 already (GGUF models refuse .float())
+    weights = _attacker_models(levels, base, public_lm, plain, plain_tok)
     rows = []
     with tempfile.TemporaryDirectory(prefix="stip-audit-table-") as tmp:
         for mode in modes:
@@ -206,21 +231,38 @@ def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | Non
             def measure(url, token, bundle=bundle, heldout=heldout, measured=measured):
                 measured.update(quality(bundle / "client", url, token, plain, heldout, window))
 
-            report = run_audit(bundle, out / slug(mode), reference=plain, attacks=attacks, quick=quick,
-                               prompts=prompts, prompt_tokens=prompt_tokens, force=True, while_serving=measure,
-                               keep_capture=keep_capture)
+            report = run_audit(bundle, out / slug(mode), attacks=attacks, quick=quick, prompts=prompts,
+                               prompt_tokens=prompt_tokens, force=True, while_serving=measure,
+                               keep_capture=keep_capture, levels=levels, **weights)
             rows.append({"mode": mode, "quality": measured, "report": report})
             print(f"[audit_table] mode {mode}: top-1 {measured['top1_agreement']:.3f}, ppl change "
                   f"{measured['ppl_change']:+.4f}, audit {report['seconds']:.0f} s", flush=True)
     names = [a.strip() for a in attacks.split(",")] if attacks else list(ATTACKS)
-    machine = machine_info()
-    table = {"model": str(model), "modes": modes, "attacks": names, "quick": quick, "rows": rows,
-             "heldout_tokens": heldout_tokens, "window": window, "published": PUBLISHED,
-             "command": command,
-             "commit": commit, "dirty": dirty,
-             "machine": machine, "seconds": time.perf_counter() - t0}
+    table = {"model": str(model), "modes": modes, "levels": levels, "base": base, "attacks": names, "quick": quick,
+             "rows": rows, "heldout_tokens": heldout_tokens, "window": window, "published": PUBLISHED,
+             "command": command, "commit": commit, "dirty": dirty,
+             "machine": machine_info(), "seconds": time.perf_counter() - t0}
     write(table, out)
     return table
+
+
+def _attacker_models(levels: list[str], base: str | None, public_lm: str, plain, plain_tok) -> dict:
+    """run_audit's weight arguments, each model loaded once for every mode: the base (level base), the model's own
+    weights (level exact) and the public LM (level none)."""
+    from stip.audit.levels import Models, public_language_model
+
+    if "base" in levels and not base:
+        raise SystemExit("error: level base needs --base MODEL: the public model --model was fine-tuned from")
+    if base and "base" not in levels:
+        raise SystemExit("error: --base is the weights of level base; add base to --levels")
+    models = Models()
+    kw: dict = {"exact": plain if "exact" in levels else None, "public_lm": None}
+    if "base" in levels:
+        kw["reference"], _ = models.get(base)
+    vocab = int(plain.get_input_embeddings().weight.shape[0])
+    kw["public_lm"], note = public_language_model(public_lm, levels, plain_tok, plain_tok is not None, vocab, models)
+    print(f"[audit_table] levels {', '.join(levels)}; public LM: {note}", flush=True)
+    return kw
 
 
 def write(table: dict, out: Path) -> None:
@@ -243,6 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, help="audit requests per mode (run_audit's default)")
     ap.add_argument("--prompt-tokens", type=int, help="tokens per audit request")
     ap.add_argument("--keep-capture", action="store_true", help="keep each mode's raw capture in OUT/<mode>/capture")
+    ap.add_argument("--levels", default="exact", help="attacker levels, comma-separated: none, base, exact "
+                    "(default exact: the attacker holds --model's weights)")
+    ap.add_argument("--base", help="the public model --model was fine-tuned from: level base's weights")
+    ap.add_argument("--public-lm", default="auto", help="level none's public LM (auto: smollm2 when the tokenizer "
+                    "matches; none; or a name/folder)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     sizes = dict(QUICK if a.quick else FULL)
@@ -251,8 +298,16 @@ def main(argv: list[str] | None = None) -> dict:
     if a.window:
         sizes["window"] = a.window
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    from stip.audit.levels import parse_levels
+    from stip.errors import StipError
+
+    try:
+        levels = parse_levels(a.levels)
+    except StipError as e:
+        raise SystemExit(f"error: {e}") from None
     table = run(a.model, modes, a.out, a.quick, a.attacks, sizes["heldout_tokens"], sizes["window"], a.prompts,
-                a.prompt_tokens, a.keep_capture, shlex.join(["python", "-m", "bench.audit_table", *argv]))
+                a.prompt_tokens, a.keep_capture, shlex.join(["python", "-m", "bench.audit_table", *argv]), levels,
+                a.base, a.public_lm)
     print(markdown(table))
     return table
 

@@ -33,19 +33,38 @@ def fmt_recovery(attack: dict) -> str:
 def status(attack: dict) -> str:
     skipped = attack.get("skipped")
     if skipped:
-        return ("error: " + skipped[len("error: "):]) if skipped.startswith("error") else f"skipped: {skipped}"
+        if skipped.startswith("error") or skipped.startswith("stopped"):
+            return skipped
+        return f"skipped: {skipped}"
     notes = []
-    over = (attack.get("details") or {}).get("over_budget")
-    if over:
-        notes.append(f"over budget ({over})")
+    details = attack.get("details") or {}
+    if details.get("same_as_level"):
+        return f"as at level {details['same_as_level']} (it reads no weights)"
+    if details.get("stopped"):
+        notes.append(f"{details['stopped']}: partial result")
+    if details.get("over_budget"):
+        notes.append(f"over budget ({details['over_budget']})")
     return "; ".join(notes)
+
+
+def levels_of(report: dict) -> list[str]:
+    """The knowledge levels the report holds, in order (reports from before levels: one, unnamed)."""
+    return list(report.get("levels") or dict.fromkeys(a.get("level") for a in report.get("attacks", [])))
+
+
+def by_attack(report: dict) -> dict[str, dict[str | None, dict]]:
+    """{attack name: {level: its result}}, in the report's order."""
+    out: dict[str, dict[str | None, dict]] = {}
+    for a in report.get("attacks", []):
+        out.setdefault(a["name"], {})[a.get("level")] = a
+    return out
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "curve"
 
 
-def plot_curves(out: Path, attack: dict) -> list[tuple[str, str]]:
+def plot_curves(out: Path, attack: dict, suffix: str = "") -> list[tuple[str, str]]:
     """One PNG per curve of the attack: [(curve name, file name)]. Without matplotlib: none."""
     curves = attack.get("curves") or {}
     if not curves:
@@ -76,7 +95,7 @@ def plot_curves(out: Path, attack: dict) -> list[tuple[str, str]]:
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)
-        file = f"{slug(attack['name'])}-{slug(name)}.png"
+        file = f"{slug(attack['name'])}{suffix}-{slug(name)}.png"
         write_bytes_atomic(out / file, buf.getvalue())
         files.append((name, file))
     return files
@@ -99,49 +118,87 @@ def _detail_lines(details: dict[str, Any], limit: int = 1500) -> list[str]:
     return lines
 
 
-def markdown(report: dict, plots: dict[str, list[tuple[str, str]]]) -> str:
+def _attacker_lines(report: dict) -> list[str]:
+    attacker = report.get("attacker")
+    if not attacker:
+        return [f"- reference weights (attacker's): {report.get('reference') or 'none'}"]
+    held = "; ".join(f"**{level}**: {weights or 'no weights'}" for level, weights in attacker["weights"].items())
+    return [f"- attacker levels (what it holds besides the bundle, the traffic and public text): {held}; "
+            f"public LM: {attacker.get('public_lm') or 'none'}"]
+
+
+def _table(report: dict) -> list[str]:
+    """The summary table: one recovery column, or one per level."""
+    levels = levels_of(report)
+    rows = by_attack(report)
+    if len(levels) <= 1:
+        lines = ["| attack | recovery | unit | seconds | notes |", "|---|---|---|---|---|"]
+        for per_level in rows.values():
+            a = next(iter(per_level.values()))
+            lines.append(f"| {a.get('title') or a['name']} (`{a['name']}`) | {fmt_recovery(a)} | {a.get('unit', '')}"
+                         f" | {a.get('seconds', 0):.1f} | {status(a).replace('|', '/')} |")
+        return lines
+    lines = ["| attack | " + " | ".join(f"level {lv}" for lv in levels) + " | unit | seconds | notes |",
+             "|---" * (len(levels) + 4) + "|"]
+    for per_level in rows.values():
+        first = next(iter(per_level.values()))
+        cells = [fmt_recovery(per_level[lv]) if lv in per_level else "-" for lv in levels]
+        notes = "; ".join(f"{lv}: {status(a)}" for lv, a in per_level.items() if status(a))
+        seconds = sum(a.get("seconds", 0) for a in per_level.values())
+        lines.append(f"| {first.get('title') or first['name']} (`{first['name']}`) | " + " | ".join(cells)
+                     + f" | {first.get('unit', '')} | {seconds:.1f} | {notes.replace('|', '/')} |")
+    return lines
+
+
+def markdown(report: dict, plots: dict[tuple[str, str | None], list[tuple[str, str]]]) -> str:
     commit = report.get("commit") or {}
     machine = report.get("machine") or {}
     traffic = report.get("traffic") or {}
+    several = len(levels_of(report)) > 1
     head = [
         f"# STIP audit: {report.get('model', '?')}, mode {report.get('mode', '?')}",
         "",
         f"- mode: **{report.get('mode')}** (harden: {', '.join(report.get('harden') or []) or 'none'}; "
         f"noise: {report.get('noise', 0):g})",
-        f"- reference weights (attacker's): {report.get('reference') or 'none'}",
+        *_attacker_lines(report),
         f"- traffic: {traffic.get('prompts')} prompts of {traffic.get('prompt_tokens')} tokens, "
         f"{traffic.get('decode_steps')} decode step(s) each: {traffic.get('observations')} requests, "
         f"{traffic.get('rows')} rows; hidden states after layers {traffic.get('capture_layers')}",
         f"- commit: {commit.get('commit') or 'unknown'}{' (DIRTY TREE)' if commit.get('dirty') else ''}",
         f"- machine: {machine.get('cpu')}, {machine.get('cores')} cores, torch {machine.get('torch')}",
         f"- date: {report.get('date')}; {report.get('seconds')} s in all"
-        + (" (quick settings: small budgets)" if report.get("quick") else ""),
+        + (" (quick settings: small budgets)" if report.get("quick") else "")
+        + (f"; each attack stopped at {report['budget_s']:.0f} s" if report.get("budget_s") else ""),
         "",
-        "| attack | recovery | unit | seconds | notes |",
-        "|---|---|---|---|---|",
+        *_table(report),
     ]
-    for a in report.get("attacks", []):
-        head.append(f"| {a.get('title') or a['name']} (`{a['name']}`) | {fmt_recovery(a)} | {a.get('unit', '')} | "
-                    f"{a.get('seconds', 0):.1f} | {status(a).replace('|', '/')} |")
     body = ["", "Recovery is the share of what the attack targets (tokens sent, or key entries) that it got right, "
             "scored against the auditor's truth; `-` where the attack reports no single share or did not run.", ""]
     for a in report.get("attacks", []):
-        body += [f"## {a.get('title') or a['name']} (`{a['name']}`)", ""]
+        level = a.get("level")
+        body += [f"## {a.get('title') or a['name']} (`{a['name']}`)" + (f", level {level}" if several else ""), ""]
+        if (a.get("details") or {}).get("same_as_level"):
+            body += [status(a), ""]
+            continue
         if a.get("skipped"):
             body.append(f"{status(a)}")
             body.append("")
         body += _detail_lines({k: v for k, v in (a.get("details") or {}).items()})
-        for name, file in plots.get(a["name"], []):
+        for name, file in plots.get((a["name"], level), []):
             body += ["", f"![{name}]({file})"]
         body.append("")
     return "\n".join(head + body) + "\n"
 
 
-def write_report(out: str | Path, report: dict) -> dict[str, list[tuple[str, str]]]:
-    """Write report.json, report.md and the plots into `out` (created if missing). Returns the plots per attack."""
+def write_report(out: str | Path, report: dict) -> dict[tuple[str, str | None], list[tuple[str, str]]]:
+    """Write report.json, report.md and the plots into `out` (created if missing). Returns the plots per
+    (attack, level)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {a["name"]: plot_curves(out, a) for a in report.get("attacks", [])}
+    several = len(levels_of(report)) > 1
+    plots = {(a["name"], a.get("level")): [] if (a.get("details") or {}).get("same_as_level") else
+             plot_curves(out, a, f"-{slug(str(a.get('level')))}" if several else "")
+             for a in report.get("attacks", [])}
     write_bytes_atomic(out / "report.json", (json.dumps(report, indent=2, default=_jsonable) + "\n").encode())
     write_bytes_atomic(out / "report.md", markdown(report, plots).encode())
     return plots

@@ -20,17 +20,21 @@ import secrets
 import shutil
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stip.audit.attacks import ATTACKS, load
+from stip.audit.attacks import ATTACKS
 from stip.audit.attacks.base import AttackResult
 from stip.audit.capture import read_capture
 from stip.audit.context import AuditContext, Truth
+from stip.audit.levels import AUTO, Models, attacker_weights, check_vocab, load_reference, parse_levels, \
+    public_language_model
+from stip.audit.runner import run_attack, run_levels
 from stip.errors import StipError
+
+__all__ = ["run_audit", "run_attack", "load_reference", "CharTokenizer", "DEFAULTS", "QUICK"]
 
 log = logging.getLogger("stip.audit")
 
@@ -91,24 +95,6 @@ def mode_name(bundle_dir: Path) -> tuple[str, dict]:
     return ("+".join(parts) if parts else "paper"), {"harden": harden, "noise": noise}
 
 
-def load_reference(reference: str | Path | torch.nn.Module | None):
-    """(model, tokenizer) of the public weights: None, a packaged name (smollm2), a local HF folder, or a model."""
-    if reference is None:
-        return None, None
-    if isinstance(reference, torch.nn.Module):
-        return reference.eval(), None
-    from stip.models import load_plain_model, resolve_model
-
-    path = resolve_model(reference)
-    if not Path(path).exists():
-        raise StipError(f"reference {reference!r}: no such model folder or packaged model (try smollm2)")
-    try:
-        model, tok = load_plain_model(reference)
-    except (OSError, ValueError) as e:
-        raise StipError(f"reference {reference!r} could not be loaded as a transformers causal LM: {e}") from None
-    return model.eval(), tok  # load_plain_model loads float32 (GGUF models refuse .float())
-
-
 def prompt_ids(tokenizer, n: int, k: int) -> list[list[int]]:
     """N prompts of K tokens: the `prompts` part's paragraphs, each cut to K tokens (shorter ones skipped)."""
     from stip.audit.corpus import split
@@ -162,52 +148,35 @@ def truth_ids(observations, contexts: list[list[int]]) -> list[torch.Tensor]:
     return out
 
 
-def run_attack(name: str, ctx: AuditContext, budget_s: float | None = None) -> AttackResult:
-    """One attack; a missing module is "not implemented", an exception is reported as an error, never raised."""
-    t0 = time.perf_counter()
-    try:
-        module = load(name)
-    except ModuleNotFoundError as e:
-        if e.name == f"stip.audit.attacks.{name}":
-            return AttackResult(name, name, None, skipped="not implemented")
-        return AttackResult(name, name, None, skipped=f"error: {type(e).__name__}: {e}",
-                            seconds=time.perf_counter() - t0)
-    title = getattr(module, "TITLE", name)
-    try:
-        result = module.run(ctx)
-    except Exception as e:  # noqa: BLE001 - one attack's failure must not stop the audit
-        log.error("attack %s failed: %s", name, e)
-        return AttackResult(name, title, None, skipped=f"error: {type(e).__name__}: {e}",
-                            details={"traceback": traceback.format_exc(limit=6)[-3000:]},
-                            seconds=time.perf_counter() - t0)
-    if not isinstance(result, AttackResult):
-        return AttackResult(name, title, None, skipped=f"error: run() returned {type(result).__name__}",
-                            seconds=time.perf_counter() - t0)
-    result.seconds = result.seconds or time.perf_counter() - t0
-    if budget_s and result.seconds > budget_s:
-        result.details = {**result.details, "over_budget": f"took {result.seconds:.0f} s, budget {budget_s:.0f} s"}
-    return result
-
-
 def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path | torch.nn.Module | None = None,
               attacks: list[str] | tuple[str, ...] | str | None = None, prompts: int | None = None,
               prompt_tokens: int | None = None, capture_layers: str | list[int] | None = None,
               settings: dict[str, Any] | None = None, seed: int = 0, quick: bool = False, force: bool = False,
               keep_capture: bool = False, generate: int | None = None, threads: int | None = None,
-              while_serving=None) -> dict:
+              while_serving=None, levels: str | list[str] | None = None,
+              exact: str | Path | torch.nn.Module | None = None, public_lm=AUTO,
+              budget_s: float | None = None) -> dict:
     """Audit the protected folder `bundle_dir` (server/, client/, developer/) and write the report to `out_dir`
     (report.json, report.md, plots; with `keep_capture` also the raw capture). Returns the report's dict.
 
-    `reference`: the public weights the attacker holds (a packaged name such as "smollm2", a local HF folder, a
-    loaded model, or None: attacks that need weights are skipped). `attacks`: names from `ATTACKS` (default all).
-    `settings`: per-attack knobs ({"vocab_matching": {...}}) and sizes (see DEFAULTS); `quick`: small budgets.
-    `while_serving(url, token)`: more work on the same real server after the audit's requests (the table command
-    measures accuracy there); the sessions it opens are left out of the audit."""
+    `levels`: what the attacker knows, "none", "base", "exact" or a comma list (stip.audit.levels; default exact
+    with weights given, else none): one capture, every attack at every level. `reference`: the weights the
+    attacker holds (a packaged name such as "smollm2", a local HF folder or a loaded model): the base at level base,
+    else the exact weights; `exact`: level exact's weights when `reference` is the base. `public_lm`: a public LM
+    with the same tokenizer (AUTO: smollm2 at level none when the tokenizer matches; None: none).
+    `attacks`: names from `ATTACKS` (default all). `settings`: per-attack knobs ({"vocab_matching": {...}}, a
+    "budget_s" there too) and sizes (see DEFAULTS); `quick`: small budgets; `budget_s`: seconds after which each
+    attack is stopped (0: none). `while_serving(url, token)`: more work on the same real server after the audit's
+    requests (the table command measures accuracy there); the sessions it opens are left out of the audit."""
     t_start = time.perf_counter()
     bundle_dir = check_bundle(bundle_dir)
     out_dir = check_out_dir(out_dir, force)
     names = _attack_names(attacks)
     sizes = _sizes(quick, settings, prompts, prompt_tokens, generate)
+    if budget_s is not None:
+        sizes["attack_budget_s"] = float(budget_s)
+    level_names = parse_levels(levels, reference, exact)
+    sources = attacker_weights(level_names, reference, exact)
     if isinstance(capture_layers, (list, tuple)):
         capture_layers = ",".join(str(int(x)) for x in capture_layers)
 
@@ -215,10 +184,7 @@ def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path
 
     client = ClientBundle.load(bundle_dir / "client")
     tokenizer = client.tokenizer if client.has_tokenizer else CharTokenizer(client.vocab_size)
-    model, ref_tok = load_reference(reference)
-    if model is not None and int(model.get_input_embeddings().weight.shape[0]) != client.vocab_size:
-        raise StipError(f"reference {reference!r} has a vocabulary of {model.get_input_embeddings().weight.shape[0]}"
-                        f" tokens; the protected model has {client.vocab_size}: not its public weights")
+    weights, public_model, attacker = _attacker(sources, public_lm, client, tokenizer)
     requests = prompt_ids(tokenizer, sizes["prompts"], sizes["prompt_tokens"])
 
     from stip.audit.corpus import token_ids
@@ -231,21 +197,17 @@ def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path
                                    while_serving)
         # sessions are numbered in order of arrival, and the audit's requests came first, one after another
         observations = [o for o in read_capture(capture_dir) if int(o.meta["session"]) < len(contexts)]
-        capture_s = time.perf_counter() - t0
-        truth = Truth(truth_ids(observations, contexts), bundle_dir)
+        traffic = _traffic(requests, sizes, observations, time.perf_counter() - t0)
         ctx = AuditContext(
-            server_dir=bundle_dir / "server", observations=observations, truth=truth, tokenizer=tokenizer,
-            reference=model, public_ids=token_ids(tokenizer, "public", sizes["public_tokens"]),
+            server_dir=bundle_dir / "server", observations=observations,
+            truth=Truth(truth_ids(observations, contexts), bundle_dir), tokenizer=tokenizer,
+            public_ids=token_ids(tokenizer, "public", sizes["public_tokens"]),
             heldout_ids=token_ids(tokenizer, "heldout", sizes["heldout_tokens"]),
-            settings={"quick": quick, **(settings or {})}, seed=seed)
-        results = _run_attacks(names, ctx, seed, sizes["attack_budget_s"])
-        traffic = {"prompts": len(requests), "prompt_tokens": sizes["prompt_tokens"],
-                   "decode_steps": sizes["generate"], "observations": len(observations),
-                   "rows": sum(int(o.inputs.shape[0]) for o in observations),
-                   "capture_layers": sorted({layer for o in observations for layer in o.hidden}),
-                   "seconds": round(capture_s, 2)}
+            settings={"quick": quick, **(settings or {})}, seed=seed, public_lm=public_model)
+        results = run_levels(names, ctx, weights, seed, sizes["attack_budget_s"] or None)
         report = _report(bundle_dir, reference, client.bundle_id, seed, quick, traffic, results)
-        report["seconds"] = round(time.perf_counter() - t_start, 2)
+        report |= {"attacker": attacker, "budget_s": sizes["attack_budget_s"],
+                   "seconds": round(time.perf_counter() - t_start, 2)}
         from stip.audit.report import write_report
         from stip.common.files import staged_directory
 
@@ -254,6 +216,34 @@ def run_audit(bundle_dir: str | Path, out_dir: str | Path, reference: str | Path
             if keep_capture:
                 shutil.copytree(capture_dir, stage / "capture")
     return report
+
+
+def _attacker(sources: dict[str, Any], public_lm, client, tokenizer) -> tuple[dict, torch.nn.Module | None, dict]:
+    """The models each level's attacker holds ({level: model or None}), the public LM, and what the report says
+    of them ({"weights": {level: the weights' name or None}, "public_lm": ...})."""
+    models = Models()
+    weights = {}
+    for level, source in sources.items():
+        weights[level], _ = models.get(source)
+        check_vocab(weights[level], source, client.vocab_size)
+    public_model, public_note = public_language_model(public_lm, list(sources), tokenizer, client.has_tokenizer,
+                                                      client.vocab_size, models)
+    return weights, public_model, {"weights": {lv: _describe(src) for lv, src in sources.items()},
+                                   "public_lm": public_note}
+
+
+def _traffic(requests: list[list[int]], sizes: dict, observations: list, seconds: float) -> dict:
+    return {"prompts": len(requests), "prompt_tokens": sizes["prompt_tokens"],
+            "decode_steps": sizes["generate"], "observations": len(observations),
+            "rows": sum(int(o.inputs.shape[0]) for o in observations),
+            "capture_layers": sorted({layer for o in observations for layer in o.hidden}),
+            "seconds": round(seconds, 2)}
+
+
+def _describe(weights) -> str | None:
+    if weights is None:
+        return None
+    return type(weights).__name__ if isinstance(weights, torch.nn.Module) else str(weights)
 
 
 def _sizes(quick: bool, settings: dict[str, Any] | None, prompts: int | None, prompt_tokens: int | None,
@@ -271,31 +261,18 @@ def _sizes(quick: bool, settings: dict[str, Any] | None, prompts: int | None, pr
     return sizes
 
 
-def _run_attacks(names: list[str], ctx: AuditContext, seed: int, budget_s: float) -> list[AttackResult]:
-    """Each attack in turn, from the same torch seed, logged as it ends."""
-    results = []
-    for name in names:
-        log.info("audit: attack %s", name)
-        torch.manual_seed(seed)
-        r = run_attack(name, ctx, budget_s)
-        log.info("audit: %s: %s (%.1f s)", name, r.skipped or (f"{r.recovery:.3f} {r.unit}"
-                                                               if r.recovery is not None else "done"), r.seconds)
-        results.append(r)
-    return results
-
-
 def _report(bundle_dir: Path, reference, bundle_id: str, seed: int, quick: bool, traffic: dict,
-            results: list[AttackResult]) -> dict:
-    """The report's dict (without its total seconds): the mode, model, run and machine, traffic and attacks."""
+            results: list[tuple[str, AttackResult]]) -> dict:
+    """The report's dict (without the attacker, budget and total seconds): the mode, model, run and machine,
+    traffic, the levels and the attacks (each with its level)."""
     mode, options = mode_name(bundle_dir)
     return {
-        "mode": mode, **options, "model": _model_name(bundle_dir, reference),
-        "reference": None if reference is None else str(reference if not isinstance(reference, torch.nn.Module)
-                                                       else type(reference).__name__),
+        "mode": mode, **options, "model": _model_name(bundle_dir, reference), "reference": _describe(reference),
+        "levels": list(dict.fromkeys(level for level, _ in results)),
         "bundle_id": bundle_id, "commit": _commit(), "machine": _machine(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": seed, "quick": quick,
         "traffic": traffic,
-        "attacks": [r.to_json() for r in results],
+        "attacks": [{**r.to_json(), "level": level} for level, r in results],
     }
 
 
