@@ -267,6 +267,15 @@ def decipher(streams: list[np.ndarray], stats: LanguageStats, first: int = 64, r
     Codes come into play by frequency, doubling from the `first` most frequent (placed from `restarts` starts):
     the newcomers are placed by their contexts among the codes already mapped (a code not in play gives its
     neighbours no evidence), then at most `rounds` rounds refine every code in play (`refine`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the dense blocks are small: a thread pool costs more than it saves on them
+    try:
+        return _decipher(streams, stats, first, rounds, k, share, patience, restarts, seed, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decipher(streams, stats, first, rounds, k, share, patience, restarts, seed, log) -> dict[int, int]:
     stream = CodeStream.of(streams)
     n = len(stream.codes)
     stats = stats.head(max(4 * n, 4096))
