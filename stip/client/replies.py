@@ -16,16 +16,19 @@ from stip.common import wire
 @dataclass(frozen=True)
 class Expected:
     """The one reply a step can legitimately get: `kind` ("logits" or "topk"), `rows` x `cols`, after which the
-    session holds `position` tokens."""
+    session holds `position` tokens; `targets`: each row also carries one float32 logit (a scored prompt token)."""
     kind: str
     rows: int
     cols: int
     position: int
+    targets: bool = False
 
     @property
     def size(self) -> int:
-        """Payload bytes: float32 logits, or int32 indices + float32 values + one float32 logsumexp per row."""
-        return self.rows * self.cols * 4 if self.kind == "logits" else self.rows * (self.cols * 8 + 4)
+        """Payload bytes: float32 logits, or int32 indices + float32 values + one float32 logsumexp per row; then
+        one float32 per row with targets."""
+        base = self.rows * self.cols * 4 if self.kind == "logits" else self.rows * (self.cols * 8 + 4)
+        return base + (self.rows * 4 if self.targets else 0)
 
 
 def check_hello(url: str, h: dict) -> None:
@@ -48,8 +51,8 @@ def check_hello(url: str, h: dict) -> None:
 
 
 def check_reply(url: str, vocab: int, h: dict, payload: memoryview, want: Expected):
-    """(logits, indices, values, logsumexp, server_ms or None) from a reply, or StipProtocolError naming what is
-    wrong."""
+    """(logits, indices, values, logsumexp, server_ms or None, target logits or None) from a reply, or
+    StipProtocolError naming what is wrong."""
     def bad(what: str) -> StipProtocolError:
         return StipProtocolError(f"bad reply from {url}: {what}")
 
@@ -68,7 +71,12 @@ def check_reply(url: str, vocab: int, h: dict, payload: memoryview, want: Expect
         raise bad(f"server_ms {clip(ms)} is not a non-negative number")
     if len(payload) != want.size:
         raise bad(f"payload of {len(payload)} bytes, but shape [{n}, {cols}] {kind} needs {want.size}")
-    logits = indices = values = lse = None
+    logits = indices = values = lse = picked = None
+    if want.targets:
+        payload, tail = payload[:len(payload) - 4 * n], payload[len(payload) - 4 * n:]
+        picked = wire.tensor_from_bytes(tail, torch.float32, (n,))
+        if not bool(torch.isfinite(picked).all()):
+            raise bad("target logits are not finite")
     if kind == "logits":
         logits = wire.tensor_from_bytes(payload, torch.float32, (n, cols))
         if torch.isnan(logits).any() or torch.isposinf(logits).any():
@@ -88,5 +96,7 @@ def check_reply(url: str, vocab: int, h: dict, payload: memoryview, want: Expect
             raise bad("top-k values are not in descending order")
         if not bool(torch.isfinite(lse).all()) or (cols and bool((lse < values[:, 0] - 1e-3).any())):
             raise bad("logsumexp is not finite, or below the largest value of its row")
+        if picked is not None and bool((picked > values[:, 0] + 1e-3).any()):
+            raise bad("a target logit is above the largest value of its row")
         indices = idx.long()
-    return logits, indices, values, lse, None if ms is None else float(ms)
+    return logits, indices, values, lse, None if ms is None else float(ms), picked

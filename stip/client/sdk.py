@@ -82,6 +82,7 @@ class Client:
                                    f"({self.bundle.path}) is a {self.bundle.mode} bundle")
         limits = [int(x) for x in (self.bundle.config.get("max_positions"), health.get("max_seq_len")) if x]
         self.max_positions = min(limits) if limits else 0  # the model's positions or the server's cap
+        self.max_all_logits = int(health.get("max_all_logits") or 0)  # T x V one all-positions prefill may compute
         # A connection lost mid-generation is retried (same bundle only) for this long, then it is an error.
         self.reconnect_timeout = min(float(timeout), RECONNECT_SECONDS)
         self.max_replays = MAX_REPLAYS  # and at most this many times per generation (each re-sends the context)
@@ -145,6 +146,14 @@ class Client:
         if not out:
             raise ValueError("the prompt is empty")
         return list(out)
+
+    def score(self, prompt: str | None = None, ids=None, top: int = 0, method: str | None = None
+              ) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given those before it (None for the first) and the `top` most likely
+        tokens there: OpenAI's echo + logprobs (`stip.client.scoring`; `method` "targets" or "logits")."""
+        from stip.client.scoring import score
+
+        return score(self, self.encode(prompt=prompt, ids=ids), top, method)
 
     def generate(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
                  images: list | None = None, **sampling) -> Generation:

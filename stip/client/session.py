@@ -51,6 +51,7 @@ class StepResult:
     bytes_sent: int
     bytes_received: int
     logsumexp: torch.Tensor | None = None  # float32 [n], each row's logsumexp over all V logits (kind topk)
+    target_logits: torch.Tensor | None = None  # float32 [n], each row's logit at the index asked for (`targets`)
 
 
 def ws_connect(url: str, **kw):
@@ -203,21 +204,22 @@ class RemoteSession:
     # ------------------------------------------------------------ steps
 
     def _step(self, op: str, x: torch.Tensor, dtype: torch.dtype, downlink: Downlink,
-              positions: str | None = None) -> StepResult:
+              positions: str | None = None, targets: torch.Tensor | None = None) -> StepResult:
         if dtype not in wire.DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(wire.DTYPES)}, got {dtype}")
         x = x.detach()
         if x.dtype != dtype:
             x = x.to(dtype)
-        frame = wire.encode_frame(wire.request_header(op, x.shape, dtype, positions, downlink.header()),
-                                  wire.tensor_bytes(x))
+        extra = () if targets is None else (wire.tensor_bytes(targets.to(torch.int32).reshape(-1)),)
+        frame = wire.encode_frame(wire.request_header(op, x.shape, dtype, positions, downlink.header(),
+                                                      targets is not None), wire.tensor_bytes(x), *extra)
         vocab = self.info.get("vocab_size", 0)
         rows = x.shape[0] if x.dim() == 2 else 1
         n = rows if (op == "prefill" and positions == "all") else 1
         cols = vocab if downlink.kind == "logits" else min(int(downlink.k), vocab)
         with self._lock:
             sent0, rcvd0 = self.bytes_sent, self.bytes_received
-            want = Expected(downlink.kind, n, cols, self.position + rows)
+            want = Expected(downlink.kind, n, cols, self.position + rows, targets is not None)
             t0 = time.perf_counter()
             self._expect_reply(want.size)
             self._send(frame)
@@ -235,11 +237,13 @@ class RemoteSession:
                 raise
             self.position = want.position
         return StepResult(*out[:3], want.position, out[4], rtt, self.bytes_sent - sent0,
-                          self.bytes_received - rcvd0, out[3])
+                          self.bytes_received - rcvd0, out[3], out[5])
 
     def prefill(self, embeds: torch.Tensor, positions: str = "last", downlink: Downlink = Downlink(),
-                dtype: torch.dtype = torch.float32) -> StepResult:
+                dtype: torch.dtype = torch.float32, targets: torch.Tensor | None = None) -> StepResult:
         """Append embeddings [T, d] (server basis) to the session; logits of the last (or every) position.
+        `targets` (positions "all"): per position an index into the server's permuted vocabulary (-1: none) whose
+        logit comes back too, in `target_logits`.
 
         A prompt larger than the server's message limit goes as several prefill steps (same result, same cache).
         """
@@ -249,24 +253,29 @@ class RemoteSession:
             raise ValueError(f"prefill takes embeddings of shape [T, d], got {list(embeds.shape)}")
         if positions not in wire.POSITIONS:
             raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
+        if targets is not None and (positions != "all" or targets.numel() != embeds.shape[0]):
+            raise ValueError("targets need positions='all' and one index per embedding")
         limit = int(self.info.get("max_message_bytes") or 0)
         row = embeds.shape[1] * dtype.itemsize
         rows = max(1, (limit - 4096) // row) if limit else embeds.shape[0]
         if embeds.shape[0] <= rows:
-            return self._step("prefill", embeds, dtype, downlink, positions)
+            return self._step("prefill", embeds, dtype, downlink, positions, targets)
         # Longer than one message may carry: several prefill steps on the same KV cache.
-        parts = [self._step("prefill", chunk, dtype, downlink, positions) for chunk in embeds.split(rows)]
+        aims = [None] * embeds.shape[0] if targets is None else targets.reshape(-1).split(rows)
+        chunks = zip(embeds.split(rows), aims)
+        parts = [self._step("prefill", chunk, dtype, downlink, positions, aim) for chunk, aim in chunks]
         last = parts[-1]
         if positions == "all":
             cat = (lambda name: torch.cat([getattr(p, name) for p in parts])
                    if getattr(last, name) is not None else None)
             logits, indices, values, lse = cat("logits"), cat("indices"), cat("values"), cat("logsumexp")
+            picked = cat("target_logits")
         else:
-            logits, indices, values, lse = last.logits, last.indices, last.values, last.logsumexp
+            logits, indices, values, lse, picked = last.logits, last.indices, last.values, last.logsumexp, None
         reported = [p.server_ms for p in parts if p.server_ms is not None]
         return StepResult(logits, indices, values, last.position, sum(reported) if reported else None,
                           sum(p.rtt_ms for p in parts), sum(p.bytes_sent for p in parts),
-                          sum(p.bytes_received for p in parts), lse)
+                          sum(p.bytes_received for p in parts), lse, picked)
 
     def decode(self, embed: torch.Tensor, downlink: Downlink = Downlink(), dtype: torch.dtype = torch.float32
                ) -> StepResult:

@@ -7,8 +7,11 @@ Request header (client -> server):
      "dtype": "float32" | "float16" | "bfloat16",
      "shape": [T, d]            (decode: [1, d] or [d]),
      "positions": "last" | "all"                  (prefill only; default "last"),
-     "downlink": {"kind": "logits"} | {"kind": "topk", "k": K}}
-    payload: the embeddings, C-contiguous, in `dtype`.
+     "downlink": {"kind": "logits"} | {"kind": "topk", "k": K},
+     "targets": true                              (optional; prefill with positions "all" only)}
+    payload: the embeddings, C-contiguous, in `dtype`; with "targets", then int32 [T]: per position an index into
+    the server's permuted vocabulary (or -1 for none) whose raw logit the reply also carries (prompt scoring: the
+    client sends each position's next prompt token, mapped through its key, and gets its exact log-probability).
 
 Reply header (server -> client):
     {"ok": true, "kind": "logits" | "topk" | "hello" | "closed", "shape": [n, V] or [n, K], "dtype": "float32",
@@ -17,6 +20,7 @@ Reply header (server -> client):
     payload: logits: float32 [n, V]; topk: int32 indices [n, K], then float32 values [n, K], then float32
     logsumexp [n] of each row's full V logits (indices are in the server's permuted vocabulary order; the
     logsumexp is permutation-invariant, so values - logsumexp are the exact log-probabilities of those K tokens).
+    A request with "targets" gets, after that payload, float32 [n]: each row's logit at its target index (0 for -1).
     The first frame on every new socket is a "hello" reply (no payload) naming the session:
     {"ok": true, "kind": "hello", "session": id, "position": n, "bundle_id": ..., "hidden_size": d, "vocab_size": V,
      "max_seq_len": ..., "max_message_bytes": ..., "protocol": PROTOCOL_VERSION}
@@ -151,7 +155,7 @@ def error_header(status: int, message: str, fatal: bool = False) -> dict:
 
 
 def request_header(op: str, shape=None, dtype: torch.dtype | None = None, positions: str | None = None,
-                   downlink: dict | None = None) -> dict:
+                   downlink: dict | None = None, targets: bool = False) -> dict:
     h: dict = {"op": op}
     if shape is not None:
         h["shape"] = [int(s) for s in shape]
@@ -161,4 +165,6 @@ def request_header(op: str, shape=None, dtype: torch.dtype | None = None, positi
         h["positions"] = positions
     if downlink is not None:
         h["downlink"] = downlink
+    if targets:
+        h["targets"] = True
     return h

@@ -212,6 +212,12 @@ class StipService:
         with self._waiting_lock:
             self.waiting -= 1
         t0 = time.perf_counter()
+        targets = None
+        if req.get("targets"):  # int32 [T] after the embeddings: the permuted index whose logit each row also sends
+            split = len(payload) - 4 * req["tokens"]
+            payload, targets = payload[:split], wire.tensor_from_bytes(payload[split:], torch.int32, [req["tokens"]])
+            if bool((targets < -1).any()) or bool((targets >= self.engine.vocab_size).any()):
+                raise StepError(422, f"targets must be indices in [0, {self.engine.vocab_size}) or -1")
         x = wire.tensor_from_bytes(payload, req["dtype"], req["shape"])
         if not bool(torch.isfinite(x).all()):
             raise StepError(422, "embeddings contain NaN or Inf values")
@@ -244,6 +250,10 @@ class StipService:
         else:
             parts = [wire.tensor_bytes(logits)]
             shape, kind = [int(n) for n in logits.shape], "logits"
+        if targets is not None:  # positions="all" on a full-logits engine (parse_step refused the others)
+            at = targets.to(logits.device).long()
+            picked = logits.float()[torch.arange(len(at), device=at.device), at.clamp(min=0)]
+            parts.append(wire.tensor_bytes(torch.where(at >= 0, picked, torch.zeros_like(picked))))
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.steps.labels(op).observe(ms / 1000)
         self.metrics.tokens.labels(op).inc(t)

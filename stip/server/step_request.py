@@ -60,10 +60,15 @@ def parse_step(service, s: Session, data) -> tuple[str, dict, memoryview]:
         t = shape[0]
         if t < 1:
             raise StepError(422, "prefill needs at least one embedding (T >= 1)")
-    expected = t * d * dtype.itemsize
+    targets = header.get("targets", False)
+    if targets not in (True, False):
+        raise StepError(422, f"targets must be true or false, got {short_repr(targets)}")
+    if targets and (op != "prefill" or header.get("positions") != "all"):
+        raise StepError(422, "targets (each position's logit at a given index) need a prefill with positions='all'")
+    expected = t * d * dtype.itemsize + (t * 4 if targets else 0)
     if len(payload) != expected:
-        raise StepError(422, f"payload is {len(payload)} bytes but shape {shape} in {dtype_name} needs "
-                             f"{expected} bytes")
+        raise StepError(422, f"payload is {len(payload)} bytes but shape {shape} in {dtype_name}"
+                             f"{' with int32 targets' if targets else ''} needs {expected} bytes")
     positions = header.get("positions", "last")
     if op == "prefill" and positions not in wire.POSITIONS:
         raise StepError(422, f"positions must be 'last' or 'all', got {short_repr(positions)}")
@@ -95,8 +100,9 @@ def parse_step(service, s: Session, data) -> tuple[str, dict, memoryview]:
                              f"logits, over this server's max_all_logits of {service.settings.max_all_logits} "
                              f"(at most {limit} tokens per all-positions prefill); send fewer tokens per "
                              f"request or positions='last'")
-    reply = n * (service.engine.vocab_size * 4 if k == 0 else k * 8 + 4)
+    reply = n * (service.engine.vocab_size * 4 if k == 0 else k * 8 + 4) + (n * 4 if targets else 0)
     if reply > service.settings.max_reply_bytes:
         raise StepError(413, f"the reply would be {reply} bytes (over {service.settings.max_reply_bytes}); use a "
                              f"top-k downlink or positions='last'")
-    return op, {"dtype": dtype, "shape": shape, "all": positions == "all", "k": k, "tokens": t}, payload
+    return op, {"dtype": dtype, "shape": shape, "all": positions == "all", "k": k, "tokens": t,
+                "targets": bool(targets)}, payload
