@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from types import SimpleNamespace
 
 from fastapi import APIRouter, Request
 
 from stip.client import vision
-from stip.client.proxy_generation import Generations
+from stip.client.proxy_generation import Generations, upstream_error
 from stip.client.proxy_requests import CHAT_DEFAULT_MAX_TOKENS, ApiError, ChatRequest, CompletionRequest, message_text
 from stip.client.proxy_responses import ChatFormat, CompletionFormat, TokenText
 from stip.client.proxy_sse import sse_response
@@ -138,11 +139,32 @@ class TextEndpoints:
             self.fit(ids[-1], req.max_tokens, "prompt", what)
         echo = [(p if isinstance(p, str) else self.client.tokenizer.decode(x)) if req.echo else ""
                 for p, x in zip(prompts, ids)]
-        params = [p for _ in prompts for p in req.sampling(req.max_tokens, top)]
-        gens = self.generations([x for x in ids for _ in range(req.n)], params)
+        scored = await self.score_prompts(ids, top) if req.echo and top is not None else None
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model or self.model_name}
-        return await self.respond(req, gens, CompletionFormat(base, self.token_text, top, echo, req.n), request)
+        fmt = CompletionFormat(base, self.token_text, top, echo, req.n, scored)
+        if req.max_tokens == 0:  # the echoed prompt (and its logprobs) only: nothing to generate
+            return fmt.full([nothing_generated(x) for x in ids for _ in range(req.n)], self.eos)
+        params = [p for _ in prompts for p in req.sampling(req.max_tokens, top)]
+        gens = self.generations([x for x in ids for _ in range(req.n)], params)
+        return await self.respond(req, gens, fmt, request)
+
+    async def score_prompts(self, ids: list[list[int]], top: int) -> list[tuple[list[int], list]]:
+        """Per prompt, (its ids, each token's logprob given those before it: `Client.score`), off the event loop."""
+        try:
+            scores = await asyncio.gather(*(asyncio.to_thread(self.client.score, ids=x, top=top) for x in ids))
+        except ApiError:
+            raise
+        except Exception as e:
+            raise upstream_error(e) from None
+        return list(zip(ids, scores))
+
+
+def nothing_generated(prompt_ids: list[int]) -> SimpleNamespace:
+    """What a choice of max_tokens=0 holds: no text, no tokens (finish_reason "length", as vLLM answers)."""
+    return SimpleNamespace(text="", finish_reason="length", logprobs=[],
+                           usage={"prompt_tokens": len(prompt_ids), "completion_tokens": 0,
+                                  "total_tokens": len(prompt_ids)})
 
 
 def completions_router(endpoints: TextEndpoints) -> APIRouter:

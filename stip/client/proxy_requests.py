@@ -154,15 +154,17 @@ class ChatRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], list[int], list[list[int]]]  # one prompt, or a batch (`prompts()`)
-    max_tokens: Optional[int] = Field(16, ge=1)  # the OpenAI default for completions
+    max_tokens: Optional[int] = Field(16, ge=0)  # the OpenAI default for completions; 0: score the echoed prompt
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
 
     @property
     def top(self) -> Optional[int]:
-        if self.echo and self.logprobs is not None:
-            raise ApiError(400, "logprobs of the echoed prompt are not supported: use echo or logprobs, not both",
-                           "logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens=0 generates nothing: it needs echo=true", "max_tokens")
+        if self.stream and self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            raise ApiError(400, "logprobs of the echoed prompt (and max_tokens=0) are not streamed: use "
+                                "stream=false", "stream")
         return self.logprobs
 
     def prompts(self) -> list[Union[str, list[int]]]:

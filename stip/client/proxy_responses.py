@@ -109,12 +109,28 @@ class CompletionFormat:
     """`text_completion` bodies (whole and streamed), logprobs in the legacy format. `echo`: per prompt, the text
     its choices start with; `n`: choices per prompt (choice i*n + j is prompt i's j-th)."""
 
-    def __init__(self, base: dict, text: TokenText, top: int | None, echo: list[str], n: int = 1):
+    def __init__(self, base: dict, text: TokenText, top: int | None, echo: list[str], n: int = 1,
+                 prompt_logprobs: list | None = None):
+        """`prompt_logprobs` (echo with logprobs): per prompt, (its token ids, `Client.score` of them)."""
         self.base, self.text, self.top, self.echoes, self.n = base, text, top, echo, n
+        self.prompt_logprobs = prompt_logprobs
         self.offsets: dict[int, int] = {}  # per streamed choice: where its next token's text starts
 
-    def logprobs(self, lps: list[TokenLogprob], offset: int) -> dict | None:
-        """`offset`: where the first token's text starts in the choice's text."""
+    def _prompt_part(self, i: int) -> dict:
+        """The echoed prompt's tokens, from offset 0: the first has no logprob (null, as OpenAI and vLLM send)."""
+        ids, scores = self.prompt_logprobs[i // self.n]
+        tokens, offsets, offset = [], [], 0
+        for t in ids:
+            tokens.append(self.text(t)[0])
+            offsets.append(offset)
+            offset += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in scores],
+                "top_logprobs": [None if lp is None else {self.text(t)[0]: v for t, v in lp.top} for lp in scores],
+                "text_offset": offsets}
+
+    def logprobs(self, lps: list[TokenLogprob], offset: int, i: int | None = None) -> dict | None:
+        """`offset`: where the first token's text starts in the choice's text; `i`: the choice, whose echoed
+        prompt's logprobs come first (where asked for)."""
         if self.top is None:
             return None
         tokens, offsets = [], []
@@ -123,15 +139,20 @@ class CompletionFormat:
             tokens.append(token)
             offsets.append(offset)
             offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.text(t)[0]: v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+        out = {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+               "top_logprobs": [{self.text(t)[0]: v for t, v in lp.top} for lp in lps], "text_offset": offsets}
+        if i is None or self.prompt_logprobs is None:
+            return out
+        head = self._prompt_part(i)
+        return {name: head[name] + out[name] for name in out}
 
     def echo(self, i: int) -> str:
         return self.echoes[i // self.n]
 
     def full(self, gens: list, eos: set[int]) -> dict:
         return {**self.base, "choices": [{"index": i, "text": self.echo(i) + g.text, "finish_reason": g.finish_reason,
-                                          "logprobs": self.logprobs(reported(g.logprobs, eos), len(self.echo(i)))}
+                                          "logprobs": self.logprobs(reported(g.logprobs, eos), len(self.echo(i)),
+                                                                    i)}
                                          for i, g in enumerate(gens)],
                 "usage": usage(gens, self.n)}
 
