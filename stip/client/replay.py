@@ -71,6 +71,16 @@ class Replays:
                                   f"not resume within {client.reconnect_timeout:.0f} s ({tries} tries): {last}"
                                   ) from None
 
+    def full_logits(self, context: list[int]):
+        """(session, reply): the context on a fresh session, its last step's reply as all V logits. The client's own
+        choice (constrained decoding found none of the top k allowed: `stip.client.constrained`), so it does not count
+        against the replays a server may force; the rows re-sent are the same noisy rows as before."""
+        from stip.client.transport import Downlink
+
+        session = self.stack.enter_context(self.client.connection.open_session())
+        x = embed_context(self.client.bundle, context, self.features, self.client.bundle.noise_chain())
+        return session, session.prefill(x, positions="last", downlink=Downlink(kind="logits"))
+
     def _resume(self, context: list[int]):
         client = self.client
         if self.used >= client.max_replays:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from stip.client.bundle import ClientBundle
+from stip.client.constrained import Constraint, check_grammar, pick_constrained
 from stip.client.encoder import TaskError
 from stip.common.tasks import ONE_SHOT_TASKS
 from stip.client import vision
@@ -190,6 +191,11 @@ class Client:
         if params.logprobs is not None and self.downlink.kind == "topk" and params.logprobs > self.downlink.k:
             raise ValueError(f"logprobs={params.logprobs} alternatives, but the top-k downlink carries only "
                              f"k={self.downlink.k} per token")
+        if params.logit_bias and max(params.logit_bias) >= self.bundle.vocab_size:
+            raise ValueError(f"logit_bias names token {max(params.logit_bias)}; the vocabulary has "
+                             f"{self.bundle.vocab_size} tokens")
+        if params.grammar is not None:
+            check_grammar(self.bundle, params.grammar)
         prompt_ids = self.encode(prompt, messages, ids)
         if features is not None:
             vision.image_slots(self.bundle, prompt_ids, features)
@@ -197,8 +203,17 @@ class Client:
 
     # ------------------------------------------------------------------ the loop
 
+    def _downlink(self, params: SamplingParams):
+        """The downlink of this generation: all logits where a positive logit_bias may lift a token outside the k."""
+        from stip.client.transport import Downlink
+
+        if self.downlink.kind == "topk" and any(b > 0 for b in params.logit_bias.values()):
+            return Downlink(kind="logits")
+        return self.downlink
+
     def _run(self, prompt_ids: list[int], params: SamplingParams, features: torch.Tensor | None = None):
-        bundle, dl = self.bundle, self.downlink
+        bundle, dl = self.bundle, self._downlink(params)
+        constraint = Constraint(bundle, params.grammar) if params.grammar is not None else None
         eos = set(bundle.eos_token_ids)
         tm = Timing()
         t_start = time.perf_counter()
@@ -226,7 +241,17 @@ class Client:
             tm.prefill_ms = (time.perf_counter() - t_start) * 1e3
             while True:
                 c0 = time.perf_counter()
-                token = pick_token(bundle, sampler, r)
+                if constraint is None:
+                    token = pick_token(bundle, sampler, r)
+                else:
+                    token = pick_constrained(bundle, sampler, r, constraint, exact=logprobs is not None)
+                    if token is None:  # none of the k is allowed: ask for this step's full logits
+                        session.close()
+                        session, r = replays.full_logits(prompt_ids + out)
+                        self._account(tm, r, decode=False)
+                        tm.full_logits_steps += 1
+                        token = pick_constrained(bundle, sampler, r, constraint)
+                    constraint.consume(token)
                 out.append(token)
                 if logprobs is not None:
                     logprobs.append(step_logprob(bundle, r, token, params.logprobs))
@@ -238,6 +263,8 @@ class Client:
                     delta = stops.push(detok.push(token))
                     if stops.stopped:
                         finish = "stop"
+                if constraint is not None and constraint.done:  # the grammar is complete: as at EOS
+                    finish = "stop"
                 last = finish == "stop" or len(out) >= params.max_tokens or \
                     bool(self.max_positions and pos >= self.max_positions)
                 if last and detok is not None and not stops.stopped:

@@ -30,6 +30,9 @@ def check_params(params: SamplingParams) -> None:
     if params.repetition_penalty != 1.0:
         raise ValueError("repetition_penalty is not supported in server-decode mode (the server samples); use "
                          "presence_penalty / frequency_penalty")
+    if params.logit_bias or params.grammar:
+        raise ValueError("logit_bias and structured output are not supported in server-decode mode (the server "
+                         "samples, in its permuted vocabulary); use a round-trip bundle")
 
 
 def build_request(bundle, prompt_ids: list[int], params: SamplingParams, max_tokens: int) -> GenerateRequest:

@@ -145,6 +145,8 @@ class TeeClient:
         from stip.common.sampling import SamplingParams
 
         params = params or SamplingParams(**sampling)
+        if params.logit_bias or params.grammar:
+            raise ValueError("logit_bias and structured output are not supported in TEE mode")
         return GenerationStream(self._run(self.encode(prompt, messages, ids), params))
 
     # ------------------------------------------------------------------ attest, open, stream

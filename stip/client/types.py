@@ -25,6 +25,7 @@ class Timing:
     bytes_sent: int = 0
     bytes_received: int = 0
     steps: int = 0  # decode round trips
+    full_logits_steps: int = 0  # constrained steps re-requested as all logits (none of the top k allowed)
     decode_client_ms: float = 0.0
     decode_rtt_ms: float = 0.0
     decode_server_ms: float | None = None

@@ -1,10 +1,11 @@
 """Choosing the next token from full logits or from top-k (id, value) pairs: on the client in round-trip mode, on
 the server (in permuted ids, where counts and values are the same) in server-decode mode.
 
-Semantics follow transformers' `generate` (in its order): RepetitionPenaltyLogitsProcessor (over every token seen,
-prompt included), then OpenAI's presence and frequency penalties (over the generated tokens only:
-`logit -= presence * [count > 0] + frequency * count`, as vLLM applies them after the repetition penalty), then
-TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper. temperature 0 is greedy (penalties still apply).
+Semantics follow transformers' `generate` (in its order), after OpenAI's logit_bias (token id -> bias added):
+RepetitionPenaltyLogitsProcessor (over every token seen, prompt included), then OpenAI's presence and frequency
+penalties (over the generated tokens only: `logit -= presence * [count > 0] + frequency * count`, as vLLM applies them
+after the repetition penalty), then TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper. temperature 0 is
+greedy (penalties still apply).
 
 Both inputs are reduced to candidates sorted by value (highest first) and one seeded uniform draw picks among them,
 so the two downlinks sample the same token whenever the kept set is the same (e.g. top_k <= the downlink's k).
@@ -36,6 +37,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # record each token's logprob and this many top alternatives; None: off
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: token id -> bias added to its logit
+    grammar: str | None = None  # an llguidance grammar the output must match (stip.client.constrained); None: off
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -56,6 +59,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs (top alternatives per token) must be in [0, {MAX_TOP_LOGPROBS}]")
+        self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()}
+        for t, b in self.logit_bias.items():
+            if t < 0 or not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias maps token ids (>= 0) to a bias in [-100, 100], not {t}: {b}")
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +99,17 @@ def apply_presence_frequency(scores: torch.Tensor, ids: torch.Tensor | None, cou
         return scores
     c = torch.tensor([counts.get(i, 0) for i in ids.tolist()], dtype=scores.dtype)
     return scores - (presence * (c > 0).to(scores.dtype) + frequency * c)
+
+
+def apply_logit_bias(scores: torch.Tensor, ids: torch.Tensor | None, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's logit_bias: each listed token's bias added to its score (`scores` [V], or the scores of `ids`)."""
+    if not bias:
+        return scores
+    tokens = torch.tensor(list(bias), dtype=torch.long)
+    values = torch.tensor(list(bias.values()), dtype=scores.dtype)
+    if ids is None:
+        return scores.index_add(0, tokens, values)
+    return scores + (ids.reshape(-1, 1) == tokens.reshape(1, -1)).to(scores.dtype) @ values
 
 
 def top_p_keep(sorted_desc: torch.Tensor, top_p: float) -> int:
@@ -168,8 +186,9 @@ class Sampler:
         return (order if ids is None else ids[order])[:keep], values[:keep]
 
     def _penalize(self, scores: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-        """The repetition penalty, then presence and frequency; a penalty that is off costs nothing per token."""
+        """logit_bias, the repetition penalty, then presence and frequency; what is off costs nothing per token."""
         p = self.params
+        scores = apply_logit_bias(scores, ids, p.logit_bias)
         if p.repetition_penalty != 1.0:
             scores = apply_repetition_penalty(scores, ids, self.seen, p.repetition_penalty)
         return apply_presence_frequency(scores, ids, self.counts, p.presence_penalty, p.frequency_penalty)
