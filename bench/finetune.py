@@ -160,10 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    machine = machine_info()  # at the start: its load average is the one the run began under
     result = finetune(a.model, a.out, a.steps, a.seq, a.batch, a.lr, a.seed, a.eval_tokens, a.public_tokens,
                       a.log_every, a.seconds)
     record = {"command": shlex.join(["python", "-m", "bench.finetune", *argv]), "commit": commit, "dirty": dirty,
-              "machine": machine_info(), "torch_threads": torch.get_num_threads(), **result}
+              "machine": machine, "torch_threads": torch.get_num_threads(), **result}
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / "finetune.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"[finetune] {result['steps']} steps in {result['train_seconds']:.0f} s: loss "
