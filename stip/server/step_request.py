@@ -94,6 +94,14 @@ def parse_step(service, s: Session, data) -> tuple[str, dict, memoryview]:
         raise StepError(413, f"sequence would reach {s.position + t} tokens; this server's max_seq_len is "
                              f"{service.max_seq_len}")
     n = t if (op == "prefill" and positions == "all") else 1
+    check_reply_size(service, t, n, k, targets)
+    return op, {"dtype": dtype, "shape": shape, "all": positions == "all", "k": k, "tokens": t,
+                "targets": bool(targets)}, payload
+
+
+def check_reply_size(service, t: int, n: int, k: int, targets: bool) -> None:
+    """What the step would compute and send back, against --max-all-logits (n x V logits: a client scoring a long
+    prompt sends it in chunks) and the reply size limit."""
     if n * service.engine.vocab_size > service.settings.max_all_logits:
         limit = service.settings.max_all_logits // service.engine.vocab_size
         raise StepError(413, f"positions='all' over {t} tokens would compute {t} x {service.engine.vocab_size} "
@@ -104,5 +112,3 @@ def parse_step(service, s: Session, data) -> tuple[str, dict, memoryview]:
     if reply > service.settings.max_reply_bytes:
         raise StepError(413, f"the reply would be {reply} bytes (over {service.settings.max_reply_bytes}); use a "
                              f"top-k downlink or positions='last'")
-    return op, {"dtype": dtype, "shape": shape, "all": positions == "all", "k": k, "tokens": t,
-                "targets": bool(targets)}, payload
