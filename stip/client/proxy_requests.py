@@ -20,13 +20,11 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions endpoin
 CHAT_DEFAULT_MAX_TOKENS = 256
 
 UNSUPPORTED = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
+    "tools": "tool calling is not supported (use response_format json_schema for structured output)",
+    "tool_choice": "tool calling is not supported (use response_format json_schema for structured output)",
     "parallel_tool_calls": "tool calling is not supported",
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
-    "response_format": "structured output (JSON mode, JSON schema) is not supported",
-    "logit_bias": "logit_bias is not supported",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -106,6 +104,7 @@ class _Common(_Strict):
     user: Optional[str] = None  # accepted, not used (there is no abuse monitoring to tag)
     top_k: int = Field(0, ge=0)  # extensions, as vLLM takes them (extra_body)
     repetition_penalty: float = Field(1.0, gt=0.0)
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
 
     @property
     def include_usage(self) -> bool:
@@ -126,8 +125,41 @@ class _Common(_Strict):
                                repetition_penalty=self.repetition_penalty,
                                presence_penalty=self.presence_penalty or 0.0,
                                frequency_penalty=self.frequency_penalty or 0.0,
-                               seed=None if self.seed is None else self.seed + i, stop=stop, logprobs=logprobs)
-                for i in range(self.n)]
+                               seed=None if self.seed is None else self.seed + i, stop=stop, logprobs=logprobs,
+                               logit_bias=self._logit_bias(), grammar=grammar)
+                for i, grammar in enumerate([self.grammar()] * self.n)]
+
+    def _logit_bias(self) -> dict[int, float]:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys are token ids, not {key[:40]!r}")
+            bias[int(key)] = value
+        return bias
+
+    def grammar(self) -> Optional[str]:
+        """The llguidance grammar the output must match (response_format); None: free text."""
+        return None
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None  # the output always matches the schema: constrained decoding
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text (the default), json_object (JSON mode) or json_schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
 
 
 class ChatMessage(_Strict):
@@ -143,6 +175,15 @@ class ChatRequest(_Common):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     metadata: Optional[dict[str, str]] = None  # accepted, not used: the proxy stores nothing
     store: Optional[bool] = None  # accepted: the proxy stores nothing either way
+    response_format: Optional[ResponseFormat] = None
+
+    def grammar(self) -> Optional[str]:
+        from stip.client.constrained import json_grammar
+
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        return json_grammar(fmt.json_schema.schema_ or {} if fmt.type == "json_schema" else None)
 
     @property
     def top(self) -> Optional[int]:
