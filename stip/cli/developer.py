@@ -37,6 +37,9 @@ def protect(
                                "ffn (exact power-of-two FFN scalings), or all (docs/hardened.md)"),
     noise: float = typer.Option(0.0, help="the client adds Gaussian noise of NOISE times the embedding table's RMS "
                                 "to every row it sends (lossy; e.g. 0.01; docs/hardened.md)"),
+    aloepri: str = typer.Option("", help="--harden aloepri (AloePri's covariant obfuscation; server-decode bundles; "
+                                "lossy): its knobs as KEY=VALUE,... e.g. h=128,lambda=0.3,alpha_e=1.0,alpha_h=0.2 "
+                                "(also beta, gamma, scale, calibration_tokens; defaults: the paper's; docs/aloepri.md)"),
     attestation: str = typer.Option("simulated", help="--tee: the enclave report the TEE client accepts: simulated "
                                     "(pins the platform key) or nitro (AWS Nitro Enclaves: pins the image's PCRs)"),
     pcr0: Optional[str] = typer.Option(None, help="--attestation nitro: the enclave image's PCR0 (96 hex digits, "
@@ -54,17 +57,10 @@ def protect(
 
     if mode not in MODES:
         raise typer.BadParameter(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param_hint="--mode")
-    pinned = {0: pcr0, 1: pcr1, 2: pcr2, 3: pcr3, 4: pcr4, 8: pcr8}
-    pinned_pcrs = None
-    if attestation != "simulated" or pcrs is not None or any(v is not None for v in pinned.values()):
-        from stip.developer.tee import check_attestation, nitro_pcrs
-
-        if not tee:
-            raise StipError("--attestation and the PCR options pin the TEE client's verifier: they need --tee")
-        if attestation != "nitro":
-            check_attestation(attestation, None)  # an unknown one is named
-            raise StipError("--pcrN and --pcrs pin an AWS Nitro enclave image: they need --attestation nitro")
-        pinned_pcrs = nitro_pcrs(pinned, pcrs)  # checked before the slow part
+    pinned_pcrs = _pinned_pcrs(attestation, tee, pcrs, {0: pcr0, 1: pcr1, 2: pcr2, 3: pcr3, 4: pcr4, 8: pcr8})
+    if aloepri or "aloepri" in [o.strip() for o in harden.split(",")]:
+        return _protect_aloepri(model, out, harden, aloepri, tee=tee, key=key, noise=noise, quiet=quiet,
+                                signing_key=signing_key, overwrite=overwrite, shard_size=shard_size)
     from stip.models import resolve_model
 
     from stip.common.signing import pin
@@ -91,6 +87,48 @@ def protect(
                        f"  sealed for       the SIMULATED platform {r.tee['platform_pin']} (docs/tee.md, Backends)")
         else:
             typer.echo(f"  platform key     {r.tee['platform_pin']}  (SIMULATED platform)")
+
+
+def _pinned_pcrs(attestation: str, tee: bool, pcrs: Optional[Path], pinned: dict) -> Optional[dict]:
+    """The Nitro PCRs the TEE client pins (None without --attestation nitro), checked before the slow part."""
+    if attestation == "simulated" and pcrs is None and all(v is None for v in pinned.values()):
+        return None
+    from stip.developer.tee import check_attestation, nitro_pcrs
+
+    if not tee:
+        raise StipError("--attestation and the PCR options pin the TEE client's verifier: they need --tee")
+    if attestation != "nitro":
+        check_attestation(attestation, None)  # an unknown one is named
+        raise StipError("--pcrN and --pcrs pin an AWS Nitro enclave image: they need --attestation nitro")
+    return nitro_pcrs(pinned, pcrs)
+
+
+def _protect_aloepri(model: str, out: Path, harden: str, aloepri: str, *, tee: bool, key, noise: float,
+                     quiet: bool, signing_key, overwrite: bool, shard_size: str) -> None:
+    """--harden aloepri: its own pipeline (stip.developer.aloepri), server-decode bundles; options it cannot take
+    are refused by name."""
+    from stip.common.signing import pin
+    from stip.developer.aloepri import protect_aloepri
+    from stip.models import resolve_model
+
+    asked = [o.strip() for o in harden.split(",") if o.strip()]
+    if "aloepri" not in asked:
+        raise StipError("--aloepri sets the knobs of --harden aloepri: add --harden aloepri")
+    refused = ([f"--harden {','.join(o for o in asked if o != 'aloepri')}"] if len(asked) > 1 else []) \
+        + (["--tee"] if tee else []) + (["--key"] if key else []) + (["--noise"] if noise else [])
+    if refused:
+        raise StipError(f"--harden aloepri writes server-decode bundles with its own keys and noise; it does not "
+                        f"combine with {', '.join(refused)}")
+    r = protect_aloepri(resolve_model(model), out, options=aloepri, overwrite=overwrite, progress=not quiet,
+                        max_shard_bytes=parse_size(shard_size), signing_key=signing_key)
+    typer.echo(f"protected {model} -> {out} (server-decode, harden aloepri)\n"
+               f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB; give to the model server)\n"
+               f"  client bundle    {r.client}  (client key {r.client_fingerprint}; give to data owners)\n"
+               f"  developer key    {r.developer_key}  ({r.developer_fingerprint}; keep secret: holds the seed)\n"
+               f"  signing key      {r.signing_key}  ({'new' if r.new_signing_key else 'reused'}; keep secret; "
+               f"reuse with --signing-key)\n"
+               f"  signer           {pin(r.signer)}  (publish it: users and servers pin it with --trust)\n"
+               f"  bundle id        {r.bundle_id}")
 
 
 @app.command()
