@@ -8,7 +8,9 @@ loopback (`stip.audit.tee_capture`: TeeClient -> a real `stip enclave` -> a real
 with the audit's prompts (`stip.audit.corpus`, the `prompts` part), and runs every attack of `stip.audit.attacks` on
 what the worker received: `h1 p` (block 0's output) as the observed inputs, the body's hidden states after the
 captured layers, layer 0 being `h1 p` itself (so vocabulary matching and invariant features at layer 0 run the
-candidates through the public block 0 and compare them with `h1 p`). Each attack runs at each attacker level:
+candidates through the public block 0 and compare them with `h1 p`); and, after them, the TEE worker's own variant
+of vocabulary matching (`stip.audit.tee_vocab`: candidates pruned by a table of block 0's outputs rather than by raw
+embedding rows, which `h1 p` is far from). Each attack runs at each attacker level:
 
 - exact: the attacker holds the protected model's own plain weights (a published model served as is);
 - base: it holds a public base the model was fine-tuned from (`--base MODEL`; or `--base-noise REL`, a stand-in: the
@@ -26,6 +28,7 @@ changes to the files it runs is marked DIRTY TREE.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -40,7 +43,9 @@ LEVELS = ("exact", "base", "none")
 FULL = {"prompts": 8, "prompt_tokens": 32, "generate": 1, "public_tokens": 100_000, "heldout_tokens": 2000}
 QUICK = {"prompts": 4, "prompt_tokens": 16, "generate": 1, "public_tokens": 20_000, "heldout_tokens": 1000}
 QUICK_BASE_NOISE = 0.05  # --quick without --base: a stand-in base, so the level runs
+EXTRA = {"tee_vocab_matching": "stip.audit.tee_vocab"}  # attacks for the TEE worker, run after the registry's
 NO_TRAFFIC = ("bundle_keys", "finetune")  # read the bundle or public text only: the offload view adds nothing
+# (nor EXTRA's tee_vocab_matching: its table and decode are built for h1 p, not for padded rows)
 TEE_BUNDLE_REFUSED = ("cannot apply: it loads the server bundle as a round-trip server does, and a TEE worker bundle's "
                       "block 0 is in the enclave's secret bases (no block 0 to run in the basis of h1 p); the TEE "
                       "analogue, distilling block 0 from (prompt, h1 p) pairs, is bench/tee_extraction.py's row (d)")
@@ -102,6 +107,26 @@ def offload_view(traffic) -> tuple[list, list[torch.Tensor], str | None]:
     return obs, ids, name
 
 
+def run_extra(name: str, ctx, budget_s: float):
+    """An attack module outside the registry (EXTRA), with run_attack's handling: failures reported, never raised."""
+    import importlib
+    import traceback
+
+    from stip.audit.attacks.base import AttackResult
+
+    module = importlib.import_module(EXTRA[name])
+    t0 = time.perf_counter()
+    try:
+        r = module.run(ctx)
+    except Exception as e:  # noqa: BLE001 - one attack's failure must not stop the others
+        return AttackResult(name, module.TITLE, None, skipped=f"error: {type(e).__name__}: {e}",
+                            details={"traceback": traceback.format_exc(limit=6)[-3000:]},
+                            seconds=time.perf_counter() - t0)
+    if budget_s and r.seconds > budget_s:
+        r.details = {**r.details, "over_budget": f"took {r.seconds:.0f} s, budget {budget_s:.0f} s"}
+    return r
+
+
 def run_level(names: list[str], ctx, budget_s: float) -> list[dict]:
     """Every attack on one context, each from the same torch seed; rows for the report."""
     from stip.audit.run import run_attack
@@ -110,7 +135,7 @@ def run_level(names: list[str], ctx, budget_s: float) -> list[dict]:
     for name in names:
         torch.manual_seed(ctx.seed)
         t0 = time.perf_counter()
-        r = run_attack(name, ctx, budget_s)
+        r = run_extra(name, ctx, budget_s) if name in EXTRA else run_attack(name, ctx, budget_s)
         if r.skipped and r.skipped.startswith("error: BundleError") and "--tee-worker" in r.skipped:
             r.details = {**r.details, "error": r.skipped}
             r.skipped = TEE_BUNDLE_REFUSED
@@ -141,13 +166,14 @@ def audit(a: argparse.Namespace, work: Path) -> dict:
     prompts = prompt_ids(tokenizer, sizes["prompts"], sizes["prompt_tokens"])
     print(f"capturing {len(prompts)} prompts of {sizes['prompt_tokens']} tokens through the TEE path", flush=True)
     traffic = capture_tee_traffic(out, prompts, sizes["generate"], a.capture_layers, a.threads)
-    names = list(ATTACKS) if a.attacks is None else [n.strip() for n in a.attacks.split(",") if n.strip()]
+    names = list(ATTACKS) + list(EXTRA) if a.attacks is None else [n.strip() for n in a.attacks.split(",")
+                                                                     if n.strip()]
     levels = [lv.strip() for lv in a.levels.split(",") if lv.strip()]
     refs = references(a.model, plain, a.base, a.base_noise if a.base_noise is not None
                       else (QUICK_BASE_NOISE if a.quick else None), a.seed)
     public = token_ids(tokenizer, "public", sizes["public_tokens"])
     heldout = token_ids(tokenizer, "heldout", sizes["heldout_tokens"])
-    settings = {"quick": a.quick or a.attack_quick}
+    settings = {"quick": a.quick or a.attack_quick, **a.settings}
 
     def context(reference, observations, ids):
         return AuditContext(server_dir=out / "server", observations=observations, truth=Truth(ids, out),
@@ -165,7 +191,7 @@ def audit(a: argparse.Namespace, work: Path) -> dict:
     offload = {"group": group, "level": strongest, "attacks": []}
     if a.offload_view and group is not None and strongest is not None:
         print(f"offload view (level {strongest}): padded rows of {group}", flush=True)
-        offload["attacks"] = run_level([n for n in names if n not in NO_TRAFFIC],
+        offload["attacks"] = run_level([n for n in names if n not in NO_TRAFFIC and n not in EXTRA],
                                        context(refs[strongest][0], view_obs, view_ids), a.budget)
     return {"model": a.model, "quick": a.quick, "levels": levels, "attacks": names, "sizes": sizes,
             "traffic": _traffic_summary(traffic), "protect_s": round(protect_s, 1), "results": results,
@@ -192,12 +218,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--base", help="the public base the model was fine-tuned from (level base)")
     ap.add_argument("--base-noise", type=float, help="level base without --base: the plain weights plus this much "
                     "noise (relative to each tensor's std), a stand-in for a fine-tune's base")
-    ap.add_argument("--attacks", help="comma-separated attack names (default: every one in stip.audit.attacks)")
+    ap.add_argument("--attacks", help="comma-separated attack names (default: every one in stip.audit.attacks, "
+                    "then tee_vocab_matching)")
     ap.add_argument("--prompts", type=int)
     ap.add_argument("--prompt-tokens", dest="prompt_tokens", type=int)
     ap.add_argument("--generate", type=int, help="decode steps after each prefill")
     ap.add_argument("--capture-layers", help="decoder layers to record (default: first, middle, last)")
     ap.add_argument("--attack-quick", action="store_true", help="the attacks' small budgets (their quick settings)")
+    ap.add_argument("--settings", type=json.loads, default={}, help="per-attack knobs as JSON, e.g. "
+                    "'{\"vocab_matching\": {\"seconds\": 60}}' (each attack's docstring lists its own)")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per attack before it is marked over budget")
     ap.add_argument("--no-offload-view", dest="offload_view", action="store_false",
                     help="skip the attacks on the padded linear rows")

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 ROUND_TRIP_TABLE = Path(__file__).resolve().parent / "results" / "audit" / "table.json"
-RUN_FILES = ("bench/audit_tee.py", "bench/audit_tee_report.py", "stip/audit/tee_capture.py", "stip/audit/capture.py",
-             "stip/server/tee_capture.py", "stip/server/capture.py", "stip/server/tee_route.py", "stip/audit/attacks")
+RUN_FILES = ("stip", "bench/audit_tee.py", "bench/audit_tee_report.py", "bench/tee_extraction_model.py")  # dirty:
+# any change here, untracked files included (the attacks, the parties it starts)
 SHARE_UNITS = ("tokens", "key columns", "key entries", "rows", "codes")
 
 # What the TEE worker gives each attack (the round-trip server gives it x p and the standard server bundle).
@@ -37,6 +37,9 @@ TEE_NOTES = {
     "frequency": "h1 p depends on the context, so it is a per-token code only where the context repeats",
     "distance_correlation": "dCor between the plaintext embeddings and h1 p (and the deeper layers)",
     "finetune": "the frozen body is the TEE worker bundle's, whose block 0 is in secret bases with norms of ones",
+    "tee_vocab_matching": "h1 p ranked against block 0's output for every token alone (sorted-L1; or cosine after "
+                          "un-permuting with p from the bundle), then candidates through block 0 after the decoded "
+                          "prefix, sorted-L1 (stip.audit.tee_vocab)",
 }
 
 
@@ -77,6 +80,12 @@ def remark(attack: dict) -> str:
                 parts.append(f"{layer} {100 * v['recovery']:.1f}%")
             elif isinstance(v, dict) and v.get("dcor_bias_corrected") is not None:
                 parts.append(f"{layer} corrected dCor {v['dcor_bias_corrected']:.2f}")
+    for pruning, v in (d.get("per_pruning") or {}).items():
+        if v.get("recovery") is not None:
+            parts.append(f"{pruning} pruning {100 * v['recovery']:.1f}% of {v['positions']} positions "
+                         f"(true token in its top 64: {100 * v['recall'].get('64', 0):.0f}%)")
+    if d.get("key_share") is not None:
+        parts.append(f"p from the bundle {100 * d['key_share']:.1f}% right")
     floor = ((d.get("reference") or {}).get("independent") or {}).get("dcor_bias_corrected")
     if attack["name"] == "distance_correlation" and floor is not None:
         parts.append(f"independent samples (floor) {floor:.2f}")

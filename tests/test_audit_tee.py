@@ -137,6 +137,9 @@ def test_bench_quick_end_to_end(tmp_path):
     exact = {a["name"]: a for a in results["results"]["exact"]["attacks"]}
     vm = exact["vocab_matching"]["details"]["per_layer"]["layer 0"]
     assert vm["positions"] > 0 and vm["recovery"] > 0.5
+    tv = exact["tee_vocab_matching"]
+    assert tv["recovery"] > 0.25 and tv["details"]["key_share"] > 0.5 and "| tee_vocab_matching | exact |" in md
+    assert {"key", "sorted"} <= set(tv["details"]["per_pruning"])
     none = {a["name"]: a for a in results["results"]["none"]["attacks"]}
     assert none["vocab_matching"]["skipped"] and "weights" in none["vocab_matching"]["skipped"]
     assert exact["finetune"]["skipped"].startswith("cannot apply") if exact["finetune"]["skipped"] else True
