@@ -215,17 +215,14 @@ class Client:
         bundle, dl = self.bundle, self._downlink(params)
         constraint = Constraint(bundle, params.grammar) if params.grammar is not None else None
         eos = set(bundle.eos_token_ids)
-        tm = Timing()
-        t_start = time.perf_counter()
+        tm, t_start = Timing(), time.perf_counter()
         sampler = Sampler(params, prompt_ids)
-        decode_text = bundle.has_tokenizer
-        detok = Detokenizer(self.tokenizer, prompt_ids) if decode_text else None
+        detok = Detokenizer(self.tokenizer, prompt_ids) if bundle.has_tokenizer else None
         stops = StopMatcher(params.stop)
         out: list[int] = []
         logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         sent = 0  # logprobs already attached to a yielded delta
-        finish = "length"
-        pos = len(prompt_ids)
+        finish, pos = "length", len(prompt_ids)
         if self.max_positions and pos > self.max_positions:
             raise StipError(f"the prompt has {pos} tokens; this model and server take at most {self.max_positions}")
         with contextlib.ExitStack() as stack:
@@ -241,17 +238,8 @@ class Client:
             tm.prefill_ms = (time.perf_counter() - t_start) * 1e3
             while True:
                 c0 = time.perf_counter()
-                if constraint is None:
-                    token = pick_token(bundle, sampler, r)
-                else:
-                    token = pick_constrained(bundle, sampler, r, constraint, exact=logprobs is not None)
-                    if token is None:  # none of the k is allowed: ask for this step's full logits
-                        session.close()
-                        session, r = replays.full_logits(prompt_ids + out)
-                        self._account(tm, r, decode=False)
-                        tm.full_logits_steps += 1
-                        token = pick_constrained(bundle, sampler, r, constraint)
-                    constraint.consume(token)
+                token, session, r = self._choose(sampler, r, constraint, session, replays, (prompt_ids, out), tm,
+                                                 exact=logprobs is not None)
                 out.append(token)
                 if logprobs is not None:
                     logprobs.append(step_logprob(bundle, r, token, params.logprobs))
@@ -263,8 +251,7 @@ class Client:
                     delta = stops.push(detok.push(token))
                     if stops.stopped:
                         finish = "stop"
-                if constraint is not None and constraint.done:  # the grammar is complete: as at EOS
-                    finish = "stop"
+                finish = "stop" if constraint is not None and constraint.done else finish  # the JSON is complete
                 last = finish == "stop" or len(out) >= params.max_tokens or \
                     bool(self.max_positions and pos >= self.max_positions)
                 if last and detok is not None and not stops.stopped:
@@ -304,6 +291,21 @@ class Client:
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
                  "total_tokens": len(prompt_ids) + len(out)}
         return Generation(text, out, finish, usage, tm, prompt_ids, glimpse, logprobs)
+
+    def _choose(self, sampler, r, constraint, session, replays, context, tm: Timing, exact: bool):
+        """(token, session, reply): the next token, under the grammar if any; where the top-k reply holds no allowed
+        token, the step is re-requested as all logits on a fresh session (`stip.client.constrained`)."""
+        if constraint is None:
+            return pick_token(self.bundle, sampler, r), session, r
+        token = pick_constrained(self.bundle, sampler, r, constraint, exact=exact)
+        if token is None:
+            session.close()
+            session, r = replays.full_logits(context[0] + context[1])
+            self._account(tm, r, decode=False)
+            tm.full_logits_steps += 1
+            token = pick_constrained(self.bundle, sampler, r, constraint)
+        constraint.consume(token)
+        return token, session, r
 
     @staticmethod
     def _account(tm: Timing, r, decode: bool) -> None:
