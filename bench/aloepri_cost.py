@@ -1,0 +1,157 @@
+"""What `stip protect --harden aloepri` costs in accuracy on SmolLM2, per knob setting (docs/aloepri.md).
+
+    python -m bench.aloepri_cost                        # the settings below, results to bench/results/aloepri/
+    python -m bench.aloepri_cost --heldout-tokens 256 --out /tmp/aloepri
+
+In process: the obfuscated checkpoint (exactly what the bundle's server holds) is run by transformers on held-out
+text (stip.audit.corpus "heldout", windows of 128 tokens) in the secret vocabulary order, its logits mapped back,
+against the plain model: top-1 agreement, perplexity, max |logit difference|. Rows:
+- exact: h = 0, lambda = 0, no noise, no RoPE-block shuffle: the transform is exact, so its difference is float32
+  rounding (shown beside the plain model's own float32-vs-float64 difference);
+- the paper's defaults without noise (kappa's RMSNorm error, lambda, the expansion, the block shuffle);
+- the paper's defaults (alpha_e 1.0, alpha_h 0.2), and other noise levels.
+The noise rows share the defaults' keys (one seed): the layers' tensors do not depend on the noise, so they are
+transformed once and only the embedding, the LM head and the norms (kappa is estimated on the noisy embedding) are
+redone per row. Writes OUT/aloepri_cost.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path("bench/results/aloepri")
+SEED = bytes(range(32))  # fixed: the bench is reproducible; a real protection draws its seed from os.urandom
+EXACT = "h=0,lambda=0,alpha_e=0,alpha_h=0,beta=1"
+NOISE = "0:0,1.0:0.2,0.5:0.2,0.25:0.2,0.1:0.2,0:0.2,1.0:0"  # alpha_e:alpha_h; the first two are the key rows
+SOURCES = ["stip/developer", "stip/common", "stip/models.py", "stip/audit/corpus.py", "bench/aloepri_cost.py"]
+
+
+def evaluate(model, ids: torch.Tensor, reference: torch.Tensor, vocab: torch.Tensor | None = None) -> dict:
+    """Top-1 agreement with `reference` (the plain logits), perplexity, max |logit difference|. `vocab`: the secret
+    order (server id s is token vocab[s]); the model then takes server ids and its logits are mapped back."""
+    inverse = None if vocab is None else torch.argsort(vocab)
+    with torch.no_grad():
+        logits = model(input_ids=ids if inverse is None else inverse[ids]).logits.float()
+    if inverse is not None:
+        logits = logits[..., inverse]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return {"top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+            "perplexity": math.exp(float(nll)), "max_abs_logit_diff": float((logits - reference).abs().max())}
+
+
+def obfuscated(plain, state: dict, options, tensors: dict | None = None):
+    """(obfuscated transformers model, AloepriModel). `tensors`: the layers' tensors of a model with the same keys,
+    reused (only the embedding, LM head and norms are made anew)."""
+    from stip.developer.aloepri_model import AloepriModel
+    from stip.developer.aloepri_transform import EMBEDDING, LM_HEAD, NORMS
+
+    am = AloepriModel(plain.config, state, True, options, SEED)
+    fresh = [n for n in am.names() if tensors is None or n in (EMBEDDING, LM_HEAD) or NORMS.fullmatch(n)]
+    model = type(plain)(am.config()).eval()
+    model.load_state_dict({**(tensors or {}), **{n: am.tensor(n) for n in fresh}})
+    return model, am
+
+
+def _row(label: str, am, metrics: dict, seconds: float) -> dict:
+    return {"setting": label, "options": am.options.as_dict(), **metrics,
+            "kappa_min": min(am.kappa.values()), "kappa_max": max(am.kappa.values()), "seconds": seconds}
+
+
+def run_rows(plain, state: dict, ids: torch.Tensor, reference: torch.Tensor, noise: str) -> list[dict]:
+    from stip.developer.aloepri_options import parse_aloepri
+
+    rows = []
+    t0 = time.perf_counter()
+    model, am = obfuscated(plain, state, parse_aloepri(EXACT))
+    rows.append(_row("exact", am, evaluate(model, ids, reference, am.key.vocab), time.perf_counter() - t0))
+    print(f"[aloepri_cost] {rows[-1]}", flush=True)
+    shared = None
+    for pair in noise.split(","):
+        alpha_e, alpha_h = (float(x) for x in pair.split(":"))
+        t0 = time.perf_counter()
+        options = parse_aloepri({"alpha_e": alpha_e, "alpha_h": alpha_h})
+        model, am = obfuscated(plain, state, options, shared)
+        if shared is None:
+            shared = dict(model.state_dict())
+        label = "defaults" if options == parse_aloepri(None) else f"alpha_e={alpha_e:g}, alpha_h={alpha_h:g}"
+        rows.append(_row(label, am, evaluate(model, ids, reference, am.key.vocab),
+                         time.perf_counter() - t0))
+        print(f"[aloepri_cost] {rows[-1]}", flush=True)
+        del model, am
+    return rows
+
+
+def float_floor(plain, ids: torch.Tensor, reference: torch.Tensor) -> float:
+    """The plain model's own float32-vs-float64 max |logit difference| on the same windows."""
+    import copy
+
+    double = copy.deepcopy(plain).double()
+    with torch.no_grad():
+        return float((double(input_ids=ids).logits - reference.double()).abs().max())
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# `--harden aloepri` on {res['model']}: accuracy cost", "",
+             f"Command: `{res['command']}`; commit {res['commit']}"
+             + (f" (MODIFIED: {', '.join(res['dirty'])})" if res["dirty"] else "")
+             + f"; {res['machine']['cpu']}, {res['machine']['cores']} cores; {res['seconds']:.0f} s.", "",
+             f"In process, the obfuscated checkpoint against the plain model on {res['heldout_tokens']} held-out "
+             f"tokens (windows of {res['window']}). Plain perplexity {res['plain_perplexity']:.2f}; the plain "
+             f"model's own float32-vs-float64 max |logit difference|: {res['float_floor']:.1e}. h is the expansion "
+             "actually used (d + 2h must divide by SmolLM2's 9 heads: 128 -> 135). kappa: the norms' scalars c.", "",
+             "| setting | h | lambda | alpha_e | alpha_h | beta | top-1 agreement | perplexity | max abs logit diff "
+             "| c (min..max) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        o = r["options"]
+        lines.append(f"| {r['setting']} | {o['h']} | {o['lambda']:g} | {o['alpha_e']:g} | {o['alpha_h']:g} | "
+                     f"{o['beta']} | {100 * r['top1_agreement']:.1f}% | {r['perplexity']:.2f} | "
+                     f"{r['max_abs_logit_diff']:.2e} | {r['kappa_min']:.3f}..{r['kappa_max']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = argparse.ArgumentParser(prog="python -m bench.aloepri_cost", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--heldout-tokens", type=int, default=1024)
+    ap.add_argument("--noise", default=NOISE, help="alpha_e:alpha_h pairs, comma-separated")
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args(argv)
+    from bench.report import git, machine_info
+    from stip.audit.corpus import token_ids
+    from stip.common.files import write_bytes_atomic
+    from stip.models import load_plain_model
+
+    t0 = time.perf_counter()
+    plain, tok = load_plain_model(a.model)
+    if not plain.config.tie_word_embeddings:
+        raise SystemExit("this bench reuses the tied SmolLM2 layout; pass a tied LLaMA-family model")
+    state = {k: v for k, v in plain.state_dict().items() if k != "lm_head.weight"}
+    window = 128
+    ids = token_ids(tok, "heldout", a.heldout_tokens)[: a.heldout_tokens // window * window].view(-1, window)
+    with torch.no_grad():
+        reference = plain(input_ids=ids).logits.float()
+    res = {"model": a.model, "heldout_tokens": int(ids.numel()), "window": window,
+           "plain_perplexity": evaluate(plain, ids, reference)["perplexity"],
+           "float_floor": float_floor(plain, ids, reference),
+           "rows": run_rows(plain, state, ids, reference, a.noise),
+           "command": shlex.join(["python", "-m", "bench.aloepri_cost", *argv]), "commit": git("rev-parse", "HEAD"),
+           "dirty": [line[3:] for line in (git("status", "--porcelain", "--", *SOURCES) or "").splitlines()],
+           "machine": machine_info(), "seconds": time.perf_counter() - t0}
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(a.out / "aloepri_cost.json", (json.dumps(res, indent=2) + "\n").encode())
+    write_bytes_atomic(a.out / "aloepri_cost.md", markdown(res).encode())
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
