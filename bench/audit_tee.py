@@ -159,7 +159,9 @@ def audit(a: argparse.Namespace, work: Path) -> dict:
     plain = tiny_model(work / "plain", a.seed) if a.model == "tiny" else None
     out = work / "protected"
     t0 = time.perf_counter()
-    stip.protect(plain or a.model, out, progress=False, tee=True)
+    from stip.models import resolve_model
+
+    stip.protect(plain or resolve_model(a.model), out, progress=False, tee=True)  # "smollm2": the packaged GGUF
     protect_s = time.perf_counter() - t0
     client = ClientBundle.load(out / "client")
     tokenizer = client.tokenizer if client.has_tokenizer else CharTokenizer(client.vocab_size)
