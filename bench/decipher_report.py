@@ -32,6 +32,11 @@ def fmt_budget(b: dict) -> str:
             "above": f"> {n} (never reached 5% here)"}.get(b["bound"], f"~{n} tokens")
 
 
+def _load(res: dict) -> str:
+    load = res.get("load_average") or {}
+    return f"{load.get('start', 0):.1f} at the start, {load.get('end', 0):.1f} at the end (a shared machine)"
+
+
 def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -40,7 +45,8 @@ def markdown(res: dict) -> str:
     lines = [f"# Deciphering per-token codes at production volume ({res['model']})", "",
              f"Command: `{res['command']}`; commit {res['commit']}"
              + (" (DIRTY: uncommitted changes to the files this bench runs - not for committing)" if res["dirty"]
-                else "") + f"; {res['machine']['cpu']}, {res['machine']['cores']} cores; {res['seconds']:.0f} s.",
+                else "") + f"; {res['machine']['cpu']}, {res['machine']['cores']} cores, torch threads "
+             f"{res['machine'].get('torch_threads')}, load average {_load(res)}; {res['seconds']:.0f} s.",
              "", _method(res), ""]
     for mode in res["modes"]:
         lines += _mode_section(mode)
@@ -91,7 +97,7 @@ def _mode_section(mode: dict) -> list[str]:
                       f" mode {mode['same_partition_as']}'s; the rows marked * are taken from it.", ""]
     for p in mode["points"]:
         mark = " *" if p.get("copied_from") else ""
-        out.append(f"| {p['tokens']:,}{mark} | {p['codes']:,} | {pct(p['all'])} | {pct(p['rare'])} | "
+        out.append(f"| {p['tokens']:,}{mark} | {round(p['codes']):,} | {pct(p['all'])} | {pct(p['rare'])} | "
                    f"{pct(p['rare_share'])} | {pct(p['rank_only'])} | {p['seconds']:.1f} |")
     return out + [""]
 
