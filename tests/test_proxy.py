@@ -113,8 +113,8 @@ def test_bad_requests_via_openai_client_and_raw(oai, proxy_url):
     with pytest.raises(openai.BadRequestError, match="tool calling"):
         oai.chat.completions.create(model="m", messages=CHAT, tools=[{"type": "function",
                                                                        "function": {"name": "f"}}])
-    with pytest.raises(openai.BadRequestError, match="structured output"):
-        oai.chat.completions.create(model="m", messages=CHAT, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="predicted outputs"):
+        oai.chat.completions.create(model="m", messages=CHAT, prediction={"type": "content", "content": "x"})
     with pytest.raises(openai.BadRequestError, match="prompt is empty"):
         oai.completions.create(model="m", prompt=[], max_tokens=2)
     r = httpx.post(proxy_url + "/v1/completions", content=b"{not json", timeout=30,
