@@ -203,12 +203,23 @@ def test_every_unsupported_parameter_is_named_and_null_means_absent(stack):
     ({"n": 17}, "n"),
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
-    ({"echo": True, "logprobs": 1}, "logprobs"),
 ])
 def test_bad_values_get_a_400_naming_them(stack, body, param):
     _, proxy = stack
     r = _post(proxy, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_echo_with_logprobs_scores_a_prompt_of_token_ids(stack):
+    """A bundle without a tokenizer echoes its prompt as `token_id:N` pieces, the text its logprobs name."""
+    _, proxy = stack
+    r = _post(proxy, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert _token_ids(lp) == list(PROMPT) and lp["token_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert choice["text"] == "".join(lp["tokens"])
 
 
 # ------------------------------------------------------------------ logprobs, n, penalties

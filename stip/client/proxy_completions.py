@@ -137,8 +137,7 @@ class TextEndpoints:
             what = f"prompt[{i}]" if batch else "prompt"
             ids.append(self.prompt_ids(prompt, what))
             self.fit(ids[-1], req.max_tokens, "prompt", what)
-        echo = [(p if isinstance(p, str) else self.client.tokenizer.decode(x)) if req.echo else ""
-                for p, x in zip(prompts, ids)]
+        echo = [self.echo_text(p, x) if req.echo else "" for p, x in zip(prompts, ids)]
         scored = await self.score_prompts(ids, top) if req.echo and top is not None else None
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": req.model or self.model_name}
@@ -148,6 +147,15 @@ class TextEndpoints:
         params = [p for _ in prompts for p in req.sampling(req.max_tokens, top)]
         gens = self.generations([x for x in ids for _ in range(req.n)], params)
         return await self.respond(req, gens, fmt, request)
+
+    def echo_text(self, prompt, ids: list[int]) -> str:
+        """The echoed prompt: as sent, or decoded; a bundle without a tokenizer shows its tokens as `token_id:N`, as
+        its logprobs do."""
+        if isinstance(prompt, str):
+            return prompt
+        if not self.client.bundle.has_tokenizer:
+            return "".join(self.token_text(t)[0] for t in ids)
+        return self.client.tokenizer.decode(ids)
 
     async def score_prompts(self, ids: list[list[int]], top: int) -> list[tuple[list[int], list]]:
         """Per prompt, (its ids, each token's logprob given those before it: `Client.score`), off the event loop."""
