@@ -154,3 +154,10 @@ def test_bench_decipher_end_to_end(tiny_protected, tmp_path):
     assert "Rekey budget" in md and "| paper |" in md and "| 4,000 * |" in md
     if res["plot"]:
         assert (tmp_path / res["plot"]).is_file() and f"]({res['plot']})" in md
+
+
+def test_lm_decipher_is_registered_after_frequency():
+    from stip.audit.attacks import ATTACKS, load
+
+    assert ATTACKS.index("lm_decipher") == ATTACKS.index("frequency") + 1
+    assert load("lm_decipher").NAME == "lm_decipher"

@@ -16,6 +16,7 @@ ATTACKS: tuple[str, ...] = (
     "invariants",  # norms and pairwise inner products vs the embedding table / candidate hidden states
     "lm_head_matching",  # tied models: input rows vs the server's own LM head rows
     "frequency",  # substitution deciphering of per-token codes over N requests
+    "lm_decipher",  # the same codes deciphered with a public bigram model and one-to-one matching
     "distance_correlation",  # Szekely's dCor, with a random-projection reference
     "finetune",  # train a new embedding + LM head on the protected body vs from scratch
 )
