@@ -52,7 +52,7 @@ def cell(attack: dict) -> str:
     d = attack.get("details") or {}
     if r is not None:
         unit = str(attack.get("unit", ""))
-        return f"{100 * r:.1f}%" if unit in SHARE_UNITS or unit.startswith("key") else f"{r:.3f} {unit}"
+        return f"{100 * r:.1f}%" if unit in SHARE_UNITS or unit.startswith(("key", "tokens")) else f"{r:.3f} {unit}"
     if attack["name"] == "distance_correlation":
         inputs = (d.get("per_layer") or {}).get("inputs", {})
         if inputs.get("dcor_bias_corrected") is not None:
