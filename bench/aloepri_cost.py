@@ -11,8 +11,9 @@ against the plain model: top-1 agreement, perplexity, max |logit difference|. Ro
 - the paper's defaults without noise (kappa's RMSNorm error, lambda, the expansion, the block shuffle);
 - the paper's defaults (alpha_e 1.0, alpha_h 0.2), and other noise levels.
 The noise rows share the defaults' keys (one seed): the layers' tensors do not depend on the noise, so they are
-transformed once and only the embedding, the LM head and the norms (kappa is estimated on the noisy embedding) are
-redone per row. Writes OUT/aloepri_cost.{json,md}.
+transformed once and only the norms (kappa is estimated on the noisy embedding) and the embedding or LM head of a
+new noise level are redone per row (`Rows`). `--full` adds rows built from scratch (other h, lambda, beta), about
+three minutes each here. Writes OUT/aloepri_cost.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import torch
 OUT = Path("bench/results/aloepri")
 SEED = bytes(range(32))  # fixed: the bench is reproducible; a real protection draws its seed from os.urandom
 EXACT = "h=0,lambda=0,alpha_e=0,alpha_h=0,beta=1"
-NOISE = "0:0,1.0:0.2,0.5:0.2,0.25:0.2,0.1:0.2,0:0.2,1.0:0"  # alpha_e:alpha_h; the first two are the key rows
+# alpha_e:alpha_h. Ordered so that each row transforms at most one table (the defaults' two are made before it)
+NOISE = "0:0,0.1:0,0.25:0,0.5:0,1.0:0,0:0.05,0:0.2,1.0:0.2"
 SOURCES = ["stip/developer", "stip/common", "stip/models.py", "stip/audit/corpus.py", "bench/aloepri_cost.py"]
 
 
@@ -47,46 +49,71 @@ def evaluate(model, ids: torch.Tensor, reference: torch.Tensor, vocab: torch.Ten
             "perplexity": math.exp(float(nll)), "max_abs_logit_diff": float((logits - reference).abs().max())}
 
 
-def obfuscated(plain, state: dict, options, tensors: dict | None = None):
-    """(obfuscated transformers model, AloepriModel). `tensors`: the layers' tensors of a model with the same keys,
-    reused (only the embedding, LM head and norms are made anew)."""
-    from stip.developer.aloepri_model import AloepriModel
-    from stip.developer.aloepri_transform import EMBEDDING, LM_HEAD, NORMS
+class Rows:
+    """The obfuscated models of one plain model, measured. A full row transforms every tensor. The noise rows share
+    one seed, so the same keys: their layers' tensors are made once (the first noise row) into one model, and each
+    later row reloads only the norms (kappa follows the embedding noise) and the embedding or LM head of its noise
+    level, made once per level."""
 
-    am = AloepriModel(plain.config, state, True, options, SEED)
-    fresh = [n for n in am.names() if tensors is None or n in (EMBEDDING, LM_HEAD) or NORMS.fullmatch(n)]
-    model = type(plain)(am.config()).eval()
-    model.load_state_dict({**(tensors or {}), **{n: am.tensor(n) for n in fresh}})
-    return model, am
+    def __init__(self, plain, state: dict, ids: torch.Tensor, reference: torch.Tensor):
+        self.plain, self.state, self.ids, self.reference = plain, state, ids, reference
+        self.shared = None  # the noise rows' obfuscated model
+        self.tables: dict[tuple[str, float], torch.Tensor] = {}  # (name, alpha) -> the transformed table
+
+    def _obfuscate(self, options):
+        from stip.developer.aloepri_model import AloepriModel
+
+        return AloepriModel(self.plain.config, self.state, True, options, SEED, plain=self.plain)
+
+    def full(self, label: str, options) -> dict:
+        t0 = time.perf_counter()
+        am = self._obfuscate(options)
+        model = type(self.plain)(am.config()).eval()
+        model.load_state_dict(dict(am.tensors()))
+        return self._measure(label, am, model, t0)
+
+    def noise(self, options) -> dict:
+        from stip.developer.aloepri_transform import EMBEDDING, LM_HEAD, NORMS
+
+        t0 = time.perf_counter()
+        am = self._obfuscate(options)
+        if self.shared is None:
+            tensors = dict(am.tensors())
+            self.shared = type(self.plain)(am.config()).eval()
+        else:
+            tensors = {n: am.tensor(n) for n in am.names() if NORMS.fullmatch(n)}
+        for name, alpha in ((EMBEDDING, options.alpha_e), (LM_HEAD, options.alpha_h)):
+            if (name, alpha) not in self.tables:
+                self.tables[name, alpha] = tensors[name] if name in tensors else am.tensor(name)
+            tensors[name] = self.tables[name, alpha]
+        self.shared.load_state_dict(tensors, strict=False)
+        eps = am.config().rms_norm_eps  # follows kappa (stip.developer.aloepri_kappa.obfuscated_eps)
+        for module in self.shared.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.variance_epsilon = eps
+        defaults = options == type(options)()
+        return self._measure("defaults" if defaults else f"alpha_e={options.alpha_e:g}, alpha_h={options.alpha_h:g}",
+                             am, self.shared, t0)
+
+    def _measure(self, label: str, am, model, t0: float) -> dict:
+        row = {"setting": label, "options": am.options.as_dict(),
+               **evaluate(model, self.ids, self.reference, am.key.vocab), "kappa_min": min(am.kappa.values()),
+               "kappa_max": max(am.kappa.values()), "seconds": time.perf_counter() - t0}
+        print(f"[aloepri_cost] {row}", flush=True)
+        return row
 
 
-def _row(label: str, am, metrics: dict, seconds: float) -> dict:
-    return {"setting": label, "options": am.options.as_dict(), **metrics,
-            "kappa_min": min(am.kappa.values()), "kappa_max": max(am.kappa.values()), "seconds": seconds}
-
-
-def run_rows(plain, state: dict, ids: torch.Tensor, reference: torch.Tensor, noise: str) -> list[dict]:
+def run_rows(plain, state: dict, ids: torch.Tensor, reference: torch.Tensor, noise: str,
+             full: list[str]) -> list[dict]:
     from stip.developer.aloepri_options import parse_aloepri
 
-    rows = []
-    t0 = time.perf_counter()
-    model, am = obfuscated(plain, state, parse_aloepri(EXACT))
-    rows.append(_row("exact", am, evaluate(model, ids, reference, am.key.vocab), time.perf_counter() - t0))
-    print(f"[aloepri_cost] {rows[-1]}", flush=True)
-    shared = None
+    rows = Rows(plain, state, ids, reference)
+    out = [rows.full("exact", parse_aloepri(EXACT))]
+    out += [rows.full(f"no noise, {setting}", parse_aloepri(f"alpha_e=0,alpha_h=0,{setting}")) for setting in full]
     for pair in noise.split(","):
         alpha_e, alpha_h = (float(x) for x in pair.split(":"))
-        t0 = time.perf_counter()
-        options = parse_aloepri({"alpha_e": alpha_e, "alpha_h": alpha_h})
-        model, am = obfuscated(plain, state, options, shared)
-        if shared is None:
-            shared = dict(model.state_dict())
-        label = "defaults" if options == parse_aloepri(None) else f"alpha_e={alpha_e:g}, alpha_h={alpha_h:g}"
-        rows.append(_row(label, am, evaluate(model, ids, reference, am.key.vocab),
-                         time.perf_counter() - t0))
-        print(f"[aloepri_cost] {rows[-1]}", flush=True)
-        del model, am
-    return rows
+        out.append(rows.noise(parse_aloepri({"alpha_e": alpha_e, "alpha_h": alpha_h})))
+    return out
 
 
 def float_floor(plain, ids: torch.Tensor, reference: torch.Tensor) -> float:
@@ -105,8 +132,9 @@ def markdown(res: dict) -> str:
              + f"; {res['machine']['cpu']}, {res['machine']['cores']} cores; {res['seconds']:.0f} s.", "",
              f"In process, the obfuscated checkpoint against the plain model on {res['heldout_tokens']} held-out "
              f"tokens (windows of {res['window']}). Plain perplexity {res['plain_perplexity']:.2f}; the plain "
-             f"model's own float32-vs-float64 max |logit difference|: {res['float_floor']:.1e}. h is the expansion "
-             "actually used (d + 2h must divide by SmolLM2's 9 heads: 128 -> 135). kappa: the norms' scalars c.", "",
+             f"model's own float32-vs-float64 max |logit difference|: {res['float_floor']:.1e}. h: the expansion "
+             "actually used (the smallest h' >= h with d + 2h' a multiple of the head count; SmolLM2: 128 -> 135). "
+             "c: the norms' kappa scalars.", "",
              "| setting | h | lambda | alpha_e | alpha_h | beta | top-1 agreement | perplexity | max abs logit diff "
              "| c (min..max) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
@@ -123,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--heldout-tokens", type=int, default=1024)
     ap.add_argument("--noise", default=NOISE, help="alpha_e:alpha_h pairs, comma-separated")
+    ap.add_argument("--full", action="append", default=[], metavar="KNOBS",
+                    help="an extra row without noise, built from scratch, e.g. 'lambda=0,beta=1' (repeatable)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     from bench.report import git, machine_info
@@ -142,9 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"model": a.model, "heldout_tokens": int(ids.numel()), "window": window,
            "plain_perplexity": evaluate(plain, ids, reference)["perplexity"],
            "float_floor": float_floor(plain, ids, reference),
-           "rows": run_rows(plain, state, ids, reference, a.noise),
+           "rows": run_rows(plain, state, ids, reference, a.noise, a.full),
            "command": shlex.join(["python", "-m", "bench.aloepri_cost", *argv]), "commit": git("rev-parse", "HEAD"),
-           "dirty": [line[3:] for line in (git("status", "--porcelain", "--", *SOURCES) or "").splitlines()],
+           "dirty": [line.split(maxsplit=1)[1] for line in (git("status", "--porcelain", "--", *SOURCES) or "").splitlines()],
            "machine": machine_info(), "seconds": time.perf_counter() - t0}
     a.out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(a.out / "aloepri_cost.json", (json.dumps(res, indent=2) + "\n").encode())

@@ -78,10 +78,12 @@ class AloepriModel:
     config (special ids still in plain order; the bundle writer remaps them)."""
 
     def __init__(self, config, state: dict[str, torch.Tensor], tied: bool, options: AloepriOptions, seed: bytes,
-                 calibration: torch.Tensor | None = None):
+                 calibration: torch.Tensor | None = None, plain=None):
+        """`state`: the plain tensors by canonical name (no LM head when `tied`); `plain`: the plain model built
+        from them, where the caller has it (otherwise it is built here, for kappa)."""
         check_family(config)
         self.plain_config, self.state, self.tied = config, state, tied
-        model = plain_model(config, state)
+        model = plain if plain is not None else plain_model(config, state)
         shapes = geometry(config, model)
         self.options = replace(options, h=fitted_h(options.h, shapes.hidden, shapes.heads))
         self.key = AloepriKey(seed, self.options, shapes)
