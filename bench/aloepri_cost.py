@@ -7,7 +7,7 @@ In process: the obfuscated checkpoint (exactly what the bundle's server holds) i
 text (stip.audit.corpus "heldout", windows of 128 tokens) in the secret vocabulary order, its logits mapped back,
 against the plain model: top-1 agreement, perplexity, max |logit difference|. Rows:
 - exact: h = 0, lambda = 0, no noise, no RoPE-block shuffle: the transform is exact, so its difference is float32
-  rounding (shown beside the plain model's own float32-vs-float64 difference);
+  rounding (shown beside the plain model's own float32-vs-float64 difference, and the same setting in float64);
 - the paper's defaults without noise (kappa's RMSNorm error, lambda, the expansion, the block shuffle);
 - the paper's defaults (alpha_e 1.0, alpha_h 0.2), and other noise levels.
 The noise rows share the defaults' keys (one seed): the layers' tensors do not depend on the noise, so they are
@@ -116,13 +116,25 @@ def run_rows(plain, state: dict, ids: torch.Tensor, reference: torch.Tensor, noi
     return out
 
 
-def float_floor(plain, ids: torch.Tensor, reference: torch.Tensor) -> float:
-    """The plain model's own float32-vs-float64 max |logit difference| on the same windows."""
+def float64_figures(plain, state: dict, ids: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Where the exact row's difference comes from: the plain model's own float32-vs-float64 max |logit
+    difference|, and the exact setting's obfuscated weights kept in float64 (model in float64) against the plain
+    model in float64 (transformers' RMSNorm still computes in float32 inside a float64 model)."""
     import copy
 
+    from stip.developer.aloepri_model import AloepriModel
+    from stip.developer.aloepri_options import parse_aloepri
+
     double = copy.deepcopy(plain).double()
+    am = AloepriModel(plain.config, state, True, parse_aloepri(EXACT), SEED, plain=plain)
+    exact = type(plain)(am.config()).double().eval()
+    exact.load_state_dict({n: am.transform(n, None if n not in state else state[n].double()) for n in am.names()})
+    inverse = torch.argsort(am.key.vocab)
     with torch.no_grad():
-        return float((double(input_ids=ids).logits - reference.double()).abs().max())
+        plain64 = double(input_ids=ids).logits
+        exact64 = exact(input_ids=inverse[ids]).logits[..., inverse]
+    return {"float_floor": float((plain64 - reference.double()).abs().max()),
+            "exact_float64_diff": float((exact64 - plain64).abs().max())}
 
 
 def markdown(res: dict) -> str:
@@ -132,7 +144,9 @@ def markdown(res: dict) -> str:
              + f"; {res['machine']['cpu']}, {res['machine']['cores']} cores; {res['seconds']:.0f} s.", "",
              f"In process, the obfuscated checkpoint against the plain model on {res['heldout_tokens']} held-out "
              f"tokens (windows of {res['window']}). Plain perplexity {res['plain_perplexity']:.2f}; the plain "
-             f"model's own float32-vs-float64 max |logit difference|: {res['float_floor']:.1e}. h: the expansion "
+             f"model's own float32-vs-float64 max |logit difference|: {res['float_floor']:.1e}; the exact setting with "
+             f"its weights kept in float64, against the plain model in float64: {res['exact_float64_diff']:.1e}. "
+             "h: the expansion "
              "actually used (the smallest h' >= h with d + 2h' a multiple of the head count; SmolLM2: 128 -> 135). "
              "c: the norms' kappa scalars.", "",
              "| setting | h | lambda | alpha_e | alpha_h | beta | top-1 agreement | perplexity | max abs logit diff "
@@ -171,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference = plain(input_ids=ids).logits.float()
     res = {"model": a.model, "heldout_tokens": int(ids.numel()), "window": window,
            "plain_perplexity": evaluate(plain, ids, reference)["perplexity"],
-           "float_floor": float_floor(plain, ids, reference),
+           **float64_figures(plain, state, ids, reference),
            "rows": run_rows(plain, state, ids, reference, a.noise, a.full),
            "command": shlex.join(["python", "-m", "bench.aloepri_cost", *argv]), "commit": git("rev-parse", "HEAD"),
            "dirty": [line.split(maxsplit=1)[1] for line in (git("status", "--porcelain", "--", *SOURCES) or "").splitlines()],
