@@ -170,3 +170,35 @@ def test_refusals(tmp_path):
         r = CliRunner().invoke(app, ["protect", model, "--out", str(tmp_path / "x"), *flags])
         assert r.exit_code != 0 and message in r.output + str(r.exception), (args, r.output, r.exception)
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_through_vllm_and_our_engine_equals_the_in_process_reference(tmp_path):
+    """SmolLM2 with the paper's defaults, protected by the CLI: stock vLLM (`stip serve --engine vllm`) and our
+    engine serve the bundle unchanged, and both generate what transformers generates from it in-process."""
+    import os
+    import subprocess
+    import sys
+
+    from stip.server.launch import find_vllm_python, local_process
+    from tests.parties import isolated_server_bundle
+
+    python = find_vllm_python()
+    if python is None and os.environ.get("STIP_REQUIRE_VLLM") != "1":
+        pytest.skip("no Python with vLLM (.venv-vllm/bin/python or $STIP_VLLM_PYTHON)")
+    out = tmp_path / "protected"
+    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet",
+                    "--harden", "aloepri"], check=True, capture_output=True)
+    bundle = ClientBundle.load(out / "client")
+    prompt = bundle.tokenizer("The capital of France is")["input_ids"]
+    eos = [int(i) for i in bundle.server_ids(bundle.eos_token_ids)]
+    want = bundle.plain_ids(torch.tensor(plain_greedy(_server_model(out), bundle.server_ids(prompt).tolist(), 16,
+                                                      eos))).tolist()
+    for label, python_, args in (("vllm", python, ["--engine", "vllm", "--vllm-arg", "max_model_len=1024"]),
+                                 ("stip", sys.executable, [])):
+        with isolated_server_bundle(out) as only, local_process(
+                lambda port: [python_, "-m", "stip.cli", "serve", str(only), "--host", "127.0.0.1", "--port",
+                              str(port), *args], "/health", TOKEN, {"VLLM_CPU_KVCACHE_SPACE": "1"}, 600) as running:
+            g = Client(out / "client", running.url, token=TOKEN).generate(ids=prompt, max_tokens=16)
+        print(f"{label}: {g.token_ids} {g.text!r}")
+        assert g.token_ids == want
