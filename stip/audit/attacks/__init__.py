@@ -12,6 +12,10 @@ ATTACKS: tuple[str, ...] = (
     "known_plaintext",  # (x, x p) pairs -> p
     "bundle_keys",  # server bundle alone vs public weights -> p, pc, per-layer keys
     "bundle_mixing",  # the LM head vs the public one -> the dense residual mixing R -> the traffic decoded
+    "gram_congruence",  # W'^T W' = T^T (W^T W) T over every layer, solved jointly -> T -> the traffic decoded
+    "key_invariants",  # products where the keys cancel: embedding x LM head profiles, Wq^T Wk / Wo Wv / Wdown Wup
+    "ridge_inversion",  # k leaked (token, row) pairs -> a ridge inverter -> the other rows decoded
+    "arrowmatch",  # ArrowMatch: weight rows matched by direction (Hungarian) to the public base's -> T -> traffic
     "vocab_matching",  # Hidden No More: sorted-L1 decoding with plaintext weights
     "invariants",  # norms and pairwise inner products vs the embedding table / candidate hidden states
     "lm_head_matching",  # tied models: input rows vs the server's own LM head rows
