@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from stip.client.bundle import ClientBundle
 from stip.client.sdk import Client
+from stip.common.layout import DEVELOPER_KEY_FILE
 from stip.developer.aloepri import protect_aloepri
 from stip.developer.aloepri_keys import AloepriGeometry, AloepriKey
 from stip.developer.aloepri_model import AloepriModel
@@ -149,6 +150,13 @@ def test_serve_and_client_greedy_equal_the_in_process_reference(tmp_path):
         g = Client(out / "client", running.url, token=TOKEN).generate(ids=PROMPT, max_tokens=12)
     print(f"greedy through stip serve: {g.token_ids}; in-process reference: {want}")
     assert g.token_ids == want and len(want) >= 1
+    # its developer key is a seed: reusing or rotating it is refused by name, not with a KeyError
+    for args in (["rekey", str(tmp_path / "plain"), "--from", str(out), "--out", str(tmp_path / "rekeyed")],
+                 ["protect", str(tmp_path / "plain"), "--out", str(tmp_path / "again"), "--key",
+                  str(out / "developer" / DEVELOPER_KEY_FILE)]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code != 0 and "cannot be reused or rotated" in r.output + str(r.exception), (args, r.output)
+        assert "Traceback" not in r.output
 
 
 def test_refusals(tmp_path):

@@ -98,6 +98,10 @@ class DeveloperKey:
     @classmethod
     def load(cls, path: Path) -> "DeveloperKey":
         meta, t = read_key_file(path, "developer")
+        if "geometry" not in meta:  # an AloePri key is a seed (stip/developer/aloepri.py), not per-layer permutations
+            raise KeyMismatchError(f"{path} is a {meta.get('scheme', 'non-permutation')} developer key (a seed, not "
+                                   f"per-layer permutations); it cannot be reused or rotated: run `stip protect` "
+                                   f"again for a fresh key")
         g = Geometry(**json.loads(meta["geometry"]))
         client = ClientKey.from_tensors(meta["bundle_id"], t)
         return cls(g, client, [LayerKey.from_tensors(t, i) for i in range(g.layers)])
