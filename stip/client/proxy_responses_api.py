@@ -11,7 +11,6 @@ response.completed (or response.incomplete when max_output_tokens cut the answer
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -21,7 +20,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import Field, field_validator
 
-from stip.client.proxy_generation import cancel_on_disconnect, upstream_error
+from stip.client.proxy_generation import upstream_error
+from stip.client.proxy_sse import open_streams
 from stip.client.proxy_requests import ApiError, _Strict
 from stip.common.sampling import SamplingParams
 
@@ -146,14 +146,7 @@ def _event(kind: str, seq: int, **fields) -> str:
 
 async def _stream(gens, body: ResponseBody, request: Request) -> StreamingResponse:
     """Open the generation (an upstream refusal is the HTTP status), then stream the Responses API's events."""
-    watch = asyncio.create_task(cancel_on_disconnect(request, gens))
-    try:
-        await gens.opened()
-    except Exception as e:
-        gens.stop()
-        raise upstream_error(e) from None
-    finally:
-        watch.cancel()
+    await open_streams(gens, request)
     where = {"item_id": body.item_id, "output_index": 0, "content_index": 0}
 
     async def events():

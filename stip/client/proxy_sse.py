@@ -18,9 +18,9 @@ def _line(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-async def sse_response(gens: Generations, fmt, request: Request, eos: set[int], include_usage: bool
-                       ) -> StreamingResponse:
-    """Open every choice (raising the upstream error as an HTTP error), then stream `fmt`'s chunks."""
+async def open_streams(gens, request: Request) -> None:
+    """Open every choice before the 200 goes out, so that an upstream refusal is the HTTP status; a client that
+    hangs up meanwhile cancels them."""
     watch = asyncio.create_task(cancel_on_disconnect(request, gens))
     try:
         await gens.opened()
@@ -29,6 +29,12 @@ async def sse_response(gens: Generations, fmt, request: Request, eos: set[int], 
         raise upstream_error(e) from None
     finally:
         watch.cancel()
+
+
+async def sse_response(gens: Generations, fmt, request: Request, eos: set[int], include_usage: bool
+                       ) -> StreamingResponse:
+    """Open every choice (raising the upstream error as an HTTP error), then stream `fmt`'s chunks."""
+    await open_streams(gens, request)
     sent = [0] * gens.n  # per choice: logprobs already streamed
 
     async def body():
