@@ -393,6 +393,21 @@ def test_no_token_refuses_public_bind(tiny_protected):
     assert "refusing" in r.stderr and "token" in r.stderr, r.stderr
 
 
+def test_serve_checks_its_options_before_the_slow_imports():
+    """`stip serve` refuses a bad option before it imports torch or FastAPI (its checks and --vllm-arg parsing are
+    light), so a refusal answers at once; its dtype names are the wire's."""
+    import subprocess
+    import sys
+
+    from stip.server.serve_checks import DTYPE_NAMES
+
+    assert set(DTYPE_NAMES) == set(wire.DTYPES)
+    light = ("import sys, stip.cli.server, stip.server.serve_checks, stip.server.vllm_options; "
+             "print(sorted({'torch', 'fastapi', 'transformers'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 def test_connection_refused_is_clear():
     from tests.parties import free_port
 

@@ -73,23 +73,38 @@ def serve(
                                               "across restarts (default: counted for this process only)"),
 ):
     """Serve a protected model: sessions send permuted embeddings and get permuted logits back."""
-    from stip.server.app import run_server
     from stip.server.budget import Quota
 
-    run_server(bundle, host=host, port=port, token=token, max_sessions=max_sessions, max_seq_len=max_seq_len,
-               api_keys=api_keys, kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
-               kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits,
-               client_quota=Quota(client_max_sessions, client_max_tokens),
-               session_ttl=session_ttl, max_message_bytes=parse_size(max_message_size) if max_message_size else None,
-               threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
-               ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
-               trusted=trusted_signers(trust), engine_kind=engine, prefill_chunk=prefill_chunk,
-               batching=batching, tee_worker=tee_worker, capture=capture, capture_layers=capture_layers,
-               expose_timing=expose_timing, usage_file=usage_file,
-               rekey_after=parse_count(rekey_after, "--rekey-after") if rekey_after is not None else None,
-               vllm_options=_vllm_options(engine, vllm_arg, tensor_parallel_size=tensor_parallel_size,
-                                          pipeline_parallel_size=pipeline_parallel_size, max_num_seqs=max_num_seqs,
-                                          gpu_memory_utilization=gpu_memory_utilization))
+    kw = dict(host=host, port=port, token=token, max_sessions=max_sessions, max_seq_len=max_seq_len,
+              api_keys=api_keys, kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
+              kv_budget_tokens=kv_budget_tokens, max_all_logits=max_all_logits,
+              client_quota=Quota(client_max_sessions, client_max_tokens),
+              session_ttl=session_ttl, max_message_bytes=parse_size(max_message_size) if max_message_size else None,
+              threads=threads, log_level=log_level, ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
+              ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None, dtype=dtype, device=device,
+              trusted=trusted_signers(trust), engine_kind=engine, prefill_chunk=prefill_chunk,
+              batching=batching, tee_worker=tee_worker, capture=capture, capture_layers=capture_layers,
+              expose_timing=expose_timing, usage_file=usage_file,
+              rekey_after=parse_count(rekey_after, "--rekey-after") if rekey_after is not None else None,
+              vllm_options=_vllm_options(engine, vllm_arg, tensor_parallel_size=tensor_parallel_size,
+                                         pipeline_parallel_size=pipeline_parallel_size, max_num_seqs=max_num_seqs,
+                                         gpu_memory_utilization=gpu_memory_utilization))
+    _preflight(bundle, kw)
+    from stip.server.app import run_server
+
+    run_server(bundle, **kw)
+
+
+def _preflight(bundle: list[Path], kw: dict) -> None:
+    """run_server's refusals before its imports (torch, FastAPI: seconds), so a refused option answers at once;
+    run_server checks again, and warns."""
+    from stip.server.serve_checks import preflight, serve_limits
+
+    limits = serve_limits(*(kw[k] for k in ("max_sessions", "max_seq_len", "kv_budget_bytes", "kv_budget_tokens",
+                                            "max_all_logits")))
+    preflight(bundle, limits=limits, warn=False, **{k: kw[k] for k in (
+        "host", "token", "api_keys", "ssl_certfile", "dtype", "session_ttl", "engine_kind", "tee_worker", "capture",
+        "capture_layers", "rekey_after", "usage_file")})
 
 
 @app.command()
@@ -133,7 +148,7 @@ def enclave(
 
 def _vllm_options(engine: str, args: list[str], **flags) -> dict | None:
     """The vLLM engine arguments `stip serve` passes through; refused with any other engine."""
-    from stip.server.vllm_engine import parse_vllm_arg
+    from stip.server.vllm_options import parse_vllm_arg
 
     options = dict(parse_vllm_arg(a) for a in args)
     options.update({k: v for k, v in flags.items() if v is not None})

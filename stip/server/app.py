@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -19,9 +18,8 @@ import torch
 from fastapi import FastAPI
 
 from stip.common import wire
-from stip.common.hosts import is_loopback_host
 from stip.errors import StipError
-from stip.server.auth import Authenticator, load_key_file
+from stip.server.auth import Authenticator
 from stip.server.budget import Admission, Quota, default_budget_tokens
 from stip.server.contexts import Contexts
 from stip.server.encode_route import add_encode_route
@@ -30,6 +28,8 @@ from stip.server.generate_route import add_generate_route
 from stip.server.http_routes import add_http_routes
 from stip.server.key_usage import KeyUsage
 from stip.server.metrics import Metrics
+from stip.server.serve_checks import check_modes as _check_modes  # noqa: F401 - tests/test_audit_tee.py
+from stip.server.serve_checks import preflight, serve_limits
 from stip.server.service import HEADER_SLACK, Settings, StipService, key_default_quota
 from stip.server.session_route import add_session_route
 
@@ -103,16 +103,15 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
     `rekey_after`: tokens each context's key may serve before it takes no new sessions; `usage_file`: where those
     counts persist across restarts (stip.server.key_usage; default: in memory, no budget)."""
     token = token or os.environ.get("STIP_TOKEN") or None
-    _check_options(host, token, api_keys, ssl_certfile, dtype, session_ttl,
-                   {"max_sessions": max_sessions, "max_seq_len": max_seq_len,
-                    "kv_budget_bytes": 1 if kv_budget_bytes is None else kv_budget_bytes,
-                    "kv_budget_tokens": 1 if kv_budget_tokens is None else kv_budget_tokens,
-                    "max_all_logits": max_all_logits})
+    bundles = list(bundle) if isinstance(bundle, (list, tuple)) else [bundle]
+    capture_layers, usage = preflight(  # a bad option or usage file stops here, before the model loads
+        bundles, host=host, token=token, api_keys=api_keys, ssl_certfile=ssl_certfile, dtype=dtype,
+        session_ttl=session_ttl, limits=serve_limits(max_sessions, max_seq_len, kv_budget_bytes, kv_budget_tokens,
+                                                     max_all_logits),
+        engine_kind=engine_kind, tee_worker=tee_worker, capture=capture, capture_layers=capture_layers,
+        rekey_after=rekey_after, usage_file=usage_file)
     if threads:
         torch.set_num_threads(threads)
-    bundles = list(bundle) if isinstance(bundle, (list, tuple)) else [bundle]
-    capture_layers = _check_modes(bundles, engine_kind, tee_worker, capture, capture_layers)
-    usage = _key_usage(rekey_after, usage_file, tee_worker)  # a bad usage file stops here, before the model loads
     if tee_worker:  # TEE mode: the enclave's WebSocket instead of client sessions (stip.server.tee_route)
         from stip.server.tee_route import serve_tee_worker
 
@@ -135,62 +134,6 @@ def run_server(bundle: str | Path | list[str | Path], host: str = "127.0.0.1", p
     app = create_app(engines, settings, usage=usage)
     _log_start(app.state.contexts, settings, dtype, device, kv_bytes)
     _serve(app, host, port, log_level, ssl_certfile, ssl_keyfile)
-
-
-def _check_options(host: str, token: str | None, api_keys, ssl_certfile: str | None, dtype: str,
-                   session_ttl: float, limits: dict[str, int]) -> None:
-    """Refuse what cannot be served, before any model loads: no token off loopback, limits below 1, a bad TTL or
-    dtype, an unreadable key file. Warn about what can be served but should not be."""
-    if not token and not api_keys and not is_loopback_host(host):
-        raise StipError(f"refusing to listen on {host} without a token: anyone who can reach it could use the "
-                        f"model. Pass --token (or set STIP_TOKEN) or --api-keys FILE, or bind to 127.0.0.1")
-    if not token and not api_keys:
-        log.warning("no token set: serving on loopback %s only, without authentication", host)
-    elif not ssl_certfile and not is_loopback_host(host):
-        log.warning("serving on %s without TLS: put a TLS-terminating proxy in front, or pass --ssl-certfile", host)
-    for name, value in limits.items():
-        if value < 1:
-            raise StipError(f"{name} must be at least 1, got {value}")
-    if not (session_ttl > 0 and math.isfinite(session_ttl)):
-        raise StipError(f"session_ttl must be a positive number of seconds, got {session_ttl}")
-    if dtype not in wire.DTYPES:
-        raise StipError(f"dtype must be one of {', '.join(wire.DTYPES)}, got {dtype!r}")
-    if api_keys:
-        load_key_file(api_keys)  # a bad key file stops here, before the model loads
-
-
-def _key_usage(rekey_after: int | None, usage_file, tee_worker: bool) -> KeyUsage:
-    """The tokens each context's key served (loaded from `usage_file` if given) and the rekey budget. The TEE worker
-    serves the enclave, not client sessions, and counts nothing: both options are refused there."""
-    if tee_worker and (rekey_after is not None or usage_file is not None):
-        raise StipError("--rekey-after and --usage-file count client sessions; the TEE worker (--tee-worker) serves "
-                        "the enclave and does not count tokens")
-    return KeyUsage(rekey_after, usage_file)
-
-
-def _check_modes(bundles: list, engine_kind: str, tee_worker: bool, capture, capture_layers):
-    """Refuse combinations the server does not run (several contexts only on transformers; capture of one bundle
-    only, round-trip or TEE worker; the TEE worker only on transformers), before any model loads. Returns the
-    capture layers, parsed."""
-    if not bundles:
-        raise StipError("no server bundle given")
-    if len(bundles) > 1 and (tee_worker or engine_kind == "vllm"):
-        raise StipError(f"several contexts in one server run on the transformers engine, not "
-                        f"{'--tee-worker' if tee_worker else '--engine vllm'}: run one `stip serve` per bundle "
-                        f"(docs/contexts.md)")
-    if capture is None and capture_layers:
-        raise StipError("--capture-layers needs --capture DIR")
-    if capture is not None and (engine_kind != "transformers" or len(bundles) > 1):
-        raise StipError("--capture records the sessions of one bundle on the transformers engine (not "
-                        "--engine vllm or several contexts)")
-    if capture is not None:  # refused before the model loads: bad layers, a folder in use
-        from stip.server.capture import check_folder, parse_layers
-
-        capture_layers = parse_layers(capture_layers) if isinstance(capture_layers, str) else capture_layers
-        check_folder(capture)
-    if tee_worker and engine_kind != "transformers":
-        raise StipError("--tee-worker runs the transformers engine only")
-    return capture_layers
 
 
 def _load_engines(bundles: list, engine_kind: str, dtype: torch.dtype, device: str, trusted, capture,

