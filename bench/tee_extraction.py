@@ -8,7 +8,9 @@ The attacker knows the tokens it sent and sees the worker's inputs. Conditions (
 
 (a) plain: `x p` (plain STIP, round-trip). (b) fixed: `x p D`, D a fixed secret orthogonal matrix.
 (c) fresh-gauss: `x p + r`, r ~ N(0, rms(x)^2) fresh per query (a pad "scaled like x"). (c2) fresh-gauss-2^20:
-`x p + 2^20 rms(x) z`, the pad stip/enclave draws. (c') fresh-field: `(x_fixed + r) mod 2^32`, r uniform, fresh per
+`x p + 2^20 rms(x) z`, the pad stip/enclave drew before issue 23 (its norm carries rms(x)). (c3) fresh-gauss-const:
+`x p + 2^20 B z`, B one constant for the layer (4 x the largest RMS of its inputs, here of the embedding table's rows):
+the pad stip/enclave draws now. (c') fresh-field: `(x_fixed + r) mod 2^32`, r uniform, fresh per
 query (Slalom's one-time pad over Z_q). Against these the attacker keeps a lookup table (the mean observation of
 each token it sent). (d) split: `h1 p`, block 0's output, computed in the enclave (TEE mode's body input); the
 worker's copy of block 0 is in secret bases (`B W A^-1`, `stip protect --tee`) and a tied model's LM head is not in
@@ -42,8 +44,10 @@ OUT = Path(__file__).resolve().parent / "results" / "tee"
 FIELD_BITS = 32          # Z_q with q = 2^32 for the one-time-pad condition
 FIXED_POINT_BITS = 16    # x is encoded as round(x * 2^16) before the pad is added
 EMBEDDING_LR_FACTOR = 3
-BIG_PAD = 2.0 ** 20      # stip/enclave's pad: N(0, 1) x 2^20 x rms(row), float64 (docs/tee.md, "The split")
-TABLE_CONDITIONS = ("plain", "fixed", "fresh-gauss", "fresh-gauss-2^20", "fresh-field")
+BIG_PAD = 2.0 ** 20      # stip/enclave's pad: N(0, 1) x 2^20 x B, float64 (docs/tee.md, "The split")
+CONST_MARGIN = 4.0       # (c3)'s B: this x the largest row RMS of the layer's inputs (stip.enclave.compute's margin)
+TABLE_CONDITIONS = ("plain", "fixed", "fresh-gauss", "fresh-gauss-2^20", "fresh-gauss-const", "fresh-field")
+SPLIT_CONDITIONS = ("split", "split-known-block0")
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Settings:
     batch: int
     lr: float
     seed: int
+    conditions: list[str]
 
 
 QUICK = dict(model="tiny", ns=[2, 16, 128], seq_len=8, sub_vocab=0, heldout=16, steps=40, batch=16, lr=1e-2)
@@ -71,10 +76,12 @@ FULL = dict(model="smollm2", ns=[8, 64, 512], seq_len=16, sub_vocab=1024, heldou
 
 @dataclass
 class Secrets:
-    """The key and masks an attacker does not hold: p (hidden permutation), D (a fixed orthogonal mixing)."""
+    """The key and masks an attacker does not hold: p (hidden permutation), D (a fixed orthogonal mixing); `bound`:
+    the per-layer pad constant B of (c3), set from the embedding table (a property of the model, not a secret)."""
 
     p: torch.Tensor
     d: torch.Tensor
+    bound: float = 1.0
 
     @classmethod
     def draw(cls, hidden: int, g: torch.Generator) -> "Secrets":
@@ -93,6 +100,8 @@ def observe(condition: str, x: torch.Tensor, s: Secrets, g: torch.Generator) -> 
         xp = xp.double()
         rms = xp.pow(2).mean(-1, keepdim=True).sqrt() * (BIG_PAD if condition.endswith("2^20") else 1.0)
         return xp + rms * torch.randn(xp.shape, generator=g, dtype=torch.float64)
+    if condition == "fresh-gauss-const":
+        return xp.double() + BIG_PAD * s.bound * torch.randn(xp.shape, generator=g, dtype=torch.float64)
     if condition == "fresh-field":
         q = 2 ** FIELD_BITS
         fixed = torch.round(xp.double() * 2 ** FIXED_POINT_BITS).long()
@@ -316,14 +325,16 @@ def run(st: Settings) -> dict:
     cfg = model.config
     data = make_data(cfg.vocab_size, st, g)
     secrets = Secrets.draw(cfg.hidden_size, g)
+    emb = model.get_input_embeddings().weight.detach().double()
+    secrets.bound = CONST_MARGIN * float(emb.pow(2).mean(-1).sqrt().max())
     truth = body_top1(model, data.model_ids(data.test))
     results: dict = {"baselines": baselines(model, data, truth), "conditions": {}, "timing_s": {}}
-    for cond in TABLE_CONDITIONS:
+    for cond in (c for c in TABLE_CONDITIONS if c in st.conditions):
         t0 = time.perf_counter()
         results["conditions"][cond] = table_condition(cond, model, data, secrets, st, truth, g)
         results["timing_s"][cond] = round(time.perf_counter() - t0, 1)
         progress(cond, results["timing_s"][cond])
-    for cond, known in (("split", False), ("split-known-block0", True)):
+    for cond, known in ((c, c == "split-known-block0") for c in SPLIT_CONDITIONS if c in st.conditions):
         t0 = time.perf_counter()
         results["conditions"][cond] = split_condition(model, data, secrets, st, truth, known)
         results["timing_s"][cond] = round(time.perf_counter() - t0, 1)
@@ -341,13 +352,20 @@ def parse(argv: list[str]) -> tuple[Settings, Path]:
     ap.add_argument("--ns", type=lambda s: [int(v) for v in s.split(",")], help="query counts, e.g. 4,16,64")
     ap.add_argument("--steps", type=int, help="distillation steps per N")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heldout", type=int, help="held-out prompts (more: finer token-recovery resolution)")
+    ap.add_argument("--conditions", type=lambda s: s.split(","), default=list(TABLE_CONDITIONS + SPLIT_CONDITIONS),
+                    help="a subset, comma-separated, e.g. fresh-gauss-2^20,fresh-gauss-const (default: all)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     base = dict(QUICK if a.quick else FULL)
-    for k in ("model", "ns", "steps"):
+    for k in ("model", "ns", "steps", "heldout"):
         if getattr(a, k) is not None:
             base[k] = getattr(a, k)
-    return Settings(**base, seed=a.seed), a.out
+    unknown = set(a.conditions) - set(TABLE_CONDITIONS + SPLIT_CONDITIONS)
+    if unknown:
+        ap.error(f"unknown condition(s) {', '.join(sorted(unknown))}; choose from "
+                 f"{', '.join(TABLE_CONDITIONS + SPLIT_CONDITIONS)}")
+    return Settings(**base, seed=a.seed, conditions=a.conditions), a.out
 
 
 def main(argv: list[str] | None = None) -> dict:

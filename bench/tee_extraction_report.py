@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 LABELS = {"plain": "(a) plain x p", "fixed": "(b) fixed x p D", "fresh-gauss": "(c) fresh pad x p + r (gaussian)",
-          "fresh-gauss-2^20": "(c2) fresh pad x p + 2^20 rms(x) z (the enclave's)",
+          "fresh-gauss-2^20": "(c2) fresh pad x p + 2^20 rms(x) z (the enclave's before issue 23)",
+          "fresh-gauss-const": "(c3) fresh pad x p + 2^20 B z, B a per-layer constant (the enclave's)",
           "fresh-field": "(c') fresh one-time pad mod 2^32",
           "split": "(d) pre-LN split h1 p, worker's block 0 in secret bases (distilled)",
           "split-known-block0": "(d') old design: block 0 in the basis of h1 p at the worker"}

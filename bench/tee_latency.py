@@ -112,16 +112,11 @@ def _counting_link(url: str):
 def pad_cost_ms(model, reps: int = 20) -> float:
     """What the enclave spends per decode token on pads: drawing `r` and computing `W r` for every offloaded
     request (block 0's and the LM head), timed apart on one row of each linear's input shape."""
-    from stip.enclave.offload import OffloadedLinear
-
-    linears = [m for m in model.base.modules() if isinstance(m, OffloadedLinear) and m.name == m.names[0]]
-    if isinstance(model.lm_head, OffloadedLinear):  # an untied LM head; a tied one is the enclave's own matmul
-        linears.append(model.lm_head)  # one per request: a group (q/k/v, gate/up) shares one pad, one `W r`
-    rows = [torch.randn(1, m.weight64.shape[1]) for m in linears]
+    linears = model.offloaded()  # one per request: a group (q/k/v, gate/up) shares one pad, one `W r`
     t0 = time.perf_counter()
     for _ in range(reps):
-        for m, x in zip(linears, rows):
-            r = model.pads.draw(x)
+        for m in linears:
+            r = model.pads.draw((1, m.weight64.shape[1]), m.bound)
             _ = r @ m.weight64.t()
     return (time.perf_counter() - t0) * 1e3 / reps
 

@@ -59,6 +59,16 @@ def test_the_enclaves_big_pad_hides_the_row(quick):
         assert 0 <= row["recovery_norm"] <= 1
 
 
+def test_a_per_layer_constant_pad_leaks_no_norm(quick):
+    """(c3) the pad stip/enclave draws since issue 23, 2^20 x a per-layer constant: neither the nearest row nor the
+    norm of a fresh observation names its token more often than chance (c2's norm carried the row's RMS)."""
+    results = quick[0]
+    chance = results["baselines"]["recovery_chance"]
+    for row in results["conditions"]["fresh-gauss-const"]:
+        assert row["recovery"] <= 4 * chance and row["recovery_norm"] <= 4 * chance, row
+        assert row["r2"] < 0.05 and abs(row["cosine"]) < 0.05, row
+
+
 def test_a_gaussian_pad_scaled_like_x_is_averaged_away(quick):
     """The measured weakness the docs state: with a zero-mean pad of x's own scale, the mean of a token's
     observations converges to x p; recovery of users' tokens reaches the plain condition's."""

@@ -160,6 +160,32 @@ def test_fresh_pads_and_nothing_secret_reaches_the_worker(party):
     link.shutdown()
 
 
+def test_pad_scale_is_a_per_layer_constant(party):
+    """No RMS leak (issue 23): rows whose RMS spans four orders of magnitude reach the worker as padded rows whose
+    norms do not follow them (the pad is N(0, 1) x 2^20 x a per-group constant, not x the row's RMS), and the
+    enclave still gets each row's exact product back."""
+    name, plain, config, tensors, worker = party
+    link, frames = recording_link(worker)
+    enclave = EnclaveModel.from_tensors(config, tensors, link)
+    groups = enclave.offloaded()
+    assert all(m.bound > 0 for m in groups) and len({m.bound for m in groups}) > 1  # per group, calibrated
+    m = groups[0]  # q/k/v (GPT-2: c_attn)
+    g = torch.Generator().manual_seed(0)
+    rms = torch.logspace(-3, 1, 64, dtype=torch.float64) * m.bound
+    x = torch.randn(64, m.weight64.shape[1], generator=g, dtype=torch.float64)
+    x = (x / x.pow(2).mean(-1, keepdim=True).sqrt() * rms[:, None]).float()
+    got = m(x).double()
+    ref = x.double() @ m.weight64[:m.sizes[0]].t() + m.bias64[:m.sizes[0]]
+    assert float(((got - ref).abs().max(-1).values / ref.abs().max(-1).values).max()) < 1e-6
+    sent = frames[-1][1].reshape(64, -1)
+    norms = sent.norm(dim=-1)
+    corr = float(torch.corrcoef(torch.stack([norms, rms]))[0, 1])
+    print(f"{name}: padded-row norm vs row RMS over 1e-3..1e1 B: correlation {corr:.3f}, "
+          f"norm spread {float(norms.std() / norms.mean()):.3f}")
+    assert abs(corr) < 0.4 and float(norms.std() / norms.mean()) < 0.3
+    link.shutdown()
+
+
 def test_worker_refuses_bad_requests_and_keeps_serving(party, tee_protected):
     from stip.common.bundles.manifest import read_manifest
 

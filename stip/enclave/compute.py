@@ -33,6 +33,8 @@ from stip.common.tee.layout import (BLOCK_PREFIX, EMBEDDING_SCALE, FINAL_NORM_PR
 from stip.common.tee.linalg import Monomial, weight_of
 from stip.enclave.offload import LocalLinear, OffloadedLinear, Pads, TimedLink, WorkerLink
 
+CALIBRATION_MARGIN = 4.0  # B = this x the largest calibration RMS: rows up to 4x beyond it keep >= 2^18 x their RMS
+
 
 @dataclass
 class EnclaveSession:
@@ -80,21 +82,52 @@ class EnclaveModel:
         setattr(base, norm_attr, nn.Identity())  # the base model's output is h1 p, before any norm
         self.waiting: dict = {}
         groups = input_groups(block)
-        weights = {name: weight_of(block.get_submodule(name))[0] for g in groups for name in g}
+        weights = {name: weight_of(block.get_submodule(name)) for g in groups for name in g}  # (W, b)
         masks = {name: (_mask(tensors, name, "in"), _mask(tensors, name, "out")) for name in weights}
         for group in groups:
             a, b = masks[group[0]][0], Monomial.concat([masks[g][1] for g in group])
             for name in group:
                 parent, _, leaf = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, leaf,
-                        OffloadedLinear(name, weights[name], self.link, self.pads, [(g, weights[g]) for g in group],
-                                        self.waiting, a=a, b=b))
+                        OffloadedLinear(name, weights[name][0], self.link, self.pads,
+                                        [(g, *weights[g]) for g in group], self.waiting, a=a, b=b))
         head = tensors[LM_HEAD_PREFIX + "weight"]
         self.lm_head_local = bool(tensors.get(LM_HEAD_IN_ENCLAVE, torch.tensor(0)).item())
         self.lm_head = LocalLinear(head) if self.lm_head_local else \
-            OffloadedLinear(LM_HEAD, head, self.link, self.pads, a=_mask(tensors, LM_HEAD, "in"))
+            OffloadedLinear(LM_HEAD, head, self.link, self.pads, a=_mask(tensors, LM_HEAD, "in"),
+                            bias=tensors.get(LM_HEAD_PREFIX + "bias"))
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one step at a time: the pads and block 0 are shared by all sessions
+        self.calibrate()
+
+    def offloaded(self) -> list[OffloadedLinear]:
+        """One OffloadedLinear per worker request kind: each group's first member, and an untied LM head."""
+        out = [m for m in self.base.modules() if isinstance(m, OffloadedLinear) and m.name == m.names[0]]
+        return out + ([self.lm_head] if isinstance(self.lm_head, OffloadedLinear) else [])
+
+    @torch.no_grad()
+    def calibrate(self, sequences: int = 4, length: int = 64) -> None:
+        """Each group's pad bound B: CALIBRATION_MARGIN x the largest input RMS seen when block 0 runs here, exactly
+        and without the worker, on fixed token sequences spread over the vocabulary (an untied LM head: the final
+        norm of those block-0 outputs and of each scaled unit vector). A function of the model alone, computed
+        once: the pads' scale then says nothing about any user's rows (docs/tee.md, "Pads")."""
+        length = min(length, self.max_positions or length)
+        ids = (torch.arange(sequences * length) * 7919 % self.vocab_size).reshape(sequences, length)
+        groups = self.offloaded()
+        for m in groups:
+            m.calibrating = []
+        try:
+            positions = torch.arange(length)[None].expand(sequences, -1)
+            h1 = self.base(inputs_embeds=self.token_embedding[ids], position_ids=positions,
+                           use_cache=False).last_hidden_state
+            d = h1.shape[-1]
+            self.lm_head(self.final_norm(torch.cat([h1.reshape(-1, d), torch.eye(d) * d ** 0.5]).float()))
+            for m in groups:
+                m.bound = CALIBRATION_MARGIN * max(max(m.calibrating), 1e-6)
+        finally:
+            for m in groups:
+                m.calibrating = None
+            self.waiting.clear()
 
     @classmethod
     def from_tensors(cls, config, tensors: dict[str, torch.Tensor], link: WorkerLink) -> "EnclaveModel":

@@ -2,9 +2,10 @@
 way out, `B^-1` and the pad's product `W r` taken off on the way back (docs/tee.md, "The split"). And the link to
 the worker, timed, and a tied model's LM head, computed in the enclave instead.
 
-Pads are drawn per call from a torch generator reseeded from `os.urandom` for every step. Production would draw the
-pads and compute `W r` ahead of time, while the enclave is idle (Slalom), so a step costs the enclave one addition
-and one subtraction per linear; here `W r` is computed on the spot.
+Pads are drawn per call from a torch generator reseeded from `os.urandom` for every step. Each entry is
+`N(0, 1) x PAD_SCALE x B`, with `B` a constant per offloaded group (the calibrated bound on its input rows' RMS,
+stip.enclave.compute): a pad scaled by each row's own RMS would carry that RMS in the padded row's norm, which the
+worker sees (bench/tee_extraction.py measured 20x chance token recovery from it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from stip.common.tee.layout import GROUP_SEP
 from stip.common.tee.linalg import OFFLOAD_DTYPE, Monomial
 
-PAD_SCALE = 2.0**20  # pad entries ~ N(0, 1) x this x the RMS of the row they mask (docs/tee.md: averaging)
+PAD_SCALE = 2.0**20  # pad entries ~ N(0, 1) x this x the group's input bound B (docs/tee.md: averaging)
 
 
 class WorkerLink(Protocol):
@@ -45,9 +46,9 @@ class Pads:
     def fresh(self) -> None:
         self.gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
 
-    def draw(self, x: torch.Tensor) -> torch.Tensor:
-        rms = x.to(OFFLOAD_DTYPE).pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-3)
-        return torch.randn(x.shape, generator=self.gen, dtype=OFFLOAD_DTYPE) * rms * PAD_SCALE
+    def draw(self, shape, bound: float) -> torch.Tensor:
+        """A pad of `shape`, `N(0, 1) x PAD_SCALE x bound`: the same scale for every row, whatever the row holds."""
+        return torch.randn(shape, generator=self.gen, dtype=OFFLOAD_DTYPE) * (PAD_SCALE * bound)
 
 
 class OffloadedLinear(nn.Module):
@@ -58,29 +59,42 @@ class OffloadedLinear(nn.Module):
     side (None: identity)."""
 
     def __init__(self, name: str, weight: torch.Tensor, link: WorkerLink, pads: Pads,
-                 group: list[tuple[str, torch.Tensor]] | None = None, waiting: dict | None = None,
-                 a: Monomial | None = None, b: Monomial | None = None):
+                 group: list[tuple[str, torch.Tensor, torch.Tensor | None]] | None = None,
+                 waiting: dict | None = None, a: Monomial | None = None, b: Monomial | None = None,
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.name, self.link, self.pads, self.a, self.b = name, link, pads, a, b
-        group = group or [(name, weight)]
-        self.names = [n for n, _ in group]
-        self.sizes = [int(w.shape[0]) for _, w in group]
-        self.weight64 = torch.cat([w.detach().to(OFFLOAD_DTYPE) for _, w in group])  # [sum out, in]
+        group = group or [(name, weight, bias)]
+        self.names = [n for n, _, _ in group]
+        self.sizes = [int(w.shape[0]) for _, w, _ in group]
+        self.weight64 = torch.cat([w.detach().to(OFFLOAD_DTYPE) for _, w, _ in group])  # [sum out, in]
+        # the group's biases, for `calibrate` only (the worker adds B b itself)
+        self.bias64 = torch.cat([torch.zeros(w.shape[0], dtype=OFFLOAD_DTYPE) if b_ is None else
+                                 b_.detach().to(OFFLOAD_DTYPE) for _, w, b_ in group])
         self.out_features = int(weight.shape[0])
         self.waiting = waiting if waiting is not None else {}  # name -> (input tensor, its output), this step only
+        self.bound: float | None = None  # B: the group's input RMS bound, set by `calibrate`
+        self.calibrating: list[float] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hit = self.waiting.pop(self.name, None)
         if hit is not None and hit[0] is x:
             return hit[1]
-        rows = x.reshape(-1, x.shape[-1])
-        r = self.pads.draw(rows)
-        sent = rows.to(OFFLOAD_DTYPE) + r
-        y = self.link.linear(GROUP_SEP.join(self.names), sent if self.a is None else self.a.apply(sent))
-        y = y.to(OFFLOAD_DTYPE)
-        if self.b is not None:
-            y = self.b.invert(y)
-        parts = (y - r @ self.weight64.t()).to(x.dtype).split(self.sizes, dim=-1)
+        rows = x.reshape(-1, x.shape[-1]).to(OFFLOAD_DTYPE)
+        if self.calibrating is not None:  # the enclave's own exact product, no worker, no pad
+            self.calibrating.append(float(rows.pow(2).mean(-1).sqrt().max()))
+            y = rows @ self.weight64.t() + self.bias64
+        else:
+            if self.bound is None:
+                raise RuntimeError(f"{self.name}: pads are not calibrated (EnclaveModel calibrates at start)")
+            r = self.pads.draw(rows.shape, self.bound)
+            sent = rows + r
+            y = self.link.linear(GROUP_SEP.join(self.names), sent if self.a is None else self.a.apply(sent))
+            y = y.to(OFFLOAD_DTYPE)
+            if self.b is not None:
+                y = self.b.invert(y)
+            y = y - r @ self.weight64.t()
+        parts = y.to(x.dtype).split(self.sizes, dim=-1)
         mine = None
         for name, part in zip(self.names, parts):
             part = part.reshape(*x.shape[:-1], part.shape[-1])
