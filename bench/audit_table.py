@@ -5,14 +5,16 @@
     python -m bench.audit_table --model ~/.cache/stip/smollm2-finetune --base smollm2 --levels none,base,exact \
         --out bench/results/audit-levels     # the fine-tune (python -m bench.finetune) at three attacker levels
 
-For each mode (`paper` = the default scheme; otherwise `+`-joined `stip protect --harden` options and `noise=SIGMA`)
-it protects the model into a temporary folder, runs `stip.audit.run.run_audit` on it (a real capturing
-`stip serve`, the real client) at each attacker level asked (`--levels`: none holds no weights, base holds
-`--base`, the public model `--model` was fine-tuned from, exact holds `--model` itself; default exact), and, on
-that same server after the audit's requests, measures what the protection costs: each held-out window is sent as
-a user sends it (the client's embedding, its noise where the mode adds it, one all-positions prefill with the
-full-logits downlink) and compared with `--model`'s own plain logits: top-1 agreement, and perplexity on the
-held-out text. A mode whose options `stip protect` does not know is skipped, saying so.
+For each mode (`paper` = the default scheme; otherwise `+`-joined `stip protect --harden` options and `noise=SIGMA`,
+or `aloepri[:KEY=VALUE,...]` for AloePri's server-decode bundles: bench.audit_modes) it protects the model into a
+temporary folder, runs `stip.audit.run.run_audit` on it (a real capturing `stip serve`, the real client) at each
+attacker level asked (`--levels`: none holds no weights, base holds `--base`, the public model `--model` was
+fine-tuned from, exact holds `--model` itself; default exact), and, on that same server after the audit's requests,
+measures what the protection costs: each held-out window is sent as a user sends it (the client's embedding, its
+noise where the mode adds it, one all-positions prefill with the full-logits downlink; a server-decode bundle's
+window is scored by the server, `stip.Client.score`) and compared with `--model`'s own plain logits: top-1
+agreement, and perplexity on the held-out text. A mode whose options `stip protect` does not know is skipped,
+saying so.
 
 Writes OUT/table.md and OUT/table.json, and each mode's full report in OUT/<mode>/. A run on a tree with
 uncommitted changes is marked DIRTY TREE (not for committing).
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shlex
 import sys
 import tempfile
@@ -31,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.audit_modes import parse_mode, protect_mode, server_decode_quality, slug, split_modes  # noqa: F401
 
 OUT = Path("bench/results/audit")
 MODES = "paper,mix,all,all+noise=0.01,all+noise=0.3"
@@ -46,49 +49,6 @@ PUBLISHED = [
      "original 3.42 / 0.38 / 31; transformed 6.82 / 0.15 / 919; scratch 6.29 / 0.18 / 538; "
      "adapter 9.54 / 0.11 / 13963"),
 ]
-
-
-def parse_mode(mode: str) -> tuple[tuple[str, ...], float]:
-    """"paper" -> ((), 0); "all+noise=0.01" -> (("all",), 0.01)."""
-    harden, noise = [], 0.0
-    for part in mode.split("+"):
-        part = part.strip()
-        if not part or part == "paper":
-            continue
-        if part.startswith("noise="):
-            try:
-                noise = float(part.split("=", 1)[1])
-            except ValueError:
-                raise SystemExit(f"error: mode {mode!r}: {part!r} is not noise=SIGMA") from None
-        else:
-            harden.append(part)
-    return tuple(harden), noise
-
-
-def slug(mode: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=+_-]+", "-", mode)
-
-
-def protect_mode(model: str, out: Path, mode: str) -> str | None:
-    """Protect `model` in `mode` into `out`; None, or why the mode cannot be made here."""
-    import stip
-    from stip.models import resolve_model
-
-    harden, noise = parse_mode(mode)
-    kw = {}
-    if harden:
-        kw["harden"] = harden
-    if noise:
-        kw["noise"] = noise
-    try:
-        stip.protect(resolve_model(model), out, progress=False, **kw)
-    except TypeError as e:
-        if "harden" in str(e) or "noise" in str(e):
-            return f"stip protect has no hardened modes yet ({e})"
-        raise
-    except ValueError as e:
-        return f"stip protect refused it: {e}"
-    return None
 
 
 def quality(client_dir: Path, url: str, token: str, plain, ids: torch.Tensor, window: int) -> dict:
@@ -228,8 +188,10 @@ def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | Non
             heldout = token_ids(tok, "heldout", heldout_tokens)
             measured: dict = {}
 
-            def measure(url, token, bundle=bundle, heldout=heldout, measured=measured):
-                measured.update(quality(bundle / "client", url, token, plain, heldout, window))
+            how = server_decode_quality if client.mode == "server-decode" else quality
+
+            def measure(url, token, bundle=bundle, heldout=heldout, measured=measured, how=how):
+                measured.update(how(bundle / "client", url, token, plain, heldout, window))
 
             report = run_audit(bundle, out / slug(mode), attacks=attacks, quick=quick, prompts=prompts,
                                prompt_tokens=prompt_tokens, force=True, while_serving=measure,
@@ -276,7 +238,8 @@ def write(table: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(prog="python -m bench.audit_table", description=__doc__.splitlines()[0])
-    ap.add_argument("--modes", default=MODES, help=f"comma-separated modes (default {MODES})")
+    ap.add_argument("--modes", default=MODES, help=f"comma-separated modes (default {MODES}; "
+                    "AloePri: aloepri or aloepri:KEY=VALUE,... as stip protect --aloepri takes them)")
     ap.add_argument("--model", default="smollm2", help="smollm2 (default) or a Hugging Face model folder")
     ap.add_argument("--quick", action="store_true", help="small budgets (tests, smoke runs)")
     ap.add_argument("--attacks", help="comma-separated attacks (default: all)")
@@ -297,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         sizes["heldout_tokens"] = a.heldout_tokens
     if a.window:
         sizes["window"] = a.window
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    modes = split_modes(a.modes)
     from stip.audit.levels import parse_levels
     from stip.errors import StipError
 

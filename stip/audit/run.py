@@ -71,9 +71,9 @@ def check_bundle(bundle_dir: str | Path) -> Path:
             raise StipError(f"{bundle_dir} has no {part} bundle ({part}/stip-manifest.json); give the whole folder "
                             f"`stip protect MODEL --out DIR` wrote (the audit plays the users and the server)")
     manifest = json.loads((bundle_dir / "server" / "stip-manifest.json").read_text())
-    if manifest.get("mode", "round-trip") != "round-trip":
-        raise StipError(f"{bundle_dir} is a {manifest.get('mode')} bundle; `stip audit` attacks round-trip "
-                        f"bundles (the server then sees embeddings, which it records)")
+    if manifest.get("mode", "round-trip") not in ("round-trip", "server-decode"):
+        raise StipError(f"{bundle_dir} is a {manifest.get('mode')} bundle; `stip audit` attacks round-trip and "
+                        f"server-decode bundles")
     return bundle_dir
 
 
@@ -87,12 +87,36 @@ def check_out_dir(out_dir: str | Path, force: bool) -> Path:
 
 
 def mode_name(bundle_dir: Path) -> tuple[str, dict]:
-    """("paper" or e.g. "mix+rope+noise=0.01", the options) from the server bundle's manifest."""
+    """("paper" or e.g. "mix+rope+noise=0.01", the options) from the server bundle's manifest. A server-decode
+    bundle says so ("server-decode+..."); AloePri's names the knobs that differ from the paper's defaults
+    ("aloepri:alpha_e=0.25,alpha_h=0")."""
     manifest = json.loads((Path(bundle_dir) / "server" / "stip-manifest.json").read_text())
     harden = list(manifest.get("harden") or [])
     noise = float(manifest.get("noise") or 0.0)
+    knobs = manifest.get("aloepri")
+    options = {"harden": harden, "noise": noise, "bundle_mode": manifest.get("mode", "round-trip")}
+    if knobs is not None:
+        default = _aloepri_defaults(bundle_dir, knobs)
+        changed = ",".join(f"{k}={v:g}" for k, v in knobs.items() if k in default and v != default[k])
+        harden = [f"aloepri:{changed}" if h == "aloepri" and changed else h for h in harden]
+        options["aloepri"] = knobs
     parts = harden + ([f"noise={noise:g}"] if noise else [])
-    return ("+".join(parts) if parts else "paper"), {"harden": harden, "noise": noise}
+    if options["bundle_mode"] == "server-decode" and knobs is None:
+        parts.insert(0, "server-decode")
+    return ("+".join(parts) if parts else "paper"), options
+
+
+def _aloepri_defaults(bundle_dir: Path, knobs: dict) -> dict:
+    """AloePri's default knobs, with the default h as this model's heads fitted it (SmolLM2: 128 -> 135)."""
+    from stip.developer.aloepri_options import AloepriOptions, fitted_h
+
+    default = AloepriOptions().as_dict()
+    cfg = json.loads((Path(bundle_dir) / "server" / "config.json").read_text())
+    h = int(knobs.get("h", 0))
+    d, heads = int(cfg.get("hidden_size", 0)) - 2 * h, int(cfg.get("num_attention_heads", 1))
+    if d > 0 and fitted_h(default["h"], d, heads) == h:
+        default["h"] = h
+    return default
 
 
 def prompt_ids(tokenizer, n: int, k: int) -> list[list[int]]:

@@ -2,7 +2,9 @@
 it, as OpenAI's and vLLM's `echo` + `logprobs` report them (None for the first token), so a protected model can be
 scored (perplexity, multiple choice: lm-eval's `local-completions`).
 
-The prompt is prefilled with positions="all" in chunks of at most the server's `max_all_logits // V` positions on one
+A server-decode bundle is scored by the server itself: one POST /v1/generate with `prompt_logprobs`
+(`stip.client.server_decode.score`; the server sees the permuted ids it sees anyway). A round-trip prompt is
+prefilled with positions="all" in chunks of at most the server's `max_all_logits // V` positions on one
 session (one KV cache), so a long prompt never needs T x V logits in one step. Two ways to get each position's
 logprob, exact either way (float32):
 - "targets" (top-k downlink): the client maps each next prompt token through its key to the server's permuted index
@@ -55,8 +57,17 @@ def score(client, ids: list[int], top: int = 0, method: str | None = None) -> li
     """Per prompt token: None for the first, then its log-probability given the tokens before it and the `top` most
     likely tokens at that position. `method`: "targets" or "logits" (default: the client's downlink kind)."""
     bundle = client.bundle
+    if bundle.mode == "server-decode":  # the server scores the ids itself (prompt_logprobs), in one request
+        from stip.client import server_decode
+
+        if top < 0:
+            raise ValueError(f"top must be >= 0, got {top}")
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return server_decode.score(client, ids, top)
     if bundle.mode != "round-trip":
-        raise StipError(f"prompt scoring needs a round-trip bundle; this one is {bundle.mode}")
+        raise StipError(f"prompt scoring needs a round-trip or server-decode bundle; this one is {bundle.mode}")
     method = method or ("logits" if client.downlink.kind == "logits" else "targets")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, not {method!r}")

@@ -77,7 +77,8 @@ class GenerateStream:
             chunk = GenerateChunk.model_validate(obj)
         except ValidationError as e:
             raise StipProtocolError(f"{GENERATE_PATH} sent a malformed chunk: {e.errors()[0].get('msg')}") from None
-        ids = list(chunk.ids) + [i for lp in chunk.logprobs or () for i in lp.top_ids]
+        ids = list(chunk.ids) + [i for lp in (chunk.logprobs or []) + (chunk.prompt_logprobs or []) if lp
+                                 for i in lp.top_ids]
         if any(not 0 <= i < self.vocab_size for i in ids):
             raise StipProtocolError(f"{GENERATE_PATH} sent a token id outside [0, {self.vocab_size})")
         if chunk.logprobs is not None and len(chunk.logprobs) != len(chunk.ids):
@@ -136,3 +137,32 @@ def run(client, prompt_ids: list[int], params: SamplingParams):
              "total_tokens": len(prompt_ids) + len(out)}
     text = ts.stops.text if ts.detok is not None else ""
     return Generation(text, out, finish, usage, tm, prompt_ids, {}, ts.logprobs)
+
+
+def score(client, ids: list[int], top: int = 0) -> list:
+    """`Client.score` on a server-decode bundle: one POST /v1/generate with `prompt_logprobs` (the server scores
+    every prompt position in one prefill and generates one token, which is dropped); ids mapped both ways. Per
+    prompt token: None for the first, then a `TokenLogprob` (its logprob, the `top` most likely tokens)."""
+    from stip.client.logprobs import TokenLogprob
+
+    bundle = client.bundle
+    if client.max_positions and len(ids) >= client.max_positions:
+        raise StipError(f"the prompt has {len(ids)} tokens; this model and server score at most "
+                        f"{client.max_positions - 1} in server-decode mode (one position is left to generate)")
+    request = GenerateRequest(ids=bundle.server_ids(ids).tolist(), max_tokens=1, prompt_logprobs=top)
+    stream = GenerateStream(client.connection, request, bundle.vocab_size)
+    try:
+        first = next(iter(stream), None)
+    finally:
+        stream.close()
+    got = None if first is None else first.prompt_logprobs
+    if got is None or len(got) != len(ids) or got[0] is not None or any(lp is None for lp in got[1:]):
+        raise StipProtocolError(f"{GENERATE_PATH} sent no prompt log-probabilities for the {len(ids)} prompt tokens "
+                                f"asked (or a wrong number of them)")
+    out: list = [None]
+    for t, lp in zip(ids[1:], got[1:]):
+        if len(lp.top_ids) != len(lp.top_logprobs) or len(lp.top_ids) > top:
+            raise StipProtocolError(f"{GENERATE_PATH} sent {len(lp.top_ids)} alternatives where {top} were asked")
+        alternatives = bundle.plain_ids(lp.top_ids).tolist() if lp.top_ids else []
+        out.append(TokenLogprob(int(t), float(lp.logprob), list(zip(alternatives, lp.top_logprobs))))
+    return out

@@ -40,6 +40,9 @@ class GenerateRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = None
     logprobs: int = Field(0, ge=0, le=20, description="top log-probabilities per generated token (0: none)")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="with it, the first chunk carries every "
+                                        "prompt token's log-probability given the ones before it and its N most "
+                                        "likely alternatives (vLLM's prompt_logprobs; scoring, perplexity)")
 
 
 class TokenLogprobs(BaseModel):
@@ -55,6 +58,7 @@ class GenerateChunk(BaseModel):
 
     ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first chunk only, when asked: None for the first
     finish_reason: Literal["stop", "length"] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

@@ -13,6 +13,9 @@ WARNING at start. Log lines never contain the tensors.
 Where the hidden states come from: the batched engine's packed forward calls an observer after each layer with the
 packed tokens of every session in the tick, which is cut back into each step's rows (`BatchedEngine.hidden_observer`);
 the serial engine gets forward hooks on its decoder layers. Both are the states the server computed, not a replay.
+A server-decode bundle (token ids in, stip.server.decoding) is recorded the same way: `inputs` is then the server's
+own embedding rows of the ids it received (what its first layer reads; the ids map to them one to one), and a decode
+step is recorded as a one-row "prefill" (the engine appends it as one).
 `stip serve --tee-worker --capture DIR` writes the same folder format (stip.server.tee_capture): `inputs` is then
 `h1 p`, the body's input, and each step may carry `offload.<linear>` tensors besides.
 """
@@ -257,13 +260,17 @@ class CapturingEngine(Engine):
         self.engine.close()
 
 
-def enable_capture(engine: Engine, folder: str | Path, layers: list[int] | None) -> CapturingEngine:
-    """Wrap `engine` (a round-trip decoder engine) so that it records every step to `folder`; warns loudly."""
+def enable_capture(engine, folder: str | Path, layers: list[int] | None):
+    """Wrap `engine` (a round-trip decoder engine) so that it records every step to `folder`; warns loudly. A
+    server-decode engine on ours (stip.server.decoding) is returned with its inner engine wrapped: it records the
+    server's own embedding rows of the ids it received."""
     from stip.server.engine import TokenEngine
 
     if isinstance(engine, TokenEngine):
-        raise StipError("--capture records round-trip sessions; a server-decode bundle gets token ids, which the "
-                        "audit reads from its own requests (docs/audit.md)")
+        if not hasattr(engine, "wrap"):
+            raise StipError(f"--capture runs on the transformers engine only, not {type(engine).__name__}")
+        engine.wrap(lambda inner: enable_capture(inner, folder, layers))
+        return engine
     from stip.common.tasks import TEXT_GENERATION
 
     if getattr(engine, "task", TEXT_GENERATION) != TEXT_GENERATION:

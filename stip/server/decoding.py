@@ -31,6 +31,8 @@ def _retrieve(f: asyncio.Future) -> None:
 class DecodingEngine(TokenEngine):
     """A `TokenEngine` over one of our round-trip engines (`Scheduler`, or the serial `TransformersEngine`)."""
 
+    prompt_logprobs = True  # GenerateRequest.prompt_logprobs: the first step's every position is scored
+
     def __init__(self, engine: Engine, model):
         self.engine = engine
         self.embedding = model.get_input_embeddings()
@@ -51,18 +53,26 @@ class DecodingEngine(TokenEngine):
         with torch.inference_mode():
             return self.embedding(torch.tensor(ids, dtype=torch.long, device=self.embedding.weight.device))
 
-    async def _step(self, state, ids: list[int]) -> torch.Tensor:
-        """Append `ids` to the sequence; the next token's logits [V] (float32, permuted order)."""
+    async def _step(self, state, ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        """Append `ids` to the sequence; the next token's logits [V] (float32, permuted order), or with
+        `all_positions` every position's [len(ids), V]."""
         if self._submit is not None:
             # Shielded: a generation cancelled mid-step must not cancel the scheduler's future under a running tick
             # (the tick would fail to hand over its result); the step finishes and the state is freed after it.
-            step = asyncio.wrap_future(self._submit(state, self._embed(ids)))
+            step = asyncio.wrap_future(self._submit(state, self._embed(ids), all_positions))
             step.add_done_callback(_retrieve)
             logits = await asyncio.shield(step)
         else:
             logits = await asyncio.get_running_loop().run_in_executor(
-                self._serial, lambda: self.engine.prefill(state, self._embed(ids)))
-        return logits[-1]
+                self._serial, lambda: self.engine.prefill(state, self._embed(ids), all_positions))
+        return logits if all_positions else logits[-1]
+
+    def wrap(self, wrapper) -> None:
+        """Run every step through `wrapper(engine)` (`stip serve --capture`: stip.server.capture), one step at a
+        time through its `prefill`, as the serial engine runs them."""
+        self.engine = wrapper(self.engine)
+        self._submit = None
+        self._serial = self._serial or ThreadPoolExecutor(1, thread_name_prefix="stip-decode")
 
     def add_end_observer(self, observe) -> None:
         """`observe(tokens)` with what each generation's KV cache held at its end (the engine's own count, after any
@@ -101,7 +111,14 @@ class DecodingEngine(TokenEngine):
         state = self.engine.new_state()
         self.running += 1
         try:
-            logits = await self._step(state, r.ids)
+            prompt = None
+            if r.prompt_logprobs is None:
+                logits = await self._step(state, r.ids)
+            else:  # every position's logits: each prompt token scored by the rows before it
+                rows = await self._step(state, r.ids, all_positions=True)
+                prompt = [None] + [self._logprobs(rows[p], r.ids[p + 1], r.prompt_logprobs)
+                                   for p in range(len(r.ids) - 1)]
+                logits = rows[-1]
             length, n = len(r.ids), 0
             while True:
                 token = sampler.from_logits(logits)
@@ -111,7 +128,8 @@ class DecodingEngine(TokenEngine):
                 finish = "stop" if token in stops else \
                     "length" if n >= r.max_tokens or (limit and length >= limit) else None
                 chunk = GenerateChunk(ids=[token], logprobs=[self._logprobs(logits, token, r.logprobs)]
-                                      if r.logprobs else None, finish_reason=finish)
+                                      if r.logprobs else None, prompt_logprobs=prompt, finish_reason=finish)
+                prompt = None
                 if finish:
                     chunk.prompt_tokens, chunk.completion_tokens = len(r.ids), n
                 yield chunk

@@ -123,6 +123,17 @@ def _validation_message(e: ValidationError) -> tuple[int, str]:
     return 422, "; ".join(f"{where(err)}: {err.get('msg')}" for err in errors[:5])
 
 
+def _no_prompt_logprobs(engine: TokenEngine, n: int, max_all_logits: int) -> tuple[int, str] | None:
+    """Why a request for prompt_logprobs is refused here ((status, message)), or None: the engine must score every
+    position (our own engine does; vLLM's is not wired yet), and T x V logits must fit the server's limit."""
+    if not getattr(engine, "prompt_logprobs", False):
+        return 400, "prompt_logprobs is served by the transformers engine only (stip serve --engine transformers)"
+    if n * engine.vocab_size > max_all_logits:
+        return 413, (f"prompt_logprobs over {n} tokens needs {n * engine.vocab_size} logits, over this server's "
+                     f"max_all_logits of {max_all_logits} (at most {max_all_logits // engine.vocab_size} tokens)")
+    return None
+
+
 def add_generate_route(app: FastAPI, contexts) -> None:
     """POST /v1/generate on the context the request names (see the module docstring)."""
     @app.post(GENERATE_PATH)
@@ -170,6 +181,10 @@ def add_generate_route(app: FastAPI, contexts) -> None:
         if req.max_tokens > limit:
             return bad(422, f"max_tokens: {req.max_tokens} is over this server's max_seq_len of {limit} (prompt and "
                             f"output together; a generation stops with finish_reason 'length' there)")
+        if req.prompt_logprobs is not None:
+            why = _no_prompt_logprobs(engine, len(req.ids), service.settings.max_all_logits)
+            if why:
+                return bad(*why)
         tokens = min(len(req.ids) + req.max_tokens, limit)
         try:
             service.admit_request(who, tokens)  # refused too on a context past its rekey budget (key_usage)

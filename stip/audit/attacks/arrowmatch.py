@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from stip.audit.attacks.base import AttackResult
-from stip.audit.attacks.common import client_key, developer_key, match, mode_of, server_tensors, setting
+from stip.audit.attacks.common import client_key, developer_key, match, mode_of, server_tensors, setting, widened
 from stip.audit.attacks.weight_pairs import FORMS, decode_traffic, linear_form, reading_linears, reference_tensors, \
     transform_scores
 
@@ -173,6 +173,9 @@ def run(ctx) -> AttackResult:
     t0 = time.perf_counter()
     if ctx.reference is None:
         return AttackResult(NAME, TITLE, None, skipped="needs the public base weights (reference)", seconds=0.0)
+    why = widened(ctx)
+    if why:
+        return AttackResult(NAME, TITLE, None, skipped=why, seconds=time.perf_counter() - t0)
     rounds, layers = int(setting(ctx, NAME, "rounds", 2)), setting(ctx, NAME, "layers", None)
     sizes = dict(full_vocab=int(setting(ctx, NAME, "full_vocab", 4096)), window=int(setting(ctx, NAME, "window", 64)))
     deadline = t0 + float(setting(ctx, NAME, "budget_s", 120.0, quick=30.0))

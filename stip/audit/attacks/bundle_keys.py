@@ -23,7 +23,7 @@ import time
 import torch
 
 from stip.audit.attacks.base import AttackResult
-from stip.audit.attacks.common import (client_key, developer_key, lm_head, match, mode_of,
+from stip.audit.attacks.common import (aloepri_knobs, client_key, developer_key, lm_head, match, mode_of,
                                        perm_columns_recovered, residual_matrix, server_tensors, setting, sketch)
 
 NAME = "bundle_keys"
@@ -163,6 +163,10 @@ def run(ctx) -> AttackResult:
     if ctx.reference is None:
         return AttackResult(NAME, TITLE, None, "key entries", skipped="needs the public reference weights",
                             seconds=time.perf_counter() - t0)
+    if aloepri_knobs(ctx.server_dir) is not None:
+        return AttackResult(NAME, TITLE, None, "key entries", skipped="AloePri's residual key is a dense, non-"
+                            "orthogonal map per linear (d -> d + 2h), not a permutation p: there is no p to match "
+                            "(the token-recovering attacks measure this mode)", seconds=time.perf_counter() - t0)
     points = int(setting(ctx, NAME, "points", 32))
     window = int(setting(ctx, NAME, "pc_window", 64))
     p_layers = setting(ctx, NAME, "p_layers", 2)  # blocks whose linears join the norms in p's signature

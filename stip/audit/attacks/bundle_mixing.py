@@ -22,8 +22,8 @@ import time
 import torch
 
 from stip.audit.attacks.base import AttackResult
-from stip.audit.attacks.common import (client_key, columns_recovered, lm_head, mode_of, nearest_rows, observed,
-                                       reference_embedding, residual_matrix, server_tensors, setting)
+from stip.audit.attacks.common import (columns_recovered, lm_head, mode_of, nearest_rows, observed,
+                                       reference_embedding, server_tensors, setting, truth_residual, widened)
 
 NAME = "bundle_mixing"
 TITLE = "Residual mixing recovered from the LM head (norm pairing + orthogonal Procrustes), then the traffic decoded"
@@ -74,6 +74,9 @@ def run(ctx) -> AttackResult:
     if ctx.reference is None or head is None or table is None or ctx.reference.get_output_embeddings() is None:
         return AttackResult(NAME, TITLE, None, skipped="needs the public weights (reference) and an LM head in the "
                             "server bundle", seconds=time.perf_counter() - t0)
+    why = widened(ctx)
+    if why:
+        return AttackResult(NAME, TITLE, None, skipped=why, seconds=time.perf_counter() - t0)
     d = head.shape[1]
     pairs = max(int(setting(ctx, NAME, "pairs", 4096, quick=1024)), 2 * d)
     rounds = int(setting(ctx, NAME, "rounds", 3))
@@ -86,8 +89,8 @@ def run(ctx) -> AttackResult:
                             seconds=time.perf_counter() - t0)
     form = min(fits, key=lambda f: fits[f][1]["median_fit_error"])
     r, stats = fits[form]
-    truth_r = residual_matrix(client_key(ctx.truth.bundle_dir))
-    exact, within = columns_recovered(r.float(), truth_r)
+    truth_r = truth_residual(ctx.truth.bundle_dir)
+    exact, within = columns_recovered(r.float(), truth_r) if truth_r is not None else (None, None)
     details = {"mode": mode_of(ctx.server_dir), "hidden": d, "reference_form": form, **stats,
                "key_columns_exact": exact, "key_columns_within_5pct": within}
     rows, _ = observed(ctx)

@@ -197,6 +197,38 @@ def perm_columns_recovered(perm: torch.Tensor, sign: torch.Tensor | None, truth:
     return float(((est - truth).abs() < 1e-3).all(0).float().mean())
 
 
+def aloepri_knobs(server_dir: Path) -> dict | None:
+    """AloePri's options (`stip protect --harden aloepri`) as the server bundle's manifest records them, or None: its
+    residual key is a dense, non-orthogonal d x (d + 2h) map per linear, drawn from the developer's seed, with no
+    permutation `p` and no square transform for the client key to hold."""
+    try:
+        manifest = json.loads((Path(server_dir) / "stip-manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("aloepri") if "aloepri" in (manifest.get("harden") or []) else None
+
+
+def widened(ctx) -> str | None:
+    """Why an attack that maps the server's residual rows to the public model's by a square d x d transform (or
+    compares rows of both by direction) does not apply, or None: AloePri widens the stream from d to d + 2h, and
+    every linear reads it through its own d + 2h -> d map (docs/aloepri.md)."""
+    width = server_config(ctx.server_dir).get("hidden_size")
+    d = None if ctx.reference is None else int(ctx.reference.get_input_embeddings().weight.shape[1])
+    if width is None or d is None or int(width) == d:
+        return None
+    return (f"the server's residual stream is {width} wide and the public model's {d} (AloePri's d + 2h "
+            f"expansion, each linear reading it through its own map): no square residual transform to solve for "
+            f"or rows of equal width to compare")
+
+
+def truth_residual(bundle_dir: Path) -> torch.Tensor | None:
+    """The true residual transform R for scoring key recovery (`residual_matrix` of the client key), or None where
+    the client key does not hold it (AloePri: its client key's residual part is an unused identity)."""
+    if aloepri_knobs(Path(bundle_dir) / "server") is not None:
+        return None
+    return residual_matrix(client_key(bundle_dir))
+
+
 def mode_of(server_dir: Path) -> dict:
     """The protection mode as the bundle's manifest records it (hardened options, noise), for the report."""
     path = Path(server_dir) / "stip-manifest.json"

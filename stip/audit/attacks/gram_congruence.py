@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from stip.audit.attacks.base import AttackResult
-from stip.audit.attacks.common import mode_of, server_tensors, setting
+from stip.audit.attacks.common import mode_of, server_tensors, setting, widened
 from stip.audit.attacks.congruence import select, solve
 from stip.audit.attacks.weight_pairs import (FORMS, PERMUTED_OUTPUTS, decode_traffic, paired_linears,
                                              reading_linears, reference_tensors, transform_scores)
@@ -98,6 +98,9 @@ def run(ctx) -> AttackResult:
     t0 = time.perf_counter()
     if ctx.reference is None:
         return AttackResult(NAME, TITLE, None, skipped="needs the public reference weights", seconds=0.0)
+    why = widened(ctx)
+    if why:
+        return AttackResult(NAME, TITLE, None, skipped=why, seconds=time.perf_counter() - t0)
     tol = float(setting(ctx, NAME, "tol", 0.05))
     layers = setting(ctx, NAME, "layers", None)
     budget = float(setting(ctx, NAME, "budget_s", 120.0, quick=30.0))

@@ -39,13 +39,21 @@ NAME = "key_invariants"
 TITLE = "Key-invariant products: embedding x LM head (sorted logit profiles) and per-block path products"
 
 
+# The head pairings tried: both norms folded in, neither, and the bundle's head as stored beside the public one with
+# the final norm folded in (AloePri folds it into its head and leaves a scalar norm `c`, which a received embedding
+# row never passes through).
+PROFILE_FORMS = FORMS + ("public folded",)
+
+
 def _heads(bundle, ref, form: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(bundle head, public head) in `form`; the two may differ in width (AloePri's d + 2h: the keys still cancel
+    in a received row times the bundle's head), not in vocabulary."""
     entry = [e for e in reading_linears(bundle) if e[0] == "lm_head.weight"]
-    if not entry or "lm_head.weight" not in ref or ref["lm_head.weight"].shape != bundle["lm_head.weight"].shape:
+    if not entry or "lm_head.weight" not in ref or ref["lm_head.weight"].shape[0] != bundle["lm_head.weight"].shape[0]:
         return None
     name, norm, _ = entry[0]
-    return linear_form(bundle, name, norm, False, form == "folded"), linear_form(ref, name, norm, False,
-                                                                                 form == "folded")
+    return (linear_form(bundle, name, norm, False, form == "folded"),
+            linear_form(ref, name, norm, False, form in ("folded", "public folded")))
 
 
 def _candidates(plain_table, pos, head, z, k: int) -> torch.Tensor:
@@ -167,7 +175,7 @@ def run(ctx) -> AttackResult:
 
 def attack_profiles(ctx, bundle, ref, deadline: float) -> tuple[float | None, dict]:
     """(a): the sorted logit profiles of embedding x LM head, then the vocabulary order."""
-    fits = {form: heads for form in FORMS if (heads := _heads(bundle, ref, form)) is not None}
+    fits = {form: heads for form in PROFILE_FORMS if (heads := _heads(bundle, ref, form)) is not None}
     if not fits:
         return None, {"note": "no LM head in both the bundle and the reference"}
     k, full = int(setting(ctx, NAME, "k", 32)), int(setting(ctx, NAME, "full_vocab", 4096))

@@ -52,6 +52,10 @@ def run(ctx) -> AttackResult:
     t0 = time.perf_counter()
     rows, owner = observed(ctx)
     x_table = plain_embedding(ctx.truth.bundle_dir)
+    if x_table is None and mode_of(ctx.server_dir).get("mode") == "server-decode":
+        return AttackResult(NAME, TITLE, None, "key columns", skipped="server-decode bundle: the client sends token "
+                            "ids and holds no embedding, so there are no (x, x R) pairs (a (token, row) leak is "
+                            "ridge_inversion's attack)", seconds=time.perf_counter() - t0)
     if not rows.numel() or x_table is None:
         return AttackResult(NAME, TITLE, None, "key columns", skipped="no observed rows or no plaintext embedding "
                             "(the known plaintext) in the bundle", seconds=time.perf_counter() - t0)

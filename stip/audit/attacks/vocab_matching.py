@@ -30,6 +30,7 @@ from collections import defaultdict
 import torch
 
 from stip.audit.attacks.base import AttackResult
+from stip.audit.attacks.common import widened
 
 NAME = "vocab_matching"
 TITLE = "Vocabulary matching (Hidden No More): sorted-L1 decoding with the plaintext weights"
@@ -169,6 +170,9 @@ def run(ctx) -> AttackResult:
     start = time.monotonic()
     if ctx.reference is None:
         return AttackResult(NAME, TITLE, None, skipped="needs the public plaintext weights (--reference)")
+    why = widened(ctx)
+    if why:  # sorted-L1 compares a received row with public rows of the same width
+        return AttackResult(NAME, TITLE, None, skipped=why)
     opts = settings(ctx)
     seqs = _sequences(ctx, opts["max_requests"], opts["max_positions"])
     if not seqs:

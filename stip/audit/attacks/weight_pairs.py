@@ -15,8 +15,8 @@ import re
 
 import torch
 
-from stip.audit.attacks.common import client_key, columns_recovered, nearest_rows, observed, reference_embedding, \
-    residual_matrix
+from stip.audit.attacks.common import columns_recovered, nearest_rows, observed, reference_embedding, \
+    truth_residual
 
 # LLaMA-family linears reading the residual stream, and GPT-2's (Conv1D, stored [in, out]); the norm before each.
 _READERS = (
@@ -126,8 +126,11 @@ def decode_traffic(ctx, transform: torch.Tensor) -> tuple[float | None, int]:
 
 def transform_scores(ctx, estimate: torch.Tensor) -> dict:
     """How much of the true residual transform an estimate holds (the auditor's key; scoring only)."""
-    truth = residual_matrix(client_key(ctx.truth.bundle_dir)).double()
-    estimate = estimate.double()
+    truth = truth_residual(ctx.truth.bundle_dir)
+    if truth is None:
+        return {"key_relative_error": None, "key_note": "not scored: the client key does not hold this mode's "
+                                                        "residual transform (AloePri)"}
+    truth, estimate = truth.double(), estimate.double()
     if estimate.shape != truth.shape:
         return {"key_relative_error": None}
     exact, within = columns_recovered(estimate.float(), truth.float())
