@@ -157,7 +157,8 @@ def markdown(table: dict) -> str:
 
 def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | None, heldout_tokens: int,
         window: int, prompts: int | None, prompt_tokens: int | None, keep_capture: bool = False,
-        command: str = "", levels: list[str] | None = None, base: str | None = None, public_lm: str = "auto") -> dict:
+        command: str = "", levels: list[str] | None = None, base: str | None = None, public_lm: str = "auto",
+        settings: dict | None = None, budget_s: float | None = None) -> dict:
     """Every mode of `model`, audited at every attacker level (default exact), with its accuracy cost."""
     from stip.audit.attacks import ATTACKS
     from stip.audit.corpus import token_ids
@@ -195,13 +196,15 @@ def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | Non
 
             report = run_audit(bundle, out / slug(mode), attacks=attacks, quick=quick, prompts=prompts,
                                prompt_tokens=prompt_tokens, force=True, while_serving=measure,
-                               keep_capture=keep_capture, levels=levels, **weights)
+                               keep_capture=keep_capture, levels=levels, settings=settings, budget_s=budget_s,
+                               **weights)
             rows.append({"mode": mode, "quality": measured, "report": report})
             print(f"[audit_table] mode {mode}: top-1 {measured['top1_agreement']:.3f}, ppl change "
                   f"{measured['ppl_change']:+.4f}, audit {report['seconds']:.0f} s", flush=True)
     names = [a.strip() for a in attacks.split(",")] if attacks else list(ATTACKS)
     table = {"model": str(model), "modes": modes, "levels": levels, "base": base, "attacks": names, "quick": quick,
              "rows": rows, "heldout_tokens": heldout_tokens, "window": window, "published": PUBLISHED,
+             "settings": settings, "budget_s": budget_s,
              "command": command, "commit": commit, "dirty": dirty,
              "machine": machine_info(), "seconds": time.perf_counter() - t0}
     write(table, out)
@@ -253,6 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base", help="the public model --model was fine-tuned from: level base's weights")
     ap.add_argument("--public-lm", default="auto", help="level none's public LM (auto: smollm2 when the tokenizer "
                     "matches; none; or a name/folder)")
+    ap.add_argument("--settings", type=json.loads, help="per-attack knobs as JSON, run_audit's settings (e.g. "
+                    "'{\"key_invariants\": {\"budget_s\": 600}}')")
+    ap.add_argument("--budget", type=float, help="seconds after which each attack is stopped (0: none; default "
+                    "run_audit's)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     sizes = dict(QUICK if a.quick else FULL)
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     table = run(a.model, modes, a.out, a.quick, a.attacks, sizes["heldout_tokens"], sizes["window"], a.prompts,
                 a.prompt_tokens, a.keep_capture, shlex.join(["python", "-m", "bench.audit_table", *argv]), levels,
-                a.base, a.public_lm)
+                a.base, a.public_lm, a.settings, a.budget)
     print(markdown(table))
     return table
 
