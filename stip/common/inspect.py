@@ -1,14 +1,12 @@
-"""`stip inspect` and `stip verify`: describe and check bundles, key files and signing keys without loading a model."""
+"""`stip inspect` and `stip verify`: describe and check bundles, key files and signing keys without loading a model.
+Key files are read with torch, imported only for them: a bundle or a signing key is checked without it (seconds)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import safe_open
-
 from stip.common import signing
 from stip.common.bundles.manifest import read_manifest
-from stip.common.keys import ClientKey, DeveloperKey, read_key_file
 from stip.errors import BundleError, KeyMismatchError
 
 
@@ -24,6 +22,10 @@ def describe(path: Path) -> dict:
         raise BundleError(f"{path} does not exist")
     if signing.is_signing_key_file(path):
         return {"signing_key": str(path), **_signer(signing.signer_info(signing.load_signing_key(path)))}
+    from safetensors import safe_open
+
+    from stip.common.keys import read_key_file
+
     try:
         with safe_open(str(path), "pt") as f:
             kind = (f.metadata() or {}).get("kind")
@@ -50,6 +52,8 @@ def verify_bundle(bundle: Path, key: Path | None = None, trusted: signing.Truste
         info = describe(key)
         if "kind" not in info:
             raise BundleError(f"{key} is not a key file")
+        from stip.common.keys import ClientKey, DeveloperKey
+
         loaded = ClientKey.load(key) if info["kind"] == "client" else DeveloperKey.load(key).client
         if loaded.bundle_id != m["bundle_id"]:
             raise KeyMismatchError(f"key {key} (bundle {loaded.bundle_id}) does not belong to {bundle} "
