@@ -40,6 +40,10 @@ def protect(
     aloepri: str = typer.Option("", help="--harden aloepri (AloePri's covariant obfuscation; server-decode bundles; "
                                 "lossy): its knobs as KEY=VALUE,... e.g. h=128,lambda=0.3,alpha_e=1.0,alpha_h=0.2 "
                                 "(also beta, gamma, scale, calibration_tokens; defaults: the paper's; docs/aloepri.md)"),
+    head: str = typer.Option("server", help="where the LM head is: server, or client (the server bundle holds "
+                             "neither the embedding nor the LM head and returns the final hidden state; the client "
+                             "bundle holds the head in float16 and computes the logits; round-trip mode, no --tee; "
+                             "docs/head-client.md)"),
     attestation: str = typer.Option("simulated", help="--tee: the enclave report the TEE client accepts: simulated "
                                     "(pins the platform key) or nitro (AWS Nitro Enclaves: pins the image's PCRs)"),
     pcr0: Optional[str] = typer.Option(None, help="--attestation nitro: the enclave image's PCR0 (96 hex digits, "
@@ -60,16 +64,17 @@ def protect(
     pinned_pcrs = _pinned_pcrs(attestation, tee, pcrs, {0: pcr0, 1: pcr1, 2: pcr2, 3: pcr3, 4: pcr4, 8: pcr8})
     if aloepri or "aloepri" in [o.strip() for o in harden.split(",")]:
         return _protect_aloepri(model, out, harden, aloepri, tee=tee, key=key, noise=noise, quiet=quiet,
-                                signing_key=signing_key, overwrite=overwrite, shard_size=shard_size)
+                                signing_key=signing_key, overwrite=overwrite, shard_size=shard_size, head=head)
     from stip.models import resolve_model
 
     from stip.common.signing import pin
 
     r = run_protect(resolve_model(model), out, key=key, overwrite=overwrite, max_shard_bytes=parse_size(shard_size),
                     progress=not quiet, signing_key=signing_key, mode=mode, tee=tee, platform_key=platform_key,
-                    harden=harden, noise=noise, attestation=attestation, pcrs=pinned_pcrs)
+                    harden=harden, noise=noise, attestation=attestation, pcrs=pinned_pcrs, head=head)
     hardened = f", harden {','.join(r.harden)}" if r.harden else ""
     hardened += f", noise {noise:g}" if noise else ""
+    hardened += ", LM head on the client" if r.head == "client" else ""
     typer.echo(f"protected {model} -> {out} ({mode}{hardened})\n"
                f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB; give to the model server)\n"
                f"  client bundle    {r.client}  (client key {r.client_fingerprint}; give to data owners)\n"
@@ -104,7 +109,7 @@ def _pinned_pcrs(attestation: str, tee: bool, pcrs: Optional[Path], pinned: dict
 
 
 def _protect_aloepri(model: str, out: Path, harden: str, aloepri: str, *, tee: bool, key, noise: float,
-                     quiet: bool, signing_key, overwrite: bool, shard_size: str) -> None:
+                     quiet: bool, signing_key, overwrite: bool, shard_size: str, head: str = "server") -> None:
     """--harden aloepri: its own pipeline (stip.developer.aloepri), server-decode bundles; options it cannot take
     are refused by name."""
     from stip.common.signing import pin
@@ -120,8 +125,10 @@ def _protect_aloepri(model: str, out: Path, harden: str, aloepri: str, *, tee: b
         raise StipError(f"--harden aloepri writes server-decode bundles with its own keys and noise; it does not "
                         f"combine with {', '.join(refused)}")
     r = protect_aloepri(resolve_model(model), out, options=aloepri, overwrite=overwrite, progress=not quiet,
-                        max_shard_bytes=parse_size(shard_size), signing_key=signing_key)
-    typer.echo(f"protected {model} -> {out} (server-decode, harden aloepri)\n"
+                        max_shard_bytes=parse_size(shard_size), signing_key=signing_key, head=head)
+    layout = "round-trip, harden aloepri, LM head on the client" if r.head == "client" else \
+        "server-decode, harden aloepri"
+    typer.echo(f"protected {model} -> {out} ({layout})\n"
                f"  server bundle    {r.server}  ({r.server_bytes / 1e6:.1f} MB; give to the model server)\n"
                f"  client bundle    {r.client}  (client key {r.client_fingerprint}; give to data owners)\n"
                f"  developer key    {r.developer_key}  ({r.developer_fingerprint}; keep secret: holds the seed)\n"

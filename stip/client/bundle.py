@@ -23,8 +23,8 @@ from stip.client.noise import NoiseChain, new_secret
 from stip.common.bundles.manifest import listed_files, listed_view, read_manifest
 from stip.common.signing import Trusted
 from stip.common.keys import ClientKey
-from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, EMBEDDING_FILE,
-                                MODEL_CONFIG_FILE, TOKENIZER_CONFIG_FILE)
+from stip.common.layout import (CLIENT_CONFIG_FILE, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, EMBEDDING_FILE, HEAD_CLIENT,
+                                HEAD_FILE, HEAD_SERVER, MODEL_CONFIG_FILE, TOKENIZER_CONFIG_FILE)
 from stip.common.tasks import TEXT_GENERATION
 from stip.errors import BundleError, KeyMismatchError
 
@@ -170,6 +170,27 @@ class ClientBundle:
                                  f"order, with its noise_chain() (at position {start})")
             x = x + noise.next(ids).to(x.dtype)
         return x
+
+    @property
+    def head_placement(self) -> str:
+        """Where the LM head is: "server", or "client" (`stip protect --head client`: this bundle holds it)."""
+        return self.manifest.get("head", HEAD_SERVER)
+
+    @cached_property
+    def head(self):
+        """The LM head this bundle holds (`stip.client.head.ClientHead`, memory-mapped), or None where the server
+        holds it."""
+        if self.head_placement != HEAD_CLIENT:
+            return None
+        if not self.has_file(HEAD_FILE):
+            raise BundleError(f"client bundle {self.path} says the LM head is on the client but holds no {HEAD_FILE}")
+        from stip.client.head import ClientHead
+
+        head = ClientHead(self.path / HEAD_FILE, self.config.get("final_logit_softcapping"))
+        if head.vocab_size != self.vocab_size:
+            raise BundleError(f"client bundle {self.path}: its LM head has {head.vocab_size} rows, its key "
+                              f"{self.vocab_size} tokens")
+        return head
 
     @property
     def harden(self) -> tuple[str, ...]:

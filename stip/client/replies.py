@@ -15,19 +15,24 @@ from stip.common import wire
 
 @dataclass(frozen=True)
 class Expected:
-    """The one reply a step can legitimately get: `kind` ("logits" or "topk"), `rows` x `cols`, after which the
-    session holds `position` tokens; `targets`: each row also carries one float32 logit (a scored prompt token)."""
+    """The one reply a step can legitimately get: `kind` ("logits", "topk" or "hidden"), `rows` x `cols`, after which
+    the session holds `position` tokens; `targets`: each row also carries one float32 logit (a scored prompt token);
+    `dtype`: the hidden state's (a hidden downlink asks for it), float32 for the others."""
     kind: str
     rows: int
     cols: int
     position: int
     targets: bool = False
+    dtype: str = "float32"
 
     @property
     def size(self) -> int:
-        """Payload bytes: float32 logits, or int32 indices + float32 values + one float32 logsumexp per row; then
-        one float32 per row with targets."""
-        base = self.rows * self.cols * 4 if self.kind == "logits" else self.rows * (self.cols * 8 + 4)
+        """Payload bytes: float32 logits, int32 indices + float32 values + one float32 logsumexp per row, or hidden
+        rows in `dtype`; then one float32 per row with targets."""
+        if self.kind == "hidden":
+            base = self.rows * self.cols * wire.DTYPES[self.dtype].itemsize
+        else:
+            base = self.rows * self.cols * 4 if self.kind == "logits" else self.rows * (self.cols * 8 + 4)
         return base + (self.rows * 4 if self.targets else 0)
 
 
@@ -52,7 +57,7 @@ def check_hello(url: str, h: dict) -> None:
 
 def check_reply(url: str, vocab: int, h: dict, payload: memoryview, want: Expected):
     """(logits, indices, values, logsumexp, server_ms or None, target logits or None) from a reply, or
-    StipProtocolError naming what is wrong."""
+    StipProtocolError naming what is wrong. A hidden reply's rows come back in the logits' place."""
     def bad(what: str) -> StipProtocolError:
         return StipProtocolError(f"bad reply from {url}: {what}")
 
@@ -61,8 +66,8 @@ def check_reply(url: str, vocab: int, h: dict, payload: memoryview, want: Expect
         raise bad(f"kind {clip(h.get('kind'))}, but a {kind} reply was asked for")
     if h.get("shape") != [n, cols] or not all(is_int(v) for v in h["shape"]):
         raise bad(f"shape {clip(h.get('shape'))}, expected [{n}, {cols}]")
-    if h.get("dtype") != "float32":
-        raise bad(f"dtype {clip(h.get('dtype'))}, expected 'float32'")
+    if h.get("dtype") != want.dtype:
+        raise bad(f"dtype {clip(h.get('dtype'))}, expected {want.dtype!r}")
     if not is_int(h.get("position")) or h["position"] != want.position:
         raise bad(f"position {clip(h.get('position'))}, expected {want.position} (the session is out of step)")
     ms = h.get("server_ms")  # reported only where the server's operator turned that on (`--expose-timing`)
@@ -77,7 +82,11 @@ def check_reply(url: str, vocab: int, h: dict, payload: memoryview, want: Expect
         picked = wire.tensor_from_bytes(tail, torch.float32, (n,))
         if not bool(torch.isfinite(picked).all()):
             raise bad("target logits are not finite")
-    if kind == "logits":
+    if kind == "hidden":  # the final hidden state (--head client): the caller's head makes the logits
+        logits = wire.tensor_from_bytes(payload, wire.DTYPES[want.dtype], (n, cols))
+        if not bool(torch.isfinite(logits).all()):
+            raise bad("hidden state contains NaN or infinite values")
+    elif kind == "logits":
         logits = wire.tensor_from_bytes(payload, torch.float32, (n, cols))
         if torch.isnan(logits).any() or torch.isposinf(logits).any():
             raise bad("logits contain NaN or +inf")

@@ -19,6 +19,7 @@ import torch
 from stip.client.bundle import ClientBundle
 from stip.client.constrained import Constraint, check_grammar, pick_constrained
 from stip.client.encoder import TaskError
+from stip.client.head import check_placement
 from stip.common.tasks import ONE_SHOT_TASKS
 from stip.client import vision
 from stip.client.logprobs import TokenLogprob, step_logprob
@@ -81,6 +82,8 @@ class Client:
         if served_mode != self.bundle.mode:
             raise KeyMismatchError(f"the server at {server_url} runs in {served_mode} mode, but this client bundle "
                                    f"({self.bundle.path}) is a {self.bundle.mode} bundle")
+        check_placement(server_url, health.get("head"), self.bundle.head, self.bundle.path)
+        self.connection.head = self.bundle.head  # --head client: sessions get hidden states, the head makes logits
         limits = [int(x) for x in (self.bundle.config.get("max_positions"), health.get("max_seq_len")) if x]
         self.max_positions = min(limits) if limits else 0  # the model's positions or the server's cap
         self.max_all_logits = int(health.get("max_all_logits") or 0)  # T x V one all-positions prefill may compute
@@ -310,6 +313,7 @@ class Client:
     @staticmethod
     def _account(tm: Timing, r, decode: bool) -> None:
         tm.rtt_ms += r.rtt_ms
+        tm.client_ms += r.head_ms  # --head client: the LM head's matmul is the client's compute
         tm.bytes_sent += r.bytes_sent
         tm.bytes_received += r.bytes_received
         reported = r.server_ms is not None  # the server's own time, only where its operator exposes it
@@ -319,6 +323,7 @@ class Client:
             tm.wire_ms = (tm.wire_ms or 0.0) + wire
         if decode:
             tm.steps += 1
+            tm.decode_client_ms += r.head_ms
             tm.decode_rtt_ms += r.rtt_ms
             if reported:
                 tm.decode_server_ms = (tm.decode_server_ms or 0.0) + r.server_ms

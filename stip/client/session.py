@@ -19,6 +19,7 @@ import torch
 
 from stip.client.errors import (StipAuthError, StipConnectionError, StipProtocolError, StipServerError, cert_error,
                                 server_error)
+from stip.client.head import check_placement
 from stip.client.http import ws_url
 from stip.client.replies import Expected, check_hello, check_reply
 from stip.common import wire
@@ -52,6 +53,7 @@ class StepResult:
     bytes_received: int
     logsumexp: torch.Tensor | None = None  # float32 [n], each row's logsumexp over all V logits (kind topk)
     target_logits: torch.Tensor | None = None  # float32 [n], each row's logit at the index asked for (`targets`)
+    head_ms: float = 0.0  # --head client: the client's own LM-head matmul (after the round trip, not in rtt_ms)
 
 
 def ws_connect(url: str, **kw):
@@ -132,6 +134,7 @@ class RemoteSession:
             if header.get("ok") is not True:
                 raise server_error(header)
             check_hello(self.connection.url, header)
+            check_placement(self.connection.url, header.get("head"), self.connection.head)
         except StipError:
             self._drop()
             raise
@@ -210,16 +213,20 @@ class RemoteSession:
         x = x.detach()
         if x.dtype != dtype:
             x = x.to(dtype)
-        extra = () if targets is None else (wire.tensor_bytes(targets.to(torch.int32).reshape(-1)),)
-        frame = wire.encode_frame(wire.request_header(op, x.shape, dtype, positions, downlink.header(),
-                                                      targets is not None), wire.tensor_bytes(x), *extra)
+        head = self.connection.head  # --head client: the server sends hidden rows, the client's head makes logits
+        sent_targets = targets if head is None else None
+        extra = () if sent_targets is None else (wire.tensor_bytes(targets.to(torch.int32).reshape(-1)),)
+        frame = wire.encode_frame(wire.request_header(op, x.shape, dtype, positions, downlink.header() if head is None
+                                                      else head.downlink(), sent_targets is not None),
+                                  wire.tensor_bytes(x), *extra)
         vocab = self.info.get("vocab_size", 0)
         rows = x.shape[0] if x.dim() == 2 else 1
         n = rows if (op == "prefill" and positions == "all") else 1
         cols = vocab if downlink.kind == "logits" else min(int(downlink.k), vocab)
         with self._lock:
             sent0, rcvd0 = self.bytes_sent, self.bytes_received
-            want = Expected(downlink.kind, n, cols, self.position + rows, targets is not None)
+            want = Expected(downlink.kind, n, cols, self.position + rows, targets is not None) if head is None else \
+                Expected("hidden", n, int(self.info["hidden_size"]), self.position + rows, dtype=head.wire_dtype)
             t0 = time.perf_counter()
             self._expect_reply(want.size)
             self._send(frame)
@@ -236,8 +243,13 @@ class RemoteSession:
                 self._drop()  # the session's state is unknown: never continue it
                 raise
             self.position = want.position
+            head_ms = 0.0
+            if head is not None:
+                t1 = time.perf_counter()
+                logits, indices, values, lse, picked = head.reply(out[0], downlink.kind, cols, targets)
+                out, head_ms = (logits, indices, values, lse, out[4], picked), (time.perf_counter() - t1) * 1000
         return StepResult(*out[:3], want.position, out[4], rtt, self.bytes_sent - sent0,
-                          self.bytes_received - rcvd0, out[3], out[5])
+                          self.bytes_received - rcvd0, out[3], out[5], head_ms)
 
     def prefill(self, embeds: torch.Tensor, positions: str = "last", downlink: Downlink = Downlink(),
                 dtype: torch.dtype = torch.float32, targets: torch.Tensor | None = None) -> StepResult:
@@ -275,7 +287,7 @@ class RemoteSession:
         reported = [p.server_ms for p in parts if p.server_ms is not None]
         return StepResult(logits, indices, values, last.position, sum(reported) if reported else None,
                           sum(p.rtt_ms for p in parts), sum(p.bytes_sent for p in parts),
-                          sum(p.bytes_received for p in parts), lse, picked)
+                          sum(p.bytes_received for p in parts), lse, picked, sum(p.head_ms for p in parts))
 
     def decode(self, embed: torch.Tensor, downlink: Downlink = Downlink(), dtype: torch.dtype = torch.float32
                ) -> StepResult:

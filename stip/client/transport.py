@@ -68,6 +68,8 @@ class Connection:
                             f"https:// (the server's --ssl-certfile, or a TLS proxy in front), or pass --insecure "
                             f"(insecure=True) to send it unencrypted anyway")
         self.http = HttpClient(self.url, timeout=timeout, ssl=self.ssl, ca_file=ca_file)
+        # --head client: the bundle's LM head (stip.client.head.ClientHead); its sessions then take hidden states
+        self.head = None
 
     def _headers(self) -> dict:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}

@@ -7,23 +7,29 @@ Request header (client -> server):
      "dtype": "float32" | "float16" | "bfloat16",
      "shape": [T, d]            (decode: [1, d] or [d]),
      "positions": "last" | "all"                  (prefill only; default "last"),
-     "downlink": {"kind": "logits"} | {"kind": "topk", "k": K},
+     "downlink": {"kind": "logits"} | {"kind": "topk", "k": K} | {"kind": "hidden", "dtype": "float32" | "float16"},
      "targets": true                              (optional; prefill with positions "all" only)}
     payload: the embeddings, C-contiguous, in `dtype`; with "targets", then int32 [T]: per position an index into
     the server's permuted vocabulary (or -1 for none) whose raw logit the reply also carries (prompt scoring: the
     client sends each position's next prompt token, mapped through its key, and gets its exact log-probability).
 
 Reply header (server -> client):
-    {"ok": true, "kind": "logits" | "topk" | "hello" | "closed", "shape": [n, V] or [n, K], "dtype": "float32",
+    {"ok": true, "kind": "logits" | "topk" | "hidden" | "hello" | "closed", "shape": [n, V], [n, K] or [n, d],
+     "dtype": "float32" (hidden: the dtype asked for),
      "position": tokens now in the session's KV cache; "server_ms": server compute time, only from a server started
      with `stip serve --expose-timing` (per-step times are a side channel on shared caches)}
     payload: logits: float32 [n, V]; topk: int32 indices [n, K], then float32 values [n, K], then float32
     logsumexp [n] of each row's full V logits (indices are in the server's permuted vocabulary order; the
     logsumexp is permutation-invariant, so values - logsumexp are the exact log-probabilities of those K tokens).
-    A request with "targets" gets, after that payload, float32 [n]: each row's logit at its target index (0 for -1).
+    hidden: [n, d] in the dtype asked for (float32 by default): the final normed hidden state of each row, in the
+    secret basis, before the LM head. Only a server whose bundle was protected with `--head client` (manifest
+    "head": "client") holds no LM head; it answers this downlink and no other, and every other server refuses it
+    (400). The client multiplies by the head its own bundle holds (stip.client.head) and goes on as with logits.
+    A request with "targets" gets, after that payload, float32 [n]: each row's logit at its target index (0 for -1);
+    a hidden downlink takes no targets (the client picks them from the logits it computes).
     The first frame on every new socket is a "hello" reply (no payload) naming the session:
     {"ok": true, "kind": "hello", "session": id, "position": n, "bundle_id": ..., "hidden_size": d, "vocab_size": V,
-     "max_seq_len": ..., "max_message_bytes": ..., "protocol": PROTOCOL_VERSION}
+     "max_seq_len": ..., "max_message_bytes": ..., "protocol": PROTOCOL_VERSION, "head": "server" | "client"}
     A client refuses a hello whose "protocol" differs from its own PROTOCOL_VERSION.
 Error reply: {"ok": false, "status": 4xx/5xx, "error": "message"} (no payload). After an error with `"fatal": true`
 the server closes the socket; otherwise the session is unchanged and the socket stays usable.
@@ -58,7 +64,8 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 OPS = ("prefill", "decode", "close")
 POSITIONS = ("last", "all")
-DOWNLINKS = ("logits", "topk")
+DOWNLINKS = ("logits", "topk", "hidden")
+HIDDEN_DTYPES = ("float32", "float16")  # what a hidden downlink may ask the final hidden state in
 
 _LITTLE = sys.byteorder == "little"
 

@@ -14,7 +14,7 @@ from stip.common.architectures import architecture_for, embedding_scale_of, task
 from stip.common.bundles.completeness import ROUND_TRIP, SERVER_DECODE
 from stip.common.files import write_json_atomic
 from stip.common.keys import DeveloperKey
-from stip.common.layout import CLIENT_CONFIG_FILE, MODEL_CONFIG_FILE
+from stip.common.layout import CLIENT_CONFIG_FILE, HEAD_CLIENT, HEAD_SERVER, MODEL_CONFIG_FILE
 from stip.developer.checkpoint import Checkpoint
 
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # copied into the client bundle
@@ -25,8 +25,9 @@ ID_FIELDS = ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids")
 UNMAPPED_ID_FIELDS = ("forced_decoder_ids", "force_words_ids", "sequence_bias", "forced_bos_token_id_map")
 
 
-def write_server_config(ck: Checkpoint, folder: Path, mode: str = ROUND_TRIP, key: DeveloperKey | None = None) -> None:
-    config = server_config(ck, mode)
+def write_server_config(ck: Checkpoint, folder: Path, mode: str = ROUND_TRIP, key: DeveloperKey | None = None,
+                        head: str = HEAD_SERVER) -> None:
+    config = server_config(ck, mode, head)
     gen = ck.generation_config()
     if mode == SERVER_DECODE:
         to_server = key.client.vocab.inverse_perm.tolist()
@@ -66,13 +67,16 @@ def _remap_ids(fields: dict, to_server: list[int], where: str) -> dict:
     return fields
 
 
-def server_config(ck: Checkpoint, mode: str = ROUND_TRIP):
+def server_config(ck: Checkpoint, mode: str = ROUND_TRIP, head: str = HEAD_SERVER):
     """The model's own config. Round-trip: untied (the server has the LM head, the client the embedding).
     Server-decode: tied as the model is (the server has both); special ids are remapped by the caller. A model whose
-    server runs only part of it (LLaVA: its language model) gets that part's config."""
+    server runs only part of it (LLaVA: its language model) gets that part's config. `head` "client": no final
+    logit soft-capping (the server returns hidden states; the client caps the logits it computes)."""
     config = copy.deepcopy(_language_config(ck))
     if mode == ROUND_TRIP:
         config.tie_word_embeddings = False
+    if head == HEAD_CLIENT and getattr(config, "final_logit_softcapping", None) is not None:
+        config.final_logit_softcapping = None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
@@ -91,12 +95,16 @@ def _language_config(ck: Checkpoint):
 
 
 def write_client_configs(ck: Checkpoint, client: Path, embedding: dict[str, tuple[int, ...]], bundle_id: str,
-                         mode: str, harden: tuple[str, ...], noise: float, tokenizer) -> None:
+                         mode: str, harden: tuple[str, ...], noise: float, tokenizer, head: str = HEAD_SERVER) -> None:
     """Everything the client bundle holds besides its key and tensors: its own config, the model's config, the
-    tokenizer and the files the client runs on its side (image processor, sentence-transformers pipeline)."""
+    tokenizer and the files the client runs on its side (image processor, sentence-transformers pipeline). `head`
+    "client": where the LM head is, and the soft-capping the client then applies to the logits it computes."""
+    extra = {"head": head}
+    if head == HEAD_CLIENT:
+        extra["final_logit_softcapping"] = getattr(_language_config(ck), "final_logit_softcapping", None)
     write_json_atomic(client / CLIENT_CONFIG_FILE,
                       {**_client_config(ck, embedding, bundle_id, mode), "harden": list(harden),
-                       "noise": float(noise)})
+                       "noise": float(noise), **extra})
     write_json_atomic(client / MODEL_CONFIG_FILE, ck.config.to_dict())
     if tokenizer is not None:
         tokenizer.save_pretrained(client)

@@ -9,6 +9,8 @@ import stip.errors
 from stip.common.architectures import Architecture
 from stip.common.bundles.completeness import ROUND_TRIP
 from stip.common.keys import HARDEN_OPTIONS
+from stip.common.layout import HEAD_CLIENT, HEADS
+from stip.common.tasks import SESSION_TASKS
 
 
 class HardenOptionError(stip.errors.StipError, ValueError):
@@ -43,3 +45,22 @@ def resolve_harden(arch: Architecture, model_type: str, harden, noise: float, mo
         raise HardenOptionError(f"--harden and --noise need round-trip mode without --tee (the client embeds); "
                                 f"not {what}")
     return tuple(o for o in HARDEN_OPTIONS if o in asked)
+
+
+def check_head(head: str, mode: str, tee: bool, task: str) -> str:
+    """`stip protect --head`: "server" (the default) or "client" (docs/head-client.md), which needs a causal LM in
+    round-trip mode without --tee; refused otherwise, saying why."""
+    if head not in HEADS:
+        raise HardenOptionError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head != HEAD_CLIENT:
+        return head
+    if mode != ROUND_TRIP:
+        raise HardenOptionError(f"--head client needs round-trip mode, not {mode}: in {mode} mode the server "
+                                "samples the next token, so it must hold the LM head")
+    if tee:
+        raise HardenOptionError("--head client does not combine with --tee: in TEE mode the enclave holds the LM "
+                                "head and computes the logits, and the GPU worker never gets it")
+    if task not in SESSION_TASKS:
+        raise stip.errors.UnsupportedModelError(f"--head client moves a causal LM's head to the client; this is a "
+                                                f"{task} model, which has no LM head to move")
+    return head

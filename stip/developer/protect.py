@@ -25,16 +25,16 @@ from stip.common.bundles.manifest import MANIFEST_NAME, read_manifest, write_man
 from stip.common.files import staged_directory
 from stip.common.keys import DeveloperKey
 from stip.common.layout import (CLIENT_DIR, CLIENT_KEY_FILE, CLIENT_MODULE_DIR, DEVELOPER_DIR, DEVELOPER_KEY_FILE,
-                                EMBEDDING_FILE, SERVER_DIR)
+                                EMBEDDING_FILE, HEAD_FILE, HEAD_SERVER, SERVER_DIR)
 from stip.common.tasks import IMAGE_TEXT_TO_TEXT, ONE_SHOT_TASKS
 from stip.common.transforms import KeyRng
 from stip.developer.bundle_configs import (ID_FIELDS, PROCESSOR_FILES, UNMAPPED_ID_FIELDS, write_client_configs,
                                            write_server_config)
 from stip.developer.checkpoint import Checkpoint
 from stip.developer.fold import NormFolder
-from stip.developer.harden_options import HardenOptionError, resolve_harden
-from stip.developer.protect_tensors import (MODES, SERVER_DECODE_ROWS, check_checkpoint, placements, protect_state_dict,
-                                            protect_tensor)
+from stip.developer.harden_options import HardenOptionError, check_head, resolve_harden
+from stip.developer.protect_tensors import (HEAD, MODES, SERVER_DECODE_ROWS, check_checkpoint, placements,
+                                            protect_state_dict, protect_tensor)
 from stip.developer.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from stip.errors import KeyMismatchError
 
@@ -55,6 +55,7 @@ class ProtectResult:
     tee: dict | None = None  # --tee: {"measurement", "platform_pin", "attestation", "pcrs"} (stip.developer.tee)
     harden: tuple[str, ...] = ()  # the hardening options applied (docs/hardened.md)
     noise: float = 0.0
+    head: str = HEAD_SERVER  # where the LM head is: "server", or "client" (--head client, docs/head-client.md)
 
     @property
     def server(self) -> Path:
@@ -79,7 +80,7 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
             signing_key: str | Path | signing.Ed25519PrivateKey | None = None,
             mode: str = ROUND_TRIP, tee: bool = False, platform_key: str | Path | None = None,
             harden: str | tuple[str, ...] | list[str] = (), noise: float = 0.0, attestation: str = "simulated",
-            pcrs: dict[str, str] | None = None) -> ProtectResult:
+            pcrs: dict[str, str] | None = None, head: str = HEAD_SERVER) -> ProtectResult:
     """Protect `model` (HF folder or .gguf file) into `out/{server,client,developer}`.
 
     `mode`: "round-trip" (the server gets no embedding table; clients embed and sample) or "server-decode" (the
@@ -96,9 +97,12 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
     `harden`: hardened modes (docs/hardened.md), options of "mix", "rope", "vo", "ffn", or "all" (every option the
     family supports); `noise`: the client adds Gaussian noise of `noise` times the embedding table's RMS to every
     embedding row it sends (lossy). Both: LLaMA-family and GPT-2 models, round-trip mode; off by default.
+    `head`: "client" keeps the LM head out of the server bundle; the client bundle holds it (float16) and the server
+    returns the final hidden state (docs/head-client.md). Causal LMs in round-trip mode without `tee`, any harden.
     """
     pcrs = _check_mode_and_tee(mode, tee, attestation, pcrs)
     ck, arch = _open_checkpoint(model, mode)
+    head = check_head(head, mode, tee, task_of(ck.config))
     geometry = geometry_of(ck.config)
     harden = resolve_harden(arch, ck.config.model_type, harden, noise, mode, tee)
     key = _reused_key(key, harden)
@@ -112,30 +116,30 @@ def protect(model: str | Path, out: str | Path, *, key: str | Path | DeveloperKe
     harden = resolve_harden(arch, ck.config.model_type, key.harden, noise, mode, tee)  # a reused key's own modes
     bundle_id = key.client.bundle_id
     tied = _is_tied(ck, arch)
-    check_checkpoint(ck, arch, tied, mode)
+    check_checkpoint(ck, arch, tied, mode, head)
     tokenizer = ck.load_tokenizer()
     folder = NormFolder.build(arch, geometry.layers, [n for n, _ in ck.shapes()], ck.read) \
         if key.client.mixed else None
-    plan = _Plan(ck, arch, key, mode, tied, folder)
+    plan = _Plan(ck, arch, key, mode, tied, folder, head)
 
     with staged_directory(Path(out), overwrite=overwrite) as stage:
         server, client, developer = (stage / d for d in (SERVER_DIR, CLIENT_DIR, DEVELOPER_DIR))
         for d in (server, client, developer):
             d.mkdir()
         server_bytes, embedding = _write_tensors(model, plan, server, client, max_shard_bytes, progress)
-        write_server_config(ck, server, mode, key)
+        write_server_config(ck, server, mode, key, head)
         client_fp = key.client.save(client / CLIENT_KEY_FILE)
-        write_client_configs(ck, client, embedding, bundle_id, mode, harden, noise, tokenizer)
+        write_client_configs(ck, client, embedding, bundle_id, mode, harden, noise, tokenizer, head)
         developer_fp = key.save(developer / DEVELOPER_KEY_FILE)
         signing.save_signing_key(signing_key, developer / signing.SIGNING_KEY_FILE)
         _set_modes(stage, client, developer)
         common = {"stip_version": stip.__version__, "model_type": ck.config.model_type, "mode": mode,
-                  "harden": list(harden), "noise": float(noise)}
+                  "harden": list(harden), "noise": float(noise), "head": head}
         _write_manifests(stage, bundle_id, common, signing_key, client_fp, developer_fp)
         tee_info = _write_tee(model, ck, stage, bundle_id, signing_key, platform_key, attestation, pcrs) \
             if tee else None
     return ProtectResult(Path(out), bundle_id, client_fp, developer_fp, server_bytes,
-                         signing.signer_info(signing_key), new_signer, tee_info, harden, float(noise))
+                         signing.signer_info(signing_key), new_signer, tee_info, harden, float(noise), head)
 
 
 def _check_mode_and_tee(mode: str, tee: bool, attestation: str, pcrs: dict[str, str] | None) -> dict | None:
@@ -188,6 +192,7 @@ class _Plan:
     mode: str
     tied: bool  # the checkpoint stores the LM head once, as the token embedding
     folder: NormFolder | None  # --harden mix: the norms folded into their consumers
+    head: str = HEAD_SERVER  # --head client: the LM head goes to the client bundle (HEAD_FILE), not the server's
 
 
 def _is_tied(ck: Checkpoint, arch: Architecture) -> bool:
@@ -209,9 +214,11 @@ def _write_tensors(model: str | Path, plan: _Plan, server: Path, client: Path, m
         if rule.party == CLIENT and rule.client_name is not None:
             embedding[rule.client_name] = tuple(tensor.shape)
         for party, out_name, t in protect_tensor(plan.arch, plan.key, name, tensor, plan.tied, plan.mode,
-                                                 plan.folder):
+                                                 plan.folder, plan.head):
             if party == SERVER:
                 writer.add(out_name, t)
+            elif party == HEAD:
+                _write_head(client, t)
             elif rule.client_module is not None:
                 if module_writer is None:
                     (client / CLIENT_MODULE_DIR).mkdir()
@@ -227,6 +234,15 @@ def _write_tensors(model: str | Path, plan: _Plan, server: Path, client: Path, m
     if "token" not in embedding and module_writer is None:
         raise stip.errors.UnsupportedModelError(f"{model} has no token embedding tensor")
     return writer.total, embedding
+
+
+def _write_head(client: Path, head) -> None:
+    """--head client: the protected LM head (float16, [V, d], rows in the server's vocabulary order) as one
+    safetensors file, which the client memory-maps (stip.client.head)."""
+    if not bool(head.isfinite().all()):
+        raise stip.errors.UnsupportedModelError("--head client: the LM head overflows float16 (a weight beyond "
+                                                "65504); this model cannot keep its head on the client in float16")
+    save_file({"weight": head.contiguous()}, str(client / HEAD_FILE))
 
 
 def _write_manifests(stage: Path, bundle_id: str, common: dict, signing_key: signing.Ed25519PrivateKey,

@@ -13,6 +13,7 @@ import torch
 from stip.common.architectures import CLIENT, DROP, LM_HEAD, SERVER, TOKEN_EMBEDDING, Architecture, Placement
 from stip.common.bundles.completeness import ROUND_TRIP, SERVER_DECODE, check_server_tensors
 from stip.common.keys import DeveloperKey
+from stip.common.layout import HEAD_CLIENT, HEAD_SERVER
 from stip.developer.bundle_configs import server_config
 from stip.developer.checkpoint import Checkpoint
 from stip.developer.fold import LINEAR, NormFolder
@@ -23,6 +24,12 @@ MODES = (ROUND_TRIP, SERVER_DECODE)
 # Server-decode mode: the server also gets the client's tensors (transformed by their own rule's axes), and a
 # tensor with one of these roles gets its rows permuted into this space too (the token embedding: rows in `pc`).
 SERVER_DECODE_ROWS = {TOKEN_EMBEDDING: "vocab"}
+HEAD = "head"  # --head client: the party `protect_tensor` names for the LM head, protected as the server's would be
+
+
+def _to_client_head(p: Placement, head: str) -> bool:
+    """Whether a server placement is the LM head that --head client moves to the client bundle."""
+    return head == HEAD_CLIENT and p.party == SERVER and p.rule.role == LM_HEAD
 
 
 def placements(arch: Architecture, name: str, tied: bool, mode: str = ROUND_TRIP) -> list[Placement]:
@@ -46,17 +53,25 @@ def placements(arch: Architecture, name: str, tied: bool, mode: str = ROUND_TRIP
 
 
 def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: torch.Tensor,
-                   tied: bool, mode: str = ROUND_TRIP,
-                   folder: NormFolder | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
+                   tied: bool, mode: str = ROUND_TRIP, folder: NormFolder | None = None,
+                   head: str = HEAD_SERVER) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield (party, name, tensor) for one checkpoint tensor, following its architecture's rule.
 
     Client tensors (the embedding module) are passed on unchanged: the client applies `p` to them when it loads its
     bundle. A tied embedding also yields the server's LM head, transformed as the LM head's own rule says. In
     server-decode mode everything goes to the server (see `placements`). `folder` (--harden mix): norms folded into
-    their consumers first; a hardened key's dense transforms are computed in float64 and rounded once.
+    their consumers first; a hardened key's dense transforms are computed in float64 and rounded once. `head`
+    "client": the LM head is yielded to party HEAD instead of SERVER, transformed as the server's would be, in
+    float16.
     """
     dense = folder is not None or key.harden
     for p in placements(arch, name, tied, mode):
+        if _to_client_head(p, head):
+            t = tensor.double() if dense else tensor
+            if folder is not None:
+                t = folder.fold(p.name, p.rule, t)[1]
+            yield HEAD, p.name, _transform(p.rule.axes, key, p.layer, t).to(torch.float16)  # rounded once
+            continue
         if p.party == SERVER and not p.zeros and p.expert is None and dense:
             t = tensor.double()
             kind = LINEAR
@@ -77,27 +92,34 @@ def protect_tensor(arch: Architecture, key: DeveloperKey, name: str, tensor: tor
             yield SERVER, p.name, _transform(p.rule.axes, key, p.layer, tensor)
 
 
-def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str = ROUND_TRIP) -> None:
+def check_checkpoint(ck: Checkpoint, arch: Architecture, tied: bool, mode: str = ROUND_TRIP,
+                     head: str = HEAD_SERVER) -> None:
     """Before anything is written: the server bundle this checkpoint makes (names and shapes, read from the
     checkpoint's headers) must be exactly what the server's model class loads, and the client must get the token
-    embedding. Otherwise transformers would fill the gap with random weights on the server, silently."""
+    embedding (and with `head` "client" the LM head). Otherwise transformers would fill the gap with random weights
+    on the server, silently."""
     outputs: dict[tuple[str, str], str] = {}  # (party, output name) -> checkpoint name
     server: dict[str, tuple[int, ...]] = {}
-    has_token = False
+    has_token = has_head = False
     for name, shape in ck.shapes():
         rule = arch.match(name).rule  # the client embeds the input: a token table or a client-side module
         has_token |= rule.role == TOKEN_EMBEDDING or rule.client_module is not None
         for p in placements(arch, name, tied, mode):
-            if (p.party, p.name) in outputs:
-                raise TensorSetError(f"{ck.path}: tensors {outputs[p.party, p.name]!r} and {name!r} are the same "
+            party = HEAD if _to_client_head(p, head) else p.party
+            if (party, p.name) in outputs:
+                raise TensorSetError(f"{ck.path}: tensors {outputs[party, p.name]!r} and {name!r} are the same "
                                      f"tensor ({p.name!r}) named twice")
-            outputs[p.party, p.name] = name
-            if p.party == SERVER:
+            outputs[party, p.name] = name
+            has_head |= party == HEAD
+            if party == SERVER:
                 server[p.name] = shape
     if not has_token:
         raise TensorSetError(f"{ck.path} has no token embedding tensor (nor an input embeddings module)")
-    check_server_tensors(server_config(ck, mode), server, f"checkpoint {ck.path}",
-                         {out: src for (party, out), src in outputs.items() if party == SERVER}, mode=mode)
+    if head == HEAD_CLIENT and not has_head:
+        raise TensorSetError(f"{ck.path} has no LM head for --head client to give the client")
+    check_server_tensors(server_config(ck, mode, head), server, f"checkpoint {ck.path}",
+                         {out: src for (party, out), src in outputs.items() if party == SERVER}, mode=mode,
+                         head=head)
 
 
 def protect_state_dict(arch: Architecture, key: DeveloperKey, state: dict[str, torch.Tensor],

@@ -37,8 +37,8 @@ TEE_DIRS = ("enclave", "tee-client")
 
 
 def old_options(old: Path, trusted: Trusted = None) -> dict:
-    """What the protected folder `old` was protected with: {"mode", "harden", "noise", "model_type", "bundle_id",
-    "tee"}, from its developer manifest (signature and file hashes checked) and its client config."""
+    """What the protected folder `old` was protected with: {"mode", "harden", "head", "noise", "model_type",
+    "bundle_id", "tee"}, from its developer manifest (signature and file hashes checked) and its client config."""
     developer = old / DEVELOPER_DIR
     if not (developer / DEVELOPER_KEY_FILE).is_file():
         raise BundleError(f"{old} holds no developer bundle ({DEVELOPER_DIR}/{DEVELOPER_KEY_FILE}): rekey needs the "
@@ -50,6 +50,7 @@ def old_options(old: Path, trusted: Trusted = None) -> dict:
     harden = manifest.get("harden", config.get("harden")) or []
     harden = harden.split(",") if isinstance(harden, str) else list(harden)
     return {"mode": manifest.get("mode", config.get("mode", "round-trip")), "harden": tuple(harden),
+            "head": manifest.get("head", config.get("head", "server")),
             "noise": float(manifest.get("noise", config.get("noise")) or 0.0),
             "model_type": manifest.get("model_type"), "bundle_id": manifest.get("bundle_id"),
             "tee": [d + "/" for d in TEE_DIRS if (old / d).exists()]}
@@ -122,8 +123,8 @@ def rekey(model: str | Path, old: str | Path, out: str | Path, *, overwrite: boo
     check_same_model(ck, old, options)
     kwargs: dict = {"mode": options["mode"]}
     accepted = inspect.signature(protect).parameters
-    for name in ("harden", "noise"):
-        if options[name]:
+    for name in ("harden", "noise", "head"):
+        if options[name] and options[name] != "server":  # the defaults need no option
             if name not in accepted:
                 raise StipError(f"{old} was protected with --{name} {options[name]}, which this STIP's protect does "
                                 f"not know: upgrade it")

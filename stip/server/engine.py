@@ -163,8 +163,8 @@ class TransformersEngine(Engine):
         self.manifest = manifest or {}
         self.model_type = str(getattr(cfg, "model_type", "unknown"))
         self.hidden_size = int(self.config.hidden_size)
-        out = model.get_output_embeddings()
-        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(self.config.vocab_size)
+        out = getattr(model.get_output_embeddings(), "weight", None)  # none: --head client (an identity head)
+        self.vocab_size = int(out.shape[0]) if out is not None else int(self.config.vocab_size)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         maxpos = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from stip.common.bundles.manifest import listed_view, read_manifest
 from stip.common.signing import Trusted
 from stip.common.bundles.completeness import ROUND_TRIP, check_server_tensors, client_only, zeroed
+from stip.common.layout import HEAD_CLIENT, HEAD_SERVER
 from stip.errors import BundleError, TensorSetError
 
 
@@ -24,8 +25,10 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     never used (every request brings its own embeddings), and we drop it to free the memory. Any other tensor
     transformers would fill or drop is refused, before loading (the shard headers) and after (its loading report):
     a model that loads with a random LM head serves garbage without an error. A server-decode bundle
-    (manifest "mode") holds its permuted input embedding and keeps it. transformers reads the bundle through a view
-    of its signed files only (it prefers a `model.safetensors` to an index, whoever put it there).
+    (manifest "mode") holds its permuted input embedding and keeps it. A `--head client` bundle (manifest "head")
+    holds no LM head either: the model's head becomes the identity, so its "logits" are the final normed hidden
+    state, which the client multiplies by the head it holds. transformers reads the bundle through a view of its
+    signed files only (it prefers a `model.safetensors` to an index, whoever put it there).
     """
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
@@ -38,7 +41,9 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
     check_worker_mode(bundle, manifest, tee_worker)  # a TEE worker bundle only as --tee-worker, and vice versa
     mode = manifest.get("mode", ROUND_TRIP)
     mode = ROUND_TRIP if mode == TEE_WORKER_MODE else mode  # its tensor set is a round-trip bundle's
-    check_server_tensors(config, shard_shapes(bundle, manifest["files"]), where=f"server bundle {bundle}", mode=mode)
+    head = manifest.get("head", HEAD_SERVER)
+    check_server_tensors(config, shard_shapes(bundle, manifest["files"]), where=f"server bundle {bundle}", mode=mode,
+                         head=head)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its "embedding was newly initialized" report is expected; the rest is checked
     try:
@@ -49,7 +54,9 @@ def load_protected_model(bundle: str | Path, dtype: torch.dtype = torch.float32,
                                                                **eager)
     finally:
         hf_logging.set_verbosity(verbosity)
-    _check_loading_info(bundle, config, info, mode)
+    _check_loading_info(bundle, config, info, mode, head)
+    if head == HEAD_CLIENT:  # the random head transformers filled in goes: the "logits" are the hidden state
+        model.set_output_embeddings(torch.nn.Identity())
     state = model.state_dict()
     for name in sorted(zeroed(config, state, mode)):
         if torch.count_nonzero(state[name]):
@@ -113,10 +120,10 @@ def shard_shapes(bundle: Path, signed_files) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_loading_info(bundle: Path, config, info: dict, mode: str = ROUND_TRIP) -> None:
-    """transformers' own report: only the input embedding may be missing (round-trip mode); nothing unexpected or
-    mismatched."""
-    missing = set(info.get("missing_keys") or ()) - client_only(config, info.get("missing_keys") or (), mode)
+def _check_loading_info(bundle: Path, config, info: dict, mode: str = ROUND_TRIP, head: str = HEAD_SERVER) -> None:
+    """transformers' own report: only the input embedding (round-trip mode) and the LM head (--head client) may be
+    missing; nothing unexpected or mismatched."""
+    missing = set(info.get("missing_keys") or ()) - client_only(config, info.get("missing_keys") or (), mode, head)
     for kind, names in (("lacks tensor", missing), ("has unexpected tensor", info.get("unexpected_keys")),
                         ("has a wrong-shaped tensor", info.get("mismatched_keys")),
                         ("failed to load", info.get("error_msgs"))):

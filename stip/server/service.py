@@ -21,15 +21,16 @@ from dataclasses import dataclass
 import torch
 
 from stip.common import wire
+from stip.common.layout import HEAD_SERVER
 from stip.common.tasks import TEXT_GENERATION
 from stip.server.auth import REVOCATION_POLL, Authenticator, AuthError, Principal
 from stip.server.budget import Admission, AdmissionError, Quota
-from stip.server.engine import Engine, TokenEngine, TopK
+from stip.server.engine import Engine, TokenEngine
 from stip.server.generations import Generations
 from stip.server.key_usage import KeyUsage
 from stip.server.metrics import Metrics
 from stip.server.sessions import Session, SessionManager
-from stip.server.step_request import StepError, parse_step, short_repr
+from stip.server.step_request import StepError, parse_step, reply_parts, short_repr
 
 log = logging.getLogger("stip.server")
 
@@ -76,6 +77,8 @@ class StipService:
             limit = min(limit, engine.max_positions)
         self.max_seq_len = limit
         self.mode = "server-decode" if isinstance(engine, TokenEngine) else "round-trip"
+        # where the LM head is (`stip protect --head`): "client" -> the engine's "logits" are the final hidden state
+        self.head = (getattr(engine, "manifest", None) or {}).get("head", HEAD_SERVER)
         self.task = getattr(engine, "task", TEXT_GENERATION)  # one-shot engines (stip.server.encoder) say theirs
         self.max_message_bytes = settings.max_message_bytes or (limit * (getattr(engine, "hidden_size", 0) or 1) * 4
                                                                 + HEADER_SLACK)
@@ -164,7 +167,7 @@ class StipService:
                 "task": self.task,
                 "hidden_size": getattr(e, "hidden_size", None), "vocab_size": e.vocab_size,
                 "signer": (getattr(e, "manifest", None) or {}).get("signer", {}).get("fingerprint"),
-                "protocol": wire.PROTOCOL_VERSION, "max_seq_len": self.max_seq_len,
+                "protocol": wire.PROTOCOL_VERSION, "head": self.head, "max_seq_len": self.max_seq_len,
                 "max_message_bytes": self.max_message_bytes, "max_all_logits": self.settings.max_all_logits,
                 "session_ttl": self.settings.session_ttl, "kv_budget_tokens": self.admission.total,
                 "client": who.name, "sessions": u.sessions, "kv_tokens": u.tokens,
@@ -184,7 +187,7 @@ class StipService:
         return {"ok": True, "kind": "hello", "session": s.id, "position": s.position, "bundle_id": self.bundle_id,
                 "hidden_size": self.engine.hidden_size, "vocab_size": self.engine.vocab_size,
                 "max_seq_len": self.max_seq_len, "max_message_bytes": self.max_message_bytes,
-                "protocol": wire.PROTOCOL_VERSION}
+                "protocol": wire.PROTOCOL_VERSION, "head": self.head}
 
     def drop_revoked(self) -> None:
         """Re-read the key file if it changed; free the sessions and cut the running generations of clients that
@@ -237,27 +240,11 @@ class StipService:
             raise StepError(500, f"internal error in the model ({type(e).__name__}); the session was dropped",
                             fatal=True) from None
         t = self.engine.length(s.state) - before
-        k = req["k"]
-        if isinstance(logits, TopK):  # parse_request allowed only top-k downlinks with k <= the engine's
-            parts = [wire.tensor_bytes(logits.indices[:, :k].to(torch.int32)),
-                     wire.tensor_bytes(logits.values[:, :k].contiguous()), wire.tensor_bytes(logits.logsumexp)]
-            shape, kind = [int(logits.values.shape[0]), k], "topk"
-        elif k:
-            values, indices = torch.topk(logits, k, dim=-1)
-            parts = [wire.tensor_bytes(indices.to(torch.int32)), wire.tensor_bytes(values),
-                     wire.tensor_bytes(torch.logsumexp(logits.float(), dim=-1))]
-            shape, kind = [int(logits.shape[0]), k], "topk"
-        else:
-            parts = [wire.tensor_bytes(logits)]
-            shape, kind = [int(n) for n in logits.shape], "logits"
-        if targets is not None:  # positions="all" on a full-logits engine (parse_step refused the others)
-            at = targets.to(logits.device).long()
-            picked = logits.float()[torch.arange(len(at), device=at.device), at.clamp(min=0)]
-            parts.append(wire.tensor_bytes(torch.where(at >= 0, picked, torch.zeros_like(picked))))
+        kind, shape, dtype, parts = reply_parts(logits, req, targets)
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.steps.labels(op).observe(ms / 1000)
         self.metrics.tokens.labels(op).inc(t)
-        header = {"ok": True, "kind": kind, "shape": shape, "dtype": "float32", "position": self.engine.length(s.state)}
+        header = {"ok": True, "kind": kind, "shape": shape, "dtype": dtype, "position": self.engine.length(s.state)}
         if self.settings.expose_timing:  # off by default: per-step times let a key holder probe shared caches
             header["server_ms"] = round(ms, 3)
         return header, parts

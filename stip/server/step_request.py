@@ -1,10 +1,15 @@
 """A session step's request frame, checked against the protocol and the session before anything runs: op, dtype,
 shape, payload size, positions, downlink, and the server's limits (max_seq_len, max_all_logits, reply size). Header
-checks only, on the event loop; a refusal is a `StepError` with its HTTP status."""
+checks only, on the event loop; a refusal is a `StepError` with its HTTP status. Then, once the step has run, the
+reply's parts (`reply_parts`)."""
 
 from __future__ import annotations
 
+import torch
+
 from stip.common import wire
+from stip.common.layout import HEAD_CLIENT, HEAD_SERVER
+from stip.server.engine import TopK
 from stip.server.sessions import Session
 
 
@@ -72,16 +77,7 @@ def parse_step(service, s: Session, data) -> tuple[str, dict, memoryview]:
     positions = header.get("positions", "last")
     if op == "prefill" and positions not in wire.POSITIONS:
         raise StepError(422, f"positions must be 'last' or 'all', got {short_repr(positions)}")
-    downlink = header.get("downlink", {"kind": "topk", "k": 64})
-    if not isinstance(downlink, dict) or downlink.get("kind") not in wire.DOWNLINKS:
-        raise StepError(422, f"downlink must be {{'kind': 'logits'}} or {{'kind': 'topk', 'k': K}}, "
-                             f"got {short_repr(downlink)}")
-    k = 0
-    if downlink["kind"] == "topk":
-        k = downlink.get("k", 64)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise StepError(422, f"top-k downlink needs an integer k >= 1, got {short_repr(k)}")
-        k = min(k, service.engine.vocab_size)
+    k, hidden = parse_downlink(service, header.get("downlink", {"kind": "topk", "k": 64}), targets)
     top_limit = getattr(service.engine, "max_top_k", None)  # an engine that returns `TopK`, never all V logits
     if top_limit is not None and (k == 0 or k > top_limit):
         raise StepError(400, f"this server's engine returns the top {top_limit} logits per step only: use a "
@@ -94,14 +90,51 @@ def parse_step(service, s: Session, data) -> tuple[str, dict, memoryview]:
         raise StepError(413, f"sequence would reach {s.position + t} tokens; this server's max_seq_len is "
                              f"{service.max_seq_len}")
     n = t if (op == "prefill" and positions == "all") else 1
-    check_reply_size(service, t, n, k, targets)
+    check_reply_size(service, t, n, k, targets, hidden)
     return op, {"dtype": dtype, "shape": shape, "all": positions == "all", "k": k, "tokens": t,
-                "targets": bool(targets)}, payload
+                "targets": bool(targets), "hidden": hidden}, payload
 
 
-def check_reply_size(service, t: int, n: int, k: int, targets: bool) -> None:
+def parse_downlink(service, downlink, targets: bool) -> tuple[int, torch.dtype | None]:
+    """(k, hidden dtype) of a step's downlink: k = 0 for all logits; a hidden downlink (the final hidden state, in
+    the dtype returned) only where the LM head is on the client, and only it there (`stip protect --head client`)."""
+    if not isinstance(downlink, dict) or downlink.get("kind") not in wire.DOWNLINKS:
+        raise StepError(422, f"downlink must be {{'kind': 'logits'}}, {{'kind': 'topk', 'k': K}} or "
+                             f"{{'kind': 'hidden'}}, got {short_repr(downlink)}")
+    kind = downlink["kind"]
+    if getattr(service, "head", HEAD_SERVER) == HEAD_CLIENT:
+        if kind != "hidden":
+            raise StepError(400, f"this server holds no LM head (its bundle was protected with --head client): it "
+                                 f"returns the final hidden state, not {kind}; request the hidden downlink, as a "
+                                 f"client with that `stip protect` run's client bundle does")
+        name = downlink.get("dtype", "float32")
+        if name not in wire.HIDDEN_DTYPES:
+            raise StepError(422, f"the hidden downlink's dtype must be one of {', '.join(wire.HIDDEN_DTYPES)}, got "
+                                 f"{short_repr(name)}")
+        if targets:
+            raise StepError(422, "a hidden downlink takes no targets: the client computes each position's logits "
+                                 "from the hidden state")
+        return 0, wire.DTYPES[name]
+    if kind == "hidden":
+        raise StepError(400, "this server holds the LM head and returns logits or top-k, not hidden states; the "
+                             "hidden downlink needs a bundle protected with --head client")
+    if kind == "logits":
+        return 0, None
+    k = downlink.get("k", 64)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise StepError(422, f"top-k downlink needs an integer k >= 1, got {short_repr(k)}")
+    return min(k, service.engine.vocab_size), None
+
+
+def check_reply_size(service, t: int, n: int, k: int, targets: bool, hidden: torch.dtype | None = None) -> None:
     """What the step would compute and send back, against --max-all-logits (n x V logits: a client scoring a long
-    prompt sends it in chunks) and the reply size limit."""
+    prompt sends it in chunks) and the reply size limit. A hidden downlink computes no logits: n x d values."""
+    if hidden is not None:
+        reply = n * service.engine.hidden_size * hidden.itemsize
+        if reply > service.settings.max_reply_bytes:
+            raise StepError(413, f"the reply would be {reply} bytes (over {service.settings.max_reply_bytes}); "
+                                 f"send fewer tokens per request or positions='last'")
+        return
     if n * service.engine.vocab_size > service.settings.max_all_logits:
         limit = service.settings.max_all_logits // service.engine.vocab_size
         raise StepError(413, f"positions='all' over {t} tokens would compute {t} x {service.engine.vocab_size} "
@@ -112,3 +145,30 @@ def check_reply_size(service, t: int, n: int, k: int, targets: bool) -> None:
     if reply > service.settings.max_reply_bytes:
         raise StepError(413, f"the reply would be {reply} bytes (over {service.settings.max_reply_bytes}); use a "
                              f"top-k downlink or positions='last'")
+
+
+def reply_parts(logits, req: dict, targets: torch.Tensor | None) -> tuple[str, list[int], str, list[bytes]]:
+    """(kind, shape, dtype name, payload parts) of a step's reply from what the engine returned: all logits, their
+    top k (with each row's logsumexp), an engine's own `TopK`, or (a hidden downlink, --head client) the final
+    hidden state the engine's identity head returned; then, with targets, each row's logit at its target."""
+    k = req["k"]
+    if req.get("hidden") is not None:  # parse_step allowed it only where the engine's head is the identity
+        return "hidden", [int(n) for n in logits.shape], wire.DTYPE_NAMES[req["hidden"]], \
+            [wire.tensor_bytes(logits.to(req["hidden"]))]
+    if isinstance(logits, TopK):  # parse_step allowed only top-k downlinks with k <= the engine's
+        parts = [wire.tensor_bytes(logits.indices[:, :k].to(torch.int32)),
+                 wire.tensor_bytes(logits.values[:, :k].contiguous()), wire.tensor_bytes(logits.logsumexp)]
+        shape, kind = [int(logits.values.shape[0]), k], "topk"
+    elif k:
+        values, indices = torch.topk(logits, k, dim=-1)
+        parts = [wire.tensor_bytes(indices.to(torch.int32)), wire.tensor_bytes(values),
+                 wire.tensor_bytes(torch.logsumexp(logits.float(), dim=-1))]
+        shape, kind = [int(logits.shape[0]), k], "topk"
+    else:
+        parts = [wire.tensor_bytes(logits)]
+        shape, kind = [int(n) for n in logits.shape], "logits"
+    if targets is not None:  # positions="all" on a full-logits engine (parse_step refused the others)
+        at = targets.to(logits.device).long()
+        picked = logits.float()[torch.arange(len(at), device=at.device), at.clamp(min=0)]
+        parts.append(wire.tensor_bytes(torch.where(at >= 0, picked, torch.zeros_like(picked))))
+    return kind, shape, "float32", parts

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from stip.common.bundles.manifest import MANIFEST_NAME
 from stip.errors import StipError
 from stip.server.vllm_options import _import_vllm, _on_cpu, cpu_env_defaults
 
@@ -27,6 +28,7 @@ def _verified_config(bundle: Path, trusted):
     from stip.common.tee.layout import check_worker_mode
 
     check_worker_mode(bundle, manifest, tee_worker=False)  # a TEE worker bundle runs only as --tee-worker
+    refuse_head_client(bundle, manifest)
     config = AutoConfig.from_pretrained(bundle)
     mode = manifest.get("mode", ROUND_TRIP)
     shapes = shard_shapes(bundle, manifest["files"])
@@ -38,6 +40,21 @@ def _verified_config(bundle: Path, trusted):
             raise TensorSetError(f"server bundle {bundle}: tensor {name!r} must be all zeros (the client adds it), "
                                  "but holds non-zero values")
     return manifest, config, shapes
+
+
+def refuse_head_client(bundle: Path, manifest: dict | None = None) -> None:
+    """vLLM cannot serve a `--head client` bundle: refused by name (before vLLM is imported, from the manifest as
+    written; again once its signature is checked)."""
+    if manifest is None:
+        try:
+            manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+        except (OSError, ValueError):
+            return  # not readable here: the verified read names what is wrong
+    if isinstance(manifest, dict) and manifest.get("head", "server") != "server":
+        raise StipError(f"server bundle {bundle} holds no LM head (stip protect --head client): its server returns "
+                        "the final hidden state of each step, which vLLM's generation API does not return (it "
+                        "samples from logits and reports log-probabilities only); serve it with --engine "
+                        "transformers (docs/head-client.md)")
 
 
 def _weight_map(bundle: Path) -> dict[str, str]:
@@ -64,6 +81,7 @@ def open_vllm_bundle(bundle, device: str = "cpu", options: dict | None = None, t
     manifest, config, shapes, options, whether the bundle is server-decode)."""
     from stip.common.bundles.completeness import ROUND_TRIP, SERVER_DECODE
 
+    refuse_head_client(Path(bundle))
     _import_vllm()
     options = dict(options or {})
     if _on_cpu():

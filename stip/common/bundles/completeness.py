@@ -13,7 +13,8 @@ from typing import Mapping
 
 import torch
 
-from stip.common.architectures import CLIENT, TOKEN_EMBEDDING, architecture_for
+from stip.common.architectures import CLIENT, LM_HEAD, TOKEN_EMBEDDING, architecture_for
+from stip.common.layout import HEAD_CLIENT, HEAD_SERVER
 from stip.errors import TensorSetError, UnsupportedModelError
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -72,10 +73,11 @@ def model_class(config):
     return cls
 
 
-def client_only(config, names, mode: str = ROUND_TRIP) -> set[str]:
+def client_only(config, names, mode: str = ROUND_TRIP, head: str = HEAD_SERVER) -> set[str]:
     """The client's tensors among `names` (the token embedding, and every tensor of a client-side module such as
-    BERT's embeddings or LLaVA's vision tower): what a round-trip server never gets, found by their rules. Tables the
-    server holds as zeros are not among them. A server-decode server gets every tensor."""
+    BERT's embeddings or LLaVA's vision tower; with `head` "client", the LM head too): what a round-trip server
+    never gets, found by their rules. Tables the server holds as zeros are not among them. A server-decode server
+    gets every tensor."""
     if mode == SERVER_DECODE:
         return set()
     arch = architecture_for(config)
@@ -84,7 +86,8 @@ def client_only(config, names, mode: str = ROUND_TRIP) -> set[str]:
         rule = _rule(arch, n)
         if rule is None:
             continue
-        if rule.role == TOKEN_EMBEDDING or (rule.party == CLIENT and not rule.zeroed_on_server):
+        if rule.role == TOKEN_EMBEDDING or (rule.party == CLIENT and not rule.zeroed_on_server) \
+                or (head == HEAD_CLIENT and rule.role == LM_HEAD):
             out.add(n)
     return out
 
@@ -99,14 +102,17 @@ def zeroed(config, names, mode: str = ROUND_TRIP) -> set[str]:
 
 
 def check_server_tensors(config, got: Shapes, where: str, sources: Mapping[str, str] | None = None,
-                         mode: str = ROUND_TRIP) -> None:
+                         mode: str = ROUND_TRIP, head: str = HEAD_SERVER) -> None:
     """Refuse unless `got` (name -> shape) is exactly what the server model needs: every tensor of the model class
-    (but the input embedding, in round-trip mode), under the class's names, with its shapes. The error names the
-    first offending tensor (and, from `sources`, the checkpoint tensor it was made from where that name differs)."""
+    (but the input embedding, in round-trip mode, and the LM head with `head` "client"), under the class's names,
+    with its shapes. The error names the first offending tensor (and, from `sources`, the checkpoint tensor it was
+    made from where that name differs)."""
     if mode not in (ROUND_TRIP, SERVER_DECODE):
         raise TensorSetError(f"{where}: unknown bundle mode {mode!r}")
+    if head not in (HEAD_SERVER, HEAD_CLIENT) or (head == HEAD_CLIENT and mode != ROUND_TRIP):
+        raise TensorSetError(f"{where}: LM head placement {head!r} is not one a {mode} bundle can have")
     expected = expected_tensors(config)
-    skip = client_only(config, expected, mode)
+    skip = client_only(config, expected, mode, head)
     class_name = (getattr(config, "architectures", None) or [config.model_type])[0]
 
     def label(name: str) -> str:
@@ -115,8 +121,10 @@ def check_server_tensors(config, got: Shapes, where: str, sources: Mapping[str, 
 
     for name in sorted(got):
         if name in skip:
-            raise TensorSetError(f"{where} holds the input embedding {label(name)}, which must never reach the "
-                                 "server")
+            what = "the LM head" if head == HEAD_CLIENT and name not in client_only(config, [name], mode) \
+                else "the input embedding"
+            raise TensorSetError(f"{where} holds {what} {label(name)}, which must never reach the server"
+                                 + (" (--head client)" if what == "the LM head" else ""))
         if name not in expected:
             raise TensorSetError(f"{where} has unexpected tensor {label(name)} {list(got[name])}: {class_name} has "
                                  "no such parameter for this config, so it would be silently dropped")
