@@ -14,9 +14,10 @@ interleaved (ABC CBA ...) for `--repeats` rounds, greedy, the same prompt:
                   one place every enclave<->worker message can be timed and counted, so the breakdown comes from it.
 Per-token figures are decode steps only ((total - time to first token) / steps); prefill is apart. Medians with the
 range over repeats; ratios against round_trip's median. The breakdown per decode token: enclave compute (embedding,
-block 0's non-linear parts, the `W r` pad products measured apart on the same shapes, final norm, un-permuting),
-worker compute (as the worker reports it in each reply, padded linears and body apart), the enclave-worker channel
-(each message's wall time minus the worker's reported compute), and messages and tensor bytes per token.
+block 0's non-linear parts, final norm, un-permuting; the pads' hit rate in the pool, and what inline pads would
+cost, measured apart on the same shapes), worker compute (as the worker reports it in each reply, padded linears and
+body apart), the enclave-worker channel (each message's wall time minus the worker's reported compute), and
+messages and tensor bytes per token.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def protect(model: str, folder: Path) -> tuple[Path, Path, list[int]]:
 
 
 @contextlib.contextmanager
-def parties(plain: Path, out: Path, threads: int):
+def parties(plain: Path, out: Path, threads: int, pad_pool_mib: int | None = None):
     """The round-trip server (on `plain`), the TEE worker and the enclave (on `out`), each its own process:
     (server, worker, enclave)."""
     from stip.server.launch import local_process
@@ -77,7 +78,8 @@ def parties(plain: Path, out: Path, threads: int):
 
     def enclave_cmd(port):
         return [sys.executable, "-m", "stip.cli", "enclave", str(out / "enclave"), "--worker", worker.url,
-                "--port", str(port), "--log-level", "warning"]
+                "--port", str(port), "--log-level", "warning",
+                *([] if pad_pool_mib is None else ["--pad-pool-mib", str(pad_pool_mib)])]
 
     with serve(plain, "--expose-timing", threads=threads) as server, \
             serve(out, "--tee-worker", token=WORKER_TOKEN, threads=threads) as worker, \
@@ -110,8 +112,9 @@ def _counting_link(url: str):
 
 
 def pad_cost_ms(model, reps: int = 20) -> float:
-    """What the enclave spends per decode token on pads: drawing `r` and computing `W r` for every offloaded
-    request (block 0's and the LM head), timed apart on one row of each linear's input shape."""
+    """What the enclave would spend per decode token on pads made inline (a dry pool): drawing `r` and computing
+    `W r` for every offloaded request (block 0's and the LM head), timed apart on one row of each linear's input
+    shape. With the pool full the step only copies them out."""
     linears = model.offloaded()  # one per request: a group (q/k/v, gate/up) shares one pad, one `W r`
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -124,7 +127,8 @@ def pad_cost_ms(model, reps: int = 20) -> float:
 class Bench:
     """The three variants against the running parties; each `run_*` does one greedy generation of `tokens`."""
 
-    def __init__(self, plain: Path, out: Path, server, worker, enclave, ids: list[int], tokens: int):
+    def __init__(self, plain: Path, out: Path, server, worker, enclave, ids: list[int], tokens: int,
+                 pool_bytes: int | None = None):
         from stip.client.sdk import Client
         from stip.client.tee import TeeClient
         from stip.developer.tee import read_enclave_tensors
@@ -135,7 +139,8 @@ class Bench:
         self.tee_client = TeeClient(out / "tee-client", enclave.url, allow_simulated=True)
         config, tensors = read_enclave_tensors(out)  # the sealed enclave bundle, as `stip enclave` opens it
         self.link = _counting_link(worker.url)
-        self.model = EnclaveModel.from_tensors(config, tensors, self.link)
+        self.model = EnclaveModel.from_tensors(config, tensors, self.link,
+                                               **({} if pool_bytes is None else {"pool_bytes": pool_bytes}))
         self.pad_ms = pad_cost_ms(self.model)
 
     def round_trip(self) -> dict:
@@ -156,6 +161,7 @@ class Bench:
                 "per_token_ms": (t.total_ms - t.prefill_ms) / max(1, t.steps), "total_ms": t.total_ms,
                 # the enclave's own split of the whole generation (prefill and decode together)
                 "enclave_ms": tee.get("enclave_ms", 0.0), "worker_link_ms": tee.get("worker_ms", 0.0),
+                "pad_hit_rate": _rate(tee.get("pad_hits", 0), tee.get("pad_misses", 0)),
                 "client_and_channel_ms": t.total_ms - tee.get("enclave_ms", 0.0) - tee.get("worker_ms", 0.0)}
 
     def tee_in_process(self) -> dict:
@@ -164,11 +170,12 @@ class Bench:
         t0 = time.perf_counter()
         ids = [int(m.prefill(s, self.ids).argmax())]
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        e0, before = s.timings["enclave_s"], Counter(link.stats)
+        e0, before, pads0 = s.timings["enclave_s"], Counter(link.stats), m.pads.stats()
         t0 = time.perf_counter()
         for _ in range(self.tokens - 1):
             ids.append(int(m.decode(s, ids[-1]).argmax()))
         total = (time.perf_counter() - t0) * 1e3
+        pads = m.pads.stats()
         m.close(s)
         n = max(1, self.tokens - 1)
         d = {k: (v - before.get(k, 0)) / n for k, v in link.stats.items() if k != "close.messages"}
@@ -178,7 +185,7 @@ class Bench:
         enclave = (s.timings["enclave_s"] - e0) * 1e3 / n
         return {"ids": ids, "steps": n, "prefill_ms": prefill_ms, "per_token_ms": total / n,
                 "enclave_ms_per_token": enclave, "enclave_pad_ms_per_token": self.pad_ms,
-                "enclave_other_ms_per_token": enclave - self.pad_ms,
+                "pad_hit_rate": _rate(pads["hits"] - pads0["hits"], pads["misses"] - pads0["misses"]),
                 "worker_ms_per_token": worker, "worker_linear_ms_per_token": d.get("linear.worker_ms", 0.0),
                 "worker_body_ms_per_token": d.get("body.worker_ms", 0.0),
                 "channel_ms_per_token": wall - worker,
@@ -188,7 +195,13 @@ class Bench:
                 "bytes_up_per_token": d.get("bytes_up", 0.0), "bytes_down_per_token": d.get("bytes_down", 0.0)}
 
     def close(self) -> None:
+        self.model.shutdown()
         self.link.shutdown()
+
+
+def _rate(hits: int, misses: int) -> float:
+    """Pad rows served from the pool over all pad rows (1.0 without any: nothing was missed)."""
+    return hits / (hits + misses) if hits + misses else 1.0
 
 
 def _summary(runs: list[dict], keys) -> dict:
@@ -200,7 +213,7 @@ def _summary(runs: list[dict], keys) -> dict:
     return out
 
 
-def run(model: str, tokens: int, repeats: int, threads: int, log=print) -> dict:
+def run(model: str, tokens: int, repeats: int, threads: int, log=print, pad_pool_mib: int | None = None) -> dict:
     """Protect, start the parties, run the variants interleaved; the results (JSON-ready)."""
     from bench.suite import tree_state
 
@@ -209,8 +222,9 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print) -> dict:
         plain, out, ids = protect(model, Path(tmp))
         log(f"protected {model} twice (plain for the round trip, --tee for TEE mode) in "
             f"{time.perf_counter() - t0:.1f} s; starting the three processes")
-        with parties(plain, out, threads) as (server, worker, enclave):
-            b = Bench(plain, out, server, worker, enclave, ids, tokens)
+        with parties(plain, out, threads, pad_pool_mib) as (server, worker, enclave):
+            b = Bench(plain, out, server, worker, enclave, ids, tokens,
+                      None if pad_pool_mib is None else pad_pool_mib << 20)
             lm_head = "enclave (tied: the enclave's own matmul)" if b.model.lm_head_local else \
                 "worker (untied: padded, input mask)"
             try:
@@ -237,6 +251,7 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print) -> dict:
             "protected": "twice: plainly for the round trip, with --tee for TEE mode (its server bundle is the TEE "
                          "worker's, which a round-trip server refuses)", "decode_steps": runs["round_trip"][0]["steps"],
             "repeats": repeats, "order": "interleaved, ABC then CBA (round i reversed when i is odd)",
+            "pad_pool_mib": "the enclave's default (256)" if pad_pool_mib is None else pad_pool_mib,
             "command": " ".join([Path(sys.executable).name, "-m", "bench.tee_latency", *sys.argv[1:]]),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -277,7 +292,8 @@ def markdown(r: dict) -> str:
         "| part | ms |",
         "|---|---|",
         f"| enclave compute | {med['enclave_ms_per_token']:.1f} |",
-        f"| - of which pads (`r`, `W r`; measured apart) | {med['enclave_pad_ms_per_token']:.1f} |",
+        f"| - pads: from the pool (hit rate {med['pad_hit_rate']:.3f}; TEE row {tee['pad_hit_rate']['median']:.3f}); "
+        f"inline, as on a miss, they would cost (measured apart) | {med['enclave_pad_ms_per_token']:.1f} |",
         f"| worker compute | {med['worker_ms_per_token']:.1f} |",
         f"| - padded linears (block 0 in secret bases; an untied LM head) | "
         f"{med['worker_linear_ms_per_token']:.1f} |",
@@ -291,10 +307,10 @@ def markdown(r: dict) -> str:
         f"back. Round trip for comparison: server {rt['server_ms_per_token']['median']:.1f} ms, wire "
         f"{rt['wire_ms_per_token']['median']:.1f} ms, client {rt['client_ms_per_token']['median']:.1f} ms per token.",
         "",
-        f"The paper: {r['paper']}. What differs here: the pads and their products `W r` are drawn and computed on "
-        "the fly in the enclave's critical path (Slalom precomputes them in idle time); the offloaded linears run in "
-        "float64; each offloaded linear is one enclave-worker round trip; and all of it on CPU processes sharing the "
-        "same cores, not an enclave beside a GPU.",
+        f"The paper: {r['paper']}. What differs here: the offloaded linears run in float64; each group of "
+        "offloaded linears is one enclave-worker round trip; the pad pool's background thread shares the CPU with "
+        f"the step (pool: {r.get('pad_pool_mib', '?')} MiB); and all of it on CPU processes sharing the same cores, "
+        "not an enclave beside a GPU.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -307,12 +323,15 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=4, help="interleaved rounds of all variants")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every process (this one included)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/tee"), help="folder for latency.json/.md")
+    ap.add_argument("--pad-pool-mib", type=int, default=None, help="the enclave's pad pool (0: pads inline; "
+                    "default: the enclave's default)")
     a = ap.parse_args(argv)
     if a.tokens < 2 or a.repeats < 1 or a.threads < 1:
         ap.error("--tokens must be at least 2, --repeats and --threads at least 1")
     model = a.model or (TINY if a.tiny else "smollm2")
     torch.set_num_threads(a.threads)
-    result = run(model, a.tokens, a.repeats, a.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(model, a.tokens, a.repeats, a.threads, log=lambda m: print(m, file=sys.stderr, flush=True),
+                 pad_pool_mib=a.pad_pool_mib)
     write(result, a.out)
     print(markdown(result))
 

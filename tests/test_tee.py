@@ -177,6 +177,11 @@ def test_tee_generation_equals_plain(stacks, name):
     g = client.generate(ids=PROMPT, max_tokens=10, logprobs=3)
     assert g.token_ids == expected and g.finish_reason == "length"
     assert g.glimpse["tee"]["simulated"] and g.glimpse["tee"]["worker_ms"] > 0
+    assert g.glimpse["tee"]["pad_hits"] + g.glimpse["tee"]["pad_misses"] > 0  # the pad pool's count (issue 23)
+    import httpx
+
+    pads = httpx.get(f"{enclave.url}/health", timeout=10).json()["pads"]
+    assert pads["hits"] + pads["misses"] > 0 and 0 <= pads["hit_rate"] <= 1
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0, -1].double(), -1)
     assert [i for i, _ in g.logprobs[0].top] == torch.topk(lp, 3).indices.tolist()

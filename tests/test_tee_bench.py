@@ -26,6 +26,7 @@ def test_variants_agree_and_are_interleaved(result):
     assert result["ratio_vs_round_trip"]["tee"] > 0
     tee = result["summary"]["tee"]
     assert 0 < tee["attest_ms"]["median"] and tee["enclave_ms"]["median"] > 0  # the enclave reported its split
+    assert 0 <= tee["pad_hit_rate"]["median"] <= 1  # and its pad pool's hits and misses
     assert result["git"]["commit"] and result["threads"] == 1 and "bench.tee_latency" in result["command"]
 
 
@@ -36,6 +37,7 @@ def test_breakdown_adds_up_and_counts_messages(result):
         assert parts == pytest.approx(run["per_token_ms"], rel=1e-6)
         assert run["worker_ms_per_token"] > 0 and run["channel_ms_per_token"] > 0
         assert 0 < run["enclave_pad_ms_per_token"]
+        assert 0 <= run["pad_hit_rate"] <= 1  # pads from the enclave's pool (issue 23): the rest were made inline
         # LLaMA block 0: q/k/v in one request, o, gate/up in one, down; the LM head; the body: 6 per token
         assert run["messages_per_token"] == 6 and run["linear_messages_per_token"] == 5
         hidden, vocab = 48, 97  # tests/models.py's tiny LLaMA

@@ -240,6 +240,48 @@ def test_in_process_worker_matches(tee_protected):
     assert len(top) == 3 and top[0][0] == want[0] and top[0][1] <= 0
 
 
+def _wait_full(enclave, seconds=30.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(p.level < p.capacity for p in enclave.pads.pools.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_pad_pool_serves_steps_and_counts_a_dry_pool(tee_protected):
+    """Issue 23 (1): pads and their products come from pools filled in the background; every row is handed out
+    once (zeroed in the pool as it leaves) and is a true pad/product pair. A full pool serves a generation without a
+    miss; a pool too small for the prompt computes the rest inline and counts it. Greedy equals plain both ways."""
+    out = tee_protected("llama-gqa-untied")
+    config, tensors = read_enclave_tensors(out)
+    worker = TeeWorker.from_bundle(out / "server")
+    want, _ = plain_greedy(build_tiny("llama-gqa-untied"), PROMPT, 4)
+    enclave = EnclaveModel.from_tensors(config, tensors, LocalWorkerLink(worker))
+    try:
+        _wait_full(enclave)
+        assert enclave.pads.stats()["pools"] == 5  # q/k/v, o, gate/up, down, the untied LM head
+        assert [t for t, _ in enclave.generate(PROMPT, SamplingParams(max_tokens=4))] == want
+        st = enclave.pads.stats()
+        assert st["misses"] == 0 and st["hits"] == 4 * (len(PROMPT) + 3) + 4 and st["hit_rate"] == 1.0
+        _wait_full(enclave)
+        pool = next(iter(enclave.pads.pools.values()))
+        (r1, wr1, got1), (r2, wr2, got2) = pool.take(3, enclave.pads.gen), pool.take(3, enclave.pads.gen)
+        assert got1 == got2 == 3 and float(torch.cdist(r1, r2).min()) > 0
+        assert torch.allclose(wr1, r1 @ pool.weight64.t()) and torch.allclose(wr2, r2 @ pool.weight64.t())
+        first = pool._chunks[0][0]
+        assert not first[:pool._offset].any()  # handed out: destroyed in the pool
+    finally:
+        enclave.shutdown()
+    dry = EnclaveModel.from_tensors(config, tensors, LocalWorkerLink(worker), pool_bytes=1)  # one row per pool
+    try:
+        _wait_full(dry)
+        assert [t for t, _ in dry.generate(PROMPT, SamplingParams(max_tokens=4))] == want
+        st = dry.pads.stats()
+        assert st["misses"] >= 4 * (len(PROMPT) - 1) and 0 < st["hit_rate"] < 1, st
+    finally:
+        dry.shutdown()
+
+
 def test_worker_limits(tee_protected):
     """The worker's KV budget and session limit hold for blocks 1..L-1's caches: a 503 to retry, nothing run."""
     from stip.server.tee_worker import TeeWorkerError

@@ -5,7 +5,7 @@
     WebSocket /v1/tee/session: first a text message {"client_public_key": b64, "nonce": b64} (the nonce of the report
     the client verified; single use), then binary frames sealed with stip.common.channel:
         client: {"op": "generate", ...TeeGenerateRequest}; the enclave answers a stream of GenerateChunk JSON, one
-                per token, the last one with "finish_reason" (and "timing": enclave_ms, worker_ms);
+                per token, the last one with "finish_reason" (and "timing": enclave_ms, worker_ms, pad_hits, pad_misses);
                 {"op": "close"} ends the session.
         a refused request: {"error": message, "status": 4xx}; the session stays open. A channel failure (tampered,
         replayed or reordered frame) closes the socket with code 1008 and the reason.

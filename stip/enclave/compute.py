@@ -4,7 +4,7 @@ The split (docs/tee.md, "The split"): in a pre-LN block a worker that computed t
 then received `h1 = x p + a1` would recover `x p = h1 - a1`. So block 0 runs here, as the model's own decoder-layer
 module (a 1-layer model built from the config: RoPE, GQA and GPT-2's Conv1D work unchanged): its norms, attention
 core, activations, residual adds and KV cache stay in the enclave. Only its linear maps go to the worker, each with a
-fresh pad (Slalom): the enclave sends `A (x + r)`, the worker returns `W' A (x + r) + B b` with its copy
+fresh pad (Slalom; pads and `W r` precomputed in a pool, stip.enclave.pads): the enclave sends `A (x + r)`, the worker returns `W' A (x + r) + B b` with its copy
 `W' = B W A^-1` (`stip protect --tee` stores block 0 in secret monomial bases `A`, `B`, so the worker's copy of
 block 0 is not in the basis of `h1 p`); the enclave applies `B^-1` and subtracts `W r`. The worker runs blocks
 1..L-1 on `h1 p` and returns the last hidden state; the final norm runs here. The LM head: a tied model's (its
@@ -31,7 +31,8 @@ from stip.common.tee.blocks import POSITION_ATTRS, base_parts, config_of, input_
 from stip.common.tee.layout import (BLOCK_PREFIX, EMBEDDING_SCALE, FINAL_NORM_PREFIX, LM_HEAD, LM_HEAD_IN_ENCLAVE,
                                     LM_HEAD_PREFIX, MASK_PREFIX, POSITION_EMBEDDING, RESID, TOKEN_EMBEDDING, VOCAB)
 from stip.common.tee.linalg import Monomial, weight_of
-from stip.enclave.offload import LocalLinear, OffloadedLinear, Pads, TimedLink, WorkerLink
+from stip.enclave.offload import LocalLinear, OffloadedLinear, TimedLink, WorkerLink
+from stip.enclave.pads import POOL_BYTES, Pads
 
 CALIBRATION_MARGIN = 4.0  # B = this x the largest calibration RMS: rows up to 4x beyond it keep >= 2^18 x their RMS
 
@@ -43,7 +44,8 @@ class EnclaveSession:
     id: str
     cache: object
     position: int = 0
-    timings: dict = field(default_factory=lambda: {"enclave_s": 0.0, "worker_s": 0.0})
+    timings: dict = field(default_factory=lambda: {"enclave_s": 0.0, "worker_s": 0.0, "pad_hits": 0,
+                                                   "pad_misses": 0})
 
 
 def _perm_from(tensors: dict[str, torch.Tensor], name: str):
@@ -56,7 +58,7 @@ class EnclaveModel:
     """Block 0, the embedding in `p`, the final norm and the un-permuting of the logits; everything else through a
     `WorkerLink`. `prefill(session, ids)` / `decode(session, id)` return plain float32 logits of the last position."""
 
-    def __init__(self, config, tensors: dict[str, torch.Tensor], link: WorkerLink):
+    def __init__(self, config, tensors: dict[str, torch.Tensor], link: WorkerLink, pool_bytes: int = POOL_BYTES):
         from transformers import AutoModel
 
         self.config = config_of(config)
@@ -99,6 +101,7 @@ class EnclaveModel:
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one step at a time: the pads and block 0 are shared by all sessions
         self.calibrate()
+        self.pads.start_pools([(m.key, m.weight64, m.bound) for m in self.offloaded()], pool_bytes)
 
     def offloaded(self) -> list[OffloadedLinear]:
         """One OffloadedLinear per worker request kind: each group's first member, and an untied LM head."""
@@ -130,8 +133,12 @@ class EnclaveModel:
             self.waiting.clear()
 
     @classmethod
-    def from_tensors(cls, config, tensors: dict[str, torch.Tensor], link: WorkerLink) -> "EnclaveModel":
-        return cls(config, tensors, link)
+    def from_tensors(cls, config, tensors: dict[str, torch.Tensor], link: WorkerLink, **kw) -> "EnclaveModel":
+        return cls(config, tensors, link, **kw)
+
+    def shutdown(self) -> None:
+        """Stop the pad filler (the pools' rows go with the model)."""
+        self.pads.close()
 
     # ------------------------------------------------------------ sessions
 
@@ -157,7 +164,7 @@ class EnclaveModel:
         if self.max_positions and s.position + ids.numel() > self.max_positions:
             raise ValueError(f"sequence would reach {s.position + ids.numel()} tokens; the model has "
                              f"{self.max_positions} positions")
-        t0, w0 = time.perf_counter(), self.link.seconds
+        t0, w0, pads0 = time.perf_counter(), self.link.seconds, self.pads.stats()
         self.pads.fresh()  # new pads for every query
         self.waiting.clear()
         start = s.position
@@ -175,6 +182,9 @@ class EnclaveModel:
         total = time.perf_counter() - t0
         s.timings["worker_s"] += self.link.seconds - w0
         s.timings["enclave_s"] += total - (self.link.seconds - w0)
+        pads = self.pads.stats()
+        s.timings["pad_hits"] += pads["hits"] - pads0["hits"]
+        s.timings["pad_misses"] += pads["misses"] - pads0["misses"]
         return plain
 
     def prefill(self, s: EnclaveSession, ids) -> torch.Tensor:

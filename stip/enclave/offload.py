@@ -2,15 +2,15 @@
 way out, `B^-1` and the pad's product `W r` taken off on the way back (docs/tee.md, "The split"). And the link to
 the worker, timed, and a tied model's LM head, computed in the enclave instead.
 
-Pads are drawn per call from a torch generator reseeded from `os.urandom` for every step. Each entry is
-`N(0, 1) x PAD_SCALE x B`, with `B` a constant per offloaded group (the calibrated bound on its input rows' RMS,
-stip.enclave.compute): a pad scaled by each row's own RMS would carry that RMS in the padded row's norm, which the
-worker sees (bench/tee_extraction.py measured 20x chance token recovery from it).
+Pads and their products `W r` come from the group's pool (stip.enclave.pads: precomputed in the background, each
+row used once), or are made inline when it is dry. Each entry is `N(0, 1) x PAD_SCALE x B`, with `B` a constant
+per offloaded group (the calibrated bound on its input rows' RMS, stip.enclave.compute): a pad scaled by each row's
+own RMS would carry that RMS in the padded row's norm, which the worker sees (bench/tee_extraction.py measured 13x
+chance token recovery from it).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Protocol
 
@@ -19,8 +19,7 @@ from torch import nn
 
 from stip.common.tee.layout import GROUP_SEP
 from stip.common.tee.linalg import OFFLOAD_DTYPE, Monomial
-
-PAD_SCALE = 2.0**20  # pad entries ~ N(0, 1) x this x the group's input bound B (docs/tee.md: averaging)
+from stip.enclave.pads import PAD_SCALE, Pads  # noqa: F401 - re-exported
 
 
 class WorkerLink(Protocol):
@@ -36,25 +35,9 @@ class WorkerLink(Protocol):
         """Free the session's KV cache at the worker."""
 
 
-class Pads:
-    """Fresh pads: a generator reseeded from the OS CSPRNG for every step (`fresh`), so no two queries share one."""
-
-    def __init__(self):
-        self.gen = torch.Generator()
-        self.fresh()
-
-    def fresh(self) -> None:
-        self.gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
-
-    def draw(self, shape, bound: float) -> torch.Tensor:
-        """A pad of `shape`, `N(0, 1) x PAD_SCALE x bound`: the same scale for every row, whatever the row holds."""
-        return torch.randn(shape, generator=self.gen, dtype=OFFLOAD_DTYPE) * (PAD_SCALE * bound)
-
-
 class OffloadedLinear(nn.Module):
     """Stands in for one linear map of block 0 (or the LM head): the worker computes `W' A (x + r)` with its masked
-    copy `W' = B W A^-1`, the enclave applies `B^-1` and subtracts `W r` (computed here; in production ahead of
-    time). In a group (`SHARED_INPUT`) the first member called computes the whole group in one request; the others
+    copy `W' = B W A^-1`, the enclave applies `B^-1` and subtracts `W r` (from the pad pool). In a group (`SHARED_INPUT`) the first member called computes the whole group in one request; the others
     take their part when called with the same tensor. `a`: the group's input mask; `b`: its outputs' masks side by
     side (None: identity)."""
 
@@ -66,6 +49,7 @@ class OffloadedLinear(nn.Module):
         self.name, self.link, self.pads, self.a, self.b = name, link, pads, a, b
         group = group or [(name, weight, bias)]
         self.names = [n for n, _, _ in group]
+        self.key = GROUP_SEP.join(self.names)  # the worker's name for the group's request
         self.sizes = [int(w.shape[0]) for _, w, _ in group]
         self.weight64 = torch.cat([w.detach().to(OFFLOAD_DTYPE) for _, w, _ in group])  # [sum out, in]
         # the group's biases, for `calibrate` only (the worker adds B b itself)
@@ -87,13 +71,15 @@ class OffloadedLinear(nn.Module):
         else:
             if self.bound is None:
                 raise RuntimeError(f"{self.name}: pads are not calibrated (EnclaveModel calibrates at start)")
-            r = self.pads.draw(rows.shape, self.bound)
+            r, wr = self.pads.take(self.key, self.weight64, self.bound, rows.shape[0])
             sent = rows + r
-            y = self.link.linear(GROUP_SEP.join(self.names), sent if self.a is None else self.a.apply(sent))
+            y = self.link.linear(self.key, sent if self.a is None else self.a.apply(sent))
             y = y.to(OFFLOAD_DTYPE)
             if self.b is not None:
                 y = self.b.invert(y)
-            y = y - r @ self.weight64.t()
+            y = y - wr
+            r.zero_()  # used once: destroyed
+            wr.zero_()
         parts = y.to(x.dtype).split(self.sizes, dim=-1)
         mine = None
         for name, part in zip(self.names, parts):

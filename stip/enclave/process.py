@@ -70,7 +70,7 @@ class SimulatedEnclave(Enclave):
     """The enclave in an ordinary local process, with a simulated platform (stip.common.tee.platform)."""
 
     def __init__(self, bundle: str | Path, platform: SimulatedPlatform, link, trusted=None,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), pad_pool_bytes: int | None = None):
         from stip.enclave.compute import EnclaveModel
 
         bundle = Path(bundle)
@@ -85,7 +85,8 @@ class SimulatedEnclave(Enclave):
         _, tensors = unseal_tensors(bundle / SEALED_FILE, sealing_key(platform.sealing_secret, code))
         self.config = json.loads((bundle / ENCLAVE_CONFIG_FILE).read_text())
         model_config = json.loads((bundle / MODEL_CONFIG_FILE).read_text())
-        self.model = EnclaveModel.from_tensors(model_config, tensors, link)
+        pool = {} if pad_pool_bytes is None else {"pool_bytes": pad_pool_bytes}
+        self.model = EnclaveModel.from_tensors(model_config, tensors, link, **pool)
         if hasattr(link, "expect_bundle"):  # the worker must hold this run's secret bases
             link.expect_bundle(self.manifest["bundle_id"], self.model.lm_head_local)
         self.vocab_size = int(self.model.vocab_size)
@@ -162,7 +163,8 @@ class SimulatedEnclave(Enclave):
                 logits = self._step(m.decode, session, token)
             t = session.timings
             yield {**chunk, "finish_reason": finish, "prompt_tokens": len(ids), "completion_tokens": n,
-                   "timing": {"enclave_ms": 1e3 * t["enclave_s"], "worker_ms": 1e3 * t["worker_s"]}}
+                   "timing": {"enclave_ms": 1e3 * t["enclave_s"], "worker_ms": 1e3 * t["worker_s"],
+                              "pad_hits": t["pad_hits"], "pad_misses": t["pad_misses"]}}
         finally:
             try:
                 self._step(m.close, session)
@@ -196,7 +198,9 @@ def create_app(enclave: Enclave, token: str | None = None, limits: Limits = Limi
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "role": "enclave", "measurement": enclave.measurement}
+        pads = getattr(getattr(enclave, "model", None), "pads", None)  # counts only: rows from the pools, rows inline
+        return {"status": "ok", "role": "enclave", "measurement": enclave.measurement,
+                **({"pads": pads.stats()} if pads is not None else {})}
 
     @app.post(ATTEST_PATH)
     async def attest(request: Request):
@@ -237,7 +241,8 @@ def create_app(enclave: Enclave, token: str | None = None, limits: Limits = Limi
 def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: int = 8100,
                 platform_key: str | Path | None = None, worker_token: str | None = None, trusted=None,
                 log_level: str = "info", token: str | None = None, limits: Limits = Limits(),
-                ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
+                ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+                pad_pool_bytes: int | None = None) -> None:
     """Serve the enclave. The same rule as `stip serve`: without a client token it binds loopback only."""
     import uvicorn
 
@@ -253,7 +258,7 @@ def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: 
     platform = SimulatedPlatform.load(platform_key)
     read_manifest(bundle, role="enclave", trusted=trusted)  # a bad bundle is refused before the worker is contacted
     link = WebSocketWorkerLink(worker, token=worker_token)
-    enclave = SimulatedEnclave(bundle, platform, link, trusted=trusted, limits=limits)
+    enclave = SimulatedEnclave(bundle, platform, link, trusted=trusted, limits=limits, pad_pool_bytes=pad_pool_bytes)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.warning("SIMULATED enclave: an ordinary process, no hardware protection (docs/tee.md); measurement %s",
                 enclave.measurement)

@@ -1,0 +1,194 @@
+"""The enclave's pad pool (Slalom's precomputation): pads `r` and their products `W r` made ahead of time by a
+background thread, so that a step costs the enclave one addition and one subtraction per offloaded linear instead
+of a matmul.
+
+Each offloaded group (q/k/v, o, gate/up, down, an untied LM head) has a `PadPool` of rows `r` (entries
+`N(0, 1) x PAD_SCALE x B`, `B` the group's calibrated bound) with `r @ W^T` beside them. A step takes as many rows as
+it sends; a row is handed out once, its storage in the pool is zeroed as it is copied out, and the taker zeroes its
+copy after use. When a pool has fewer rows than a step needs, the rest are computed inline, on the step's critical
+path, and counted as misses. One `PadFiller` thread refills all pools in batches (a matmul of many rows reads `W`
+once: far cheaper per row than the step's own single-row product) at a lowered thread priority, from a generator
+reseeded from `os.urandom` for every batch. Pool sizes follow the measured rate: each pool holds what the last
+seconds' consumption would use in `HORIZON_S` seconds, at least twice the largest recent step (a prompt), within
+`MIN_ROWS` and a memory cap shared by the pools (`POOL_BYTES`).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+import torch
+
+from stip.common.tee.linalg import OFFLOAD_DTYPE
+
+PAD_SCALE = 2.0**20  # pad entries ~ N(0, 1) x this x the group's input bound B (docs/tee.md: averaging)
+POOL_BYTES = 256 << 20  # all pools' rows (r and W r, float64) together
+MIN_ROWS, INITIAL_ROWS = 64, 256  # rows a pool keeps at least / at start (before any rate is measured)
+HORIZON_S = 2.0  # a pool holds this many seconds of the measured consumption
+FILL_BATCH = 32  # rows per background matmul
+RESIZE_S = 1.0  # how often the filler re-measures the rates
+
+
+def draw(shape, bound: float, gen: torch.Generator) -> torch.Tensor:
+    """A pad of `shape`, `N(0, 1) x PAD_SCALE x bound`: the same scale for every row, whatever the row holds."""
+    return torch.randn(shape, generator=gen, dtype=OFFLOAD_DTYPE) * (PAD_SCALE * bound)
+
+
+def fresh_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+class PadPool:
+    """One offloaded group's precomputed rows (r, W r). Thread-safe; counts hits and misses in rows."""
+
+    def __init__(self, name: str, weight64: torch.Tensor, bound: float, max_rows: int):
+        self.name, self.weight64, self.bound = name, weight64, bound
+        self.max_rows = max(1, max_rows)
+        self.capacity = min(INITIAL_ROWS, self.max_rows)
+        self._chunks: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
+        self._offset = 0  # rows of the first chunk already handed out
+        self.level = self.hits = self.misses = 0
+        self._window, self.peak, self.rate = 0, 0, 0.0  # rows taken since the last resize, largest take, rows/s
+        self._lock = threading.Lock()
+
+    def make(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        r = draw((n, self.weight64.shape[1]), self.bound, gen)
+        return r, r @ self.weight64.t()
+
+    def put(self, r: torch.Tensor, wr: torch.Tensor) -> None:
+        with self._lock:
+            self._chunks.append((r, wr))
+            self.level += r.shape[0]
+
+    def take(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """n rows (r, W r), each used by nobody before; how many came from the pool (the rest computed inline)."""
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with self._lock:
+            got = 0
+            while got < n and self._chunks:
+                r, wr = self._chunks[0]
+                k = min(n - got, r.shape[0] - self._offset)
+                sl = slice(self._offset, self._offset + k)
+                parts.append((r[sl].clone(), wr[sl].clone()))
+                r[sl].zero_()  # destroyed in the pool as it is handed out
+                wr[sl].zero_()
+                got += k
+                self._offset += k
+                if self._offset == r.shape[0]:
+                    self._chunks.popleft()
+                    self._offset = 0
+            self.level -= got
+            self.hits += got
+            self.misses += n - got
+            self._window += n
+            self.peak = max(self.peak, n)
+        if got < n:
+            parts.append(self.make(n - got, gen))
+        if len(parts) == 1:
+            return parts[0][0], parts[0][1], got
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), got
+
+    def resize(self, elapsed: float) -> None:
+        """Capacity from the rows taken over the last `elapsed` seconds (smoothed) and the largest recent take."""
+        with self._lock:
+            self.rate = 0.5 * self.rate + 0.5 * self._window / max(elapsed, 1e-3)
+            want = max(self.rate * HORIZON_S, 2 * self.peak, MIN_ROWS)
+            self.capacity = int(min(self.max_rows, want))
+            self._window, self.peak = 0, self.peak // 2
+
+    def need(self) -> int:
+        with self._lock:
+            return self.capacity - self.level
+
+
+class PadFiller:
+    """The background thread that keeps every pool topped up (the emptiest, relative to its capacity, first)."""
+
+    def __init__(self, pools: list[PadPool]):
+        self.pools = pools
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stip-pad-filler", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """A pool was drawn from: refill."""
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        try:  # Linux: a thread's own nice value; the steps' critical path comes first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        last = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - last >= RESIZE_S:
+                for p in self.pools:
+                    p.resize(now - last)
+                last = now
+            needs = [(p.need() / max(1, p.capacity), p) for p in self.pools]
+            frac, pool = max(needs, key=lambda t: t[0]) if needs else (0.0, None)
+            if pool is None or frac <= 0:
+                self._wake.wait(timeout=RESIZE_S)
+                self._wake.clear()
+                continue
+            with torch.no_grad():
+                pool.put(*pool.make(min(FILL_BATCH, pool.need()), fresh_generator()))
+
+
+class Pads:
+    """All of an enclave's pads: the generator for pads made inline (reseeded from `os.urandom` for every step,
+    `fresh`), and, once `start_pools` ran, one pool per offloaded group and their filler."""
+
+    def __init__(self):
+        self.gen = torch.Generator()
+        self.fresh()
+        self.pools: dict[str, PadPool] = {}
+        self.filler: PadFiller | None = None
+
+    def fresh(self) -> None:
+        self.gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+    def draw(self, shape, bound: float) -> torch.Tensor:
+        return draw(shape, bound, self.gen)
+
+    def start_pools(self, groups: list[tuple[str, torch.Tensor, float]], pool_bytes: int = POOL_BYTES) -> None:
+        """One pool per (name, W [out, in] float64, bound), sharing `pool_bytes`; 0: no pools (all inline)."""
+        if pool_bytes <= 0 or not groups:
+            return
+        row_bytes = sum((w.shape[0] + w.shape[1]) * w.element_size() for _, w, _ in groups)
+        max_rows = max(1, pool_bytes // row_bytes)
+        self.pools = {name: PadPool(name, w, bound, max_rows) for name, w, bound in groups}
+        self.filler = PadFiller(list(self.pools.values()))
+
+    def take(self, name: str, weight64: torch.Tensor, bound: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n pad rows and their products for the group `name`: from its pool, the rest (or all, without pools)
+        computed here."""
+        pool = self.pools.get(name)
+        if pool is None:
+            r = draw((n, weight64.shape[1]), bound, self.gen)
+            return r, r @ weight64.t()
+        r, wr, _ = pool.take(n, self.gen)
+        self.filler.poke()
+        return r, wr
+
+    def stats(self) -> dict:
+        """Rows handed out from the pools (hits) and computed inline because a pool was dry (misses), all groups."""
+        pools = list(self.pools.values())
+        hits, misses = sum(p.hits for p in pools), sum(p.misses for p in pools)
+        return {"pools": len(pools), "hits": hits, "misses": misses,
+                "hit_rate": hits / (hits + misses) if hits + misses else None,
+                "ready_rows": sum(p.level for p in pools), "capacity_rows": sum(p.capacity for p in pools)}
+
+    def close(self) -> None:
+        if self.filler is not None:
+            self.filler.close()
