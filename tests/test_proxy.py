@@ -91,7 +91,7 @@ def test_stop_seed_and_harmless_fields(oai, expected):
 @pytest.mark.parametrize("body", [
     {"messages": CHAT, "n": 17},
     {"messages": CHAT, "some_future_field": 1},
-    {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"messages": CHAT, "tool_choice": "required"},  # no tools to call
     {"messages": CHAT, "top_logprobs": 2},
     {"messages": CHAT, "logprobs": True, "top_logprobs": 21},
     {"messages": [{"role": "tool", "content": "x"}]},
@@ -110,9 +110,9 @@ def test_bad_chat_requests_get_400(proxy_url, body):
 
 
 def test_bad_requests_via_openai_client_and_raw(oai, proxy_url):
-    with pytest.raises(openai.BadRequestError, match="tool calling"):
-        oai.chat.completions.create(model="m", messages=CHAT, tools=[{"type": "function",
-                                                                       "function": {"name": "f"}}])
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        oai.chat.completions.create(model="m", messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}],
+                                    tool_choice={"type": "function", "function": {"name": "g"}})
     with pytest.raises(openai.BadRequestError, match="predicted outputs"):
         oai.chat.completions.create(model="m", messages=CHAT, prediction={"type": "content", "content": "x"})
     with pytest.raises(openai.BadRequestError, match="prompt is empty"):

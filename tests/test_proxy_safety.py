@@ -180,13 +180,12 @@ def test_unsupported_parameters_get_a_400_naming_them(stack, extra, named, why):
 def test_every_unsupported_parameter_is_named_and_null_means_absent(stack):
     _, proxy = stack
     r = _post(proxy, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                              "tools": [{"type": "function"}], "prediction": {"x": 2}, "foo": 1})
+                                              "functions": [{"name": "f"}], "prediction": {"x": 2}, "foo": 1})
     assert r.status_code == 400
     msg = r.json()["error"]["message"]
-    assert all(name in msg for name in ("tools", "prediction", "foo"))
-    r = _post(proxy, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi",
-                                                            "tool_calls": [{"id": "x"}]}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].tool_calls"
+    assert all(name in msg for name in ("functions", "prediction", "foo"))
+    r = _post(proxy, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "refusal": "no"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].refusal"
     # sent as null (or the neutral value), a listed parameter is "not used"; user/metadata-style fields are accepted
     r = _post(proxy, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "tools": None, "logit_bias": None,
                                          "suffix": None, "best_of": 1, "user": "u",

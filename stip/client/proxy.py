@@ -3,7 +3,8 @@
 Any OpenAI client (base_url=http://127.0.0.1:PORT/v1) gets private inference unchanged: the proxy tokenizes, embeds
 and permutes on this machine, and the server never sees text. `GET /v1/models` (and `/v1/models/{id}`),
 `POST /v1/chat/completions`, `POST /v1/completions` (batches of prompts too), `POST /v1/responses` (text in, text
-out), streaming (SSE) or not, n choices, logprobs, presence and frequency penalties; for an encoder
+out), streaming (SSE) or not, n choices, logprobs, presence and frequency penalties, structured output and function
+calling (`tools`: `proxy_tools`) by constrained decoding on this machine; for an encoder
 (feature-extraction) bundle `POST /v1/embeddings` instead (`proxy_embeddings`). Opt-in CORS (`--cors-origin`).
 
 The proxy handles plaintext prompts and answers, so it listens on loopback only and answers only requests addressed

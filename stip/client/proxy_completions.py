@@ -10,6 +10,7 @@ and answered whole (`proxy_responses`) or streamed (`proxy_sse`). `TextEndpoints
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from types import SimpleNamespace
@@ -18,9 +19,10 @@ from fastapi import APIRouter, Request
 
 from stip.client import vision
 from stip.client.proxy_generation import Generations, upstream_error
-from stip.client.proxy_requests import CHAT_DEFAULT_MAX_TOKENS, ApiError, ChatRequest, CompletionRequest, message_text
+from stip.client.proxy_requests import CHAT_DEFAULT_MAX_TOKENS, ApiError, ChatRequest, CompletionRequest
 from stip.client.proxy_responses import ChatFormat, CompletionFormat, TokenText
 from stip.client.proxy_sse import sse_response
+from stip.client.proxy_tools import ToolChatFormat, ToolUse, chat_messages, takes_tools
 from stip.common.tasks import FEATURE_EXTRACTION, SESSION_TASKS
 from stip.errors import StipError
 
@@ -33,6 +35,10 @@ class TextEndpoints:
         self.model_name = model_name
         self.eos = set(client.bundle.eos_token_ids)
         self.token_text = TokenText(client.bundle)
+
+    @functools.cached_property
+    def template_takes_tools(self) -> bool:
+        return self.client.bundle.has_tokenizer and takes_tools(self.client.tokenizer)
 
     def check_generates(self) -> None:
         """Chat and completions need a decoder bundle; an encoder's proxy says which endpoint it has instead."""
@@ -79,16 +85,23 @@ class TextEndpoints:
             return await sse_response(gens, fmt, request, self.eos, req.include_usage)
         return fmt.full(await gens.run(request), self.eos)
 
-    async def chat_ids(self, messages: list[dict], param: str = "messages") -> tuple[list[int], object]:
+    async def chat_ids(self, messages: list[dict], param: str = "messages", tools: list[dict] | None = None
+                       ) -> tuple[list[int], object]:
         """The messages' token ids through the chat template, and the image features of their image parts (or
-        None). `messages`: as the chat template takes them (`message_text`)."""
+        None). `messages`: as the chat template takes them (`message_text`); `tools`: for a template that takes them
+        (`proxy_tools`)."""
         client = self.client
         try:  # image parts (LLaVA): data URLs only, decoded here; a text-only model refuses them
             messages, images = vision.extract_images(client.bundle, messages)
         except vision.ImageInputError as e:
             raise ApiError(400, str(e), param) from None
         try:
-            ids = client.encode(messages=messages)
+            if tools:  # as Client.encode, with the tools passed to the template
+                text = client.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                            add_generation_prompt=True)
+                ids = client.encode(ids=client.tokenizer(text, add_special_tokens=False)["input_ids"])
+            else:
+                ids = client.encode(messages=messages)
         except Exception as e:  # a template that rejects the roles, say
             raise ApiError(400, f"could not apply the chat template: {e}", param) from None
         features = None
@@ -104,12 +117,17 @@ class TextEndpoints:
         self.check_generates()
         top = req.top
         self.check_top(top, "top_logprobs")
-        ids, features = await self.chat_ids([message_text(m) for m in req.messages])
-        params = req.sampling(self.fit(ids, req.max_completion_tokens or req.max_tokens, "messages", "messages"), top)
+        tools = ToolUse(req.tools, req.tool_choice, req.response_format)
+        messages, template_tools = chat_messages(req.messages, tools, self.template_takes_tools)
+        ids, features = await self.chat_ids(messages, tools=template_tools)
+        params = req.sampling(self.fit(ids, req.max_completion_tokens or req.max_tokens, "messages", "messages"), top,
+                              tools.grammar() if tools.active else None)
         gens = self.generations(ids, params, features)
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": req.model or self.model_name}
-        return await self.respond(req, gens, ChatFormat(base, self.token_text, top), request)
+        fmt = ToolChatFormat(base, self.token_text, top, tools) if tools.active else \
+            ChatFormat(base, self.token_text, top)
+        return await self.respond(req, gens, fmt, request)
 
     def prompt_ids(self, prompt: str | list[int], what: str = "prompt") -> list[int]:
         """One prompt's token ids (a string through the tokenizer; ids checked against the vocabulary). `what`: the

@@ -20,11 +20,12 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions endpoin
 CHAT_DEFAULT_MAX_TOKENS = 256
 
 UNSUPPORTED = {
-    "tools": "tool calling is not supported (use response_format json_schema for structured output)",
-    "tool_choice": "tool calling is not supported (use response_format json_schema for structured output)",
-    "parallel_tool_calls": "tool calling is not supported",
-    "functions": "function calling is not supported",
-    "function_call": "function calling is not supported",
+    # chat completions declare tools, tool_choice and parallel_tool_calls (`proxy_tools`); elsewhere these refuse them
+    "tools": "tool calling is offered by /v1/chat/completions only",
+    "tool_choice": "tool calling is offered by /v1/chat/completions only",
+    "parallel_tool_calls": "tool calling is offered by /v1/chat/completions only",
+    "functions": "the deprecated function calling is not supported: use tools",
+    "function_call": "the deprecated function calling is not supported: use tools and tool_choice",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported",
@@ -42,23 +43,22 @@ UNSUPPORTED = {
     "include": "no extra output items are offered",
     "reasoning": "this model has no reasoning settings",
     "background": "background responses are not supported",
-    "max_tool_calls": "tool calling is not supported",
+    "max_tool_calls": "tool calling is offered by /v1/chat/completions only",
     "truncation": "input is never truncated (only 'disabled' is accepted)",
     # fields of a chat message
-    "tool_calls": "tool calling is not supported",
-    "tool_call_id": "tool calling is not supported",
     "refusal": "refusal messages are not supported",
 }
 NEUTRAL = {"tool_choice": ("none",), "best_of": (1,), "suffix": ("",), "modalities": (["text"],),
            "background": (False,), "truncation": ("disabled",)}
 
 
-def _drop_neutral(data: Any) -> Any:
-    """Remove listed-but-unsupported fields that were sent with a value meaning "not used"."""
+def _drop_neutral(data: Any, declared=()) -> Any:
+    """Remove listed-but-unsupported fields that were sent with a value meaning "not used" (a field the model
+    `declared` is its own: chat's tool_choice "none" means what it says)."""
     if not isinstance(data, dict):
         return data
-    return {k: v for k, v in data.items()
-            if not (k in UNSUPPORTED and (v is None or v == [] or v == {} or v in NEUTRAL.get(k, ())))}
+    return {k: v for k, v in data.items() if k in declared or
+            not (k in UNSUPPORTED and (v is None or v == [] or v == {} or v in NEUTRAL.get(k, ())))}
 
 
 class ApiError(Exception):
@@ -81,7 +81,7 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _neutral(cls, data: Any) -> Any:
-        return _drop_neutral(data)
+        return _drop_neutral(data, cls.model_fields)
 
 
 class StreamOptions(_Strict):
@@ -110,15 +110,17 @@ class _Common(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling(self, max_tokens: Optional[int], logprobs: Optional[int]) -> list[SamplingParams]:
-        """One SamplingParams per choice: with a seed, choice i draws with seed + i."""
+    def sampling(self, max_tokens: Optional[int], logprobs: Optional[int], grammar: Optional[str] = None
+                 ) -> list[SamplingParams]:
+        """One SamplingParams per choice: with a seed, choice i draws with seed + i. `grammar`: the output's
+        (function calls); else the request's own (`grammar()`)."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])  # any number, as vLLM takes
         try:
-            return self._sampling(max_tokens, logprobs, stop)
+            return self._sampling(max_tokens, logprobs, stop, grammar or self.grammar())
         except ValueError as e:
             raise ApiError(400, str(e), None, "invalid_value") from None
 
-    def _sampling(self, max_tokens, logprobs, stop) -> list[SamplingParams]:
+    def _sampling(self, max_tokens, logprobs, stop, grammar) -> list[SamplingParams]:
         return [SamplingParams(max_tokens=max_tokens or CHAT_DEFAULT_MAX_TOKENS,
                                temperature=1.0 if self.temperature is None else self.temperature,
                                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k,
@@ -127,7 +129,7 @@ class _Common(_Strict):
                                frequency_penalty=self.frequency_penalty or 0.0,
                                seed=None if self.seed is None else self.seed + i, stop=stop, logprobs=logprobs,
                                logit_bias=self._logit_bias(), grammar=grammar)
-                for i, grammar in enumerate([self.grammar()] * self.n)]
+                for i in range(self.n)]
 
     def _logit_bias(self) -> dict[int, float]:
         bias = {}
@@ -162,10 +164,55 @@ class ResponseFormat(_Strict):
         return self
 
 
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=TOOL_NAME)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments (an object); none: no arguments
+    strict: Optional[bool] = None  # the arguments always match: constrained decoding
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class ToolChoiceFunction(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None  # accepted, not passed to the chat template
+    tool_calls: Optional[list[ToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id (the call it answers), and only a tool message has one")
+        return self
 
 
 class ChatRequest(_Common):
@@ -176,8 +223,12 @@ class ChatRequest(_Common):
     metadata: Optional[dict[str, str]] = None  # accepted, not used: the proxy stores nothing
     store: Optional[bool] = None  # accepted: the proxy stores nothing either way
     response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Tool]] = None  # function calling: `stip.client.proxy_tools`
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], ToolChoiceFunction]] = None
+    parallel_tool_calls: Optional[bool] = None  # accepted: a choice makes at most one call, which either allows
 
     def grammar(self) -> Optional[str]:
+        """response_format's grammar; tools that may be called bring their own (`proxy_tools.ToolUse`)."""
         from stip.client.constrained import json_grammar
 
         fmt = self.response_format

@@ -15,6 +15,9 @@ from stip.client.proxy_responses import reported
 
 
 def _line(obj) -> str:
+    """One event; a list of chunks is several; None (a format holding text back) is none."""
+    if obj is None or isinstance(obj, list):
+        return "".join(_line(x) for x in obj or ())
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
@@ -51,7 +54,9 @@ async def sse_response(gens: Generations, fmt, request: Request, eos: set[int], 
                     continue
                 lps = getattr(delta, "logprobs", None) or []
                 sent[i] += len(lps)
-                yield _line(fmt.piece(i, str(delta), reported(lps, eos)))
+                line = _line(fmt.piece(i, str(delta), reported(lps, eos)))
+                if line:
+                    yield line
             if include_usage and all(g is not None for g in gens.results):
                 yield _line(fmt.usage_chunk(gens.results))
         except Exception as e:  # headers are out: report in-band, as OpenAI does
