@@ -158,57 +158,89 @@ def markdown(table: dict) -> str:
 def run(model: str, modes: list[str], out: Path, quick: bool, attacks: str | None, heldout_tokens: int,
         window: int, prompts: int | None, prompt_tokens: int | None, keep_capture: bool = False,
         command: str = "", levels: list[str] | None = None, base: str | None = None, public_lm: str = "auto",
-        settings: dict | None = None, budget_s: float | None = None) -> dict:
-    """Every mode of `model`, audited at every attacker level (default exact), with its accuracy cost."""
+        settings: dict | None = None, budget_s: float | None = None, resume: bool = False) -> dict:
+    """Every mode of `model`, audited at every attacker level (default exact), with its accuracy cost. The table
+    is written after each mode (`complete` false until the last), so a long run that is stopped keeps its rows;
+    `resume` keeps the rows of an earlier run of the same model, levels and base and audits only the other modes."""
     from stip.audit.attacks import ATTACKS
-    from stip.audit.corpus import token_ids
-    from stip.audit.run import CharTokenizer, run_audit
-    from stip.client.bundle import ClientBundle
     from stip.models import load_plain_model
 
     from bench.report import git, machine_info
 
     t0 = time.perf_counter()
-    commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))  # at start
+    run_state = {"commit": git("rev-parse", "HEAD"),  # at start
+                 "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     levels = levels or ["exact"]
+    names = [a.strip() for a in attacks.split(",")] if attacks else list(ATTACKS)
+    table = {"model": str(model), "modes": modes, "levels": levels, "base": base, "attacks": names, "quick": quick,
+             "rows": [], "heldout_tokens": heldout_tokens, "window": window, "published": PUBLISHED,
+             "settings": settings, "budget_s": budget_s, "prompts": prompts, "prompt_tokens": prompt_tokens,
+             "command": command, **run_state,
+             "machine": machine_info(), "seconds": 0.0, "complete": False}
+    kept = earlier_rows(out, table) if resume else {}
     plain, plain_tok = load_plain_model(model)
     plain = plain.eval()  # float32 already (GGUF models refuse .float())
     weights = _attacker_models(levels, base, public_lm, plain, plain_tok)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="stip-audit-table-") as tmp:
         for mode in modes:
-            bundle = Path(tmp) / slug(mode)
-            print(f"[audit_table] mode {mode}: protecting {model}", flush=True)
-            why = protect_mode(model, bundle, mode)
-            if why:
-                print(f"[audit_table] mode {mode} skipped: {why}", flush=True)
-                rows.append({"mode": mode, "skipped": why})
-                continue
-            client = ClientBundle.load(bundle / "client")
-            tok = client.tokenizer if client.has_tokenizer else CharTokenizer(client.vocab_size)
-            heldout = token_ids(tok, "heldout", heldout_tokens)
-            measured: dict = {}
-
-            how = server_decode_quality if client.mode == "server-decode" else quality
-
-            def measure(url, token, bundle=bundle, heldout=heldout, measured=measured, how=how):
-                measured.update(how(bundle / "client", url, token, plain, heldout, window))
-
-            report = run_audit(bundle, out / slug(mode), attacks=attacks, quick=quick, prompts=prompts,
-                               prompt_tokens=prompt_tokens, force=True, while_serving=measure,
-                               keep_capture=keep_capture, levels=levels, settings=settings, budget_s=budget_s,
-                               **weights)
-            rows.append({"mode": mode, "quality": measured, "report": report})
-            print(f"[audit_table] mode {mode}: top-1 {measured['top1_agreement']:.3f}, ppl change "
-                  f"{measured['ppl_change']:+.4f}, audit {report['seconds']:.0f} s", flush=True)
-    names = [a.strip() for a in attacks.split(",")] if attacks else list(ATTACKS)
-    table = {"model": str(model), "modes": modes, "levels": levels, "base": base, "attacks": names, "quick": quick,
-             "rows": rows, "heldout_tokens": heldout_tokens, "window": window, "published": PUBLISHED,
-             "settings": settings, "budget_s": budget_s,
-             "command": command, "commit": commit, "dirty": dirty,
-             "machine": machine_info(), "seconds": time.perf_counter() - t0}
+            if mode in kept:
+                print(f"[audit_table] mode {mode}: kept from the earlier run (--resume)", flush=True)
+                row = kept[mode]
+            else:
+                row = {**audit_mode(model, mode, Path(tmp), out, plain, weights, table, attacks, keep_capture,
+                                    prompts, prompt_tokens), "run": run_state}
+            table["rows"].append(row)
+            table["seconds"] = time.perf_counter() - t0
+            write(table, out)
+    table["complete"] = True
+    table["dirty"] = any(r.get("run", run_state)["dirty"] for r in table["rows"])
     write(table, out)
     return table
+
+
+def earlier_rows(out: Path, table: dict) -> dict:
+    """The audited rows of OUT/table.json from a run with the same model, levels, base and sizes: {mode: row}."""
+    path = out / "table.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    same = ("model", "levels", "base", "quick", "heldout_tokens", "window", "settings", "budget_s", "prompts",
+            "prompt_tokens")
+    if any(old.get(k) != table[k] for k in same):
+        raise SystemExit(f"error: --resume: {path} is from another run ({', '.join(same)} must match)")
+    return {r["mode"]: {**r, "run": r.get("run") or {"commit": old["commit"], "dirty": old["dirty"]}}
+            for r in old["rows"] if not r.get("skipped")}
+
+
+def audit_mode(model: str, mode: str, tmp: Path, out: Path, plain, weights: dict, table: dict,
+               attacks: str | None, keep_capture: bool, prompts: int | None, prompt_tokens: int | None) -> dict:
+    """One mode: protect, audit through a real capturing server, and measure its accuracy cost while it serves."""
+    from stip.audit.corpus import token_ids
+    from stip.audit.run import CharTokenizer, run_audit
+    from stip.client.bundle import ClientBundle
+
+    bundle = tmp / slug(mode)
+    print(f"[audit_table] mode {mode}: protecting {model}", flush=True)
+    why = protect_mode(model, bundle, mode)
+    if why:
+        print(f"[audit_table] mode {mode} skipped: {why}", flush=True)
+        return {"mode": mode, "skipped": why}
+    client = ClientBundle.load(bundle / "client")
+    tok = client.tokenizer if client.has_tokenizer else CharTokenizer(client.vocab_size)
+    heldout = token_ids(tok, "heldout", table["heldout_tokens"])
+    measured: dict = {}
+    how = server_decode_quality if client.mode == "server-decode" else quality
+
+    def measure(url, token):
+        measured.update(how(bundle / "client", url, token, plain, heldout, table["window"]))
+
+    report = run_audit(bundle, out / slug(mode), attacks=attacks, quick=table["quick"], prompts=prompts,
+                       prompt_tokens=prompt_tokens, force=True, while_serving=measure,
+                       keep_capture=keep_capture, levels=table["levels"], settings=table["settings"],
+                       budget_s=table["budget_s"], **weights)
+    print(f"[audit_table] mode {mode}: top-1 {measured['top1_agreement']:.3f}, ppl change "
+          f"{measured['ppl_change']:+.4f}, audit {report['seconds']:.0f} s", flush=True)
+    return {"mode": mode, "quality": measured, "report": report}
 
 
 def _attacker_models(levels: list[str], base: str | None, public_lm: str, plain, plain_tok) -> dict:
@@ -260,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "'{\"key_invariants\": {\"budget_s\": 600}}')")
     ap.add_argument("--budget", type=float, help="seconds after which each attack is stopped (0: none; default "
                     "run_audit's)")
+    ap.add_argument("--resume", action="store_true", help="keep the modes OUT/table.json already has (from a run "
+                    "with the same model, levels, base and sizes; each row records its commit) and audit the rest")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     sizes = dict(QUICK if a.quick else FULL)
@@ -277,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     table = run(a.model, modes, a.out, a.quick, a.attacks, sizes["heldout_tokens"], sizes["window"], a.prompts,
                 a.prompt_tokens, a.keep_capture, shlex.join(["python", "-m", "bench.audit_table", *argv]), levels,
-                a.base, a.public_lm, a.settings, a.budget)
+                a.base, a.public_lm, a.settings, a.budget, a.resume)
     print(markdown(table))
     return table
 

@@ -208,7 +208,20 @@ def test_run_audit_end_to_end(protected, tmp_path, monkeypatch):
     assert "unknown hardening option" in nonsense["skipped"] or "no hardened modes" in nonsense["skipped"]
     text = (tmp_path / "table.md").read_text()
     assert "| paper | 100.0% |" in text and "skipped:" in text and "Hidden No More" in text
-    assert json.loads((tmp_path / "table.json").read_text())["modes"] == ["paper", "nonsense"]
+    on_disk_table = json.loads((tmp_path / "table.json").read_text())
+    assert on_disk_table["modes"] == ["paper", "nonsense"] and on_disk_table["complete"]
+    assert on_disk_table["rows"][0]["run"]["commit"] == on_disk_table["commit"]
+
+    # --resume keeps the audited mode (nothing re-run: the report on disk is untouched) and tries the other again;
+    # a table from other settings is refused by name
+    stamp = (report_dir / "report.json").stat().st_mtime_ns
+    same = ["--model", str(plain), "--modes", "paper,nonsense", "--quick", "--attacks", ",".join(chosen),
+            "--prompts", "3", "--prompt-tokens", "12", "--out", str(tmp_path), "--resume"]
+    again = audit_table.main(same)
+    assert again["rows"][0]["report"] == paper["report"] and "skipped" in again["rows"][1]
+    assert (report_dir / "report.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="from another run"):
+        audit_table.main([*same, "--budget", "7"])
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
