@@ -227,6 +227,14 @@ def test_refusals(bundles, tmp_path):
         load_engine("vllm", bundles["paper"] / "server")
 
 
+def test_rekey_keeps_the_head_on_the_client(bundles, tmp_path):
+    from stip.developer.rekey import rekey
+
+    r = rekey(bundles["plain:llama-mqa-tied"], bundles["paper"], tmp_path / "rekeyed", progress=False)
+    assert r.head == "client" and (r.client / "head.safetensors").is_file()
+    assert "lm_head.weight" not in _server_tensors(r.out)
+
+
 def test_the_head_is_mapped_not_read(bundles):
     """The float16 head is a copy-on-write map of the bundle's file: loading it reads no rows."""
     head = ClientHead(bundles["all"] / "client" / "head.safetensors")

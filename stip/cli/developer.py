@@ -37,7 +37,8 @@ def protect(
                                "ffn (exact power-of-two FFN scalings), or all (docs/hardened.md)"),
     noise: float = typer.Option(0.0, help="the client adds Gaussian noise of NOISE times the embedding table's RMS "
                                 "to every row it sends (lossy; e.g. 0.01; docs/hardened.md)"),
-    aloepri: str = typer.Option("", help="--harden aloepri (AloePri's covariant obfuscation; server-decode bundles; "
+    aloepri: str = typer.Option("", help="--harden aloepri (AloePri's covariant obfuscation; server-decode bundles, "
+                                "round-trip ones with --head client; "
                                 "lossy): its knobs as KEY=VALUE,... e.g. h=128,lambda=0.3,alpha_e=1.0,alpha_h=0.2 "
                                 "(also beta, gamma, scale, calibration_tokens; defaults: the paper's; docs/aloepri.md)"),
     head: str = typer.Option("server", help="where the LM head is: server, or client (the server bundle holds "
@@ -110,8 +111,8 @@ def _pinned_pcrs(attestation: str, tee: bool, pcrs: Optional[Path], pinned: dict
 
 def _protect_aloepri(model: str, out: Path, harden: str, aloepri: str, *, tee: bool, key, noise: float,
                      quiet: bool, signing_key, overwrite: bool, shard_size: str, head: str = "server") -> None:
-    """--harden aloepri: its own pipeline (stip.developer.aloepri), server-decode bundles; options it cannot take
-    are refused by name."""
+    """--harden aloepri: its own pipeline (stip.developer.aloepri), server-decode bundles (round-trip ones with
+    --head client); options it cannot take are refused by name."""
     from stip.common.signing import pin
     from stip.developer.aloepri import protect_aloepri
     from stip.models import resolve_model
@@ -122,8 +123,8 @@ def _protect_aloepri(model: str, out: Path, harden: str, aloepri: str, *, tee: b
     refused = ([f"--harden {','.join(o for o in asked if o != 'aloepri')}"] if len(asked) > 1 else []) \
         + (["--tee"] if tee else []) + (["--key"] if key else []) + (["--noise"] if noise else [])
     if refused:
-        raise StipError(f"--harden aloepri writes server-decode bundles with its own keys and noise; it does not "
-                        f"combine with {', '.join(refused)}")
+        raise StipError(f"--harden aloepri draws its own keys and noise; it does not combine with "
+                        f"{', '.join(refused)}")
     r = protect_aloepri(resolve_model(model), out, options=aloepri, overwrite=overwrite, progress=not quiet,
                         max_shard_bytes=parse_size(shard_size), signing_key=signing_key, head=head)
     layout = "round-trip, harden aloepri, LM head on the client" if r.head == "client" else \
