@@ -57,3 +57,20 @@ def test_bad_arguments_named(capsys):
     with pytest.raises(SystemExit) as e:
         tee_latency.main(["--tokens", "1"])
     assert e.value.code == 2 and "--tokens must be at least 2" in capsys.readouterr().err
+
+
+def test_precision_float64_is_lossless_float32_is_not(tmp_path):
+    """bench/tee_precision.py --quick (issue 23, step 3): the enclave's float64 padded products stay at the plain
+    model's own rounding and greedy-equal; float32 with the same hiding pad (2^20 B) is far off; a 16-bit field pad
+    (quantized operands) is lossy too. Writes its JSON and table."""
+    from bench import tee_precision
+
+    r = tee_precision.main(["--quick", "--out", str(tmp_path)])
+    rows = {v["variant"]: v for v in r["variants"]}
+    ours = rows["float64, pad 2^20 B (the enclave's)"]
+    assert ours["greedy_equal"] and ours["max_abs_logit_diff"] < 1e-4
+    assert rows["float32, pad 2^20 B"]["max_abs_logit_diff"] > 1e-2
+    assert rows["field, 16-bit fixed point"]["max_abs_logit_diff"] > 10 * ours["max_abs_logit_diff"]
+    assert (tmp_path / "precision-tiny.json").is_file() and "| float32, pad 2^20 B |" in \
+        (tmp_path / "precision-tiny.md").read_text()
+
