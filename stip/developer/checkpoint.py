@@ -159,7 +159,8 @@ class Checkpoint:
         if self._gguf_cache is None:
             from transformers import AutoModelForCausalLM
 
-            model, info = AutoModelForCausalLM.from_pretrained(self.path, gguf_file=self.gguf_file,
+            # config: the one open() read (transformers copies it); reading the GGUF's metadata again costs seconds
+            model, info = AutoModelForCausalLM.from_pretrained(self.path, gguf_file=self.gguf_file, config=self.config,
                                                                dtype=torch.float32, output_loading_info=True)
             if info["missing_keys"]:
                 raise TensorSetError(f"{self.path / self.gguf_file} lacks tensor {sorted(info['missing_keys'])[0]!r}")
