@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fresh-machine install into ./.venv. `--test` adds the test and benchmark extras (openai, hypothesis, CrypTen).
+# Fresh-machine install into ./.venv. `--test` adds the test and benchmark extras (openai, hypothesis, CrypTen, and
+# the clients tests/test_clients.py drives: langchain-openai, instructor, lm-eval).
 # torch is pinned to 2.13.0, whose CPU wheel these machines carry on disk; an unpinned torch would pull CUDA.
 # Every direct dependency is installed at the version CI tests with (constraints.txt; pyproject.toml has ranges).
 set -euo pipefail
