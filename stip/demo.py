@@ -91,25 +91,40 @@ def ensure_bundle(cache: Path, console: Console):
     return out, ClientBundle.load(out / "client", trusted=trusted), trusted
 
 
-def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bool:
-    from transformers.utils import logging as hf_logging
-
-    from stip.client.sdk import Client
-    from stip.reference import plain_greedy
+def _plain_reference():
+    """The plain SmolLM2 and its tokenizer (step 4's reference), the GGUF loader's progress bars kept quiet."""
     from stip.models import load_plain_model
-    from stip.server.launch import local_server
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return load_plain_model("smollm2")
+
+
+def run_demo(prompt: str, max_tokens: int = 48, cache: Path | None = None) -> bool:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     console = Console(highlight=False)
     cache = Path(cache) if cache else Path.home() / ".cache" / "stip"
-    out, bundle, trusted = ensure_bundle(cache, console)
-    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
-        plain_model, tokenizer = load_plain_model("smollm2")  # the reference for step 4
+    with ThreadPoolExecutor(1) as pool:  # the reference loads while the model is protected (or served): seconds
+        plain = pool.submit(_plain_reference)
+        out, bundle, trusted = ensure_bundle(cache, console)
+        return _run(console, prompt, max_tokens, out, bundle, trusted, plain)
+
+
+def _run(console: Console, prompt: str, max_tokens: int, out: Path, bundle, trusted: str, plain) -> bool:
+    """Steps 2-4: serve, chat, check against plain greedy (`plain`: the reference model's future)."""
+    from stip.client.sdk import Client
+    from stip.reference import plain_greedy
+    from stip.server.launch import local_server
+
     console.print(f"   pinned signer {trusted}: the fingerprint `stip protect` printed, given as is to the server "
                   "(`--trust`) and the client (`trusted=`). Here the demo plays the developer too, so it only shows "
                   "the check at work: both refuse a bundle this key did not sign. A real user gets the fingerprint "
                   "from the developer out of band.")
     with local_server(out / "server", "--trust", trusted) as server:
+        plain_model, tokenizer = plain.result()  # loaded before anything is timed
         console.print(f"[green]2. server[/green]     `stip serve` (pid {server.proc.pid}) on {server.url}")
         console.print("   it holds the protected weights only: no key, no embedding table, no tokenizer")
         client = Client(bundle, server.url, trusted=trusted)
