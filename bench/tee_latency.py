@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from bench import tee_concurrent
+
 PROMPT = "Explain in one paragraph why the sky is blue."
 TINY = "llama-gqa-untied"
 WORKER_TOKEN = "bench-worker-token"
@@ -135,6 +137,7 @@ class Bench:
         from stip.enclave.compute import EnclaveModel
 
         self.ids, self.tokens = ids, tokens
+        self.plain, self.out, self.server, self.enclave = plain, out, server, enclave  # for bench.tee_concurrent
         self.client = Client(plain / "client", server.url)
         self.tee_client = TeeClient(out / "tee-client", enclave.url, allow_simulated=True)
         config, tensors = read_enclave_tensors(out)  # the sealed enclave bundle, as `stip enclave` opens it
@@ -213,7 +216,8 @@ def _summary(runs: list[dict], keys) -> dict:
     return out
 
 
-def run(model: str, tokens: int, repeats: int, threads: int, log=print, pad_pool_mib: int | None = None) -> dict:
+def run(model: str, tokens: int, repeats: int, threads: int, log=print, pad_pool_mib: int | None = None,
+        clients: tuple[int, ...] = ()) -> dict:
     """Protect, start the parties, run the variants interleaved; the results (JSON-ready)."""
     from bench.suite import tree_state
 
@@ -239,6 +243,7 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print, pad_pool
                         runs[v].append(getattr(b, v)())
                     log(f"round {r + 1}/{repeats} ({' '.join(order)}): " + ", ".join(
                         f"{v} {runs[v][-1]['per_token_ms']:.1f} ms/token" for v in VARIANTS))
+                concurrent = tee_concurrent.measure(b, list(clients), b.tokens, repeats, log)
             finally:
                 b.close()
     ids_by = {v: [x.pop("ids") for x in runs[v]] for v in VARIANTS}
@@ -252,6 +257,7 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print, pad_pool
                          "worker's, which a round-trip server refuses)", "decode_steps": runs["round_trip"][0]["steps"],
             "repeats": repeats, "order": "interleaved, ABC then CBA (round i reversed when i is odd)",
             "pad_pool_mib": "the enclave's default (256)" if pad_pool_mib is None else pad_pool_mib,
+            "concurrent": concurrent,
             "command": " ".join([Path(sys.executable).name, "-m", "bench.tee_latency", *sys.argv[1:]]),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -307,6 +313,8 @@ def markdown(r: dict) -> str:
         f"back. Round trip for comparison: server {rt['server_ms_per_token']['median']:.1f} ms, wire "
         f"{rt['wire_ms_per_token']['median']:.1f} ms, client {rt['client_ms_per_token']['median']:.1f} ms per token.",
         "",
+        *tee_concurrent.markdown(r.get("concurrent", {})),
+        "",
         f"The paper: {r['paper']}. What differs here: the offloaded linears run in float64; each group of "
         "offloaded linears is one enclave-worker round trip; the pad pool's background thread shares the CPU with "
         f"the step (pool: {r.get('pad_pool_mib', '?')} MiB); and all of it on CPU processes sharing the same cores, "
@@ -323,15 +331,17 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=4, help="interleaved rounds of all variants")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every process (this one included)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/tee"), help="folder for latency.json/.md")
+    ap.add_argument("--clients", type=int, nargs="*", default=[8], help="also N clients at once, TEE against "
+                    "round trip, for each N given (default 8; none: skip)")
     ap.add_argument("--pad-pool-mib", type=int, default=None, help="the enclave's pad pool (0: pads inline; "
                     "default: the enclave's default)")
     a = ap.parse_args(argv)
-    if a.tokens < 2 or a.repeats < 1 or a.threads < 1:
-        ap.error("--tokens must be at least 2, --repeats and --threads at least 1")
+    if a.tokens < 2 or a.repeats < 1 or a.threads < 1 or any(n < 1 for n in a.clients):
+        ap.error("--tokens must be at least 2, --repeats, --threads and --clients at least 1")
     model = a.model or (TINY if a.tiny else "smollm2")
     torch.set_num_threads(a.threads)
     result = run(model, a.tokens, a.repeats, a.threads, log=lambda m: print(m, file=sys.stderr, flush=True),
-                 pad_pool_mib=a.pad_pool_mib)
+                 pad_pool_mib=a.pad_pool_mib, clients=tuple(a.clients))
     write(result, a.out)
     print(markdown(result))
 

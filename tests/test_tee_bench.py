@@ -13,7 +13,7 @@ from bench import tee_latency
 
 @pytest.fixture(scope="module")
 def result():
-    return tee_latency.run(tee_latency.TINY, tokens=4, repeats=2, threads=1, log=lambda m: None)
+    return tee_latency.run(tee_latency.TINY, tokens=4, repeats=2, threads=1, log=lambda m: None, clients=(3,))
 
 
 def test_variants_agree_and_are_interleaved(result):
@@ -44,12 +44,22 @@ def test_breakdown_adds_up_and_counts_messages(result):
         assert run["bytes_down_per_token"] >= vocab * 8 + hidden * 4  # float64 logits (padded), float32 body state
 
 
+def test_concurrent_clients_tee_against_round_trip(result):
+    """Issue 23 (5): three clients at once in each mode, interleaved rounds; the same tokens everywhere; the enclave
+    batched their steps (more than one session per batched step on average)."""
+    c = result["concurrent"]["3"]
+    assert c["same_tokens"] and c["clients"] == 3 and len(c["runs"]["tee"]) == 2
+    for mode in ("round_trip", "tee"):
+        assert c["summary"][mode]["tokens_per_s"] > 0 and c["summary"][mode]["per_token_ms"] > 0
+    assert c["summary"]["tee"]["mean_batch"] > 1 and c["ratio_per_token"] > 0
+
+
 def test_writes_json_and_markdown(result, tmp_path):
     paths = tee_latency.write(result, tmp_path / "tee")
     assert [p.name for p in paths] == [f"latency-{tee_latency.TINY}.json", f"latency-{tee_latency.TINY}.md"]
     assert json.loads(paths[0].read_text())["same_tokens"] is True
     md = paths[1].read_text()
-    assert "| TEE (TeeClient -> stip enclave -> worker) |" in md and "2.6%" in md
+    assert "| TEE (TeeClient -> stip enclave -> worker) |" in md and "2.6%" in md and "| 3 | tee |" in md
     assert not list((tmp_path / "tee").glob("*.tmp"))
 
 

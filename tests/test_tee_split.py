@@ -105,6 +105,92 @@ def test_interleaved_sessions_keep_their_caches(party):
     link.shutdown()
 
 
+def test_batched_sessions_equal_plain_and_share_messages(party):
+    """Issue 23 (5): three sessions stepped as one batch (their prompts of different lengths together, then their
+    decode steps): each equals plain greedy, and a batched step costs the messages of one session's step, each
+    carrying every session's rows (fresh pads for all), the bodies in one request."""
+    name, plain, config, tensors, worker = party
+    link, frames = recording_link(worker)
+    enclave = EnclaveModel.from_tensors(config, tensors, link)
+    prompts = [PROMPT, [40, 2, 17, 60], [9, 9, 33]]
+    sessions = [enclave.new_session() for _ in prompts]
+    out = enclave.step_batch([(s, p) for s, p in zip(sessions, prompts)])
+    got = [[int(o.argmax())] for o in out]
+    for _ in range(3):
+        frames.clear()
+        out = enclave.step_batch([(s, [g[-1]]) for s, g in zip(sessions, got)])
+        for g, o in zip(got, out):
+            g.append(int(o.argmax()))
+        ops = [h["op"] for h, _ in frames]
+        per_session = 5 if name == "gpt2" else 6  # four padded groups (+ an untied LM head), the body
+        assert ops.count("bodies") == 1 and len(ops) == per_session, ops
+        assert all(x.shape[0] == 3 for h, x in frames if h["op"] == "linear")
+    assert got == [plain_greedy(plain, p, 4)[0] for p in prompts]
+    bad = enclave.step_batch([(sessions[0], [got[0][-1]]), (sessions[1], [10 ** 6])])  # one bad row fails alone
+    assert isinstance(bad[1], ValueError) and int(bad[0].argmax()) == plain_greedy(plain, PROMPT, 5)[0][-1]
+    for s in sessions:
+        enclave.close(s)
+    link.shutdown()
+
+
+def test_worker_bodies_fail_alone(party):
+    """The worker's "bodies" op: several sessions' steps in one packed forward; a span the worker refuses (wrong
+    start, an unknown session) fails alone with its status while the others run."""
+    name, plain, config, tensors, worker = party
+    link = WebSocketWorkerLink(worker.url, token=worker.token)
+    d = tensors[TOKEN_EMBEDDING].shape[1]
+    h = torch.randn(3, d)
+    out = link.bodies([("b1", h, 0), ("b2", h[:2], 0), ("b3", h[:1], 4)])
+    assert link.batched and out[0].shape == (1, d) and out[1].shape == (1, d)
+    assert isinstance(out[2], WorkerError) and "404 unknown or expired session" in str(out[2])
+    solo = link.body("b4", h, 0)  # the same rows alone: the packed forward's last state is the solo one
+    assert torch.allclose(out[0], solo[-1:], atol=1e-5)
+    out = link.bodies([("b1", h[:1], 3), ("b2", h[:1], 5)])
+    assert out[0].shape == (1, d) and "409 session 'b2' holds 2 tokens" in str(out[1])
+    for sid in ("b1", "b2", "b4"):
+        link.close(sid)
+    link.shutdown()
+
+
+def test_step_batcher_gathers_concurrent_generations(party):
+    """The enclave's batcher: four concurrent generations are stepped in shared batches (more than one session per
+    batch on average) and each still equals plain greedy."""
+    import threading
+
+    from stip.enclave.batch import StepBatcher
+
+    name, plain, config, tensors, worker = party
+    link = WebSocketWorkerLink(worker.url, token=worker.token)
+    enclave = EnclaveModel.from_tensors(config, tensors, link)
+    batcher = StepBatcher(enclave, max_batch=4)
+    prompts = [PROMPT, [40, 2, 17, 60], [9, 9, 33], [1, 2, 3, 4, 5]]
+    got: dict[int, list[int]] = {}
+
+    def generate(i):
+        s = enclave.new_session()
+        try:
+            out = [int(batcher.step(s, prompts[i]).argmax())]
+            for _ in range(5):
+                out.append(int(batcher.step(s, [out[-1]]).argmax()))
+            got[i] = out
+        finally:
+            batcher.close()
+            enclave.close(s)
+
+    for _ in prompts:
+        batcher.open()
+    threads = [threading.Thread(target=generate, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stats = batcher.stats()
+    batcher.shutdown()
+    link.shutdown()
+    assert [got[i] for i in range(len(prompts))] == [plain_greedy(plain, p, 6)[0] for p in prompts]
+    assert stats["steps"] == 24 and stats["mean_batch"] > 1.5, stats
+
+
 def _received(frames, op):
     return [(h, x) for h, x in frames if h["op"] == op]
 

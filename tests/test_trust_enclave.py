@@ -5,7 +5,6 @@ address: each test's clients connect from their own loopback address (127.0.0.N)
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -24,7 +23,7 @@ from websockets.sync.client import connect
 from stip.client.tee import SimulatedVerifier, TeeBundle, verify_report
 from stip.common.channel import NONCE_BYTES, Channel, new_keypair, public_bytes
 from stip.common.tee_protocol import ATTEST_PATH, SESSION_PATH
-from stip.enclave.admission import FairTurns, client_id
+from stip.enclave.admission import client_id
 from stip.server.launch import local_process, server_env
 from tests.models import save_tiny
 from tests.parties import serve
@@ -43,7 +42,8 @@ def stack(tmp_path_factory):
     stip.protect(save_tiny("gpt2", root / "plain"), root / "protected", progress=False, tee=True)
     out = root / "protected"
     limits = ["--max-sessions", str(MAX_SESSIONS), "--client-max-sessions", str(CLIENT_SESSIONS),
-              "--client-max-pending", str(CLIENT_PENDING)]
+              "--client-max-pending", str(CLIENT_PENDING),
+              "--max-batch", "2"]  # fewer step slots than sessions: fair turns decide who steps in each batch
     with serve(out, "--tee-worker", token=WORKER_TOKEN) as worker, \
             local_process(enclave_command(out / "enclave", worker.url, *limits), "/health",
                           env={"STIP_WORKER_TOKEN": WORKER_TOKEN, "STIP_TOKEN": CLIENT_TOKEN}) as enclave:
@@ -190,32 +190,27 @@ def test_session_quota_keeps_room_for_other_clients(stack):
         ws.close()
 
 
-def test_fair_turns_round_robin_over_clients():
-    """The enclave's step scheduler: the least recently served client goes next, so a client with three steps
-    waiting takes turns with the others instead of going first, in FIFO order within the client; a cancelled waiter
-    is skipped."""
-    async def run():
-        turns, order = FairTurns(), []
+def test_fair_pick_round_robin_over_clients():
+    """The enclave's share of model steps (stip.enclave.batch.fair_pick): with more steps waiting than a batch holds,
+    the least recently served client goes first, so a client with three steps waiting takes turns with the others
+    instead of going first, in FIFO order within the client; a batch takes one step per client per round."""
+    from types import SimpleNamespace
 
-        async def step(client, label, hold=None):
-            async with turns.turn(client):
-                order.append(label)
-                if hold:
-                    await hold.wait()
+    from stip.enclave.batch import fair_pick
 
-        gate = asyncio.Event()
-        first = asyncio.create_task(step("a", "a0", gate))
-        await asyncio.sleep(0)
-        waiters = [asyncio.create_task(step(c, label)) for c, label in
-                   (("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1"), ("b", "b2"))]
-        cancelled = asyncio.create_task(step("d", "d1"))
-        await asyncio.sleep(0)
-        cancelled.cancel()
-        gate.set()
-        await asyncio.gather(first, *waiters)
-        return order
+    def waiting():
+        return [SimpleNamespace(client=c, label=label) for c, label in
+                (("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1"), ("b", "b2"))]
 
-    assert asyncio.run(run()) == ["a0", "b1", "c1", "a1", "b2", "a2", "a3"]
+    pending, served, order = waiting(), {"a": 1}, ["a0"]  # a0 ran first, alone
+    while pending:  # batches of one: the order steps run in
+        step, = fair_pick(pending, served, 1)
+        pending.remove(step)
+        served[step.client] = len(order) + 1
+        order.append(step.label)
+    assert order == ["a0", "b1", "c1", "a1", "b2", "a2", "a3"]
+    assert [s.label for s in fair_pick(waiting(), {"a": 1}, 3)] == ["b1", "c1", "a1"]
+    assert [s.label for s in fair_pick(waiting(), {"a": 1}, 5)] == ["b1", "c1", "a1", "b2", "a2"]
 
 
 def test_client_id_groups_ipv6_by_prefix():

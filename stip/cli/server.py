@@ -123,6 +123,7 @@ def enclave(
                                                       "peer address; default 1/4 of --max-sessions); more get 429"),
     client_max_pending: int = typer.Option(16, help="attestations per client waiting for their session; more get "
                                            "429"),
+    max_batch: int = typer.Option(16, help="sessions' steps run together as one batched step at most"),
     pad_pool_mib: int = typer.Option(256, help="memory for precomputed pads and their products (0: compute them "
                                      "inline, on every step's critical path)"),
     ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (serve https/wss)"),
@@ -142,10 +143,10 @@ def enclave(
                         client_max_sessions=client_max_sessions or max(1, max_sessions // 4))
     except ValueError as e:
         raise StipError(str(e)) from None
-    if pad_pool_mib < 0:
-        raise StipError("--pad-pool-mib must be 0 or more")
-    run_enclave(bundle, worker, pad_pool_bytes=pad_pool_mib << 20, host=host, port=port, platform_key=platform_key,
-                worker_token=worker_token,
+    if pad_pool_mib < 0 or max_batch < 1:
+        raise StipError("--pad-pool-mib must be 0 or more and --max-batch at least 1")
+    run_enclave(bundle, worker, pad_pool_bytes=pad_pool_mib << 20, max_batch=max_batch, host=host, port=port,
+                platform_key=platform_key, worker_token=worker_token,
                 trusted=trusted_signers(trust), log_level=log_level, token=token, limits=limits,
                 ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                 ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None)

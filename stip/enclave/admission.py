@@ -1,5 +1,5 @@
-"""Who may use the enclave, and how much: per-client limits on pending attestations and open sessions, and a fair
-turn for every model step.
+"""Who may use the enclave, and how much: per-client limits on pending attestations and open sessions (the fair
+share of model steps is stip.enclave.batch's).
 
 A client is the principal it authenticated as (the token holder, or "anonymous" on a loopback enclave without a
 token) together with its peer's network: the address for IPv4, the /64 for IPv6 (one host usually holds a whole
@@ -12,9 +12,7 @@ the enclave as a whole being full is 503 (someone else holds it; retry later).
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import ipaddress
 from dataclasses import dataclass
 
@@ -89,64 +87,3 @@ class Counter:
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
-
-
-class FairTurns:
-    """One model step at a time. The next turn goes to the waiting client served least recently (FIFO within a
-    client), so a client with many sessions gets one turn per round like any other. Runs on the event loop."""
-
-    REMEMBERED = 4096  # clients whose last turn is kept while they wait for none
-
-    def __init__(self):
-        self._waiting: dict[str, collections.deque[asyncio.Future]] = {}
-        self._last_turn: dict[str, int] = {}  # client -> the number of the turn it last got
-        self._turns = 0
-        self._busy = False
-
-    @contextlib.asynccontextmanager
-    async def turn(self, client: str):
-        if self._busy:
-            granted = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(client, collections.deque()).append(granted)
-            try:
-                await granted
-            except asyncio.CancelledError:
-                if granted.done() and not granted.cancelled():
-                    self._next()  # the turn came with the cancellation: pass it on
-                else:
-                    self._drop(client, granted)
-                raise
-        else:
-            self._busy = True
-            self._served(client)
-        try:
-            yield
-        finally:
-            self._next()
-
-    def _served(self, client: str) -> None:
-        self._turns += 1
-        self._last_turn[client] = self._turns
-        if len(self._last_turn) > self.REMEMBERED:
-            self._last_turn = {c: t for c, t in self._last_turn.items() if c in self._waiting or c == client}
-
-    def _drop(self, client: str, granted: asyncio.Future) -> None:
-        queue = self._waiting.get(client)
-        if queue and granted in queue:
-            queue.remove(granted)
-            if not queue:
-                del self._waiting[client]
-
-    def _next(self) -> None:
-        """Hand the turn on: to the oldest waiter of the least recently served client (ties: the first to wait)."""
-        while self._waiting:
-            client = min(self._waiting, key=lambda c: self._last_turn.get(c, 0))
-            queue = self._waiting[client]
-            granted = queue.popleft()
-            if not queue:
-                del self._waiting[client]
-            if not granted.done():
-                self._served(client)
-                granted.set_result(None)
-                return
-        self._busy = False

@@ -22,6 +22,7 @@ import copy
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,8 @@ from stip.common.tee.blocks import POSITION_ATTRS, base_parts, config_of, input_
 from stip.common.tee.layout import (BLOCK_PREFIX, EMBEDDING_SCALE, FINAL_NORM_PREFIX, LM_HEAD, LM_HEAD_IN_ENCLAVE,
                                     LM_HEAD_PREFIX, MASK_PREFIX, POSITION_EMBEDDING, RESID, TOKEN_EMBEDDING, VOCAB)
 from stip.common.tee.linalg import Monomial, weight_of
-from stip.enclave.offload import LocalLinear, OffloadedLinear, TimedLink, WorkerLink
+from stip.enclave.offload import CURRENT, LocalLinear, OffloadedLinear, PerThread, TimedLink, WorkerLink
+from stip.enclave.batch import MAX_BATCH
 from stip.enclave.pads import POOL_BYTES, Pads
 
 CALIBRATION_MARGIN = 4.0  # B = this x the largest calibration RMS: rows up to 4x beyond it keep >= 2^18 x their RMS
@@ -82,7 +84,7 @@ class EnclaveModel:
         self.final_norm = copy.deepcopy(getattr(base, norm_attr))
         _load(self.final_norm, tensors, FINAL_NORM_PREFIX, "the final norm")
         setattr(base, norm_attr, nn.Identity())  # the base model's output is h1 p, before any norm
-        self.waiting: dict = {}
+        self.waiting = PerThread()
         groups = input_groups(block)
         weights = {name: weight_of(block.get_submodule(name)) for g in groups for name in g}  # (W, b)
         masks = {name: (_mask(tensors, name, "in"), _mask(tensors, name, "out")) for name in weights}
@@ -100,6 +102,7 @@ class EnclaveModel:
                             bias=tensors.get(LM_HEAD_PREFIX + "bias"))
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one step at a time: the pads and block 0 are shared by all sessions
+        self._threads, self._thread_count = ThreadPoolExecutor(MAX_BATCH, "stip-block0"), MAX_BATCH
         self.calibrate()
         self.pads.start_pools([(m.key, m.weight64, m.bound) for m in self.offloaded()], pool_bytes)
 
@@ -137,8 +140,9 @@ class EnclaveModel:
         return cls(config, tensors, link, **kw)
 
     def shutdown(self) -> None:
-        """Stop the pad filler (the pools' rows go with the model)."""
+        """Stop the pad filler (the pools' rows go with the model) and the block-0 threads."""
         self.pads.close()
+        self._threads.shutdown(wait=False)
 
     # ------------------------------------------------------------ sessions
 
@@ -151,11 +155,12 @@ class EnclaveModel:
         self.link.close(s.id)
 
     def _step(self, s: EnclaveSession, ids: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            return self._locked_step(s, ids)
+        out = self.step_batch([(s, ids)])[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
-    @torch.no_grad()
-    def _locked_step(self, s: EnclaveSession, ids: torch.Tensor) -> torch.Tensor:
+    def _check(self, s: EnclaveSession, ids) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("no tokens to run")
@@ -164,28 +169,106 @@ class EnclaveModel:
         if self.max_positions and s.position + ids.numel() > self.max_positions:
             raise ValueError(f"sequence would reach {s.position + ids.numel()} tokens; the model has "
                              f"{self.max_positions} positions")
-        t0, w0, pads0 = time.perf_counter(), self.link.seconds, self.pads.stats()
-        self.pads.fresh()  # new pads for every query
+        return ids
+
+    def _block0(self, s: EnclaveSession, ids: torch.Tensor) -> torch.Tensor:
+        """h1 p [T, d]: the embedding in `p` and block 0, here (its linears through the worker, padded)."""
         self.waiting.clear()
-        start = s.position
-        positions = torch.arange(start, start + ids.numel())
+        positions = torch.arange(s.position, s.position + ids.numel())
         x = self.token_embedding[ids].unsqueeze(0)  # x p
-        h1 = self.base(inputs_embeds=x, past_key_values=s.cache, use_cache=True, position_ids=positions[None],
-                       cache_position=positions).last_hidden_state[0]  # h1 p: block 0 ran here
-        h = self.link.body(s.id, h1.contiguous(), start)  # blocks 1..L-1 at the worker
-        s.position += ids.numel()
-        logits = self.lm_head(self.final_norm(h[-1:].float()))  # in pc order
+        return self.base(inputs_embeds=x, past_key_values=s.cache, use_cache=True, position_ids=positions[None],
+                         cache_position=positions).last_hidden_state[0].contiguous()
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """The plain logits [B, V] of last hidden states [B, d]: final norm, LM head, un-permuting `pc`."""
+        logits = self.lm_head(self.final_norm(h.float()))  # in pc order
         cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2/3: as their ForCausalLM does
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        plain = self.vocab.invert(logits.float(), 1)[0]
-        total = time.perf_counter() - t0
-        s.timings["worker_s"] += self.link.seconds - w0
-        s.timings["enclave_s"] += total - (self.link.seconds - w0)
+        return self.vocab.invert(logits.float(), 1)
+
+    @torch.no_grad()
+    def step_batch(self, items: list[tuple[EnclaveSession, torch.Tensor]]) -> list:
+        """Several sessions' steps as one: per item the plain logits [V] of its last position, or the exception that
+        failed it alone. Two or more run their block 0 on threads of their own, meeting at each offloaded group
+        (stip.enclave.batch.Tick), and their bodies in one request."""
+        from stip.enclave.batch import Tick
+
+        results: list = [None] * len(items)
+        good = []
+        with self._lock:  # one step at a time: block 0's modules and the worker link are shared
+            for i, (s, ids) in enumerate(items):
+                try:
+                    if any(s is items[j][0] for j, _ in good):
+                        raise ValueError("a session may have only one step in a batch")
+                    good.append((i, self._check(s, ids)))
+                except ValueError as e:
+                    results[i] = e
+            if not good:
+                return results
+            t0, w0, pads0 = time.perf_counter(), self.link.seconds, self.pads.stats()
+            self.pads.fresh()  # new pads for every query
+            if len(good) == 1:
+                (i, ids), = good
+                try:
+                    h1s = [self._block0(items[i][0], ids)]
+                except Exception as e:  # noqa: BLE001
+                    results[i] = e
+                    return results
+            else:
+                if len(good) > self._thread_count:  # every session of a tick needs a thread: they wait for each other
+                    self._threads.shutdown(wait=False)
+                    self._threads, self._thread_count = ThreadPoolExecutor(len(good), "stip-block0"), len(good)
+                tick = Tick(len(good))
+                runs = [self._threads.submit(self._tick_block0, tick, items[i][0], ids) for i, ids in good]
+                h1s = [_result(f) for f in runs]
+            self._bodies_and_heads(items, good, h1s, results)
+            self._account(items, good, time.perf_counter() - t0, self.link.seconds - w0, pads0)
+        return results
+
+    def _tick_block0(self, tick, s: EnclaveSession, ids: torch.Tensor) -> torch.Tensor:
+        CURRENT.tick = tick
+        try:
+            with torch.no_grad():
+                return self._block0(s, ids)
+        finally:
+            CURRENT.tick = None
+            tick.leave()
+
+    def _bodies_and_heads(self, items, good, h1s, results) -> None:
+        """Blocks 1..L-1 at the worker for every session whose block 0 ran (one request), then the heads here."""
+        live = [(i, ids, h1) for (i, ids), h1 in zip(good, h1s) if not _failed(h1, results, i)]
+        if not live:
+            return
+        spans = [(items[i][0].id, h1, items[i][0].position) for i, _, h1 in live]
+        if len(spans) == 1:
+            try:
+                outs = [self.link.body(*spans[0])[-1:]]
+            except Exception as e:  # noqa: BLE001
+                outs = [e]
+        else:
+            try:
+                outs = self.link.bodies(spans)
+            except Exception as e:  # noqa: BLE001 - the link failed: every session of the step with it
+                outs = [e] * len(spans)
+        done = [(i, ids, h) for (i, ids, _), h in zip(live, outs) if not _failed(h, results, i)]
+        if not done:
+            return
+        for i, ids, _ in done:
+            items[i][0].position += ids.numel()
+        plain = self._head(torch.cat([h[-1:] for _, _, h in done]))
+        for (i, _, _), row in zip(done, plain):
+            results[i] = row
+
+    def _account(self, items, good, total: float, worker: float, pads0: dict) -> None:
+        """Each session of the step gets the step's time (it waited for all of it) and its pad counts."""
         pads = self.pads.stats()
-        s.timings["pad_hits"] += pads["hits"] - pads0["hits"]
-        s.timings["pad_misses"] += pads["misses"] - pads0["misses"]
-        return plain
+        for i, _ in good:
+            t = items[i][0].timings
+            t["worker_s"] += worker
+            t["enclave_s"] += total - worker
+            t["pad_hits"] += pads["hits"] - pads0["hits"]
+            t["pad_misses"] += pads["misses"] - pads0["misses"]
 
     def prefill(self, s: EnclaveSession, ids) -> torch.Tensor:
         """Run the prompt; the plain logits [V] of its last position."""
@@ -235,3 +318,18 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, what
     missing = [m for m in missing if m in params]
     if missing or unexpected:
         raise ValueError(f"enclave tensors for {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _result(future):
+    try:
+        return future.result()
+    except Exception as e:  # noqa: BLE001 - this session alone fails
+        return e
+
+
+def _failed(out, results: list, i: int) -> bool:
+    """Whether a session's part failed (an exception in its place), recorded in `results`."""
+    if isinstance(out, BaseException):
+        results[i] = out
+        return True
+    return False

@@ -11,6 +11,7 @@ chance token recovery from it).
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Protocol
 
@@ -31,19 +32,24 @@ class WorkerLink(Protocol):
     def body(self, session: str, h: torch.Tensor, start: int) -> torch.Tensor:
         """Blocks 1..L-1 on h [T, d] at positions start.. with the session's KV cache -> the last hidden state."""
 
+    def bodies(self, spans: list[tuple[str, torch.Tensor, int]]) -> list:
+        """Several sessions' (session, h, start) in one request -> per span its last state [1, d] or its error."""
+
     def close(self, session: str) -> None:
         """Free the session's KV cache at the worker."""
 
 
 class OffloadedLinear(nn.Module):
     """Stands in for one linear map of block 0 (or the LM head): the worker computes `W' A (x + r)` with its masked
-    copy `W' = B W A^-1`, the enclave applies `B^-1` and subtracts `W r` (from the pad pool). In a group (`SHARED_INPUT`) the first member called computes the whole group in one request; the others
-    take their part when called with the same tensor. `a`: the group's input mask; `b`: its outputs' masks side by
-    side (None: identity)."""
+    copy `W' = B W A^-1`, the enclave applies `B^-1` and subtracts `W r` (from the pad pool). In a group
+    (`SHARED_INPUT`) the first member called computes the whole group in one request; the others take their part
+    when called with the same tensor. In a batched step (stip.enclave.batch) each session's block 0 runs on a thread
+    of its own, and the call waits for the other sessions' rows so that one request carries them all. `a`: the
+    group's input mask; `b`: its outputs' masks side by side (None: identity)."""
 
     def __init__(self, name: str, weight: torch.Tensor, link: WorkerLink, pads: Pads,
                  group: list[tuple[str, torch.Tensor, torch.Tensor | None]] | None = None,
-                 waiting: dict | None = None, a: Monomial | None = None, b: Monomial | None = None,
+                 waiting: "PerThread | None" = None, a: Monomial | None = None, b: Monomial | None = None,
                  bias: torch.Tensor | None = None):
         super().__init__()
         self.name, self.link, self.pads, self.a, self.b = name, link, pads, a, b
@@ -56,7 +62,7 @@ class OffloadedLinear(nn.Module):
         self.bias64 = torch.cat([torch.zeros(w.shape[0], dtype=OFFLOAD_DTYPE) if b_ is None else
                                  b_.detach().to(OFFLOAD_DTYPE) for _, w, b_ in group])
         self.out_features = int(weight.shape[0])
-        self.waiting = waiting if waiting is not None else {}  # name -> (input tensor, its output), this step only
+        self.waiting = waiting if waiting is not None else PerThread()  # name -> (input, its output), this step
         self.bound: float | None = None  # B: the group's input RMS bound, set by `calibrate`
         self.calibrating: list[float] | None = None
 
@@ -69,17 +75,8 @@ class OffloadedLinear(nn.Module):
             self.calibrating.append(float(rows.pow(2).mean(-1).sqrt().max()))
             y = rows @ self.weight64.t() + self.bias64
         else:
-            if self.bound is None:
-                raise RuntimeError(f"{self.name}: pads are not calibrated (EnclaveModel calibrates at start)")
-            r, wr = self.pads.take(self.key, self.weight64, self.bound, rows.shape[0])
-            sent = rows + r
-            y = self.link.linear(self.key, sent if self.a is None else self.a.apply(sent))
-            y = y.to(OFFLOAD_DTYPE)
-            if self.b is not None:
-                y = self.b.invert(y)
-            y = y - wr
-            r.zero_()  # used once: destroyed
-            wr.zero_()
+            tick = getattr(CURRENT, "tick", None)
+            y = self.exchange(rows) if tick is None else tick.linear(self, rows)
         parts = y.to(x.dtype).split(self.sizes, dim=-1)
         mine = None
         for name, part in zip(self.names, parts):
@@ -89,6 +86,39 @@ class OffloadedLinear(nn.Module):
             else:
                 self.waiting[name] = (x, part)
         return mine
+
+    def exchange(self, rows: torch.Tensor) -> torch.Tensor:
+        """`W rows^T` (float64 [n, sum out]) through the worker: pad, mask, send; unmask, subtract `W r`."""
+        if self.bound is None:
+            raise RuntimeError(f"{self.name}: pads are not calibrated (EnclaveModel calibrates at start)")
+        r, wr = self.pads.take(self.key, self.weight64, self.bound, rows.shape[0])
+        sent = rows + r
+        y = self.link.linear(self.key, sent if self.a is None else self.a.apply(sent)).to(OFFLOAD_DTYPE)
+        if self.b is not None:
+            y = self.b.invert(y)
+        y = y - wr
+        r.zero_()  # used once: destroyed
+        wr.zero_()
+        return y
+
+
+class PerThread(threading.local):
+    """A dict of its own in every thread: a group's parts waiting for their members, per session's block 0."""
+
+    def __init__(self):
+        self.d: dict = {}
+
+    def pop(self, key, default=None):
+        return self.d.pop(key, default)
+
+    def __setitem__(self, key, value) -> None:
+        self.d[key] = value
+
+    def clear(self) -> None:
+        self.d.clear()
+
+
+CURRENT = threading.local()  # .tick: the batched step this thread's session belongs to (stip.enclave.batch)
 
 
 class LocalLinear(nn.Module):
@@ -121,6 +151,9 @@ class TimedLink:
 
     def body(self, session, h, start):
         return self._timed(self.link.body, session, h, start)
+
+    def bodies(self, spans):
+        return self._timed(self.link.bodies, spans)
 
     def close(self, session):
         return self.link.close(session)

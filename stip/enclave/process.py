@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hmac
 import json
 import logging
@@ -37,7 +36,8 @@ from stip.common.tee.measurement import code_measurement, measurement
 from stip.common.tee.platform import SimulatedPlatform, unb64
 from stip.common.tee.sealing import read_header, sealing_key, unseal_tensors
 from stip.common.tee_protocol import ATTEST_PATH, SESSION_PATH, TeeGenerateRequest
-from stip.enclave.admission import Counter, FairTurns, Limits, Refused, check_bind, client_id
+from stip.enclave.admission import Counter, Limits, Refused, check_bind, client_id
+from stip.enclave.batch import MAX_BATCH, StepBatcher
 from stip.enclave.session import HELLO_TIMEOUT_S, IDLE_TIMEOUT_S, serve_session  # noqa: F401 - re-exported
 from stip.errors import StipError, TeeError
 
@@ -61,8 +61,9 @@ class Enclave:
         """The channel to the client that verified the report for `nonce` (each nonce opens one channel)."""
         raise NotImplementedError
 
-    def generate(self, request: TeeGenerateRequest) -> Iterator[dict]:
-        """GenerateChunk dicts, one per token, the last with finish_reason."""
+    def generate(self, request: TeeGenerateRequest, client: str = "anonymous") -> Iterator[dict]:
+        """GenerateChunk dicts, one per token, the last with finish_reason; `client` (stip.enclave.admission.client_id)
+        is what the fair share of model steps counts in."""
         raise NotImplementedError
 
 
@@ -70,7 +71,7 @@ class SimulatedEnclave(Enclave):
     """The enclave in an ordinary local process, with a simulated platform (stip.common.tee.platform)."""
 
     def __init__(self, bundle: str | Path, platform: SimulatedPlatform, link, trusted=None,
-                 limits: Limits = Limits(), pad_pool_bytes: int | None = None):
+                 limits: Limits = Limits(), pad_pool_bytes: int | None = None, max_batch: int = MAX_BATCH):
         from stip.enclave.compute import EnclaveModel
 
         bundle = Path(bundle)
@@ -95,7 +96,7 @@ class SimulatedEnclave(Enclave):
         self._pending_count = Counter("attestations waiting for their session", limits.max_pending,
                                       limits.client_max_pending, f"open their sessions or wait {PENDING_TTL_S:.0f} s")
         self._lock = threading.Lock()
-        self._step_lock = threading.Lock()  # one model step at a time (fresh pads, one worker socket)
+        self.batcher = StepBatcher(self.model, max_batch)  # concurrent sessions' steps, batched
 
     def attest(self, nonce: bytes, client: str = "anonymous") -> dict:
         if len(nonce) != NONCE_BYTES:
@@ -123,11 +124,8 @@ class SimulatedEnclave(Enclave):
         return Channel.derive(key, client_public, client_public=client_public, enclave_public=public_bytes(key),
                               nonce=nonce, measurement=self.measurement, role="enclave")
 
-    def _step(self, fn, *args):
-        with self._step_lock:
-            return fn(*args)
 
-    def generate(self, request: TeeGenerateRequest) -> Iterator[dict]:
+    def generate(self, request: TeeGenerateRequest, client: str = "anonymous") -> Iterator[dict]:
         ids = list(request.ids)
         if any(not 0 <= i < self.vocab_size for i in ids):
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
@@ -144,8 +142,9 @@ class SimulatedEnclave(Enclave):
         m = self.model
         session = m.new_session()
         n, finish = 0, "length"
+        self.batcher.open()
         try:
-            logits = self._step(m.prefill, session, torch.tensor(ids))
+            logits = self.batcher.step(session, ids, client)
             while True:
                 token = sampler.from_logits(logits)
                 sampler.observe(token)
@@ -160,14 +159,15 @@ class SimulatedEnclave(Enclave):
                     finish = "stop" if token in stops else "length"
                     break
                 yield chunk
-                logits = self._step(m.decode, session, token)
+                logits = self.batcher.step(session, [token], client)
             t = session.timings
             yield {**chunk, "finish_reason": finish, "prompt_tokens": len(ids), "completion_tokens": n,
                    "timing": {"enclave_ms": 1e3 * t["enclave_s"], "worker_ms": 1e3 * t["worker_s"],
                               "pad_hits": t["pad_hits"], "pad_misses": t["pad_misses"]}}
         finally:
+            self.batcher.close()
             try:
-                self._step(m.close, session)
+                m.close(session)
             except Exception:  # noqa: BLE001 - the worker may be gone; its session expires there
                 log.warning("could not close a session at the worker")
 
@@ -180,17 +180,18 @@ def authorized(header: str | None, token: str | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
 
 
-def create_app(enclave: Enclave, token: str | None = None, limits: Limits = Limits()):
+def create_app(enclave: Enclave, token: str | None = None, limits: Limits = Limits(), max_batch: int = MAX_BATCH):
     """`token`: clients must send it (Authorization: Bearer) to attest and to open a session; None: any client that
     reaches the enclave may (loopback only: `run_enclave` refuses other binds). `limits`: sessions in all and per
-    client (stip.enclave.admission); the backend holds the attestation limits. Model steps take fair turns."""
+    client (stip.enclave.admission); the backend holds the attestation limits and batches the sessions' model steps,
+    `max_batch` at a time, one per client per round while more wait (stip.enclave.batch)."""
     app = FastAPI(title="STIP enclave", docs_url=None, redoc_url=None, openapi_url=None)
-    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stip-enclave")
+    # a generation's thread waits in the batcher during its steps: one per open session, and room to close
+    pool = ThreadPoolExecutor(max_workers=limits.max_sessions + 4, thread_name_prefix="stip-enclave")
     denied = {"error": "missing or wrong client token (Authorization: Bearer; STIP_TOKEN)"}
     principal = "token" if token else "anonymous"
     sessions = Counter("open sessions", limits.max_sessions, limits.client_max_sessions,
                        "close a session before opening another")
-    turns = FairTurns()
 
     def busy(e: Refused) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=e.status,
@@ -199,8 +200,10 @@ def create_app(enclave: Enclave, token: str | None = None, limits: Limits = Limi
     @app.get("/health")
     async def health():
         pads = getattr(getattr(enclave, "model", None), "pads", None)  # counts only: rows from the pools, rows inline
+        batcher = getattr(enclave, "batcher", None)  # batched steps: how many, how many sessions in them
         return {"status": "ok", "role": "enclave", "measurement": enclave.measurement,
-                **({"pads": pads.stats()} if pads is not None else {})}
+                **({"pads": pads.stats()} if pads is not None else {}),
+                **({"batching": batcher.stats()} if batcher is not None else {})}
 
     @app.post(ATTEST_PATH)
     async def attest(request: Request):
@@ -227,13 +230,12 @@ def create_app(enclave: Enclave, token: str | None = None, limits: Limits = Limi
             await ws.send_denial_response(busy(e))
             return
         try:
-            await serve_session(ws, enclave, functools.partial(step, client))
+            await serve_session(ws, enclave, step, client)
         finally:
             sessions.give_back(client)
 
-    async def step(client: str, fn, *args):
-        async with turns.turn(client):
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    async def step(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     return app
 
@@ -242,7 +244,7 @@ def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: 
                 platform_key: str | Path | None = None, worker_token: str | None = None, trusted=None,
                 log_level: str = "info", token: str | None = None, limits: Limits = Limits(),
                 ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
-                pad_pool_bytes: int | None = None) -> None:
+                pad_pool_bytes: int | None = None, max_batch: int = MAX_BATCH) -> None:
     """Serve the enclave. The same rule as `stip serve`: without a client token it binds loopback only."""
     import uvicorn
 
@@ -258,7 +260,8 @@ def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: 
     platform = SimulatedPlatform.load(platform_key)
     read_manifest(bundle, role="enclave", trusted=trusted)  # a bad bundle is refused before the worker is contacted
     link = WebSocketWorkerLink(worker, token=worker_token)
-    enclave = SimulatedEnclave(bundle, platform, link, trusted=trusted, limits=limits, pad_pool_bytes=pad_pool_bytes)
+    enclave = SimulatedEnclave(bundle, platform, link, trusted=trusted, limits=limits, pad_pool_bytes=pad_pool_bytes,
+                               max_batch=max_batch)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.warning("SIMULATED enclave: an ordinary process, no hardware protection (docs/tee.md); measurement %s",
                 enclave.measurement)
@@ -267,5 +270,5 @@ def run_enclave(bundle: str | Path, worker: str, host: str = "127.0.0.1", port: 
     elif not ssl_certfile and not is_loopback_host(host):
         log.warning("serving on %s without TLS: the channel is end-to-end encrypted, but the client token is not; "
                     "put a TLS-terminating proxy in front, or pass --ssl-certfile", host)
-    uvicorn.run(create_app(enclave, token, limits), host=host, port=port, log_level=log_level,
+    uvicorn.run(create_app(enclave, token, limits, max_batch), host=host, port=port, log_level=log_level,
                 ws_max_size=64 * 1024 * 1024, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

@@ -1,8 +1,8 @@
 """One client's WebSocket session at the enclave (`/v1/tee/session`): the hello that opens the channel, then
 channel-sealed generate requests, each answered by sealed chunks, until the client closes, idles or breaks a rule.
 
-The socket is already admitted (token, session limits) by stip.enclave.process.create_app; `step` runs one model step
-in the client's fair turn. Nothing secret is logged.
+The socket is already admitted (token, session limits) by stip.enclave.process.create_app; `step` runs the
+generation's next step off the event loop (the backend batches it with other sessions'). Nothing secret is logged.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ log = logging.getLogger("stip.enclave")
 HELLO_TIMEOUT_S, IDLE_TIMEOUT_S = 30.0, 300.0  # a session slot is not held by a silent socket
 
 
-async def serve_session(ws: WebSocket, enclave, step) -> None:
+async def serve_session(ws: WebSocket, enclave, step, client: str = "anonymous") -> None:
     """Accept `ws`, open the channel from its hello, then answer its requests. `enclave`: the stip.enclave.process
-    backend; `step(fn, *args)`: awaits fn(*args) off the event loop, in this client's turn."""
+    backend; `step(fn, *args)`: awaits fn(*args) off the event loop; `client`: whose session this is (its steps
+    get the client's fair share of the batched steps)."""
     await ws.accept()
     channel = await _open_channel(ws, enclave)
     if channel is None:
@@ -46,7 +47,7 @@ async def serve_session(ws: WebSocket, enclave, step) -> None:
                 return
             gen_req = await _generate_request(ws, channel, req)
             if gen_req is not None:
-                await _send_generation(ws, channel, enclave.generate(gen_req), step)
+                await _send_generation(ws, channel, enclave.generate(gen_req, client), step)
     except TeeError as e:
         log.info("session refused: %s", e)
         await ws.close(POLICY_VIOLATION, str(e)[:120])

@@ -42,6 +42,7 @@ class WebSocketWorkerLink:
         self._lock = threading.Lock()
         self.worker_ms = 0.0  # compute time the worker reports (the rest of a call's time is the channel)
         self.calls_s = 0.0
+        self.batched: bool | None = None  # whether the worker answers "bodies" (learnt from "info")
 
     def _call(self, header: dict, x: torch.Tensor | None = None) -> tuple[dict, memoryview]:
         if x is not None:
@@ -73,12 +74,31 @@ class WebSocketWorkerLink:
         return self._tensor(*self._call({"op": "body", "session": session, "start": int(start)},
                                         h.float().contiguous()))
 
+    def bodies(self, spans: list[tuple[str, torch.Tensor, int]]) -> list:
+        """Several sessions' steps in one request: per span its last hidden state [1, d] or the WorkerError that
+        failed it alone (a worker without "bodies": one "body" request per span)."""
+        if self.batched is None:
+            self.info()
+        if not self.batched:
+            return [_or_error(lambda sp=sp: self.body(*sp)[-1:]) for sp in spans]
+        h = torch.cat([x.float() for _, x, _ in spans]).contiguous()
+        head, payload = self._call({"op": "bodies", "spans": [[sid, int(start), int(x.shape[0])]
+                                                              for sid, x, start in spans]}, h)
+        rows = self._tensor(head, payload)
+        out: list = [WorkerError("the TEE worker did not answer for this session")] * len(spans)
+        for k, i in enumerate(head.get("index", [])):
+            out[i] = rows[k:k + 1]
+        for f in head.get("failed", []):
+            out[f["index"]] = WorkerError(f"the TEE worker refused body: {f.get('status')} {f.get('error')}")
+        return out
+
     def close(self, session: str) -> None:
         self._call({"op": "close", "session": session})
 
     def info(self) -> dict:
         """The worker's bundle id and where the LM head runs ("worker" or "enclave")."""
         head, _ = self._call({"op": "info"})
+        self.batched = "bodies" in head.get("ops", ())
         return {"bundle_id": head.get("bundle_id"), "lm_head": head.get("lm_head")}
 
     def expect_bundle(self, bundle_id: str, lm_head_in_enclave: bool) -> None:
@@ -92,3 +112,10 @@ class WebSocketWorkerLink:
 
     def shutdown(self) -> None:
         self._ws.close()
+
+
+def _or_error(fn):
+    try:
+        return fn()
+    except WorkerError as e:
+        return e

@@ -135,6 +135,7 @@ def _layers_attr(base) -> str:
 def enable_tee_capture(worker, folder: str | Path, layers: list[int] | None) -> TeeCapture:
     """Record every step the worker runs to `folder` (a new or empty one); warns loudly. Layers count the whole
     model's blocks (block 0, in the enclave, then the worker's body); default: the first, the middle, the last."""
+    worker.engine = None  # the serial body: the packed forward calls a block's parts, not the block's hooks
     n_layers = 1 + len(getattr(worker.base, _layers_attr(worker.base)))
     chosen = resolve_layers(layers, n_layers)
     capture = TeeCapture(worker, CaptureWriter(folder), chosen)

@@ -5,9 +5,13 @@
         -> {"ok": true, "kind": "linear", "dtype": "float64", "shape": [n, d_out], "worker_ms"} + W x + b
     {"op": "body", "session": id, "start": position, "dtype": "float32", "shape": [T, d]} + h1 p
         -> {"ok": true, "kind": "hidden", "dtype": "float32", "shape": [T, d], "position", "worker_ms"} + states
+    {"op": "bodies", "spans": [[session, start, T], ...], "dtype": "float32", "shape": [sum T, d]} + their h1 p
+        -> {"ok": true, "kind": "hidden", "shape": [k, d], "index": [...], "failed": [{"index", "status",
+        "error"}], "worker_ms"} + the last state of each of the k spans in "index": several sessions' steps in one
+        packed forward (a span that fails fails alone)
     {"op": "close", "session": id} -> {"ok": true, "kind": "closed"}
-    {"op": "info"} -> {"ok": true, "kind": "info", "bundle_id", "lm_head": "worker" | "enclave"}: the enclave checks
-        at start that the worker serves the TEE worker bundle of its own `stip protect --tee` run
+    {"op": "info"} -> {"ok": true, "kind": "info", "bundle_id", "lm_head": "worker" | "enclave", "ops"}: the
+        enclave checks at start that the worker serves the TEE worker bundle of its own `stip protect --tee` run
     errors: {"ok": false, "status": 4xx/5xx, "error": "..."}; the socket stays usable.
 
 Compute runs on one worker thread; the event loop only authenticates and frames. With `--capture DIR` each socket
@@ -36,7 +40,7 @@ log = logging.getLogger("stip.server")
 
 TEE_WORKER_PATH = "/v1/tee/worker"
 TEE_DTYPES = {**wire.DTYPES, "float64": torch.float64}  # the padded linears travel in float64 (exactness)
-TEE_OPS = ("linear", "body", "close", "info")
+TEE_OPS = ("linear", "body", "bodies", "close", "info")
 MAX_ROWS = 1 << 16  # rows of one linear request
 
 
@@ -66,6 +70,8 @@ def _parse(worker: TeeWorker, data) -> tuple[str, dict, torch.Tensor | None]:
         if shape[1] != d_in or shape[0] > MAX_ROWS:
             raise TeeWorkerError(422, f"linear {header['name']!r} takes at most {MAX_ROWS} rows of {d_in}, "
                                       f"got {shape}")
+    elif op == "bodies":
+        _check_spans(worker, header.get("spans"), shape)
     else:
         if not isinstance(header.get("session"), str) or not 1 <= len(header["session"]) <= 64:
             raise TeeWorkerError(422, "body needs a session id (a string of 1-64 characters)")
@@ -81,6 +87,45 @@ def _parse(worker: TeeWorker, data) -> tuple[str, dict, torch.Tensor | None]:
     return op, header, wire.tensor_from_bytes(payload, dtype, shape)
 
 
+def _check_spans(worker: TeeWorker, spans, shape: list[int]) -> None:
+    """A "bodies" request's spans: [session (1-64 characters), start >= 0, rows >= 1], rows adding up to the
+    payload's, at most the worker's session limit, hidden size the worker's."""
+    def ok(n, low):
+        return isinstance(n, int) and not isinstance(n, bool) and n >= low
+
+    if not (isinstance(spans, list) and 1 <= len(spans) <= worker.max_sessions and all(
+            isinstance(sp, list) and len(sp) == 3 and isinstance(sp[0], str) and 1 <= len(sp[0]) <= 64
+            and ok(sp[1], 0) and ok(sp[2], 1) for sp in spans)):
+        raise TeeWorkerError(422, f"bodies needs spans [[session, start, rows], ...] (1 to {worker.max_sessions}; "
+                                  "session 1-64 characters, start >= 0, rows >= 1)")
+    if sum(sp[2] for sp in spans) != shape[0] or shape[1] != worker.hidden_size or shape[0] > worker.max_seq_len \
+            * len(spans):
+        raise TeeWorkerError(422, f"bodies: the spans' rows must add up to the payload's {shape[0]} rows of size "
+                                  f"{worker.hidden_size}")
+
+
+def _bodies(worker: TeeWorker, header: dict, x: torch.Tensor, recorder) -> tuple[torch.Tensor, dict]:
+    """Run a "bodies" request: the last state of each span that ran, which spans those are, and which failed."""
+    parts, a = [], 0
+    for sid, start, n in header["spans"]:
+        parts.append((sid, x[a:a + n].float(), start))
+        a += n
+    if recorder is None:
+        results = worker.bodies(parts)
+    else:  # capture records one step at a time (the serial path)
+        results = []
+        for sid, h, start in parts:
+            try:
+                results.append(recorder.body(sid, start, h, functools.partial(worker.body, sid, h, start))[-1:])
+            except TeeWorkerError as e:
+                results.append(e)
+    done = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+    failed = [{"index": i, "status": getattr(r, "status", 500), "error": str(r)[:200]}
+              for i, r in enumerate(results) if isinstance(r, BaseException)]
+    y = torch.cat([results[i] for i in done]) if done else torch.zeros(0, worker.hidden_size)
+    return y, {"index": done, "failed": failed}
+
+
 def _run(worker: TeeWorker, op: str, header: dict, x: torch.Tensor | None, recorder=None) -> bytes:
     """One request on the worker thread; `recorder` (a `TeeConnectionRecorder`, with --capture) sees each request
     the worker answers."""
@@ -92,12 +137,16 @@ def _run(worker: TeeWorker, op: str, header: dict, x: torch.Tensor | None, recor
         return wire.encode_frame({"ok": True, "kind": "closed"})
     if op == "info":
         return wire.encode_frame({"ok": True, "kind": "info", "bundle_id": worker.manifest.get("bundle_id"),
-                                  "lm_head": "worker" if LM_HEAD in worker.linears else "enclave"})
+                                  "lm_head": "worker" if LM_HEAD in worker.linears else "enclave",
+                                  "ops": list(TEE_OPS)})
     if op == "linear":
         y = worker.linear(header["name"], x.to(torch.float64))
         if recorder is not None:
             recorder.linear(header["name"], x.to(torch.float64))
         kind, extra = "linear", {}
+    elif op == "bodies":
+        y, extra = _bodies(worker, header, x, recorder)
+        kind = "hidden"
     else:
         h = x.float()
         run = functools.partial(worker.body, header["session"], h, header["start"])
