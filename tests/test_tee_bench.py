@@ -84,3 +84,17 @@ def test_precision_float64_is_lossless_float32_is_not(tmp_path):
     assert (tmp_path / "precision-tiny.json").is_file() and "| float32, pad 2^20 B |" in \
         (tmp_path / "precision-tiny.md").read_text()
 
+
+
+def test_cost_model_adds_up():
+    """bench/tee_cost_model.py (issue 23, step 6): the modelled TEE time per token is the round trip's plus the
+    enclave's path, the messages and the float64 copies' extra reads, each as stated in the table."""
+    import argparse
+
+    from bench import tee_cost_model
+
+    a = argparse.Namespace(t_rt=[10.0], gpu_tbps=2.5, message_ms=0.15)
+    md = tee_cost_model.model(a, {(128, "static"): 1.0}, gflops=10.0)
+    extra_gpu = sum(i * o for _, i, o in tee_cost_model.GROUPS) * 6 / 2.5e12 * 1e3
+    total = 10.0 + 1.0 + 6 * 0.15 + extra_gpu
+    assert "a cost model (not a measurement)" in md and f"| {total:.2f} | +{100 * (total - 10) / 10:.1f}% |" in md
