@@ -7,9 +7,9 @@ batches of at most `max_batch`. A batch starts once every session generating has
 the last batch come back within a few milliseconds), or `GATHER_S` after its first step, whichever is first; alone,
 a session never waits. With more steps waiting than a batch holds, `fair_pick` chooses: one step per client per
 round, the client served least recently first (FIFO within a client), so a client with many sessions gets one step
-per batch like a client with one. Inside a batched step each session's block 0 runs on a thread of its own (its own KV cache,
-its own attention) and `Tick` is where those threads meet at each offloaded group: the last to arrive sends all
-their rows in one request (fresh pads for every row) and hands each its part.
+per batch like a client with one. Inside a batched step each session's block 0 runs on a thread of its own (its own
+KV cache, its own attention) and `Tick` is where those threads meet at each offloaded group: the last to arrive sends
+all their rows in one request (fresh pads for every row) and hands each its part.
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@ The split (docs/tee.md, "The split"): in a pre-LN block a worker that computed t
 then received `h1 = x p + a1` would recover `x p = h1 - a1`. So block 0 runs here, as the model's own decoder-layer
 module (a 1-layer model built from the config: RoPE, GQA and GPT-2's Conv1D work unchanged): its norms, attention
 core, activations, residual adds and KV cache stay in the enclave. Only its linear maps go to the worker, each with a
-fresh pad (Slalom; pads and `W r` precomputed in a pool, stip.enclave.pads): the enclave sends `A (x + r)`, the worker returns `W' A (x + r) + B b` with its copy
-`W' = B W A^-1` (`stip protect --tee` stores block 0 in secret monomial bases `A`, `B`, so the worker's copy of
-block 0 is not in the basis of `h1 p`); the enclave applies `B^-1` and subtracts `W r`. The worker runs blocks
-1..L-1 on `h1 p` and returns the last hidden state; the final norm runs here. The LM head: a tied model's (its
-embedding table) is computed here, an untied one is offloaded with a pad and an input mask `A`; `pc` is undone
-here. The padded products are computed in float64 on both sides and the masks are signs times powers of two (exact
+fresh pad (Slalom; pads and `W r` precomputed in a pool, stip.enclave.pads): the enclave sends `A (x + r)`, the
+worker returns `W' A (x + r) + B b` with its copy `W' = B W A^-1` (`stip protect --tee` stores block 0 in secret
+monomial bases `A`, `B`, so the worker's copy of block 0 is not in the basis of `h1 p`); the enclave applies
+`B^-1` and subtracts `W r`. The worker runs blocks 1..L-1 on `h1 p` and returns the last hidden state; the final
+norm runs here. The LM head: a tied model's (its embedding table) is computed here, an untied one is offloaded with
+a pad and an input mask `A`; `pc` is undone here. Concurrent sessions' steps run as one batched step
+(`step_batch`, stip.enclave.batch). The padded products are computed in float64 on both sides and the masks are signs times powers of two (exact
 in floating point), so the result is `W x` to float64 accuracy and greedy generation equals plain generation.
 
 The offload of each linear (pads, masks, the link to the worker) is stip.enclave.offload's; the bundle's tensor
