@@ -13,14 +13,22 @@ With the top-k downlink the distribution is the one truncated to the k tokens th
 unknown to the client): greedy is exact, sampling is exact when top_k <= k, otherwise a close approximation.
 Penalties on the top-k downlink apply to the k tokens the server sent: a penalised token can fall below a token
 outside those k, which the client cannot see, so with penalties the choice is exact only while it stays inside them.
+
+numpy only, so the light client samples with the same code as every other party; scores given as torch tensors (the
+server, the enclave) are read as numpy, and `candidates` answers in the type it was given. The seeded draw is torch's
+own: the first 32-bit outputs of MT19937 seeded as `torch.Generator().manual_seed(seed)` seeds it, 24 bits each, as
+`torch.rand` makes a float32, so a seed gives the same tokens as it did when this module drew with torch.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Iterable
 
-import torch
+import numpy as np
+
+from stip.common.arrays import like, to_numpy
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
@@ -69,76 +77,95 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def apply_repetition_penalty(scores: torch.Tensor, ids: torch.Tensor | None, seen: torch.Tensor,
-                             penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(scores: np.ndarray, ids: np.ndarray | None, seen: np.ndarray,
+                             penalty: float) -> np.ndarray:
     """RepetitionPenaltyLogitsProcessor on `scores` (vocabulary order if `ids` is None, else scores of `ids`)."""
-    if penalty == 1.0 or seen.numel() == 0:
+    if penalty == 1.0 or seen.size == 0:
         return scores
-    scores = scores.clone()
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    scores = scores.copy()
     if ids is None:
+        mask = np.zeros(scores.shape, dtype=bool)
         mask[seen] = True
     else:
-        mask = torch.isin(ids, seen)
+        mask = np.isin(ids, seen)
     s = scores[mask]
-    scores[mask] = torch.where(s < 0, s * penalty, s / penalty)
+    scores[mask] = np.where(s < 0, s * np.float32(penalty), s / np.float32(penalty))
     return scores
 
 
-def apply_presence_frequency(scores: torch.Tensor, ids: torch.Tensor | None, counts: dict[int, int],
-                             presence: float, frequency: float) -> torch.Tensor:
+def apply_presence_frequency(scores: np.ndarray, ids: np.ndarray | None, counts: dict[int, int],
+                             presence: float, frequency: float) -> np.ndarray:
     """OpenAI's penalties: `score -= presence * [count > 0] + frequency * count`, counts over generated tokens.
     `scores` in vocabulary order if `ids` is None, else the scores of `ids` (only those can be penalised)."""
     if not counts or (presence == 0 and frequency == 0):
         return scores
     if ids is None:
-        where = torch.tensor(list(counts), dtype=torch.long)
-        c = torch.tensor(list(counts.values()), dtype=scores.dtype)
-        scores = scores.clone()
-        scores[where] -= presence + frequency * c
+        where = np.fromiter(counts, dtype=np.int64, count=len(counts))
+        c = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+        scores = scores.copy()
+        scores[where] -= np.float32(presence) + np.float32(frequency) * c
         return scores
-    c = torch.tensor([counts.get(i, 0) for i in ids.tolist()], dtype=scores.dtype)
-    return scores - (presence * (c > 0).to(scores.dtype) + frequency * c)
+    c = np.array([counts.get(i, 0) for i in ids.tolist()], dtype=np.float32)
+    return scores - (np.float32(presence) * (c > 0).astype(np.float32) + np.float32(frequency) * c)
 
 
-def apply_logit_bias(scores: torch.Tensor, ids: torch.Tensor | None, bias: dict[int, float]) -> torch.Tensor:
+def apply_logit_bias(scores: np.ndarray, ids: np.ndarray | None, bias: dict[int, float]) -> np.ndarray:
     """OpenAI's logit_bias: each listed token's bias added to its score (`scores` [V], or the scores of `ids`)."""
     if not bias:
         return scores
-    tokens = torch.tensor(list(bias), dtype=torch.long)
-    values = torch.tensor(list(bias.values()), dtype=scores.dtype)
+    tokens = np.fromiter(bias, dtype=np.int64, count=len(bias))
+    values = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
     if ids is None:
-        return scores.index_add(0, tokens, values)
-    return scores + (ids.reshape(-1, 1) == tokens.reshape(1, -1)).to(scores.dtype) @ values
+        scores = scores.copy()
+        np.add.at(scores, tokens, values)
+        return scores
+    return scores + (ids.reshape(-1, 1) == tokens.reshape(1, -1)).astype(np.float32) @ values
 
 
-def top_p_keep(sorted_desc: torch.Tensor, top_p: float) -> int:
+def softmax(x: np.ndarray) -> np.ndarray:
+    """float32 softmax of a vector (max subtracted, as torch's)."""
+    e = np.exp(x - x.max()) if x.size else x
+    return e / e.sum(dtype=np.float32)
+
+
+def top_p_keep(sorted_desc, top_p: float) -> int:
     """How many of the (descending) scores TopPLogitsWarper keeps: those not in the low tail of mass <= 1 - top_p."""
+    sorted_desc = to_numpy(sorted_desc, np.float32)
     if top_p >= 1.0:
-        return int(sorted_desc.numel())
-    asc = sorted_desc.flip(0)
-    remove = asc.softmax(-1).cumsum(-1) <= (1 - top_p)
+        return int(sorted_desc.size)
+    asc = sorted_desc[::-1]
+    remove = np.cumsum(softmax(asc), dtype=np.float32) <= np.float32(1 - top_p)
     remove[-1] = False  # min_tokens_to_keep = 1
-    return int(sorted_desc.numel() - int(remove.sum()))
+    return int(sorted_desc.size - int(remove.sum()))
+
+
+class TorchSeededDraws:
+    """Uniform float32 draws in [0, 1) exactly as `torch.rand((), generator=g)` gives them after
+    `g.manual_seed(seed)`: MT19937 seeded with the seed's low 32 bits, one 32-bit output per draw, its low 24 bits
+    over 2^24. Unseeded: seeded from os.urandom."""
+
+    def __init__(self, seed: int | None):
+        seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed) & 0xFFFFFFFF
+        self._bits = np.random.RandomState(seed)._bit_generator
+
+    def next(self) -> float:
+        word = int(self._bits.random_raw())
+        return float(np.float32((word & 0xFFFFFF) * 2.0 ** -24))
 
 
 class Sampler:
     """Stateful per generation: the tokens seen so far (for the repetition penalty), how often each generated token
-    occurred (for the presence and frequency penalties) and the seeded generator. `history` is the prompt."""
+    occurred (for the presence and frequency penalties) and the seeded draws. `history` is the prompt."""
 
     def __init__(self, params: SamplingParams, history: Iterable[int] = ()):
         self.params = params
-        self.generator = torch.Generator()
-        if params.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(int(params.seed))
+        self.draws = TorchSeededDraws(params.seed)
         self._seen: list[int] = []
         self._seen_set: set[int] = set()
-        self._seen_tensor: torch.Tensor | None = None
+        self._seen_array: np.ndarray | None = None
         self.counts: dict[int, int] = {}  # generated tokens only
-        for t in history:
-            self._see(t)
+        for t in to_numpy(list(history) if not hasattr(history, "shape") else history).reshape(-1).tolist():
+            self._see(int(t))
 
     def observe(self, token_id: int) -> None:
         """A generated token."""
@@ -149,43 +176,47 @@ class Sampler:
         if token_id not in self._seen_set:
             self._seen_set.add(token_id)
             self._seen.append(token_id)
-            self._seen_tensor = None
+            self._seen_array = None
 
     @property
-    def seen(self) -> torch.Tensor:
-        if self._seen_tensor is None:
-            self._seen_tensor = torch.tensor(self._seen, dtype=torch.long)
-        return self._seen_tensor
+    def seen(self) -> np.ndarray:
+        if self._seen_array is None:
+            self._seen_array = np.array(self._seen, dtype=np.int64)
+        return self._seen_array
 
-    def from_logits(self, logits: torch.Tensor) -> int:
+    def from_logits(self, logits) -> int:
         """Next token id from plain logits [V] (vocabulary order)."""
-        return self._pick(*self.candidates(logits))
+        return self._pick(*self._candidates(to_numpy(logits, np.float32), None))
 
-    def from_topk(self, ids: torch.Tensor, values: torch.Tensor) -> int:
+    def from_topk(self, ids, values) -> int:
         """Next token id from the server's top-k pairs, `ids` already mapped to plain token ids."""
-        return self._pick(*self.candidates(values, ids))
+        return self._pick(*self._candidates(to_numpy(values, np.float32), to_numpy(ids, np.int64)))
 
-    def candidates(self, scores: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidates(self, scores, ids=None):
         """The tokens this step may draw and their processed scores, highest first: what transformers' processors
         leave finite, in their order (repetition penalty, presence and frequency, temperature, top-k, top-p). Greedy:
-        the one best token after the penalties. `scores` [V] in vocabulary order, or the scores of `ids`."""
+        the one best token after the penalties. `scores` [V] in vocabulary order, or the scores of `ids`. Answers
+        in the type of `scores` (numpy, or torch)."""
+        out_ids, values = self._candidates(to_numpy(scores, np.float32), None if ids is None else
+                                           to_numpy(ids, np.int64))
+        return like(out_ids, scores), like(values, scores)
+
+    def _candidates(self, scores: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
-        scores = self._penalize(scores.float(), ids)
+        scores = self._penalize(scores, ids)
         if p.greedy:
             best = int(scores.argmax())
-            return (torch.tensor([best]) if ids is None else ids[best:best + 1]), scores[best:best + 1]
-        scores = scores / p.temperature
-        n = scores.numel()
-        if ids is None:
-            values, order = torch.topk(scores, p.top_k if 0 < p.top_k < n else n)  # sorted, highest first
-        else:
-            values, order = torch.sort(scores, descending=True, stable=True)
-            if 0 < p.top_k < n:
-                values, order = values[:p.top_k], order[:p.top_k]
+            return (np.array([best]) if ids is None else ids[best:best + 1]), scores[best:best + 1]
+        scores = scores / np.float32(p.temperature)
+        n = scores.size
+        order = np.argsort(-scores, kind="stable")  # highest first; ties keep the lower index (or the k's order)
+        if 0 < p.top_k < n:
+            order = order[:p.top_k]
+        values = scores[order]
         keep = top_p_keep(values, p.top_p)
         return (order if ids is None else ids[order])[:keep], values[:keep]
 
-    def _penalize(self, scores: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    def _penalize(self, scores: np.ndarray, ids: np.ndarray | None) -> np.ndarray:
         """logit_bias, the repetition penalty, then presence and frequency; what is off costs nothing per token."""
         p = self.params
         scores = apply_logit_bias(scores, ids, p.logit_bias)
@@ -193,11 +224,12 @@ class Sampler:
             scores = apply_repetition_penalty(scores, ids, self.seen, p.repetition_penalty)
         return apply_presence_frequency(scores, ids, self.counts, p.presence_penalty, p.frequency_penalty)
 
-    def _pick(self, ids: torch.Tensor, values: torch.Tensor) -> int:
+    def _pick(self, ids: np.ndarray, values: np.ndarray) -> int:
         """Greedy: the one candidate. Sampling: one seeded uniform draw over the candidates' softmax."""
         if self.params.greedy:
             return int(ids[0])
-        probs = values.softmax(-1)
-        u = float(torch.rand((), generator=self.generator))
-        i = int(torch.searchsorted(probs.cumsum(-1), torch.tensor(u * float(probs.sum())), right=True))
-        return int(ids[min(i, ids.numel() - 1)])
+        probs = softmax(values)
+        u = self.draws.next()
+        cdf = np.cumsum(probs, dtype=np.float32)
+        i = int(np.searchsorted(cdf, np.float32(u * float(probs.sum(dtype=np.float32))), side="right"))
+        return int(ids[min(i, ids.size - 1)])

@@ -11,46 +11,26 @@ Every transform speaks of "out" and "in" roles rather than of indexing: with row
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from stip.common.rng import KeyRng as _NumpyKeyRng
 
 
-class KeyRng:
-    """A CSPRNG: the ChaCha20 keystream under a 256-bit seed drawn from `os.urandom`.
+class KeyRng(_NumpyKeyRng):
+    """A CSPRNG: the ChaCha20 keystream under a 256-bit seed drawn from `os.urandom` (`stip.common.rng`, numpy
+    only), with the draws that return torch tensors.
 
     A caller may pass its own 32-byte seed (tests do, to reproduce a key); the stream is still cryptographic.
     """
-
-    def __init__(self, seed: bytes | None = None):
-        seed = os.urandom(32) if seed is None else seed
-        if len(seed) != 32:
-            raise ValueError("KeyRng seed must be 32 bytes")
-        self._enc = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
-
-    def random_bytes(self, n: int) -> bytes:
-        return self._enc.update(b"\0" * n)
 
     def permutation(self, n: int) -> torch.Tensor:
         """A uniformly random permutation of range(n): argsort of n random 64-bit words (ties have ~2^-40 odds)."""
         words = np.frombuffer(self.random_bytes(8 * n), dtype=np.uint64)
         return torch.from_numpy(np.argsort(words, kind="stable").astype(np.int64))
-
-    def uniform(self, n: int) -> np.ndarray:
-        """n float64 numbers uniform in (0, 1), from 53 random bits each."""
-        words = np.frombuffer(self.random_bytes(8 * n), dtype=np.uint64)
-        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
-
-    def normal(self, n: int) -> np.ndarray:
-        """n standard normal float64 numbers (Box-Muller over `uniform`)."""
-        m = (n + 1) // 2
-        u1, u2 = self.uniform(m), self.uniform(m)
-        r = np.sqrt(-2.0 * np.log(u1))
-        return np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:n]
 
     def orthogonal(self, n: int) -> torch.Tensor:
         """A Haar-random [n, n] orthogonal float64 matrix: QR of a Gaussian matrix, columns sign-fixed by R's

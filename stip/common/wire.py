@@ -41,16 +41,22 @@ and the reply is one frame {"ok": true, "kind": "hidden" | "logits", "shape": [.
 "server_ms" with --expose-timing) with float32 data (errors: the HTTP endpoints' JSON error). See
 stip.server.encode_route.
 
-Tensors never travel as JSON: the header carries dtype and shape, the bytes follow. Nothing here imports the model.
+Tensors never travel as JSON: the header carries dtype and shape, the bytes follow. Nothing here imports the model,
+nor torch: the light client (numpy only) speaks the wire with numpy arrays and dtype names; the server and the
+enclave pass torch tensors and dtypes and get torch tensors back (`DTYPES` and `DTYPE_NAMES`, their torch views, are
+resolved on first use).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import struct
 import sys
 
-import torch
+import numpy as np
+
+from stip.common.arrays import bf16_to_float32, float32_to_bf16, is_torch
 
 PROTOCOL_VERSION = 2  # 2: top-k replies carry each row's logsumexp
 SESSION_PATH = "/v1/session"
@@ -60,8 +66,10 @@ HEADER_LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADER_DEPTH = 16  # nesting of JSON objects/arrays in a header (deeper ones are refused before parsing)
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+WIRE_DTYPES = ("float32", "float16", "bfloat16")  # the request dtypes, by name
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+NUMPY_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int32": np.dtype("<i4"),
+                "int64": np.dtype("<i8"), "uint8": np.dtype("u1"), "float64": np.dtype("<f8")}
 OPS = ("prefill", "decode", "close")
 POSITIONS = ("last", "all")
 DOWNLINKS = ("logits", "topk", "hidden")
@@ -133,25 +141,69 @@ def decode_frame(data: bytes | bytearray | memoryview) -> tuple[dict, memoryview
     return header, view[HEADER_LEN.size + n:]
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a tensor (any of DTYPES, int32, int64), C order."""
-    t = t.detach().contiguous()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    raw = t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
-    if not _LITTLE and t.element_size() > 1:
-        raw = raw.reshape(-1, t.element_size()).flip(-1)
-    return raw.numpy().tobytes()
+def __getattr__(name: str):
+    """`DTYPES` (name -> torch dtype) and `DTYPE_NAMES` (torch dtype -> name), for the server and the enclave, which
+    hold torch tensors: built on first use, so that importing this module imports no torch."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        torch = importlib.import_module("torch")
+        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list[int] | tuple[int, ...]
-                      ) -> torch.Tensor:
-    """A fresh (writable, owned) tensor from little-endian bytes; the caller has checked the byte length."""
-    t = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
-    size = dtype.itemsize
-    if not _LITTLE and size > 1:
-        t = t.reshape(-1, size).flip(-1).contiguous().reshape(-1)
-    return t.view(dtype).reshape(tuple(shape))
+def dtype_name(dtype) -> str:
+    """The wire name of a dtype given by name, as a numpy dtype or as a torch dtype ("float32", ...)."""
+    if isinstance(dtype, str):
+        name = dtype
+    elif type(dtype).__module__.startswith("torch"):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(WIRE_DTYPES)}, got {dtype}")
+    return name
+
+
+def tensor_bytes(t) -> bytes:
+    """The raw little-endian bytes of a numpy array or a torch tensor (any of the wire dtypes, int32, int64,
+    uint8), C order."""
+    if is_torch(t):
+        t = t.detach().contiguous().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            return t.view(sys.modules["torch"].int16).numpy().astype("<i2").tobytes()
+        t = t.numpy()
+    a = np.asarray(t)
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+
+
+def array_bytes(x, name: str) -> bytes:
+    """The bytes of `x` (numpy or torch, any float dtype) converted to the wire dtype `name`: what a request sends."""
+    if is_torch(x):
+        return tensor_bytes(x.to(__getattr__("DTYPES")[name]))
+    x = np.asarray(x)
+    if name == "bfloat16":
+        return float32_to_bf16(x.astype(np.float32)).astype("<u2").tobytes()
+    return np.ascontiguousarray(x, dtype=NUMPY_DTYPES[name]).tobytes()
+
+
+def tensor_from_bytes(buf: bytes | bytearray | memoryview, dtype, shape: list[int] | tuple[int, ...]):
+    """A fresh (writable, owned) array from little-endian bytes; the caller has checked the byte length. `dtype`: a
+    name or numpy dtype gives a numpy array (bfloat16 as float32: numpy has none); a torch dtype gives a tensor."""
+    if type(dtype).__module__.startswith("torch"):
+        torch = sys.modules["torch"]
+        t = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+        size = dtype.itemsize
+        if not _LITTLE and size > 1:
+            t = t.reshape(-1, size).flip(-1).contiguous().reshape(-1)
+        return t.view(dtype).reshape(tuple(shape))
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name == "bfloat16":
+        return bf16_to_float32(np.frombuffer(buf, dtype="<u2")).reshape(tuple(shape))
+    return np.frombuffer(buf, dtype=NUMPY_DTYPES[name]).astype(np.dtype(name), copy=True).reshape(tuple(shape))
 
 
 def error_header(status: int, message: str, fatal: bool = False) -> dict:
@@ -161,13 +213,13 @@ def error_header(status: int, message: str, fatal: bool = False) -> dict:
     return h
 
 
-def request_header(op: str, shape=None, dtype: torch.dtype | None = None, positions: str | None = None,
+def request_header(op: str, shape=None, dtype=None, positions: str | None = None,
                    downlink: dict | None = None, targets: bool = False) -> dict:
     h: dict = {"op": op}
     if shape is not None:
         h["shape"] = [int(s) for s in shape]
     if dtype is not None:
-        h["dtype"] = DTYPE_NAMES[dtype]
+        h["dtype"] = dtype_name(dtype)
     if positions is not None:
         h["positions"] = positions
     if downlink is not None:

@@ -3,28 +3,17 @@ contents, written atomically and owner-only; and how permutations are laid out a
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
+from stip.common import key_file
 from stip.common.files import write_bytes_atomic
 from stip.common.transforms import SignedPermutation
-from stip.errors import BundleError
 
-KEY_FORMAT = "stip-key"
-KEY_VERSION = 1
-
-
-def fingerprint(kind: str, bundle_id: str, tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the format, kind, bundle id and every tensor (by name), shown as 8 groups of 4 hex digits."""
-    h = hashlib.sha256(f"{KEY_FORMAT}/{KEY_VERSION}/{kind}/{bundle_id}".encode())
-    for name in sorted(tensors):
-        h.update(name.encode() + b"\0" + tensors[name].contiguous().numpy().tobytes())
-    d = h.hexdigest()[:32]
-    return ":".join(d[i : i + 4] for i in range(0, 32, 4))
+KEY_FORMAT, KEY_VERSION = key_file.KEY_FORMAT, key_file.KEY_VERSION
+fingerprint = key_file.fingerprint  # one implementation: the light client's (numpy)
 
 
 def write_key_file(path: Path, kind: str, bundle_id: str, tensors: dict[str, torch.Tensor], extra: dict) -> str:
@@ -37,27 +26,10 @@ def write_key_file(path: Path, kind: str, bundle_id: str, tensors: dict[str, tor
 
 
 def read_key_file(path: Path, kind: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Load and check a key file: format, version, kind, and that its contents match its fingerprint."""
-    path = Path(path)
-    if not path.is_file():
-        raise BundleError(f"key file {path} is missing")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BundleError(f"{path} is not a STIP key file: {e}") from None
-    if meta.get("format") != KEY_FORMAT:
-        raise BundleError(f"{path} is not a STIP key file")
-    if meta.get("version") != str(KEY_VERSION):
-        raise BundleError(f"{path} has key format version {meta.get('version')}, this STIP reads {KEY_VERSION}")
-    if meta.get("kind") != kind:
-        raise BundleError(f"{path} is a {meta.get('kind')} key, expected a {kind} key")
-    if fingerprint(kind, meta.get("bundle_id", ""), tensors) != meta.get("fingerprint"):
-        raise BundleError(f"{path} is corrupt or was modified: its contents do not match its fingerprint")
-    return meta, tensors
+    """Load and check a key file: format, version, kind, and that its contents match its fingerprint
+    (`stip.common.key_file`)."""
+    meta, arrays = key_file.read_key_arrays(path, kind)
+    return meta, {name: torch.from_numpy(a) for name, a in arrays.items()}
 
 
 def perm_tensors(prefix: str, t: SignedPermutation) -> dict[str, torch.Tensor]:
