@@ -126,12 +126,12 @@ def test_mix_leaves_no_norm_vector(bundles, model):
                                           ("gpt2", "mix")])
 def test_residual_matrix_reproduces_client_rows(bundles, model, option):
     bundle = ClientBundle.load(bundles[model, option] / "client")
-    r = bundle.key.residual_matrix()
+    r = torch.from_numpy(bundle.key.residual_matrix())
     plain = build_tiny(model).get_input_embeddings().weight.detach().double()
     ids = torch.tensor(PROMPT)
     sent = bundle.embed(ids).double()
     if model == "gpt2":
-        sent = sent - bundle.position_embedding[: len(PROMPT)].double()
+        sent = sent - torch.from_numpy(bundle.position_embedding[: len(PROMPT)]).double()
     torch.testing.assert_close(sent, plain[ids] @ r, atol=1e-5, rtol=0)
     torch.testing.assert_close(r @ r.T, torch.eye(r.shape[0], dtype=torch.float64), atol=1e-10, rtol=0)
     if option == "none":  # the paper's key: a permutation matrix

@@ -14,7 +14,9 @@ import json
 import threading
 import weakref
 
-import torch
+import numpy as np
+
+from stip.common.arrays import to_numpy
 
 _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # bundle -> LLTokenizer (~1 s to build)
 _LOCK = threading.Lock()
@@ -22,13 +24,13 @@ _LOCK = threading.Lock()
 
 def ll_tokenizer(bundle):
     """The bundle's tokenizer as llguidance takes it, built once per bundle (the proxy's threads share it)."""
-    import llguidance.hf
+    from llguidance import LLTokenizer
 
     with _LOCK:
         tok = _TOKENIZERS.get(bundle)
-        if tok is None:
-            eos = bundle.eos_token_ids or None
-            tok = llguidance.hf.from_tokenizer(bundle.tokenizer, n_vocab=bundle.vocab_size, eos_token=eos)
+        if tok is None:  # what llguidance.hf.from_tokenizer builds, from the tokenizers object (no transformers)
+            eos = bundle.eos_token_ids or bundle.tokenizer.eos_token_id
+            tok = LLTokenizer(bundle.tokenizer.backend_tokenizer.to_str(), n_vocab=bundle.vocab_size, eos_token=eos)
             _TOKENIZERS[bundle] = tok
         return tok
 
@@ -62,14 +64,14 @@ class Constraint:
         self.matcher = LLMatcher(ll_tokenizer(bundle), grammar, log_level=0)
         if self.matcher.is_error():
             raise ValueError(f"the grammar cannot be used: {self.matcher.get_error()}")
-        self._allowed: torch.Tensor | None = None
+        self._allowed: np.ndarray | None = None
 
-    def allowed(self) -> torch.Tensor:
+    def allowed(self) -> np.ndarray:
         """bool [V]: the tokens the grammar allows next (EOS once it is complete)."""
         if self._allowed is None:
-            mask = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8)
-            allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
-            n = min(self.vocab_size, mask.numel())
+            mask = np.frombuffer(self.matcher.compute_logit_bias(), dtype=np.uint8)
+            allowed = np.zeros(self.vocab_size, dtype=bool)
+            n = min(self.vocab_size, mask.size)
             allowed[:n] = mask[:n] > 0
             self._allowed = allowed
         return self._allowed
@@ -91,12 +93,12 @@ def pick_constrained(bundle, sampler, r, constraint: Constraint, exact: bool = F
     allowed token outside the k is not taken blind either."""
     allowed = constraint.allowed()
     if r.indices is None:  # all V logits: mask them, draw among the allowed
-        ids = allowed.nonzero().flatten()
-        return sampler.from_topk(ids, bundle.plain_logits(r.logits[-1])[ids])
-    ids = bundle.plain_ids(r.indices[-1])
+        ids = np.flatnonzero(allowed)
+        return sampler.from_topk(ids, to_numpy(bundle.plain_logits(to_numpy(r.logits)[-1]))[ids])
+    ids = to_numpy(bundle.plain_ids(to_numpy(r.indices)[-1]))
     keep = allowed[ids]
     if bool(keep.any()):
-        return sampler.from_topk(ids[keep], r.values[-1][keep])
+        return sampler.from_topk(ids[keep], to_numpy(r.values)[-1][keep])
     if not exact and int(allowed.sum()) == 1:
-        return int(allowed.nonzero()[0, 0])
+        return int(np.flatnonzero(allowed)[0])
     return None

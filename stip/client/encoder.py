@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from stip.client import hf
+from stip.client.errors import TaskError  # noqa: F401 - re-exported
 from stip.client.bundle import ClientBundle
 from stip.common.tasks import FEATURE_EXTRACTION, FILL_MASK, TEXT_CLASSIFICATION
 from stip.errors import BundleError, StipError
@@ -46,10 +48,6 @@ POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens
 KNOWN_MODULES = ("Transformer", "Pooling", "Normalize")
 
 
-class TaskError(StipError, ValueError):
-    """A request the bundle's model cannot answer (embeddings from a classifier, labels from a base model)."""
-
-
 def require_task(bundle: ClientBundle, *tasks: str, what: str) -> None:
     if bundle.task not in tasks:
         raise TaskError(f"{what} needs a {' or '.join(tasks)} model; client bundle {bundle.path} holds a "
@@ -62,7 +60,7 @@ class TextEncoder:
     def __init__(self, bundle: ClientBundle, connection, batch_size: int = BATCH):
         self.bundle, self.connection, self.batch_size = bundle, connection, batch_size
         require_task(bundle, FEATURE_EXTRACTION, TEXT_CLASSIFICATION, FILL_MASK, what="a text encoder request")
-        self.config = bundle.model_config
+        self.config = hf.model_config(bundle)
         spec = MODULES.get(self.config.model_type)
         if spec is None:
             raise BundleError(f"no client-side text module for {self.config.model_type!r} models; families: "
@@ -80,7 +78,7 @@ class TextEncoder:
         """The model's own embeddings module, with the bundle's plain weights; every tensor must be there."""
         path, name = self.spec.cls.split(":")
         module = getattr(importlib.import_module(path), name)(self.config).eval()
-        state = self.bundle.module_state()
+        state = hf.module_state(self.bundle)
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise BundleError(f"client bundle {self.bundle.path}: the embeddings module "
@@ -90,7 +88,7 @@ class TextEncoder:
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not texts:
             raise ValueError("texts must be a non-empty list of strings")
-        return self.bundle.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
+        return hf.tokenizer(self.bundle)(texts, padding=True, truncation=True, max_length=self.max_tokens,
                                      return_tensors="pt")
 
     def protected_embeddings(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -128,7 +126,7 @@ class TextEncoder:
         parts = []
         for i in range(0, n, self.batch_size):
             sub = {k: v[i:i + self.batch_size] for k, v in batch.items()}
-            if self.bundle.tokenizer.padding_side == "right":  # trim the padding this slice does not need
+            if hf.tokenizer(self.bundle).padding_side == "right":  # trim the padding this slice does not need
                 longest = int(sub["attention_mask"].sum(1).max())
                 sub = {k: v[:, :longest] for k, v in sub.items()}
             parts.append(self._run(sub))
@@ -160,7 +158,7 @@ class TextEncoder:
     def fill_mask(self, text: str, top_k: int = 5) -> list[dict]:
         """The `top_k` tokens for the tokenizer's mask token in `text` (exactly one), best first."""
         require_task(self.bundle, FILL_MASK, what="fill-mask")
-        tok = self.bundle.tokenizer
+        tok = hf.tokenizer(self.bundle)
         if not isinstance(text, str):
             raise ValueError("fill_mask takes one string")
         batch = self.tokenize([text])

@@ -8,6 +8,10 @@ import ssl
 from stip.errors import StipError
 
 
+class TaskError(StipError, ValueError):
+    """A request the bundle's model cannot answer (embeddings from a classifier, labels from a base model)."""
+
+
 class StipConnectionError(StipError):
     """The server could not be reached, or the connection dropped."""
 

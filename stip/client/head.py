@@ -9,44 +9,26 @@ session turns the hidden rows into the logits or top-k reply its caller asked fo
 
 The head is float16 on disk and memory-mapped, not read: loading costs no memory, and its pages are the file's own
 (shared between processes, dropped by the OS under pressure). Each step converts it to float32 a few MiB at a time and
-multiplies in float32, so the only rounding beyond float32 arithmetic is the head's own float16 storage.
+multiplies in float32, so the only rounding beyond float32 arithmetic is the head's own float16 storage. numpy
+only: the light client computes the logits with the same code as the full install.
 """
 
 from __future__ import annotations
 
-import json
-import struct
-import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from stip.errors import BundleError, KeyMismatchError
+from stip.client.tables import map_matrix
+from stip.common.arrays import like, to_numpy
+from stip.errors import KeyMismatchError
 
 CHUNK_BYTES = 4 << 20  # float32 rows converted per matmul: fits a core's cache (measured best of 1-16 MiB)
 
 
 def map_float16(path: Path, name: str = "weight") -> np.memmap:
-    """A float16 matrix of a safetensors file, memory-mapped (copy-on-write, never written): the file's header (a
-    little-endian u64 length, then JSON naming each tensor's dtype, shape and byte range after the header) says
-    where it lies. safetensors' own loaders copy the data into memory, which is what this avoids."""
-    if sys.byteorder != "little":
-        raise BundleError("the client's LM head is mapped as little-endian float16; this machine is big-endian")
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        entry = header[name]
-        rows, cols = (int(x) for x in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise BundleError(f"{path} is not a safetensors file holding a matrix {name!r}: {e}") from None
-    if entry.get("dtype") != "F16" or end - begin != rows * cols * 2:
-        raise BundleError(f"{path}: {name!r} must be float16 [V, d], got {entry.get('dtype')} {entry['shape']}")
-    if path.stat().st_size < 8 + n + end:
-        raise BundleError(f"{path} is shorter than its header says")
-    return np.memmap(path, dtype="<f2", mode="c", offset=8 + n + begin, shape=(rows, cols))
+    """A float16 matrix of a safetensors file, memory-mapped (copy-on-write, never written)."""
+    return map_matrix(path, name, dtypes=("F16",))[0]
 
 
 class ClientHead:
@@ -56,7 +38,7 @@ class ClientHead:
     def __init__(self, path: str | Path, softcap: float | None = None):
         self.path = Path(path)
         self.mapped = map_float16(self.path)
-        self.weight = torch.from_numpy(self.mapped)  # [V, d] float16, the file's pages (no copy)
+        self.weight = self.mapped  # [V, d] float16, the file's pages (no copy)
         self.softcap = float(softcap) if softcap else None  # Gemma's final_logit_softcapping, as its model does
         self.wire_dtype = "float32"  # what the hidden downlink asks for: "float32", or "float16" (half the bytes)
 
@@ -72,37 +54,54 @@ class ClientHead:
         """The wire downlink a session sends instead of its caller's (stip.common.wire)."""
         return {"kind": "hidden", "dtype": self.wire_dtype}
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, d] (any float dtype) -> float32 logits [n, V], in the server's permuted vocabulary order."""
-        h = hidden.detach().float().reshape(-1, self.hidden_size)
+    def logits(self, hidden):
+        """hidden [n, d] (any float dtype; numpy or torch) -> float32 logits [n, V], in the server's permuted
+        vocabulary order (in the type of `hidden`)."""
+        h = to_numpy(hidden, np.float32).reshape(-1, self.hidden_size)
         vocab, d = self.weight.shape
         rows = max(1, min(vocab, CHUNK_BYTES // (4 * d)))
-        out = torch.empty(vocab, h.shape[0])
-        block, ht = torch.empty(rows, d), h.T.contiguous()
-        with torch.inference_mode():
-            for a in range(0, vocab, rows):
-                b = min(vocab, a + rows)
-                block[:b - a].copy_(self.weight[a:b])
-                torch.mm(block[:b - a], ht, out=out[a:b])
-        logits = out.T.contiguous()
+        out = np.empty((vocab, h.shape[0]), dtype=np.float32)
+        block, ht = np.empty((rows, d), dtype=np.float32), np.ascontiguousarray(h.T)
+        for a in range(0, vocab, rows):
+            b = min(vocab, a + rows)
+            block[:b - a] = self.weight[a:b]
+            np.matmul(block[:b - a], ht, out=out[a:b])
+        logits = np.ascontiguousarray(out.T)
         if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+            logits = np.tanh(logits / np.float32(self.softcap)) * np.float32(self.softcap)
+        return like(logits, hidden)
 
-    def reply(self, hidden: torch.Tensor, kind: str, k: int, targets: torch.Tensor | None):
+    def reply(self, hidden, kind: str, k: int, targets):
         """(logits, indices, values, logsumexp, target logits) as `stip.client.replies.check_reply` gives them for a
         `kind` ("logits" or "topk") reply, computed here from the hidden rows the server sent, as the server would
         have (stip.server.step_request.reply_parts)."""
-        logits = self.logits(hidden)
+        logits = to_numpy(self.logits(hidden))
         picked = None
         if targets is not None:
-            at = targets.reshape(-1).long()
-            rows = logits[torch.arange(len(at)), at.clamp(min=0)]
-            picked = torch.where(at >= 0, rows, torch.zeros_like(rows))
+            at = to_numpy(targets).astype(np.int64).reshape(-1)
+            rows = logits[np.arange(len(at)), np.maximum(at, 0)]
+            picked = np.where(at >= 0, rows, np.float32(0)).astype(np.float32)
         if kind == "logits":
             return logits, None, None, None, picked
-        values, indices = torch.topk(logits, min(int(k), self.vocab_size), dim=-1)
-        return None, indices, values, torch.logsumexp(logits, dim=-1), picked
+        values, indices = topk(logits, min(int(k), self.vocab_size))
+        return None, indices, values, logsumexp(logits), picked
+
+
+def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, indices) of the k largest of each row, largest first (ties: lower index first)."""
+    k = min(int(k), x.shape[-1])
+    part = np.argpartition(-x, k - 1, axis=-1)[..., :k] if k < x.shape[-1] else \
+        np.broadcast_to(np.arange(x.shape[-1]), x.shape)
+    vals = np.take_along_axis(x, part, -1)
+    order = np.lexsort((part, -vals), axis=-1)
+    idx = np.take_along_axis(part, order, -1).astype(np.int64)
+    return np.take_along_axis(x, idx, -1), idx
+
+
+def logsumexp(x: np.ndarray) -> np.ndarray:
+    """Each row's logsumexp, float32 (computed in float64)."""
+    m = x.max(axis=-1, keepdims=True).astype(np.float64)
+    return (np.log(np.exp(x - m).sum(axis=-1)) + m[..., 0]).astype(np.float32)
 
 
 def check_placement(where: str, served: str | None, head: ClientHead | None, bundle_path=None) -> None:

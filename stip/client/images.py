@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
+from stip.client import hf
 from stip.client.bundle import ClientBundle
 from stip.client.vision import ImageInputError, load_image
 from stip.common.layout import MODEL_CONFIG_FILE
@@ -41,7 +42,7 @@ class ImageEncoder:
         if bundle.task != IMAGE_CLASSIFICATION:
             raise BundleError(f"client bundle {bundle.path} serves {bundle.task}, not {IMAGE_CLASSIFICATION}: "
                               "it takes no images")
-        config = bundle.model_config
+        config = hf.model_config(bundle)
         if config.model_type not in EMBEDDINGS:
             raise BundleError(f"no client-side image embeddings for model type {config.model_type!r}")
         if not bundle.has_file(PROCESSOR_FILE):
@@ -54,7 +55,7 @@ class ImageEncoder:
         with bundle.signed_view() as signed_only:
             self.processor = AutoImageProcessor.from_pretrained(signed_only, config=config)
         self.embeddings = cls(config).eval()
-        state = bundle.module_state()
+        state = hf.module_state(bundle)
         missing, unexpected = self.embeddings.load_state_dict(state, strict=False)
         # the module's optional mask token is unused for classification; anything else missing is a broken bundle
         missing = [m for m in missing if m != "mask_token"]

@@ -16,9 +16,9 @@ import hashlib
 import os
 
 import numpy as np
-import torch
 
-from stip.common.transforms import KeyRng
+from stip.common.arrays import to_numpy
+from stip.common.rng import KeyRng
 
 _CHAIN, _ROW = b"stip-noise-ctx", b"stip-noise-row"  # blake2b personalisations: the chain and each row's seed
 
@@ -36,14 +36,14 @@ class NoiseChain:
         self._state, self.std, self.dim = secret, float(std), int(dim)
         self.position = 0
 
-    def next(self, ids) -> torch.Tensor:
+    def next(self, ids) -> np.ndarray:
         """Float32 noise [len(ids), dim] for the next positions, whose tokens are `ids`."""
         rows = []
-        for token in torch.as_tensor(ids).reshape(-1).tolist():
+        for token in to_numpy(ids).astype(np.int64).reshape(-1).tolist():
             self._state = hashlib.blake2b(int(token).to_bytes(8, "little", signed=True), key=self._state,
                                           digest_size=32, person=_CHAIN).digest()
             seed = hashlib.blake2b(key=self._state, digest_size=32, person=_ROW).digest()
             rows.append(KeyRng(seed).normal(self.dim))
         self.position += len(rows)
         out = np.stack(rows) if rows else np.zeros((0, self.dim))
-        return torch.from_numpy(out * self.std).float()
+        return (out * self.std).astype(np.float32)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import contextlib
 import time
 
-import torch
+import numpy as np
 
-from stip.client import vision
 from stip.client.errors import (StipCertificateError, StipConnectionError, StipReplayLimitError, StipServerError)
 from stip.errors import KeyMismatchError
 
@@ -23,18 +22,20 @@ MAX_REPLAYS = 8  # per generation: each re-sends the context
 RECONNECT_SECONDS = 30.0  # default bound on reconnecting to a server that went away mid-generation
 
 
-def embed_context(bundle, ids: list[int], features: torch.Tensor | None, noise) -> torch.Tensor:
+def embed_context(bundle, ids: list[int], features, noise) -> np.ndarray:
     """The context from position 0, in the secret basis, with `noise` (a `noise_chain()`, or None) advanced over
-    it; image features (LLaVA) at the prompt's image tokens."""
+    it; image features (LLaVA: the full install) at the prompt's image tokens."""
     if features is None:
-        return bundle.embed(torch.tensor(ids), start=0, noise=noise)
+        return bundle.embed(np.asarray(ids, dtype=np.int64), start=0, noise=noise)
+    from stip.client import vision
+
     return vision.embed(bundle, ids, features, noise)
 
 
 class Replays:
     """The replays one generation (of `client`, its sessions on `stack`) may still make."""
 
-    def __init__(self, client, stack: contextlib.ExitStack, features: torch.Tensor | None = None):
+    def __init__(self, client, stack: contextlib.ExitStack, features=None):
         self.client, self.stack, self.features = client, stack, features
         self.used = 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from stip.client.errors import StipProtocolError, clip, is_int
 from stip.common import wire
@@ -79,33 +79,33 @@ def check_reply(url: str, vocab: int, h: dict, payload: memoryview, want: Expect
     logits = indices = values = lse = picked = None
     if want.targets:
         payload, tail = payload[:len(payload) - 4 * n], payload[len(payload) - 4 * n:]
-        picked = wire.tensor_from_bytes(tail, torch.float32, (n,))
-        if not bool(torch.isfinite(picked).all()):
+        picked = wire.tensor_from_bytes(tail, "float32", (n,))
+        if not bool(np.isfinite(picked).all()):
             raise bad("target logits are not finite")
     if kind == "hidden":  # the final hidden state (--head client): the caller's head makes the logits
-        logits = wire.tensor_from_bytes(payload, wire.DTYPES[want.dtype], (n, cols))
-        if not bool(torch.isfinite(logits).all()):
+        logits = wire.tensor_from_bytes(payload, want.dtype, (n, cols))
+        if not bool(np.isfinite(logits).all()):
             raise bad("hidden state contains NaN or infinite values")
     elif kind == "logits":
-        logits = wire.tensor_from_bytes(payload, torch.float32, (n, cols))
-        if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        logits = wire.tensor_from_bytes(payload, "float32", (n, cols))
+        if np.isnan(logits).any() or np.isposinf(logits).any():
             raise bad("logits contain NaN or +inf")
     else:
         m = n * cols * 4
-        idx = wire.tensor_from_bytes(payload[:m], torch.int32, (n, cols))
-        values = wire.tensor_from_bytes(payload[m:2 * m], torch.float32, (n, cols))
-        lse = wire.tensor_from_bytes(payload[2 * m:], torch.float32, (n,))
+        idx = wire.tensor_from_bytes(payload[:m], "int32", (n, cols))
+        values = wire.tensor_from_bytes(payload[m:2 * m], "float32", (n, cols))
+        lse = wire.tensor_from_bytes(payload[2 * m:], "float32", (n,))
         if cols and (int(idx.min()) < 0 or int(idx.max()) >= vocab):
             raise bad(f"top-k index out of range [0, {vocab}): {int(idx.min())}..{int(idx.max())}")
-        if cols > 1 and bool((idx.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+        if cols > 1 and bool((np.diff(np.sort(idx, axis=-1), axis=-1) == 0).any()):
             raise bad("top-k indices repeat within a row")
-        if torch.isnan(values).any() or torch.isposinf(values).any():
+        if np.isnan(values).any() or np.isposinf(values).any():
             raise bad("top-k values contain NaN or +inf")
-        if cols > 1 and bool((values.diff(dim=-1) > 0).any()):
+        if cols > 1 and bool((np.diff(values, axis=-1) > 0).any()):
             raise bad("top-k values are not in descending order")
-        if not bool(torch.isfinite(lse).all()) or (cols and bool((lse < values[:, 0] - 1e-3).any())):
+        if not bool(np.isfinite(lse).all()) or (cols and bool((lse < values[:, 0] - 1e-3).any())):
             raise bad("logsumexp is not finite, or below the largest value of its row")
         if picked is not None and bool((picked > values[:, 0] + 1e-3).any()):
             raise bad("a target logit is above the largest value of its row")
-        indices = idx.long()
+        indices = idx.astype(np.int64)
     return logits, indices, values, lse, None if ms is None else float(ms), picked

@@ -18,9 +18,10 @@ logprob, exact either way (float32):
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from stip.client.logprobs import TokenLogprob
+from stip.client.logprobs import TokenLogprob, log_softmax, top_of
+from stip.common.arrays import to_numpy
 from stip.client.replay import embed_context
 from stip.client.session import Downlink
 from stip.errors import StipError
@@ -37,19 +38,18 @@ def _from_targets(bundle, r, ids: list[int], top: int) -> list[TokenLogprob]:
     """Rows 0..n-2 of a targets reply -> the logprobs of ids[1..n-1] (row p scores token p+1)."""
     out = []
     for p in range(len(ids) - 1):
-        lse = float(r.logsumexp[p])
-        lp = r.values[p].float() - lse
+        lse = np.float32(r.logsumexp[p])
+        lp = r.values[p].astype(np.float32) - lse
         alternatives = list(zip(bundle.plain_ids(r.indices[p, :top]).tolist(), lp[:top].tolist())) if top else []
-        out.append(TokenLogprob(ids[p + 1], float(r.target_logits[p]) - lse, alternatives))
+        out.append(TokenLogprob(ids[p + 1], float(r.target_logits[p]) - float(lse), alternatives))
     return out
 
 
 def _from_logits(bundle, r, ids: list[int], top: int) -> list[TokenLogprob]:
     out = []
-    lps = torch.log_softmax(bundle.plain_logits(r.logits[:len(ids) - 1]).float(), -1)
+    lps = log_softmax(to_numpy(bundle.plain_logits(r.logits[:len(ids) - 1])))
     for p, lp in enumerate(lps):
-        values, alt = torch.topk(lp, top) if top else (lp[:0], torch.empty(0, dtype=torch.long))
-        out.append(TokenLogprob(ids[p + 1], float(lp[ids[p + 1]]), list(zip(alt.tolist(), values.tolist()))))
+        out.append(TokenLogprob(ids[p + 1], float(lp[ids[p + 1]]), top_of(lp, top)))
     return out
 
 
@@ -93,6 +93,7 @@ def score(client, ids: list[int], top: int = 0, method: str | None = None) -> li
                 r = session.prefill(x[a:b], positions="all", downlink=downlink)
                 out += _from_logits(bundle, r, part, top)
             else:
-                r = session.prefill(x[a:b], positions="all", downlink=downlink, targets=torch.tensor(nexts[a:b]))
+                aims = np.asarray(nexts[a:b], dtype=np.int64)
+                r = session.prefill(x[a:b], positions="all", downlink=downlink, targets=aims)
                 out += _from_targets(bundle, r, part, top)
     return out

@@ -14,14 +14,15 @@ import contextlib
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from stip.client.bundle import ClientBundle
 from stip.client.constrained import Constraint, check_grammar, pick_constrained
-from stip.client.encoder import TaskError
+from stip.client.errors import TaskError
 from stip.client.head import check_placement
+from stip.client.image_parts import has_images
+from stip.common.arrays import to_numpy
 from stip.common.tasks import ONE_SHOT_TASKS
-from stip.client import vision
 from stip.client.logprobs import TokenLogprob, step_logprob
 from stip.common.sampling import Sampler, SamplingParams
 from stip.client.replay import MAX_REPLAYS, RECONNECT_SECONDS, Replays, embed_context
@@ -111,12 +112,12 @@ class Client:
             self._text_encoder = TextEncoder(self.bundle, self.connection)
         return self._text_encoder
 
-    def embed(self, texts: list[str]) -> torch.Tensor:
+    def embed(self, texts: list[str]):
         """Sentence embeddings [B, d] of a feature-extraction model, pooled (and normalized) as its
         sentence-transformers config says; mean pooling by default."""
         return self._text.embed(texts)
 
-    def hidden_states(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(self, texts: list[str]):
         """(last hidden states [B, T, d], attention mask [B, T]) of a feature-extraction model, texts padded."""
         return self._text.hidden_states(texts)
 
@@ -136,12 +137,12 @@ class Client:
         return self._text.fill_mask(text, top_k=top_k)
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
-               ids: list[int] | torch.Tensor | None = None) -> list[int]:
+               ids=None) -> list[int]:
         """Prompt token ids from exactly one of: raw text, chat messages (chat template + generation prompt), ids."""
         if sum(x is not None for x in (prompt, messages, ids)) != 1:
             raise ValueError("pass exactly one of prompt=, messages= or ids=")
         if ids is not None:
-            out = torch.as_tensor(ids, dtype=torch.long).reshape(-1).tolist()
+            out = to_numpy(ids).astype(np.int64).reshape(-1).tolist()
         elif messages is not None:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             out = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -168,7 +169,7 @@ class Client:
 
     def stream(self, prompt: str | None = None, messages: list[dict] | None = None, ids=None,
                params: SamplingParams | None = None, images: list | None = None,
-               image_features: torch.Tensor | None = None, **sampling) -> GenerationStream:
+               image_features=None, **sampling) -> GenerationStream:
         """`images` (LLaVA-style models): one per image token in the prompt, or given as image content parts of
         `messages`; the client runs the vision tower and sends the image features in the secret basis.
         `image_features`: those of a prompt already expanded by `stip.client.vision.prepare` (one vision pass
@@ -178,10 +179,12 @@ class Client:
                             f"generate text; use {ONE_SHOT_METHODS[self.bundle.task]}")
         params = params or SamplingParams(**sampling)
         features = image_features
+        if features is not None or images or has_images(messages):
+            from stip.client import vision  # the vision tower: the full install (torch, transformers)
         if features is not None:
             vision.vision_tower(self.bundle)  # a model that takes images, in round-trip mode
-        if images or vision.has_images(messages):
-            if images and vision.has_images(messages):
+        if images or has_images(messages):
+            if images and has_images(messages):
                 raise ValueError("pass images as content parts of messages or as images=, not both")
             messages, found = vision.extract_images(self.bundle, messages)
             vp = vision.prepare(self.bundle, self.encode(prompt, messages, ids), list(images or found))
@@ -214,7 +217,7 @@ class Client:
             return Downlink(kind="logits")
         return self.downlink
 
-    def _run(self, prompt_ids: list[int], params: SamplingParams, features: torch.Tensor | None = None):
+    def _run(self, prompt_ids: list[int], params: SamplingParams, features=None):
         bundle, dl = self.bundle, self._downlink(params)
         constraint = Constraint(bundle, params.grammar) if params.grammar is not None else None
         eos = set(bundle.eos_token_ids)
@@ -264,7 +267,7 @@ class Client:
                     else:
                         delta += stops.flush()
                 if not last:
-                    x = bundle.embed(torch.tensor([token]), start=pos, noise=noise)
+                    x = bundle.embed(np.array([token], dtype=np.int64), start=pos, noise=noise)
                 dt = (time.perf_counter() - c0) * 1e3
                 tm.client_ms += dt
                 if delta and logprobs is not None:
@@ -331,10 +334,11 @@ class Client:
             tm.decode_bytes_sent += r.bytes_sent
             tm.decode_bytes_received += r.bytes_received
 
-    def _glimpse(self, x: torch.Tensor, r) -> dict:
+    def _glimpse(self, x, r) -> dict:
         if r.indices is not None:
             idx, vals = r.indices[-1, :5], r.values[-1, :5]
         else:
-            vals, idx = torch.topk(r.logits[-1], 5)
+            idx = np.argsort(-r.logits[-1], kind="stable")[:5]
+            vals = r.logits[-1][idx]
         return {"embedding": x[0, :6].tolist(), "permuted_top": idx.tolist(), "top_values": vals.tolist(),
                 "real_top": self.bundle.plain_ids(idx).tolist()}

@@ -5,6 +5,9 @@ the server's permuted vocabulary order); the caller un-permutes with `ClientBund
 session serialises its own steps; use one session per thread for concurrency. Every reply frame is capped at what
 its request can legitimately produce before it is read, and checked (`stip.client.replies`) before the caller sees
 it; after a reply it cannot trust, the session drops its socket and is never continued.
+
+Embeddings go in as numpy arrays (the light client) or torch tensors; a step's reply comes back as numpy arrays, or
+as torch tensors where the embeddings were torch tensors (`stip.common.arrays`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import json
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-import torch
+import numpy as np
 
 from stip.client.errors import (StipAuthError, StipConnectionError, StipProtocolError, StipServerError, cert_error,
                                 server_error)
@@ -23,6 +26,7 @@ from stip.client.head import check_placement
 from stip.client.http import ws_url
 from stip.client.replies import Expected, check_hello, check_reply
 from stip.common import wire
+from stip.common.arrays import is_torch, like, to_numpy
 from stip.errors import StipError
 
 HELLO_MAX_BYTES = wire.HEADER_LEN.size + wire.MAX_HEADER_BYTES  # hello, close and error replies: a header only
@@ -43,17 +47,26 @@ class Downlink:
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor | None  # float32 [n, V], permuted vocabulary order (kind logits)
-    indices: torch.Tensor | None  # int64 [n, k], permuted vocabulary indices (kind topk)
-    values: torch.Tensor | None  # float32 [n, k]
+    logits: np.ndarray | None  # float32 [n, V], permuted vocabulary order (kind logits)
+    indices: np.ndarray | None  # int64 [n, k], permuted vocabulary indices (kind topk)
+    values: np.ndarray | None  # float32 [n, k]
     position: int  # tokens in the server KV cache after this step
     server_ms: float | None  # server compute time, if the server reports it (`stip serve --expose-timing`)
     rtt_ms: float  # client-measured round trip
     bytes_sent: int
     bytes_received: int
-    logsumexp: torch.Tensor | None = None  # float32 [n], each row's logsumexp over all V logits (kind topk)
-    target_logits: torch.Tensor | None = None  # float32 [n], each row's logit at the index asked for (`targets`)
+    logsumexp: np.ndarray | None = None  # float32 [n], each row's logsumexp over all V logits (kind topk)
+    target_logits: np.ndarray | None = None  # float32 [n], each row's logit at the index asked for (`targets`)
     head_ms: float = 0.0  # --head client: the client's own LM-head matmul (after the round trip, not in rtt_ms)
+
+    def like(self, ref) -> "StepResult":
+        """This result with its arrays as torch tensors if `ref` (what the caller sent) is one."""
+        if is_torch(ref):
+            for f in fields(self):
+                value = getattr(self, f.name)
+                if isinstance(value, np.ndarray):
+                    setattr(self, f.name, like(value, ref))
+        return self
 
 
 def ws_connect(url: str, **kw):
@@ -206,21 +219,16 @@ class RemoteSession:
 
     # ------------------------------------------------------------ steps
 
-    def _step(self, op: str, x: torch.Tensor, dtype: torch.dtype, downlink: Downlink,
-              positions: str | None = None, targets: torch.Tensor | None = None) -> StepResult:
-        if dtype not in wire.DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {', '.join(wire.DTYPES)}, got {dtype}")
-        x = x.detach()
-        if x.dtype != dtype:
-            x = x.to(dtype)
+    def _step(self, op: str, x: np.ndarray, dtype: str, downlink: Downlink,
+              positions: str | None = None, targets: np.ndarray | None = None) -> StepResult:
         head = self.connection.head  # --head client: the server sends hidden rows, the client's head makes logits
         sent_targets = targets if head is None else None
-        extra = () if sent_targets is None else (wire.tensor_bytes(targets.to(torch.int32).reshape(-1)),)
+        extra = () if sent_targets is None else (wire.tensor_bytes(targets.astype(np.int32).reshape(-1)),)
         frame = wire.encode_frame(wire.request_header(op, x.shape, dtype, positions, downlink.header() if head is None
                                                       else head.downlink(), sent_targets is not None),
-                                  wire.tensor_bytes(x), *extra)
+                                  wire.array_bytes(x, dtype), *extra)
         vocab = self.info.get("vocab_size", 0)
-        rows = x.shape[0] if x.dim() == 2 else 1
+        rows = x.shape[0] if x.ndim == 2 else 1
         n = rows if (op == "prefill" and positions == "all") else 1
         cols = vocab if downlink.kind == "logits" else min(int(downlink.k), vocab)
         with self._lock:
@@ -251,35 +259,37 @@ class RemoteSession:
         return StepResult(*out[:3], want.position, out[4], rtt, self.bytes_sent - sent0,
                           self.bytes_received - rcvd0, out[3], out[5], head_ms)
 
-    def prefill(self, embeds: torch.Tensor, positions: str = "last", downlink: Downlink = Downlink(),
-                dtype: torch.dtype = torch.float32, targets: torch.Tensor | None = None) -> StepResult:
-        """Append embeddings [T, d] (server basis) to the session; logits of the last (or every) position.
-        `targets` (positions "all"): per position an index into the server's permuted vocabulary (-1: none) whose
-        logit comes back too, in `target_logits`.
+    def prefill(self, embeds, positions: str = "last", downlink: Downlink = Downlink(), dtype="float32",
+                targets=None) -> StepResult:
+        """Append embeddings [T, d] (server basis; numpy or torch) to the session; logits of the last (or every)
+        position. `targets` (positions "all"): per position an index into the server's permuted vocabulary (-1:
+        none) whose logit comes back too, in `target_logits`. `dtype`: what the rows travel as ("float32",
+        "float16" or "bfloat16", or a numpy or torch dtype).
 
         A prompt larger than the server's message limit goes as several prefill steps (same result, same cache).
         """
-        if embeds.dim() == 3 and embeds.shape[0] == 1:
-            embeds = embeds[0]
-        if embeds.dim() != 2:
-            raise ValueError(f"prefill takes embeddings of shape [T, d], got {list(embeds.shape)}")
+        name, x = wire.dtype_name(dtype), to_numpy(embeds)
+        if x.ndim == 3 and x.shape[0] == 1:
+            x = x[0]
+        if x.ndim != 2:
+            raise ValueError(f"prefill takes embeddings of shape [T, d], got {list(x.shape)}")
         if positions not in wire.POSITIONS:
             raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
-        if targets is not None and (positions != "all" or targets.numel() != embeds.shape[0]):
+        aims = None if targets is None else to_numpy(targets).astype(np.int64).reshape(-1)
+        if aims is not None and (positions != "all" or aims.size != x.shape[0]):
             raise ValueError("targets need positions='all' and one index per embedding")
         limit = int(self.info.get("max_message_bytes") or 0)
-        row = embeds.shape[1] * dtype.itemsize
-        rows = max(1, (limit - 4096) // row) if limit else embeds.shape[0]
-        if embeds.shape[0] <= rows:
-            return self._step("prefill", embeds, dtype, downlink, positions, targets)
+        row = x.shape[1] * wire.ITEMSIZE[name]
+        rows = max(1, (limit - 4096) // row) if limit else x.shape[0]
+        if x.shape[0] <= rows:
+            return self._step("prefill", x, name, downlink, positions, aims).like(embeds)
         # Longer than one message may carry: several prefill steps on the same KV cache.
-        aims = [None] * embeds.shape[0] if targets is None else targets.reshape(-1).split(rows)
-        chunks = zip(embeds.split(rows), aims)
-        parts = [self._step("prefill", chunk, dtype, downlink, positions, aim) for chunk, aim in chunks]
+        parts = [self._step("prefill", x[a:a + rows], name, downlink, positions,
+                            None if aims is None else aims[a:a + rows]) for a in range(0, x.shape[0], rows)]
         last = parts[-1]
         if positions == "all":
-            cat = (lambda name: torch.cat([getattr(p, name) for p in parts])
-                   if getattr(last, name) is not None else None)
+            cat = (lambda field: np.concatenate([getattr(p, field) for p in parts])
+                   if getattr(last, field) is not None else None)
             logits, indices, values, lse = cat("logits"), cat("indices"), cat("values"), cat("logsumexp")
             picked = cat("target_logits")
         else:
@@ -287,14 +297,15 @@ class RemoteSession:
         reported = [p.server_ms for p in parts if p.server_ms is not None]
         return StepResult(logits, indices, values, last.position, sum(reported) if reported else None,
                           sum(p.rtt_ms for p in parts), sum(p.bytes_sent for p in parts),
-                          sum(p.bytes_received for p in parts), lse, picked, sum(p.head_ms for p in parts))
+                          sum(p.bytes_received for p in parts), lse, picked, sum(p.head_ms for p in parts)
+                          ).like(embeds)
 
-    def decode(self, embed: torch.Tensor, downlink: Downlink = Downlink(), dtype: torch.dtype = torch.float32
-               ) -> StepResult:
+    def decode(self, embed, downlink: Downlink = Downlink(), dtype="float32") -> StepResult:
         """Append one embedding ([d] or [1, d]); logits of that position."""
-        if embed.numel() != embed.shape[-1] or embed.dim() > 3:
-            raise ValueError(f"decode takes one embedding of shape [d] or [1, d], got {list(embed.shape)}")
-        return self._step("decode", embed.reshape(1, -1), dtype, downlink)
+        x = to_numpy(embed)
+        if x.size != x.shape[-1] or x.ndim > 3:
+            raise ValueError(f"decode takes one embedding of shape [d] or [1, d], got {list(x.shape)}")
+        return self._step("decode", x.reshape(1, -1), wire.dtype_name(dtype), downlink).like(embed)
 
     # ------------------------------------------------------------ ending
 

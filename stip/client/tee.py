@@ -64,23 +64,20 @@ class TeeBundle:
 
     @property
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
+        """tokenizers and jinja2 (`stip.client.tokenizer`: no transformers), from the signed files only."""
+        from stip.client.tokenizer import LightTokenizer
         from stip.errors import BundleError
 
         if not self.has_tokenizer:
             raise BundleError(f"TEE client bundle {self.path} has no tokenizer; pass token ids instead of text")
         if self._tokenizer is None:
-            from stip.common.bundles.manifest import listed_view
-
-            with listed_view(self.path, self.manifest["files"]) as signed_only:  # signed files only
-                self._tokenizer = AutoTokenizer.from_pretrained(signed_only)
+            self._tokenizer = LightTokenizer.load(self.path, lambda name: name in self.manifest["files"])
         return self._tokenizer
 
     def plain_ids(self, ids):  # TEE replies carry plain ids already (for code shared with the other clients)
-        import torch
+        import numpy as np
 
-        return torch.as_tensor(ids, dtype=torch.long)
+        return np.asarray(ids, dtype=np.int64)
 
 
 class TeeClient:

@@ -19,7 +19,7 @@ import os
 import time
 import urllib.parse
 
-import torch
+import numpy as np
 
 from stip.client.errors import (StipAuthError, StipCertificateError, StipConnectionError,  # noqa: F401 - re-exported
                                 StipProtocolError, StipReplayLimitError, StipServerError)
@@ -29,6 +29,7 @@ from stip.client.http import HTTP_MAX_BYTES, HttpClient, tls_context  # noqa: F4
 from stip.client.http import http_url as _http_url, ws_url as _ws_url  # noqa: F401
 from stip.client.session import HELLO_MAX_BYTES, Downlink, RemoteSession, StepResult  # noqa: F401
 from stip.common import wire
+from stip.common.arrays import like, to_numpy
 from stip.common.hosts import is_loopback_host
 from stip.common.ws import legacy_kw as _legacy_kw  # noqa: F401
 from stip.errors import StipError
@@ -99,21 +100,21 @@ class Connection:
     def metrics(self) -> str:
         return self._get("/metrics").decode()
 
-    def encode(self, embeds: torch.Tensor, mask: torch.Tensor | None = None, *,
-               reply_shape: list[int] | None = None) -> torch.Tensor:
+    def encode(self, embeds, mask=None, *, reply_shape: list[int] | None = None):
         """POST /v1/encode (one-shot models): embeddings [B, T, d] already in the secret basis, and a padding mask
-        [B, T] (1 = token) or None -> the server's float32 output (hidden states in `p`, or permuted logits).
-        `reply_shape`: the shape the caller expects; the reply is refused (StipProtocolError) if it differs, and
-        never read past that size."""
-        x = embeds.detach().contiguous()
-        if x.dim() != 3 or x.dtype not in wire.DTYPE_NAMES:
-            raise ValueError(f"embeddings must be [batch, tokens, hidden] in {', '.join(wire.DTYPES)}")
-        header = {"op": "encode", "dtype": wire.DTYPE_NAMES[x.dtype], "shape": list(x.shape), "mask": mask is not None}
-        parts = [wire.tensor_bytes(x)]
+        [B, T] (1 = token) or None -> the server's float32 output (hidden states in `p`, or permuted logits), numpy
+        or torch as `embeds` is. `reply_shape`: the shape the caller expects; the reply is refused
+        (StipProtocolError) if it differs, and never read past that size."""
+        name = str(getattr(embeds, "dtype", "")).removeprefix("torch.")
+        if len(getattr(embeds, "shape", ())) != 3 or name not in wire.WIRE_DTYPES:
+            raise ValueError(f"embeddings must be [batch, tokens, hidden] in {', '.join(wire.WIRE_DTYPES)}")
+        header = {"op": "encode", "dtype": name, "shape": [int(n) for n in embeds.shape], "mask": mask is not None}
+        parts = [wire.tensor_bytes(embeds)]
         if mask is not None:
-            if tuple(mask.shape) != tuple(x.shape[:2]):
-                raise ValueError(f"mask shape {list(mask.shape)} does not match embeddings {list(x.shape[:2])}")
-            parts.append(wire.tensor_bytes(mask.to(torch.uint8)))
+            m = to_numpy(mask)
+            if tuple(m.shape) != tuple(embeds.shape[:2]):
+                raise ValueError(f"mask shape {list(m.shape)} does not match embeddings {list(embeds.shape[:2])}")
+            parts.append(m.astype(np.uint8).tobytes())
         limit = ENCODE_MAX_BYTES if reply_shape is None else math.prod(reply_shape) * 4 + HELLO_MAX_BYTES
         body = self.http.request("POST", ENCODE_PATH, content=wire.encode_frame(header, *parts), limit=limit,
                                  headers={**self._headers(), "Content-Type": "application/octet-stream"})
@@ -129,10 +130,10 @@ class Connection:
             raise StipProtocolError(f"{ENCODE_PATH} replied shape {shape}, expected {list(reply_shape)}")
         if len(payload) != math.prod(shape) * 4:
             raise StipProtocolError(f"{ENCODE_PATH} reply has {len(payload)} payload bytes for shape {shape}")
-        out = wire.tensor_from_bytes(payload, torch.float32, shape)
-        if not bool(torch.isfinite(out).all()):
+        out = wire.tensor_from_bytes(payload, "float32", shape)
+        if not bool(np.isfinite(out).all()):
             raise StipProtocolError(f"{ENCODE_PATH} reply holds NaN or infinite values")
-        return out
+        return like(out, embeds)
 
     def open_session(self, resume: str | None = None) -> "RemoteSession":
         """A new session, or (`resume=id`) a session whose socket was detached or dropped, with its KV cache."""

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from stip.client import hf
+from stip.client.image_parts import IMAGE_PART_TYPES, has_images  # noqa: F401 - re-exported
 from stip.common.tasks import IMAGE_TEXT_TO_TEXT
 from stip.errors import StipError
 
-IMAGE_PART_TYPES = ("image_url", "image")  # OpenAI's chat content part; a bare {"type": "image", "image": ...}
 MAX_IMAGE_BYTES = 20 * 1024**2
 MAX_IMAGE_PIXELS = 50_000_000  # a decompression bomb is refused before it is decoded
 
@@ -118,11 +119,6 @@ def extract_images(bundle, messages: list[dict] | None) -> tuple[list[dict] | No
     return split_messages(messages, image_token(bundle))
 
 
-def has_images(messages: list[dict] | None) -> bool:
-    return any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES
-                                                          for p in m["content"]) for m in messages or ())
-
-
 def _part_image(part: dict):
     value = part.get(part["type"])
     url = value.get("url") if isinstance(value, dict) else value
@@ -141,7 +137,7 @@ class VisionTower:
         from transformers import AutoImageProcessor, AutoModel
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-        self.config = config = bundle.model_config
+        self.config = config = hf.model_config(bundle)
         self.image_token_id = int(config.image_token_id)
         if not bundle.has_file("preprocessor_config.json"):
             raise ImageInputError(f"client bundle {bundle.path} has no preprocessor_config.json: protect a model "
@@ -152,7 +148,7 @@ class VisionTower:
         module = torch.nn.Module()
         module.vision_tower = AutoModel.from_config(config.vision_config)
         module.multi_modal_projector = LlavaMultiModalProjector(config)
-        module.load_state_dict(bundle.module_state(), strict=True)
+        module.load_state_dict(hf.module_state(bundle), strict=True)
         self.module = module.float().eval()
         self.resid = bundle.key.resid
 
@@ -190,7 +186,7 @@ def vision_tower(bundle) -> VisionTower:
 
 def image_token(bundle) -> str:
     """The image token's text in the bundle's tokenizer (what a prompt writes where an image goes)."""
-    return bundle.tokenizer.convert_ids_to_tokens(int(bundle.model_config.image_token_id))
+    return bundle.tokenizer.convert_ids_to_tokens(int(hf.model_config(bundle).image_token_id))
 
 
 @dataclass
@@ -237,7 +233,7 @@ def image_slots(bundle, ids: list[int], features: torch.Tensor) -> torch.Tensor:
     fewer image tokens than rows (ids that `prepare` did not expand)."""
     if features.dim() != 2 or features.shape[1] != bundle.hidden_size:
         raise ImageInputError(f"image features must be [rows, {bundle.hidden_size}], not {list(features.shape)}")
-    slots = (torch.tensor(ids) == int(bundle.model_config.image_token_id)).nonzero().flatten()[:len(features)]
+    slots = (torch.tensor(ids) == int(hf.model_config(bundle).image_token_id)).nonzero().flatten()[:len(features)]
     if len(slots) != len(features):
         raise ImageInputError(f"{len(features)} image feature rows for {len(slots)} image tokens: pass the ids that "
                               "vision.prepare expanded")

@@ -1,0 +1,93 @@
+"""The light client (issue 22): the data owner's generation path runs without torch or transformers, and gives what
+the full install's client gives, on the same server.
+
+A venv with only pyproject.toml's base dependencies (tests/light/venv.py: copied from this environment's installed
+files, no torch, no transformers) runs `tests.light.run_client` against `stip serve` from the full install, on
+SmolLM2 (its real tokenizer and chat template); the full install runs the same script against the same server. Same
+prompt ids, greedy tokens and log-probabilities on both downlinks, the same seeded samples, the same JSON-mode
+tokens and prompt scores. The light tokenizer is also checked against transformers' own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.light.venv import REPO, build
+from tests.parties import serve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def light_python(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("light") / "venv")
+
+
+@pytest.fixture(scope="module")
+def smol_server(smollm2_protected):
+    with serve(smollm2_protected) as server:
+        yield server
+
+
+def _run(python, bundle, url, cwd) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([str(python), "-m", "tests.light.run_client", str(bundle), url], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_light_venv_has_no_torch(light_python):
+    done = subprocess.run([str(light_python), "-c", "import torch"], capture_output=True, text=True, cwd="/")
+    assert done.returncode != 0 and "No module named 'torch'" in done.stderr
+    done = subprocess.run([str(light_python), "-c", "import transformers"], capture_output=True, text=True, cwd="/")
+    assert done.returncode != 0 and "No module named 'transformers'" in done.stderr
+
+
+def test_light_client_generates_what_the_full_client_generates(light_python, smollm2_protected, smol_server):
+    bundle = smollm2_protected / "client"
+    light = _run(light_python, bundle, smol_server.url, "/")  # the checkout comes from the venv's .pth
+    full = _run(sys.executable, bundle, smol_server.url, REPO)
+    assert light["modules"] == []  # nothing imported torch or transformers on the way
+    for key in ("prompt_ids", "chat_text", "greedy_topk", "greedy_logits", "seeded_topk", "seeded_logits",
+                "json_mode", "score"):
+        assert light[key] == full[key], key
+    assert light["greedy_topk"]["ids"] == light["greedy_logits"]["ids"]
+    assert len(light["seeded_topk"]) and light["seeded_topk"] == light["seeded_logits"]  # top_k 40 <= k 64
+
+
+def test_light_tokenizer_matches_transformers(smollm2_protected):
+    from transformers import AutoTokenizer
+
+    from stip.client.bundle import ClientBundle
+
+    bundle = ClientBundle.load(smollm2_protected / "client")
+    light = bundle.tokenizer
+    with bundle.signed_view() as folder:
+        full = AutoTokenizer.from_pretrained(folder)
+    chats = [[{"role": "user", "content": "Héllo <b>there</b> 😀"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for chat in chats:
+        for kw in ({"add_generation_prompt": True}, {"add_generation_prompt": False}, {"tools": tools}):
+            assert light.apply_chat_template(chat, tokenize=False, **kw) == \
+                full.apply_chat_template(chat, tokenize=False, **kw)
+    cont = chats[1][:3]
+    assert light.apply_chat_template(cont, tokenize=False, continue_final_message=True) == \
+        full.apply_chat_template(cont, tokenize=False, continue_final_message=True)
+    for text in ["Hello world", " leading space", "x\n\n y <|im_start|> z", "", "naïve café ✓"]:
+        for special in (True, False):
+            assert light(text, add_special_tokens=special)["input_ids"] == \
+                full(text, add_special_tokens=special)["input_ids"]
+    ids = full("Hi <|im_end|> there é ✓")["input_ids"]
+    for skip in (True, False):
+        assert light.decode(ids, skip_special_tokens=skip) == \
+            full.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    assert light.all_special_ids == full.all_special_ids
+    assert light.convert_ids_to_tokens(ids) == full.convert_ids_to_tokens(ids)
