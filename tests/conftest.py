@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -13,6 +14,28 @@ from tests.models import save_tiny
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# Session fixtures that hold a process and are stopped right after the last collected test that uses them (not at
+# the session's end, so that they hold no memory while later modules run): name -> nodeid of that test.
+_STOP_AFTER: dict[str, str] = {}
+_STOPS: dict[str, contextlib.ExitStack] = {}
+EARLY_STOPPED = ("smollm2_server",)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in EARLY_STOPPED:
+            if name in getattr(item, "fixturenames", ()):
+                _STOP_AFTER[name] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    for name, nodeid in _STOP_AFTER.items():
+        if nodeid == item.nodeid and name in _STOPS:
+            _STOPS.pop(name).close()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -94,6 +117,18 @@ def smollm2_server_decode(tmp_path_factory) -> Path:
 def smollm2_hardened(tmp_path_factory) -> Path:
     """SmolLM2 protected in the hardened mode `--harden all` (no noise: lossless), once per session (test_vllm)."""
     return _protect_smollm2(tmp_path_factory, "smollm2-hard", "--harden", "all")
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_protected):
+    """`stip serve` on the round-trip SmolLM2 bundle with the default flags and no token, shared by the modules that
+    need no flag of their own (test_client, test_logprobs, test_structured_output): a SmolLM2 server takes seconds
+    to start. Stopped after the last test that uses it."""
+    from tests.parties import serve
+
+    stack = _STOPS["smollm2_server"] = contextlib.ExitStack()
+    with stack:
+        yield stack.enter_context(serve(smollm2_protected))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The client SDK against a real `stip serve` subprocess on loopback: text in, text out, equal to plain transformers.
 
 SmolLM2-135M-Instruct (chat template, real tokenizer) and a tiny GPT-2 (learned positions, token ids only). One
-server per model per module.
+server per model (SmolLM2's shared with other modules: tests/conftest.py `smollm2_server`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ N = 32
 
 
 @pytest.fixture(scope="module")
-def smol_server(smollm2_protected):
-    with serve(smollm2_protected) as server:
-        yield server
+def smol_server(smollm2_server):
+    return smollm2_server  # tests/conftest.py: shared with other modules
 
 
 @pytest.fixture(scope="module")

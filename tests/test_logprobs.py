@@ -56,12 +56,11 @@ def test_logprobs_off_by_default_and_bounded_by_the_downlink(tiny):
 
 
 @pytest.mark.slow
-def test_streamed_deltas_carry_their_tokens_logprobs(smollm2_protected, smollm2_plain):
+def test_streamed_deltas_carry_their_tokens_logprobs(smollm2_protected, smollm2_plain, smollm2_server):
     model, tok = smollm2_plain
-    with serve(smollm2_protected) as server:
-        client = Client(smollm2_protected / "client", server.url, downlink="logits")
-        stream = client.stream(prompt="The capital of France is", max_tokens=10, logprobs=2)
-        deltas = list(stream)
+    client = Client(smollm2_protected / "client", smollm2_server.url, downlink="logits")
+    stream = client.stream(prompt="The capital of France is", max_tokens=10, logprobs=2)
+    deltas = list(stream)
     g = stream.generation
     assert all(isinstance(d, Delta) for d in deltas)
     streamed = [lp for d in deltas for lp in d.logprobs]

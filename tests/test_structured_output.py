@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict
 
 from stip.server.launch import local_process
-from tests.parties import serve, stopped_in_background
+from tests.parties import stopped_in_background
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,10 @@ class Person(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def stack(smollm2_protected):
-    with serve(smollm2_protected) as server, stopped_in_background(local_process(
+def stack(smollm2_protected, smollm2_server):
+    """The shared SmolLM2 server (tests/conftest.py) and this module's proxy in front of it."""
+    server = smollm2_server
+    with stopped_in_background(local_process(
             lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(smollm2_protected / "client"), "--server",
                           server.url, "--port", str(port)], ready_path="/health")) as proxy:
         yield server, proxy
