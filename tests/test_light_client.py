@@ -18,7 +18,6 @@ import sys
 import pytest
 
 from tests.light.venv import REPO, build
-from tests.parties import serve
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +28,8 @@ def light_python(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_server(smollm2_protected):
-    with serve(smollm2_protected) as server:
-        yield server
+def smol_server(smollm2_server):
+    return smollm2_server  # tests/conftest.py: shared with other modules
 
 
 def _run(python, bundle, url, cwd) -> dict:
