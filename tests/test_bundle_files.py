@@ -156,6 +156,7 @@ def test_loaders_read_signed_files_only(built, tmp_path):
     from a view of the signed files, the module shards and embeddings come from the manifest's list."""
     from safetensors.torch import load_file
 
+    from stip.client import hf
     from stip.client.bundle import ClientBundle
 
     out = tmp_path / "protected"
@@ -164,7 +165,7 @@ def test_loaders_read_signed_files_only(built, tmp_path):
     shards = sorted((out / "client" / "module").glob("*.safetensors"))
     shutil.copy(shards[0], out / "client" / "module" / "planted.safetensors")
     (out / "client" / "chat_template.jinja").write_text("planted {{ messages }}")
-    assert set(bundle.module_state()) == set(load_file(str(shards[0])))  # the one signed shard's tensors
+    assert set(hf.module_state(bundle)) == set(load_file(str(shards[0])))  # the one signed shard's tensors
     assert len(shards) == 1 and bundle.tokenizer.chat_template is None
 
 

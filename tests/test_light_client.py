@@ -89,3 +89,18 @@ def test_light_tokenizer_matches_transformers(smollm2_protected):
             full.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
     assert light.all_special_ids == full.all_special_ids
     assert light.convert_ids_to_tokens(ids) == full.convert_ids_to_tokens(ids)
+
+
+def test_stip_chat_runs_in_the_light_venv(light_python, smollm2_protected, smol_server):
+    """`stip chat --prompt` with the light install prints what the full install's client generates."""
+    prompt = "Name three colours of the rainbow."
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([str(light_python), "-m", "stip.cli", "chat", str(smollm2_protected / "client"),
+                           "--server", smol_server.url, "--prompt", prompt, "--max-tokens", "12"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd="/")
+    assert done.returncode == 0, done.stderr[-3000:]
+    import stip
+
+    want = stip.Client(smollm2_protected / "client", smol_server.url).generate(
+        messages=[{"role": "user", "content": prompt}], max_tokens=12).text
+    assert want.strip() and want.strip() in done.stdout

@@ -17,6 +17,7 @@ from PIL import Image
 
 import stip
 from stip.client import vision
+from stip.client import hf
 from stip.client.bundle import ClientBundle
 from stip.client.transport import Connection, Downlink
 from stip.server.launch import local_process
@@ -123,7 +124,7 @@ def test_bundles_split_the_model(llava):
     assert "lm_head.weight" in index and "model.layers.0.self_attn.q_proj.weight" in index
     bundle = ClientBundle.load(protected / "client")
     assert bundle.task == "image-text-to-text"
-    state = bundle.module_state()
+    state = hf.module_state(bundle)
     plain = llava[0].state_dict()
     assert set(state) == {n.removeprefix("model.") for n in plain if ".vision_tower." in n or "projector" in n}
     assert all(torch.equal(t, plain["model." + n]) for n, t in state.items())  # plain: the client applies p
