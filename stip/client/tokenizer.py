@@ -88,6 +88,11 @@ class LightTokenizer:
     def __len__(self) -> int:
         return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def vocab_size(self) -> int:
+        """The base vocabulary, added tokens not counted (transformers' `vocab_size`)."""
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+
     def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
         """{"input_ids": ids} for a text, or a list of id lists for a list of texts (no padding)."""
         if isinstance(text, str):
