@@ -184,9 +184,11 @@ def test_refusals(tmp_path):
 def test_smollm2_through_vllm_equals_the_in_process_reference(tmp_path):
     """SmolLM2 with the paper's defaults, protected by the CLI: stock vLLM (`stip serve --engine vllm`) serves the
     bundle unchanged and generates what transformers generates from it in-process."""
+    import contextlib
     import os
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     from stip.server.launch import find_vllm_python, local_process
     from tests.parties import isolated_server_bundle
@@ -200,13 +202,17 @@ def test_smollm2_through_vllm_equals_the_in_process_reference(tmp_path):
     bundle = ClientBundle.load(out / "client")
     prompt = bundle.tokenizer("The capital of France is")["input_ids"]
     eos = [int(i) for i in bundle.server_ids(bundle.eos_token_ids)]
-    want = bundle.plain_ids(torch.tensor(plain_greedy(_server_model(out), bundle.server_ids(prompt).tolist(), 16,
-                                                      eos))).tolist()
     # our engine on this bundle layout: test_serve_and_client_greedy_equal_the_in_process_reference (a tiny model)
-    for label, python_, args in (("vllm", python, ["--engine", "vllm", "--vllm-arg", "max_model_len=1024"]),):
-        with isolated_server_bundle(out) as only, local_process(
-                lambda port: [python_, "-m", "stip.cli", "serve", str(only), "--host", "127.0.0.1", "--port",
-                              str(port), *args], "/health", TOKEN, {"VLLM_CPU_KVCACHE_SPACE": "1"}, 600) as running:
-            g = Client(out / "client", running.url, token=TOKEN).generate(ids=prompt, max_tokens=16)
-        print(f"{label}: {g.token_ids} {g.text!r}")
-        assert g.token_ids == want
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as pool:
+        only = stack.enter_context(isolated_server_bundle(out))
+        server = local_process(lambda port: [python, "-m", "stip.cli", "serve", str(only), "--host", "127.0.0.1",
+                                             "--port", str(port), "--engine", "vllm", "--vllm-arg",
+                                             "max_model_len=1024"], "/health", TOKEN, {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                               600)
+        starting = pool.submit(server.__enter__)  # vLLM starts (tens of seconds) while the reference runs here
+        stack.callback(lambda: starting.exception() is None and server.__exit__(None, None, None))
+        want = bundle.plain_ids(torch.tensor(plain_greedy(_server_model(out), bundle.server_ids(prompt).tolist(), 16,
+                                                          eos))).tolist()
+        g = Client(out / "client", starting.result().url, token=TOKEN).generate(ids=prompt, max_tokens=16)
+    print(f"vllm: {g.token_ids} {g.text!r}")
+    assert g.token_ids == want
