@@ -29,6 +29,7 @@ from pathlib import Path
 OUT = Path("bench/results/privacy-frontier")
 TOKENS = "tokens"
 GOAL = {"level": "base", "recovery": 0.05, "disagreement": 0.01, "speed": 1.1}
+LEAKED_PAIRS = ("ridge_inversion",)  # attacks that are also given k of the traffic's tokens (a leak): shown apart too
 
 # AloePri's published numbers (Lin et al., arXiv 2603.01499) and the public reproduction's, as the issue cites them.
 # x: the accuracy loss they report (a benchmark's, in points), as a range where only a bound is given; None: not
@@ -59,7 +60,10 @@ def level_summary(attacks: dict[str, dict]) -> dict:
     shares = {n: float(a["recovery"]) for n, a in attacks.items()
               if not a.get("skipped") and a.get("recovery") is not None and a.get("unit") == TOKENS}
     best = max(shares, key=shares.get) if shares else None
+    no_leak = {n: s for n, s in shares.items() if n not in LEAKED_PAIRS}
+    best_no_leak = max(no_leak, key=no_leak.get) if no_leak else None
     return {"max_recovery": shares[best] if best else None, "attack": best, "token_recovery": shares,
+            "max_without_leak": no_leak[best_no_leak] if best_no_leak else None, "attack_without_leak": best_no_leak,
             "not_applicable": {n: a["skipped"] for n, a in attacks.items()
                                if a.get("skipped") and a.get("unit") == TOKENS},
             "stopped": sorted(n for n, a in attacks.items() if (a.get("details") or {}).get("stopped"))}
@@ -139,41 +143,23 @@ def markdown(result: dict) -> str:
              f"Command: `{result['command']}`; {result['machine']['cpu']}, {result['machine']['cores']} cores; "
              f"{result['date']}.", "", "Inputs (each table's own command, commit and machine are in it):", ""]
     for i, t in enumerate(result["inputs"], 1):
-        lines.append(f"- [{i}] `{t['path']}`: {t['model']} (base {t['base'] or '-'}), levels {', '.join(t['levels'])}, "
-                     f"commit {t['commit'] or 'unknown'}{' **DIRTY TREE**' if t['dirty'] else ''}, "
-                     f"{t['machine']}{', quick budgets' if t['quick'] else ''}; `{t['command']}`")
+        lines.append(f"- [{i}] `{t['path']}`: {t['model']} (base {t['base'] or '-'}), levels "
+                     f"{', '.join(t['levels'])}, commit {t['commit'] or 'unknown'}"
+                     f"{' **DIRTY TREE**' if t['dirty'] else ''}, {t['machine']}"
+                     f"{', quick budgets' if t['quick'] else ''}; `{t['command']}`")
     lines += ["", "x: top-1 disagreement with the unprotected model and the perplexity change (held-out text, through "
               "the real server and client). y: the highest share of prompt tokens any token-recovering attack got "
               "at that attacker level (base: the public model the served one was fine-tuned from; exact: the "
-              "served model's own weights), and which attack. Compute: the server's per-token compute against "
-              "plain, estimated from the shapes (not a timing).", "",
-              "| mode | level | top-1 disagreement | perplexity | max token recovery | by | n/a | compute vs plain |",
-              "|---|---|---|---|---|---|---|---|"]
-    for p in result["points"]:
-        if p.get("skipped"):
-            lines.append(f"| {p['tag']}{p['mode']} | - | - | - | - | - | skipped: {p['skipped']} | - |")
-            continue
-        for i, (lv, s) in enumerate(p["levels"].items()):
-            first = i == 0
-            ppl = f"{p['ppl_plain']:.2f} -> {p['ppl_protected']:.2f} ({100 * p['ppl_change']:+.1f}%)"
-            ratio = p["compute"]["ratio"]
-            lines.append(f"| {p['tag'] + p['mode'] if first else ''} | {lv} | {_pct(p['top1_disagreement']) if first else ''} | "
-                         f"{ppl if first else ''} | {_pct(s['max_recovery'])} | {s['attack'] or '-'} | "
-                         f"{', '.join(sorted(s['not_applicable'])) or '-'} | "
-                         f"{'' if not first else '-' if ratio is None else f'{ratio:.2f}x'} |")
+              "served model's own weights), and which attack; beside it the highest among the attacks that are not "
+              f"given any of the traffic's tokens ({', '.join(LEAKED_PAIRS)} is: k leaked (token, row) pairs). "
+              "Compute: the server's per-token compute against plain, estimated from the shapes (not a timing).", "",
+              "| mode | level | top-1 disagreement | perplexity | max token recovery | by | without leaked tokens | "
+              "n/a | compute vs plain |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += _mode_rows(result["points"])
     lines += ["", "n/a: attacks that report why they do not apply to the mode (each mode's report.md gives the "
-              "reason; under AloePri the residual is d + 2h wide, with no square transform to solve for).", "",
-              f"## Issue 21's goal (level {GOAL['level']})", "",
-              f"Every attack <= {100 * GOAL['recovery']:.0f}% of prompt tokens, <= {100 * GOAL['disagreement']:.0f}% "
-              f"top-1 disagreement, serving within {GOAL['speed']}x of plain.", "",
-              "| mode | every attack <= 5% | top-1 disagreement <= 1% | compute <= 1.1x | goal met |",
-              "|---|---|---|---|---|"]
-    for p in result["points"]:
-        if not p.get("skipped"):
-            g = p["goal"]
-            lines.append(f"| {p['tag']}{p['mode']} | {_yes(g['recovery'])} | {_yes(g['disagreement'])} | {_yes(g['speed'])} | "
-                         f"**{_yes(g['met'])}** |")
-    lines += ["", result["verdict"], "", "## Published (other models, not measured here)", "",
+              "reason; under AloePri the residual is d + 2h wide, with no square transform to solve for).", ""]
+    lines += _goal_section(result)
+    lines += ["", "## Published (other models, not measured here)", "",
               "Drawn beside ours in the plot's exact panel: the attacker there holds the served model's public "
               "weights. Their x is a benchmark's accuracy loss in points, not top-1 disagreement.", "",
               "| scheme, model | token recovery | accuracy loss | note | source |", "|---|---|---|---|---|"]
@@ -183,6 +169,39 @@ def markdown(result: dict) -> str:
         lines.append(f"| {p['label']} | {_pct(p['recovery'])} | {x} | {p['note']} | {p['source']} |")
     lines += ["", "![frontier](frontier.png)", ""]
     return "\n".join(lines)
+
+
+def _mode_rows(pts: list[dict]) -> list[str]:
+    """One table row per mode and level (the mode's own columns on its first level's row)."""
+    lines = []
+    for p in pts:
+        if p.get("skipped"):
+            lines.append(f"| {p['tag']}{p['mode']} | - | - | - | - | - | - | skipped: {p['skipped']} | - |")
+            continue
+        ratio = p["compute"]["ratio"]
+        own = [f"{p['tag']}{p['mode']}", _pct(p["top1_disagreement"]),
+               f"{p['ppl_plain']:.2f} -> {p['ppl_protected']:.2f} ({100 * p['ppl_change']:+.1f}%)",
+               "-" if ratio is None else f"{ratio:.2f}x"]
+        for i, (lv, s) in enumerate(p["levels"].items()):
+            name, dis, ppl, comp = own if i == 0 else ("", "", "", "")
+            no_leak = f"{_pct(s['max_without_leak'])} ({s['attack_without_leak'] or '-'})"
+            lines.append(f"| {name} | {lv} | {dis} | {ppl} | {_pct(s['max_recovery'])} | {s['attack'] or '-'} | "
+                         f"{no_leak} | {', '.join(sorted(s['not_applicable'])) or '-'} | {comp} |")
+    return lines
+
+
+def _goal_section(result: dict) -> list[str]:
+    lines = [f"## Issue 21's goal (level {GOAL['level']})", "",
+             f"Every attack <= {100 * GOAL['recovery']:.0f}% of prompt tokens, <= {100 * GOAL['disagreement']:.0f}% "
+             f"top-1 disagreement, serving within {GOAL['speed']}x of plain (the compute estimate stands for it).", "",
+             "| mode | every attack <= 5% | top-1 disagreement <= 1% | compute <= 1.1x | goal met |",
+             "|---|---|---|---|---|"]
+    for p in result["points"]:
+        if not p.get("skipped"):
+            g = p["goal"]
+            lines.append(f"| {p['tag']}{p['mode']} | {_yes(g['recovery'])} | {_yes(g['disagreement'])} | "
+                         f"{_yes(g['speed'])} | **{_yes(g['met'])}** |")
+    return lines + ["", result["verdict"]]
 
 
 def verdict(pts: list[dict]) -> str:
