@@ -191,7 +191,7 @@ def test_smollm2_through_vllm_equals_the_in_process_reference(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from stip.server.launch import find_vllm_python, local_process
-    from tests.parties import isolated_server_bundle
+    from tests.parties import isolated_server_bundle, stopped_in_background
 
     python = find_vllm_python()
     if python is None and os.environ.get("STIP_REQUIRE_VLLM") != "1":
@@ -203,7 +203,8 @@ def test_smollm2_through_vllm_equals_the_in_process_reference(tmp_path):
     prompt = bundle.tokenizer("The capital of France is")["input_ids"]
     eos = [int(i) for i in bundle.server_ids(bundle.eos_token_ids)]
     # our engine on this bundle layout: test_serve_and_client_greedy_equal_the_in_process_reference (a tiny model)
-    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as pool:
+    # the server and its bundle folder are stopped in the background (vLLM takes seconds to shut down)
+    with stopped_in_background(contextlib.ExitStack()) as stack, ThreadPoolExecutor(1) as pool:
         only = stack.enter_context(isolated_server_bundle(out))
         server = local_process(lambda port: [python, "-m", "stip.cli", "serve", str(only), "--host", "127.0.0.1",
                                              "--port", str(port), "--engine", "vllm", "--vllm-arg",
