@@ -5,6 +5,7 @@ the server, so a refused option answers in a fraction of a second instead of aft
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -22,8 +23,14 @@ ALIASES = {"batched": ("transformers", True), "serial": ("transformers", False)}
 
 
 def check_engine(kind: str) -> None:
+    """A known engine; vLLM's installed where it is asked for (a broken install is caught when it is imported)."""
     if kind not in ENGINES and kind not in ALIASES:
         raise StipError(f"unknown engine {kind!r}; expected one of {', '.join(ENGINES)}")
+    if kind == "vllm" and importlib.util.find_spec("vllm") is None:
+        from stip.server.vllm_options import INSTALL_HINT
+
+        raise StipError("--engine vllm needs vLLM, which this Python cannot import (ModuleNotFoundError: No module "
+                        f"named 'vllm'); {INSTALL_HINT}")
 
 
 def check_options(host: str, token: str | None, api_keys, ssl_certfile: str | None, dtype: str,
