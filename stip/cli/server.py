@@ -104,7 +104,7 @@ def _preflight(bundle: list[Path], kw: dict) -> None:
                                             "max_all_logits")))
     preflight(bundle, limits=limits, warn=False, **{k: kw[k] for k in (
         "host", "token", "api_keys", "ssl_certfile", "dtype", "session_ttl", "engine_kind", "tee_worker", "capture",
-        "capture_layers", "rekey_after", "usage_file")})
+        "capture_layers", "rekey_after", "usage_file", "vllm_options")})
 
 
 @app.command()

@@ -99,9 +99,15 @@ def serve_limits(max_sessions: int, max_seq_len: int, kv_budget_bytes: int | Non
 
 def preflight(bundles: list[str | Path], *, host: str, token: str | None, api_keys, ssl_certfile: str | None,
               dtype: str, session_ttl: float, limits: dict[str, int], engine_kind: str, tee_worker: bool, capture,
-              capture_layers, rekey_after: int | None, usage_file, warn: bool = True):
-    """Every check above, in `run_server`'s order: (capture layers parsed, the key usage)."""
+              capture_layers, rekey_after: int | None, usage_file, vllm_options: dict | None = None,
+              warn: bool = True):
+    """Every check above, in `run_server`'s order: (capture layers parsed, the key usage). `vllm_options` named
+    but unknown to vLLM are refused here too (vLLM is imported for its list, as the engine would)."""
     check_options(host, token, api_keys, ssl_certfile, dtype, session_ttl, limits, warn)
     check_engine(engine_kind)
+    if engine_kind == "vllm" and vllm_options:
+        from stip.server.vllm_options import check_known
+
+        check_known(vllm_options)
     capture_layers = check_modes(bundles, engine_kind, tee_worker, capture, capture_layers)
     return capture_layers, key_usage(rekey_after, usage_file, tee_worker)

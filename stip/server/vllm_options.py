@@ -93,16 +93,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return name if name in DTYPES else "float32"
 
 
-def engine_args(model_dir: Path, dtype: torch.dtype, options: dict, defaults: dict, needed: dict | None = None):
-    """vLLM's AsyncEngineArgs: our defaults, then the operator's options (`stip serve` flags and --vllm-arg), then
-    what STIP needs (no tokenizer; the model folder; the mode's `needed`). An unknown option is an error that names
-    it."""
+def check_known(options: dict) -> None:
+    """An unknown vLLM engine argument is an error that names it (`stip serve` checks before it loads anything)."""
     AsyncEngineArgs, _ = _import_vllm()
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise StipError(f"unknown vLLM engine argument {unknown[0]!r} (from --vllm-arg); see vLLM's engine "
                         "arguments (`vllm serve --help`), written with underscores")
+
+
+def engine_args(model_dir: Path, dtype: torch.dtype, options: dict, defaults: dict, needed: dict | None = None):
+    """vLLM's AsyncEngineArgs: our defaults, then the operator's options (`stip serve` flags and --vllm-arg), then
+    what STIP needs (no tokenizer; the model folder; the mode's `needed`). An unknown option is an error that names
+    it."""
+    check_known(options)
+    AsyncEngineArgs, _ = _import_vllm()
     fixed = {"model": str(model_dir), "skip_tokenizer_init": True, **(needed or {})}
     clash = sorted(set(options) & set(fixed))
     if clash:
