@@ -29,6 +29,8 @@ from pathlib import Path
 OUT = Path("bench/results/privacy-frontier")
 TOKENS = "tokens"
 GOAL = {"level": "base", "recovery": 0.05, "disagreement": 0.01, "speed": 1.1}
+# Attacks whose result is not a share of tokens (key entries, per-token codes, dCor, a loss): never in y, nor in n/a.
+NOT_TOKENS = ("known_plaintext", "bundle_keys", "lm_head_matching", "distance_correlation", "finetune")
 LEAKED_PAIRS = ("ridge_inversion",)  # attacks that are also given k of the traffic's tokens (a leak): shown apart too
 
 # AloePri's published numbers (Lin et al., arXiv 2603.01499) and the public reproduction's, as the issue cites them.
@@ -57,15 +59,15 @@ def _levels_of(report: dict) -> dict[str | None, dict[str, dict]]:
 
 def level_summary(attacks: dict[str, dict]) -> dict:
     """The strongest token-recovering attack at one level, every token share, and the attacks that did not run."""
-    shares = {n: float(a["recovery"]) for n, a in attacks.items()
-              if not a.get("skipped") and a.get("recovery") is not None and a.get("unit") == TOKENS}
+    shares = {n: float(a["recovery"]) for n, a in attacks.items() if n not in NOT_TOKENS
+              and not a.get("skipped") and a.get("recovery") is not None and a.get("unit") == TOKENS}
     best = max(shares, key=shares.get) if shares else None
     no_leak = {n: s for n, s in shares.items() if n not in LEAKED_PAIRS}
     best_no_leak = max(no_leak, key=no_leak.get) if no_leak else None
     return {"max_recovery": shares[best] if best else None, "attack": best, "token_recovery": shares,
             "max_without_leak": no_leak[best_no_leak] if best_no_leak else None, "attack_without_leak": best_no_leak,
             "not_applicable": {n: a["skipped"] for n, a in attacks.items()
-                               if a.get("skipped") and a.get("unit") == TOKENS},
+                               if a.get("skipped") and n not in NOT_TOKENS},
             "stopped": sorted(n for n, a in attacks.items() if (a.get("details") or {}).get("stopped"))}
 
 
