@@ -67,8 +67,15 @@ def level_summary(attacks: dict[str, dict]) -> dict:
     return {"max_recovery": shares[best] if best else None, "attack": best, "token_recovery": shares,
             "max_without_leak": no_leak[best_no_leak] if best_no_leak else None, "attack_without_leak": best_no_leak,
             "not_applicable": {n: a["skipped"] for n, a in attacks.items()
-                               if a.get("skipped") and n not in NOT_TOKENS},
-            "stopped": sorted(n for n, a in attacks.items() if (a.get("details") or {}).get("stopped"))}
+                               if a.get("skipped") and n not in NOT_TOKENS and not _unfinished(a)},
+            "unfinished": {n: a["skipped"] or a["details"]["stopped"] for n, a in attacks.items()
+                           if n not in NOT_TOKENS and _unfinished(a)}}
+
+
+def _unfinished(attack: dict) -> bool:
+    """Stopped at its budget (with or without a partial result) or failed: neither a result nor an n/a."""
+    return bool((attack.get("skipped") or "").startswith(("stopped", "error"))
+                or (attack.get("details") or {}).get("stopped"))
 
 
 def compute_ratio(report: dict, plain_hidden: int | None) -> dict:
@@ -99,8 +106,9 @@ def plain_hidden_size(model: str) -> int | None:
 def goal_check(point: dict) -> dict:
     """Issue 21's goal at level base: each part met (True/False) or unknown (None), and all of them."""
     lv = point["levels"].get(GOAL["level"])
-    parts = {
-        "recovery": None if lv is None or lv["max_recovery"] is None else lv["max_recovery"] <= GOAL["recovery"],
+    recovery = None if lv is None or lv["max_recovery"] is None else lv["max_recovery"] <= GOAL["recovery"]
+    parts = {  # an attack that did not finish leaves a low y unproven
+        "recovery": None if recovery and lv["unfinished"] else recovery,
         "disagreement": point["top1_disagreement"] <= GOAL["disagreement"],
         "speed": None if point["compute"]["ratio"] is None else point["compute"]["ratio"] <= GOAL["speed"],
     }
@@ -156,10 +164,12 @@ def markdown(result: dict) -> str:
               f"given any of the traffic's tokens ({', '.join(LEAKED_PAIRS)} is: k leaked (token, row) pairs). "
               "Compute: the server's per-token compute against plain, estimated from the shapes (not a timing).", "",
               "| mode | level | top-1 disagreement | perplexity | max token recovery | by | without leaked tokens | "
-              "n/a | compute vs plain |", "|---|---|---|---|---|---|---|---|---|"]
+              "n/a | stopped or failed | compute vs plain |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += _mode_rows(result["points"])
     lines += ["", "n/a: attacks that report why they do not apply to the mode (each mode's report.md gives the "
-              "reason; under AloePri the residual is d + 2h wide, with no square transform to solve for).", ""]
+              "reason; under AloePri the residual is d + 2h wide, with no square transform to solve for). Stopped or "
+              "failed: attacks stopped at their time budget (a partial result, if any, counts in y) or that failed; "
+              "y is then a floor.", ""]
     lines += _goal_section(result)
     lines += ["", "## Published (other models, not measured here)", "",
               "Drawn beside ours in the plot's exact panel: the attacker there holds the served model's public "
@@ -178,7 +188,7 @@ def _mode_rows(pts: list[dict]) -> list[str]:
     lines = []
     for p in pts:
         if p.get("skipped"):
-            lines.append(f"| {p['tag']}{p['mode']} | - | - | - | - | - | - | skipped: {p['skipped']} | - |")
+            lines.append(f"| {p['tag']}{p['mode']} | - | - | - | - | - | - | skipped: {p['skipped']} | - | - |")
             continue
         ratio = p["compute"]["ratio"]
         own = [f"{p['tag']}{p['mode']}", _pct(p["top1_disagreement"]),
@@ -188,7 +198,8 @@ def _mode_rows(pts: list[dict]) -> list[str]:
             name, dis, ppl, comp = own if i == 0 else ("", "", "", "")
             no_leak = f"{_pct(s['max_without_leak'])} ({s['attack_without_leak'] or '-'})"
             lines.append(f"| {name} | {lv} | {dis} | {ppl} | {_pct(s['max_recovery'])} | {s['attack'] or '-'} | "
-                         f"{no_leak} | {', '.join(sorted(s['not_applicable'])) or '-'} | {comp} |")
+                         f"{no_leak} | {', '.join(sorted(s['not_applicable'])) or '-'} | "
+                         f"{', '.join(sorted(s['unfinished'])) or '-'} | {comp} |")
     return lines
 
 
