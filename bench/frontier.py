@@ -248,8 +248,12 @@ def plot(result: dict, path: Path) -> None:
         for p, s in xs:
             aloepri = p.get("aloepri") is not None
             x, y = 100 * p["top1_disagreement"], 100 * s["max_recovery"]
-            ax.scatter([x], [y], marker="s" if aloepri else "o", color="tab:red" if aloepri else "tab:blue",
-                       zorder=3)
+            color = "tab:red" if aloepri else "tab:blue"
+            ax.scatter([x], [y], marker="s" if aloepri else "o", color=color, zorder=3)
+            if s["max_without_leak"] is not None and s["max_without_leak"] != s["max_recovery"]:
+                y2 = 100 * s["max_without_leak"]  # hollow: the strongest attack given none of the traffic's tokens
+                ax.scatter([x], [y2], marker="s" if aloepri else "o", facecolors="none", edgecolors=color, zorder=3)
+                ax.plot([x, x], [y2, y], color=color, lw=0.5, ls=":")
             labels.setdefault((round(x, 1), round(y, 1)), []).append(f"{p['tag']}{p['mode']} ({s['attack']})")
         for (x, y), names in labels.items():
             ax.annotate("\n".join(names), (x, y), fontsize=6, xytext=(-4 if x > 30 else 4, -8 - 7 * len(names)),
@@ -260,7 +264,7 @@ def plot(result: dict, path: Path) -> None:
                 if pub["x"] is None:
                     ax.scatter([0], [y], marker="v", color="grey", zorder=2)
                     ax.annotate(f"{pub['label']} (published; loss not given)", (0, y), fontsize=6, color="grey",
-                                xytext=(60, -80), textcoords="offset points",
+                                xytext=(60, -150), textcoords="offset points",
                                 arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
                     continue
                 lo, hi = pub["x"]
@@ -277,8 +281,8 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("highest token recovery over the attacks (%)")
     axes[0].legend(loc="center right", fontsize=8)
-    fig.suptitle("Privacy frontier (blue: STIP modes, red squares: AloePri settings, grey: published, other models)",
-                 fontsize=10)
+    fig.suptitle("Privacy frontier (blue: STIP modes, red squares: AloePri settings, grey: published, other models; "
+                 "hollow: the strongest attack given none of the traffic's tokens)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
