@@ -43,7 +43,8 @@ def split_modes(text: str) -> list[str]:
     for piece in (p.strip() for p in text.split(",")):
         if not piece:
             continue
-        knob = "=" in piece and not any(c in piece for c in "+:") and not piece.startswith(_PARTS)
+        first = piece.split("+", 1)[0]  # "alpha_h=0+head=client": a knob, then the mode's next part
+        knob = "=" in first and ":" not in first and not first.startswith(_PARTS)
         if knob and out and ":" in out[-1].rsplit("+", 1)[-1] and out[-1].rsplit("+", 1)[-1].startswith(ALOEPRI):
             out[-1] += "," + piece
         else:
@@ -108,20 +109,27 @@ def _protect_aloepri(model, out: Path, m: Mode) -> str | None:
     from stip.developer.harden_options import HardenOptionError
     from stip.errors import StipError
 
-    if m.harden or m.noise or m.head is not None:
-        return "AloePri takes its own keys and noise: no other --harden option, noise= or head= beside it"
+    if m.harden or m.noise:
+        return "AloePri takes its own keys and noise: no other --harden option or noise= beside it"
     try:
-        protect_aloepri(model, out, options=m.aloepri or None, progress=False)
+        protect_aloepri(model, out, options=m.aloepri or None, progress=False,
+                        **({"head": m.head} if m.head is not None else {}))
     except (HardenOptionError, StipError, ValueError) as e:
         return f"stip protect --harden aloepri refused it: {e}"
     return None
 
 
-def server_decode_quality(client_dir: Path, url: str, token: str, plain, ids: torch.Tensor, window: int) -> dict:
-    """Top-1 agreement and perplexity of a server-decode bundle (AloePri), through the real server and client: each
-    held-out window scored as a user scores a prompt (`stip.Client.score`: the server's prompt log-probabilities,
-    the client mapping ids back), against `plain`'s own logits. Per window, the T - 1 positions that predict a
-    token inside it."""
+def scored_by_client(bundle) -> bool:
+    """Whether audit_table measures this client bundle's accuracy through `stip.Client.score` (`score_quality`):
+    a server-decode bundle (the server scores the ids) or one whose LM head is on the client."""
+    return bundle.mode == "server-decode" or getattr(bundle, "head_placement", "server") == "client"
+
+
+def score_quality(client_dir: Path, url: str, token: str, plain, ids: torch.Tensor, window: int) -> dict:
+    """Top-1 agreement and perplexity through the real server and client, each held-out window scored as a user
+    scores a prompt (`stip.Client.score`: a server-decode server's prompt log-probabilities, or the client's own LM
+    head on the hidden states a `--head client` server returns; ids mapped back by the client), against `plain`'s
+    own logits. Per window, the T - 1 positions that predict a token inside it."""
     from stip.client.sdk import Client
 
     client = Client(client_dir, url, token=token)
@@ -147,5 +155,5 @@ def server_decode_quality(client_dir: Path, url: str, token: str, plain, ids: to
     return {"top1_agreement": agree / positions, "positions": positions, "ppl_plain": ppl_plain,
             "ppl_protected": ppl_prot, "ppl_change": ppl_prot / ppl_plain - 1, "max_logit_diff": None,
             "max_logprob_diff": max_diff,
-            "path": "real stip serve + client, server-decode (stip.Client.score: the server's prompt "
-                    "log-probabilities, one request per window, ids mapped by the client)"}
+            "path": "real stip serve + client (stip.Client.score, one request per window: a server-decode "
+                    "server's prompt log-probabilities, or the client's LM head under --head client)"}

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench.audit_modes import parse_mode, protect_mode, server_decode_quality, slug, split_modes  # noqa: F401
+from bench.audit_modes import parse_mode, protect_mode, score_quality, scored_by_client, slug, split_modes  # noqa: F401
 
 OUT = Path("bench/results/audit")
 MODES = "paper,mix,all,all+noise=0.01,all+noise=0.3"
@@ -229,7 +229,7 @@ def audit_mode(model: str, mode: str, tmp: Path, out: Path, plain, weights: dict
     tok = client.tokenizer if client.has_tokenizer else CharTokenizer(client.vocab_size)
     heldout = token_ids(tok, "heldout", table["heldout_tokens"])
     measured: dict = {}
-    how = server_decode_quality if client.mode == "server-decode" else quality
+    how = score_quality if scored_by_client(client) else quality
 
     def measure(url, token):
         measured.update(how(bundle / "client", url, token, plain, heldout, table["window"]))

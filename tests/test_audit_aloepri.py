@@ -57,6 +57,7 @@ def test_modes_parse_with_their_knobs():
 
     assert split_modes(f"paper,{EXACT},all+noise=0.01,aloepri") == ["paper", EXACT, "all+noise=0.01", "aloepri"]
     assert split_modes("aloepri:h=0;mix") == ["aloepri:h=0", "mix"]
+    assert split_modes(f"{WIDE}+head=client,head=client") == [f"{WIDE}+head=client", "head=client"]
     assert parse_mode(WIDE) == Mode(aloepri="alpha_e=0,alpha_h=0")
     assert parse_mode("all+noise=0.3+head=client") == Mode(("all",), 0.3, None, "client")
 

@@ -100,7 +100,8 @@ def mode_name(bundle_dir: Path) -> tuple[str, dict]:
         changed = ",".join(f"{k}={v:g}" for k, v in knobs.items() if k in default and v != default[k])
         harden = [f"aloepri:{changed}" if h == "aloepri" and changed else h for h in harden]
         options["aloepri"] = knobs
-    parts = harden + ([f"noise={noise:g}"] if noise else [])
+    parts = harden + ([f"noise={noise:g}"] if noise else []) + (["head=client"] if manifest.get("head") == "client"
+                                                                 else [])
     if options["bundle_mode"] == "server-decode" and knobs is None:
         parts.insert(0, "server-decode")
     return ("+".join(parts) if parts else "paper"), options

@@ -169,8 +169,10 @@ def run(ctx) -> AttackResult:
     details["products"]["recovery"] = share_b
     details["chance"] = 1.0 / ctx.reference.get_input_embeddings().weight.shape[0]
     shares = [s for s in (share_a, share_b) if s is not None]
+    why = None if shares else (f"neither part applies: (a) {details['profiles'].get('note', '-')}; "
+                               f"(b) {details['products'].get('note', '-')}")
     return AttackResult(NAME, TITLE, max(shares) if shares else None, "tokens", details, {},
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, skipped=why)
 
 
 def attack_profiles(ctx, bundle, ref, deadline: float) -> tuple[float | None, dict]:
