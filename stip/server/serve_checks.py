@@ -101,13 +101,13 @@ def preflight(bundles: list[str | Path], *, host: str, token: str | None, api_ke
               dtype: str, session_ttl: float, limits: dict[str, int], engine_kind: str, tee_worker: bool, capture,
               capture_layers, rekey_after: int | None, usage_file, vllm_options: dict | None = None,
               warn: bool = True):
-    """Every check above, in `run_server`'s order: (capture layers parsed, the key usage). `vllm_options` named
+    """Every check above, in `run_server`'s order (combinations no install serves before the engine's install): (capture layers parsed, the key usage). `vllm_options` named
     but unknown to vLLM are refused here too (vLLM is imported for its list, as the engine would)."""
     check_options(host, token, api_keys, ssl_certfile, dtype, session_ttl, limits, warn)
+    capture_layers = check_modes(bundles, engine_kind, tee_worker, capture, capture_layers)  # refused anywhere
     check_engine(engine_kind)
     if engine_kind == "vllm" and vllm_options:
         from stip.server.vllm_options import check_known
 
         check_known(vllm_options)
-    capture_layers = check_modes(bundles, engine_kind, tee_worker, capture, capture_layers)
     return capture_layers, key_usage(rekey_after, usage_file, tee_worker)
