@@ -5,8 +5,12 @@
 Each direction is a link: bytes are serialised at `mbit` Mbit/s, first in first out (a token bucket one chunk deep:
 a chunk starts transmitting when the previous one has left), then propagate for `rtt_ms / 2` before they are written
 on. So a message of n bytes arrives n * 8 / rate + rtt / 2 after it was sent, and messages queue behind each other
-as on a real link. TCP's own dynamics (slow start, loss, retransmission) are not modelled: the STIP session is one
-persistent connection, so its window is open anyway.
+as on a real link. TCP's own dynamics (slow start, congestion control) are not modelled: the STIP session is one
+persistent connection, so its window is open anyway. Loss (`--loss P`, off by default) is modelled by what it costs
+TCP in time: each 1448-byte segment of a chunk is lost with probability P (seeded), and a chunk holding a lost segment
+is delivered late by the recovery a Linux sender takes, one RTT (fast retransmit) where at least 3 segments follow
+the lost one in the chunk, else the tail-loss probe's max(2 RTT, 10 ms); chunks behind it wait (in-order delivery).
+The congestion window's halving after a loss is not modelled.
 
 The relay uses two threads per direction, not an asyncio loop: asyncio waits on epoll, whose timeout has a resolution
 of 1 ms, which is larger than the one-way delay of a wired LAN (0.1-0.5 ms). A thread sleeps to within ~0.1 ms and
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import math
+import random
 import signal
 import socket
 import statistics
@@ -34,6 +40,7 @@ from pathlib import Path
 
 CHUNK = 64 * 1024
 SPIN_S = 0.0002
+MSS = 1448  # bytes of payload per TCP segment on a 1500-byte MTU with timestamps
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class NetProfile:
     label: str
     rtt_ms: float  # round trip propagation (half each way), on top of loopback
     mbit: float  # link rate each way, Mbit/s (0: unlimited)
+    loss: float = 0.0  # probability that a segment is lost (its recovery delay modelled, see the module's docstring)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +74,10 @@ def _sleep_until(deadline: float) -> None:
 class _Direction:
     """One direction of the link: a reader that stamps each chunk with its delivery time, a writer that waits."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, delay_s: float, bytes_per_s: float, on_done):
+    def __init__(self, src: socket.socket, dst: socket.socket, delay_s: float, bytes_per_s: float, on_done,
+                 loss: float = 0.0, seed: int = 0):
         self.src, self.dst, self.delay, self.rate, self.on_done = src, dst, delay_s, bytes_per_s, on_done
+        self.loss, self.rng = loss, random.Random(seed)
         self.queue: collections.deque = collections.deque()
         self.cv = threading.Condition()
         self.link_free = 0.0
@@ -92,10 +102,21 @@ class _Direction:
                 self.bytes += len(data)
                 start = max(now, self.link_free)
                 self.link_free = start + (len(data) / self.rate if self.rate else 0.0)
-                self._push((self.link_free + self.delay, data))
+                self._push((self.link_free + self.delay + self._recovery(len(data)), data))
         except OSError:
             pass
         self._push((0.0, None))
+
+    def _recovery(self, n: int) -> float:
+        """Seconds a chunk of n bytes is delivered late by the loss of one of its segments (0 if none is lost)."""
+        if not self.loss:
+            return 0.0
+        segments = math.ceil(n / MSS)
+        lost = next((i for i in range(segments) if self.rng.random() < self.loss), None)
+        if lost is None:
+            return 0.0
+        rtt = 2 * self.delay
+        return rtt if segments - lost - 1 >= 3 else max(2 * rtt, 0.010)
 
     def _write(self) -> None:
         try:
@@ -118,8 +139,9 @@ class _Direction:
 class Relay:
     """Listen on `host:port`; every accepted connection is relayed to `target` through a simulated link."""
 
-    def __init__(self, target: tuple[str, int], rtt_ms: float, mbit: float, host: str = "127.0.0.1", port: int = 0):
-        self.target = target
+    def __init__(self, target: tuple[str, int], rtt_ms: float, mbit: float, host: str = "127.0.0.1", port: int = 0,
+                 loss: float = 0.0, seed: int = 0):
+        self.target, self.loss, self.seed = target, loss, seed
         self.delay_s = rtt_ms / 2000.0
         self.bytes_per_s = mbit * 1e6 / 8 if mbit else 0.0
         self.sock = socket.create_server((host, port))
@@ -133,7 +155,7 @@ class Relay:
             except OSError:
                 return
             self.connections += 1
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+            threading.Thread(target=self._relay, args=(client, self.connections), daemon=True).start()
 
     def start(self) -> "Relay":
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -143,7 +165,7 @@ class Relay:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def _relay(self, client: socket.socket) -> None:
+    def _relay(self, client: socket.socket, number: int = 0) -> None:
         try:
             server = socket.create_connection(self.target)
         except OSError:
@@ -161,8 +183,9 @@ class Relay:
                     client.close()
                     server.close()
 
-        _Direction(client, server, self.delay_s, self.bytes_per_s, done).start()  # uplink
-        _Direction(server, client, self.delay_s, self.bytes_per_s, done).start()  # downlink
+        seed = self.seed + 2 * number  # each connection draws its own losses, reproducibly
+        _Direction(client, server, self.delay_s, self.bytes_per_s, done, self.loss, seed).start()  # uplink
+        _Direction(server, client, self.delay_s, self.bytes_per_s, done, self.loss, seed + 1).start()  # downlink
 
 
 @contextlib.contextmanager
@@ -170,7 +193,8 @@ def relay_process(target_port: int, profile: NetProfile, target_host: str = "127
     """The relay as a child process; yields its listening port."""
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen([sys.executable, "-m", "bench.netsim", "--target", f"{target_host}:{target_port}",
-                             "--rtt-ms", str(profile.rtt_ms), "--mbit", str(profile.mbit)],
+                             "--rtt-ms", str(profile.rtt_ms), "--mbit", str(profile.mbit),
+                             *(["--loss", str(profile.loss)] if profile.loss else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
     try:
         line = proc.stdout.readline()
@@ -252,16 +276,18 @@ def main(argv=None) -> None:
     ap.add_argument("--target", help="host:port to relay to")
     ap.add_argument("--rtt-ms", type=float, required=True, help="added round-trip delay (half each way)")
     ap.add_argument("--mbit", type=float, default=0.0, help="link rate each way in Mbit/s (0: unlimited)")
+    ap.add_argument("--loss", type=float, default=0.0, help="probability a TCP segment is lost (0: none)")
+    ap.add_argument("--seed", type=int, default=0, help="the loss draws' seed")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--calibrate", action="store_true", help="measure the link instead of relaying")
     args = ap.parse_args(argv)
     if args.calibrate:
-        print(calibrate(NetProfile("cli", "cli", args.rtt_ms, args.mbit)))
+        print(calibrate(NetProfile("cli", "cli", args.rtt_ms, args.mbit, args.loss)))
         return
     if not args.target:
         ap.error("--target is required (unless --calibrate)")
     host, port = args.target.rsplit(":", 1)
-    relay = Relay((host, int(port)), args.rtt_ms, args.mbit, port=args.port)
+    relay = Relay((host, int(port)), args.rtt_ms, args.mbit, port=args.port, loss=args.loss, seed=args.seed)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"READY {relay.port}", flush=True)
     try:
