@@ -67,8 +67,8 @@ def _setup(doc: dict) -> list[str]:
         seen.setdefault(r["device"], r["limits"])
     for name, d in doc["devices"].items():
         lim = seen.get(name, {})
-        lines.append(f"| {name} | {d['stands_for']} | {d['label']} | cores {lim.get('cores')}, address space "
-                     f"{lim.get('address_space_gb') or 'unlimited'} GB |")
+        space = f"{lim['address_space_gb']} GB" if lim.get("address_space_gb") else "unlimited"
+        lines.append(f"| {name} | {d['stands_for']} | {d['label']} | cores {lim.get('cores')}, address space {space} |")
     t = doc["throttles"]
     lines += ["", f"Reduced clock: cpufreq {'at ' + t['cpufreq'] if t['cpufreq'] else 'absent'}"
               f"{' (writable)' if t.get('cpufreq_writable') else ''}, cpulimit "
@@ -88,9 +88,10 @@ def _setup(doc: dict) -> list[str]:
 
 
 def _client(doc: dict) -> list[str]:
+    yes = {True: "yes", False: "no", None: "-"}
     lines = ["", "## The client install and its compute", "", f"Client: {doc['client_python']}; torch imported by "
-             f"the client: {num(doc['client_imported_torch'])}; the same greedy tokens in every cell and downlink: "
-             f"{num(doc['same_tokens_everywhere'])}."]
+             f"the client: {yes[doc['client_imported_torch']]}; the same greedy tokens in every cell and downlink: "
+             f"{yes[doc['same_tokens_everywhere']]}."]
     size = doc.get("client_install")
     if size:
         largest = ", ".join(f"{k} {v}" for k, v in list(size["largest_mb"].items())[:6])
