@@ -34,6 +34,13 @@ def _sim(row: dict, key: str, nd: int = 2) -> str:
     return num(row[key], nd)
 
 
+def _rss(row: dict) -> str:
+    """Peak resident MB, and at the end its anonymous and file-backed parts (mapped tables, shared libraries)."""
+    m = row.get("rss_mb") or {}
+    parts = f"; anon {num(m['RssAnon'], 0)}, file {num(m['RssFile'], 0)}" if "RssAnon" in m and "RssFile" in m else ""
+    return num(row["rss_peak_mb"], 1) + parts
+
+
 def _cells(doc: dict) -> list[str]:
     s = doc["settings"]
     lines = [f"## Per decode token: SmolLM2-135M-Instruct, {s['tokens']} new tokens, greedy "
@@ -43,7 +50,8 @@ def _cells(doc: dict) -> list[str]:
              "round trip less that (the link, WebSocket framing, the server's event loop). Bytes are one decode "
              "step's WebSocket payloads. Cold start: the client process started -> ready for its first request "
              "(interpreter, `import stip`, bundle, tokenizer, the server's /v1/info), page cache warm. RSS: the "
-             "client's peak (VmHWM).", ""]
+             "client's peak (VmHWM); then, at the end, its anonymous and file-backed MB (the mapped table's pages "
+             "and shared libraries are file-backed).", ""]
     if any("simulated" in r for r in doc["rows"]):
         lines += [f"Edge rows: **simulated** slowdown, the figure with the client's compute x "
                   f"{s['edge_slowdown']} (an assumed factor, see below) and, in brackets, what was measured on one "
@@ -55,7 +63,7 @@ def _cells(doc: dict) -> list[str]:
         lines.append(f"| {r['device']} | {r['network']} | {r['downlink']} | {_sim(r, 'per_token_ms')} | "
                      f"{_sim(r, 'client_ms', 3)} | {num(r['network_ms'])} | {num(r['server_ms'])} | "
                      f"{_sim(r, 'ttft_ms', 1)} | {num(r['bytes_up'], 0)} | {num(r['bytes_down'], 0)} | "
-                     f"{_sim(r, 'cold_start_ms', 0)} | {num(r['rss_peak_mb'], 1)} |")
+                     f"{_sim(r, 'cold_start_ms', 0)} | {_rss(r)} |")
     return lines
 
 
