@@ -121,7 +121,10 @@ def test_protected_encoder_equals_plain_on_a_padded_batch(protected, name):
     bundle = ClientBundle.load(out / "client")
     engine = EncoderEngine.from_bundle(out / "server")
     client = TextEncoder(bundle, connection=None)
-    batch = client.tokenize(TEXTS)
+    light = client.tokenize(TEXTS)  # numpy, as transformers pads and cuts
+    want = tok(TEXTS, padding=True, truncation=True, max_length=client.max_tokens, return_tensors="np")
+    assert all((light[k] == want[k]).all() for k in want), name
+    batch = {k: torch.as_tensor(v) for k, v in light.items()}  # torch in: torch out
     assert int(batch["attention_mask"].sum()) < batch["attention_mask"].numel()  # padded
     x = client.protected_embeddings(batch)
     emb = model.base_model.embeddings
@@ -350,13 +353,13 @@ def test_minilm_sentence_embeddings_through_server_and_cli(minilm):
     want = plain_sentence_embeddings(folder, SENTENCES)
     with serve(out, token="tok") as server:
         client = Client(out / "client", server.url, token="tok")
-        got = client.embed(SENTENCES)
+        got = torch.as_tensor(client.embed(SENTENCES))  # numpy: the light client runs it too
         cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
         assert float(cos.min()) >= 0.99999, f"cosine {cos.tolist()}"
         assert torch.allclose(got.norm(dim=-1), torch.ones(len(SENTENCES)), atol=1e-5)
         print(f"MiniLM: min cosine {float(cos.min()):.7f}, max-abs {float((got - want).abs().max()):.2e}")
         client._text.batch_size = 3  # two requests, each padded to its own longest text
-        assert torch.allclose(client.embed(SENTENCES), got, atol=1e-5)
+        assert torch.allclose(torch.as_tensor(client.embed(SENTENCES)), got, atol=1e-5)
         with pytest.raises(StipServerError, match="feature-extraction"):
             client.connection.open_session()
         cli = [sys.executable, "-m", "stip.cli"]

@@ -298,3 +298,24 @@ def test_stip_chat_with_an_image(llava, client, server, tmp_path, tiny_protected
     with pytest.raises(stip.errors.StipError, match="takes no images"):
         run_chat(tiny_protected("llama-gqa-untied")[1] / "client", server="http://127.0.0.1:9", prompt="hi",
                  images=[path])
+
+
+def test_light_proxy_refuses_images_naming_the_vision_extra(llava, client, server, tmp_path_factory):
+    """`stip proxy` from the light install (no torch, transformers or Pillow; tests/light/venv.py) serves this
+    LLaVA bundle's text chats as the full client does, and answers an image part with a 400 naming the extra."""
+    from tests.light.venv import shared
+
+    messages = [{"role": "user", "content": "describe the image"}]
+    expected = client.generate(messages=messages, max_tokens=N, temperature=0).text
+    with stopped_in_background(local_process(
+            lambda port: [str(shared(tmp_path_factory)), "-m", "stip.cli", "proxy", str(llava[4] / "client"),
+                          "--server", server.url, "--port", str(port)], ready_path="/v1/models",
+            env={"PYTHONPATH": ""})) as proxy:
+        r = httpx.post(proxy.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": messages, "max_tokens": N, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
+        image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(_image(8))}},
+                                              {"type": "text", "text": "what is this"}]}]
+        r = httpx.post(proxy.url + "/v1/chat/completions", json={"messages": image, "max_tokens": 2}, timeout=30)
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and 'pip install "stip[vision]"' in message and "torch" in message, message

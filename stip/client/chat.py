@@ -37,11 +37,14 @@ def run_chat(bundle: Path, *, server: str, token: str | None = None, prompt: str
         raise StipError(f"{bundle} is a {loaded.task} model, which does not generate text: `stip chat` needs a "
                         f"text-generation bundle (use `stip embed` or `stip classify`)")
     if images:  # checked and read before any server contact
-        from stip.client import vision
+        from stip.client.image_parts import require_vision
         from stip.common.tasks import IMAGE_TEXT_TO_TEXT
 
         if loaded.task != IMAGE_TEXT_TO_TEXT:
             raise StipError(f"{bundle} is a {loaded.task} model, which takes no images (--image)")
+        require_vision("stip chat --image")
+        from stip.client import vision
+
         parts = [vision.image_part(p) for p in images]
     if not tee:
         client = Client(loaded, server, token=token, downlink=downlink, trusted=trusted, ca_file=ca_file,

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 from fastapi import APIRouter, Request
 
-from stip.client import vision
+from stip.client.image_parts import ImageInputError, check_vision, has_images
 from stip.client.proxy_generation import Generations, upstream_error
 from stip.client.proxy_requests import CHAT_DEFAULT_MAX_TOKENS, ApiError, ChatRequest, CompletionRequest
 from stip.client.proxy_responses import ChatFormat, CompletionFormat, TokenText
@@ -91,10 +91,15 @@ class TextEndpoints:
         None). `messages`: as the chat template takes them (`message_text`); `tools`: for a template that takes them
         (`proxy_tools`)."""
         client = self.client
-        try:  # image parts (LLaVA): data URLs only, decoded here; a text-only model refuses them
-            messages, images = vision.extract_images(client.bundle, messages)
-        except vision.ImageInputError as e:
-            raise ApiError(400, str(e), param) from None
+        vision, images = None, []
+        if has_images(messages):  # image parts (LLaVA): data URLs only, decoded here; a text-only model refuses them
+            try:  # and a light install (no stip[vision]) says which install takes them
+                check_vision(client.bundle)
+                from stip.client import vision
+
+                messages, images = vision.extract_images(client.bundle, messages)
+            except ImageInputError as e:
+                raise ApiError(400, str(e), param) from None
         try:
             if tools:  # as Client.encode, with the tools passed to the template
                 text = client.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
@@ -108,7 +113,7 @@ class TextEndpoints:
         if images:  # the vision tower runs once for all choices, off the event loop
             try:
                 prepared = await asyncio.to_thread(vision.prepare, client.bundle, ids, images)
-            except vision.ImageInputError as e:
+            except ImageInputError as e:
                 raise ApiError(400, str(e), param) from None
             ids, features = prepared.ids, prepared.features
         return ids, features

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from stip.client.encoder import Pooling
 from stip.client.proxy_generation import upstream_error
 from stip.client.proxy_requests import ApiError, _Strict
+from stip.common.arrays import to_numpy
 from stip.common.tasks import FEATURE_EXTRACTION
 from stip.errors import StipError
 
@@ -88,7 +89,7 @@ def embeddings_router(client, model_name: str) -> APIRouter:
     def embed(texts: list[str], lengths: list[int]) -> np.ndarray:
         out = None
         for idx in batches(lengths):
-            vectors = client.embed([texts[i] for i in idx]).float().cpu().numpy()
+            vectors = to_numpy(client.embed([texts[i] for i in idx]), np.float32)
             if out is None:
                 out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
             out[idx] = vectors

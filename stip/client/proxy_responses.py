@@ -13,6 +13,14 @@ import json
 from stip.client.logprobs import TokenLogprob
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """Byte-level BPE's byte -> printable character map (GPT-2's, as transformers and tokenizers' ByteLevel use):
+    printable Latin-1 bytes stand for themselves, the others for the characters from U+0100 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
+
+
 class TokenText:
     """Token id -> (text, bytes), cached."""
 
@@ -26,8 +34,6 @@ class TokenText:
             except Exception:  # a slow (Python) tokenizer: no backend
                 decoder = {}
             if decoder.get("type") == "ByteLevel":
-                from transformers.convert_slow_tokenizer import bytes_to_unicode
-
                 self.byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
             self.special = set(self.tok.all_special_ids)
 

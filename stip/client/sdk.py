@@ -20,7 +20,7 @@ from stip.client.bundle import ClientBundle
 from stip.client.constrained import Constraint, check_grammar, pick_constrained
 from stip.client.errors import TaskError
 from stip.client.head import check_placement
-from stip.client.image_parts import has_images
+from stip.client.image_parts import check_vision, has_images, require_vision
 from stip.common.arrays import to_numpy
 from stip.common.tasks import ONE_SHOT_TASKS
 from stip.client.logprobs import TokenLogprob, step_logprob
@@ -113,12 +113,13 @@ class Client:
         return self._text_encoder
 
     def embed(self, texts: list[str]):
-        """Sentence embeddings [B, d] of a feature-extraction model, pooled (and normalized) as its
-        sentence-transformers config says; mean pooling by default."""
+        """Sentence embeddings [B, d] (a float32 numpy array) of a feature-extraction model, pooled (and normalized)
+        as its sentence-transformers config says; mean pooling by default."""
         return self._text.embed(texts)
 
     def hidden_states(self, texts: list[str]):
-        """(last hidden states [B, T, d], attention mask [B, T]) of a feature-extraction model, texts padded."""
+        """(last hidden states [B, T, d], attention mask [B, T]; numpy) of a feature-extraction model, texts
+        padded."""
         return self._text.hidden_states(texts)
 
     def classify(self, texts: list[str] | None = None, images: list | None = None,
@@ -127,6 +128,7 @@ class Client:
         if (texts is None) == (images is None):
             raise ValueError("pass texts= or images=, one of them")
         if images is not None:
+            require_vision("image classification")  # the image processor and patch embedding: stip[vision]
             from stip.client.images import classify_images
 
             return classify_images(self.bundle, self.connection, images, top_k=top_k)
@@ -180,9 +182,8 @@ class Client:
         params = params or SamplingParams(**sampling)
         features = image_features
         if features is not None or images or has_images(messages):
-            from stip.client import vision  # the vision tower: the full install (torch, transformers)
-        if features is not None:
-            vision.vision_tower(self.bundle)  # a model that takes images, in round-trip mode
+            check_vision(self.bundle)  # a model that takes images, in round-trip mode; stip[vision] installed
+            from stip.client import vision
         if images or has_images(messages):
             if images and has_images(messages):
                 raise ValueError("pass images as content parts of messages or as images=, not both")

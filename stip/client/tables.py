@@ -60,3 +60,27 @@ def mean_square(table: np.ndarray, dtype: str, rows_per_chunk: int = 4096) -> fl
         part = rows_float32(table, dtype, slice(a, a + rows_per_chunk)).astype(np.float64)
         total += float((part * part).sum())
     return total / max(1, table.size)
+
+
+def map_tensors(path: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """Every tensor of a safetensors file (a client module shard: an encoder's embeddings module), any shape, each
+    memory-mapped as `map_matrix` maps one: name -> (array in its own dtype, its safetensors dtype)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        entries = {name: (str(e["dtype"]), [int(x) for x in e["shape"]], [int(x) for x in e["data_offsets"]])
+                   for name, e in header.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error) as e:
+        raise BundleError(f"{path} is not a safetensors file: {e}") from None
+    size = path.stat().st_size
+    out = {}
+    for name, (dtype, shape, (begin, end)) in entries.items():
+        if dtype not in _DTYPES or end - begin != int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize \
+                or size < 8 + n + end:
+            raise BundleError(f"{path}: tensor {name!r} must be F32, F16 or BF16 and lie inside the file, got {dtype} "
+                              f"{shape}")
+        out[name] = (np.zeros(shape, dtype=_DTYPES[dtype]) if begin == end else
+                     np.memmap(path, dtype=_DTYPES[dtype], mode="c", offset=8 + n + begin, shape=tuple(shape)), dtype)
+    return out

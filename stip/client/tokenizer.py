@@ -51,8 +51,6 @@ def _compile(template: str):
 class LightTokenizer:
     """A bundle's tokenizer.json, tokenizer_config.json and chat template (only files its signed manifest lists)."""
 
-    padding_side = "right"
-
     def __init__(self, tokenizer_json: Path, config: dict, chat_template: str | dict | None):
         from tokenizers import Tokenizer
 
@@ -63,6 +61,9 @@ class LightTokenizer:
         self.backend_tokenizer.no_padding()
         self.backend_tokenizer.no_truncation()
         self.config = config
+        self.padding_side = config.get("padding_side") or "right"
+        self.truncation_side = config.get("truncation_side") or "right"
+        self._padded: dict[int, object] = {}  # max_length -> a backend copy that pads and truncates (`batch`)
         self.chat_template = chat_template
         self.special_tokens_map = {n: t for n in SPECIAL_NAMES if (t := _content(config.get(n))) is not None}
         for name, token in self.special_tokens_map.items():
@@ -103,21 +104,63 @@ class LightTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False) -> str:
-        if clean_up_tokenization_spaces:
-            raise ValueError("the light tokenizer does not clean up tokenization spaces")
+    def batch(self, texts: list[str], max_length: int) -> dict:
+        """Texts padded to the longest and cut at `max_length` tokens, as transformers' `tok(texts, padding=True,
+        truncation=True, max_length=...)` does (the backend's own padding and longest-first truncation, on its sides):
+        int64 numpy arrays input_ids, token_type_ids and attention_mask [B, T]."""
+        import numpy as np
+
+        backend = self._padded.get(max_length)
+        if backend is None:
+            from tokenizers import Tokenizer
+
+            pad = self.special_tokens_map.get("pad_token")
+            pad_id = None if pad is None else self.backend_tokenizer.token_to_id(pad)
+            if pad_id is None and len(texts) > 1:
+                raise ValueError("this tokenizer has no padding token: pass one text at a time")
+            backend = Tokenizer.from_str(self.backend_tokenizer.to_str())  # its own state: thread-safe to share
+            backend.enable_truncation(max_length, strategy="longest_first", direction=self.truncation_side)
+            if pad_id is not None:
+                backend.enable_padding(direction=self.padding_side, pad_id=pad_id, pad_type_id=0, pad_token=pad)
+            self._padded[max_length] = backend
+        enc = backend.encode_batch(list(texts), add_special_tokens=True)
+        return {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+                "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = False) -> str:
+        """`clean_up_tokenization_spaces` None: as the tokenizer's config says (transformers' default), which
+        WordPiece decoders (BERT) use; byte-level BPE skips it, as transformers does."""
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-        return self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self.backend_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = bool(self.config.get("clean_up_tokenization_spaces", False))
+        if clean_up_tokenization_spaces and type(self.backend_tokenizer.model).__name__ != "BPE":
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)  # transformers' clean_up_tokenization
+        return text
 
     def convert_ids_to_tokens(self, ids):
         if isinstance(ids, int) or hasattr(ids, "__index__"):
             return self.backend_tokenizer.id_to_token(int(ids))
         return [self.backend_tokenizer.id_to_token(int(i)) for i in ids]
 
+    def _special_id(self, name: str) -> int | None:
+        token = self.special_tokens_map.get(name)
+        return None if token is None else self.backend_tokenizer.token_to_id(token)
+
     @property
     def eos_token_id(self) -> int | None:
-        eos = self.special_tokens_map.get("eos_token")
-        return None if eos is None else self.backend_tokenizer.token_to_id(eos)
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self._special_id("mask_token")
 
     @property
     def model_max_length(self) -> int:

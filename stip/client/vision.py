@@ -4,7 +4,9 @@ The server bundle of a LLaVA model is only its language model. The client runs t
 vision tower and multi-modal projector (plain weights from its module shards), selects the feature layer exactly as
 `LlavaModel.get_image_features` does, applies `p` to the projector's output and puts those rows at the image-token
 positions of the embedded prompt: each image token of the prompt is expanded to one token per image feature, as
-`LlavaProcessor` does. The server receives those rows in the secret basis only, like any other embedding.
+`LlavaProcessor` does. The server receives those rows in the secret basis only, like any other embedding. This
+module needs the `stip[vision]` extra (torch, transformers, Pillow); callers reach it through
+`stip.client.image_parts.check_vision`, which says so where it is missing.
 
 Images come as PIL images, raw bytes, file paths or `data:` URLs (base64); chat messages may hold OpenAI-style
 content parts (`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`). An http(s) URL is
@@ -24,16 +26,11 @@ from pathlib import Path
 import torch
 
 from stip.client import hf
-from stip.client.image_parts import IMAGE_PART_TYPES, has_images  # noqa: F401 - re-exported
-from stip.common.tasks import IMAGE_TEXT_TO_TEXT
-from stip.errors import StipError
+from stip.client.image_parts import (IMAGE_PART_TYPES, ImageInputError, check_takes_images,  # noqa: F401
+                                     has_images)  # noqa: F401 - re-exported
 
 MAX_IMAGE_BYTES = 20 * 1024**2
 MAX_IMAGE_PIXELS = 50_000_000  # a decompression bomb is refused before it is decoded
-
-
-class ImageInputError(StipError, ValueError):
-    """An image the client cannot use: bad encoding, a remote URL, or a model that takes no images."""
 
 
 def load_image(image):
@@ -174,10 +171,7 @@ _lock = threading.Lock()
 
 def vision_tower(bundle) -> VisionTower:
     """The bundle's vision tower, built once per bundle; refuses bundles of models that take no images."""
-    if bundle.task != IMAGE_TEXT_TO_TEXT:
-        raise ImageInputError(f"this model ({bundle.task}) takes no images")
-    if bundle.mode != "round-trip":
-        raise ImageInputError(f"a {bundle.mode} bundle takes token ids only, not images")
+    check_takes_images(bundle)
     with _lock:
         if bundle not in _towers:
             _towers[bundle] = VisionTower(bundle)

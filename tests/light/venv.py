@@ -17,7 +17,8 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-HEAVY = {"torch", "transformers", "accelerate", "gguf", "scipy"}  # must not be pulled in by the base install
+# must not be pulled in by the base install (pillow: the vision extra, whose absence the light proxy's 400 names)
+HEAVY = {"torch", "transformers", "accelerate", "gguf", "scipy", "pillow"}
 
 
 def _name(requirement: str) -> str:
@@ -52,11 +53,19 @@ def base_requirements() -> list[str]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
+def shared(tmp_path_factory) -> Path:
+    """The session's light venv (its python): built by the first test module that asks (test_light_client,
+    test_llava's light proxy), reused by the others."""
+    return build(tmp_path_factory.getbasetemp() / "light-venv")
+
+
 def build(where: Path) -> Path:
-    """The light venv at `where` (made once; its python returned)."""
+    """The light venv at `where` (made once, in a side folder renamed when complete; its python returned)."""
+    if (where / "bin" / "python").exists():
+        return where / "bin" / "python"
+    final, where = where, where.with_name(where.name + ".partial")
+    shutil.rmtree(where, ignore_errors=True)
     python = where / "bin" / "python"
-    if python.exists():
-        return python
     names = closure(base_requirements())
     heavy = names & HEAVY
     if heavy:
@@ -75,4 +84,5 @@ def build(where: Path) -> Path:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
     (site / "stip-checkout.pth").write_text(str(REPO) + "\n")
-    return python
+    where.rename(final)
+    return final / "bin" / "python"
