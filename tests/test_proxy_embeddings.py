@@ -1,11 +1,13 @@
 """`stip proxy`'s OpenAI `/v1/embeddings` on the real all-MiniLM-L6-v2: a real `stip serve` and a real `stip proxy`
 subprocess, the official `openai` client, vectors compared with the plain model's sentence embeddings. Requests of
 the wrong kind (chat on an encoder, `stip chat` on an encoder bundle) get clear errors; embeddings on a decoder: see
-test_proxy.py, whose SmolLM2 proxy is running anyway."""
+test_proxy.py, whose SmolLM2 proxy is running anyway. The light install's `stip embed` gives the full client's vectors
+exactly."""
 
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -16,7 +18,7 @@ import openai
 import pytest
 
 from stip.client.proxy_embeddings import batches
-from stip.server.launch import local_process
+from stip.server.launch import local_process, server_env
 from tests.parties import serve, stopped_in_background
 from tests.test_encoders import plain_sentence_embeddings
 
@@ -139,3 +141,19 @@ def test_stip_chat_on_an_encoder_bundle_is_a_cli_error(parties, minilm):
     assert r.returncode == 2 and "feature-extraction" in r.stderr and "stip embed" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
 
+
+
+def test_light_client_embeds_what_the_full_client_embeds(parties, minilm, plain, tmp_path_factory):
+    """`stip embed` from the light install (no torch or transformers; tests/light/venv.py) prints the full install's
+    sentence embeddings exactly: the encoder's client half is the same numpy code in both."""
+    from stip.client.sdk import Client
+    from tests.light.venv import shared
+
+    texts = SENTENCES[:3]
+    r = subprocess.run([str(shared(tmp_path_factory)), "-m", "stip.cli", "embed", "--client", str(minilm[1] / "client"),
+                        "--server", parties[0].url, *texts], capture_output=True, text=True, timeout=120,
+                       env={**server_env("t"), "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    light = json.loads(r.stdout)
+    assert light == Client(minilm[1] / "client", parties[0].url, token="t").embed(texts).tolist()
+    _check(np.array(light, dtype=np.float32), texts, plain)
