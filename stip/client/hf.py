@@ -1,7 +1,7 @@
-"""The transformers side of the client bundle, for the optional paths that run a model module on the client
-(encoders' embeddings, ViT's patch embedding, LLaVA's vision tower): the transformers config, the module's plain
-tensors, and the transformers tokenizer (batch padding for encoders). These need the full install (torch and
-transformers); the generation path does not import this module."""
+"""The transformers side of the client bundle, for the image paths that run a model module on the client (ViT's
+patch embedding, LLaVA's vision tower): the transformers config and the module's plain tensors. These need the
+`stip[vision]` extra (torch, transformers); the light client's paths, text encoders included (numpy:
+`stip.client.encoder`), do not import this module."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from stip.common.bundles.manifest import listed_files
 from stip.common.layout import CLIENT_MODULE_DIR, MODEL_CONFIG_FILE
-from stip.errors import BundleError
 
 
 def _cached(bundle, name: str, make):
@@ -40,15 +39,3 @@ def module_state(bundle) -> dict:
         state |= load_file(str(bundle.path / shard))
     return state
 
-
-def tokenizer(bundle):
-    """The transformers tokenizer of the bundle (its signed files only): encoders pad batches with it."""
-    def make():
-        from transformers import AutoTokenizer
-
-        if not bundle.has_tokenizer:
-            raise BundleError(f"client bundle {bundle.path} has no tokenizer; pass token ids instead of text")
-        with bundle.signed_view() as signed_only:
-            return AutoTokenizer.from_pretrained(signed_only)
-
-    return _cached(bundle, "tokenizer", make)
