@@ -324,6 +324,26 @@ def test_in_process_worker_matches(tee_protected):
     assert [t for t, _ in enclave.generate(PROMPT, SamplingParams(max_tokens=4), top_logprobs=3)] == want
     top = next(enclave.generate(PROMPT, SamplingParams(max_tokens=1), top_logprobs=3))[1]
     assert len(top) == 3 and top[0][0] == want[0] and top[0][1] <= 0
+    long = [(7 * i) % 90 + 3 for i in range(60)]  # its decode steps grow block 0's cache past its first 64 rows
+    assert [t for t, _ in enclave.generate(long, SamplingParams(max_tokens=8))] == plain_greedy(plain, long, 8)[0]
+
+
+def test_block0_cache_grows_in_place():
+    """The enclave's block-0 KV cache (stip.enclave.kv_cache): rows written in place in a buffer that doubles (no
+    copy of the whole cache per token), capped at the model's positions; the attention gets the same keys and
+    values as from transformers' DynamicLayer."""
+    from transformers.cache_utils import DynamicLayer
+
+    from stip.enclave.kv_cache import GrowingLayer
+
+    grown, ref, gen, caps = GrowingLayer(max_length=150), DynamicLayer(), torch.Generator().manual_seed(0), []
+    for n in [40, 1, 1, 30, *[1] * 70, 8]:  # a prompt, decode steps, a chunk: two doublings, then the cap
+        k, v = torch.randn(1, 2, n, 4, generator=gen), torch.randn(1, 2, n, 4, generator=gen)
+        got, want = grown.update(k, v), ref.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)) and grown.get_seq_length() == ref.get_seq_length()
+        if not caps or caps[-1] != grown._k.shape[-2]:
+            caps.append(grown._k.shape[-2])
+    assert caps == [64, 128, 150]
 
 
 def _wait_full(enclave, seconds=30.0):

@@ -98,9 +98,13 @@ class EnclaveModel:
                                         [(g, *weights[g]) for g in group], self.waiting, a=a, b=b))
         head = tensors[LM_HEAD_PREFIX + "weight"]
         self.lm_head_local = bool(tensors.get(LM_HEAD_IN_ENCLAVE, torch.tensor(0)).item())
-        self.lm_head = LocalLinear(head) if self.lm_head_local else \
+        # a tied head's rows are put in plain vocabulary order once (`pc` undone on the weight, exact: a signed
+        # permutation), so its logits come out plain; an offloaded head's come back in `pc` order
+        self.lm_head = LocalLinear(self.vocab.invert(head.float(), 0)) if self.lm_head_local else \
             OffloadedLinear(LM_HEAD, head, self.link, self.pads, a=_mask(tensors, LM_HEAD, "in"),
                             bias=tensors.get(LM_HEAD_PREFIX + "bias"))
+        inv = self.vocab.inverse_perm  # logits[:, i] = sign[inv[i]] * logits_pc[:, inv[i]], gathered per step
+        self._vocab_inv = (inv, None if self.vocab.sign is None else self.vocab.sign.float()[inv])
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one step at a time: the pads and block 0 are shared by all sessions
         self._threads, self._thread_count = ThreadPoolExecutor(MAX_BATCH, "stip-block0"), MAX_BATCH
@@ -148,9 +152,9 @@ class EnclaveModel:
     # ------------------------------------------------------------ sessions
 
     def new_session(self) -> EnclaveSession:
-        from transformers import DynamicCache
+        from stip.enclave.kv_cache import new_cache
 
-        return EnclaveSession(os.urandom(12).hex(), DynamicCache(config=self.base.config))
+        return EnclaveSession(os.urandom(12).hex(), new_cache(self.base.config, self.max_positions))
 
     def close(self, s: EnclaveSession) -> None:
         self.link.close(s.id)
@@ -181,12 +185,17 @@ class EnclaveModel:
                          cache_position=positions).last_hidden_state[0].contiguous()
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        """The plain logits [B, V] of last hidden states [B, d]: final norm, LM head, un-permuting `pc`."""
-        logits = self.lm_head(self.final_norm(h.float()))  # in pc order
+        """The plain logits [B, V] of last hidden states [B, d]: final norm, LM head, un-permuting `pc` (a tied
+        head's weight is in plain order already; softcapping is odd and elementwise, so it commutes with `pc`)."""
+        logits = self.lm_head(self.final_norm(h.float())).float()
         cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2/3: as their ForCausalLM does
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return self.vocab.invert(logits.float(), 1)
+        if self.lm_head_local:
+            return logits
+        inv, sign = self._vocab_inv
+        logits = logits.index_select(1, inv)
+        return logits if sign is None else logits * sign
 
     @torch.no_grad()
     def step_batch(self, items: list[tuple[EnclaveSession, torch.Tensor]]) -> list:
@@ -209,21 +218,21 @@ class EnclaveModel:
                 return results
             t0, w0, pads0 = time.perf_counter(), self.link.seconds, self.pads.stats()
             self.pads.fresh()  # new pads for every query
-            if len(good) == 1:
-                (i, ids), = good
-                try:
-                    h1s = [self._block0(items[i][0], ids)]
-                except Exception as e:  # noqa: BLE001
-                    results[i] = e
-                    return results
-            else:
-                if len(good) > self._thread_count:  # every session of a tick needs a thread: they wait for each other
-                    self._threads.shutdown(wait=False)
-                    self._threads, self._thread_count = ThreadPoolExecutor(len(good), "stip-block0"), len(good)
-                tick = Tick(len(good))
-                runs = [self._threads.submit(self._tick_block0, tick, items[i][0], ids) for i, ids in good]
-                h1s = [_result(f) for f in runs]
-            self._bodies_and_heads(items, good, h1s, results)
+            self.pads.hold()  # the pad filler waits for the worker's body (stip.enclave.pads.PadFiller)
+            try:
+                if len(good) == 1:
+                    (i, ids), = good
+                    h1s = [_result_of(self._block0, items[i][0], ids)]
+                else:
+                    if len(good) > self._thread_count:  # a tick's sessions need a thread each: they wait for each other
+                        self._threads.shutdown(wait=False)
+                        self._threads, self._thread_count = ThreadPoolExecutor(len(good), "stip-block0"), len(good)
+                    tick = Tick(len(good))
+                    runs = [self._threads.submit(self._tick_block0, tick, items[i][0], ids) for i, ids in good]
+                    h1s = [_result(f) for f in runs]
+                self._bodies_and_heads(items, good, h1s, results)
+            finally:
+                self.pads.release()
             self._account(items, good, time.perf_counter() - t0, self.link.seconds - w0, pads0)
         return results
 
@@ -242,16 +251,16 @@ class EnclaveModel:
         if not live:
             return
         spans = [(items[i][0].id, h1, items[i][0].position) for i, _, h1 in live]
-        if len(spans) == 1:
-            try:
+        self.pads.release()  # the enclave idles until the body's answer: the pad filler's time
+        try:
+            if len(spans) == 1:
                 outs = [self.link.body(*spans[0])[-1:]]
-            except Exception as e:  # noqa: BLE001
-                outs = [e]
-        else:
-            try:
+            else:
                 outs = self.link.bodies(spans)
-            except Exception as e:  # noqa: BLE001 - the link failed: every session of the step with it
-                outs = [e] * len(spans)
+        except Exception as e:  # noqa: BLE001 - the link failed: every session of the step with it
+            outs = [e] * len(spans)
+        finally:
+            self.pads.hold()
         done = [(i, ids, h) for (i, ids, _), h in zip(live, outs) if not _failed(h, results, i)]
         if not done:
             return
@@ -319,6 +328,13 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, what
     missing = [m for m in missing if m in params]
     if missing or unexpected:
         raise ValueError(f"enclave tensors for {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _result_of(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - this session alone fails
+        return e
 
 
 def _result(future):

@@ -53,6 +53,8 @@ class OffloadedLinear(nn.Module):
                  bias: torch.Tensor | None = None):
         super().__init__()
         self.name, self.link, self.pads, self.a, self.b = name, link, pads, a, b
+        # B^-1 as a gather (x[i] = y[inv[i]] / scale[inv[i]], the reciprocals exact: scales are +-2^k)
+        self.b_inv = None if b is None else (torch.argsort(b.perm), (1.0 / b.scale)[torch.argsort(b.perm)])
         group = group or [(name, weight, bias)]
         self.names = [n for n, _, _ in group]
         self.key = GROUP_SEP.join(self.names)  # the worker's name for the group's request
@@ -94,8 +96,9 @@ class OffloadedLinear(nn.Module):
         r, wr = self.pads.take(self.key, self.weight64, self.bound, rows.shape[0])
         sent = rows + r
         y = self.link.linear(self.key, sent if self.a is None else self.a.apply(sent)).to(OFFLOAD_DTYPE)
-        if self.b is not None:
-            y = self.b.invert(y)
+        if self.b_inv is not None:
+            inv, rscale = self.b_inv
+            y = y.index_select(-1, inv) * rscale
         y = y - wr
         r.zero_()  # used once: destroyed
         wr.zero_()
@@ -127,10 +130,12 @@ class LocalLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.weight = weight.detach().float().contiguous()
+        # stored as W^T [in, out], contiguous: one row times it reads W in order, about twice as fast on a CPU as
+        # the transposed product over W [out, in] (a 49152 x 576 head, one thread: 5 ms against 9 ms per token)
+        self.weight_t = weight.detach().float().t().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() @ self.weight.t()
+        return x.float() @ self.weight_t
 
 
 class TimedLink:

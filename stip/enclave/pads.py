@@ -8,9 +8,10 @@ it sends; a row is handed out once, its storage in the pool is zeroed as it is c
 copy after use. When a pool has fewer rows than a step needs, the rest are computed inline, on the step's critical
 path, and counted as misses. One `PadFiller` thread refills all pools in batches (a matmul of many rows reads `W`
 once: far cheaper per row than the step's own single-row product) at a lowered thread priority, from a generator
-reseeded from `os.urandom` for every batch. Pool sizes follow the measured rate: each pool holds what the last
-seconds' consumption would use in `HORIZON_S` seconds, at least twice the largest recent step (a prompt), within
-`MIN_ROWS` and a memory cap shared by the pools (`POOL_BYTES`).
+reseeded from `os.urandom` for every batch, while the enclave is idle: between steps, and while a step waits for the
+worker's body. Pool sizes follow the measured rate: each pool holds what the last seconds' consumption would use in
+`HORIZON_S` seconds, at least twice the largest recent step (a prompt), within `MIN_ROWS` and a memory cap shared by
+the pools (`POOL_BYTES`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MIN_ROWS, INITIAL_ROWS = 64, 256  # rows a pool keeps at least / at start (befor
 HORIZON_S = 2.0  # a pool holds this many seconds of the measured consumption
 FILL_BATCH = 32  # rows per background matmul
 RESIZE_S = 1.0  # how often the filler re-measures the rates
+FILLER_NICE = 10  # the filler thread's nice value above the enclave process's: the steps' critical path comes first
 
 
 def draw(shape, bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -103,44 +105,79 @@ class PadPool:
         with self._lock:
             return self.capacity - self.level
 
+    def urgent(self) -> bool:
+        """Fewer rows left than two of the largest recent takes: the next steps would miss."""
+        with self._lock:
+            return self.level < 2 * max(1, self.peak)
+
 
 class PadFiller:
-    """The background thread that keeps every pool topped up (the emptiest, relative to its capacity, first)."""
+    """The background thread that keeps every pool topped up (the emptiest, relative to its capacity, first).
+
+    It fills while the enclave is idle: between steps and while a step waits for the worker's body (`release`), not
+    while a step computes here (`hold`): the pads are then off the critical path in time as well as in work, as in
+    Slalom, and the step's own work waits neither for the filler's matmuls nor for the interpreter lock. Only a pool
+    about to run dry (fewer rows than two of its largest recent takes) is refilled during a step."""
 
     def __init__(self, pools: list[PadPool]):
         self.pools = pools
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._busy = self._stop = False
         self._thread = threading.Thread(target=self._run, name="stip-pad-filler", daemon=True)
         self._thread.start()
 
+    def hold(self) -> None:
+        """A step computes in the enclave: fill only what is urgent."""
+        with self._cond:
+            self._busy = True
+
+    def release(self) -> None:
+        """The enclave is idle (between steps, or waiting for the worker): fill. The thread is woken only when a pool
+        lacks a whole batch (or is about to run dry), not for every row taken: each wake-up costs the step a
+        context switch; in between it fills what is missing when it wakes on its own (every `RESIZE_S`)."""
+        with self._cond:
+            self._busy = False
+            if any(p.need() >= min(FILL_BATCH, p.capacity) or p.urgent() for p in self.pools):
+                self._cond.notify()
+
     def poke(self) -> None:
-        """A pool was drawn from: refill."""
-        self._wake.set()
+        """A pool was drawn from during a step and is about to run dry: refill now."""
+        with self._cond:
+            self._cond.notify()
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
         self._thread.join(timeout=5)
 
+    def _next(self, last: float) -> tuple[PadPool | None, float]:
+        """The pool to fill next (None: stop), waiting while every pool is full or a step's work comes first."""
+        with self._cond:
+            while not self._stop:
+                now = time.monotonic()
+                if now - last >= RESIZE_S:
+                    for p in self.pools:
+                        p.resize(now - last)
+                    last = now
+                needs = [(p.need() / max(1, p.capacity), p) for p in self.pools]
+                frac, pool = max(needs, key=lambda t: t[0]) if needs else (0.0, None)
+                if pool is not None and frac > 0 and (not self._busy or pool.urgent()):
+                    return pool, last
+                self._cond.wait(timeout=RESIZE_S)
+        return None, last
+
     def _run(self) -> None:
-        try:  # Linux: a thread's own nice value; the steps' critical path comes first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        try:  # Linux: a thread's own nice value, FILLER_NICE above the process's (never below it, even as root)
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + FILLER_NICE))
         except (AttributeError, OSError):
             pass
         last = time.monotonic()
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now - last >= RESIZE_S:
-                for p in self.pools:
-                    p.resize(now - last)
-                last = now
-            needs = [(p.need() / max(1, p.capacity), p) for p in self.pools]
-            frac, pool = max(needs, key=lambda t: t[0]) if needs else (0.0, None)
-            if pool is None or frac <= 0:
-                self._wake.wait(timeout=RESIZE_S)
-                self._wake.clear()
-                continue
+        while True:
+            pool, last = self._next(last)
+            if pool is None:
+                return
             with torch.no_grad():
                 pool.put(*pool.make(min(FILL_BATCH, pool.need()), fresh_generator()))
 
@@ -178,8 +215,19 @@ class Pads:
             r = draw((n, weight64.shape[1]), bound, self.gen)
             return r, r @ weight64.t()
         r, wr, _ = pool.take(n, self.gen)
-        self.filler.poke()
+        if pool.urgent():
+            self.filler.poke()
         return r, wr
+
+    def hold(self) -> None:
+        """A step starts computing in the enclave (the filler waits, unless a pool is about to run dry)."""
+        if self.filler is not None:
+            self.filler.hold()
+
+    def release(self) -> None:
+        """The enclave waits for the worker's body or is between steps: the filler refills the pools."""
+        if self.filler is not None:
+            self.filler.release()
 
     def stats(self) -> dict:
         """Rows handed out from the pools (hits) and computed inline because a pool was dry (misses), all groups."""

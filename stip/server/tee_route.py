@@ -14,7 +14,8 @@
         enclave checks at start that the worker serves the TEE worker bundle of its own `stip protect --tee` run
     errors: {"ok": false, "status": 4xx/5xx, "error": "..."}; the socket stays usable.
 
-Compute runs on one worker thread; the event loop only authenticates and frames. With `--capture DIR` each socket
+Compute runs on one worker thread, except a decode step's padded linears (at most `INLINE_ROWS` rows), which the
+event loop answers itself; the event loop otherwise only authenticates and frames. With `--capture DIR` each socket
 gets a recorder (stip.server.tee_capture) that writes what the worker receives, for the audit.
 """
 
@@ -42,6 +43,8 @@ TEE_WORKER_PATH = "/v1/tee/worker"
 TEE_DTYPES = {**wire.DTYPES, "float64": torch.float64}  # the padded linears travel in float64 (exactness)
 TEE_OPS = ("linear", "body", "bodies", "close", "info")
 MAX_ROWS = 1 << 16  # rows of one linear request
+INLINE_ROWS = 64  # padded-linear requests of at most this many rows (a decode step's) run on the event loop: the
+# hop to the compute thread and back costs more than their product (a fraction of a millisecond)
 
 
 def _parse(worker: TeeWorker, data) -> tuple[str, dict, torch.Tensor | None]:
@@ -193,7 +196,10 @@ def create_tee_app(worker: TeeWorker, auth: Authenticator, capture=None) -> Fast
                     break
                 try:
                     op, header, x = _parse(worker, msg.get("bytes"))
-                    reply = await loop.run_in_executor(pool, _run, worker, op, header, x, recorder)
+                    if recorder is None and (op in ("close", "info") or op == "linear" and x.shape[0] <= INLINE_ROWS):
+                        reply = _run(worker, op, header, x)
+                    else:
+                        reply = await loop.run_in_executor(pool, _run, worker, op, header, x, recorder)
                 except TeeWorkerError as e:
                     log.info("tee-worker request error %d: %s", e.status, e)
                     reply = wire.encode_frame(wire.error_header(e.status, str(e)))
