@@ -5,9 +5,10 @@ For each N, rounds alternate between the modes (round trip first in even rounds,
 N threads of this process each hold their own client (`stip.Client` for the round trip, `TeeClient` for TEE mode),
 are released together and generate greedily on the same prompt. Per client: ms per decode token ((total - time to
 first token) / steps). Per round: the median over clients, the aggregate tokens per second (all tokens / wall time
-from release to the last client done), and how many sessions shared each batched step (the enclave's /health
-"batching"; the round-trip server's rows per tick from /metrics). Clients are threads (the clients' own work per
-token is small next to the server's: sampling from a top-k downlink, or a channel frame).
+from release to the last client done), how many sessions shared each batched step (the enclave's /health
+"batching"; the round-trip server's rows per tick from /metrics), and the enclave's pad pool hit rate over the round
+(/health "pads": every batched step takes one pad row per session per offloaded group). Clients are threads (the
+clients' own work per token is small next to the server's: sampling from a top-k downlink, or a channel frame).
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ def _client(kind: str, b):
     return TeeClient(b.out / "tee-client", b.enclave.url, allow_simulated=True)
 
 
-def _batching(kind: str, b) -> tuple[float, int]:
-    """(steps or rows summed, batched steps or ticks) so far, at the enclave or the round-trip server."""
+def _batching(kind: str, b) -> tuple[float, int, int, int]:
+    """(steps or rows summed, batched steps or ticks, pad rows from the pools, pad rows made inline) so far, at the
+    enclave or the round-trip server (which has no pads)."""
     if kind == "round_trip":
         from bench.concurrent import tick_rows
 
-        return tick_rows(b.server)
+        return (*tick_rows(b.server), 0, 0)
     import httpx
 
-    st = httpx.get(f"{b.enclave.url}/health", timeout=30).json().get("batching", {})
-    return float(st.get("steps", 0)), int(st.get("batches", 0))
+    health = httpx.get(f"{b.enclave.url}/health", timeout=30).json()
+    st, pads = health.get("batching", {}), health.get("pads", {})
+    return float(st.get("steps", 0)), int(st.get("batches", 0)), int(pads.get("hits", 0)), int(pads.get("misses", 0))
 
 
 def one_round(kind: str, b, n: int, tokens: int) -> dict:
@@ -67,9 +70,11 @@ def one_round(kind: str, b, n: int, tokens: int) -> dict:
     per_token = [(g.timing.total_ms - g.timing.prefill_ms) / max(1, g.timing.steps) for _, _, g in results]
     wall = max(end for _, end, _ in results) - min(start for start, _, _ in results)
     steps = after[1] - before[1]
+    hits, misses = after[2] - before[2], after[3] - before[3]
     return {"per_token_ms": statistics.median(per_token), "per_token_ms_max": max(per_token),
             "tokens_per_s": sum(len(g.token_ids) for _, _, g in results) / wall,
             "mean_batch": (after[0] - before[0]) / steps if steps else None,
+            "pad_hit_rate": hits / (hits + misses) if hits + misses else None,
             "ids": [g.token_ids for _, _, g in results]}
 
 
@@ -90,8 +95,9 @@ def measure(b, clients: list[int], tokens: int, repeats: int, log=print) -> dict
                                                                              "tokens_per_s")}
                    for k in MODES}
         for k in MODES:
-            batches = [x["mean_batch"] for x in runs[k] if x["mean_batch"] is not None]
-            summary[k]["mean_batch"] = statistics.median(batches) if batches else None
+            for f in ("mean_batch", "pad_hit_rate"):
+                vals = [x[f] for x in runs[k] if x.get(f) is not None]
+                summary[k][f] = statistics.median(vals) if vals else None
         out[str(n)] = {"clients": n, "same_tokens": same, "summary": summary, "runs": runs,
                        "ratio_per_token": summary["tee"]["per_token_ms"] / summary["round_trip"]["per_token_ms"],
                        "ratio_throughput": summary["tee"]["tokens_per_s"] / summary["round_trip"]["tokens_per_s"]}
@@ -116,4 +122,7 @@ def markdown(concurrent: dict) -> list[str]:
             lines.append(f"| {n} | {k.replace('_', ' ')} | {s['per_token_ms']:.1f} ({s['per_token_ms_max']:.1f}) | "
                          f"{s['tokens_per_s']:.1f} | {batch} | {ratio} |")
         lines.append(f"| {n} | same tokens in every client and mode | {c['same_tokens']} | | | |")
+        rate = c["summary"]["tee"].get("pad_hit_rate")
+        if rate is not None:
+            lines.append(f"| {n} | TEE: pad rows from the pool (hit rate, median round) | {rate:.3f} | | | |")
     return lines

@@ -17,7 +17,10 @@ range over repeats; ratios against round_trip's median. The breakdown per decode
 block 0's non-linear parts, final norm, un-permuting; the pads' hit rate in the pool, and what inline pads would
 cost, measured apart on the same shapes), worker compute (as the worker reports it in each reply, padded linears and
 body apart), the enclave-worker channel (each message's wall time minus the worker's reported compute), and
-messages and tensor bytes per token.
+messages and tensor bytes per token. Then, on the same parties: N clients at once in each mode for each N of
+`--clients` (default 8; bench.tee_concurrent, with the pad pool's hit rate under that load), and the lossless check
+(bench.tee_lossless: the enclave's logits against the plain model's at every timed step, and greedy equality). The
+record names the commit and whether the tree was clean, the machine, and the load average at the start and the end.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench import tee_concurrent
+from bench import tee_concurrent, tee_lossless
 
 PROMPT = "Explain in one paragraph why the sky is blue."
 TINY = "llama-gqa-untied"
@@ -221,6 +224,7 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print, pad_pool
     """Protect, start the parties, run the variants interleaved; the results (JSON-ready)."""
     from bench.suite import tree_state
 
+    load_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="stip-tee-bench-") as tmp:
         t0 = time.perf_counter()
         plain, out, ids = protect(model, Path(tmp))
@@ -244,6 +248,9 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print, pad_pool
                     log(f"round {r + 1}/{repeats} ({' '.join(order)}): " + ", ".join(
                         f"{v} {runs[v][-1]['per_token_ms']:.1f} ms/token" for v in VARIANTS))
                 concurrent = tee_concurrent.measure(b, list(clients), b.tokens, repeats, log)
+                lossless = tee_lossless.check(b.model, tee_lossless.plain_model(model), ids,
+                                              runs["tee_in_process"][0]["ids"])
+                log(f"lossless: {lossless}")
             finally:
                 b.close()
     ids_by = {v: [x.pop("ids") for x in runs[v]] for v in VARIANTS}
@@ -257,13 +264,19 @@ def run(model: str, tokens: int, repeats: int, threads: int, log=print, pad_pool
                          "worker's, which a round-trip server refuses)", "decode_steps": runs["round_trip"][0]["steps"],
             "repeats": repeats, "order": "interleaved, ABC then CBA (round i reversed when i is odd)",
             "pad_pool_mib": "the enclave's default (256)" if pad_pool_mib is None else pad_pool_mib,
-            "concurrent": concurrent,
+            "concurrent": concurrent, "lossless": lossless,
             "command": " ".join([Path(sys.executable).name, "-m", "bench.tee_latency", *sys.argv[1:]]),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "torch": torch.__version__,
-                        "load_average": list(os.getloadavg())},
+                        "load_average_start": load_start, "load_average": list(os.getloadavg())},
             "threads": threads, "git": tree_state(), "same_tokens": same,
             "ratio_vs_round_trip": ratios, "summary": summary, "runs": runs, "paper": PAPER}
+
+
+def _load(machine: dict) -> str:
+    start = machine.get("load_average_start")
+    end = f"{machine['load_average'][0]:.1f} at the end"
+    return end if start is None else f"{start[0]:.1f} at the start, {end}"
 
 
 def _ms(s: dict) -> str:
@@ -278,7 +291,7 @@ def markdown(r: dict) -> str:
         f"# TEE mode latency: {r['model']}",
         "",
         f"`{r['command']}` on {r['machine']['platform']} ({r['machine']['cpus']} CPUs, {r['threads']} torch "
-        f"thread(s) per process, load average at the end {r['machine']['load_average'][0]:.1f}), commit "
+        f"thread(s) per process, load average {_load(r['machine'])}), commit "
         f"{g.get('commit', '?')[:12]}{'' if g.get('clean') else ' (DIRTY TREE - not for committing)'}. "
         f"Prompt {r['prompt_tokens']} tokens, {r['decode_steps']} decode steps, greedy, {r['repeats']} interleaved "
         f"rounds; medians (min-max). Same tokens in every variant: {r['same_tokens']}. The model was protected "
@@ -313,12 +326,13 @@ def markdown(r: dict) -> str:
         f"back. Round trip for comparison: server {rt['server_ms_per_token']['median']:.1f} ms, wire "
         f"{rt['wire_ms_per_token']['median']:.1f} ms, client {rt['client_ms_per_token']['median']:.1f} ms per token.",
         "",
+        *tee_lossless.markdown(r.get("lossless")),
         *tee_concurrent.markdown(r.get("concurrent", {})),
         "",
         f"The paper: {r['paper']}. What differs here: the offloaded linears run in float64; each group of "
-        "offloaded linears is one enclave-worker round trip; the pad pool's background thread shares the CPU with "
-        f"the step (pool: {r.get('pad_pool_mib', '?')} MiB); and all of it on CPU processes sharing the same cores, "
-        "not an enclave beside a GPU.",
+        "offloaded linears is one enclave-worker round trip; the pad pool's background thread (pool: "
+        f"{r.get('pad_pool_mib', '?')} MiB) refills while the enclave waits for the worker's body, on the same CPU "
+        "cores; and all of it on CPU processes sharing the same cores, not an enclave beside a GPU.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -28,6 +28,9 @@ def test_variants_agree_and_are_interleaved(result):
     assert 0 < tee["attest_ms"]["median"] and tee["enclave_ms"]["median"] > 0  # the enclave reported its split
     assert 0 <= tee["pad_hit_rate"]["median"] <= 1  # and its pad pool's hits and misses
     assert result["git"]["commit"] and result["threads"] == 1 and "bench.tee_latency" in result["command"]
+    assert len(result["machine"]["load_average_start"]) == 3
+    lossless = result["lossless"]  # the enclave's logits against the plain model's at every timed step
+    assert lossless["greedy_equal"] and lossless["steps"] == 4 and lossless["max_abs_logit_diff"] < 1e-4
 
 
 def test_breakdown_adds_up_and_counts_messages(result):
@@ -52,6 +55,7 @@ def test_concurrent_clients_tee_against_round_trip(result):
     for mode in ("round_trip", "tee"):
         assert c["summary"][mode]["tokens_per_s"] > 0 and c["summary"][mode]["per_token_ms"] > 0
     assert c["summary"]["tee"]["mean_batch"] > 1 and c["ratio_per_token"] > 0
+    assert 0 <= c["summary"]["tee"]["pad_hit_rate"] <= 1 and c["summary"]["round_trip"]["pad_hit_rate"] is None
 
 
 def test_writes_json_and_markdown(result, tmp_path):
@@ -60,6 +64,7 @@ def test_writes_json_and_markdown(result, tmp_path):
     assert json.loads(paths[0].read_text())["same_tokens"] is True
     md = paths[1].read_text()
     assert "| TEE (TeeClient -> stip enclave -> worker) |" in md and "2.6%" in md and "| 3 | tee |" in md
+    assert "greedy equal to plain: True; max-abs logit difference" in md and "pad rows from the pool" in md
     assert not list((tmp_path / "tee").glob("*.tmp"))
 
 
