@@ -17,8 +17,9 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# must not be pulled in by the base install (pillow: the vision extra, whose absence the light proxy's 400 names)
-HEAVY = {"torch", "transformers", "accelerate", "gguf", "scipy", "pillow"}
+# must not be pulled in by the base install (pillow: the vision extra, whose absence the light proxy's 400 names;
+# uvloop, httptools, watchfiles: uvicorn[standard], the server extra's, 17 MB the proxy does without)
+HEAVY = {"torch", "transformers", "accelerate", "gguf", "scipy", "pillow", "uvloop", "httptools", "watchfiles"}
 
 
 def _name(requirement: str) -> str:
