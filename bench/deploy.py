@@ -19,7 +19,9 @@ SmolLM2 served by the full install, every device and every network simulated on 
   1% segment loss, its recovery delay modelled); each relay is calibrated (what it really delivers) before use.
 - Per cell and downlink (top-k, all logits): per-token latency split into client, network and server (the client's
   own `Timing`; network = round trip less the server's reported compute), bytes per token each way, time to first
-  token, the client's peak RSS and its cold start. Once: the light venv's installed size.
+  token, the client's peak RSS and its cold start. Once: the light venv's installed size, and issue 22's 7B-shaped
+  budgets (`bench.deploy_table`: a synthetic 32000 x 4096 float16 client bundle, the client's per-token code on one
+  core, RSS against tokenizer + touched rows + 50 MB; `--table`, `--touch`, `--no-table`).
 
 Results: OUT/deploy.json and OUT/deploy.md (default bench/results/deploy/), the paper's three settings beside ours.
 """
@@ -277,6 +279,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--edge-slowdown", type=float, default=EDGE_SLOWDOWN,
                     help=f"the edge board's client compute factor (default {EDGE_SLOWDOWN}, assumed)")
     ap.add_argument("--client-python", default=None, help="run the client with this Python, not the light venv")
+    ap.add_argument("--table", default=None, metavar="ROWSxCOLS",
+                    help="the synthetic float16 client table timed on 1 core (default 32000x4096, 7B-shaped; quick "
+                         "4096x512)")
+    ap.add_argument("--touch", type=int, default=None, help="its decode steps, each on a new row (default 1000; "
+                                                            "quick 100)")
+    ap.add_argument("--no-table", action="store_true", help="leave the synthetic table out")
     a = ap.parse_args(argv)
     a.devices = a.devices or (["laptop"] if a.quick else list(DEVICES))
     a.networks = a.networks or (["wired"] if a.quick else list(NETWORKS))
@@ -284,6 +292,12 @@ def parse(argv=None) -> argparse.Namespace:
     a.reps = a.reps or (1 if a.quick else 3)
     if a.edge_slowdown < 1:
         ap.error("--edge-slowdown must be at least 1")
+    try:
+        a.table = tuple(int(x) for x in (a.table or ("4096x512" if a.quick else "32000x4096")).lower().split("x"))
+        assert len(a.table) == 2 and min(a.table) > 0
+    except (ValueError, AssertionError):
+        ap.error("--table takes ROWSxCOLS, e.g. 32000x4096")
+    a.touch = a.touch or (100 if a.quick else 1000)
     return a
 
 
@@ -301,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "machine": machine_info(),
            "quick": a.quick, "throttles": throttles(),
            "settings": {"tokens": a.tokens, "reps": a.reps, "k": a.k, "server_threads": a.server_threads,
-                        "edge_slowdown": a.edge_slowdown, "devices": a.devices, "networks": a.networks},
+                        "edge_slowdown": a.edge_slowdown, "devices": a.devices, "networks": a.networks,
+                        "table": None if a.no_table else list(a.table), "touch": a.touch},
            "devices": {d: asdict(DEVICES[d]) for d in a.devices},
            "networks": {n: (asdict(NETWORKS[n]) if NETWORKS[n] else {"name": n, "label": "loopback (no added delay)"})
                         for n in a.networks},
@@ -314,6 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
             client_python(a.client_python, log) as (python, how, size):
         doc["client_python"], doc["client_install"] = how, size
         got = measure(python, started, protected, a.devices, a.networks, doc["settings"], log)
+        if not a.no_table:  # issue 22's 7B-shaped budgets, on the laptop profile (the server idles meanwhile)
+            from bench import deploy_table
+
+            doc["table"] = deploy_table.measure(python, protected / "client", a.table, a.touch, log=log)
     for n, c in got["calibration"].items():
         doc["networks"][n]["measured"] = c
     doc["server"] = (f"stip serve --threads {a.server_threads} --expose-timing (the full install, its own process"

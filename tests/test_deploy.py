@@ -47,6 +47,15 @@ def test_quick_deploy_writes_the_table(smollm2_protected, tmp_path):
     topk, logits = rows
     assert logits["bytes_down"] > 4 * 49152 > topk["bytes_down"]  # all float32 logits against 64 pairs
 
+    # issue 22's 7B-shaped budgets, on --quick's small table: the client's per-token code on a synthetic bundle
+    t = doc["table"]
+    assert (t["rows"], t["cols"], t["touch"], t["seven_b"]) == (4096, 512, 100, False)
+    assert t["limits"]["cores"] == [0] and t["limits"]["address_space_gb"] == 4.0 and t["torch_imported"] is False
+    assert t["touched_rows"] >= 100 and _positive(t["per_token"]["total_ms"]) and _positive(t["tokenizer_mb"])
+    assert t["rss_budget_mb"] == pytest.approx(t["tokenizer_mb"] + t["touched_rows_mb"] + 50, abs=0.2)
+    assert t["memory"]["after"]["VmRSS"] == t["rss_mb"] >= t["memory"]["bundle"]["VmRSS"]
+
     for text in ("simulated", "Beside the paper's three settings", "| wireless | 510 |", "NVIDIA Orin board",
-                 "Issue 22's budgets", "--quick: a smoke run"):
+                 "Issue 22's budgets", "--quick: a smoke run", "4096 x 512 float16 table (not 7B-shaped)",
+                 "`ClientBundle.embed`", "tokenizer + touched rows + 50 MiB"):
         assert text in md, text
