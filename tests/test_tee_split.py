@@ -324,6 +324,11 @@ def test_in_process_worker_matches(tee_protected):
     assert [t for t, _ in enclave.generate(PROMPT, SamplingParams(max_tokens=4), top_logprobs=3)] == want
     top = next(enclave.generate(PROMPT, SamplingParams(max_tokens=1), top_logprobs=3))[1]
     assert len(top) == 3 and top[0][0] == want[0] and top[0][1] <= 0
+    head = enclave.lm_head  # in plain vocabulary order: its [V, d] layout is the embedding table itself
+    assert head.weight is enclave.token_embedding
+    x = torch.randn(5, head.weight_t.shape[0])
+    assert torch.allclose(head(x), x @ head.weight_t, atol=1e-5)  # 5 rows: over W; 1 row: over W^T
+    assert torch.allclose(head(x[:1]), x[:1] @ head.weight.t(), atol=1e-5)
     long = [(7 * i) % 90 + 3 for i in range(60)]  # its decode steps grow block 0's cache past its first 64 rows
     assert [t for t, _ in enclave.generate(long, SamplingParams(max_tokens=8))] == plain_greedy(plain, long, 8)[0]
 

@@ -10,8 +10,9 @@ monomial bases `A`, `B`, so the worker's copy of block 0 is not in the basis of 
 `B^-1` and subtracts `W r`. The worker runs blocks 1..L-1 on `h1 p` and returns the last hidden state; the final
 norm runs here. The LM head: a tied model's (its embedding table) is computed here, an untied one is offloaded with
 a pad and an input mask `A`; `pc` is undone here. Concurrent sessions' steps run as one batched step
-(`step_batch`, stip.enclave.batch). The padded products are computed in float64 on both sides and the masks are signs times powers of two (exact
-in floating point), so the result is `W x` to float64 accuracy and greedy generation equals plain generation.
+(`step_batch`, stip.enclave.batch). The padded products are computed in float64 on both sides and the masks are
+signs times powers of two (exact in floating point), so the result is `W x` to float64 accuracy and greedy
+generation equals plain generation. Block 0's KV cache is preallocated per session (stip.enclave.kv_cache).
 
 The offload of each linear (pads, masks, the link to the worker) is stip.enclave.offload's; the bundle's tensor
 names and the model's parts are shared rules (stip.common.tee).
@@ -99,10 +100,13 @@ class EnclaveModel:
         head = tensors[LM_HEAD_PREFIX + "weight"]
         self.lm_head_local = bool(tensors.get(LM_HEAD_IN_ENCLAVE, torch.tensor(0)).item())
         # a tied head's rows are put in plain vocabulary order once (`pc` undone on the weight, exact: a signed
-        # permutation), so its logits come out plain; an offloaded head's come back in `pc` order
-        self.lm_head = LocalLinear(self.vocab.invert(head.float(), 0)) if self.lm_head_local else \
-            OffloadedLinear(LM_HEAD, head, self.link, self.pads, a=_mask(tensors, LM_HEAD, "in"),
-                            bias=tensors.get(LM_HEAD_PREFIX + "bias"))
+        # permutation), so its logits come out plain (and the rows are then the embedding table's, shared where
+        # equal); an offloaded head's logits come back in `pc` order
+        if self.lm_head_local:
+            self.lm_head = LocalLinear(self.vocab.invert(head.float(), 0), self.token_embedding)
+        else:
+            self.lm_head = OffloadedLinear(LM_HEAD, head, self.link, self.pads, a=_mask(tensors, LM_HEAD, "in"),
+                                           bias=tensors.get(LM_HEAD_PREFIX + "bias"))
         inv = self.vocab.inverse_perm  # logits[:, i] = sign[inv[i]] * logits_pc[:, inv[i]], gathered per step
         self._vocab_inv = (inv, None if self.vocab.sign is None else self.vocab.sign.float()[inv])
         self.max_positions = getattr(self.config, "max_position_embeddings", None)
