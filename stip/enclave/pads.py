@@ -10,8 +10,8 @@ path, and counted as misses. One `PadFiller` thread refills all pools in batches
 once: far cheaper per row than the step's own single-row product) at a lowered thread priority, from a generator
 reseeded from `os.urandom` for every batch, while the enclave is idle: between steps, and while a step waits for the
 worker's body. Pool sizes follow the measured rate: each pool holds what the last seconds' consumption would use in
-`HORIZON_S` seconds, at least twice the largest recent step (a prompt), within `MIN_ROWS` and a memory cap shared by
-the pools (`POOL_BYTES`).
+`HORIZON_S` seconds, at least twice the largest recent step (a burst of prompts, remembered with a half-life of
+`PEAK_HALF_LIFE_S`), within `MIN_ROWS` and a memory cap shared by the pools (`POOL_BYTES`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ PAD_SCALE = 2.0**20  # pad entries ~ N(0, 1) x this x the group's input bound B 
 POOL_BYTES = 256 << 20  # all pools' rows (r and W r, float64) together
 MIN_ROWS, INITIAL_ROWS = 64, 256  # rows a pool keeps at least / at start (before any rate is measured)
 HORIZON_S = 2.0  # a pool holds this many seconds of the measured consumption
+PEAK_HALF_LIFE_S = 60.0  # and twice its largest take (a burst of prompts), remembered with this half-life
 FILL_BATCH = 32  # rows per background matmul
 RESIZE_S = 1.0  # how often the filler re-measures the rates
 FILLER_NICE = 10  # the filler thread's nice value above the enclave process's: the steps' critical path comes first
@@ -53,7 +54,8 @@ class PadPool:
         self._chunks: collections.deque[tuple[torch.Tensor, torch.Tensor]] = collections.deque()
         self._offset = 0  # rows of the first chunk already handed out
         self.level = self.hits = self.misses = 0
-        self._window, self.peak, self.rate = 0, 0, 0.0  # rows taken since the last resize, largest take, rows/s
+        self._window, self.peak, self.rate = 0, 0.0, 0.0  # rows taken since the last resize, largest take, rows/s
+        self.last = 0  # rows of the latest take (a step's)
         self._lock = threading.Lock()
 
     def make(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +88,7 @@ class PadPool:
             self.hits += got
             self.misses += n - got
             self._window += n
-            self.peak = max(self.peak, n)
+            self.peak, self.last = max(self.peak, n), n
         if got < n:
             parts.append(self.make(n - got, gen))
         if len(parts) == 1:
@@ -94,21 +96,23 @@ class PadPool:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), got
 
     def resize(self, elapsed: float) -> None:
-        """Capacity from the rows taken over the last `elapsed` seconds (smoothed) and the largest recent take."""
+        """Capacity from the rows taken over the last `elapsed` seconds (smoothed) and the largest recent take (a
+        burst of prompts, remembered for minutes: bursts recur, and a pool sized only by the rate would meet the
+        next one short)."""
         with self._lock:
             self.rate = 0.5 * self.rate + 0.5 * self._window / max(elapsed, 1e-3)
             want = max(self.rate * HORIZON_S, 2 * self.peak, MIN_ROWS)
             self.capacity = int(min(self.max_rows, want))
-            self._window, self.peak = 0, self.peak // 2
+            self._window, self.peak = 0, self.peak * 0.5 ** (elapsed / PEAK_HALF_LIFE_S)
 
     def need(self) -> int:
         with self._lock:
             return self.capacity - self.level
 
     def urgent(self) -> bool:
-        """Fewer rows left than two of the largest recent takes: the next steps would miss."""
+        """Fewer rows left than two steps like the latest would take: the next steps would miss."""
         with self._lock:
-            return self.level < 2 * max(1, self.peak)
+            return self.level < 2 * max(1, self.last)
 
 
 class PadFiller:
