@@ -9,11 +9,11 @@ Hardened bundles (docs/hardened.md): the key's residual transform may be a dense
 same `apply`), and with `noise` in the client config every embedding row sent gets Gaussian noise, the same for the
 same context (`stip.client.noise`).
 
-numpy only (the light client): the key is read as numpy arrays (`stip.client.key`), the tables are memory-mapped in
-their own dtype (`stip.client.tables`: resident memory grows with the rows touched, not with the vocabulary) and
-each row is put into the secret basis as it is gathered, and the tokenizer is `tokenizers` + jinja2
-(`stip.client.tokenizer`). The transformers-side pieces of encoders and vision models are in `stip.client.hf`.
-Callers that pass torch tensors get torch tensors back.
+numpy only (the light client): the key is read as numpy arrays (`stip.client.key`), the tables are read row by row
+in their own dtype as `embed` needs them (`stip.client.tables`: resident memory grows with the rows touched, not
+with the vocabulary) and each row is put into the secret basis as it is gathered, and the tokenizer is
+`tokenizers` + jinja2 (`stip.client.tokenizer`). The transformers-side pieces of encoders and vision models are in
+`stip.client.hf`. Callers that pass torch tensors get torch tensors back.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 from stip.client.key import LightClientKey
 from stip.client.noise import NoiseChain, new_secret
-from stip.client.tables import map_matrix, mean_square, rows_float32
+from stip.client.tables import mean_square, open_rows, rows_float32
 from stip.common.arrays import like, to_numpy
 from stip.common.bundles.manifest import listed_files, listed_view, read_manifest
 from stip.common.signing import Trusted
@@ -53,7 +53,8 @@ class ModelConfig(dict):
 class ClientBundle:
     def __init__(self, path: Path, manifest: dict, key: LightClientKey, config: dict,
                  tables: dict[str, tuple[np.ndarray, str]]):
-        """`tables`: name ("token", "position") -> (the mapped matrix in its own dtype, its safetensors dtype)."""
+        """`tables`: name ("token", "position") -> (the matrix in its own dtype, read row by row (`tables.RowFile`) or
+        an array; its safetensors dtype)."""
         self.path, self.manifest, self.key, self.config = path, manifest, key, config
         self._token, self._position = tables.get("token"), tables.get("position")
         # The scale the model's own embedding module applies (Gemma: sqrt(hidden)), in float32 as it does.
@@ -67,7 +68,7 @@ class ClientBundle:
         self._noise_secret = new_secret()
 
     def _rows(self, table: tuple[np.ndarray, str], index, scale: np.float32 | None = None) -> np.ndarray:
-        """Rows of a mapped table, float32, in the server's basis (`p` or `Q` applied to each row as gathered)."""
+        """Rows of a table, float32, in the server's basis (`p` or `Q` applied to each row as gathered)."""
         x = rows_float32(*table, index)
         if scale is not None and scale != 1:
             x = x * scale
@@ -97,7 +98,7 @@ class ClientBundle:
                                    f"manifest of {path} names {manifest.get('client_key_fingerprint')}: the key "
                                    f"file was swapped")
         config = json.loads((path / CLIENT_CONFIG_FILE).read_text())
-        tables = {name: map_matrix(path / f) for name in ("token", "position")
+        tables = {name: open_rows(path / f) for name in ("token", "position")
                   if (f := EMBEDDING_FILE.format(name)) in manifest["files"]}
         if "token" not in tables and manifest.get("mode", ROUND_TRIP) == ROUND_TRIP \
                 and not listed_files(manifest, CLIENT_MODULE_DIR + "/"):  # encoders, ViT embed with a module
