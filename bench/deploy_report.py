@@ -35,7 +35,7 @@ def _sim(row: dict, key: str, nd: int = 2) -> str:
 
 
 def _rss(row: dict) -> str:
-    """Peak resident MB, and at the end its anonymous and file-backed parts (mapped tables, shared libraries)."""
+    """Peak resident MB, and at the end its anonymous and file-backed parts (shared libraries, mapped files)."""
     m = row.get("rss_mb") or {}
     parts = f"; anon {num(m['RssAnon'], 0)}, file {num(m['RssFile'], 0)}" if "RssAnon" in m and "RssFile" in m else ""
     return num(row["rss_peak_mb"], 1) + parts
@@ -50,8 +50,8 @@ def _cells(doc: dict) -> list[str]:
              "round trip less that (the link, WebSocket framing, the server's event loop). Bytes are one decode "
              "step's WebSocket payloads. Cold start: the client process started -> ready for its first request "
              "(interpreter, `import stip`, bundle, tokenizer, the server's /v1/info), page cache warm. RSS: the "
-             "client's peak (VmHWM); then, at the end, its anonymous and file-backed MB (the mapped table's pages "
-             "and shared libraries are file-backed).", ""]
+             "client's peak (VmHWM); then, at the end, its anonymous and file-backed MB (shared libraries and mapped "
+             "files are file-backed; the embedding table is read row by row, not mapped).", ""]
     if any("simulated" in r for r in doc["rows"]):
         lines += [f"Edge rows: **simulated** slowdown, the figure with the client's compute x "
                   f"{s['edge_slowdown']} (an assumed factor, see below) and, in brackets, what was measured on one "
@@ -151,8 +151,8 @@ def _table(doc: dict) -> list[str]:
     w, pt = t["written"], t["per_token"]
     lines = ["", f"## A {_table_name(t)}: issue 22's 7B budgets", "",
              f"A client bundle written for the purpose (`bench.deploy_table`): a random {t['rows']} x {t['cols']} "
-             f"float16 table stored as `stip protect` stores one (embedding-token.safetensors, memory-mapped by the "
-             f"light client's loader), a random key, signed; the tokenizer borrowed from the SmolLM2 bundle "
+             f"float16 table stored as `stip protect` stores one (embedding-token.safetensors, read row by row by "
+             f"the light client's loader), a random key, signed; the tokenizer borrowed from the SmolLM2 bundle "
              f"(49152 entries where LLaMA2 has 32000; {t['prompt_ids_folded']} of the prompt's {t['prompt_tokens']} "
              f"ids folded below the table's rows). The light venv runs it under {t['profile']} (the probe saw cores "
              f"{t['limits']['cores']}): `ClientBundle.load` (sha256 of every file included: {num(t['bundle_load_ms'], 0)}"
@@ -164,14 +164,15 @@ def _table(doc: dict) -> list[str]:
              f"| pick | `sdk.pick_token` (`plain_ids` through the key, `Sampler.from_topk`), `observe` | "
              f"{num(pt['pick_ms'], 4)} |",
              f"| detokenize | `Detokenizer.push`, `StopMatcher.push` | {num(pt['detokenize_ms'], 4)} |",
-             f"| embed | `ClientBundle.embed`: the row gathered from the map (first touch), float32, permuted | "
+             f"| embed | `ClientBundle.embed`: the row read from the file (`os.preadv`), float32, permuted | "
              f"{num(pt['embed_ms'], 4)} |",
              f"| request | `wire.encode_frame` of the next decode request | {num(pt['request_ms'], 4)} |",
              f"| **total** | (p90 {num(pt['total_p90_ms'], 3)}, max {num(pt['total_max_ms'], 3)}) | "
              f"**{num(pt['total_ms'], 4)}** |", "",
              "| client process | RSS (MiB) | anonymous | file-backed |", "|---|---|---|---|"]
     names = {"start": "interpreter started", "imported": "`import stip`, `stip.client.sdk`",
-             "bundle": "bundle loaded (table mapped)", "tokenizer": "tokenizer loaded, chat template rendered",
+             "bundle": "bundle loaded (sha256 checked, table opened)",
+             "tokenizer": "tokenizer loaded, chat template rendered",
              "prompt": "prompt embedded", "after": f"after {t['touch']} steps ({t['touched_rows']} rows touched)"}
     for key, label in names.items():
         m = t["memory"][key]
@@ -181,11 +182,10 @@ def _table(doc: dict) -> list[str]:
               f"{num(t['slack_mb'], 0)} MiB = {num(t['rss_budget_mb'], 1)} MiB; measured {num(t['rss_mb'], 1)}, of "
               f"which the interpreter and the client's imports took {num(t['memory']['imported']['VmRSS'], 1)} MiB "
               f"before the bundle was opened. The "
-              f"file-backed part grew by {num(t['rss_growth_file_mb'], 1)} MiB from the tokenizer on, for "
-              f"{num(t['touched_rows_mb'], 1)} MiB of rows: a fault on the map maps the page cache's pages around "
-              f"the row (fault-around, and whole large folios: `ClientBundle.load` has just read the whole file for "
-              f"its sha256, so the page cache holds it), clean pages that other processes share and the kernel drops "
-              f"under pressure, but RSS counts them."]
+              f"file-backed part grew by {num(t['rss_growth_file_mb'], 1)} MiB from the tokenizer on (code pages): "
+              f"the table is read row by row (`os.preadv`), not mapped, so the "
+              f"{num(t['touched_rows_mb'], 1)} MiB of rows touched are not kept resident; a mapping kept whole "
+              f"page-cache folios around each row (`ClientBundle.load` reads the whole file for its sha256)."]
     return lines
 
 

@@ -11,12 +11,12 @@ developer key (DIR/signer.json names it: `run` pins it). Only the tokenizer is b
 49152 entries, where LLaMA2's has 32000), since no 7B tokenizer is on this machine; token ids stay below the
 table's rows. The table is random (normal, std 0.02); nothing here depends on its values.
 
-`run` loads the bundle with `ClientBundle.load` (the manifest's sha256 over every file included: the table's mapping
-is `stip.client.tables.map_matrix`'s, as for a real bundle), then embeds a prompt and takes `--touch` decode steps,
-each on a distinct token, through what the client does between two round trips on the top-k downlink: the server's
-reply frame decoded and checked (`wire.decode_frame`, `replies.check_reply`, 64 pairs), the token picked through the
-key (`sdk.pick_token`: `plain_ids`, `Sampler.from_topk`), observed, detokenized (`Detokenizer`, `StopMatcher`), its
-row gathered and permuted (`ClientBundle.embed`) and the next request framed (`wire.encode_frame`). The replies are
+`run` loads the bundle with `ClientBundle.load` (the manifest's sha256 over every file included: the table is read row
+by row by `stip.client.tables.RowFile`, as for a real bundle), then embeds a prompt and takes `--touch` decode steps,
+each on a distinct token, through what the client does between two round trips on the top-k downlink: the server's reply
+frame decoded and checked (`wire.decode_frame`, `replies.check_reply`, 64 pairs), the token picked through the key
+(`sdk.pick_token`: `plain_ids`, `Sampler.from_topk`), observed, detokenized (`Detokenizer`, `StopMatcher`), its row
+gathered and permuted (`ClientBundle.embed`) and the next request framed (`wire.encode_frame`). The replies are
 made before each step's clock starts (the server's work). Resident memory (/proc/self/status) is read after the
 imports, after the bundle is loaded, after its tokenizer is, and after the steps; the budget is the tokenizer's
 share + the touched rows' bytes + 50 MB (MB here are MiB, as /proc counts them).
