@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from stip.client import tables
 from stip.client.bundle import ClientBundle
 from stip.client.tables import RowFile, map_matrix, mean_square, open_rows, rows_float32
 from stip.common.layout import EMBEDDING_FILE
@@ -19,8 +20,10 @@ INDEXES = [np.array([5]), np.array(7), np.array([3, 3, 0, 256, 4, 5, 6, 100]), n
            slice(None), slice(3, 9), slice(250, 400), slice(0, 0), slice(1, 100, 7)]
 
 
+@pytest.mark.parametrize("preadv", [True, False])  # False: os.pread's path (Unix without preadv)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_rows_read_are_the_mapped_rows(tmp_path, dtype):
+def test_rows_read_are_the_mapped_rows(tmp_path, monkeypatch, dtype, preadv):
+    monkeypatch.setattr(tables, "_PREADV", preadv and tables._PREADV)
     weight = torch.randn(257, 33, generator=torch.Generator().manual_seed(0)).to(dtype)
     path = tmp_path / "t.safetensors"
     save_file({"a": torch.zeros(5), "weight": weight, "z": torch.ones(2, 2)}, str(path))
