@@ -25,8 +25,8 @@ def bundles(tmp_path_factory):
 
     cache = {}
 
-    def get(mode: str, finetune: float = 0.0):
-        if (mode, finetune) not in cache:
+    def get(mode: str, finetune: float = 0.0, head: str = "server"):
+        if (mode, finetune, head) not in cache:
             root = tmp_path_factory.mktemp(f"weight-pairs-{mode}-{finetune}")
             model = build_tiny(MODEL)
             if finetune:
@@ -35,9 +35,9 @@ def bundles(tmp_path_factory):
                     for p in model.parameters():
                         p.add_(finetune * p.std() * torch.randn(p.shape, generator=g))
             model.save_pretrained(root / "plain")
-            stip.protect(root / "plain", root / "protected", progress=False, harden=MODES[mode])
-            cache[mode, finetune] = root / "protected"
-        return cache[mode, finetune]
+            stip.protect(root / "plain", root / "protected", progress=False, harden=MODES[mode], head=head)
+            cache[mode, finetune, head] = root / "protected"
+        return cache[mode, finetune, head]
 
     return get
 
@@ -133,6 +133,14 @@ def test_arrowmatch_matches_a_fine_tune_to_its_public_base(bundles, mode):
     assert d["mean_matched_cosine"][-1] > 0.99 and d["key_columns_within_5pct"] == 1.0, d
     gram = _run("gram_congruence", bundles(mode, 0.01)).details  # its start: the refit on the arrows does better
     assert d["key_relative_error"] < gram["key_relative_error"] / 2, (d, gram)
+
+
+def test_arrowmatch_without_a_head_on_the_server_matches_the_blocks(bundles):
+    """`--head client`: the server bundle has no LM head, so only the blocks' arrows are matched (was a KeyError),
+    and they alone still give T and every token at level exact."""
+    result = _run("arrowmatch", bundles("paper", head="client"))
+    d = result.details
+    assert d["rows_matched"] == 1.0 and d["rows"] == 3 * 72 and result.recovery >= 0.99, d
 
 
 @pytest.mark.parametrize("name", ["gram_congruence", "key_invariants", "ridge_inversion", "arrowmatch"])

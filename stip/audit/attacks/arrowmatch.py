@@ -52,7 +52,8 @@ def arrow_groups(bundle, ref, form: str, layers) -> list[dict]:
     fold = form == "folded"
     groups = []
     norms = {name: norm for name, norm, _ in reading_linears(bundle)}
-    if "lm_head.weight" in ref and ref["lm_head.weight"].shape == bundle["lm_head.weight"].shape:
+    if "lm_head.weight" in ref and "lm_head.weight" in bundle \
+            and ref["lm_head.weight"].shape == bundle["lm_head.weight"].shape:  # no head on the server: --head client
         groups.append({"name": "lm_head", "kind": "vocab", "layer": None,
                        "pub": [linear_form(ref, "lm_head.weight", norms["lm_head.weight"], False, fold).float()],
                        "own": [linear_form(bundle, "lm_head.weight", norms["lm_head.weight"], False, fold).float()]})
@@ -138,7 +139,8 @@ def initial_transforms(bundle, ref, layers, deadline: float, seed: int) -> dict[
         out["gram"] = t
     for form in FORMS:
         entry = [e for e in reading_linears(bundle) if e[0] == "lm_head.weight"]
-        if entry and "lm_head.weight" in ref and ref["lm_head.weight"].shape == bundle["lm_head.weight"].shape:
+        if entry and "lm_head.weight" in ref and "lm_head.weight" in bundle \
+                and ref["lm_head.weight"].shape == bundle["lm_head.weight"].shape:
             own = linear_form(bundle, *entry[0], form == "folded")
             pub = linear_form(ref, *entry[0], form == "folded")
             d = own.shape[1]
