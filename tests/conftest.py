@@ -14,6 +14,11 @@ from tests.models import save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The Python processes the tests start import transformers without scikit-learn, as on a user's install (lm-eval
+# brings it into the test environment only; tests/child_site/sitecustomize.py says why it matters).
+_CHILD_SITE = str(Path(__file__).resolve().parent / "child_site")
+if _CHILD_SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_CHILD_SITE, os.environ.get("PYTHONPATH")]))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
