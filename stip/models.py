@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
+from stip.common.gguf_readers import shared_gguf_readers
 from stip.errors import StipError
 
 DEFAULT_MODEL = "smollm2"
@@ -60,9 +62,10 @@ def load_plain_model(model: str | Path):
         path = path.parent
     else:
         kw = {}
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError):
-        tok = None
+    with shared_gguf_readers() if kw else contextlib.nullcontext():  # a GGUF's metadata parsed once, not 3 times
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+        try:
+            tok = AutoTokenizer.from_pretrained(path, **kw)
+        except (OSError, ValueError):
+            tok = None
     return m, tok

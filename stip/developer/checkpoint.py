@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from stip.common.gguf_readers import shared_gguf_readers
 from stip.errors import BundleError, TensorSetError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -61,6 +62,8 @@ class Checkpoint:
     config: object
     gguf_file: str | None = None
     _gguf_cache: dict | None = field(default=None, init=False, repr=False)  # see _gguf_state
+    # the GGUF file parsed once for its config, weights and tokenizer (stip.common.gguf_readers); dropped after both
+    _gguf_readers: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, model: str | Path) -> "Checkpoint":
@@ -70,10 +73,11 @@ class Checkpoint:
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise BundleError(f"{path} is a file but not a .gguf file; pass a Hugging Face model folder or GGUF")
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            with shared_gguf_readers() as readers:
+                config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
-            return cls(path.parent, config, path.name)
+            return cls(path.parent, config, path.name, _gguf_readers=readers)
         if not (path / "config.json").is_file():
             raise BundleError(f"{path} is not a Hugging Face model folder: config.json is missing")
         ck = cls(path, AutoConfig.from_pretrained(path))
@@ -159,9 +163,11 @@ class Checkpoint:
         if self._gguf_cache is None:
             from transformers import AutoModelForCausalLM
 
-            # config: the one open() read (transformers copies it); reading the GGUF's metadata again costs seconds
-            model, info = AutoModelForCausalLM.from_pretrained(self.path, gguf_file=self.gguf_file, config=self.config,
-                                                               dtype=torch.float32, output_loading_info=True)
+            # config: the one open() read (transformers copies it); the GGUF's reader: the one open() parsed
+            with shared_gguf_readers(self._gguf_readers):
+                model, info = AutoModelForCausalLM.from_pretrained(self.path, gguf_file=self.gguf_file,
+                                                                   config=self.config, dtype=torch.float32,
+                                                                   output_loading_info=True)
             if info["missing_keys"]:
                 raise TensorSetError(f"{self.path / self.gguf_file} lacks tensor {sorted(info['missing_keys'])[0]!r}")
             self._gguf_cache = model.state_dict()  # a tied LM head is the embedding; protect skips it by its rule
@@ -170,6 +176,7 @@ class Checkpoint:
 
     def _gguf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         state, self._gguf_cache = self._gguf_state(), None
+        self._gguf_readers.clear()
         for name in list(state):
             yield name, state.pop(name)
 
@@ -178,7 +185,11 @@ class Checkpoint:
         from transformers import AutoTokenizer
 
         if self.gguf_file:
-            return AutoTokenizer.from_pretrained(self.path, gguf_file=self.gguf_file)
+            with shared_gguf_readers(self._gguf_readers):
+                tokenizer = AutoTokenizer.from_pretrained(self.path, gguf_file=self.gguf_file)
+            if self._gguf_cache is not None:  # the weights are loaded too: the reader's work is done
+                self._gguf_readers.clear()
+            return tokenizer
         if not any((self.path / n).is_file() for n in _TOKENIZER_FILES):
             return None
         return AutoTokenizer.from_pretrained(self.path)
