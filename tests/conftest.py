@@ -137,8 +137,8 @@ def smollm2_aloepri() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_server(smollm2_protected):
     """`stip serve` on the round-trip SmolLM2 bundle with the default flags and no token, shared by the modules that
-    need no flag of their own (test_client, test_light_client, test_logprobs, test_structured_output): a SmolLM2
-    server takes seconds to start. Stopped after the last test that uses it."""
+    need no flag of their own (test_client, test_clients, test_light_client, test_logprobs, test_proxy,
+    test_structured_output): a SmolLM2 server takes seconds to start. Stopped after the last test that uses it."""
     from tests.parties import serve
 
     stack = _STOPS["smollm2_server"] = contextlib.ExitStack()

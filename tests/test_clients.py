@@ -6,7 +6,8 @@ ten-question task shipped in tests/fixtures/lm_eval, offline.
 Lossless through lm-eval: the multiple-choice task's per-item log-likelihoods through the proxy equal lm-eval's `hf`
 backend on the plain SmolLM2 within 1e-4, and the accuracy is identical.
 
-One `stip serve` (SmolLM2, protected) and one `stip proxy` for the whole file, real processes on loopback.
+One `stip serve` (SmolLM2, protected: the session's default server, tests/conftest.py) and one `stip proxy` for the
+whole file, real processes on loopback.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from pydantic import BaseModel
 
 from stip.server.launch import local_process
-from tests.parties import serve, stopped_in_background
+from tests.parties import stopped_in_background
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +51,10 @@ def get_weather(city: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(smollm2_protected):
-    with serve(smollm2_protected) as server, stopped_in_background(local_process(
+def stack(smollm2_protected, smollm2_server):
+    """The session's default SmolLM2 `stip serve` (tests/conftest.py `smollm2_server`) and this module's proxy."""
+    server = smollm2_server
+    with stopped_in_background(local_process(
             lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(smollm2_protected / "client"), "--server",
                           server.url, "--port", str(port)], ready_path="/health")) as proxy:
         yield server, proxy

@@ -10,7 +10,7 @@ import pytest
 
 from stip.reference import plain_greedy
 from stip.server.launch import local_process
-from tests.parties import serve, stopped_in_background
+from tests.parties import stopped_in_background
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,10 @@ N = 32
 
 
 @pytest.fixture(scope="module")
-def proxy_url(smollm2_protected):
-    with serve(smollm2_protected) as server, stopped_in_background(local_process(
+def proxy_url(smollm2_protected, smollm2_server):
+    """This module's `stip proxy` in front of the session's default SmolLM2 server (tests/conftest.py)."""
+    server = smollm2_server
+    with stopped_in_background(local_process(
             lambda port: [sys.executable, "-m", "stip.cli", "proxy", str(smollm2_protected / "client"), "--server",
                           server.url, "--port", str(port)], ready_path="/v1/models")) as proxy:
         yield proxy.url
