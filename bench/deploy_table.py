@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.deploy_probe import memory  # the same /proc/self/status reading (stdlib only: runs in the light venv)
+
 SHAPE_7B = (32000, 4096)
 K = 64
 SLACK_MB = 50.0  # the issue's "+ 50 MB"
@@ -98,19 +100,6 @@ def write(where: Path, tokenizer_from: Path, rows: int = SHAPE_7B[0], cols: int 
 
 # ------------------------------------------------------------------------------------------------ running
 
-
-def memory() -> dict:
-    """This process's resident memory in MiB (/proc/self/status): now, peak, anonymous, file-backed."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                    out[name] = round(int(value.split()[0]) / 1024, 1)
-    except OSError:
-        pass
-    return out
 
 
 def _reply(bundle, rng, token: int, position: int) -> bytes:
