@@ -133,18 +133,19 @@ def run(plain_model, protected_dir: Path, prompt: list[int], settings: dict, eos
     plain `generate` at batch N; rounds interleave every variant. Returns a JSON-serialisable dict."""
     from bench.end_to_end import same_tokens
     from bench.report import paired, summarize
+    from bench.scale_servers import start_all
     from stip.server.launch import local_server
 
     serve = servers() if serve is None else serve
     counts, tokens, rounds, k = settings["clients"], settings["tokens"], settings["rounds"], settings["topk"]
     threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
-        urls, procs = {}, {}
-        for label, args in serve.items():
-            server = stack.enter_context(local_server(protected_dir / "server", "--threads", str(threads), *args))
-            urls[label], procs[label] = server.url, server
+        # the client processes and the servers start side by side (process start-ups, before anything is timed)
         users = Users(max(counts), protected_dir / "client", prompt, k)
         stack.callback(users.close)
+        procs = start_all(stack, {label: local_server(protected_dir / "server", "--threads", str(threads), *args)
+                                  for label, args in serve.items()})
+        urls = {label: server.url for label, server in procs.items()}
         for url in urls.values():  # warm-up: process start, client load, each server's first session
             users.generate(max(counts), url, 2)
         plain_batch(plain_model, prompt, max(counts), 2)
