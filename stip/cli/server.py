@@ -96,8 +96,8 @@ def serve(
 
 
 def _preflight(bundle: list[Path], kw: dict) -> None:
-    """run_server's refusals before its imports (torch, FastAPI: seconds), so a refused option answers at once;
-    run_server checks again, and warns."""
+    """run_server's refusals before its imports (torch, FastAPI: seconds), so a refused option or bundle answers at
+    once; run_server checks again, and warns."""
     from stip.server.serve_checks import preflight, serve_limits
 
     limits = serve_limits(*(kw[k] for k in ("max_sessions", "max_seq_len", "kv_budget_bytes", "kv_budget_tokens",
@@ -105,6 +105,17 @@ def _preflight(bundle: list[Path], kw: dict) -> None:
     preflight(bundle, limits=limits, warn=False, **{k: kw[k] for k in (
         "host", "token", "api_keys", "ssl_certfile", "dtype", "session_ttl", "engine_kind", "tee_worker", "capture",
         "capture_layers", "rekey_after", "usage_file", "vllm_options")})
+    for folder in bundle:
+        _check_bundle(folder, "server", kw["trusted"])
+
+
+def _check_bundle(folder: Path, role: str, trusted) -> None:
+    """What the party checks of its bundle at load that costs no hashing: the signed manifest (format, signature
+    against the pinned signers, role) and no unlisted file; the files' sha256s are checked as it loads."""
+    from stip.common.bundles.manifest import check_no_unlisted, read_manifest
+
+    manifest = read_manifest(folder, role=role, verify=False, trusted=trusted, warn_unpinned=False)
+    check_no_unlisted(folder, manifest["files"])
 
 
 @app.command()
@@ -136,6 +147,7 @@ def enclave(
     from stip.enclave.admission import Limits, check_bind
 
     check_bind(host, token)  # before the slow imports
+    _check_bundle(bundle, "enclave", trusted_signers(trust))
     from stip.enclave.process import run_enclave
 
     try:
