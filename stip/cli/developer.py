@@ -58,11 +58,12 @@ def protect(
                                         "`nitro-cli build-enclave` prints them ({\"Measurements\": {\"PCR0\": ...}})"),
 ):
     """Protect MODEL: a server bundle for the cloud, a client bundle for data owners, a developer key to keep."""
+    pinned_pcrs = _pinned_pcrs(attestation, tee, pcrs, {0: pcr0, 1: pcr1, 2: pcr2, 3: pcr3, 4: pcr4, 8: pcr8})
+    _check_paths(model, out, overwrite)
     from stip.developer.protect import MODES, protect as run_protect
 
     if mode not in MODES:
         raise typer.BadParameter(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}", param_hint="--mode")
-    pinned_pcrs = _pinned_pcrs(attestation, tee, pcrs, {0: pcr0, 1: pcr1, 2: pcr2, 3: pcr3, 4: pcr4, 8: pcr8})
     if aloepri or "aloepri" in [o.strip() for o in harden.split(",")]:
         return _protect_aloepri(model, out, harden, aloepri, tee=tee, key=key, noise=noise, quiet=quiet,
                                 signing_key=signing_key, overwrite=overwrite, shard_size=shard_size, head=head)
@@ -93,6 +94,17 @@ def protect(
                        f"  sealed for       the SIMULATED platform {r.tee['platform_pin']} (docs/tee.md, Backends)")
         else:
             typer.echo(f"  platform key     {r.tee['platform_pin']}  (SIMULATED platform)")
+
+
+def _check_paths(model: str, out: Path, overwrite: bool) -> None:
+    """The model's files and the output folder, checked before the slow imports (torch, transformers: seconds), so
+    a wrong path answers at once; protect checks both again."""
+    from stip.common.files import check_output
+    from stip.developer.model_files import check_model_path
+    from stip.models import resolve_model
+
+    check_model_path(resolve_model(model))
+    check_output(out, overwrite)
 
 
 def _pinned_pcrs(attestation: str, tee: bool, pcrs: Optional[Path], pinned: dict) -> Optional[dict]:

@@ -39,12 +39,18 @@ def write_json_atomic(path: Path, obj, mode: int = 0o644) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
+def check_output(final: Path, overwrite: bool = False) -> None:
+    """Refuse an output folder that exists and is not empty, unless `overwrite`."""
+    final = Path(final).absolute()
+    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
+        raise BundleError(f"output {final} already exists and is not empty (pass --overwrite to replace it)")
+
+
 @contextlib.contextmanager
 def staged_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden sibling folder to fill; on success rename it to `final`, on any error delete it."""
     final = Path(final).absolute()
-    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
-        raise BundleError(f"output {final} already exists and is not empty (pass --overwrite to replace it)")
+    check_output(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from stip.common.gguf_readers import shared_gguf_readers
+from stip.developer.model_files import check_model_path, shard_files
 from stip.errors import BundleError, TensorSetError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -68,36 +69,17 @@ class Checkpoint:
     @classmethod
     def open(cls, model: str | Path) -> "Checkpoint":
         path = Path(model)
-        if not path.exists():
-            raise BundleError(f"model {path} does not exist")
+        check_model_path(path)
         if path.is_file():
-            if path.suffix.lower() != ".gguf":
-                raise BundleError(f"{path} is a file but not a .gguf file; pass a Hugging Face model folder or GGUF")
             with shared_gguf_readers() as readers:
                 config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
             return cls(path.parent, config, path.name, _gguf_readers=readers)
-        if not (path / "config.json").is_file():
-            raise BundleError(f"{path} is not a Hugging Face model folder: config.json is missing")
-        ck = cls(path, AutoConfig.from_pretrained(path))
-        if not ck._shards():
-            raise BundleError(f"{path} holds no weights (no *.safetensors or pytorch_model*.bin files)")
-        return ck
+        return cls(path, AutoConfig.from_pretrained(path))
 
     def _shards(self) -> list[Path]:
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            index = self.path / index_name
-            if index.is_file():
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                missing = [n for n in names if not (self.path / n).is_file()]
-                if missing:
-                    raise BundleError(f"{self.path} is incomplete: shard {missing[0]} named by {index_name} is missing")
-                return [self.path / n for n in names]
-            if (self.path / single).is_file():
-                return [self.path / single]
-        return []
+        return shard_files(self.path)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) one by one; only the current tensor (or .bin shard) is resident."""
