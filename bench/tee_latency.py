@@ -76,6 +76,7 @@ def protect(model: str, folder: Path) -> tuple[Path, Path, list[int]]:
 def parties(plain: Path, out: Path, threads: int, pad_pool_mib: int | None = None):
     """The round-trip server (on `plain`), the TEE worker and the enclave (on `out`), each its own process:
     (server, worker, enclave)."""
+    from bench.scale_servers import start_all
     from stip.server.launch import local_process
     from tests.parties import serve
 
@@ -86,10 +87,13 @@ def parties(plain: Path, out: Path, threads: int, pad_pool_mib: int | None = Non
                 "--port", str(port), "--log-level", "warning",
                 *([] if pad_pool_mib is None else ["--pad-pool-mib", str(pad_pool_mib)])]
 
-    with serve(plain, "--expose-timing", threads=threads) as server, \
-            serve(out, "--tee-worker", token=WORKER_TOKEN, threads=threads) as worker, \
-            local_process(enclave_cmd, "/health", env={"STIP_WORKER_TOKEN": WORKER_TOKEN, **env}) as enclave:
-        yield server, worker, enclave
+    with contextlib.ExitStack() as stack:  # the server and the worker start side by side, the enclave then
+        started = start_all(stack, {"server": serve(plain, "--expose-timing", threads=threads),
+                                    "worker": serve(out, "--tee-worker", token=WORKER_TOKEN, threads=threads)})
+        worker = started["worker"]
+        enclave = stack.enter_context(local_process(enclave_cmd, "/health",
+                                                    env={"STIP_WORKER_TOKEN": WORKER_TOKEN, **env}))
+        yield started["server"], worker, enclave
 
 
 def _counting_link(url: str):
