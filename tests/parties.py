@@ -22,7 +22,8 @@ from typing import Callable, ContextManager, Hashable, Iterator
 
 from stip.server.launch import ServerProcess, free_port, local_server, serve_command, server_env
 
-__all__ = ["ServerProcess", "ServerPipeline", "free_port", "serve", "stopped_in_background", "run_serve_expect_exit"]
+__all__ = ["ServerProcess", "ServerPipeline", "free_port", "serve", "side_by_side", "stopped_in_background",
+           "run_serve_expect_exit"]
 
 
 def server_bundle(path: str | Path) -> Path:
@@ -97,6 +98,16 @@ def run_serve_expect_exit(bundle: str | Path, *args: str, token: str | None = No
     """Run `stip serve` where it must refuse to start; returns the finished process (text output)."""
     return subprocess.run(serve_command(server_bundle(bundle), *args, host=host, port=free_port()),
                           capture_output=True, text=True, env=server_env(token, None), timeout=timeout)
+
+
+@contextlib.contextmanager
+def side_by_side(starts: dict[Hashable, ContextManager[ServerProcess]]) -> Iterator[dict[Hashable, ServerProcess]]:
+    """Enter every server's context (`serve(...)`) at once, each in a thread, so that their start-ups (mostly
+    imports on one core) overlap; {key: server}; all are stopped on exit (and all that started if one fails)."""
+    from bench.scale_servers import start_all
+
+    with contextlib.ExitStack() as stack:
+        yield start_all(stack, starts)
 
 
 class ServerPipeline:

@@ -190,7 +190,7 @@ PROMPT = [5, 17, 42, 8, 66, 3, 21]
 def engine_servers(tiny_protected, tmp_path_factory):
     """A tiny LLaMA on `stip serve` (transformers engine), protected in round-trip and in server-decode mode."""
     import stip
-    from tests.parties import serve
+    from tests.parties import serve, side_by_side
 
     plain, round_trip = tiny_protected("llama-gqa-untied")
     server_decode = tmp_path_factory.mktemp("sd") / "protected"
@@ -198,8 +198,8 @@ def engine_servers(tiny_protected, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
-    with serve(round_trip, threads=1) as rt, serve(server_decode, threads=1) as sd:
-        yield {"plain": model, "round-trip": (round_trip, rt), "server-decode": (server_decode, sd)}
+    with side_by_side({"rt": serve(round_trip, threads=1), "sd": serve(server_decode, threads=1)}) as up:
+        yield {"plain": model, "round-trip": (round_trip, up["rt"]), "server-decode": (server_decode, up["sd"])}
 
 
 @pytest.mark.parametrize("name", ENGINE_PARAMS)
